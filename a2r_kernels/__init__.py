@@ -1,0 +1,26 @@
+"""a2r-kernels: tree-shared KV cache + tree decode attention, and the masked denoising step.
+
+Public contract: ``shared/API.md``. Every op takes ``backend`` in
+``"auto" | "cuda" | "triton" | "torch"``; see :mod:`a2r_kernels._backend`.
+"""
+
+from ._errors import BackendUnavailable, CacheFullError
+from .attention import merge_attention_states, paged_decode_attention, tree_decode_attention
+from .cache import TreeKVCache
+from .denoise import DenoiseResult, denoise_step
+from .layout import TreeLayout, kv_bytes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailable",
+    "CacheFullError",
+    "DenoiseResult",
+    "TreeKVCache",
+    "TreeLayout",
+    "denoise_step",
+    "kv_bytes",
+    "merge_attention_states",
+    "paged_decode_attention",
+    "tree_decode_attention",
+]

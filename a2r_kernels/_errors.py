@@ -1,0 +1,16 @@
+"""Exceptions of the public API."""
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here (not compiled, not installed, or wrong device).
+
+    Raised instead of silently falling back to another backend.
+    """
+
+
+class CacheFullError(RuntimeError):
+    """The KV block pool cannot hold the requested tokens.
+
+    Raised by :meth:`TreeKVCache.reserve` and :meth:`TreeKVCache.fork` *before* anything changes:
+    every existing sequence keeps its tokens, blocks and length.
+    """

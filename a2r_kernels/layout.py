@@ -1,0 +1,250 @@
+"""TreeLayout: the plan of one tree-decode step (built once per step, reused by every layer).
+
+A decode step of ``num_seqs`` sequences reads, for sequence ``i``, the tokens of the nodes on its
+path ``paths[i]`` (root to leaf). Nodes shared by several sequences are the point: their KV must be
+read from memory once per call, not once per sequence.
+
+The plan turns the paths into *work items*. A work item is one contiguous run of sequences that
+all contain one node, times one chunk of that node's tokens::
+
+    (q_start, q_len, page_start, kv_start, kv_end, partial_start)
+
+- ``q_start, q_len``: the run, as positions in the *kernel order* of sequences. ``row_seq[p]`` maps
+  kernel position ``p`` to the caller's sequence index. The kernel order is the lexicographic order
+  of the paths, so in a tree every node covers one contiguous run (the hint of Hydragen/cascade
+  attention); inputs that are not a tree still work, a node just gets several runs.
+- ``page_start``: index into ``page_table`` of the node's first block (the node's block table is
+  ``page_table[page_start : page_start + ceil(len / block_size)]``).
+- ``kv_start, kv_end``: the token chunk of the node, ``0 <= kv_start < kv_end <= len``. Long nodes
+  are split into chunks of ``kv_chunk_size`` tokens (split-KV) so a long prefix with few
+  branches still spreads over many programs.
+- ``partial_start``: the work item writes one partial state (fp32 ``o``, natural-log ``lse``) per
+  sequence of its run, to partial rows ``partial_start + (p - q_start)``.
+
+A second pass merges, for each sequence ``i``, the partial rows
+``merge_rows[merge_indptr[i] : merge_indptr[i + 1]]`` by their LSE (fp32). A sequence whose path
+has no tokens gets no partial row: its output is 0 and its LSE is ``-inf``.
+
+All tensors are int32 on ``device``; the Python scalars beside them (``num_partials``,
+``max_block_id``, ...) let the per-layer call check its inputs and size its buffers without a host
+sync. Nothing in the per-layer call depends on anything but these tensors and the KV pool, so a
+decode step that reuses one layout is CUDA-graph friendly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+WORK_FIELDS = ("q_start", "q_len", "page_start", "kv_start", "kv_end", "partial_start")
+
+# Default split-KV chunk: long enough that one program streams a few pages per q tile, short
+# enough that a single 8k prefix still becomes 32 chunks (x num_kv_heads programs).
+DEFAULT_KV_CHUNK = 256
+
+
+def _as_int_list(x, what: str) -> list[int]:
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 1:
+            raise ValueError(f"{what} must be 1-D, got shape {tuple(x.shape)}")
+        return [int(v) for v in x.tolist()]
+    try:
+        return [int(v) for v in x]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be a sequence of ints, got {type(x).__name__}") from exc
+
+
+@dataclass(eq=False)
+class TreeLayout:
+    """Plan of one tree decode step. Build with :meth:`from_paths` (or ``TreeKVCache.layout``).
+
+    Attributes (tensors are int32 on ``device``):
+        work_info      : [num_work, 6]  rows ``WORK_FIELDS``, see the module docstring
+        row_seq        : [num_seqs]     kernel position -> caller's sequence index
+        page_table     : [num_pages]    the nodes' block tables, concatenated
+        merge_indptr   : [num_seqs + 1] CSR over partial rows, by caller's sequence index
+        merge_rows     : [num_partials] partial row ids
+        seq_lens       : [num_seqs]     tokens on each path
+    """
+
+    paths: list[list[int]]
+    node_block_tables: list[list[int]]
+    node_lengths: list[int]
+    block_size: int
+    device: torch.device
+    kv_chunk_size: int
+    work_info: torch.Tensor
+    row_seq: torch.Tensor
+    page_table: torch.Tensor
+    merge_indptr: torch.Tensor
+    merge_rows: torch.Tensor
+    seq_lens: torch.Tensor
+    num_partials: int
+    max_block_id: int
+    max_seq_len: int
+    _seq_slots: torch.Tensor | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_paths(cls, paths: Sequence[Sequence[int]], node_block_tables: Sequence[Sequence[int]],
+                   node_lengths: Sequence[int], block_size: int, device="cpu", *,
+                   kv_chunk_size: int | None = None) -> "TreeLayout":
+        """Plan one decode step.
+
+        Args:
+            paths: ``paths[i]`` lists node ids from root to leaf for query sequence ``i``. A node
+                may appear in many paths but at most once per path.
+            node_block_tables: ``node_block_tables[j]``: block ids holding node ``j``'s tokens, in
+                order (list of ints or 1-D tensor).
+            node_lengths: ``node_lengths[j]``: tokens of node ``j`` (they start at slot 0 of its
+                first block); 0 is allowed.
+            block_size: tokens per block of the pool.
+            device: where the plan's tensors live (the device of q and the pool).
+            kv_chunk_size: split-KV chunk in tokens (rounded up to a multiple of ``block_size``);
+                default ``DEFAULT_KV_CHUNK``.
+        """
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        chunk = DEFAULT_KV_CHUNK if kv_chunk_size is None else int(kv_chunk_size)
+        if chunk <= 0:
+            raise ValueError(f"kv_chunk_size must be positive, got {kv_chunk_size!r}")
+        chunk = -(-chunk // block_size) * block_size
+
+        lengths = _as_int_list(node_lengths, "node_lengths")
+        num_nodes = len(lengths)
+        if len(node_block_tables) != num_nodes:
+            raise ValueError(f"node_block_tables has {len(node_block_tables)} entries but "
+                             f"node_lengths has {num_nodes}: one per node expected")
+        tables = [_as_int_list(t, f"node_block_tables[{j}]") for j, t in enumerate(node_block_tables)]
+        for j, (table, length) in enumerate(zip(tables, lengths)):
+            if length < 0:
+                raise ValueError(f"node_lengths[{j}] must be >= 0, got {length}")
+            if length > len(table) * block_size:
+                raise ValueError(f"node_lengths[{j}]={length} does not fit in its "
+                                 f"{len(table)} blocks of block_size={block_size}")
+            if any(b < 0 for b in table):
+                raise ValueError(f"node_block_tables[{j}] holds a negative block id")
+
+        path_lists: list[list[int]] = []
+        for i, path in enumerate(paths):
+            path = _as_int_list(path, f"paths[{i}]")
+            for j in path:
+                if not 0 <= j < num_nodes:
+                    raise ValueError(f"paths[{i}] names node {j}, expected 0 <= node < {num_nodes}")
+            if len(set(path)) != len(path):
+                raise ValueError(f"paths[{i}] repeats a node: {path}")
+            path_lists.append(path)
+        num_seqs = len(path_lists)
+
+        # Kernel order: lexicographic by path, so sequences under a node are contiguous.
+        order = sorted(range(num_seqs), key=lambda i: path_lists[i])
+        position_of = {seq: p for p, seq in enumerate(order)}
+
+        page_start: list[int] = []
+        offset = 0
+        for table in tables:
+            page_start.append(offset)
+            offset += len(table)
+
+        # Runs of kernel positions per node, in node order.
+        node_positions: dict[int, list[int]] = {}
+        for p, seq in enumerate(order):
+            for j in path_lists[seq]:
+                node_positions.setdefault(j, []).append(p)
+
+        work: list[tuple[int, int, int, int, int, int]] = []
+        partial_rows_of_seq: list[list[int]] = [[] for _ in range(num_seqs)]
+        num_partials = 0
+        for j in sorted(node_positions):
+            length = lengths[j]
+            if length == 0:
+                continue
+            positions = node_positions[j]
+            runs: list[tuple[int, int]] = []
+            start = prev = positions[0]
+            for p in positions[1:]:
+                if p != prev + 1:
+                    runs.append((start, prev - start + 1))
+                    start = p
+                prev = p
+            runs.append((start, prev - start + 1))
+            for q_start, q_len in runs:
+                for kv_start in range(0, length, chunk):
+                    kv_end = min(kv_start + chunk, length)
+                    work.append((q_start, q_len, page_start[j], kv_start, kv_end, num_partials))
+                    for r in range(q_len):
+                        partial_rows_of_seq[order[q_start + r]].append(num_partials + r)
+                    num_partials += q_len
+
+        indptr = [0]
+        rows: list[int] = []
+        for seq_rows in partial_rows_of_seq:
+            rows.extend(seq_rows)
+            indptr.append(len(rows))
+        seq_lens = [sum(lengths[j] for j in path) for path in path_lists]
+        used_blocks = [b for j in node_positions for b in tables[j][: -(-lengths[j] // block_size)]]
+
+        device = torch.device(device)
+        i32 = dict(dtype=torch.int32, device=device)
+        return cls(
+            paths=path_lists, node_block_tables=tables, node_lengths=lengths,
+            block_size=block_size, device=device, kv_chunk_size=chunk,
+            work_info=torch.tensor(work, **i32).reshape(len(work), len(WORK_FIELDS)),
+            row_seq=torch.tensor(order, **i32),
+            page_table=torch.tensor([b for t in tables for b in t], **i32),
+            merge_indptr=torch.tensor(indptr, **i32),
+            merge_rows=torch.tensor(rows, **i32),
+            seq_lens=torch.tensor(seq_lens, **i32),
+            num_partials=num_partials,
+            max_block_id=max(used_blocks, default=-1),
+            max_seq_len=max(seq_lens, default=0),
+        )
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_seqs(self) -> int:
+        return len(self.paths)
+
+    @property
+    def num_work(self) -> int:
+        return self.work_info.shape[0]
+
+    def seq_slots(self) -> torch.Tensor:
+        """int64 ``[num_seqs, max_seq_len]``: flat pool slot (``block * block_size + offset``) of
+        every token on each path, padded with -1. Used by the torch reference; built once."""
+        if self._seq_slots is None:
+            bs = self.block_size
+            slots = torch.full((self.num_seqs, self.max_seq_len), -1, dtype=torch.int64)
+            for i, path in enumerate(self.paths):
+                pos = 0
+                for j in path:
+                    n = self.node_lengths[j]
+                    if n == 0:
+                        continue
+                    t = torch.arange(n)
+                    table = torch.tensor(self.node_block_tables[j], dtype=torch.int64)
+                    slots[i, pos:pos + n] = table[t // bs] * bs + t % bs
+                    pos += n
+            self._seq_slots = slots.to(self.device)
+        return self._seq_slots
+
+    def kv_bytes(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> dict[str, int]:
+        """Bytes of K and V one call must read: ``shared`` when every node is read once (what the
+        tree kernel does), ``unshared`` when every sequence reads its whole path (paged decode)."""
+        per_token = 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        used = {j for path in self.paths for j in path}
+        unique_tokens = sum(self.node_lengths[j] for j in used)
+        path_tokens = sum(self.node_lengths[j] for path in self.paths for j in path)
+        return {"shared": unique_tokens * per_token, "unshared": path_tokens * per_token}
+
+    def to(self, device) -> "TreeLayout":
+        """The same plan with its tensors on ``device``."""
+        return TreeLayout.from_paths(self.paths, self.node_block_tables, self.node_lengths,
+                                     self.block_size, device, kv_chunk_size=self.kv_chunk_size)
+
+
+def kv_bytes(layout: TreeLayout, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> dict[str, int]:
+    """KV bytes one tree decode call reads with sharing and without; see :meth:`TreeLayout.kv_bytes`."""
+    return layout.kv_bytes(num_kv_heads, head_dim, dtype)
