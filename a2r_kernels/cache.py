@@ -1,6 +1,385 @@
-"""Placeholder: TreeKVCache is being written (issue 2)."""
+"""TreeKVCache: a paged KV cache whose sequences form a tree and share their common prefix.
+
+Storage is one pool per K and V, ``[num_layers, num_blocks, block_size, num_kv_heads, head_dim]``,
+allocated once at construction. ``cache.k[layer]`` / ``cache.v[layer]`` are views
+``[num_blocks, block_size, num_kv_heads, head_dim]`` of it, the ``k_cache`` / ``v_cache`` arguments
+of :func:`a2r_kernels.tree_decode_attention`. Token ``t`` of a block ``b`` lives at the flat slot
+``b * block_size + t`` of the view ``[num_blocks * block_size, num_kv_heads, head_dim]``.
+
+Bookkeeping is a tree of *nodes*, all host-side Python:
+
+- A node owns a list of blocks and a token count. Its tokens start at slot 0 of its first block,
+  so its block table is just its block list; it holds ``ceil(length / block_size)`` blocks.
+- A sequence id names a leaf node. Its tokens are those of the nodes on its path, root to leaf.
+- ``fork(seq, n)`` is zero copy: ``seq``'s node is frozen and ``n`` new empty nodes hang below it.
+  The children write their own tokens into fresh blocks; the free tail of the parent's partial
+  last block stays unused (at most one partial block per fork), so no KV is copied or stored twice.
+- A node counts its users: the live sequence whose leaf it is, plus its live child nodes. When
+  the count drops to zero its blocks go back to the free list and it releases its parent in turn.
+
+Per decode step the model runner calls ``reserve`` (slots of the new tokens), then per layer
+``write`` (scatter the new K and V) and the attention kernel over ``layout(seqs)`` (the plan of the
+step, built once and reused by every layer: FlashInfer's plan/run split). ``reserve`` and
+``layout`` are O(number of sequences + nodes on their paths) host work, never O(tokens);
+``write`` does no host sync for CUDA slot tensors, so the per-layer part can be graph-captured.
+
+Example::
+
+    cache = ak.TreeKVCache(num_layers=2, num_kv_heads=2, head_dim=64, num_blocks=256)
+    root = cache.new_sequence()
+    slots = cache.reserve([root], num_tokens=prompt_len)        # prefill the shared prompt
+    for layer in range(2):
+        cache.write(layer, slots, k_prompt[layer], v_prompt[layer])
+    kids = cache.fork(root, 8)                                   # 8 branches, nothing copied
+    slots = cache.reserve(kids)                                  # one decode token each
+    layout = cache.layout(kids)                                  # plan once per step
+    for layer in range(2):
+        cache.write(layer, slots, k_new, v_new)                  # [8, num_kv_heads, head_dim]
+        out = ak.tree_decode_attention(q, cache.k[layer], cache.v[layer], layout)
+"""
+
+from __future__ import annotations
+
+import heapq
+import operator
+from typing import Iterable
+
+import torch
+
+from ._errors import CacheFullError
+from .layout import TreeLayout
+
+_POOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-class TreeKVCache:  # pragma: no cover - replaced
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("TreeKVCache is not written yet")
+class _Node:
+    """One run of tokens of the tree: its own blocks, behind the tokens of its ancestors."""
+
+    __slots__ = ("parent", "blocks", "length", "prefix_length", "users", "frozen", "path")
+
+    def __init__(self, parent: "_Node | None"):
+        self.parent = parent
+        self.blocks: list[int] = []   # block ids, in token order; len == ceil(length / block_size)
+        self.length = 0               # tokens owned by this node
+        # Tokens of the ancestors: fixed, because every ancestor is frozen.
+        self.prefix_length = 0 if parent is None else parent.prefix_length + parent.length
+        self.users = 1                # the sequence that created it (released by free)
+        self.frozen = False           # True once forked: read-only from then on
+        self.path: tuple[_Node, ...] = (self,) if parent is None else parent.path + (self,)
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class TreeKVCache:
+    """Tree-shared paged KV cache (API.md section 1).
+
+    Args:
+        num_layers: transformer layers; one K and one V pool slice per layer.
+        num_kv_heads: KV heads per token.
+        head_dim: channels per head.
+        num_blocks: blocks in the pool (shared by all layers: block ``b`` of every layer belongs
+            to the same tokens).
+        block_size: tokens per block.
+        dtype: pool dtype, one of float16 / bfloat16 / float32.
+        device: where the pool lives.
+
+    Attributes:
+        k, v: per-layer views ``[num_blocks, block_size, num_kv_heads, head_dim]`` of the pools.
+        k_pool, v_pool: the pools, ``[num_layers, num_blocks, block_size, num_kv_heads, head_dim]``,
+            contiguous, zero-initialised.
+
+    Sequence ids are ints, never reused. A forked sequence stays readable (``length``, ``gather``,
+    ``layout``) until freed but can no longer grow; its children do.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int,
+                 block_size: int = 16, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+        self.num_layers = _positive_int(num_layers, "num_layers")
+        self.num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
+        self.head_dim = _positive_int(head_dim, "head_dim")
+        self.num_blocks = _positive_int(num_blocks, "num_blocks")
+        self.block_size = _positive_int(block_size, "block_size")
+        if dtype not in _POOL_DTYPES:
+            raise ValueError(f"dtype must be one of {_POOL_DTYPES}, got {dtype!r}")
+        self.dtype = dtype
+
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        self.k_pool = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_pool = torch.zeros(shape, dtype=dtype, device=device)
+        self.device = self.k_pool.device   # normalised ("cuda" -> "cuda:0")
+        self.k = [self.k_pool[layer] for layer in range(num_layers)]
+        self.v = [self.v_pool[layer] for layer in range(num_layers)]
+        # [num_layers, num_slots, num_kv_heads, head_dim]: what write() scatters into.
+        self._k_slots = self.k_pool.view(num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self._v_slots = self.v_pool.view(num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+
+        # Min-heap of free block ids: lowest block first, so runs are reproducible.
+        self._free_blocks: list[int] = list(range(num_blocks))
+        self._block_refcount: list[int] = [0] * num_blocks
+        self._seq_node: dict[int, _Node] = {}
+        self._seq_parent: dict[int, int | None] = {}
+        self._next_seq = 0
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks on the free list."""
+        return len(self._free_blocks)
+
+    @property
+    def block_refcount(self) -> list[int]:
+        """Per block: 1 while the node that owns it is alive, 0 while it is free (a copy)."""
+        return list(self._block_refcount)
+
+    @property
+    def sequences(self) -> list[int]:
+        """Live sequence ids, ascending (forked parents included until freed)."""
+        return sorted(self._seq_node)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the K and V pools together."""
+        return 2 * self.k_pool.numel() * self.k_pool.element_size()
+
+    def blocks_used(self) -> int:
+        """Blocks owned by live nodes: ``num_blocks - num_free_blocks``."""
+        return self.num_blocks - len(self._free_blocks)
+
+    def __repr__(self) -> str:
+        return (f"TreeKVCache(num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, block_size={self.block_size}, dtype={self.dtype}, "
+                f"device={self.device}, blocks used/free={self.blocks_used()}/"
+                f"{self.num_free_blocks} of {self.num_blocks}, sequences={len(self._seq_node)})")
+
+    # ------------------------------------------------------------------ sequence lookup
+    def _node(self, seq, what: str = "seq") -> _Node:
+        try:
+            seq_id = operator.index(seq)
+        except TypeError:
+            raise ValueError(f"{what} must be an int sequence id, got {seq!r}") from None
+        node = self._seq_node.get(seq_id)
+        if node is None:
+            if 0 <= seq_id < self._next_seq:
+                raise ValueError(f"{what}: sequence {seq_id} was freed")
+            raise ValueError(f"{what}: unknown sequence {seq_id}")
+        return node
+
+    def _seq_list(self, seqs, what: str = "seqs") -> list[int]:
+        if isinstance(seqs, torch.Tensor):
+            seqs = seqs.tolist()
+        elif not isinstance(seqs, Iterable) or isinstance(seqs, (str, bytes)):
+            seqs = [seqs]
+        out = []
+        for i, s in enumerate(seqs):
+            try:
+                out.append(operator.index(s))
+            except TypeError:
+                raise ValueError(f"{what}[{i}] must be an int sequence id, got {s!r}") from None
+        return out
+
+    def length(self, seq: int) -> int:
+        """Tokens of ``seq``: those of its shared ancestors plus its own."""
+        node = self._node(seq)
+        return node.prefix_length + node.length
+
+    def parent(self, seq: int) -> int | None:
+        """The sequence ``seq`` was forked from (its id, even if since freed), or None for a root."""
+        self._node(seq)
+        return self._seq_parent[operator.index(seq)]
+
+    def is_forked(self, seq: int) -> bool:
+        """True once ``seq`` has been forked (it is then read-only)."""
+        return self._node(seq).frozen
+
+    # ------------------------------------------------------------------ tree operations
+    def new_sequence(self) -> int:
+        """Start an empty sequence (a new root). Allocates no blocks."""
+        return self._add_sequence(_Node(None), parent_seq=None)
+
+    def _add_sequence(self, node: _Node, parent_seq: int | None) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        self._seq_node[seq] = node
+        self._seq_parent[seq] = parent_seq
+        return seq
+
+    def fork(self, seq: int, n: int) -> list[int]:
+        """Make ``n`` children of ``seq`` that share all of its tokens; return their ids.
+
+        Zero copy and allocation free: ``seq``'s node is frozen and shared, each child gets an
+        empty node below it and writes its own tokens into fresh blocks. ``seq`` stays readable;
+        ``reserve`` on it raises from now on. A child can be forked again.
+        """
+        node = self._node(seq)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        node.frozen = True
+        node.users += n
+        parent_seq = operator.index(seq)
+        return [self._add_sequence(_Node(node), parent_seq) for _ in range(n)]
+
+    def free(self, seq: int) -> None:
+        """Release ``seq``. Blocks return to the pool once no live sequence uses them: a forked
+        parent's tokens stay until its last descendant is freed."""
+        node = self._node(seq)
+        seq_id = operator.index(seq)
+        del self._seq_node[seq_id]
+        del self._seq_parent[seq_id]
+        while node is not None:
+            node.users -= 1
+            if node.users > 0:
+                break
+            for block in node.blocks:
+                self._block_refcount[block] = 0
+                heapq.heappush(self._free_blocks, block)
+            node.blocks = []
+            node = node.parent
+
+    # ------------------------------------------------------------------ slots and data
+    def reserve(self, seqs, num_tokens: int = 1) -> torch.Tensor:
+        """Append ``num_tokens`` tokens to each of ``seqs`` and return their slots.
+
+        Args:
+            seqs: sequence ids (list, tuple, 1-D tensor, or a single int), no duplicates, none of
+                them forked.
+            num_tokens: tokens per sequence, >= 0.
+
+        Returns:
+            int64 ``[len(seqs) * num_tokens]`` on the cache's device, seq-major (all tokens of
+            ``seqs[0]``, then ``seqs[1]``, ...): the flat slots ``block * block_size + offset`` to
+            pass to :meth:`write`.
+
+        Raises:
+            CacheFullError: the free blocks cannot hold every new token. Nothing changes.
+            ValueError: unknown / freed / forked / duplicate sequence, bad ``num_tokens``.
+        """
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        seq_ids = self._seq_list(seqs)
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"seqs has duplicate sequence ids: {seq_ids}")
+        bs = self.block_size
+        nodes = []
+        needed = 0
+        for i, seq in enumerate(seq_ids):
+            node = self._node(seq, f"seqs[{i}]")
+            if node.frozen:
+                raise ValueError(f"seqs[{i}]: sequence {seq} was forked; append to its children")
+            nodes.append(node)
+            needed += -(-(node.length + num_tokens) // bs) - len(node.blocks)
+        if needed > len(self._free_blocks):
+            raise CacheFullError(
+                f"reserve needs {needed} new blocks for {len(seq_ids)} sequences x {num_tokens} "
+                f"tokens but only {len(self._free_blocks)} of {self.num_blocks} are free")
+
+        # Checks done: mutate.
+        slots: list[int] = []
+        for node in nodes:
+            start, end = node.length, node.length + num_tokens
+            while len(node.blocks) * bs < end:
+                block = heapq.heappop(self._free_blocks)
+                self._block_refcount[block] = 1
+                node.blocks.append(block)
+            pos = start
+            while pos < end:   # one range per block: O(blocks) Python steps, not O(tokens)
+                block_end = min(end, (pos // bs + 1) * bs)
+                base = node.blocks[pos // bs] * bs - (pos // bs) * bs
+                slots.extend(range(base + pos, base + block_end))
+                pos = block_end
+            node.length = end
+        return torch.tensor(slots, dtype=torch.int64, device=self.device)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Scatter ``k``, ``v`` into layer ``layer``: ``k_pool[layer].flat[slots[t]] = k[t]``.
+
+        Args:
+            layer: 0 <= layer < num_layers.
+            slots: int64 ``[T]`` on the cache's device, flat slot ids (from :meth:`reserve`).
+            k, v: ``[T, num_kv_heads, head_dim]``, the pool's dtype and device, any strides.
+
+        Slot values are range-checked when ``slots`` is on the CPU; on CUDA they are not (that
+        would be a host sync per layer): pass slots from :meth:`reserve`.
+        """
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        if not isinstance(slots, torch.Tensor) or slots.dim() != 1 or slots.dtype != torch.int64:
+            raise ValueError("slots must be a 1-D int64 tensor [T], got "
+                             + (f"{slots.dtype} {tuple(slots.shape)}"
+                                if isinstance(slots, torch.Tensor) else type(slots).__name__))
+        if slots.device != self.device:
+            raise ValueError(f"slots must be on the cache's device {self.device}, got {slots.device}")
+        num_tokens = slots.shape[0]
+        expected = (num_tokens, self.num_kv_heads, self.head_dim)
+        for name, x in (("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor) or tuple(x.shape) != expected:
+                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"{name} must have shape [T={num_tokens}, num_kv_heads="
+                                 f"{self.num_kv_heads}, head_dim={self.head_dim}], got {got}")
+            if x.dtype != self.dtype:
+                raise ValueError(f"{name} must have the pool's dtype {self.dtype}, got {x.dtype}")
+            if x.device != self.device:
+                raise ValueError(f"{name} must be on the cache's device {self.device}, got {x.device}")
+        if num_tokens == 0:
+            return
+        if slots.device.type == "cpu":
+            num_slots = self.num_blocks * self.block_size
+            lo, hi = int(slots.min()), int(slots.max())
+            if lo < 0 or hi >= num_slots:
+                raise ValueError(f"slots must lie in [0, num_blocks * block_size = {num_slots}), "
+                                 f"got values in [{lo}, {hi}]")
+        self._k_slots[layer].index_copy_(0, slots, k)
+        self._v_slots[layer].index_copy_(0, slots, v)
+
+    def path_slots(self, seq: int) -> torch.Tensor:
+        """int64 ``[length(seq)]`` on the cache's device: flat slot of every token of ``seq``,
+        root first (the shared ancestors' tokens, then its own)."""
+        bs = self.block_size
+        tables, lengths = [], []
+        for node in self._node(seq).path:
+            if node.length:
+                tables.append(torch.tensor(node.blocks, dtype=torch.int64))
+                lengths.append(node.length)
+        if not tables:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        offsets = torch.arange(bs, dtype=torch.int64)
+        parts = [(table[:, None] * bs + offsets).flatten()[:n] for table, n in zip(tables, lengths)]
+        return torch.cat(parts).to(self.device)
+
+    def gather(self, layer: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of ``seq``'s K and V at ``layer``, each ``[length(seq), num_kv_heads, head_dim]``
+        in the pool's dtype, root token first (e.g. to run a prefix-cache forward)."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        slots = self.path_slots(seq)
+        return (self._k_slots[layer].index_select(0, slots),
+                self._v_slots[layer].index_select(0, slots))
+
+    def layout(self, seqs, kv_chunk_size: int | None = None) -> TreeLayout:
+        """The :class:`TreeLayout` of one decode step of ``seqs`` (in that order) over this cache.
+
+        Build it once per step, after :meth:`reserve` and before the layers run (the lengths it
+        records include the reserved tokens), and pass it with ``cache.k[layer]`` /
+        ``cache.v[layer]`` to :func:`a2r_kernels.tree_decode_attention` for every layer. The nodes
+        on the seqs' paths are renumbered 0..M-1 in order of first appearance.
+        """
+        seq_ids = self._seq_list(seqs)
+        local_id: dict[_Node, int] = {}
+        tables: list[list[int]] = []
+        lengths: list[int] = []
+        paths: list[list[int]] = []
+        for i, seq in enumerate(seq_ids):
+            path = []
+            for node in self._node(seq, f"seqs[{i}]").path:
+                j = local_id.get(node)
+                if j is None:
+                    j = local_id[node] = len(tables)
+                    tables.append(node.blocks)
+                    lengths.append(node.length)
+                path.append(j)
+            paths.append(path)
+        return TreeLayout.from_paths(paths, tables, lengths, self.block_size, self.device,
+                                     kv_chunk_size=kv_chunk_size)
