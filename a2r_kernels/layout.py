@@ -84,6 +84,7 @@ class TreeLayout:
     num_partials: int
     max_block_id: int
     max_seq_len: int
+    max_q_len: int
     _seq_slots: torch.Tensor | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ construction
@@ -200,6 +201,7 @@ class TreeLayout:
             num_partials=num_partials,
             max_block_id=max(used_blocks, default=-1),
             max_seq_len=max(seq_lens, default=0),
+            max_q_len=max((w[1] for w in work), default=0),
         )
 
     # ------------------------------------------------------------------ properties

@@ -1,0 +1,86 @@
+"""Plain-torch references of every op, accumulating in fp32. They are the spec the kernels match.
+
+They run on any device and are the ``backend="torch"`` implementation of each public op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import TreeLayout
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+            sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked GQA decode attention in fp32.
+
+    q [S, Hq, D]; k, v [S, T, Hkv, D]; valid bool [S, T] -> (out fp32 [S, Hq, D], lse fp32 [S, Hq]).
+    A row with no valid key gets out 0 and lse -inf.
+    """
+    num_seqs, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    group = num_q_heads // num_kv_heads
+    qf = q.float().reshape(num_seqs, num_kv_heads, group, head_dim)
+    scores = torch.einsum("shgd,sthd->shgt", qf, k.float()) * sm_scale
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)                                   # [S, Hkv, G]
+    finite = torch.isfinite(lse)
+    probs = torch.exp(scores - torch.where(finite, lse, 0.0)[..., None])    # 0 where masked
+    out = torch.einsum("shgt,sthd->shgd", probs, v.float())
+    return (out.reshape(num_seqs, num_q_heads, head_dim),
+            lse.reshape(num_seqs, num_q_heads))
+
+
+def tree_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          layout: TreeLayout, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out[i] = softmax(sm_scale * q[i] K_i^T) V_i`` over the tokens of ``layout.paths[i]``.
+
+    q [S, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D] -> (out fp32 [S, Hq, D],
+    lse fp32 [S, Hq], natural log). Reads every path in full (no sharing): it is the spec.
+    """
+    slots = layout.seq_slots()                                               # [S, T], -1 pad
+    valid = slots >= 0
+    flat_k = k_cache.reshape(-1, *k_cache.shape[2:])
+    flat_v = v_cache.reshape(-1, *v_cache.shape[2:])
+    gather = slots.clamp_min(0)
+    return _attend(q, flat_k[gather], flat_v[gather], valid, sm_scale)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                           sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of ``q[i]`` over the first ``seq_lens[i]`` tokens of ``block_tables[i]``.
+
+    q [S, Hq, D]; block_tables int32 [S, max_blocks]; seq_lens int32 [S] -> (out fp32, lse fp32).
+    """
+    block_size = k_cache.shape[1]
+    max_tokens = block_tables.shape[1] * block_size
+    t = torch.arange(max_tokens, device=q.device)
+    slots = block_tables.long()[:, t // block_size] * block_size + t % block_size   # [S, T]
+    valid = t[None, :] < seq_lens.long()[:, None]
+    slots = torch.where(valid, slots, 0)
+    flat_k = k_cache.reshape(-1, *k_cache.shape[2:])
+    flat_v = v_cache.reshape(-1, *v_cache.shape[2:])
+    return _attend(q, flat_k[slots], flat_v[slots], valid, sm_scale)
+
+
+def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                           lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of two disjoint key sets from the two partial states.
+
+    out_* [S, H, D]; lse_* float32 [S, H] ->
+    ``lse = logaddexp(lse_a, lse_b)``, ``out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b``
+    (fp32; out 0 and lse -inf where both are empty).
+    """
+    lse_a, lse_b = lse_a.float(), lse_b.float()
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isfinite(lse), lse, 0.0)
+    w_a = torch.exp(lse_a - safe)[..., None]
+    w_b = torch.exp(lse_b - safe)[..., None]
+    return w_a * out_a.float() + w_b * out_b.float(), lse
+
+
+try:  # the denoise reference lives in its own module; re-exported so this file indexes every op
+    from .reference_denoise import *  # noqa: F401,F403
+except ImportError:  # pragma: no cover - only while the module is being written
+    pass
