@@ -1,0 +1,189 @@
+"""The embedded default models: built offline from fixed seeds, saved once, loaded like any model.
+
+``a2r demo`` (and tests) need an explorer, a thinker and a synthesizer without a model hub. This
+module builds them from configs:
+
+* a character-level tokenizer with byte fallback (lossless for any UTF-8 text), ``<s>``, ``</s>``,
+  ``<pad>``, ``<unk>``, a ``<|mask|>`` token for the diffusion thinker, ``<think>``/``</think>`` and a
+  small chat template — a ``tokenizers`` BPE model with no merges wrapped as
+  ``PreTrainedTokenizerFast``;
+* a tiny Qwen3 explorer (2 layers, hidden 64) and a slightly larger Llama synthesizer (3 layers,
+  hidden 96) — different architectures and sizes, the asymmetric A2R set-up in miniature;
+* a tiny masked-diffusion thinker from :func:`a2r.diffusion.build_tiny_diffusion_model`, sharing the
+  tokenizer and its mask token.
+
+All weights are random (fixed seeds): the models are untrained and their answers are noise. They
+exist to exercise the whole pipeline end to end on a CPU in seconds.
+
+Files go to ``$A2R_HOME/tiny-v1`` (default ``~/.cache/a2r/tiny-v1``), one sub-directory per model,
+each with its tokenizer, written by ``save_pretrained`` and read back by ``from_pretrained``. A build
+writes into a temporary directory and renames it into place, so concurrent builders never see half a
+model. The files are the same on every build (fixed seeds, deterministic CPU init).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import string
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "TINY_NAME",
+    "TinyModelPaths",
+    "a2r_home",
+    "build_tiny_tokenizer",
+    "ensure_tiny_models",
+    "tiny_dir",
+]
+
+TINY_NAME = "tiny-v1"
+SPECIAL_TOKENS = {
+    "pad_token": "<pad>",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "mask_token": "<|mask|>",
+}
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+THINK_TOKENS = ("<think>", "</think>")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+# Model vocabularies are padded to a multiple of 64 past the tokenizer's size (usual practice).
+VOCAB_MULTIPLE = 64
+EXPLORER_SEED, SYNTHESIZER_SEED, THINKER_SEED = 1234, 2345, 3456
+_COMPLETE_MARKER = ".complete"
+
+
+def a2r_home() -> Path:
+    """``$A2R_HOME`` when set, else ``~/.cache/a2r``."""
+    env = os.environ.get("A2R_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "a2r"
+
+
+def tiny_dir(home: str | os.PathLike | None = None) -> Path:
+    """Directory of the embedded models: ``<home>/tiny-v1``."""
+    return (Path(home).expanduser() if home is not None else a2r_home()) / TINY_NAME
+
+
+@dataclass(frozen=True)
+class TinyModelPaths:
+    """Directories of the embedded models (each loadable with ``from_pretrained``)."""
+
+    explorer: Path
+    synthesizer: Path
+    thinker: Path | None
+
+
+def build_tiny_tokenizer():
+    """The embedded character-level tokenizer (``PreTrainedTokenizerFast``), built in memory.
+
+    Vocabulary, in id order: the five special tokens, the three chat-role tokens, 256 byte-fallback
+    tokens ``<0x00>``..``<0xFF>``, the printable ASCII characters, then ``<think>`` and
+    ``</think>``. Decoding is exact for any UTF-8 text.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(SPECIAL_TOKENS.values()) + list(ROLE_TOKENS)
+    vocab: dict[str, int] = {}
+    for token in specials + [f"<0x{b:02X}>" for b in range(256)]:
+        vocab[token] = len(vocab)
+    for ch in string.printable:
+        if ch not in "\r\x0b\x0c":  # carriage returns and form feeds go through byte fallback
+            vocab.setdefault(ch, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True,
+                                   fuse_unk=False))
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _model_vocab_size(tokenizer) -> int:
+    return -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def _explorer_model(tokenizer):
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=_model_vocab_size(tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(EXPLORER_SEED)
+    return Qwen3ForCausalLM(config)
+
+
+def _synthesizer_model(tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=_model_vocab_size(tokenizer), hidden_size=96, intermediate_size=192,
+        num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=4096, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(SYNTHESIZER_SEED)
+    return LlamaForCausalLM(config)
+
+
+def _thinker_model(tokenizer):
+    from .diffusion import build_tiny_diffusion_model
+
+    return build_tiny_diffusion_model(_model_vocab_size(tokenizer), tokenizer.mask_token_id,
+                                      seed=THINKER_SEED)
+
+
+_BUILDERS = {"explorer": _explorer_model, "synthesizer": _synthesizer_model,
+             "thinker": _thinker_model}
+
+
+def _build_one(name: str, target: Path) -> None:
+    """Build model ``name`` + tokenizer into ``target`` atomically (tmp dir, then rename)."""
+    import torch
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        tokenizer = build_tiny_tokenizer()
+        with torch.random.fork_rng(devices=[]):  # fixed seeds without disturbing the caller's RNG
+            model = _BUILDERS[name](tokenizer)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / _COMPLETE_MARKER).write_text(f"{TINY_NAME}/{name}\n")
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # Another process finished first (rename onto a non-empty dir fails); keep theirs.
+            if not (target / _COMPLETE_MARKER).exists():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def ensure_tiny_models(home: str | os.PathLike | None = None, *,
+                       thinker: bool = True) -> TinyModelPaths:
+    """Build the embedded models under :func:`tiny_dir` unless already there; return their paths.
+
+    ``thinker=False`` skips the diffusion thinker (it needs :mod:`a2r.diffusion`).
+    """
+    root = tiny_dir(home)
+    paths = {name: root / name for name in _BUILDERS}
+    for name in ("explorer", "synthesizer") + (("thinker",) if thinker else ()):
+        if not (paths[name] / _COMPLETE_MARKER).exists():
+            if paths[name].exists():  # a stale, incomplete directory from an interrupted build
+                shutil.rmtree(paths[name], ignore_errors=True)
+            _build_one(name, paths[name])
+    return TinyModelPaths(paths["explorer"], paths["synthesizer"], paths["thinker"] if thinker else None)
