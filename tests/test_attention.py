@@ -1,0 +1,344 @@
+"""Tree / paged decode attention and LSE merge: every backend against the fp32 reference.
+
+Triton kernels run in Triton's CPU interpreter here (TRITON_INTERPRET=1, set before import).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import a2r_kernels as ak  # noqa: E402
+from a2r_kernels import reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL_BACKENDS = ["triton"] + (["cuda"] if torch.cuda.is_available() else [])
+# Absolute tolerance on outputs (values are O(1)): the output rounding of each dtype, with room for
+# the different summation order of split-KV + merge.
+ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+LSE_ATOL = 1e-4  # LSE is always accumulated in fp32
+
+
+def _backend_or_skip(backend):
+    try:
+        ak._backend.resolve_backend("tree_decode_attention", backend, torch.device(DEVICE))
+    except ak.BackendUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def random_tree(rng: random.Random, num_leaves: int, depth: int, block_size: int,
+                lengths=(0, 1, 17, 50)):
+    """A random tree as (paths, node_block_tables, node_lengths, num_blocks).
+
+    Every node gets its own scattered blocks (a shuffled pool), so block tables are not ranges.
+    """
+    node_lengths: list[int] = []
+    parents: list[int] = []
+
+    def new_node(parent):
+        node_lengths.append(rng.choice(lengths) if rng.random() < 0.7 else rng.randint(0, 40))
+        parents.append(parent)
+        return len(node_lengths) - 1
+
+    root = new_node(-1)
+    frontier = [root]
+    for _ in range(depth - 1):
+        nxt = []
+        for node in frontier:
+            for _ in range(rng.randint(1, 3)):
+                nxt.append(new_node(node))
+        frontier = nxt
+    leaves = [rng.choice(frontier) for _ in range(num_leaves)]
+    paths = []
+    for leaf in leaves:
+        path = []
+        node = leaf
+        while node != -1:
+            path.append(node)
+            node = parents[node]
+        paths.append(path[::-1])
+    needed = [-(-n // block_size) for n in node_lengths]
+    num_blocks = sum(needed) + 3
+    pool = list(range(num_blocks))
+    rng.shuffle(pool)
+    tables, pos = [], 0
+    for n in needed:
+        tables.append(pool[pos:pos + n])
+        pos += n
+    return paths, tables, node_lengths, num_blocks
+
+
+def naive_tree_attention(q, k_cache, v_cache, paths, tables, lengths, sm_scale):
+    """Independent check of the reference: one sequence at a time, torch.softmax over the path."""
+    bs = k_cache.shape[1]
+    num_q_heads = q.shape[1]
+    group = num_q_heads // k_cache.shape[2]
+    outs, lses = [], []
+    for i, path in enumerate(paths):
+        ks, vs = [], []
+        for j in path:
+            for t in range(lengths[j]):
+                b = tables[j][t // bs]
+                ks.append(k_cache[b, t % bs].float())
+                vs.append(v_cache[b, t % bs].float())
+        if not ks:
+            outs.append(torch.zeros(q.shape[1:]))
+            lses.append(torch.full((num_q_heads,), float("-inf")))
+            continue
+        k = torch.stack(ks).repeat_interleave(group, dim=1)        # [T, Hq, D]
+        v = torch.stack(vs).repeat_interleave(group, dim=1)
+        s = torch.einsum("hd,thd->ht", q[i].float(), k) * sm_scale
+        outs.append(torch.einsum("ht,thd->hd", torch.softmax(s, -1), v))
+        lses.append(torch.logsumexp(s, -1))
+    return torch.stack(outs), torch.stack(lses)
+
+
+def make_inputs(paths, num_blocks, block_size, num_q_heads, num_kv_heads, head_dim, dtype, seed,
+                noncontiguous=False):
+    g = torch.Generator().manual_seed(seed)
+    if noncontiguous:
+        # q with a padded head stride; pool as a slice of a [2, ...] layer stack with extra heads.
+        q = torch.randn(len(paths), num_q_heads + 3, head_dim, generator=g).to(dtype)
+        q = q[:, 1:num_q_heads + 1]
+        kv = torch.randn(2, num_blocks, block_size, num_kv_heads + 1, head_dim, generator=g)
+        kv = kv.to(dtype)
+        k, v = kv[0, :, :, 1:], kv[1, :, :, 1:]
+        assert not q.is_contiguous() and not k.is_contiguous()
+    else:
+        q = torch.randn(len(paths), num_q_heads, head_dim, generator=g).to(dtype)
+        k = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+        v = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)  # .to(same device) keeps the strides
+
+
+def check_close(out, lse, ref_out, ref_lse, dtype):
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    torch.testing.assert_close(out.float().cpu(), ref_out.float().cpu(), atol=ATOL[dtype], rtol=0)
+    # -inf must match exactly (empty paths); finite values within LSE_ATOL
+    assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(ref_lse.cpu()))
+    finite = torch.isfinite(ref_lse.cpu())
+    torch.testing.assert_close(lse.cpu()[finite], ref_lse.cpu()[finite], atol=LSE_ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------- the reference
+@pytest.mark.parametrize("seed", range(4))
+def test_reference_matches_naive_loop(seed):
+    rng = random.Random(seed)
+    paths, tables, lengths, nb = random_tree(rng, num_leaves=5, depth=3, block_size=16)
+    q, k, v = make_inputs(paths, nb, 16, 4, 2, 32, torch.float32, seed)
+    layout = ak.TreeLayout.from_paths(paths, tables, lengths, 16, DEVICE)
+    out, lse = reference.tree_decode_attention(q, k, v, layout, 32 ** -0.5)
+    want_out, want_lse = naive_tree_attention(q.cpu(), k.cpu(), v.cpu(), paths, tables, lengths,
+                                              32 ** -0.5)
+    torch.testing.assert_close(out.cpu(), want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.cpu(), want_lse, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------- tree kernel
+TREE_CASES = [
+    # (seed, leaves, depth, block_size, Hq, Hkv, D, dtype, kv_chunk)
+    (0, 4, 2, 16, 8, 2, 64, torch.float16, None),
+    (1, 7, 3, 16, 8, 8, 64, torch.bfloat16, 16),
+    (2, 5, 4, 32, 8, 1, 128, torch.float32, None),
+    (3, 1, 1, 16, 4, 4, 64, torch.float16, 16),        # one sequence, one node
+    (4, 9, 8, 16, 16, 2, 64, torch.bfloat16, 32),      # deep tree, GQA 8
+    (5, 6, 2, 32, 4, 2, 128, torch.float16, 64),
+    (6, 3, 5, 16, 2, 1, 40, torch.float32, 16),        # head_dim not a power of two
+    (7, 12, 3, 16, 32, 8, 64, torch.bfloat16, None),   # GQA 4, many rows per tile
+]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", TREE_CASES, ids=lambda c: f"seed{c[0]}-{c[7]}".replace("torch.", ""))
+def test_tree_kernel_matches_reference(backend, case):
+    _backend_or_skip(backend)
+    seed, leaves, depth, bs, hq, hkv, d, dtype, chunk = case
+    rng = random.Random(seed)
+    paths, tables, lengths, nb = random_tree(rng, leaves, depth, bs)
+    q, k, v = make_inputs(paths, nb, bs, hq, hkv, d, dtype, seed)
+    layout = ak.TreeLayout.from_paths(paths, tables, lengths, bs, DEVICE, kv_chunk_size=chunk)
+    out, lse = ak.tree_decode_attention(q, k, v, layout, backend=backend, return_lse=True)
+    ref_out, ref_lse = reference.tree_decode_attention(q, k, v, layout, d ** -0.5)
+    check_close(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_tree_kernel_noncontiguous_inputs_and_scale(backend, dtype):
+    _backend_or_skip(backend)
+    rng = random.Random(11)
+    paths, tables, lengths, nb = random_tree(rng, 5, 3, 16)
+    q, k, v = make_inputs(paths, nb, 16, 4, 2, 64, dtype, 11, noncontiguous=True)
+    layout = ak.TreeLayout.from_paths(paths, tables, lengths, 16, DEVICE, kv_chunk_size=16)
+    out, lse = ak.tree_decode_attention(q, k, v, layout, sm_scale=0.3, backend=backend,
+                                        return_lse=True)
+    ref_out, ref_lse = reference.tree_decode_attention(q, k, v, layout, 0.3)
+    check_close(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + KERNEL_BACKENDS)
+def test_empty_paths_give_zero_and_neg_inf(backend):
+    _backend_or_skip(backend)
+    # seq 0: only empty nodes; seq 1: empty + 1 token; seq 2: no nodes at all.
+    paths = [[0, 1], [0, 2], []]
+    tables = [[], [], [3]]
+    lengths = [0, 0, 1]
+    q, k, v = make_inputs(paths, 4, 16, 4, 2, 64, torch.float16, 0)
+    layout = ak.TreeLayout.from_paths(paths, tables, lengths, 16, DEVICE)
+    out, lse = ak.tree_decode_attention(q, k, v, layout, backend=backend, return_lse=True)
+    assert torch.all(out[0] == 0) and torch.all(out[2] == 0)
+    assert torch.all(lse[0] == float("-inf")) and torch.all(lse[2] == float("-inf"))
+    # one token: softmax is 1, output is that token's V (GQA: heads 0,1 read kv head 0)
+    torch.testing.assert_close(out[1].float(), v[3, 0].float().repeat_interleave(2, 0), atol=1e-3,
+                               rtol=0)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_non_tree_paths_still_exact(backend):
+    """A node shared by sequences that are not contiguous in the kernel order gets several runs."""
+    _backend_or_skip(backend)
+    paths = [[0, 2], [1, 2], [0, 3], [1, 3]]
+    tables = [[0], [1], [2, 3], [4]]
+    lengths = [5, 9, 20, 3]
+    q, k, v = make_inputs(paths, 5, 16, 4, 2, 64, torch.float32, 3)
+    layout = ak.TreeLayout.from_paths(paths, tables, lengths, 16, DEVICE)
+    out, lse = ak.tree_decode_attention(q, k, v, layout, backend=backend, return_lse=True)
+    ref_out, ref_lse = reference.tree_decode_attention(q, k, v, layout, 64 ** -0.5)
+    check_close(out, lse, ref_out, ref_lse, torch.float32)
+
+
+def test_layout_reads_each_shared_node_once():
+    """In a tree, the work items cover each node's tokens exactly once, whatever the fan-out."""
+    rng = random.Random(5)
+    for _ in range(20):
+        paths, tables, lengths, _ = random_tree(rng, rng.randint(1, 12), rng.randint(1, 5), 16)
+        layout = ak.TreeLayout.from_paths(paths, tables, lengths, 16, kv_chunk_size=32)
+        used = {j for p in paths for j in p}
+        work = layout.work_info.tolist()
+        assert sum(w[4] - w[3] for w in work) == sum(lengths[j] for j in used)
+        # each work item's run is contiguous and every (seq, node) pair is covered once
+        covered = sorted((layout.row_seq[w[0] + r].item(), w[2], w[3])
+                         for w in work for r in range(w[1]))
+        assert len(covered) == len(set(covered))
+        bytes_ = ak.kv_bytes(layout, 8, 128, torch.bfloat16)
+        assert bytes_["shared"] <= bytes_["unshared"]
+
+
+def test_layout_validation():
+    with pytest.raises(ValueError, match="block_size"):
+        ak.TreeLayout.from_paths([[0]], [[0]], [1], 0)
+    with pytest.raises(ValueError, match="node_block_tables"):
+        ak.TreeLayout.from_paths([[0]], [[0], [1]], [1], 16)
+    with pytest.raises(ValueError, match="paths\\[0\\]"):
+        ak.TreeLayout.from_paths([[1]], [[0]], [1], 16)
+    with pytest.raises(ValueError, match="repeats"):
+        ak.TreeLayout.from_paths([[0, 0]], [[0]], [1], 16)
+    with pytest.raises(ValueError, match="does not fit"):
+        ak.TreeLayout.from_paths([[0]], [[0]], [17], 16)
+    with pytest.raises(ValueError, match="node_lengths\\[0\\]"):
+        ak.TreeLayout.from_paths([[0]], [[0]], [-1], 16)
+
+
+def test_tree_attention_bad_inputs():
+    layout = ak.TreeLayout.from_paths([[0]], [[2]], [3], 16, DEVICE)
+    q, k, v = make_inputs([[0]], 3, 16, 4, 2, 64, torch.float16, 0)
+    with pytest.raises(ValueError, match="q must be"):
+        ak.tree_decode_attention(q[0], k, v, layout)
+    with pytest.raises(ValueError, match="v_cache shape"):
+        ak.tree_decode_attention(q, k, v[:, :8], layout)
+    with pytest.raises(ValueError, match="k_cache dtype"):
+        ak.tree_decode_attention(q, k.float(), v, layout)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        ak.tree_decode_attention(q[:, :3], k, v, layout)
+    with pytest.raises(ValueError, match="head_dim"):
+        ak.tree_decode_attention(q[..., :32], k, v, layout)
+    with pytest.raises(ValueError, match="sequences"):
+        ak.tree_decode_attention(torch.cat([q, q]), k, v, layout)
+    with pytest.raises(ValueError, match="only 2 blocks"):
+        ak.tree_decode_attention(q, k[:2], v[:2], layout)
+    with pytest.raises(ValueError, match="block_size"):
+        ak.tree_decode_attention(q, k.reshape(6, 8, 2, 64), v.reshape(6, 8, 2, 64), layout)
+    with pytest.raises(ValueError, match="backend"):
+        ak.tree_decode_attention(q, k, v, layout, backend="nope")
+    if not torch.cuda.is_available():
+        with pytest.raises(ak.BackendUnavailable):
+            ak.tree_decode_attention(q, k, v, layout, backend="cuda")
+
+
+# ------------------------------------------------------------------------------- paged decode
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype,bs,hq,hkv,d", [
+    (torch.float16, 16, 8, 2, 64), (torch.bfloat16, 32, 4, 1, 128), (torch.float32, 16, 6, 3, 64)])
+def test_paged_kernel_matches_reference(backend, dtype, bs, hq, hkv, d):
+    _backend_or_skip(backend)
+    g = torch.Generator().manual_seed(7)
+    seq_lens = torch.tensor([0, 1, 17, 50, 33], dtype=torch.int32)
+    max_blocks = 4 if bs == 16 else 2
+    seq_lens = seq_lens.clamp(max=max_blocks * bs)
+    nb = 5 * max_blocks + 1
+    block_tables = torch.randperm(nb, generator=g)[:5 * max_blocks].reshape(5, max_blocks)
+    block_tables = block_tables.to(torch.int32)
+    q = torch.randn(5, hq, d, generator=g).to(dtype).to(DEVICE)
+    k = torch.randn(nb, bs, hkv, d, generator=g).to(dtype).to(DEVICE)
+    v = torch.randn(nb, bs, hkv, d, generator=g).to(dtype).to(DEVICE)
+    out, lse = ak.paged_decode_attention(q, k, v, block_tables.to(DEVICE), seq_lens.to(DEVICE),
+                                         backend=backend, return_lse=True)
+    ref_out, ref_lse = reference.paged_decode_attention(q, k, v, block_tables.to(DEVICE),
+                                                        seq_lens.to(DEVICE), d ** -0.5)
+    check_close(out, lse, ref_out, ref_lse, dtype)
+    # and it agrees with the tree op on the equivalent one-node-per-sequence layout
+    tables = [block_tables[i].tolist() for i in range(5)]
+    layout = ak.TreeLayout.from_paths([[i] for i in range(5)], tables, seq_lens.tolist(), bs, DEVICE)
+    tree_out = ak.tree_decode_attention(q, k, v, layout, backend=backend)
+    torch.testing.assert_close(tree_out.float(), out.float(), atol=ATOL[dtype], rtol=0)
+
+
+def test_paged_bad_inputs():
+    q = torch.randn(2, 4, 64)
+    k = torch.randn(4, 16, 2, 64)
+    tables = torch.zeros(2, 2, dtype=torch.int32)
+    lens = torch.tensor([3, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="block_tables"):
+        ak.paged_decode_attention(q, k, k, tables.long(), lens)
+    with pytest.raises(ValueError, match="seq_lens"):
+        ak.paged_decode_attention(q, k, k, tables, lens[:1])
+    with pytest.raises(ValueError, match="seq_lens must lie"):
+        ak.paged_decode_attention(q, k, k, tables, torch.tensor([3, 40], dtype=torch.int32))
+    with pytest.raises(ValueError, match="block id"):
+        ak.paged_decode_attention(q, k, k, torch.tensor([[0, 0], [9, 0]], dtype=torch.int32), lens)
+
+
+# ------------------------------------------------------------------------------- merge
+@pytest.mark.parametrize("backend", ["torch"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_merge_states_is_attention_over_union(backend, dtype):
+    """Attention over keys A u B == merge(attention over A, attention over B)."""
+    _backend_or_skip(backend)
+    paths_a = [[0], [1], [2], [1]]   # row 1: A empty; row 2: B empty; row 3: both empty
+    tables = [[0], [1], [2], [3]]
+    lengths_a = [5, 0, 9, 0]
+    q, k, v = make_inputs(paths_a, 4, 16, 4, 2, 64, dtype, 1)
+    lay_a = ak.TreeLayout.from_paths(paths_a, tables, lengths_a, 16, DEVICE)
+    lay_b = ak.TreeLayout.from_paths([[3], [3], [1], [1]], tables, [0, 0, 0, 7], 16, DEVICE)
+    lay_ab = ak.TreeLayout.from_paths([[0, 3], [1, 3], [2, 1], [1]], tables, [5, 0, 9, 7], 16,
+                                      DEVICE)
+    out_a, lse_a = ak.tree_decode_attention(q, k, v, lay_a, backend="torch", return_lse=True)
+    out_b, lse_b = ak.tree_decode_attention(q, k, v, lay_b, backend="torch", return_lse=True)
+    want, want_lse = ak.tree_decode_attention(q, k, v, lay_ab, backend="torch", return_lse=True)
+    out, lse = ak.merge_attention_states(out_a, lse_a, out_b, lse_b, backend=backend)
+    check_close(out, lse, want, want_lse, dtype)
+    assert torch.all(lse[3] == float("-inf")) and torch.all(out[3] == 0)
+
+
+def test_merge_bad_inputs():
+    o = torch.randn(2, 4, 8)
+    lse = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="lse_b"):
+        ak.merge_attention_states(o, lse, o, lse.half())
+    with pytest.raises(ValueError, match="out_b"):
+        ak.merge_attention_states(o, lse, o[:1], lse)
