@@ -1,0 +1,332 @@
+"""Triton kernels of ``denoise_step`` (formulas and RNG layout: :mod:`a2r_kernels.reference_denoise`).
+
+Three launches, none of which materialises a ``[B, L, V]`` tensor:
+
+1. ``_denoise_partial_kernel``, grid ``(B * L, num_splits)``: program ``(pos, split)`` reads the
+   token at ``pos = b * L + l``; if it is not ``mask_id`` it reads no logits at all. Otherwise it
+   streams its chunk ``[split * split_size, min((split + 1) * split_size, V))`` of the row once, in
+   ``BLOCK_V`` chunks, keeping per-lane running statistics in fp32 registers: max ``m`` and
+   ``s = sum e^(x - m)`` (online softmax), ``a = sum e^(x - m) (x - m)`` (for the entropy; rescaled
+   as ``a' = e^(m - m') (a + (m - m') s)``), the argmax (lowest index on ties) and the second
+   largest value, and for ``temperature > 0`` the Gumbel-max argmax of ``x / T + g`` with the logit
+   there. It writes one partial state per (pos, split). Splitting V keeps the GPU busy when
+   ``B * L`` is small (one row of a 150k vocabulary is 300 KB of bf16).
+2. ``_denoise_combine_kernel``, grid ``(cdiv(B * L, BLOCK_P),)``: merges the split states of each
+   position (the same rescaling) into ``x0`` and ``confidence`` (``-inf`` at unmasked positions,
+   where ``x0`` is the token).
+3. ``_denoise_select_kernel``, grid ``(B, cdiv(L, BLOCK_I))``: position ``i`` of row ``b`` gets its
+   rank ``#{j masked: c_j > c_i or (c_j == c_i and j < i)}`` (an all-pairs count, ``L^2`` compares
+   per row, cheap next to ``L * V`` logits); it is committed when ``rank < num_transfer[b]``
+   (which clamps ``num_transfer`` to the masked count by itself), or in threshold mode when
+   ``c_i >= threshold or rank == 0``. Committed positions get ``tokens[b, i] = x0[b, i]``. Masked
+   positions are recognised by ``confidence > -inf``, not by ``tokens``, because this kernel is
+   rewriting ``tokens`` while other programs of the same row read it.
+
+Random numbers: ``tl.philox(seed, c0, c1, c2, c3)[0]`` with counter ``(v, pos, 0, 0)`` for the Gumbel
+noise of vocabulary entry ``v`` and ``(0, pos, 1, 0)`` for the ``"random"`` score; the uint32 ``r``
+becomes ``u = ((r >> 9) + 0.5) * 2**-23``. Both counter words are 32-bit: no overflow for
+``V < 2**32`` and ``B * L < 2**32``. A CUDA twin reproduces the stream with curand's Philox round
+function and the same key ``(seed & 0xffffffff, seed >> 32)``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import triton_interpret
+
+# remasking name -> the code selected by the REMASKING constexpr.
+REMASKING_CODES = {"low_confidence": 0, "margin": 1, "entropy": 2, "random": 3}
+_NUM_STATS = 6      # m, s, a, second, gumbel_best, gumbel_logit (fp32) per (pos, split)
+_NUM_INDICES = 2    # argmax, gumbel argmax (int32) per (pos, split)
+_INT32_MAX = 2147483647
+
+
+@triton.jit
+def _uniform_from_philox(seed, c0, c1, STREAM: tl.constexpr):
+    """fp32 uniform in (0, 1) at Philox counter (c0, c1, STREAM, 0); c0, c1 uint32 blocks."""
+    zero = c0 * 0
+    r, _, _, _ = tl.philox(seed, c0, c1, zero + STREAM, zero)
+    return ((r >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07    # 2**-23
+
+
+@triton.jit(do_not_specialize=["seed", "mask_id"])
+def _denoise_partial_kernel(
+    logits_ptr, tokens_ptr, stats_ptr, indices_ptr,
+    length, vocab, split_size,
+    stride_logits_b, stride_logits_l, stride_logits_v,
+    stride_tokens_b, stride_tokens_l,
+    mask_id, seed, inv_temperature,
+    NUM_SPLITS: tl.constexpr, BLOCK_V: tl.constexpr,
+    SAMPLE: tl.constexpr, NEED_ENTROPY: tl.constexpr, NEED_SECOND: tl.constexpr,
+):
+    pos = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pos // length).to(tl.int64)
+    l = (pos % length).to(tl.int64)
+    token = tl.load(tokens_ptr + b * stride_tokens_b + l * stride_tokens_l)
+    v_begin = split * split_size
+    v_end = tl.minimum(v_begin + split_size, vocab)
+    # An unmasked position loops zero times: its logits are never read.
+    v_end = tl.where(token == mask_id, v_end, v_begin)
+    row_ptr = logits_ptr + b * stride_logits_b + l * stride_logits_l
+
+    lanes = tl.arange(0, BLOCK_V)
+    neg_inf = float("-inf")
+    lane_max = tl.full([BLOCK_V], neg_inf, tl.float32)
+    lane_sum = tl.zeros([BLOCK_V], tl.float32)
+    lane_xlogx = tl.zeros([BLOCK_V], tl.float32)
+    lane_argmax = tl.zeros([BLOCK_V], tl.int32)
+    lane_second = tl.full([BLOCK_V], neg_inf, tl.float32)
+    lane_gumbel = tl.full([BLOCK_V], neg_inf, tl.float32)
+    lane_gumbel_arg = tl.zeros([BLOCK_V], tl.int32)
+    lane_gumbel_logit = tl.full([BLOCK_V], neg_inf, tl.float32)
+
+    for start in range(v_begin, v_end, BLOCK_V):
+        cols = start + lanes
+        in_bounds = cols < v_end
+        x = tl.load(row_ptr + cols.to(tl.int64) * stride_logits_v, mask=in_bounds,
+                    other=neg_inf).to(tl.float32)
+        # Lanes see increasing indices, so a strict > keeps the lowest index of a tie.
+        is_new_max = x > lane_max
+        if NEED_SECOND:
+            lane_second = tl.where(is_new_max, lane_max, tl.maximum(lane_second, x))
+        lane_argmax = tl.where(is_new_max, cols, lane_argmax)
+        new_max = tl.maximum(lane_max, x)
+        # -inf guards: (-inf) - (-inf) is NaN, and 0 * -inf is NaN.
+        alpha = tl.where(lane_max > neg_inf, tl.exp(lane_max - new_max), 0.0)
+        x_finite = x > neg_inf
+        x_shifted = tl.where(x_finite, x - new_max, 0.0)
+        weight = tl.where(x_finite, tl.exp(x_shifted), 0.0)
+        if NEED_ENTROPY:
+            max_shift = tl.where(lane_max > neg_inf, lane_max - new_max, 0.0)
+            lane_xlogx = alpha * (lane_xlogx + max_shift * lane_sum) + weight * x_shifted
+        lane_sum = alpha * lane_sum + weight
+        lane_max = new_max
+        if SAMPLE:
+            u = _uniform_from_philox(seed, cols.to(tl.uint32),
+                                     (cols * 0 + pos).to(tl.uint32), 0)
+            noisy = tl.where(x_finite, x * inv_temperature - tl.log(-tl.log(u)), neg_inf)
+            better = noisy > lane_gumbel
+            lane_gumbel = tl.where(better, noisy, lane_gumbel)
+            lane_gumbel_arg = tl.where(better, cols, lane_gumbel_arg)
+            lane_gumbel_logit = tl.where(better, x, lane_gumbel_logit)
+
+    row_max = tl.max(lane_max, axis=0)
+    lane_live = lane_max > neg_inf
+    scale = tl.where(lane_live, tl.exp(lane_max - row_max), 0.0)
+    row_sum = tl.sum(lane_sum * scale, axis=0)
+    argmax = tl.min(tl.where(lane_max == row_max, lane_argmax, _INT32_MAX), axis=0)
+    stats = stats_ptr + (pos * NUM_SPLITS + split) * 6
+    indices = indices_ptr + (pos * NUM_SPLITS + split) * 2
+    tl.store(stats + 0, row_max)
+    tl.store(stats + 1, row_sum)
+    if NEED_ENTROPY:
+        shift = tl.where(lane_live, lane_max - row_max, 0.0)
+        tl.store(stats + 2, tl.sum(scale * (lane_xlogx + shift * lane_sum), axis=0))
+    if NEED_SECOND:
+        # The second largest value: the winning lane's runner-up, or another lane's maximum.
+        owner = (lane_argmax == argmax) & (lane_max == row_max)
+        tl.store(stats + 3, tl.max(tl.where(owner, lane_second, lane_max), axis=0))
+    tl.store(indices + 0, argmax)
+    if SAMPLE:
+        gumbel_best = tl.max(lane_gumbel, axis=0)
+        gumbel_arg = tl.min(tl.where(lane_gumbel == gumbel_best, lane_gumbel_arg, _INT32_MAX),
+                            axis=0)
+        gumbel_owner = (lane_gumbel_arg == gumbel_arg) & (lane_gumbel == gumbel_best)
+        tl.store(stats + 4, gumbel_best)
+        tl.store(stats + 5, tl.max(tl.where(gumbel_owner, lane_gumbel_logit, neg_inf), axis=0))
+        tl.store(indices + 1, gumbel_arg)
+
+
+@triton.jit(do_not_specialize=["seed", "mask_id"])
+def _denoise_combine_kernel(
+    stats_ptr, indices_ptr, tokens_ptr, x0_ptr, confidence_ptr,
+    num_positions, length,
+    stride_tokens_b, stride_tokens_l,
+    mask_id, seed,
+    NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, BLOCK_P: tl.constexpr,
+    SAMPLE: tl.constexpr, REMASKING: tl.constexpr,
+):
+    neg_inf = float("-inf")
+    pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    splits = tl.arange(0, SPLITS_POW2)
+    pos_valid = pos < num_positions
+    valid = pos_valid[:, None] & (splits[None, :] < NUM_SPLITS)
+    slot = pos[:, None] * NUM_SPLITS + splits[None, :]
+    part_max = tl.load(stats_ptr + slot * 6 + 0, mask=valid, other=neg_inf)
+    part_sum = tl.load(stats_ptr + slot * 6 + 1, mask=valid, other=0.0)
+    part_argmax = tl.load(indices_ptr + slot * 2 + 0, mask=valid, other=_INT32_MAX)
+
+    row_max = tl.max(part_max, axis=1)
+    live = part_max > neg_inf
+    scale = tl.where(live, tl.exp(part_max - row_max[:, None]), 0.0)
+    row_sum = tl.sum(part_sum * scale, axis=1)
+    is_max = part_max == row_max[:, None]
+    argmax = tl.min(tl.where(is_max, part_argmax, _INT32_MAX), axis=1)
+
+    if SAMPLE:
+        part_gumbel = tl.load(stats_ptr + slot * 6 + 4, mask=valid, other=neg_inf)
+        part_gumbel_logit = tl.load(stats_ptr + slot * 6 + 5, mask=valid, other=neg_inf)
+        part_gumbel_arg = tl.load(indices_ptr + slot * 2 + 1, mask=valid, other=_INT32_MAX)
+        gumbel_best = tl.max(part_gumbel, axis=1)
+        is_best = part_gumbel == gumbel_best[:, None]
+        x0 = tl.min(tl.where(is_best, part_gumbel_arg, _INT32_MAX), axis=1)
+        owner = is_best & (part_gumbel_arg == x0[:, None])
+        x0_logit = tl.max(tl.where(owner, part_gumbel_logit, neg_inf), axis=1)
+    else:
+        x0 = argmax
+        x0_logit = row_max
+
+    # Unmasked positions have no live split (row_sum == 0); keep their (discarded) score finite.
+    row_sum = tl.where(row_sum > 0, row_sum, 1.0)
+    row_max = tl.where(row_max > neg_inf, row_max, 0.0)
+    if REMASKING == 0:      # low_confidence: p(x0)
+        score = tl.exp(x0_logit - row_max) / row_sum
+    elif REMASKING == 1:    # margin: p1 - p2, with p1 = 1 / row_sum
+        part_second = tl.load(stats_ptr + slot * 6 + 3, mask=valid, other=neg_inf)
+        owner = is_max & (part_argmax == argmax[:, None])
+        second = tl.max(tl.where(owner, part_second, part_max), axis=1)
+        score = (1.0 - tl.exp(second - row_max)) / row_sum
+    elif REMASKING == 2:    # entropy: sum p log p = a / s - log s
+        part_xlogx = tl.load(stats_ptr + slot * 6 + 2, mask=valid, other=0.0)
+        shift = tl.where(live, part_max - row_max[:, None], 0.0)
+        xlogx = tl.sum(scale * (part_xlogx + shift * part_sum), axis=1)
+        score = xlogx / row_sum - tl.log(row_sum)
+    else:                   # random
+        score = _uniform_from_philox(seed, (pos * 0).to(tl.uint32), pos.to(tl.uint32), 1)
+
+    b = (pos // length).to(tl.int64)
+    l = (pos % length).to(tl.int64)
+    token = tl.load(tokens_ptr + b * stride_tokens_b + l * stride_tokens_l, mask=pos_valid,
+                    other=0)
+    masked = token == mask_id
+    tl.store(x0_ptr + pos, tl.where(masked, x0.to(tl.int64), token), mask=pos_valid)
+    tl.store(confidence_ptr + pos, tl.where(masked, score, neg_inf), mask=pos_valid)
+
+
+@triton.jit
+def _denoise_select_kernel(
+    confidence_ptr, x0_ptr, tokens_ptr, transferred_ptr, num_transfer_ptr,
+    length, stride_tokens_b, stride_tokens_l, threshold,
+    USE_THRESHOLD: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    neg_inf = float("-inf")
+    b = tl.program_id(0)
+    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_valid = i < length
+    row = b.to(tl.int64) * length
+    conf_i = tl.load(confidence_ptr + row + i, mask=i_valid, other=neg_inf)
+    masked_i = conf_i > neg_inf
+    rank = tl.zeros([BLOCK_I], tl.int32)
+    for j_start in range(0, length, BLOCK_J):
+        j = j_start + tl.arange(0, BLOCK_J)
+        conf_j = tl.load(confidence_ptr + row + j, mask=j < length, other=neg_inf)
+        ahead = (conf_j[None, :] > conf_i[:, None]) | (
+            (conf_j[None, :] == conf_i[:, None]) & (j[None, :] < i[:, None]))
+        ahead = ahead & (conf_j > neg_inf)[None, :]
+        rank += tl.sum(ahead.to(tl.int32), axis=1)
+    if USE_THRESHOLD:
+        chosen = masked_i & ((conf_i >= threshold) | (rank == 0))
+    else:
+        quota = tl.load(num_transfer_ptr + b)
+        chosen = masked_i & (rank.to(tl.int64) < quota)
+    tl.store(transferred_ptr + row + i, chosen.to(tl.uint8), mask=i_valid)
+    x0 = tl.load(x0_ptr + row + i, mask=i_valid & chosen, other=0)
+    tl.store(tokens_ptr + b.to(tl.int64) * stride_tokens_b + i.to(tl.int64) * stride_tokens_l, x0,
+             mask=i_valid & chosen)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def denoise_config(num_positions: int, vocab: int, device: torch.device) -> dict:
+    """Launch parameters of the partial kernel, from a small table (no autotuning).
+
+    ``block_v``/``num_warps``: 2048/8 for large vocabularies (8 bf16 = 16 bytes per thread and
+    chunk), smaller power-of-two blocks for small ones. ``num_splits``: enough (position, split)
+    programs for ~4 waves of the SMs, but at least 8 chunks of ``block_v`` per split. Under the
+    CPU interpreter the widest block is used (numpy cost is per chunk, not per element) and V is
+    not split.
+    """
+    if triton_interpret():
+        return {"block_v": min(4096, triton.next_power_of_2(max(vocab, 16))), "num_warps": 4,
+                "num_splits": 1}
+    if vocab >= 16384:
+        block_v, num_warps = 2048, 8
+    elif vocab >= 2048:
+        block_v, num_warps = 1024, 4
+    else:
+        block_v, num_warps = max(triton.next_power_of_2(vocab), 32), 4
+    target_programs = 4 * _num_sms(device.index if device.index is not None else
+                                   torch.cuda.current_device())
+    max_splits = max(1, triton.cdiv(vocab, 8 * block_v))
+    num_splits = max(1, min(triton.cdiv(target_programs, max(num_positions, 1)), max_splits))
+    return {"block_v": block_v, "num_warps": num_warps, "num_splits": num_splits}
+
+
+def denoise_step(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int,
+                 num_transfer: torch.Tensor | None, threshold: float | None,
+                 temperature: float, remasking: str, seed: int,
+                 x0: torch.Tensor, confidence: torch.Tensor, transferred: torch.Tensor,
+                 config: dict | None = None) -> None:
+    """Launch the three kernels; results go to the pre-allocated outputs, ``tokens`` in place.
+
+    logits [B, L, V] fp32/fp16/bf16, any strides; tokens int64 [B, L], any strides;
+    num_transfer int64 [B] contiguous on the logits' device, or None with a float ``threshold``;
+    x0 int64, confidence fp32, transferred bool: contiguous [B, L]. ``seed`` in ``[0, 2**63)``.
+    ``config`` overrides :func:`denoise_config` (``block_v``, ``num_warps``, ``num_splits``; tests
+    use it to exercise several chunks and splits on small vocabularies). Inputs are assumed
+    checked by the public op.
+    """
+    batch, length, vocab = logits.shape
+    num_positions = batch * length
+    if num_positions == 0:
+        return
+    config = {**denoise_config(num_positions, vocab, logits.device), **(config or {})}
+    block_v = config["block_v"]
+    num_splits = min(config["num_splits"], triton.cdiv(vocab, block_v))
+    split_size = triton.cdiv(triton.cdiv(vocab, num_splits), block_v) * block_v
+    num_splits = triton.cdiv(vocab, split_size)
+    sample = temperature > 0
+    code = REMASKING_CODES[remasking]
+
+    stats = torch.empty(num_positions, num_splits, _NUM_STATS, dtype=torch.float32,
+                        device=logits.device)
+    indices = torch.empty(num_positions, num_splits, _NUM_INDICES, dtype=torch.int32,
+                          device=logits.device)
+    _denoise_partial_kernel[(num_positions, num_splits)](
+        logits, tokens, stats, indices,
+        length, vocab, split_size,
+        logits.stride(0), logits.stride(1), logits.stride(2),
+        tokens.stride(0), tokens.stride(1),
+        mask_id, seed, (1.0 / temperature) if sample else 1.0,
+        NUM_SPLITS=num_splits, BLOCK_V=block_v, SAMPLE=sample,
+        NEED_ENTROPY=code == REMASKING_CODES["entropy"],
+        NEED_SECOND=code == REMASKING_CODES["margin"],
+        num_warps=config["num_warps"],
+    )
+    block_p = 64
+    _denoise_combine_kernel[(triton.cdiv(num_positions, block_p),)](
+        stats, indices, tokens, x0, confidence,
+        num_positions, length, tokens.stride(0), tokens.stride(1),
+        mask_id, seed,
+        NUM_SPLITS=num_splits, SPLITS_POW2=triton.next_power_of_2(num_splits), BLOCK_P=block_p,
+        SAMPLE=sample, REMASKING=code,
+        num_warps=4,
+    )
+    block_i, block_j = 64, 64
+    _denoise_select_kernel[(batch, triton.cdiv(length, block_i))](
+        confidence, x0, tokens, transferred.view(torch.uint8),
+        num_transfer if num_transfer is not None else x0,   # unused in threshold mode
+        length, tokens.stride(0), tokens.stride(1),
+        float(threshold) if threshold is not None else 0.0,
+        USE_THRESHOLD=threshold is not None, BLOCK_I=block_i, BLOCK_J=block_j,
+        num_warps=4,
+    )
