@@ -1,0 +1,230 @@
+"""Tree decode attention: one decode step of N branches that share a P-token prefix.
+
+Shape: one prefix node of P tokens, N leaf nodes of S tokens each (the explorer's tree after S
+sampled tokens). Providers, all measured in the same run on the same pool:
+
+- ``a2r-tree``      ours, Triton: every node's KV read once (cascade / Hydragen style).
+- ``a2r-cuda``      ours, the CUDA extension (when built).
+- ``a2r-paged``     ours, Triton paged decode over per-branch block tables (prefix blocks shared
+                    in memory but read once per branch, as vLLM-style paged decode does).
+- ``torch-sdpa``    ``F.scaled_dot_product_attention`` over K/V expanded per branch (copies made
+                    outside the timed region; skipped when they would not fit).
+- ``flashinfer-cascade`` / ``flashinfer-decode`` / ``flash-attn``: when installed.
+
+``gbps`` is *unique* KV bytes (``ak.kv_bytes(...)["shared"]``) over the median time, compared with
+``copy_gbps`` (device-to-device copy bandwidth measured in the same run). Results:
+``benchmarks/results/tree_attention.json`` (+ ``tree_attention.png``); on CPU the script runs a
+few tiny shapes with the torch reference and Triton's interpreter and writes
+``tree_attention_cpu.json`` instead, so CPU numbers never mix with GPU ones.
+
+Usage: ``python benchmarks/bench_tree_attention.py [--quick] [--providers a2r-tree,a2r-paged]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from common import copy_gbps, device_name, plot, time_fn, write_results  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+GPU_SHAPES = dict(P=[1024, 8192, 32768], N=[4, 16, 64, 256], S=[0, 128, 512],
+                  heads=[(32, 8), (8, 1)], D=[128])
+CPU_SHAPES = dict(P=[64, 192], N=[4, 8], S=[0, 17], heads=[(8, 2)], D=[64])
+SDPA_BYTES_LIMIT = 16 * 1024 ** 3   # expanded K/V copies above this are skipped
+
+
+def build_tree(P: int, N: int, S: int, block_size: int, Hkv: int, D: int, dtype, device):
+    """Pool + layout + per-branch block tables for a prefix of P tokens and N leaves of S tokens."""
+    import a2r_kernels as ak
+
+    prefix_blocks = -(-P // block_size)
+    leaf_blocks = -(-S // block_size)
+    num_blocks = prefix_blocks + N * leaf_blocks
+    g = torch.Generator(device="cpu").manual_seed(0)
+    k = torch.randn(num_blocks, block_size, Hkv, D, generator=g).to(dtype).to(device)
+    v = torch.randn(num_blocks, block_size, Hkv, D, generator=g).to(dtype).to(device)
+    prefix = list(range(prefix_blocks))
+    leaves = [list(range(prefix_blocks + i * leaf_blocks, prefix_blocks + (i + 1) * leaf_blocks))
+              for i in range(N)]
+    layout = ak.TreeLayout.from_paths([[0, 1 + i] for i in range(N)], [prefix] + leaves,
+                                      [P] + [S] * N, block_size, device)
+    return k, v, layout, prefix, leaves
+
+
+def paged_inputs(k, v, P, S, prefix, leaves, block_size):
+    """Block tables / seq_lens for paged decode: each branch's table names the shared prefix blocks
+    (read once per branch) then its own. A paged table cannot skip the free tail of a partial
+    prefix block, so the benchmark uses block-aligned prefixes."""
+    N = len(leaves)
+    if P % block_size and S:
+        raise ValueError(f"P={P} must be a multiple of block_size={block_size} when S > 0")
+    tables = [prefix + leaf for leaf in leaves]
+    lens = [P + S] * N
+    width = max(len(t) for t in tables)
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
+                      device=k.device)
+    return bt, torch.tensor(lens, dtype=torch.int32, device=k.device)
+
+
+def providers_available(device) -> list[str]:
+    import a2r_kernels as ak
+    names = ["a2r-tree", "a2r-paged", "torch-sdpa"]
+    if device.type == "cuda" and ak._backend.cuda_extension() is not None:
+        names.insert(1, "a2r-cuda")
+    for mod, name in (("flashinfer", "flashinfer-cascade"), ("flashinfer", "flashinfer-decode"),
+                      ("flash_attn", "flash-attn")):
+        try:
+            __import__(mod)
+            if device.type == "cuda":
+                names.append(name)
+        except ImportError:
+            pass
+    return names
+
+
+def make_fn(provider, q, k, v, layout, P, S, prefix, leaves, block_size):
+    """A zero-argument callable for one decode step, or None when the provider cannot run it."""
+    import a2r_kernels as ak
+    kernel_backend = "triton" if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
+    N, Hq, D = q.shape
+    Hkv = k.shape[2]
+    if provider == "a2r-tree":
+        return lambda: ak.tree_decode_attention(q, k, v, layout, backend=kernel_backend)
+    if provider == "a2r-cuda":
+        return lambda: ak.tree_decode_attention(q, k, v, layout, backend="cuda")
+    if provider == "a2r-paged":
+        bt, lens = paged_inputs(k, v, P, S, prefix, leaves, block_size)
+        return lambda: ak.paged_decode_attention(q, k, v, bt, lens, backend=kernel_backend,
+                                                 check_bounds=False)
+    if provider == "torch-sdpa":
+        T = P + S
+        if 2 * N * T * Hkv * D * q.element_size() > SDPA_BYTES_LIMIT:
+            return None
+        slots = layout.seq_slots()                                  # [N, T]
+        flat_k = k.reshape(-1, Hkv, D)
+        flat_v = v.reshape(-1, Hkv, D)
+        K = flat_k[slots].transpose(1, 2).contiguous()              # [N, Hkv, T, D], per branch
+        V = flat_v[slots].transpose(1, 2).contiguous()
+        q4 = q[:, :, None, :]
+        return lambda: F.scaled_dot_product_attention(q4, K, V, enable_gqa=True)
+    if provider.startswith("flashinfer") or provider == "flash-attn":
+        return make_external_fn(provider, q, k, v, P, S, prefix, leaves, block_size)
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def make_external_fn(provider, q, k, v, P, S, prefix, leaves, block_size):  # pragma: no cover
+    """FlashInfer / flash-attn baselines (GPU only, optional installs)."""
+    N, Hq, D = q.shape
+    Hkv = k.shape[2]
+    dev = q.device
+    bt, lens = paged_inputs(k, v, P, S, prefix, leaves, block_size)
+    if provider == "flash-attn":
+        from flash_attn import flash_attn_with_kvcache
+        q4 = q[:, None]                                          # [N, 1, Hq, D]
+        return lambda: flash_attn_with_kvcache(q4, k, v, cache_seqlens=lens, block_table=bt)
+    import flashinfer
+    workspace = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device=dev)
+    if provider == "flashinfer-decode":
+        indptr = torch.arange(N + 1, dtype=torch.int32, device=dev) * bt.shape[1]
+        indices = bt.reshape(-1)
+        last = ((lens - 1) % block_size + 1).to(torch.int32)
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
+        wrapper.plan(indptr, indices, last, Hq, Hkv, D, block_size, q_data_type=q.dtype)
+        return lambda: wrapper.run(q, (k, v))
+    # cascade: level 0 = the shared prefix (one request for all N queries), level 1 = leaves
+    wrapper = flashinfer.MultiLevelCascadeAttentionWrapper(2, workspace, "NHD")
+    pre = torch.tensor(prefix, dtype=torch.int32, device=dev)
+    leaf = torch.tensor([b for l in leaves for b in l], dtype=torch.int32, device=dev)
+    nleaf = len(leaves[0]) if leaves else 0
+    qo_indptr = [torch.tensor([0, N], dtype=torch.int32, device=dev),
+                 torch.arange(N + 1, dtype=torch.int32, device=dev)]
+    kv_indptr = [torch.tensor([0, len(prefix)], dtype=torch.int32, device=dev),
+                 torch.arange(N + 1, dtype=torch.int32, device=dev) * nleaf]
+    last = [torch.tensor([(P - 1) % block_size + 1], dtype=torch.int32, device=dev),
+            torch.full((N,), (S - 1) % block_size + 1 if S else 0, dtype=torch.int32, device=dev)]
+    wrapper.plan(qo_indptr, kv_indptr, [pre, leaf], last, Hq, Hkv, D, block_size)
+    return lambda: wrapper.run(q, (k, v))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few small shapes")
+    parser.add_argument("--providers", default="", help="comma-separated subset")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    if not on_gpu:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    dtype = getattr(torch, args.dtype)
+    shapes = dict(GPU_SHAPES) if on_gpu else dict(CPU_SHAPES)
+    if args.quick and on_gpu:
+        shapes.update(P=[1024, 8192], N=[4, 64], S=[128])
+    providers = providers_available(device)
+    if args.providers:
+        wanted = args.providers.split(",")
+        providers = [p for p in providers if p in wanted]
+
+    import a2r_kernels as ak
+
+    dev_name = device_name(device)
+    bw = copy_gbps(device, nbytes=(512 if on_gpu else 64) * 1024 * 1024)
+    print(f"# device: {dev_name}   copy bandwidth: {bw:.1f} GB/s   dtype: {dtype}")
+    print(f"{'provider':>20} {'P':>6} {'N':>4} {'S':>4} {'Hq/Hkv':>7} {'median_us':>10} "
+          f"{'GB/s':>8} {'%copy':>6} {'vs paged':>8}")
+    rows = []
+    warmup, rep = (10, 50) if on_gpu else (1, 3)
+    for P, N, S, (Hq, Hkv), D in itertools.product(shapes["P"], shapes["N"], shapes["S"],
+                                                    shapes["heads"], shapes["D"]):
+        k, v, layout, prefix, leaves = build_tree(P, N, S, args.block_size, Hkv, D, dtype, device)
+        q = torch.randn(N, Hq, D, device=device, dtype=dtype)
+        unique = ak.kv_bytes(layout, Hkv, D, dtype)
+        shape_rows = []
+        for provider in providers:
+            fn = make_fn(provider, q, k, v, layout, P, S, prefix, leaves, args.block_size)
+            if fn is None:
+                continue
+            seconds = time_fn(fn, warmup=warmup, rep=rep, device=device)
+            shape_rows.append(dict(
+                device=dev_name, provider=provider, P=P, N=N, S=S, Hq=Hq, Hkv=Hkv, D=D,
+                dtype=str(dtype).replace("torch.", ""), block_size=args.block_size,
+                median_us=seconds * 1e6, gbps=unique["shared"] / seconds / 1e9,
+                unique_kv_bytes=unique["shared"], unshared_kv_bytes=unique["unshared"],
+                copy_gbps=bw))
+        paged = next((r["median_us"] for r in shape_rows if r["provider"] == "a2r-paged"), None)
+        for r in shape_rows:
+            r["speedup_vs_paged"] = paged / r["median_us"] if paged else None
+            print(f"{r['provider']:>20} {P:>6} {N:>4} {S:>4} {Hq:>3}/{Hkv:<3} "
+                  f"{r['median_us']:>10.1f} {r['gbps']:>8.1f} {100 * r['gbps'] / bw:>5.0f}% "
+                  f"{r['speedup_vs_paged'] or float('nan'):>7.2f}x")
+        rows.extend(shape_rows)
+        del k, v
+        if on_gpu:
+            torch.cuda.empty_cache()
+
+    name = "tree_attention" if on_gpu else "tree_attention_cpu"
+    write_results(os.path.join(RESULTS, f"{name}.json"), rows)
+    Hq0, Hkv0 = shapes["heads"][0]
+    S0 = shapes["S"][min(1, len(shapes["S"]) - 1)]
+    for P in shapes["P"]:
+        sel = [r for r in rows if r["P"] == P and r["S"] == S0 and r["Hq"] == Hq0]
+        if sel:
+            plot(os.path.join(RESULTS, f"{name}_P{P}.png"), sel, x="N", y="gbps", logx=True,
+                 title=f"tree decode, P={P}, S={S0}, Hq/Hkv={Hq0}/{Hkv0}, {dev_name}",
+                 ylabel="unique KV GB/s", ref_line=bw)
+    print(f"# wrote {os.path.join(RESULTS, name + '.json')}")
+
+
+if __name__ == "__main__":
+    main()
