@@ -1,0 +1,352 @@
+"""Run unmodified ``transformers`` causal LMs over a :class:`~a2r_kernels.TreeKVCache`.
+
+Llama-, Qwen2- and Qwen3-style models keep their own modules (embeddings, RoPE, q/k norms,
+projections, MLPs); only two things are ours:
+
+- :class:`TreeCache`, a ``transformers.Cache`` whose ``update`` scatters each layer's new K/V into
+  the slots reserved in the tree cache for this forward, and
+- the attention function registered under :data:`ATTN_IMPLEMENTATION` (``"a2r_tree"``) in
+  ``transformers.AttentionInterface``.
+
+A forward goes one of two ways, chosen per call by :class:`TreeDecoder`:
+
+- *decode* (one new token per sequence, ``[B, 1]``): every layer writes the new K/V into its
+  reserved slot, then runs :func:`a2r_kernels.tree_decode_attention` over the step's
+  :class:`~a2r_kernels.TreeLayout` (built once per step, reused by every layer). Shared prefixes
+  are stored once and, with the Triton/CUDA backends, read once per step.
+- *extend* (``T > 1`` new tokens per sequence, e.g. the prompt): K/V go into the reserved slots and
+  attention is causal. Sequences without past tokens use SDPA (or flash-attn's kernel on CUDA when
+  it is installed) over the fresh K/V; sequences with a past gather their path from the pool.
+
+No dense mask is ever built on our path: the mask function registered for ``"a2r_tree"`` is
+transformers' own ``sdpa_mask``, which returns ``None`` for an unpadded prefill and for ``q_len == 1``.
+Outside a :class:`TreeCache` forward (e.g. ``model.generate`` on a model whose
+``attn_implementation`` is ``"a2r_tree"``) the attention function is transformers' SDPA one, so such
+a model stays usable with the usual API.
+
+Example::
+
+    import a2r_kernels.hf as akhf
+    dec = akhf.TreeDecoder(model, num_blocks=64)
+    root, logits = dec.prefill(input_ids)               # [1, P] -> logits [1, V] (fp32)
+    kids = dec.fork(root, 4)                            # 4 branches share the prompt's blocks
+    logits = dec.step(kids, torch.tensor([5, 9, 2, 7])) # [4, V]: one batch, tree attention
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache
+
+from ._backend import resolve_backend
+from .cache import TreeKVCache
+
+ATTN_IMPLEMENTATION = "a2r_tree"
+# Name of the forward kwarg that carries the TreeCache down to the attention function
+# (transformers forwards unknown kwargs from the model's forward to every attention call).
+_STATE_KWARG = "a2r_tree_cache"
+
+_registered = False
+
+
+def register() -> str:
+    """Register :data:`ATTN_IMPLEMENTATION` with transformers' attention and mask interfaces.
+
+    Idempotent; called on import of this module. Returns the implementation name, to pass as
+    ``from_pretrained(..., attn_implementation=...)`` or ``model.set_attn_implementation(...)``.
+    """
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(ATTN_IMPLEMENTATION, tree_attention_forward)
+        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+        _registered = True
+    return ATTN_IMPLEMENTATION
+
+
+def _flash_attn_func():
+    """flash-attn's ``flash_attn_func`` when the package is installed, else None."""
+    try:
+        from flash_attn import flash_attn_func
+    except Exception:  # not installed, or built for another torch
+        return None
+    return flash_attn_func
+
+
+def _causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      scaling: float) -> torch.Tensor:
+    """Causal attention of T fresh tokens over themselves.
+
+    query [B, Hq, T, D]; key, value [B, Hkv, T, D] -> [B, T, Hq, D] in query's dtype.
+    """
+    flash = _flash_attn_func() if query.is_cuda else None
+    if flash is not None and query.dtype in (torch.float16, torch.bfloat16):
+        return flash(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                     softmax_scale=scaling, causal=True)
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2)
+
+
+class TreeCache(Cache):
+    """A ``transformers.Cache`` over a :class:`~a2r_kernels.TreeKVCache`, one forward at a time.
+
+    Before each forward, :class:`TreeDecoder` calls :meth:`begin` with the sequences of the
+    batch (row ``b`` of ``input_ids`` is ``seqs[b]``), the slots it reserved for their new
+    tokens and, for a decode step, the step's :class:`~a2r_kernels.TreeLayout`. During the
+    forward every layer's ``update`` writes K/V ``[B, Hkv, T, D]`` into those slots (slot
+    ``b * T + t`` for token ``t`` of row ``b``, the order of ``TreeKVCache.reserve``).
+    """
+
+    def __init__(self, tree: TreeKVCache, backend: str = "auto"):
+        super().__init__(layers=[])
+        self.tree = tree
+        self.backend = resolve_backend("tree_decode_attention", backend, tree.device)
+        self._seqs: list[int] = []
+        self._slots: torch.Tensor | None = None
+        self._layout = None
+        self._past_lengths: list[int] = []
+        self._query_length = 0
+
+    # ---------------------------------------------------------------- per-forward state
+    def begin(self, seqs: Sequence[int], past_lengths: Sequence[int], slots: torch.Tensor,
+              query_length: int, layout=None) -> None:
+        self._seqs = list(seqs)
+        self._past_lengths = list(past_lengths)
+        self._slots = slots
+        self._query_length = query_length
+        self._layout = layout
+
+    def end(self) -> None:
+        self._seqs, self._past_lengths, self._slots, self._layout = [], [], None, None
+
+    # ---------------------------------------------------------------- transformers Cache API
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args, **kwargs):
+        """Write this layer's new K/V ``[B, Hkv, T, D]`` into the reserved slots.
+
+        Returns what the attention function reads: the fresh K/V for an extend without past,
+        else the layer's pool views ``[num_blocks, block_size, Hkv, D]``.
+        """
+        if self._slots is None:
+            raise RuntimeError("TreeCache.update called outside a TreeDecoder forward")
+        batch, num_kv_heads, num_tokens, head_dim = key_states.shape
+        if batch * num_tokens != self._slots.shape[0]:
+            raise ValueError(f"key_states [B={batch}, Hkv, T={num_tokens}, D] does not match "
+                             f"the {self._slots.shape[0]} reserved slots")
+        dtype = self.tree.dtype
+        k = key_states.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads, head_dim)
+        v = value_states.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads, head_dim)
+        self.tree.write(layer_idx, self._slots, k.to(dtype), v.to(dtype))
+        if self._layout is None and not any(self._past_lengths):
+            return key_states, value_states
+        return self.tree.k[layer_idx], self.tree.v[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(self._past_lengths, default=0)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    # ---------------------------------------------------------------- attention
+    def attend(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        """Attention of this forward's queries ``[B, Hq, T, D]`` -> ``[B, T, Hq, D]``."""
+        layer = module.layer_idx
+        if self._layout is not None:     # decode: one token per sequence, tree attention
+            from .attention import tree_decode_attention
+
+            out = tree_decode_attention(query[:, :, 0, :], key, value, self._layout,
+                                        sm_scale=scaling, backend=self.backend)
+            return out.unsqueeze(1)
+        if not any(self._past_lengths):  # extend from empty: causal over the fresh K/V
+            return _causal_attention(query, key, value, scaling)
+        return self._attend_with_past(layer, query, scaling)
+
+    def _attend_with_past(self, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """T new tokens of sequences that already hold tokens: gather each path, causal with
+        a bottom-right aligned mask (new token t sees the past and new tokens 0..t)."""
+        num_tokens = query.shape[2]
+        outs = []
+        for row, seq in enumerate(self._seqs):
+            k, v = self.tree.gather(layer, seq)                  # [L, Hkv, D], L = past + T
+            k = k.to(query.dtype).transpose(0, 1)[None]          # [1, Hkv, L, D]
+            v = v.to(query.dtype).transpose(0, 1)[None]
+            total = k.shape[2]
+            q_pos = torch.arange(total - num_tokens, total, device=query.device)
+            mask = torch.arange(total, device=query.device)[None, :] <= q_pos[:, None]
+            out = F.scaled_dot_product_attention(
+                query[row:row + 1], k, v, attn_mask=mask, scale=scaling,
+                enable_gqa=query.shape[1] != k.shape[1])
+            outs.append(out.transpose(1, 2))
+        return torch.cat(outs, dim=0)
+
+
+def tree_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, scaling: float | None = None,
+                           dropout: float = 0.0, **kwargs):
+    """The ``"a2r_tree"`` attention function (``transformers.AttentionInterface`` signature).
+
+    query ``[B, Hq, T, D]``; key/value as returned by the cache's ``update``. Returns
+    ``(out [B, T, Hq, D], None)``. With a :class:`TreeCache` in ``kwargs`` it runs our path (see the
+    module docstring); without one it is transformers' SDPA attention, unchanged.
+    """
+    tree_cache = kwargs.pop(_STATE_KWARG, None)
+    if tree_cache is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if kwargs.get("sliding_window") is not None:
+        raise ValueError("a2r_tree attention does not support sliding-window layers "
+                         f"(layer {module.layer_idx} has sliding_window={kwargs['sliding_window']})")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    return tree_cache.attend(module, query, key, value, scaling), None
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+class TreeDecoder:
+    """Drive one transformers causal LM over a tree-shared paged KV cache.
+
+    The lower-level API under :func:`a2r.sample_parallel`: prefill a prompt once, fork it into
+    branches (zero copy), decode all live branches as one batch per step, fork branches again for
+    multi-level exploration, free finished ones.
+
+    Args:
+        model: a transformers causal LM whose layers call ``past_key_values.update`` and the
+            ``AttentionInterface`` (Llama, Qwen2, Qwen3, Mistral, ... without sliding windows).
+        num_blocks: blocks in the KV pool (see :func:`blocks_needed`).
+        block_size: tokens per block.
+        backend: ``tree_decode_attention`` backend (``"auto" | "cuda" | "triton" | "torch"``).
+        dtype: pool dtype, default the model's dtype.
+
+    Attributes:
+        cache: the :class:`~a2r_kernels.TreeKVCache` (``cache.blocks_used()``, ``cache.length``).
+        peak_blocks_used: most blocks in use at once since construction.
+        bytes_per_block: K+V bytes of one block over all layers.
+    """
+
+    def __init__(self, model, num_blocks: int, *, block_size: int = 16, backend: str = "auto",
+                 dtype: torch.dtype | None = None):
+        register()
+        config = _text_config(model)
+        if getattr(config, "is_encoder_decoder", False):
+            raise ValueError("model must be a decoder-only causal LM, got an encoder-decoder")
+        layer_types = getattr(config, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            raise ValueError(f"model's layer_types must all be 'full_attention', got {sorted(set(layer_types))}")
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        param = next(model.parameters())
+        self.model = model
+        self.device = param.device
+        self.cache = TreeKVCache(config.num_hidden_layers, num_kv_heads, head_dim, num_blocks,
+                                 block_size=block_size, dtype=dtype or param.dtype,
+                                 device=self.device)
+        self.hf_cache = TreeCache(self.cache, backend)
+        self.backend = self.hf_cache.backend
+        self.bytes_per_block = self.cache.nbytes // num_blocks
+        self.peak_blocks_used = 0
+
+    # ------------------------------------------------------------------ tree bookkeeping
+    def new_sequence(self) -> int:
+        """An empty sequence (a new root)."""
+        return self.cache.new_sequence()
+
+    def fork(self, seq: int, n: int) -> list[int]:
+        """``n`` children of ``seq`` sharing all its tokens (no copy); ``seq`` becomes read-only."""
+        return self.cache.fork(seq, n)
+
+    def free(self, seq: int) -> None:
+        """Release ``seq``; its blocks return to the pool when no descendant uses them."""
+        self.cache.free(seq)
+
+    def length(self, seq: int) -> int:
+        return self.cache.length(seq)
+
+    @property
+    def peak_kv_bytes(self) -> int:
+        """Most K+V bytes held at once (``peak_blocks_used * bytes_per_block``)."""
+        return self.peak_blocks_used * self.bytes_per_block
+
+    # ------------------------------------------------------------------ forwards
+    def prefill(self, input_ids: torch.Tensor, seq: int | None = None) -> tuple[int, torch.Tensor]:
+        """Run the prompt ``input_ids`` (``[P]`` or ``[1, P]``, P >= 1) once into ``seq`` (default
+        a new root). Returns ``(seq, logits)``, logits fp32 ``[1, V]`` for the next token."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() not in (1, 2) or (
+                input_ids.dim() == 2 and input_ids.shape[0] != 1) or input_ids.shape[-1] == 0:
+            got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be [P] or [1, P] with P >= 1, got {got}")
+        if seq is None:
+            seq = self.new_sequence()
+        return seq, self.extend([seq], input_ids.reshape(1, -1))
+
+    def step(self, seqs: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
+        """Append one token per sequence (``token_ids`` ``[B]`` or ``[B, 1]``) as one decode batch.
+        Returns fp32 logits ``[B, V]`` for each sequence's next token."""
+        if not isinstance(token_ids, torch.Tensor) or token_ids.numel() != len(seqs) or (
+                token_ids.dim() not in (1, 2)):
+            got = tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__
+            raise ValueError(f"token_ids must be [B={len(seqs)}] or [B, 1], got {got}")
+        return self.extend(seqs, token_ids.reshape(len(seqs), 1))
+
+    @torch.inference_mode()
+    def extend(self, seqs: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
+        """Append ``T`` tokens to each of ``seqs`` (``token_ids`` int ``[B, T]``, row b -> seqs[b]).
+
+        ``T == 1`` is a decode step (tree attention over one layout); ``T > 1`` is causal
+        attention (fresh K/V for empty sequences, gathered paths otherwise). Positions continue
+        each sequence: ``position_ids[b, t] = length(seqs[b]) + t``.
+
+        Returns:
+            fp32 ``[B, V]``: logits of the token after each sequence's last new token.
+        """
+        seqs = list(seqs)
+        if token_ids.dim() != 2 or token_ids.shape[0] != len(seqs) or token_ids.shape[1] == 0:
+            raise ValueError(f"token_ids must be [B={len(seqs)}, T>=1], got {tuple(token_ids.shape)}")
+        if token_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"token_ids must be int64, got {token_ids.dtype}")
+        num_tokens = token_ids.shape[1]
+        past = [self.cache.length(s) for s in seqs]
+        slots = self.cache.reserve(seqs, num_tokens)    # raises CacheFullError, changes nothing
+        self.peak_blocks_used = max(self.peak_blocks_used, self.cache.blocks_used())
+        layout = self.cache.layout(seqs) if num_tokens == 1 else None
+        position_ids = (torch.tensor(past, dtype=torch.int64)[:, None]
+                        + torch.arange(num_tokens, dtype=torch.int64)[None, :]).to(self.device)
+        config = self.model.config
+        saved_impl = config._attn_implementation
+        self.hf_cache.begin(seqs, past, slots, num_tokens, layout)
+        try:
+            config._attn_implementation = ATTN_IMPLEMENTATION
+            out = self.model(input_ids=token_ids.to(self.device, torch.int64),
+                             position_ids=position_ids, past_key_values=self.hf_cache,
+                             use_cache=True, logits_to_keep=1, **{_STATE_KWARG: self.hf_cache})
+        finally:
+            config._attn_implementation = saved_impl
+            self.hf_cache.end()
+        return out.logits[:, -1, :].float()
+
+
+def blocks_needed(prompt_len: int, num_branches: int, tokens_per_branch: int, block_size: int) -> int:
+    """Blocks that hold a prompt of ``prompt_len`` tokens once plus ``num_branches`` branches of
+    ``tokens_per_branch`` stored tokens each: ``ceil(P / bs) + n * ceil(S / bs)`` (a fork is zero
+    copy: children start fresh blocks and the prompt's partial last block stays shared)."""
+    return math.ceil(prompt_len / block_size) + num_branches * math.ceil(tokens_per_branch / block_size)
+
+
+register()

@@ -1,0 +1,281 @@
+"""The explorer: sample many reasoning paths from one prompt over a tree-shared KV cache.
+
+The prompt is prefilled once; its KV blocks are shared by every branch (``TreeKVCache.fork`` is
+zero copy). Each decode step runs all live branches as one ``[n_live, 1]`` batch through the
+model with :func:`a2r_kernels.tree_decode_attention`; a branch that stops leaves the batch and its
+blocks go back to the pool.
+
+Per step the host syncs once: it reads the sampled tokens (``[n_live]``) to check stops and to
+plan the next step. Everything else (forward, warping, sampling) stays on the device.
+
+``sample_parallel`` is the public entry (``shared/API.md`` section 4); :func:`sample_tree` runs
+several levels (sample ``n``, fork each branch into ``m``, ...) through the same loop, and
+:func:`explore` returns the memory statistics with the sequences.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from a2r_kernels.hf import TreeDecoder
+
+from .sampling import check_sampling_args, sample_tokens
+
+
+@dataclass
+class ExploreResult:
+    """Sequences of one exploration and what they cost.
+
+    Attributes:
+        sequences: generated token ids per leaf branch (each ends at and includes a stop token).
+        prompt_len: P.
+        num_blocks: blocks in the pool that was allocated.
+        block_size: tokens per block.
+        peak_blocks_used: most blocks held at once.
+        peak_kv_bytes: ``peak_blocks_used`` in bytes (K and V, all layers).
+        decode_steps: batched decode forwards run (the prefill not counted).
+    """
+
+    sequences: list[list[int]]
+    prompt_len: int
+    num_blocks: int
+    block_size: int
+    peak_blocks_used: int
+    peak_kv_bytes: int
+    decode_steps: int
+    stopped: list[bool] = field(default_factory=list)
+
+
+class _StopCriteria:
+    """Host-side stop test run on each branch after a token is appended.
+
+    EOS: the token is one of ``eos_ids``. Stop strings (transformers' ``StopStringCriteria``
+    semantics): some stop string occurs in the decoded text of prompt + generated tokens and
+    overlaps the last token, i.e. it ends after the text of all tokens but the last. Only a tail
+    window of tokens is decoded (long enough for the longest stop string).
+    """
+
+    def __init__(self, eos_ids: set[int], stop_strings: Sequence[str] | None, tokenizer,
+                 prompt_ids: list[int]):
+        self.eos_ids = eos_ids
+        self.stop_strings = list(stop_strings or [])
+        self.tokenizer = tokenizer
+        longest = max((len(s) for s in self.stop_strings), default=0)
+        # A token decodes to >= 1 character in practice; 2 spare tokens cover merges at the cut.
+        self.window = longest + 2
+        self.prompt_tail = prompt_ids[-self.window:] if self.stop_strings else []
+
+    def __call__(self, tokens: list[int]) -> bool:
+        if tokens[-1] in self.eos_ids:
+            return True
+        if not self.stop_strings:
+            return False
+        tail = (self.prompt_tail + tokens)[-self.window:]
+        text = self.tokenizer.decode(tail)
+        before = len(self.tokenizer.decode(tail[:-1]))
+        return any(text.find(s, max(0, before - len(s) + 1)) != -1 for s in self.stop_strings)
+
+
+def _eos_ids(model, eos_token_id) -> set[int]:
+    if eos_token_id is None:
+        config = getattr(model, "generation_config", None)
+        eos_token_id = getattr(config, "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(model.config, "eos_token_id", None)
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, torch.Tensor):
+        eos_token_id = eos_token_id.reshape(-1).tolist()
+    if isinstance(eos_token_id, int):
+        return {eos_token_id}
+    return {int(t) for t in eos_token_id}
+
+
+def _as_level_list(value, num_levels: int, name: str) -> list[int]:
+    values = [value] * num_levels if isinstance(value, int) else list(value)
+    if len(values) != num_levels or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        raise ValueError(f"{name} must be an int or {num_levels} ints (one per level), got {value!r}")
+    return values
+
+
+def tree_blocks_needed(prompt_len: int, widths: Sequence[int], tokens: Sequence[int],
+                       block_size: int) -> int:
+    """Blocks a full exploration can hold at once: the prompt once, plus for each level every
+    branch's stored tokens (``tokens[l]`` at a fork level, where the last sampled token is fed
+    before forking; ``tokens[-1] - 1`` at the last level, whose last token is never fed)."""
+    blocks = math.ceil(prompt_len / block_size)
+    branches = 1
+    for level, (width, count) in enumerate(zip(widths, tokens)):
+        branches *= width
+        stored = count if level < len(widths) - 1 else max(count - 1, 0)
+        blocks += branches * math.ceil(stored / block_size)
+    return blocks
+
+
+def _check_prompt(input_ids) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1 \
+            or input_ids.shape[1] == 0 or input_ids.dtype not in (torch.int64, torch.int32):
+        got = (f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor)
+               else type(input_ids).__name__)
+        raise ValueError(f"input_ids must be an int64 tensor [1, P] with P >= 1 (one prompt), got {got}")
+    return input_ids
+
+
+def explore(model, input_ids: torch.Tensor, widths: Sequence[int], max_new_tokens, *,
+            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None,
+            seed: int | None = None, stop_strings: Sequence[str] | None = None, tokenizer=None,
+            backend: str = "auto", block_size: int = 16, num_blocks: int | None = None) -> ExploreResult:
+    """Multi-level exploration with statistics; see :func:`sample_tree` for the arguments."""
+    input_ids = _check_prompt(input_ids)
+    widths = list(widths)
+    if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+        raise ValueError(f"widths must be a non-empty list of ints >= 1, got {widths!r}")
+    budgets = _as_level_list(max_new_tokens, len(widths), "max_new_tokens")
+    if any(b < 0 for b in budgets[-1:]) or any(b < 1 for b in budgets[:-1]):
+        raise ValueError(f"max_new_tokens must be >= 1 per fork level and >= 0 at the last, got {budgets}")
+    check_sampling_args(temperature, top_k, top_p)
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings needs tokenizer= to decode the generated tokens")
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+
+    prompt_len = input_ids.shape[1]
+    if num_blocks is None:
+        num_blocks = max(tree_blocks_needed(prompt_len, widths, budgets, block_size), 1)
+    decoder = TreeDecoder(model, num_blocks, block_size=block_size, backend=backend)
+    generator = None
+    if seed is not None and temperature > 0:
+        generator = torch.Generator(device=decoder.device)
+        generator.manual_seed(seed)
+    stop = _StopCriteria(_eos_ids(model, eos_token_id), stop_strings, tokenizer,
+                         input_ids[0].tolist())
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        return sample_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                             generator=generator)
+
+    root, root_logits = decoder.prefill(input_ids)
+    # Frontier: (tree position, seq, tokens so far, logits row [1, V] for its next token). The
+    # tree position (child index per level) orders the leaves: branch order, not finish order.
+    frontier = [((), root, [], root_logits)]
+    leaves: list[tuple[tuple[int, ...], list[int], bool]] = []
+    decode_steps = 0
+    for level, (width, budget) in enumerate(zip(widths, budgets)):
+        last_level = level == len(widths) - 1
+        seqs, tokens, rows, keys = [], [], [], []
+        for key, seq, prefix, logits in frontier:
+            kids = decoder.fork(seq, width)
+            decoder.free(seq)   # the kids hold the shared blocks from now on
+            seqs += kids
+            keys += [key + (c,) for c in range(width)]
+            tokens += [list(prefix) for _ in kids]
+            rows += [logits] * width
+        logits = torch.cat(rows, dim=0) if rows else None
+        frontier = []
+        generated = [0] * len(seqs)
+        live = list(range(len(seqs)))     # indices into seqs / tokens
+        while live and budget > 0:
+            next_ids = sample(logits)                         # [n_live] on the device
+            host_ids = next_ids.tolist()                      # the one host sync of the step
+            feed, feed_rows = [], []
+            for row, (i, token) in enumerate(zip(live, host_ids)):
+                tokens[i].append(token)
+                generated[i] += 1
+                stopped = stop(tokens[i])
+                if stopped or (generated[i] == budget and last_level):
+                    leaves.append((keys[i], tokens[i], stopped))
+                    decoder.free(seqs[i])
+                else:   # below budget, or at budget on a fork level: feed it to get its logits
+                    feed.append(i)
+                    feed_rows.append(row)
+            if not feed:
+                break
+            if len(feed_rows) < len(host_ids):
+                next_ids = next_ids[torch.tensor(feed_rows, dtype=torch.long, device=next_ids.device)]
+            logits = decoder.step([seqs[i] for i in feed], next_ids)
+            decode_steps += 1
+            live = []
+            for row, i in enumerate(feed):
+                if generated[i] == budget:   # fork level done for this branch
+                    frontier.append((keys[i], seqs[i], tokens[i], logits[row:row + 1]))
+                else:
+                    live.append(i)
+            if len(live) < len(feed):
+                keep = [row for row, i in enumerate(feed) if generated[i] < budget]
+                logits = logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
+        if budget == 0:   # nothing to generate at this (last) level
+            for i, seq in enumerate(seqs):
+                leaves.append((keys[i], tokens[i], False))
+                decoder.free(seq)
+    leaves.sort(key=lambda leaf: leaf[0])
+    return ExploreResult(sequences=[t for _, t, _ in leaves], stopped=[s for _, _, s in leaves],
+                         prompt_len=prompt_len, num_blocks=num_blocks, block_size=block_size,
+                         peak_blocks_used=decoder.peak_blocks_used,
+                         peak_kv_bytes=decoder.peak_kv_bytes, decode_steps=decode_steps)
+
+
+def sample_tree(model, input_ids: torch.Tensor, widths: Sequence[int], max_new_tokens, **kwargs
+                ) -> list[list[int]]:
+    """Multi-level exploration: fork the prompt into ``widths[0]`` branches, generate
+    ``max_new_tokens[0]`` tokens each, fork every branch into ``widths[1]``, and so on.
+
+    Args:
+        model, input_ids: as :func:`sample_parallel`.
+        widths: branching factor per level, e.g. ``[4, 2]`` -> up to 8 leaves.
+        max_new_tokens: int (same for every level) or one int per level: tokens each branch adds
+            at that level.
+        **kwargs: the keyword arguments of :func:`sample_parallel`.
+
+    Returns:
+        One token list per leaf (the tokens of its whole path below the prompt). A branch that
+        stops (EOS / stop string) before its level's budget is a leaf and is not forked further,
+        so fewer than ``prod(widths)`` lists may come back. Leaves come in tree order (by branch
+        index at each level).
+    """
+    return explore(model, input_ids, widths, max_new_tokens, **kwargs).sequences
+
+
+def sample_parallel(model, input_ids: torch.Tensor, n: int, max_new_tokens: int, *,
+                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                    eos_token_id=None, seed: int | None = None,
+                    stop_strings: Sequence[str] | None = None, tokenizer=None,
+                    backend: str = "auto", block_size: int = 16,
+                    num_blocks: int | None = None) -> list[list[int]]:
+    """Sample ``n`` continuations of one prompt whose KV is computed once and shared.
+
+    Args:
+        model: a transformers causal LM (Llama / Qwen2 / Qwen3 style, full attention). Its own
+            modules run unmodified; attention and the KV cache are a2r_kernels'.
+        input_ids: int64 ``[1, P]``, one prompt, on the model's device.
+        n: branches (>= 1).
+        max_new_tokens: most tokens generated per branch (>= 0).
+        temperature: 0 is greedy (every branch equals ``model.generate(do_sample=False)``'s
+            continuation); > 0 samples from ``softmax(logits / temperature)``.
+        top_p, top_k: nucleus / top-k filtering as transformers' warpers (1.0 / 0 disable).
+        eos_token_id: int or list of ints; default the model's ``generation_config``. ``[]``
+            disables EOS.
+        seed: seeds a ``torch.Generator`` on the model's device: same seed, same branches.
+        stop_strings: stop a branch when its text ends in (overlaps its last token with) one of
+            these strings, like transformers' ``stop_strings``; needs ``tokenizer``.
+        backend: ``tree_decode_attention`` backend.
+        block_size: tokens per KV block.
+        num_blocks: KV pool size; default exactly what the prompt (once) and ``n`` full branches
+            need: ``ceil(P / bs) + n * ceil((max_new_tokens - 1) / bs)``.
+
+    Returns:
+        ``n`` lists of generated token ids, in branch order; a list ends at and includes the EOS
+        token or the token completing a stop string, if one was produced.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    result = explore(model, input_ids, [n], max_new_tokens, temperature=temperature, top_p=top_p,
+                     top_k=top_k, eos_token_id=eos_token_id, seed=seed,
+                     stop_strings=stop_strings, tokenizer=tokenizer, backend=backend,
+                     block_size=block_size, num_blocks=num_blocks)
+    return result.sequences
