@@ -3,9 +3,9 @@
 ``a2r demo`` (and tests) need an explorer, a thinker and a synthesizer without a model hub. This
 module builds them from configs:
 
-* a character-level tokenizer with byte fallback (lossless for any UTF-8 text), ``<s>``, ``</s>``,
-  ``<pad>``, ``<unk>``, a ``<|mask|>`` token for the diffusion thinker, ``<think>``/``</think>`` and a
-  small chat template — a ``tokenizers`` BPE model with no merges wrapped as
+* a character-level tokenizer (printable ASCII and a few math symbols; ``<s>``, ``</s>``,
+  ``<pad>``, ``<unk>``, a ``<|mask|>`` token for the diffusion thinker, ``<think>``/``</think>``) with a
+  small chat template: a ``tokenizers`` BPE model with no merges wrapped as
   ``PreTrainedTokenizerFast``;
 * a tiny Qwen3 explorer (2 layers, hidden 64) and a slightly larger Llama synthesizer (3 layers,
   hidden 96) — different architectures and sizes, the asymmetric A2R set-up in miniature;
@@ -49,6 +49,7 @@ SPECIAL_TOKENS = {
 }
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 THINK_TOKENS = ("<think>", "</think>")
+MATH_SYMBOLS = "×÷−±√π°²³≤≥≠∞·…"
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -82,23 +83,20 @@ class TinyModelPaths:
 def build_tiny_tokenizer():
     """The embedded character-level tokenizer (``PreTrainedTokenizerFast``), built in memory.
 
-    Vocabulary, in id order: the five special tokens, the three chat-role tokens, 256 byte-fallback
-    tokens ``<0x00>``..``<0xFF>``, the printable ASCII characters, then ``<think>`` and
-    ``</think>``. Decoding is exact for any UTF-8 text.
+    Vocabulary, in id order: the five special tokens, the three chat-role tokens, the printable
+    ASCII characters, a few math symbols (``MATH_SYMBOLS``), then ``<think>`` and ``</think>``.
+    Any other character encodes as ``<unk>`` (deliberately no byte fallback: with 256 byte tokens a
+    random model would mostly emit invalid UTF-8, and the demo output would be unreadable).
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
     specials = list(SPECIAL_TOKENS.values()) + list(ROLE_TOKENS)
-    vocab: dict[str, int] = {}
-    for token in specials + [f"<0x{b:02X}>" for b in range(256)]:
-        vocab[token] = len(vocab)
-    for ch in string.printable:
-        if ch not in "\r\x0b\x0c":  # carriage returns and form feeds go through byte fallback
-            vocab.setdefault(ch, len(vocab))
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True,
-                                   fuse_unk=False))
-    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    vocab: dict[str, int] = {token: i for i, token in enumerate(specials)}
+    for ch in string.printable.replace("\r\x0b\x0c", "") + MATH_SYMBOLS:
+        vocab.setdefault(ch, len(vocab))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", fuse_unk=False))
+    backend.decoder = decoders.Fuse()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)

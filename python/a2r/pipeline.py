@@ -1,0 +1,619 @@
+"""A2R end to end: explorer (N paths) -> answer components -> thinker (optional) -> synthesizer.
+
+    question ──explorer prompt──> sample_parallel(n=N)           N reasoning paths, prompt KV shared
+                                    │ extract_answer_component     (text after </think>, capped)
+                                    ▼
+                          references [1]..[N] ──> diffusion_generate   compact trace (optional)
+                                    │                   │
+                                    ▼                   ▼
+                 synthesizer prompt = question + references + trace ──> greedy answer
+                                    │
+                                    ▼ extract_final_answer                final answer
+
+Baselines come from the same explorer samples: pass@1 (the first path's answer, plus the mean
+accuracy over paths) and self-consistency Cons@N (majority vote, ties to the earliest answer).
+
+Set-ups:
+* asymmetric — a small explorer and a larger synthesizer. Text is handed over and re-tokenised, so
+  the tokenizers may differ (a warning says so when their vocabularies do).
+* symmetric — one model explores and synthesizes. Tokenizers must then be identical. The
+  synthesizer prompt is built to start with the explorer prompt's question turn, so the two share a
+  token prefix; :attr:`KVSharing.synthesizer_shared_prefix_tokens` reports it. Reusing the
+  explorer's prompt KV for that prefix is *not done*: ``a2r.sample_parallel`` returns token ids
+  only and frees its tree cache, so the synthesizer prefills its whole prompt again. The bytes that
+  reuse would save are reported as ``synthesizer_reusable_bytes`` (not counted in
+  :attr:`A2RResult.kv_bytes_saved`).
+
+KV bytes saved by sharing: the explorer's prompt KV is stored once for N paths instead of N times,
+``prompt_tokens * (N - 1) * bytes_per_token`` with
+``bytes_per_token = 2 (K and V) * num_layers * num_kv_heads * head_dim * dtype size``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .extract import (
+    answers_equal,
+    extract_answer_component,
+    extract_final_answer,
+    majority_vote,
+)
+
+__all__ = [
+    "A2RConfig",
+    "A2RPipeline",
+    "A2RResult",
+    "KVSharing",
+    "ModelDirError",
+    "PipelineError",
+    "StageReport",
+    "TokenizerMismatchError",
+    "UnsupportedArchitectureError",
+    "kv_bytes_per_token",
+    "parse_dtype",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+class PipelineError(ValueError):
+    """A user-facing set-up error (bad model directory, architecture, tokenizers). The CLI prints
+    its message on one line and exits with status 2."""
+
+
+class ModelDirError(PipelineError):
+    """A model directory is missing or holds no model."""
+
+
+class UnsupportedArchitectureError(PipelineError):
+    """A model's architecture cannot play the role it was given."""
+
+
+class TokenizerMismatchError(PipelineError):
+    """Explorer and synthesizer tokenizers disagree where the set-up needs them identical."""
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and results
+# --------------------------------------------------------------------------------------------
+
+EXPLORER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+THINKER_INSTRUCTION = "Write a short reasoning trace that reconciles the reference answers."
+SYNTHESIZER_INSTRUCTION = (
+    "The reference answers above come from independent attempts and may be wrong. Re-reason about "
+    "the question using them, and put your final answer within \\boxed{}.")
+
+
+@dataclass
+class A2RConfig:
+    """Knobs of one A2R run. Token counts are in each model's own tokens."""
+
+    num_paths: int = 4                       # N explorer paths
+    max_new_tokens: int = 256                # per explorer path
+    temperature: float = 1.0                 # explorer sampling
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = 0                     # explorer / thinker / synthesizer RNG (None: unseeded)
+    # Answer components handed to the thinker and synthesizer (see extract_answer_component).
+    answer_mode: str = "auto"
+    answer_max_chars: int | None = 1024
+    answer_max_tokens: int | None = None     # counted with the explorer tokenizer
+    # Diffusion thinker (used only when the pipeline has one).
+    use_thinker: bool = True
+    thinker_gen_length: int = 64
+    thinker_block_length: int = 32
+    thinker_steps: int = 16
+    thinker_threshold: float | None = None
+    thinker_temperature: float = 0.0
+    thinker_remasking: str = "low_confidence"
+    thinker_cache: str = "none"
+    # Synthesizer (greedy by default: the synthesis should be reproducible).
+    synth_max_new_tokens: int | None = None  # None: max_new_tokens
+    synth_temperature: float = 0.0
+    explorer_instruction: str = EXPLORER_INSTRUCTION
+    thinker_instruction: str = THINKER_INSTRUCTION
+    synthesizer_instruction: str = SYNTHESIZER_INSTRUCTION
+    backend: str = "auto"                    # a2r_kernels backend for sample_parallel
+
+    def validate(self) -> None:
+        if self.num_paths < 1:
+            raise ValueError(f"num_paths must be >= 1, got {self.num_paths}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.synth_max_new_tokens is not None and self.synth_max_new_tokens < 1:
+            raise ValueError(f"synth_max_new_tokens must be >= 1, got {self.synth_max_new_tokens}")
+        if self.temperature < 0 or self.synth_temperature < 0:
+            raise ValueError("temperature and synth_temperature must be >= 0")
+
+
+@dataclass
+class StageReport:
+    """One stage's prompt, outputs and cost.
+
+    ``texts[i]`` is the decoded text of output ``i`` (special tokens removed); ``token_ids[i]`` its
+    generated token ids. ``generated_tokens`` sums their lengths; ``seconds`` is wall time of the
+    stage (device synchronised).
+    """
+
+    name: str
+    prompt: str
+    prompt_tokens: int
+    texts: list[str]
+    token_ids: list[list[int]]
+    seconds: float
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(len(ids) for ids in self.token_ids)
+
+    def to_dict(self, include_token_ids: bool = False) -> dict[str, Any]:
+        out = {"name": self.name, "prompt": self.prompt, "prompt_tokens": self.prompt_tokens,
+               "texts": list(self.texts), "generated_tokens": self.generated_tokens,
+               "seconds": self.seconds}
+        if include_token_ids:
+            out["token_ids"] = [list(ids) for ids in self.token_ids]
+        return out
+
+
+@dataclass
+class KVSharing:
+    """KV-cache bytes that prompt sharing saves (see the module docstring for the formula)."""
+
+    prompt_tokens: int               # explorer prompt, stored once for all paths
+    num_paths: int
+    bytes_per_token: int             # explorer: 2 * layers * kv_heads * head_dim * dtype size
+    explorer_saved_bytes: int        # prompt_tokens * (num_paths - 1) * bytes_per_token
+    symmetric: bool
+    synthesizer_shared_prefix_tokens: int  # symmetric only: common token prefix of the two prompts
+    synthesizer_reusable_bytes: int  # what reusing that prefix would save (reuse not done)
+    synthesizer_prefix_reused: bool = False
+
+
+@dataclass
+class A2RResult:
+    """Everything one :meth:`A2RPipeline.run` produced."""
+
+    question: str
+    mode: str                                  # "symmetric" | "asymmetric"
+    explorer: StageReport
+    references: list[str]                      # answer components, one per path
+    explorer_answers: list[str | None]         # extract_final_answer of each path
+    thinker: StageReport | None
+    synthesizer: StageReport
+    final_answer: str | None                   # A2R's answer
+    pass_at_1_answer: str | None               # first path's answer
+    cons_answer: str | None                    # Cons@N
+    cons_votes: int
+    kv: KVSharing
+    seconds: float
+
+    @property
+    def trace(self) -> str | None:
+        return self.thinker.texts[0] if self.thinker is not None else None
+
+    @property
+    def kv_bytes_saved(self) -> int:
+        return self.kv.explorer_saved_bytes + (
+            self.kv.synthesizer_reusable_bytes if self.kv.synthesizer_prefix_reused else 0)
+
+    def grade(self, gold: str | None) -> dict[str, float | bool]:
+        """Correctness of each method against ``gold`` (see :func:`a2r.extract.answers_equal`).
+
+        ``mean_at_1`` is the fraction of explorer paths whose answer is correct.
+        """
+        per_path = [answers_equal(a, gold) for a in self.explorer_answers]
+        return {
+            "pass_at_1": answers_equal(self.pass_at_1_answer, gold),
+            "mean_at_1": sum(per_path) / len(per_path) if per_path else 0.0,
+            "cons_at_n": answers_equal(self.cons_answer, gold),
+            "a2r": answers_equal(self.final_answer, gold),
+        }
+
+    def to_dict(self, include_token_ids: bool = False) -> dict[str, Any]:
+        return {
+            "question": self.question,
+            "mode": self.mode,
+            "final_answer": self.final_answer,
+            "pass_at_1_answer": self.pass_at_1_answer,
+            "cons_answer": self.cons_answer,
+            "cons_votes": self.cons_votes,
+            "explorer_answers": list(self.explorer_answers),
+            "references": list(self.references),
+            "trace": self.trace,
+            "stages": {
+                "explorer": self.explorer.to_dict(include_token_ids),
+                "thinker": self.thinker.to_dict(include_token_ids) if self.thinker else None,
+                "synthesizer": self.synthesizer.to_dict(include_token_ids),
+            },
+            "kv": asdict(self.kv),
+            "kv_bytes_saved": self.kv_bytes_saved,
+            "seconds": self.seconds,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
+           "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+           "half": "float16"}
+
+
+def parse_dtype(name):
+    """``"float32"``/``"fp32"``, ``"bfloat16"``/``"bf16"``, ``"float16"``/``"fp16"`` -> torch dtype;
+    ``None``/``"auto"`` -> ``None`` (keep the checkpoint's dtype); a torch dtype passes through."""
+    import torch
+
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return None
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(set(_DTYPES)) + ['auto']}, got {name!r}")
+    return getattr(torch, _DTYPES[name])
+
+
+def _model_device(model):
+    return next(model.parameters()).device
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if getattr(device, "type", None) == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def kv_bytes_per_token(model) -> int:
+    """KV-cache bytes one token occupies in ``model``: ``2 * layers * kv_heads * head_dim * size``."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_heads = text_config.num_attention_heads
+    num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
+    element_size = next(model.parameters()).element_size()
+    return 2 * text_config.num_hidden_layers * num_kv_heads * head_dim * element_size
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """Every id that ends generation: the generation config's eos ids plus the tokenizer's."""
+    ids: list[int] = []
+    generation_config = getattr(model, "generation_config", None)
+    configured = getattr(generation_config, "eos_token_id", None)
+    if configured is None:
+        configured = getattr(model.config, "eos_token_id", None)
+    for value in (configured if isinstance(configured, (list, tuple)) else [configured]):
+        if value is not None and value not in ids:
+            ids.append(int(value))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
+
+
+def _render_prompt(tokenizer, user_message: str, plain_prefix: str, plain_suffix: str) -> str:
+    """The prompt text: the tokenizer's chat template when it has one, else a plain template."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": user_message}],
+                                             tokenize=False, add_generation_prompt=True)
+    return f"{plain_prefix}{user_message}{plain_suffix}"
+
+
+def _encode(tokenizer, text: str, device):
+    """Token ids ``[1, P]`` of a rendered prompt. A chat template already wrote every special
+    token it wants; a plain prompt gets the tokenizer's usual ones (e.g. BOS)."""
+    import torch
+
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    ids = tokenizer(text, add_special_tokens=not has_template)["input_ids"]
+    return torch.tensor([ids], dtype=torch.long, device=device)
+
+
+def _decode(tokenizer, ids: Sequence[int], stop_ids: Sequence[int] = ()) -> str:
+    ids = list(ids)
+    for i, token in enumerate(ids):
+        if token in stop_ids:
+            ids = ids[:i]
+            break
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _tokenizer_differences(a, b) -> list[str]:
+    """What differs between two tokenizers in ways that change token ids."""
+    diffs = []
+    if a.get_vocab() != b.get_vocab():
+        diffs.append(f"vocabularies differ ({len(a)} vs {len(b)} tokens)")
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(a, attr, None) != getattr(b, attr, None):
+            diffs.append(f"{attr} differs ({getattr(a, attr, None)} vs {getattr(b, attr, None)})")
+    if getattr(a, "chat_template", None) != getattr(b, "chat_template", None):
+        diffs.append("chat templates differ")
+    return diffs
+
+
+def _check_model_dir(path, role: str) -> Path:
+    if path is None:
+        raise ModelDirError(f"{role} model directory is required")
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise ModelDirError(f"{role} model directory not found: {directory}")
+    if not (directory / "config.json").is_file():
+        raise ModelDirError(f"{role} model directory has no config.json (not a saved model): "
+                            f"{directory}")
+    return directory
+
+
+def _load_causal_lm(path, role: str, device, dtype):
+    """Load a transformers causal LM + tokenizer from ``path``; clear errors for the CLI."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    directory = _check_model_dir(path, role)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (ValueError, KeyError, OSError) as err:
+        raise UnsupportedArchitectureError(
+            f"{role} model in {directory} has an architecture transformers does not know: "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UnsupportedArchitectureError(
+            f"{role} model in {directory} (model_type={config.model_type!r}, architectures="
+            f"{getattr(config, 'architectures', None)}) is not a causal LM; the {role} must be one")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (ValueError, OSError) as err:
+        raise ModelDirError(f"{role} model directory {directory} has no loadable tokenizer: "
+                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=parse_dtype(dtype))
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def _load_thinker(path, device, dtype):
+    from transformers import AutoTokenizer
+
+    directory = _check_model_dir(path, "thinker")
+    try:
+        from .diffusion import load_diffusion_model
+    except ImportError as err:  # pragma: no cover - depends on the checkout
+        raise UnsupportedArchitectureError(f"the diffusion thinker needs a2r.diffusion: {err}") from err
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    mask_id = getattr(tokenizer, "mask_token_id", None)
+    try:
+        model = load_diffusion_model(directory, mask_id=mask_id, device=device,
+                                     dtype=parse_dtype(dtype))
+    except (ValueError, KeyError) as err:
+        raise UnsupportedArchitectureError(
+            f"thinker model in {directory} is not a masked-diffusion model a2r can drive: "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------
+
+
+class A2RPipeline:
+    """Explorer -> (diffusion thinker) -> synthesizer over loaded transformers models.
+
+    Args:
+        explorer, explorer_tokenizer: causal LM (any device/dtype) sampling the N paths.
+        synthesizer, synthesizer_tokenizer: causal LM writing the final answer. ``None`` (or the
+            explorer object itself) is the symmetric set-up: one model does both, and the
+            tokenizers must be identical.
+        thinker, thinker_tokenizer: optional masked-diffusion model (``a2r.diffusion``) writing a
+            compact trace from the question and the references; its tokenizer defaults to the
+            explorer's.
+        config: :class:`A2RConfig` (defaults when ``None``); ``run`` takes per-call overrides.
+
+    Example::
+
+        pipe = A2RPipeline.from_pretrained("explorer/", synthesizer="synth/", thinker="dllm/")
+        result = pipe.run("What is 12 * 7?", num_paths=8)
+        result.final_answer, result.cons_answer, result.kv_bytes_saved
+    """
+
+    def __init__(self, explorer, explorer_tokenizer, synthesizer=None, synthesizer_tokenizer=None,
+                 thinker=None, thinker_tokenizer=None, *, config: A2RConfig | None = None):
+        self.explorer = explorer
+        self.explorer_tokenizer = explorer_tokenizer
+        self.symmetric = synthesizer is None or synthesizer is explorer
+        self.synthesizer = explorer if self.symmetric else synthesizer
+        self.synthesizer_tokenizer = synthesizer_tokenizer or explorer_tokenizer
+        self.thinker = thinker
+        self.thinker_tokenizer = thinker_tokenizer or explorer_tokenizer
+        self.config = config or A2RConfig()
+        self.config.validate()
+
+        diffs = _tokenizer_differences(self.explorer_tokenizer, self.synthesizer_tokenizer)
+        if diffs and self.symmetric:
+            raise TokenizerMismatchError(
+                "symmetric set-up (one model explores and synthesizes) needs identical tokenizers, "
+                "but " + "; ".join(diffs))
+        if diffs and any("vocabularies" in d for d in diffs):
+            warnings.warn("explorer and synthesizer tokenizers have different vocabularies; "
+                          "references are handed over as text and re-tokenized", stacklevel=2)
+        if thinker is not None and self.thinker_tokenizer.get_vocab() != explorer_tokenizer.get_vocab():
+            warnings.warn("thinker and explorer tokenizers have different vocabularies; "
+                          "references are handed over as text and re-tokenized", stacklevel=2)
+
+    @classmethod
+    def from_pretrained(cls, explorer: str | os.PathLike, synthesizer: str | os.PathLike | None = None,
+                        thinker: str | os.PathLike | None = None, *, device="cpu", dtype=None,
+                        config: A2RConfig | None = None) -> "A2RPipeline":
+        """Load the models from ``save_pretrained`` directories (each with its tokenizer).
+
+        ``synthesizer=None`` or the explorer's own directory gives the symmetric set-up (the model
+        is loaded once). ``dtype``: ``None``/``"auto"`` keeps the checkpoint's, else a name accepted
+        by :func:`parse_dtype`. Raises :class:`ModelDirError`,
+        :class:`UnsupportedArchitectureError` or :class:`TokenizerMismatchError`.
+        """
+        explorer_dir = _check_model_dir(explorer, "explorer")
+        synthesizer_dir = _check_model_dir(synthesizer, "synthesizer") if synthesizer else None
+        thinker_dir = _check_model_dir(thinker, "thinker") if thinker else None
+        parse_dtype(dtype)  # reject a bad dtype before loading anything
+        explorer_model, explorer_tok = _load_causal_lm(explorer_dir, "explorer", device, dtype)
+        synthesizer_model = synthesizer_tok = None
+        if synthesizer_dir is not None and synthesizer_dir.resolve() != explorer_dir.resolve():
+            synthesizer_model, synthesizer_tok = _load_causal_lm(synthesizer_dir, "synthesizer",
+                                                                 device, dtype)
+        thinker_model = thinker_tok = None
+        if thinker_dir is not None:
+            thinker_model, thinker_tok = _load_thinker(thinker_dir, device, dtype)
+        return cls(explorer_model, explorer_tok, synthesizer_model, synthesizer_tok,
+                   thinker_model, thinker_tok, config=config)
+
+    # ---- prompts -----------------------------------------------------------------------------
+
+    def explorer_prompt(self, question: str) -> str:
+        return _render_prompt(self.explorer_tokenizer,
+                              f"{question}\n{self.config.explorer_instruction}",
+                              "Question: ", "\nAnswer:")
+
+    @staticmethod
+    def _numbered(references: Sequence[str]) -> str:
+        return "\n".join(f"[{i}] {ref if ref else '(no answer)'}" for i, ref in
+                         enumerate(references, start=1))
+
+    def thinker_prompt(self, question: str, references: Sequence[str]) -> str:
+        message = (f"{question}\n\nReference answers:\n{self._numbered(references)}\n\n"
+                   f"{self.config.thinker_instruction}")
+        return _render_prompt(self.thinker_tokenizer, message, "Question: ", "\nTrace:")
+
+    def synthesizer_prompt(self, question: str, references: Sequence[str],
+                           trace: str | None = None) -> str:
+        # Starts with the question, like the explorer prompt: in the symmetric set-up the two
+        # prompts share that token prefix.
+        message = f"{question}\n\nReference answers:\n{self._numbered(references)}\n\n"
+        if trace:
+            message += f"Reasoning trace:\n{trace}\n\n"
+        message += self.config.synthesizer_instruction
+        return _render_prompt(self.synthesizer_tokenizer, message, "Question: ", "\nAnswer:")
+
+    # ---- stages ------------------------------------------------------------------------------
+
+    def _generate(self, name: str, model, tokenizer, prompt: str, n: int, max_new_tokens: int,
+                  temperature: float, seed: int | None, cfg: A2RConfig) -> tuple[StageReport, Any]:
+        from .explore import sample_parallel
+
+        device = _model_device(model)
+        input_ids = _encode(tokenizer, prompt, device)
+        eos_ids = _eos_ids(model, tokenizer)
+        _synchronize(device)
+        start = time.perf_counter()
+        sequences = sample_parallel(model, input_ids, n, max_new_tokens, temperature=temperature,
+                                    top_p=cfg.top_p, top_k=cfg.top_k,
+                                    eos_token_id=eos_ids if len(eos_ids) > 1 else
+                                    (eos_ids[0] if eos_ids else None),
+                                    seed=seed, backend=cfg.backend)
+        _synchronize(device)
+        seconds = time.perf_counter() - start
+        sequences = [list(map(int, s)) for s in sequences]
+        texts = [_decode(tokenizer, s, eos_ids) for s in sequences]
+        return StageReport(name, prompt, int(input_ids.shape[1]), texts, sequences, seconds), input_ids
+
+    def _think(self, question: str, references: Sequence[str], cfg: A2RConfig) -> StageReport:
+        import torch
+
+        from .diffusion import diffusion_generate
+
+        tokenizer = self.thinker_tokenizer
+        prompt = self.thinker_prompt(question, references)
+        device = _model_device(self.thinker)
+        input_ids = _encode(tokenizer, prompt, device)
+        generator = None
+        if cfg.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(cfg.seed + 2)
+        stop_ids = [i for i in (tokenizer.eos_token_id, getattr(tokenizer, "mask_token_id", None))
+                    if i is not None]
+        _synchronize(device)
+        start = time.perf_counter()
+        rows = diffusion_generate(
+            self.thinker, input_ids, gen_length=cfg.thinker_gen_length,
+            block_length=cfg.thinker_block_length, steps=cfg.thinker_steps,
+            threshold=cfg.thinker_threshold, temperature=cfg.thinker_temperature,
+            remasking=cfg.thinker_remasking, mask_id=getattr(tokenizer, "mask_token_id", None),
+            eos_token_id=tokenizer.eos_token_id, cache=cfg.thinker_cache, generator=generator)
+        _synchronize(device)
+        seconds = time.perf_counter() - start
+        trace_ids = [int(t) for t in rows[0]]
+        trace = _decode(tokenizer, trace_ids, stop_ids).strip()
+        return StageReport("thinker", prompt, int(input_ids.shape[1]), [trace], [trace_ids], seconds)
+
+    def run(self, question: str, **overrides) -> A2RResult:
+        """Run explorer -> thinker -> synthesizer on ``question``.
+
+        ``overrides`` replace fields of :attr:`config` for this call only
+        (e.g. ``num_paths=8, max_new_tokens=512``).
+        """
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("question must be a non-empty string")
+        unknown = set(overrides) - set(A2RConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown A2RConfig fields: {sorted(unknown)}")
+        cfg = A2RConfig(**{**asdict(self.config), **overrides})
+        cfg.validate()
+        run_start = time.perf_counter()
+
+        # 1. Explorer: N paths from one prompt; the prompt KV is shared through the tree cache.
+        explorer, explorer_ids = self._generate(
+            "explorer", self.explorer, self.explorer_tokenizer, self.explorer_prompt(question),
+            cfg.num_paths, cfg.max_new_tokens, cfg.temperature, cfg.seed, cfg)
+        references = [extract_answer_component(
+            text, mode=cfg.answer_mode, max_chars=cfg.answer_max_chars,
+            max_tokens=cfg.answer_max_tokens,
+            tokenizer=self.explorer_tokenizer if cfg.answer_max_tokens is not None else None)
+            for text in explorer.texts]
+        explorer_answers = [extract_final_answer(text) for text in explorer.texts]
+        cons_answer, cons_votes = majority_vote(explorer_answers)
+
+        # 2. Thinker (optional): a compact trace in a few parallel denoising steps.
+        thinker = None
+        if self.thinker is not None and cfg.use_thinker:
+            thinker = self._think(question, references, cfg)
+
+        # 3. Synthesizer: greedy by default, one sequence.
+        synth_seed = None if cfg.seed is None else cfg.seed + 1
+        synthesizer, synth_ids = self._generate(
+            "synthesizer", self.synthesizer, self.synthesizer_tokenizer,
+            self.synthesizer_prompt(question, references, thinker.texts[0] if thinker else None),
+            1, cfg.synth_max_new_tokens or cfg.max_new_tokens, cfg.synth_temperature,
+            synth_seed, cfg)
+
+        bytes_per_token = kv_bytes_per_token(self.explorer)
+        shared_prefix = (_common_prefix_length(explorer_ids[0].tolist(), synth_ids[0].tolist())
+                         if self.symmetric else 0)
+        kv = KVSharing(
+            prompt_tokens=explorer.prompt_tokens, num_paths=cfg.num_paths,
+            bytes_per_token=bytes_per_token,
+            explorer_saved_bytes=explorer.prompt_tokens * (cfg.num_paths - 1) * bytes_per_token,
+            symmetric=self.symmetric, synthesizer_shared_prefix_tokens=shared_prefix,
+            synthesizer_reusable_bytes=shared_prefix * bytes_per_token)
+        return A2RResult(
+            question=question, mode="symmetric" if self.symmetric else "asymmetric",
+            explorer=explorer, references=references, explorer_answers=explorer_answers,
+            thinker=thinker, synthesizer=synthesizer,
+            final_answer=extract_final_answer(synthesizer.texts[0]),
+            pass_at_1_answer=explorer_answers[0], cons_answer=cons_answer, cons_votes=cons_votes,
+            kv=kv, seconds=time.perf_counter() - run_start)
+
+    __call__ = run
