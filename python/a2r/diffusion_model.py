@@ -1,0 +1,198 @@
+"""Masked-diffusion "thinker" models: a bidirectional attention implementation for transformers,
+a tiny random model for tests and demos, and a loader for local checkpoints.
+
+A masked-diffusion LM (LLaDA, Dream) is a decoder-only transformer without the causal mask. We do
+not fork any modeling code for that: the model's own modules (embeddings, RoPE, projections, MLPs)
+run unmodified and only the attention *function* changes. ``A2R_ATTENTION`` is registered in
+transformers' ``AttentionInterface`` (the function) and ``AttentionMaskInterface`` (its mask
+builder, transformers' ``sdpa_mask``: boolean ``[B, 1, q_len, kv_len]``, True = attend). A model
+runs it when ``config._attn_implementation == A2R_ATTENTION`` and ``config.is_causal = False``
+(the latter makes ``create_causal_mask`` build a bidirectional mask that still honours padding).
+
+Why a function of our own and not stock ``"sdpa"`` with ``is_causal=False`` in the config: the
+attention modules keep ``module.is_causal = True``, and transformers' sdpa path turns that into
+``is_causal=True`` whenever the mask was skipped (no padding), silently making the model causal.
+Our function never applies a causal mask.
+
+The same function implements the Fast-dLLM prefix cache (``a2r.diffusion``): when the forward is
+given ``a2r_prefix=<PrefixKV>`` it either records the K/V of the prefix positions (``capture``) or
+prepends the cached prefix K/V to the current keys and values (``extend``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+A2R_ATTENTION = "a2r_bidirectional"
+
+
+def a2r_bidirectional_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                                value: torch.Tensor, attention_mask: torch.Tensor | None,
+                                scaling: float | None = None, dropout: float = 0.0,
+                                a2r_prefix=None, **kwargs) -> tuple[torch.Tensor, None]:
+    """Full (non-causal) attention, optionally over ``[cached prefix K/V ; current K/V]``.
+
+    ``out[b, i, h] = sum_j softmax_j(scaling * q[b, h, i] . k[b, h // G, j] + mask[b, 0, i, j])
+    v[b, h // G, j]`` over every key ``j`` (G = num_q_heads // num_kv_heads, GQA).
+
+    Args:
+        query: ``[B, Hq, Lq, D]`` (transformers' layout, after RoPE).
+        key, value: ``[B, Hkv, Lk, D]``, the current tokens' keys/values.
+        attention_mask: None (attend everything), boolean ``[B, 1, Lq, P + Lk]`` (True = attend)
+            or additive float of that shape; ``P`` is the cached prefix length (0 without one).
+        a2r_prefix: None, or the loop's ``PrefixKV`` (``a2r.diffusion``): ``capture`` mode stores
+            ``key/value[:, :, :P]``; ``extend`` mode returns ``cat([prefix_k, key], dim=2)``.
+
+    Returns:
+        ``(out [B, Lq, Hq, D] in query's dtype, None)``: what transformers' attention modules expect.
+    """
+    if a2r_prefix is not None:
+        key, value = a2r_prefix.attend_layer(module.layer_idx, key, value)
+    if attention_mask is not None and attention_mask.shape[-1] != key.shape[2]:
+        raise ValueError(f"attention mask covers {attention_mask.shape[-1]} keys but attention has "
+                         f"{key.shape[2]} (cached prefix + current tokens): the 2-D mask passed to "
+                         "the model must span prefix and current tokens")
+    group = query.shape[1] // key.shape[1]
+    if group > 1:   # GQA: expand (no copy) then flatten heads, as transformers' repeat_kv
+        b, h, n, d = key.shape
+        key = key[:, :, None].expand(b, h, group, n, d).reshape(b, h * group, n, d)
+        value = value[:, :, None].expand(b, h, group, n, d).reshape(b, h * group, n, d)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                         dropout_p=dropout, scale=scaling, is_causal=False)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_a2r_attention() -> str:
+    """Register ``A2R_ATTENTION`` with transformers (idempotent); returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(A2R_ATTENTION, a2r_bidirectional_attention)
+    AttentionMaskInterface.register(A2R_ATTENTION, sdpa_mask)
+    return A2R_ATTENTION
+
+
+def uses_a2r_attention(model) -> bool:
+    """True when ``model`` runs its attention through ``A2R_ATTENTION`` (prefix cache possible)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == A2R_ATTENTION
+
+
+def is_remote_code_model(model) -> bool:
+    """True for models whose class comes from a checkpoint's own code (``trust_remote_code``)."""
+    return type(model).__module__.startswith("transformers_modules")
+
+
+def build_tiny_diffusion_model(vocab_size: int, mask_token_id: int, *, seed: int = 0,
+                               hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+                               num_kv_heads: int = 2, max_position_embeddings: int = 2048):
+    """A randomly initialised LLaDA-shaped model: a Llama with full bidirectional attention.
+
+    Args:
+        vocab_size: tokens in the vocabulary, mask token included.
+        mask_token_id: the [MASK] token id, ``0 <= mask_token_id < vocab_size``; stored as
+            ``config.mask_token_id`` (what :func:`a2r.diffusion_generate` reads).
+        seed: weights are a function of the seed (and the shape arguments) only.
+        hidden_size, num_layers, num_heads, num_kv_heads, max_position_embeddings: the shape.
+
+    Returns:
+        ``transformers.LlamaForCausalLM`` in float32 on the CPU, eval mode, attention
+        ``A2R_ATTENTION``, ``config.is_causal = False``, ``config.use_cache = False``. Save it with
+        ``save_pretrained`` and load it back with :func:`load_diffusion_model`.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for name, v in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
+                    ("num_layers", num_layers), ("num_heads", num_heads),
+                    ("num_kv_heads", num_kv_heads),
+                    ("max_position_embeddings", max_position_embeddings)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if not (isinstance(mask_token_id, int) and 0 <= mask_token_id < vocab_size):
+        raise ValueError(f"mask_token_id must be an int in [0, vocab_size={vocab_size}), "
+                         f"got {mask_token_id!r}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size={hidden_size} must be a multiple of num_heads={num_heads}")
+
+    register_a2r_attention()
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=3 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads, max_position_embeddings=max_position_embeddings,
+        # A wider init than Llama's 0.02 so a random model has peaked, well-separated logits:
+        # greedy decisions then do not hinge on float rounding (tests compare runs exactly).
+        initializer_range=0.2,
+        is_causal=False, use_cache=False, mask_token_id=mask_token_id,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False,
+    )
+    config._attn_implementation = A2R_ATTENTION
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.eval()
+
+
+def _mask_id_from(model, path: str | None, mask_id: int | None) -> int:
+    """``mask_id`` if given, else ``config.mask_token_id``, else the tokenizer's ``mask_token``."""
+    if mask_id is not None:
+        return int(mask_id)
+    config_id = getattr(model.config, "mask_token_id", None)
+    if config_id is not None:
+        return int(config_id)
+    if path is not None:
+        try:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        except Exception:   # no tokenizer files in the directory: nothing more to look at
+            tokenizer = None
+        if tokenizer is not None and getattr(tokenizer, "mask_token_id", None) is not None:
+            return int(tokenizer.mask_token_id)
+    raise ValueError(f"mask_id: no mask token id found for {path or type(model).__name__} "
+                     "(neither config.mask_token_id nor the tokenizer's mask_token); pass mask_id=")
+
+
+def load_diffusion_model(path: str, *, mask_id: int | None = None, device="cpu", dtype=None):
+    """Load a masked-diffusion LM from a local directory (no hub access).
+
+    - Checkpoints of a transformers architecture (e.g. saved :func:`build_tiny_diffusion_model`)
+      load as ``AutoModelForCausalLM`` with ``A2R_ATTENTION`` (bidirectional; prefix cache works).
+    - Checkpoints that ship their own code (LLaDA, Dream: ``auto_map`` in config.json) load with
+      ``trust_remote_code=True`` and their own attention (exact mode only).
+
+    The mask token id is ``mask_id`` if given, else ``config.mask_token_id``, else the tokenizer's
+    ``mask_token``; it is stored as ``model.config.mask_token_id``. ValueError if none is found.
+
+    Returns the model in eval mode on ``device`` (``dtype``: a torch dtype, or None for the
+    checkpoint's own).
+    """
+    import json
+
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    if not os.path.isdir(path):
+        raise ValueError(f"path must be a local model directory, got {path!r}")
+    with open(os.path.join(path, "config.json")) as f:
+        raw_config = json.load(f)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    auto_map = raw_config.get("auto_map", {})
+    if auto_map:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+        # LLaDA maps AutoModel (and AutoModelForCausalLM); Dream maps AutoModel only.
+        loader = AutoModelForCausalLM if "AutoModelForCausalLM" in auto_map else AutoModel
+        model = loader.from_pretrained(path, config=config, trust_remote_code=True, **kwargs)
+    else:
+        register_a2r_attention()
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=A2R_ATTENTION,
+                                                     **kwargs)
+        model.config.is_causal = False
+        model.config.use_cache = False
+    model.config.mask_token_id = _mask_id_from(model, path, mask_id)
+    return model.to(device).eval()
+
+
+register_a2r_attention()
