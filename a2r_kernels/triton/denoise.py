@@ -97,13 +97,15 @@ def _denoise_partial_kernel(
             lane_second = tl.where(is_new_max, lane_max, tl.maximum(lane_second, x))
         lane_argmax = tl.where(is_new_max, cols, lane_argmax)
         new_max = tl.maximum(lane_max, x)
-        # -inf guards: (-inf) - (-inf) is NaN, and 0 * -inf is NaN.
-        alpha = tl.where(lane_max > neg_inf, tl.exp(lane_max - new_max), 0.0)
+        # -inf guards: (-inf) - (-inf) and 0 * (-inf) are NaN. Shifting by 0 for an all -inf
+        # lane makes exp() give the 0 we want.
+        safe_max = tl.where(new_max > neg_inf, new_max, 0.0)
+        alpha = tl.exp(lane_max - safe_max)
         x_finite = x > neg_inf
-        x_shifted = tl.where(x_finite, x - new_max, 0.0)
+        x_shifted = tl.where(x_finite, x - safe_max, 0.0)
         weight = tl.where(x_finite, tl.exp(x_shifted), 0.0)
         if NEED_ENTROPY:
-            max_shift = tl.where(lane_max > neg_inf, lane_max - new_max, 0.0)
+            max_shift = tl.where(lane_max > neg_inf, lane_max - safe_max, 0.0)
             lane_xlogx = alpha * (lane_xlogx + max_shift * lane_sum) + weight * x_shifted
         lane_sum = alpha * lane_sum + weight
         lane_max = new_max
@@ -117,8 +119,9 @@ def _denoise_partial_kernel(
             lane_gumbel_logit = tl.where(better, x, lane_gumbel_logit)
 
     row_max = tl.max(lane_max, axis=0)
+    safe_row_max = tl.where(row_max > neg_inf, row_max, 0.0)
     lane_live = lane_max > neg_inf
-    scale = tl.where(lane_live, tl.exp(lane_max - row_max), 0.0)
+    scale = tl.exp(lane_max - safe_row_max)
     row_sum = tl.sum(lane_sum * scale, axis=0)
     argmax = tl.min(tl.where(lane_max == row_max, lane_argmax, _INT32_MAX), axis=0)
     stats = stats_ptr + (pos * NUM_SPLITS + split) * 6
@@ -126,7 +129,7 @@ def _denoise_partial_kernel(
     tl.store(stats + 0, row_max)
     tl.store(stats + 1, row_sum)
     if NEED_ENTROPY:
-        shift = tl.where(lane_live, lane_max - row_max, 0.0)
+        shift = tl.where(lane_live, lane_max - safe_row_max, 0.0)
         tl.store(stats + 2, tl.sum(scale * (lane_xlogx + shift * lane_sum), axis=0))
     if NEED_SECOND:
         # The second largest value: the winning lane's runner-up, or another lane's maximum.
@@ -163,10 +166,14 @@ def _denoise_combine_kernel(
     part_argmax = tl.load(indices_ptr + slot * 2 + 0, mask=valid, other=_INT32_MAX)
 
     row_max = tl.max(part_max, axis=1)
-    live = part_max > neg_inf
-    scale = tl.where(live, tl.exp(part_max - row_max[:, None]), 0.0)
-    row_sum = tl.sum(part_sum * scale, axis=1)
     is_max = part_max == row_max[:, None]
+    # Unmasked positions have no live split: shift by 0 and divide by 1 to keep their
+    # (discarded) score free of NaN.
+    row_max = tl.where(row_max > neg_inf, row_max, 0.0)
+    live = part_max > neg_inf
+    scale = tl.exp(part_max - row_max[:, None])
+    row_sum = tl.sum(part_sum * scale, axis=1)
+    row_sum = tl.where(row_sum > 0, row_sum, 1.0)
     argmax = tl.min(tl.where(is_max, part_argmax, _INT32_MAX), axis=1)
 
     if SAMPLE:
@@ -182,9 +189,6 @@ def _denoise_combine_kernel(
         x0 = argmax
         x0_logit = row_max
 
-    # Unmasked positions have no live split (row_sum == 0); keep their (discarded) score finite.
-    row_sum = tl.where(row_sum > 0, row_sum, 1.0)
-    row_max = tl.where(row_max > neg_inf, row_max, 0.0)
     if REMASKING == 0:      # low_confidence: p(x0)
         score = tl.exp(x0_logit - row_max) / row_sum
     elif REMASKING == 1:    # margin: p1 - p2, with p1 = 1 / row_sum

@@ -1,0 +1,536 @@
+"""denoise_step: every kernel backend against the fp32 reference, and the reference against an
+independent LLaDA / Fast-dLLM style step written here.
+
+Triton kernels run in Triton's CPU interpreter here (TRITON_INTERPRET=1, set before import), on
+small shapes. All randomness is seeded; hypothesis is derandomized.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import a2r_kernels as ak  # noqa: E402
+from a2r_kernels import reference_denoise  # noqa: E402
+from a2r_kernels.triton import denoise as triton_denoise  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+KERNEL_BACKENDS = ["triton"] + (["cuda"] if torch.cuda.is_available() else [])
+REMASKING = ["low_confidence", "margin", "entropy", "random"]
+# Both sides compute in fp32 from the same (upcast) logits; they differ only in summation order
+# and the exp/log implementation. entropy sums V terms of p log p, hence its looser atol.
+CONF_RTOL = 1e-5
+CONF_ATOL = {"low_confidence": 1e-6, "margin": 1e-6, "entropy": 2e-5, "random": 0.0}
+MASK_ID = 7
+
+
+def _backend_or_skip(backend):
+    try:
+        ak._backend.resolve_backend("denoise_step", backend, DEVICE)
+    except ak.BackendUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def _make_case(batch, length, vocab, *, masked_fraction=0.7, dtype=torch.float32, scale=3.0,
+               seed=0):
+    """Random logits [B, L, V] and tokens [B, L] with about ``masked_fraction`` masked."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, length, vocab, generator=gen) * scale).to(dtype)
+    tokens = torch.randint(0, vocab, (batch, length), generator=gen)
+    tokens[tokens == MASK_ID] = (MASK_ID + 1) % max(vocab, 1)
+    masked = torch.rand(batch, length, generator=gen) < masked_fraction
+    tokens[masked] = MASK_ID
+    return logits.to(DEVICE), tokens.to(DEVICE)
+
+
+def _run(backend, logits, tokens, seed=1234, mask_id=MASK_ID, **kwargs):
+    """One step on a copy of ``tokens``; returns (result, updated tokens)."""
+    updated = tokens.clone()
+    generator = torch.Generator().manual_seed(seed)
+    result = ak.denoise_step(logits, updated, mask_id, backend=backend, generator=generator,
+                             **kwargs)
+    return result, updated
+
+
+def _assert_same(result, tokens_after, expected, expected_tokens, remasking="low_confidence"):
+    torch.testing.assert_close(result.x0, expected.x0, rtol=0, atol=0)
+    torch.testing.assert_close(result.confidence, expected.confidence, rtol=CONF_RTOL,
+                               atol=CONF_ATOL[remasking])
+    assert torch.equal(result.transferred, expected.transferred)
+    assert torch.equal(tokens_after, expected_tokens)
+
+
+def _check_invariants(result, tokens_before, tokens_after, mask_id=MASK_ID):
+    """What must hold for any backend, whatever the logits."""
+    masked = tokens_before == mask_id
+    assert result.x0.dtype == torch.int64 and result.confidence.dtype == torch.float32
+    assert result.transferred.dtype == torch.bool
+    assert torch.equal(result.x0[~masked], tokens_before[~masked])
+    assert bool((result.confidence[~masked] == float("-inf")).all())
+    assert bool(torch.isfinite(result.confidence[masked]).all())
+    assert not bool(result.transferred[~masked].any())
+    expected_tokens = torch.where(result.transferred, result.x0, tokens_before)
+    assert torch.equal(tokens_after, expected_tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels against the reference
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("remasking", REMASKING)
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("selection", [{"num_transfer": 3}, {"threshold": 0.05}])
+@pytest.mark.parametrize("shape", [(3, 7, 1000), (1, 1, 1000), (2, 5, 1)])
+def test_matches_reference(backend, remasking, temperature, selection, shape):
+    _backend_or_skip(backend)
+    logits, tokens = _make_case(*shape, seed=sum(shape))
+    mask_id = MASK_ID
+    if shape[2] == 1:   # V = 1: the mask token is the whole vocabulary; every position masked
+        mask_id, tokens = 0, torch.zeros_like(tokens)
+    kwargs = dict(temperature=temperature, remasking=remasking, mask_id=mask_id, **selection)
+    result, after = _run(backend, logits, tokens, **kwargs)
+    expected, expected_after = _run("torch", logits, tokens, **kwargs)
+    _assert_same(result, after, expected, expected_after, remasking)
+    _check_invariants(result, tokens, after, mask_id)
+
+
+@pytest.mark.parametrize("remasking", REMASKING)
+@pytest.mark.parametrize("temperature", [0.0, 1.3])
+def test_triton_several_chunks_and_splits(remasking, temperature):
+    """Small BLOCK_V and several V splits: the lane and split merges of every statistic."""
+    logits, tokens = _make_case(2, 4, 1000, masked_fraction=0.8, seed=11)
+    expected_tokens = tokens.clone()
+    seed = 987654321987
+    expected = reference_denoise.denoise_step(
+        logits, expected_tokens, MASK_ID, torch.tensor([2, 4]), None, temperature, remasking, seed)
+    for config in ({"block_v": 128, "num_splits": 3, "num_warps": 4},
+                   {"block_v": 256, "num_splits": 4, "num_warps": 4}):
+        updated = tokens.clone()
+        x0 = torch.empty_like(tokens)
+        confidence = torch.empty(tokens.shape, dtype=torch.float32)
+        transferred = torch.empty(tokens.shape, dtype=torch.bool)
+        triton_denoise.denoise_step(logits, updated, MASK_ID, torch.tensor([2, 4]), None,
+                                    temperature, remasking, seed, x0, confidence, transferred,
+                                    config=config)
+        _assert_same(ak.DenoiseResult(x0, confidence, transferred), updated,
+                     ak.DenoiseResult(*expected), expected_tokens, remasking)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("remasking,temperature", [("low_confidence", 0.0), ("entropy", 1.0),
+                                                   ("margin", 0.5)])
+def test_large_vocab(backend, remasking, temperature):
+    """V = 50257 (GPT-2): a vocabulary that is not a multiple of any block size."""
+    _backend_or_skip(backend)
+    logits, tokens = _make_case(1, 2, 50257, masked_fraction=1.0, seed=5)
+    kwargs = dict(num_transfer=1, temperature=temperature, remasking=remasking)
+    result, after = _run(backend, logits, tokens, **kwargs)
+    expected, expected_after = _run("torch", logits, tokens, **kwargs)
+    _assert_same(result, after, expected, expected_after, remasking)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("remasking", ["low_confidence", "margin", "entropy"])
+def test_low_precision_logits(backend, dtype, remasking):
+    """fp16/bf16 logits are read as is and upcast: many exact argmax ties (lowest index wins)."""
+    _backend_or_skip(backend)
+    logits, tokens = _make_case(3, 9, 333, dtype=dtype, seed=2)
+    assert logits.dtype == dtype
+    kwargs = dict(num_transfer=torch.tensor([1, 4, 9]), remasking=remasking)
+    result, after = _run(backend, logits, tokens, **kwargs)
+    expected, expected_after = _run("torch", logits, tokens, **kwargs)
+    _assert_same(result, after, expected, expected_after, remasking)
+    masked = tokens == MASK_ID
+    assert torch.equal(result.x0[masked], logits.float().argmax(-1)[masked])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_non_contiguous_inputs(backend):
+    """Strided logits (B/L permuted, V sliced out of a wider buffer, V strided) and tokens that are
+    a transposed view: the in-place update must land in the viewed storage."""
+    _backend_or_skip(backend)
+    base, _ = _make_case(6, 3, 700, seed=4)
+    storage = torch.full((6, 4), 99, dtype=torch.int64, device=DEVICE)
+    gen = torch.Generator().manual_seed(4)
+    storage[torch.rand(6, 4, generator=gen).to(DEVICE) < 0.6] = MASK_ID
+    variants = [base.transpose(0, 1)[:, :, :512],     # [3, 6, 512], L stride != V
+                base[::2].transpose(0, 1),            # [3, 3, 700], strided B
+                base.transpose(0, 1)[:, :, ::2]]      # last-dim stride 2
+    for logits in variants:
+        assert not logits.is_contiguous()
+        batch, length, _ = logits.shape
+        tokens_view = storage.t()[:batch, :length]   # [B, L] view, strides (1, 4)
+        assert not tokens_view.is_contiguous()
+        before = tokens_view.clone()
+        for selection in ({"num_transfer": 2}, {"threshold": 0.2}):
+            view_storage = storage.clone()
+            view = view_storage.t()[:batch, :length]
+            result = ak.denoise_step(logits, view, MASK_ID, backend=backend, **selection)
+            expected_tokens = before.clone()
+            expected = ak.denoise_step(logits.contiguous(), expected_tokens, MASK_ID,
+                                       backend="torch", **selection)
+            _assert_same(result, view, expected, expected_tokens)
+            _check_invariants(result, before, view)
+            untouched = torch.ones_like(storage, dtype=torch.bool)
+            untouched.t()[:batch, :length] = False
+            assert torch.equal(view_storage[untouched], storage[untouched])
+
+
+# --------------------------------------------------------------------------------------------
+# Selection rules (checked on every backend, against the rule itself, not only the reference)
+# --------------------------------------------------------------------------------------------
+
+ALL_BACKENDS = ["torch"] + KERNEL_BACKENDS
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_all_masked_and_none_masked(backend):
+    _backend_or_skip(backend)
+    logits, tokens = _make_case(2, 5, 64, masked_fraction=1.0, seed=8)
+    tokens[1] = torch.arange(5, device=DEVICE) + 20          # row 1: nothing masked
+    before = tokens.clone()
+    result, after = _run(backend, logits, tokens, num_transfer=3)
+    assert int(result.transferred[0].sum()) == 3
+    assert not bool(result.transferred[1].any())
+    assert torch.equal(after[1], before[1])
+    _check_invariants(result, before, after)
+    result, after = _run(backend, logits, tokens, threshold=2.0)   # nothing reaches 2
+    assert result.transferred.sum(1).tolist() == [1, 0]
+    _check_invariants(result, before, after)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_num_transfer_clamped_and_per_row(backend):
+    _backend_or_skip(backend)
+    logits, tokens = _make_case(4, 9, 50, masked_fraction=0.5, seed=9)
+    masked_count = (tokens == MASK_ID).sum(1)
+    result, after = _run(backend, logits, tokens, num_transfer=100)
+    assert torch.equal(result.transferred.sum(1), masked_count)
+    assert torch.equal(after, torch.where(tokens == MASK_ID, result.x0, tokens))
+    quota = torch.tensor([0, 1, 2, 1000], device=DEVICE)
+    result, after = _run(backend, logits, tokens, num_transfer=quota)
+    assert torch.equal(result.transferred.sum(1), torch.minimum(quota, masked_count))
+    # The committed ones are the most confident of their row.
+    for b in range(4):
+        chosen = result.confidence[b][result.transferred[b]]
+        rest = result.confidence[b][(tokens[b] == MASK_ID) & ~result.transferred[b]]
+        if chosen.numel() and rest.numel():
+            assert float(chosen.min()) >= float(rest.max())
+    result, after = _run(backend, logits, tokens, num_transfer=0)
+    assert not bool(result.transferred.any()) and torch.equal(after, tokens)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_threshold_rule(backend):
+    _backend_or_skip(backend)
+    logits, tokens = _make_case(3, 11, 40, masked_fraction=0.8, scale=4.0, seed=10)
+    tokens[2] = 3                                              # row 2: nothing masked
+    for threshold in (0.0, 0.3, 0.6, 1.5):
+        result, after = _run(backend, logits, tokens, threshold=threshold)
+        masked = tokens == MASK_ID
+        for b in range(3):
+            conf = result.confidence[b]
+            if not bool(masked[b].any()):
+                assert not bool(result.transferred[b].any())
+                continue
+            expected = masked[b] & (conf >= threshold)
+            expected[int(conf.argmax())] = True                # the most confident, always
+            assert torch.equal(result.transferred[b], expected)
+        _check_invariants(result, tokens, after)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_ties_go_to_lower_positions(backend):
+    """Identical logits rows give identical confidences: the lower positions are committed."""
+    _backend_or_skip(backend)
+    gen = torch.Generator().manual_seed(12)
+    logits = torch.randn(2, 8, 30, generator=gen)
+    logits[:, :] = logits[:, :1]                               # every position the same row
+    logits = logits.to(DEVICE)
+    tokens = torch.full((2, 8), MASK_ID, device=DEVICE)
+    tokens[0, 1] = 3
+    tokens[1, 0] = 3
+    for remasking in ("low_confidence", "margin", "entropy"):
+        result, after = _run(backend, logits, tokens, num_transfer=3, remasking=remasking)
+        assert result.transferred[0].nonzero().flatten().tolist() == [0, 2, 3]
+        assert result.transferred[1].nonzero().flatten().tolist() == [1, 2, 3]
+        result, after = _run(backend, logits, tokens, threshold=2.0, remasking=remasking)
+        assert result.transferred.nonzero().tolist() == [[0, 0], [1, 1]]
+    # Argmax ties inside a row: the lowest vocabulary index.
+    tied = torch.zeros(1, 3, 30, device=DEVICE)
+    tied[0, :, [4, 9, 17]] = 5.0
+    result, _ = _run(backend, tied, torch.full((1, 3), MASK_ID, device=DEVICE), num_transfer=1)
+    assert result.x0.tolist() == [[4, 4, 4]]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_empty_and_single_position(backend):
+    _backend_or_skip(backend)
+    for batch, length in ((0, 4), (3, 0)):
+        logits = torch.randn(batch, length, 10, device=DEVICE)
+        tokens = torch.full((batch, length), MASK_ID, device=DEVICE)
+        result = ak.denoise_step(logits, tokens, MASK_ID, num_transfer=1, backend=backend)
+        assert result.x0.shape == (batch, length) and result.transferred.shape == (batch, length)
+    logits, tokens = _make_case(1, 1, 100, masked_fraction=1.0, seed=13)
+    result, after = _run(backend, logits, tokens, threshold=0.999)
+    assert result.transferred.tolist() == [[True]]
+    assert after.tolist() == [[int(logits[0, 0].argmax())]]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_masked_out_vocabulary_entries(backend):
+    """-inf logits (banned tokens) contribute p = 0 and 0 log 0 = 0: finite scores, no NaN."""
+    _backend_or_skip(backend)
+    logits, tokens = _make_case(2, 4, 90, masked_fraction=1.0, seed=14)
+    logits[..., ::3] = float("-inf")
+    logits[1, 2, :] = float("-inf")
+    logits[1, 2, 1] = 0.5                                      # a single live entry
+    for remasking in ("low_confidence", "margin", "entropy"):
+        result, after = _run(backend, logits, tokens, num_transfer=2, remasking=remasking)
+        expected, expected_after = _run("torch", logits, tokens, num_transfer=2,
+                                        remasking=remasking)
+        assert bool(torch.isfinite(result.confidence).all())
+        _assert_same(result, after, expected, expected_after, remasking)
+        assert int(result.x0[1, 2]) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Against an independent LLaDA / Fast-dLLM style step
+# --------------------------------------------------------------------------------------------
+
+def _llada_step(logits, x, mask_id, num_transfer_tokens):
+    """One step of LLaDA's generate.py at temperature 0, low_confidence (written out here)."""
+    mask_index = x == mask_id
+    x0 = torch.argmax(logits, dim=-1)
+    p = F.softmax(logits.to(torch.float64), dim=-1)
+    x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
+    x0 = torch.where(mask_index, x0, x)
+    confidence = torch.where(mask_index, x0_p, -math.inf)
+    transfer_index = torch.zeros_like(x0, dtype=torch.bool)
+    for j in range(confidence.shape[0]):
+        _, select_index = torch.topk(confidence[j], k=int(num_transfer_tokens[j]))
+        transfer_index[j, select_index] = True
+    x = x.clone()
+    x[transfer_index] = x0[transfer_index]
+    return x0, confidence, transfer_index, x
+
+
+def _fastdllm_step(logits, x, mask_id, threshold):
+    """Fast-dLLM's threshold rule: top-1 always, then every masked one with confidence >= it."""
+    mask_index = x == mask_id
+    x0 = torch.argmax(logits, dim=-1)
+    p = F.softmax(logits.to(torch.float64), dim=-1)
+    x0_p = torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
+    confidence = torch.where(mask_index, x0_p, -math.inf)
+    transfer_index = torch.zeros_like(x0, dtype=torch.bool)
+    for j in range(confidence.shape[0]):
+        count = int(mask_index[j].sum())
+        if count == 0:
+            continue
+        values, select_index = torch.topk(confidence[j], k=count)
+        transfer_index[j, select_index[0]] = True
+        transfer_index[j, select_index[1:][values[1:] >= threshold]] = True
+    x = x.clone()
+    x[transfer_index] = torch.where(mask_index, x0, x)[transfer_index]
+    return transfer_index, x
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_matches_llada_step(backend):
+    _backend_or_skip(backend)
+    logits, tokens = _make_case(4, 13, 257, masked_fraction=0.75, scale=2.0, seed=15)
+    masked_count = (tokens == MASK_ID).sum(1)
+    quota = torch.minimum(torch.tensor([1, 3, 5, 13], device=DEVICE), masked_count)
+    x0, confidence, transfer_index, expected_tokens = _llada_step(logits, tokens, MASK_ID, quota)
+    result, after = _run(backend, logits, tokens, num_transfer=quota)
+    assert torch.equal(result.x0, x0)
+    torch.testing.assert_close(result.confidence, confidence.float(), rtol=1e-5, atol=1e-7)
+    assert torch.equal(result.transferred, transfer_index)
+    assert torch.equal(after, expected_tokens)
+    for threshold in (0.1, 0.5, 0.9):
+        transfer_index, expected_tokens = _fastdllm_step(logits, tokens, MASK_ID, threshold)
+        result, after = _run(backend, logits, tokens, threshold=threshold)
+        assert torch.equal(result.transferred, transfer_index)
+        assert torch.equal(after, expected_tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# Randomness: reproducible, seed-dependent, and distributed as softmax(logits / T)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("temperature,remasking", [(1.0, "low_confidence"), (0.0, "random")])
+def test_generator_reproducibility(backend, temperature, remasking):
+    _backend_or_skip(backend)
+    logits, tokens = _make_case(2, 16, 200, masked_fraction=1.0, scale=0.5, seed=16)
+    kwargs = dict(num_transfer=4, temperature=temperature, remasking=remasking)
+    first, first_tokens = _run(backend, logits, tokens, seed=1, **kwargs)
+    again, again_tokens = _run(backend, logits, tokens, seed=1, **kwargs)
+    other, other_tokens = _run(backend, logits, tokens, seed=2, **kwargs)
+    assert torch.equal(first.x0, again.x0) and torch.equal(first_tokens, again_tokens)
+    assert torch.equal(first.confidence, again.confidence)
+    if temperature > 0:   # flat logits (scale 0.5, V = 200): 32 samples cannot all coincide
+        assert not torch.equal(first.x0, other.x0)
+    else:
+        assert not torch.equal(first.confidence, other.confidence)
+        assert not torch.equal(first.transferred, other.transferred)
+    # The global generator is used when none is given.
+    torch.manual_seed(5)
+    a = ak.denoise_step(logits, tokens.clone(), MASK_ID, backend=backend, **kwargs)
+    torch.manual_seed(5)
+    b = ak.denoise_step(logits, tokens.clone(), MASK_ID, backend=backend, **kwargs)
+    assert torch.equal(a.x0, b.x0) and torch.equal(a.confidence, b.confidence)
+
+
+def test_deterministic_step_draws_nothing():
+    """temperature 0 with a deterministic score leaves the generator untouched."""
+    logits, tokens = _make_case(1, 4, 20, seed=17)
+    generator = torch.Generator().manual_seed(3)
+    state = generator.get_state()
+    ak.denoise_step(logits, tokens.clone(), MASK_ID, num_transfer=1, generator=generator,
+                    backend="torch")
+    assert torch.equal(generator.get_state(), state)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_gumbel_sampling_follows_softmax(temperature):
+    """x0 frequencies over 30000 independent positions ~ softmax(logits / T): chi-square test."""
+    logits_row = torch.tensor([1.0, 0.0, -0.5, 2.0, 0.3])
+    num_samples = 30000
+    logits = logits_row.expand(1, num_samples, 5).to(DEVICE)
+    tokens = torch.full((1, num_samples), 0, device=DEVICE)
+    result = ak.denoise_step(logits, tokens, 0, num_transfer=0, temperature=temperature,
+                             generator=torch.Generator().manual_seed(18), backend="torch")
+    counts = torch.bincount(result.x0.flatten().cpu(), minlength=5).double()
+    expected = torch.softmax(logits_row.double() / temperature, 0) * num_samples
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 20.5   # chi-square, 4 degrees of freedom: P(chi2 > 20.5) ~ 4e-4
+
+
+def test_philox_uniform_matches_triton_and_is_uniform():
+    """The reference's Philox is bit-exact with the kernels' stream (a Triton kernel run of the
+    random score) and looks uniform."""
+    seed = 2 ** 40 + 12345
+    u = reference_denoise.philox_uniform(seed, torch.arange(20000), torch.full((20000,), 3), 0)
+    assert 0.0 < float(u.min()) and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.003
+    histogram = torch.histc(u, bins=10, min=0.0, max=1.0)
+    assert float(((histogram - 2000) ** 2 / 2000).sum()) < 30.0   # 9 dof
+    batch, length = 2, 33
+    tokens = torch.full((batch, length), 0)
+    x0 = torch.empty_like(tokens)
+    confidence = torch.empty(batch, length)
+    transferred = torch.empty(batch, length, dtype=torch.bool)
+    triton_denoise.denoise_step(torch.zeros(batch, length, 3), tokens, 0, None, 0.5, 0.0,
+                                "random", seed, x0, confidence, transferred)
+    assert torch.equal(confidence, reference_denoise.random_scores(seed, batch, length, "cpu"))
+
+
+# --------------------------------------------------------------------------------------------
+# Random small problems (hypothesis)
+# --------------------------------------------------------------------------------------------
+
+@settings(max_examples=20, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.integers(1, 3), length=st.integers(1, 9), vocab=st.integers(8, 300),
+       masked_fraction=st.sampled_from([0.0, 0.4, 1.0]), remasking=st.sampled_from(REMASKING),
+       temperature=st.sampled_from([0.0, 0.7]), use_threshold=st.booleans(),
+       quota=st.integers(0, 10), block_v=st.sampled_from([16, 64, 512]),
+       num_splits=st.integers(1, 4), seed=st.integers(0, 2 ** 20))
+def test_random_problems_triton(batch, length, vocab, masked_fraction, remasking, temperature,
+                                use_threshold, quota, block_v, num_splits, seed):
+    logits, tokens = _make_case(batch, length, vocab, masked_fraction=masked_fraction, seed=seed)
+    num_transfer = None if use_threshold else torch.full((batch,), quota)
+    threshold = 0.3 if use_threshold else None
+    expected_tokens = tokens.clone()
+    expected = reference_denoise.denoise_step(logits, expected_tokens, MASK_ID, num_transfer,
+                                              threshold, temperature, remasking, seed)
+    updated = tokens.clone()
+    x0 = torch.empty_like(tokens)
+    confidence = torch.empty(tokens.shape, dtype=torch.float32)
+    transferred = torch.empty(tokens.shape, dtype=torch.bool)
+    triton_denoise.denoise_step(logits, updated, MASK_ID, num_transfer, threshold, temperature,
+                                remasking, seed, x0, confidence, transferred,
+                                config={"block_v": block_v, "num_splits": num_splits,
+                                        "num_warps": 4})
+    result = ak.DenoiseResult(x0, confidence, transferred)
+    _assert_same(result, updated, ak.DenoiseResult(*expected), expected_tokens, remasking)
+    _check_invariants(result, tokens, updated)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+def _bad_calls():
+    logits = torch.randn(2, 3, 10)
+    tokens = torch.full((2, 3), 1)
+    ok = dict(num_transfer=1)
+    return [
+        ("logits", lambda: ak.denoise_step(logits[0], tokens, 1, **ok)),
+        ("logits", lambda: ak.denoise_step(logits.double(), tokens, 1, **ok)),
+        ("logits", lambda: ak.denoise_step(logits[..., :0], tokens, 0, **ok)),
+        ("tokens", lambda: ak.denoise_step(logits, tokens[:, :2], 1, **ok)),
+        ("tokens", lambda: ak.denoise_step(logits, tokens.int(), 1, **ok)),
+        ("mask_id", lambda: ak.denoise_step(logits, tokens, 10, **ok)),
+        ("mask_id", lambda: ak.denoise_step(logits, tokens, -1, **ok)),
+        ("mask_id", lambda: ak.denoise_step(logits, tokens, 1.0, **ok)),
+        ("exactly one", lambda: ak.denoise_step(logits, tokens, 1)),
+        ("exactly one", lambda: ak.denoise_step(logits, tokens, 1, num_transfer=1, threshold=0.5)),
+        ("num_transfer", lambda: ak.denoise_step(logits, tokens, 1, num_transfer=-1)),
+        ("num_transfer", lambda: ak.denoise_step(logits, tokens, 1,
+                                                 num_transfer=torch.tensor([1, -2]))),
+        ("num_transfer", lambda: ak.denoise_step(logits, tokens, 1,
+                                                 num_transfer=torch.tensor([1, 2, 3]))),
+        ("num_transfer", lambda: ak.denoise_step(logits, tokens, 1,
+                                                 num_transfer=torch.tensor([1.0, 2.0]))),
+        ("num_transfer", lambda: ak.denoise_step(logits, tokens, 1, num_transfer=1.5)),
+        ("threshold", lambda: ak.denoise_step(logits, tokens, 1, threshold=float("nan"))),
+        ("threshold", lambda: ak.denoise_step(logits, tokens, 1, threshold=float("inf"))),
+        ("threshold", lambda: ak.denoise_step(logits, tokens, 1, threshold="0.5")),
+        ("temperature", lambda: ak.denoise_step(logits, tokens, 1, temperature=-0.1, **ok)),
+        ("temperature", lambda: ak.denoise_step(logits, tokens, 1, temperature=float("nan"),
+                                                **ok)),
+        ("remasking", lambda: ak.denoise_step(logits, tokens, 1, remasking="confidence", **ok)),
+        ("backend", lambda: ak.denoise_step(logits, tokens, 1, backend="numpy", **ok)),
+        ("generator", lambda: ak.denoise_step(logits, tokens, 1, generator=3, **ok)),
+    ]
+
+
+@pytest.mark.parametrize("argument,call", _bad_calls(), ids=[c[0] for c in _bad_calls()])
+def test_bad_input_raises_value_error(argument, call):
+    with pytest.raises(ValueError, match=argument):
+        call()
+
+
+def test_bad_input_leaves_tokens_alone():
+    logits = torch.randn(2, 3, 10)
+    tokens = torch.full((2, 3), 1)
+    with pytest.raises(ValueError):
+        ak.denoise_step(logits, tokens, 1, num_transfer=torch.tensor([5, -1]))
+    assert bool((tokens == 1).all())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
+def test_cuda_backend_unavailable_on_cpu():
+    logits = torch.randn(1, 2, 10)
+    tokens = torch.full((1, 2), 1)
+    with pytest.raises(ak.BackendUnavailable):
+        ak.denoise_step(logits, tokens, 1, num_transfer=1, backend="cuda")
+    assert bool((tokens == 1).all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_mismatch_raises():
+    logits = torch.randn(1, 2, 10, device="cuda")
+    with pytest.raises(ValueError, match="tokens"):
+        ak.denoise_step(logits, torch.full((1, 2), 1), 1, num_transfer=1)
