@@ -56,11 +56,13 @@ class ForwardCounter:
 
     def __init__(self, model):
         self.shapes = []
+        self.position_ids = []
         self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
 
     def hook(self, module, args, kwargs):
         ids = args[0] if args else kwargs["input_ids"]
         self.shapes.append(tuple(ids.shape))
+        self.position_ids.append(kwargs.get("position_ids"))
 
     def __enter__(self):
         return self
@@ -184,7 +186,15 @@ def test_left_padded_batch_matches_batch_one(model, cache):
     width = max(map(len, rows))
     padded = torch.tensor([[7] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    assert diffusion_generate(model, padded, attention_mask=mask, **kwargs) == alone
+    with ForwardCounter(model) as counter:
+        assert diffusion_generate(model, padded, attention_mask=mask, **kwargs) == alone
+    # Positions count real tokens only. (RoPE is shift-invariant, so a wrong constant offset
+    # per row would not show in the tokens: check the ids the model got.)
+    want = torch.stack([torch.cat([torch.zeros(width - len(r), dtype=torch.long),
+                                   torch.arange(len(r) + 12)]) for r in rows])
+    assert torch.equal(counter.position_ids[0], want)
+    if cache == "prefix":   # an extend step: the positions of the block and the suffix
+        assert torch.equal(counter.position_ids[1], want[:, width:])
     # Control: the same tensor without its mask decodes differently (so the mask is honoured).
     assert diffusion_generate(model, padded, **kwargs) != alone
 
@@ -443,3 +453,12 @@ def test_missing_mask_id_and_unavailable_backend(model_dir):
         with pytest.raises(ak.BackendUnavailable):
             diffusion_generate(m, random_prompt(3, 16), gen_length=4, block_length=4, steps=4,
                                mask_id=MASK_ID, backend="cuda")
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix"])
+def test_bfloat16_model(model_dir, cache):
+    m = load_diffusion_model(model_dir, dtype=torch.bfloat16)
+    prompt = random_prompt(3, 17, batch=2)
+    res = diffusion_generate(m, prompt, gen_length=8, block_length=4, steps=4, cache=cache,
+                             return_details=True)
+    check_invariants(res, prompt, 8)
