@@ -125,14 +125,22 @@ class A2RConfig:
     backend: str = "auto"                    # a2r_kernels backend for sample_parallel
 
     def validate(self) -> None:
+        """Raise :class:`PipelineError` (a ValueError) naming the first bad field."""
         if self.num_paths < 1:
-            raise ValueError(f"num_paths must be >= 1, got {self.num_paths}")
+            raise PipelineError(f"num_paths must be >= 1, got {self.num_paths}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise PipelineError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.synth_max_new_tokens is not None and self.synth_max_new_tokens < 1:
-            raise ValueError(f"synth_max_new_tokens must be >= 1, got {self.synth_max_new_tokens}")
+            raise PipelineError(f"synth_max_new_tokens must be >= 1, got {self.synth_max_new_tokens}")
         if self.temperature < 0 or self.synth_temperature < 0:
-            raise ValueError("temperature and synth_temperature must be >= 0")
+            raise PipelineError("temperature and synth_temperature must be >= 0")
+        if self.thinker_gen_length % self.thinker_block_length:
+            raise PipelineError(f"thinker_gen_length={self.thinker_gen_length} must be a multiple "
+                                f"of thinker_block_length={self.thinker_block_length}")
+        num_blocks = self.thinker_gen_length // self.thinker_block_length
+        if self.thinker_threshold is None and self.thinker_steps % num_blocks:
+            raise PipelineError(f"thinker_steps={self.thinker_steps} must be a multiple of the "
+                                f"number of thinker blocks ({num_blocks}) when no threshold is set")
 
 
 @dataclass
@@ -361,6 +369,25 @@ def _check_model_dir(path, role: str) -> Path:
     return directory
 
 
+def _unsupported_reason(config, causal_lm_mapping) -> str | None:
+    """Why ``a2r.sample_parallel`` cannot drive this architecture, or None when it can.
+
+    It needs a decoder-only causal LM whose attention goes through transformers'
+    ``AttentionInterface`` (Llama, Qwen2/3, Mistral, ...) with full attention in every layer.
+    """
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if type(config) not in causal_lm_mapping:
+        return "is not a causal LM"
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_decoder", None) is False:
+        return "is not a decoder-only causal LM"
+    if not getattr(causal_lm_mapping[type(config)], "_supports_attention_backend", False):
+        return "does not route attention through transformers' AttentionInterface"
+    layer_types = set(getattr(text_config, "layer_types", None) or [])
+    if layer_types - {"full_attention"}:
+        return f"has non-full-attention layers {sorted(layer_types - {'full_attention'})}"
+    return None
+
+
 def _load_causal_lm(path, role: str, device, dtype):
     """Load a transformers causal LM + tokenizer from ``path``; clear errors for the CLI."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -373,16 +400,21 @@ def _load_causal_lm(path, role: str, device, dtype):
         raise UnsupportedArchitectureError(
             f"{role} model in {directory} has an architecture transformers does not know: "
             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+    why = _unsupported_reason(config, MODEL_FOR_CAUSAL_LM_MAPPING)
+    if why is not None:
         raise UnsupportedArchitectureError(
             f"{role} model in {directory} (model_type={config.model_type!r}, architectures="
-            f"{getattr(config, 'architectures', None)}) is not a causal LM; the {role} must be one")
+            f"{getattr(config, 'architectures', None)}) {why}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (ValueError, OSError) as err:
         raise ModelDirError(f"{role} model directory {directory} has no loadable tokenizer: "
                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=parse_dtype(dtype))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=parse_dtype(dtype))
+    except OSError as err:  # config.json but no weights, or unreadable weights
+        raise ModelDirError(f"{role} model directory {directory} has no loadable weights: "
+                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
     model.to(device).eval()
     return model, tokenizer
 
@@ -395,11 +427,19 @@ def _load_thinker(path, device, dtype):
         from .diffusion import load_diffusion_model
     except ImportError as err:  # pragma: no cover - depends on the checkout
         raise UnsupportedArchitectureError(f"the diffusion thinker needs a2r.diffusion: {err}") from err
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    remote_code = "auto_map" in (directory / "config.json").read_text()  # LLaDA / Dream ship code
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=remote_code)
+    except (ValueError, OSError) as err:
+        raise ModelDirError(f"thinker model directory {directory} has no loadable tokenizer: "
+                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
     mask_id = getattr(tokenizer, "mask_token_id", None)
     try:
-        model = load_diffusion_model(directory, mask_id=mask_id, device=device,
+        model = load_diffusion_model(str(directory), mask_id=mask_id, device=device,
                                      dtype=parse_dtype(dtype))
+    except OSError as err:
+        raise ModelDirError(f"thinker model directory {directory} has no loadable weights: "
+                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
     except (ValueError, KeyError) as err:
         raise UnsupportedArchitectureError(
             f"thinker model in {directory} is not a masked-diffusion model a2r can drive: "

@@ -137,10 +137,18 @@ def _synthesizer_model(tokenizer):
 
 
 def _thinker_model(tokenizer):
+    import torch
+
     from .diffusion import build_tiny_diffusion_model
 
-    return build_tiny_diffusion_model(_model_vocab_size(tokenizer), tokenizer.mask_token_id,
-                                      seed=THINKER_SEED)
+    model = build_tiny_diffusion_model(_model_vocab_size(tokenizer), tokenizer.mask_token_id,
+                                       seed=THINKER_SEED)
+    # A trained masked-diffusion LM never predicts [MASK] (it is never a target), so a committed
+    # position always leaves the mask. A random model has no such property: give it one by zeroing
+    # the [MASK] output row (its logit is then 0, below the max of the other random logits).
+    with torch.no_grad():
+        model.get_output_embeddings().weight[tokenizer.mask_token_id].zero_()
+    return model
 
 
 _BUILDERS = {"explorer": _explorer_model, "synthesizer": _synthesizer_model,

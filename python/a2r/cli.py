@@ -1,0 +1,496 @@
+"""The ``a2r`` command line: ``demo``, ``run``, ``eval``, ``bench``.
+
+    a2r demo                                   embedded tiny models, two built-in questions
+    a2r run --explorer DIR [--synthesizer DIR] [--thinker DIR] "question"
+    a2r eval FILE.jsonl [--explorer DIR ... | --tiny] [--out results.json]
+    a2r bench [--quick] [--only NAME]          runs benchmarks/bench_*.py
+
+Set-up errors (missing model directory, unsupported architecture, tokenizers that must match and
+do not, unreadable eval file, bad option value) print one line ``a2r: error: ...`` on stderr and exit
+with status 2. ``A2R_DEBUG=1`` re-raises them with the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+DEMO_QUESTIONS = (
+    ("What is 12 * 7?", "84"),
+    ("A train travels 150 km in 2.5 hours. What is its average speed in km/h?", "60"),
+)
+UNTRAINED_NOTE = ("note: the embedded default models are random (untrained) tiny models: their "
+                  "answers are noise. The demo shows the pipeline's stages, times, token counts and "
+                  "KV sharing, not reasoning quality.")
+
+
+class CLIError(Exception):
+    """A user error the CLI reports on one line with exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# Argument parsing
+# --------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _generation_options(max_new_tokens_default: int) -> argparse.ArgumentParser:
+    """Options shared by demo, run and eval."""
+    parent = argparse.ArgumentParser(add_help=False)
+    g = parent.add_argument_group("generation")
+    g.add_argument("-n", "--num-paths", type=_positive_int, default=4,
+                   help="explorer paths N (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens_default,
+                   help="tokens per explorer path (default: %(default)s)")
+    g.add_argument("--synth-max-new-tokens", type=_positive_int, default=None,
+                   help="synthesizer tokens (default: --max-new-tokens)")
+    g.add_argument("--temperature", type=_non_negative_float, default=1.0,
+                   help="explorer sampling temperature; 0 = greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0, help="explorer nucleus sampling")
+    g.add_argument("--top-k", type=int, default=0, help="explorer top-k sampling (0 = off)")
+    g.add_argument("--seed", type=int, default=0, help="RNG seed of every stage (default: 0)")
+    g.add_argument("--answer-max-chars", type=int, default=1024,
+                   help="cap on each reference handed to the synthesizer (keeps the end)")
+    g.add_argument("--no-thinker", action="store_true", help="skip the diffusion thinker")
+    g.add_argument("--thinker-gen-length", type=_positive_int, default=64)
+    g.add_argument("--thinker-block-length", type=_positive_int, default=32)
+    g.add_argument("--thinker-steps", type=_positive_int, default=16)
+    g.add_argument("--thinker-threshold", type=float, default=None,
+                   help="Fast-dLLM confidence threshold instead of a fixed step count")
+    r = parent.add_argument_group("runtime")
+    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if "
+                   "available, else cpu)")
+    r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype (auto: float32 on CPU, the checkpoint's on GPU)")
+    r.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"],
+                   help="a2r_kernels backend for tree decode attention")
+    r.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+    return parent
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    m = parser.add_argument_group("models (save_pretrained directories, each with its tokenizer)")
+    m.add_argument("--explorer", metavar="DIR", help="explorer causal LM")
+    m.add_argument("--synthesizer", metavar="DIR",
+                   help="synthesizer causal LM (default: the explorer: symmetric set-up)")
+    m.add_argument("--thinker", metavar="DIR", help="masked-diffusion thinker (optional)")
+    m.add_argument("--tiny", action="store_true",
+                   help="use the embedded tiny models (untrained) instead of directories")
+    m.add_argument("--home", metavar="DIR", help="where the embedded models live "
+                   "(default: $A2R_HOME or ~/.cache/a2r)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="a2r", description="A2R parallel reasoning: explorer -> diffusion thinker -> "
+        "synthesizer over a tree-shared KV cache.")
+    parser.add_argument("--version", action="version", version=f"a2r {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,run,eval,bench}")
+    sub.required = True
+
+    demo = sub.add_parser("demo", parents=[_generation_options(32)],
+                          help="run the pipeline on built-in questions with the embedded models",
+                          description="Build (once) and load the embedded tiny models and run "
+                          "A2R on two built-in questions. " + UNTRAINED_NOTE)
+    demo.add_argument("--home", metavar="DIR",
+                      help="where the embedded models live (default: $A2R_HOME or ~/.cache/a2r)")
+
+    run = sub.add_parser("run", parents=[_generation_options(256)],
+                         help="answer one question with your models")
+    _model_options(run)
+    run.add_argument("question", help="the question (quote it)")
+
+    ev = sub.add_parser("eval", parents=[_generation_options(256)],
+                        help="accuracy of pass@1, Cons@N and A2R on a JSONL file")
+    _model_options(ev)
+    ev.add_argument("file", metavar="FILE.jsonl", help="one JSON object per line")
+    ev.add_argument("--question-key", default="question", help="(default: %(default)s)")
+    ev.add_argument("--answer-key", default="answer", help="(default: %(default)s)")
+    ev.add_argument("--limit", type=_positive_int, default=None, help="first K questions only")
+    ev.add_argument("--out", metavar="PATH", help="write the full results as JSON here")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    bench = sub.add_parser("bench", help="run the benchmark scripts in benchmarks/")
+    size = bench.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", default=None,
+                      help="small shapes (the default without a CUDA GPU)")
+    size.add_argument("--full", dest="quick", action="store_false",
+                      help="full shapes even without a GPU")
+    bench.add_argument("--only", metavar="NAME", action="append", default=[],
+                       help="run only scripts whose name contains NAME (repeatable)")
+    bench.add_argument("--list", action="store_true", help="list the scripts and exit")
+    bench.add_argument("--bench-dir", metavar="DIR", help="benchmarks directory "
+                       "(default: the repository's benchmarks/)")
+    bench.add_argument("--json", action="store_true", help="machine-readable summary")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _quiet_transformers() -> None:
+    """transformers' per-load progress bars and info logs would drown the stage report."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def _resolve_dtype(name: str, device: str):
+    if name == "auto":
+        return "float32" if device == "cpu" else None
+    return name
+
+
+def _config_from_args(args):
+    from .pipeline import A2RConfig
+
+    return A2RConfig(
+        num_paths=args.num_paths, max_new_tokens=args.max_new_tokens,
+        synth_max_new_tokens=args.synth_max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        answer_max_chars=args.answer_max_chars if args.answer_max_chars >= 0 else None,
+        use_thinker=not args.no_thinker, thinker_gen_length=args.thinker_gen_length,
+        thinker_block_length=args.thinker_block_length, thinker_steps=args.thinker_steps,
+        thinker_threshold=args.thinker_threshold, backend=args.backend)
+
+
+def _tiny_paths(home, thinker: bool):
+    from .tiny import ensure_tiny_models
+
+    return ensure_tiny_models(home, thinker=thinker)
+
+
+def _load_pipeline(args, *, use_tiny: bool):
+    """(pipeline, description of the models) from --explorer/--synthesizer/--thinker or --tiny."""
+    from .pipeline import A2RPipeline
+
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+    if use_tiny:
+        if getattr(args, "explorer", None) or getattr(args, "synthesizer", None) \
+                or getattr(args, "thinker", None):
+            raise CLIError("--tiny cannot be combined with --explorer/--synthesizer/--thinker")
+        paths = _tiny_paths(args.home, thinker=not args.no_thinker)
+        explorer, synthesizer, thinker = paths.explorer, paths.synthesizer, paths.thinker
+    else:
+        if not args.explorer:
+            raise CLIError("--explorer DIR is required (or --tiny for the embedded models)")
+        explorer, synthesizer = args.explorer, args.synthesizer
+        thinker = None if args.no_thinker else args.thinker
+    pipeline = A2RPipeline.from_pretrained(explorer, synthesizer, thinker, device=device,
+                                           dtype=dtype, config=_config_from_args(args))
+    models = {
+        "explorer": {"path": str(explorer), "arch": type(pipeline.explorer).__name__},
+        "synthesizer": {"path": str(synthesizer or explorer),
+                        "arch": type(pipeline.synthesizer).__name__},
+        "thinker": ({"path": str(thinker), "arch": type(pipeline.thinker).__name__}
+                    if pipeline.thinker is not None else None),
+        "mode": "symmetric" if pipeline.symmetric else "asymmetric",
+        "device": device,
+        "dtype": str(next(pipeline.explorer.parameters()).dtype).replace("torch.", ""),
+    }
+    return pipeline, models
+
+
+def _short(text: str | None, limit: int = 70) -> str:
+    if text is None:
+        return "-"
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[:limit - 3] + "..."
+
+
+def _format_bytes(n: int) -> str:
+    """``1,234 B`` below 1 KiB, else ``136.5 KiB (139,776 B)``."""
+    if n < 1024:
+        return f"{n:,} B"
+    scaled, unit = float(n), "B"
+    for unit in ("KiB", "MiB", "GiB"):
+        scaled /= 1024
+        if scaled < 1024:
+            break
+    return f"{scaled:,.1f} {unit} ({n:,} B)"
+
+
+def _print_result(result, models, gold: str | None = None, out=sys.stdout) -> None:
+    """Human-readable report of one A2R run: every stage with its time and tokens."""
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    p(f"Question: {result.question}" + (f"   (gold: {gold})" if gold is not None else ""))
+    e = result.explorer
+    p(f"  [explorer]    {models['explorer']['arch']}: {len(e.texts)} paths, prompt "
+      f"{e.prompt_tokens} tok, {e.generated_tokens} tok generated, {e.seconds:.2f} s")
+    for i, (text, answer) in enumerate(zip(e.texts, result.explorer_answers), start=1):
+        p(f"      path {i}: answer={answer!s:<10} | {_short(text)}")
+    if result.thinker is not None:
+        t = result.thinker
+        p(f"  [thinker]     {models['thinker']['arch']} (masked diffusion): prompt "
+          f"{t.prompt_tokens} tok, {t.generated_tokens} tok, {t.seconds:.2f} s")
+        p(f"      trace: {_short(t.texts[0])}")
+    else:
+        p("  [thinker]     (none)")
+    s = result.synthesizer
+    p(f"  [synthesizer] {models['synthesizer']['arch']} ({result.mode}): prompt "
+      f"{s.prompt_tokens} tok, {s.generated_tokens} tok generated, {s.seconds:.2f} s")
+    p(f"      output: {_short(s.texts[0])}")
+    kv = result.kv
+    p(f"  KV bytes saved by sharing the explorer prompt: {_format_bytes(kv.explorer_saved_bytes)}"
+      f" = {kv.prompt_tokens} prompt tok x {kv.num_paths - 1} extra paths x "
+      f"{kv.bytes_per_token} B/tok")
+    if kv.symmetric:
+        p(f"  symmetric: explorer and synthesizer prompts share {kv.synthesizer_shared_prefix_tokens}"
+          f" tokens ({_format_bytes(kv.synthesizer_reusable_bytes)} of KV); not reused "
+          "(sample_parallel does not expose its cache)")
+    cons = f"{result.cons_answer} ({result.cons_votes}/{len(e.texts)} votes)"
+    p(f"  answers: pass@1={result.pass_at_1_answer}  Cons@{len(e.texts)}={cons}  "
+      f"A2R={result.final_answer}")
+    if gold is not None:
+        grade = result.grade(gold)
+        p("  correct: " + "  ".join(f"{k}={v}" for k, v in grade.items()))
+    p(f"  total {result.seconds:.2f} s")
+
+
+def _emit_json(payload) -> None:
+    json.dump(payload, sys.stdout, indent=2, ensure_ascii=False)
+    sys.stdout.write("\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_demo(args) -> int:
+    args.explorer = args.synthesizer = args.thinker = None
+    start = time.perf_counter()
+    if not args.json:
+        print("A2R demo: explorer -> diffusion thinker -> synthesizer on the embedded tiny models.")
+        print(UNTRAINED_NOTE)
+        print("Loading (the first run builds them; later runs reuse the saved files)...")
+    pipeline, models = _load_pipeline(args, use_tiny=True)
+    if not args.json:
+        print(f"explorer={models['explorer']['arch']}  thinker="
+              f"{(models['thinker'] or {}).get('arch', 'none')}  synthesizer="
+              f"{models['synthesizer']['arch']}  ({models['mode']}, {models['device']}, "
+              f"{models['dtype']}) from {Path(models['explorer']['path']).parent}\n")
+    results = []
+    for question, gold in DEMO_QUESTIONS:
+        result = pipeline.run(question)
+        results.append({**result.to_dict(), "gold": gold, "correct": result.grade(gold)})
+        if not args.json:
+            _print_result(result, models, gold)
+            print()
+    if args.json:
+        _emit_json({"note": UNTRAINED_NOTE, "models": models, "results": results,
+                    "seconds": time.perf_counter() - start})
+    else:
+        print(f"demo finished in {time.perf_counter() - start:.1f} s. {UNTRAINED_NOTE}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    pipeline, models = _load_pipeline(args, use_tiny=args.tiny)
+    result = pipeline.run(args.question)
+    if args.json:
+        _emit_json({"models": models, **result.to_dict()})
+    else:
+        _print_result(result, models)
+        print(f"\nFinal answer (A2R): {result.final_answer}")
+    return 0
+
+
+def _read_jsonl(path: str, question_key: str, answer_key: str, limit: int | None):
+    file = Path(path)
+    if not file.is_file():
+        raise CLIError(f"eval file not found: {file}")
+    items = []
+    with file.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CLIError(f"{file}:{line_number}: not valid JSON ({err.msg})") from err
+            if not isinstance(record, dict) or question_key not in record or answer_key not in record:
+                raise CLIError(f"{file}:{line_number}: needs keys {question_key!r} and {answer_key!r}")
+            items.append((str(record[question_key]), str(record[answer_key])))
+            if limit is not None and len(items) == limit:
+                break
+    if not items:
+        raise CLIError(f"{file}: no questions")
+    return items
+
+
+def cmd_eval(args) -> int:
+    items = _read_jsonl(args.file, args.question_key, args.answer_key, args.limit)
+    pipeline, models = _load_pipeline(args, use_tiny=args.tiny)
+    from tqdm.auto import tqdm
+
+    stages = ("explorer", "thinker", "synthesizer")
+    methods = ("pass_at_1", "mean_at_1", "cons_at_n", "a2r")
+    totals = {m: 0.0 for m in methods}
+    tokens = {s: 0 for s in stages}
+    seconds = {s: 0.0 for s in stages}
+    kv_saved = 0
+    per_question = []
+    start = time.perf_counter()
+    progress = tqdm(items, desc="a2r eval", unit="q", file=sys.stderr,
+                    disable=args.no_progress or None)
+    for question, gold in progress:
+        result = pipeline.run(question)
+        grade = result.grade(gold)
+        for m in methods:
+            totals[m] += float(grade[m])
+        for s in stages:
+            stage = getattr(result, s)
+            if stage is not None:
+                tokens[s] += stage.generated_tokens
+                seconds[s] += stage.seconds
+        kv_saved += result.kv_bytes_saved
+        per_question.append({"question": question, "gold": gold,
+                             "pass_at_1_answer": result.pass_at_1_answer,
+                             "cons_answer": result.cons_answer,
+                             "a2r_answer": result.final_answer,
+                             "explorer_answers": result.explorer_answers,
+                             "correct": grade, "result": result.to_dict()})
+        progress.set_postfix(a2r=f"{totals['a2r'] / len(per_question):.2f}")
+    count = len(items)
+    summary = {
+        "file": str(args.file), "num_questions": count, "num_paths": args.num_paths,
+        "accuracy": {m: totals[m] / count for m in methods},
+        "tokens": {s: tokens[s] for s in stages},
+        "tokens_per_question": {s: tokens[s] / count for s in stages},
+        "seconds": {s: seconds[s] for s in stages},
+        "seconds_per_question": {s: seconds[s] / count for s in stages},
+        "kv_bytes_saved": kv_saved, "wall_seconds": time.perf_counter() - start,
+        "models": models, "config": asdict(pipeline.config),
+    }
+    if args.out:
+        out_path = Path(args.out)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps({**summary, "per_question": per_question}, indent=2,
+                                       ensure_ascii=False) + "\n", encoding="utf-8")
+    if args.json:
+        _emit_json(summary)
+        return 0
+    n = args.num_paths
+    print(f"{count} questions, N={n} paths, {models['mode']} set-up")
+    print(f"  accuracy   pass@1 {summary['accuracy']['pass_at_1']:.3f}   "
+          f"mean@1 {summary['accuracy']['mean_at_1']:.3f}   "
+          f"Cons@{n} {summary['accuracy']['cons_at_n']:.3f}   A2R {summary['accuracy']['a2r']:.3f}")
+    for s in stages:
+        print(f"  {s:<12} {tokens[s]:>8} tok  {seconds[s]:8.2f} s  "
+              f"({tokens[s] / count:.1f} tok, {seconds[s] / count:.2f} s per question)")
+    print(f"  KV bytes saved by prompt sharing: {_format_bytes(kv_saved)}")
+    if args.out:
+        print(f"  wrote {args.out}")
+    return 0
+
+
+def _default_bench_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    bench_dir = Path(args.bench_dir) if args.bench_dir else _default_bench_dir()
+    if not bench_dir.is_dir():
+        raise CLIError(f"benchmarks directory not found: {bench_dir} (pass --bench-dir; "
+                       "benchmarks ship with the source checkout, not the wheel)")
+    scripts = sorted(bench_dir.glob("bench_*.py"))
+    if args.only:
+        scripts = [s for s in scripts if any(name in s.name for name in args.only)]
+    if not scripts:
+        raise CLIError(f"no benchmark scripts matched in {bench_dir}")
+    if args.list:
+        for script in scripts:
+            print(script.name)
+        return 0
+    quick = (not torch.cuda.is_available()) if args.quick is None else args.quick
+    runs = []
+    for script in scripts:
+        command = [sys.executable, str(script)] + (["--quick"] if quick else [])
+        if not args.json:
+            print(f"$ {' '.join(command)}", flush=True)
+        start = time.perf_counter()
+        completed = subprocess.run(command, cwd=bench_dir.parent,
+                                   stdout=subprocess.PIPE if args.json else None)
+        runs.append({"script": script.name, "returncode": completed.returncode,
+                     "seconds": time.perf_counter() - start, "quick": quick})
+    failed = [r["script"] for r in runs if r["returncode"] != 0]
+    if args.json:
+        _emit_json({"runs": runs, "failed": failed, "results_dir": str(bench_dir / "results")})
+    else:
+        print(f"{len(runs) - len(failed)}/{len(runs)} benchmarks succeeded; results in "
+              f"{bench_dir / 'results'}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+COMMANDS = {"demo": cmd_demo, "run": cmd_run, "eval": cmd_eval, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``a2r`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # usage errors exit 2 (argparse)
+    _quiet_transformers()
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"a2r: warning: {message}", file=sys.stderr)
+
+    from .pipeline import PipelineError
+
+    with warnings.catch_warnings():
+        warnings.showwarning = one_line_warning
+        try:
+            return COMMANDS[args.command](args)
+        except (CLIError, PipelineError) as err:
+            if os.environ.get("A2R_DEBUG"):
+                raise
+            print(f"a2r: error: {err}", file=sys.stderr)
+            return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
