@@ -1,0 +1,208 @@
+"""Benchmark ``denoise_step`` against LLaDA / Fast-dLLM style torch steps, in the same run.
+
+Providers:
+  a2r-denoise     ak.denoise_step(backend="triton"): logits streamed once, no [B, L, V] softmax
+  a2r-cuda        ak.denoise_step(backend="cuda"), when the extension is built
+  llada-torch     LLaDA generate.py step: softmax over all positions, argmax, gather, where,
+                  per-row topk loop
+  fastdllm-torch  Fast-dLLM threshold step (same, with the confidence-threshold rule)
+
+GPU (default): B in {1, 8, 32}, L in {32, 256, 1024}, V in {126464 (LLaDA), 151936 (Qwen2)},
+bf16 logits, all positions masked (``--half-masked`` adds a variant with every other position
+masked). Rows go to benchmarks/results/denoise.json, the plot to benchmarks/results/denoise.png.
+``gbps`` = logit bytes of the whole [B, L, V] tensor / time (what every provider must read at
+least once when all positions are masked); ``copy_gbps`` is the device's copy bandwidth measured
+in the same run.
+
+CPU (no GPU, or ``--quick``): small shapes (V = 32000, B <= 2, L <= 64), torch providers only
+(plus Triton when TRITON_INTERPRET=1, on the smallest shape); results to
+benchmarks/results/denoise_cpu.json / denoise_cpu.png, never mixed with GPU numbers.
+
+    python benchmarks/bench_denoise.py            # GPU sweep (or the CPU quick mode without one)
+    python benchmarks/bench_denoise.py --quick    # small shapes anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import copy_gbps, device_name, plot, time_fn, write_results  # noqa: E402
+
+import a2r_kernels as ak  # noqa: E402
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+MASK_ID = 126336   # LLaDA's [MASK]; any id < V works
+
+
+def llada_step(logits: torch.Tensor, x: torch.Tensor, mask_id: int,
+               num_transfer_tokens: torch.Tensor) -> torch.Tensor:
+    """LLaDA generate.py, temperature 0, low_confidence (fp64 softmax as LLaDA does)."""
+    mask_index = x == mask_id
+    x0 = torch.argmax(logits, dim=-1)
+    p = F.softmax(logits.to(torch.float64), dim=-1)
+    x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
+    x0 = torch.where(mask_index, x0, x)
+    confidence = torch.where(mask_index, x0_p, -math.inf)
+    transfer_index = torch.zeros_like(x0, dtype=torch.bool)
+    for j in range(confidence.shape[0]):
+        _, select_index = torch.topk(confidence[j], k=num_transfer_tokens[j])
+        transfer_index[j, select_index] = True
+    x[transfer_index] = x0[transfer_index]
+    return x
+
+
+def fastdllm_step(logits: torch.Tensor, x: torch.Tensor, mask_id: int,
+                  threshold: float) -> torch.Tensor:
+    """Fast-dLLM's threshold step (get_transfer_index with a threshold), fp32 softmax."""
+    mask_index = x == mask_id
+    x0 = torch.argmax(logits, dim=-1)
+    p = F.softmax(logits.to(torch.float32), dim=-1)
+    x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
+    x0 = torch.where(mask_index, x0, x)
+    confidence = torch.where(mask_index, x0_p, -math.inf)
+    transfer_index = torch.zeros_like(x0, dtype=torch.bool)
+    num_transfer_tokens = mask_index.sum(dim=1)
+    for j in range(confidence.shape[0]):
+        k = int(num_transfer_tokens[j])
+        if k == 0:
+            continue
+        values, select_index = torch.topk(confidence[j], k=k)
+        keep = torch.cat([torch.ones(1, dtype=torch.bool, device=x.device),
+                          values[1:] >= threshold])
+        transfer_index[j, select_index[keep]] = True
+    x[transfer_index] = x0[transfer_index]
+    return x
+
+
+def _available(backend: str, device: torch.device) -> bool:
+    try:
+        ak._backend.resolve_backend("denoise_step", backend, device)
+        if backend == "cuda":
+            from a2r_kernels import _cuda_ops
+            return hasattr(_cuda_ops, "denoise_step")
+    except (ak.BackendUnavailable, ImportError):
+        return False
+    return True
+
+
+def providers_for(device: torch.device, allow_triton: bool) -> dict:
+    """name -> fn(logits, tokens, mask_id, quota) running one step, updating tokens in place."""
+    providers = {}
+    threshold = 0.9
+    for name, backend in (("a2r-denoise", "triton"), ("a2r-cuda", "cuda")):
+        if (backend != "triton" or allow_triton) and _available(backend, device):
+            if device.type == "cpu":
+                name += "-interpreter"   # Triton's numpy interpreter: a smoke run, not a speed
+            providers[name] = (
+                lambda logits, tokens, mask_id, quota, _b=backend:
+                ak.denoise_step(logits, tokens, mask_id, num_transfer=quota, backend=_b))
+            providers[name + "-threshold"] = (
+                lambda logits, tokens, mask_id, quota, _b=backend:
+                ak.denoise_step(logits, tokens, mask_id, threshold=threshold, backend=_b))
+    if device.type == "cpu":   # what "auto" runs on CPU: the fp32 reference
+        providers["a2r-torch"] = (
+            lambda logits, tokens, mask_id, quota:
+            ak.denoise_step(logits, tokens, mask_id, num_transfer=quota, backend="torch"))
+    providers["llada-torch"] = (
+        lambda logits, tokens, mask_id, quota: llada_step(logits, tokens, mask_id, quota.tolist()))
+    providers["fastdllm-torch"] = (
+        lambda logits, tokens, mask_id, quota: fastdllm_step(logits, tokens, mask_id, threshold))
+    return providers
+
+
+def run(shapes, device: torch.device, dtype: torch.dtype, half_masked: bool, allow_triton: bool,
+        warmup: int, rep: int, out_json: str, out_png: str) -> list[dict]:
+    name = device_name(device)
+    bandwidth = copy_gbps(device, nbytes=(256 << 20) if device.type == "cuda" else (64 << 20))
+    print(f"device: {name}   copy bandwidth: {bandwidth:.1f} GB/s")
+    providers = providers_for(device, allow_triton)
+    rows = []
+    masked_variants = [1.0] + ([0.5] if half_masked else [])
+    for (batch, length, vocab), masked_fraction in itertools.product(shapes, masked_variants):
+        gen = torch.Generator(device=device).manual_seed(0)
+        # Generated on the device in the benchmark dtype: [32, 1024, 151936] bf16 is 10 GB.
+        logits = torch.randn(batch, length, vocab, generator=gen, device=device, dtype=dtype)
+        mask_id = min(MASK_ID, vocab - 1)
+        tokens = torch.randint(0, vocab - 1, (batch, length), generator=gen, device=device)
+        masked = torch.arange(length, device=device) % round(1 / masked_fraction) == 0
+        tokens[:, masked] = mask_id
+        quota = torch.full((batch,), max(1, length // 8), dtype=torch.int64, device=device)
+        logit_bytes = logits.numel() * logits.element_size()
+        baseline_us = {}
+        for provider, fn in providers.items():
+            if provider.startswith("a2r-denoise") and device.type == "cpu" and \
+                    batch * length * vocab > 2 * 64 * 32000 // 4:
+                continue   # the Triton interpreter: only the smallest CPU shape
+            work = tokens.clone()
+
+            def step():
+                work.copy_(tokens)     # every timed step starts from the same masked state
+                fn(logits, work, mask_id, quota)
+            try:
+                seconds = time_fn(step, warmup=warmup, rep=rep, device=device)
+            except torch.cuda.OutOfMemoryError:
+                print(f"B={batch} L={length} V={vocab} {provider}: out of memory, skipped")
+                torch.cuda.empty_cache()
+                continue
+            reset = time_fn(lambda: work.copy_(tokens), warmup=warmup, rep=rep, device=device)
+            median_us = max(seconds - reset, 1e-9) * 1e6
+            baseline_us[provider] = median_us
+            rows.append({
+                "device": name, "provider": provider, "B": batch, "L": length, "V": vocab,
+                "dtype": str(dtype).replace("torch.", ""), "masked_fraction": masked_fraction,
+                "median_us": median_us, "gbps": logit_bytes / (median_us * 1e-6) / 1e9,
+                "copy_gbps": bandwidth,
+            })
+        for row in rows[len(rows) - len(baseline_us):]:
+            for base in ("llada-torch", "fastdllm-torch"):
+                if base in baseline_us:
+                    row[f"speedup_vs_{base}"] = baseline_us[base] / row["median_us"]
+            print(f"B={batch:3d} L={length:5d} V={vocab:6d} masked={masked_fraction:.1f} "
+                  f"{row['provider']:>26s}: {row['median_us']:10.1f} us  {row['gbps']:8.1f} GB/s "
+                  f"({row['gbps'] / bandwidth:5.1%} of copy)  x{row.get('speedup_vs_llada-torch', 1):.2f} vs llada")
+    write_results(out_json, rows, key_fields=("device", "provider", "B", "L", "V", "dtype",
+                                              "masked_fraction"))
+    plot_rows = [dict(r, shape=f"B{r['B']} L{r['L']} V{r['V']}") for r in rows
+                 if r["masked_fraction"] == 1.0]
+    plot(out_png, plot_rows, x="shape", y="gbps", title=f"denoise_step, all masked, {name}",
+         ylabel="logit GB/s", logy=True, ref_line=bandwidth)
+    print(f"wrote {out_json} and {out_png}")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes (the CPU mode)")
+    parser.add_argument("--half-masked", action="store_true",
+                        help="also time every other position masked")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--rep", type=int, default=None)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    quick = args.quick or device.type == "cpu"
+    if quick:
+        shapes = [(1, 32, 32000), (2, 64, 32000)]
+        suffix = "_cpu" if device.type == "cpu" else "_quick"
+        warmup, rep = args.warmup or 1, args.rep or 5
+    else:
+        shapes = [(b, l, v) for v in (126464, 151936) for b in (1, 8, 32) for l in (32, 256, 1024)]
+        suffix = ""
+        warmup, rep = args.warmup or 3, args.rep or 20
+    run(shapes, device, torch.bfloat16, args.half_masked or quick,
+        allow_triton=device.type == "cuda" or ak._backend.triton_interpret(),
+        warmup=warmup, rep=rep,
+        out_json=os.path.join(RESULTS_DIR, f"denoise{suffix}.json"),
+        out_png=os.path.join(RESULTS_DIR, f"denoise{suffix}.png"))
+
+
+if __name__ == "__main__":
+    main()
