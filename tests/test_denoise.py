@@ -124,6 +124,30 @@ def test_triton_several_chunks_and_splits(remasking, temperature):
                      ak.DenoiseResult(*expected), expected_tokens, remasking)
 
 
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_triton_argmax_ties_across_chunks(num_splits):
+    """A maximum tied inside one lane (entries 64 apart, BLOCK_V = 64), across lanes and across
+    V splits: x0 is the lowest index, and the margin p1 - p2 is exactly 0."""
+    vocab = 300
+    logits = torch.zeros(1, 3, vocab)
+    logits[0, 0, [70, 134, 198]] = 4.0        # same lane (70 % 64 == 6) in three chunks
+    logits[0, 1, [250, 131, 3 + 128]] = 4.0   # lanes 58 and 3, and a duplicate
+    logits[0, 2, [299, 190, 10]] = 4.0        # across both splits when num_splits == 2
+    tokens = torch.full((1, 3), MASK_ID)
+    for remasking in ("low_confidence", "margin"):
+        updated = tokens.clone()
+        x0 = torch.empty_like(tokens)
+        confidence = torch.empty(tokens.shape, dtype=torch.float32)
+        transferred = torch.empty(tokens.shape, dtype=torch.bool)
+        triton_denoise.denoise_step(logits, updated, MASK_ID, torch.tensor([3]), None, 0.0,
+                                    remasking, 0, x0, confidence, transferred,
+                                    config={"block_v": 64, "num_splits": num_splits,
+                                            "num_warps": 4})
+        assert x0.tolist() == [[70, 131, 10]]
+        if remasking == "margin":
+            assert confidence.tolist() == [[0.0, 0.0, 0.0]]
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("remasking,temperature", [("low_confidence", 0.0), ("entropy", 1.0),
                                                    ("margin", 0.5)])
