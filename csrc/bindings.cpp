@@ -196,6 +196,7 @@ void denoise_step(uintptr_t logits, uintptr_t tokens, std::optional<uintptr_t> n
   args.mask_id = mask_id;
   args.threshold = threshold ? static_cast<float>(*threshold) : 0.f;
   args.temperature = static_cast<float>(temperature);
+  args.inv_temperature = temperature > 0 ? static_cast<float>(1.0 / temperature) : 0.f;
   args.seed = seed;
   args.remasking = static_cast<a2r::Remasking>(remasking);
   args.dtype = to_dtype(dtype, "denoise_step (logits)");

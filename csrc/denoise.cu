@@ -19,12 +19,13 @@
 //    where rank_i = #{masked j : c_j > c_i or (c_j == c_i and j < i)} (ties -> lower position).
 //    transferred[b, i] is written for every position and tokens[b, i] = x0[b, i] where committed.
 //
-// Random numbers: Philox4x32-10 (Salmon et al., SC'11; the generator of curand and of Triton's
-// tl.rand), key = (seed & 0xffffffff, seed >> 32). Position pos = b * L + l uses the counter
-//   (c0, c1, c2, c3) = (v / 4, pos & 0xffffffff, pos >> 32, stream)
-// and output word v % 4 for vocab entry v; stream 0 gives the Gumbel noise, stream 1 (v = 0) the
-// "random" confidence. A word r becomes u = ((r >> 9) + 0.5) * 2^-23, in [2^-24, 1 - 2^-24], so
-// log(-log u) is always finite.
+// Random numbers (the layout of a2r_kernels/reference_denoise.py and the Triton backend, so a
+// seeded step samples the same tokens on every backend up to fp32 rounding): Philox4x32-10
+// (Salmon et al., SC'11; the generator of curand and of Triton's tl.philox), key
+// (seed & 0xffffffff, seed >> 32); the first output word r of counter (c0, c1, c2, c3) becomes
+// u = ((r >> 9) + 0.5) * 2^-23, in [2^-24, 1 - 2^-24], so log(-log u) is always finite.
+//   Gumbel noise of vocabulary entry v at flat position pos = b * L + l: counter (v, pos, 0, 0)
+//   "random" remasking score of position pos:                            counter (0, pos, 1, 0)
 
 #include <climits>
 #include <string>
@@ -38,6 +39,9 @@ constexpr int kPredictThreads = 256;
 constexpr int kSelectThreads = 256;
 // Rows of up to this many positions stage confidence and mask flags in shared memory.
 constexpr int64_t kSelectSmemMaxLen = 8192;
+// Third Philox counter word: which random stream (see the header comment).
+constexpr uint32_t kGumbelStream = 0u;
+constexpr uint32_t kRandomScoreStream = 1u;
 
 // ------------------------------------------------------------------------------------ Philox
 struct Philox4 {
@@ -116,7 +120,8 @@ __device__ __forceinline__ void add_gumbel(VocabStats& st, float x, int idx, flo
                                            uint32_t bits) {
   if (!(x > kNegInf)) return;
   const float u = uniform_open01(bits);
-  const float key = x * inv_temperature - logf(-logf(u));
+  // Unfused multiply and add, rounded as the reference's `x * (1 / T) + g` in torch.
+  const float key = __fadd_rn(__fmul_rn(x, inv_temperature), -logf(-logf(u)));
   if (beats(key, idx, st.best_key, st.best_idx)) {
     st.best_key = key;
     st.best_idx = idx;
@@ -214,11 +219,10 @@ denoise_predict_kernel(const DenoiseArgs args, bool vec_ok) {
       static_cast<const T*>(args.logits) + b * args.logits_stride_b + l * args.logits_stride_l;
   const int vocab = static_cast<int>(args.vocab);
   const bool sample = args.temperature > 0.f;
-  const float inv_temperature = sample ? 1.f / args.temperature : 0.f;
+  const float inv_temperature = args.inv_temperature;
   const uint32_t key0 = static_cast<uint32_t>(args.seed);
   const uint32_t key1 = static_cast<uint32_t>(args.seed >> 32);
-  const uint32_t pos_lo = static_cast<uint32_t>(pos);
-  const uint32_t pos_hi = static_cast<uint32_t>(static_cast<uint64_t>(pos) >> 32);
+  const uint32_t pos32 = static_cast<uint32_t>(pos);  // B * L < 2^31 (checked on the host)
 
   VocabStats st = empty_stats();
   const int num_groups = (vocab + 3) / 4;
@@ -230,12 +234,14 @@ denoise_predict_kernel(const DenoiseArgs args, bool vec_ok) {
       if (4 * g + e < vocab) add_logit(st, x[e], 4 * g + e);
     }
     if (sample) {
-      const Philox4 r = philox4x32_10(Philox4{static_cast<uint32_t>(g), pos_lo, pos_hi, 0u}, key0,
-                                      key1);
-      const uint32_t words[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        if (4 * g + e < vocab) add_gumbel(st, x[e], 4 * g + e, inv_temperature, words[e]);
+        const int v = 4 * g + e;
+        if (v < vocab) {
+          const Philox4 r = philox4x32_10(Philox4{static_cast<uint32_t>(v), pos32, kGumbelStream, 0u},
+                                          key0, key1);
+          add_gumbel(st, x[e], v, inv_temperature, r.x);
+        }
       }
     }
   }
@@ -266,7 +272,7 @@ denoise_predict_kernel(const DenoiseArgs args, bool vec_ok) {
       confidence = has_mass ? st.sum_xs * inv_sum - logf(st.sum) : 0.f;
       break;
     case Remasking::kRandom: {
-      const Philox4 r = philox4x32_10(Philox4{0u, pos_lo, pos_hi, 1u}, key0, key1);
+      const Philox4 r = philox4x32_10(Philox4{0u, pos32, kRandomScoreStream, 0u}, key0, key1);
       confidence = uniform_open01(r.x);
       break;
     }

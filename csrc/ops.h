@@ -97,6 +97,7 @@ struct DenoiseArgs {
   int64_t mask_id;
   float threshold;  // used when num_transfer == nullptr
   float temperature;
+  float inv_temperature;  // fp32(1 / temperature) rounded once from double, as the reference
   uint64_t seed;
   Remasking remasking;
   DType dtype;
