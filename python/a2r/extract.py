@@ -145,17 +145,17 @@ def extract_last_number(text: str) -> str | None:
 def extract_final_answer(text: str, *, think_end: str = THINK_END) -> str | None:
     """The answer a grader compares: the last ``\\boxed{...}``, else the last number, else ``None``.
 
-    Looks after the last ``think_end`` first (the model's stated answer), then in the whole text,
-    so a boxed answer inside the reasoning still counts when the model gave nothing after it.
+    When the text has a ``think_end``, the part after the last one (the model's stated answer) is
+    searched first, box then number; only when it has neither is the whole text searched, so a
+    boxed answer inside the reasoning still counts when the model stated nothing after it.
     """
     if not text:
         return None
-    candidates = [text.rsplit(think_end, 1)[1], text] if think_end and think_end in text else [text]
-    for part in candidates:
+    parts = [text.rsplit(think_end, 1)[1], text] if think_end and think_end in text else [text]
+    for part in parts:
         boxed = extract_boxed(part)
-        if boxed is not None and boxed != "":
+        if boxed:
             return boxed
-    for part in candidates:
         number = extract_last_number(part)
         if number is not None:
             return number
@@ -180,6 +180,17 @@ _TRAILING_UNITS_RE = re.compile(
 _ASSIGNMENT_RE = re.compile(r"^[a-zA-Z]\w{0,2}(?:\([a-zA-Z]\))?\s*=\s*(?!=)")
 
 
+_NUMERAL_RE = re.compile(r"\d+(?:\.\d*)?|\.\d+")
+
+
+def _canonical_numeral(match: re.Match) -> str:
+    """``007`` -> ``7``, ``0.50`` -> ``0.5``, ``5.`` / ``5.00`` -> ``5``, ``.5`` -> ``0.5``."""
+    integer, _, fraction = match.group(0).partition(".")
+    integer = integer.lstrip("0") or "0"
+    fraction = fraction.rstrip("0")
+    return f"{integer}.{fraction}" if fraction else integer
+
+
 def normalize_answer(answer: str | None) -> str | None:
     """Canonical string form of a math answer (``None`` stays ``None``).
 
@@ -194,7 +205,19 @@ def normalize_answer(answer: str | None) -> str | None:
     """
     if answer is None:
         return None
-    s = str(answer).strip()
+    # One pass can expose new work for the next (e.g. "..0" -> ".0" -> "0"); iterate to a fixed
+    # point so that normalising twice changes nothing.
+    current = str(answer)
+    for _ in range(8):
+        normalized = _normalize_once(current)
+        if normalized == current:
+            break
+        current = normalized
+    return current
+
+
+def _normalize_once(answer: str) -> str:
+    s = answer.strip()
     boxed = extract_boxed(s)
     if boxed is not None and re.fullmatch(r"\$*\s*\\(?:boxed|fbox)\s*\{.*\}\s*\$*\.?", s, re.S):
         s = boxed
@@ -224,9 +247,7 @@ def normalize_answer(answer: str | None) -> str | None:
     # Numbers.
     if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
         s = s.replace(",", "")
-    s = re.sub(r"(?<![\d.])\.(\d)", r"0.\1", s)
-    s = re.sub(r"(\d+\.\d*?)0+(?!\d)", r"\1", s)  # 0.50 -> 0.5, 5.00 -> 5.
-    s = re.sub(r"(\d)\.(?!\d)", r"\1", s)          # 5. -> 5
+    s = _NUMERAL_RE.sub(_canonical_numeral, s)
     if s in ("-0", "+0"):
         s = "0"
     s = re.sub(r"^\+(?=\d)", "", s)
