@@ -60,9 +60,7 @@ def _check_num_transfer(num_transfer, batch: int, device: torch.device) -> torch
     if tuple(num_transfer.shape) != (batch,):
         raise ValueError(f"num_transfer must have shape [B] = [{batch}], got "
                          f"{list(num_transfer.shape)}")
-    if num_transfer.device.type not in ("cpu", device.type) or (
-            num_transfer.device.type == device.type and num_transfer.device != device
-            and device.type != "cpu"):
+    if num_transfer.device != device and num_transfer.device.type != "cpu":
         raise ValueError(f"num_transfer must be on {device} (or the CPU), got {num_transfer.device}")
     # One host sync on CUDA; skipped while capturing a CUDA graph (the kernels clamp negative
     # counts to zero, so nothing can go out of bounds either way).
