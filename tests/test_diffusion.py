@@ -252,6 +252,7 @@ def test_prefix_cache_extend_step_matches_manual_attention(model, step_log):
     prefix.mode = "extend"
     logits = model(state1[:, 5:], a2r_prefix=prefix, use_cache=False,
                    position_ids=torch.arange(5, 13)[None]).logits
+    logits[..., MASK_ID] = float("-inf")
     torch.testing.assert_close(step_log[1].logits, logits)
     # And they differ from the exact step (prefix K/V are stale in a 2-layer model).
     exact = model(state1, use_cache=False).logits[:, 5:]
@@ -272,7 +273,9 @@ def test_cfg_formula_and_batched_pass(model, step_log):
     un_x[:, :6] = MASK_ID
     cond = model(x, use_cache=False).logits[:, 6:10]
     uncond = model(un_x, use_cache=False).logits[:, 6:10]
-    torch.testing.assert_close(step_log[0].logits, uncond + (scale + 1) * (cond - uncond))
+    want = uncond + (scale + 1) * (cond - uncond)
+    want[..., MASK_ID] = float("-inf")         # [MASK] is never a prediction
+    torch.testing.assert_close(step_log[0].logits, want)
     assert res.sequences != diffusion_generate(model, prompt, gen_length=8, block_length=4, steps=4)
 
 
@@ -462,3 +465,18 @@ def test_bfloat16_model(model_dir, cache):
     res = diffusion_generate(m, prompt, gen_length=8, block_length=4, steps=4, cache=cache,
                              return_details=True)
     check_invariants(res, prompt, 8)
+
+
+def test_mask_token_is_never_committed(model_dir):
+    # A model that puts nearly all its mass on [MASK]: the loop must still unmask everything.
+    m = load_diffusion_model(model_dir)
+    prompt = random_prompt(4, 18)
+    x = torch.cat([prompt, torch.full((1, 8), MASK_ID)], 1)
+    with torch.no_grad():   # point the [MASK] output row along the mean final hidden state
+        hidden = m.model(x).last_hidden_state[0]
+        m.get_output_embeddings().weight[MASK_ID] = 100.0 * hidden.mean(0)
+        assert int((m(x).logits.argmax(-1) == MASK_ID).sum()) >= 6    # the trap is armed
+    for kwargs in (dict(steps=4), dict(threshold=0.5)):
+        res = diffusion_generate(m, prompt, gen_length=8, block_length=4, return_details=True,
+                                 **kwargs)
+        check_invariants(res, prompt, 8)

@@ -16,6 +16,8 @@ Two schedules (``steps`` / ``threshold``):
   ``>= threshold`` and at least the most confident one, until the block has no mask left; so
   ``1 <= steps <= block_length`` per block and ``steps`` is ignored.
 
+The [MASK] logit is set to ``-inf`` before every step: [MASK] is never a prediction.
+
 Two caches (``cache``):
 
 - ``"none"``: exact. Every step is a full forward over prompt + the whole generation.
@@ -461,7 +463,11 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
             else:
                 logits = runner.block_logits(model_rows(0), start, end, prefix)
             block_steps[block] += 1
-            ak.denoise_step(guided(logits), block_tokens, mask_id,
+            logits = guided(logits)
+            # [MASK] is never a valid prediction (a trained model gives it ~0 probability; an
+            # untrained one may not): committing it would leave the position masked forever.
+            logits[..., mask_id] = float("-inf")
+            ak.denoise_step(logits, block_tokens, mask_id,
                             num_transfer=None if schedule is None else schedule[:, step],
                             threshold=threshold, temperature=float(temperature),
                             remasking=remasking, generator=generator, backend=backend)
