@@ -57,6 +57,9 @@ CHAT_TEMPLATE = (
 # Model vocabularies are padded to a multiple of 64 past the tokenizer's size (usual practice).
 VOCAB_MULTIPLE = 64
 EXPLORER_SEED, SYNTHESIZER_SEED, THINKER_SEED = 1234, 2345, 3456
+# Wider than the usual 0.02: random logits then have clear gaps, so greedy choices do not hinge on
+# float rounding (the same token whichever attention kernel ran) and samples are not near-uniform.
+INIT_RANGE = 0.1
 _COMPLETE_MARKER = ".complete"
 
 
@@ -115,7 +118,7 @@ def _explorer_model(tokenizer):
     config = Qwen3Config(
         vocab_size=_model_vocab_size(tokenizer), hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        max_position_embeddings=4096, tie_word_embeddings=True,
+        max_position_embeddings=4096, tie_word_embeddings=True, initializer_range=INIT_RANGE,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(EXPLORER_SEED)
@@ -129,7 +132,7 @@ def _synthesizer_model(tokenizer):
     config = LlamaConfig(
         vocab_size=_model_vocab_size(tokenizer), hidden_size=96, intermediate_size=192,
         num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=16,
-        max_position_embeddings=4096, tie_word_embeddings=False,
+        max_position_embeddings=4096, tie_word_embeddings=False, initializer_range=INIT_RANGE,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(SYNTHESIZER_SEED)
