@@ -219,6 +219,30 @@ PYBIND11_MODULE(_C, m) {
         "CUDA runtime version the extension was linked with (e.g. 13000).");
   m.def("device_count", &a2r::cuda_device_count,
         "CUDA devices visible to the extension's runtime; 0 without a driver or GPU.");
+  m.def("philox_uniform", &a2r::philox_uniform_host,
+        "u = ((r >> 9) + 0.5) * 2^-23 of the first Philox4x32-10 word at counter (c0..c3), key "
+        "seed: the denoise kernels' random stream, computed on the host.",
+        py::arg("seed"), py::arg("c0"), py::arg("c1"), py::arg("c2"), py::arg("c3") = 0);
+  m.def(
+      "denoise_predict_row_host",
+      [](uintptr_t row, int64_t vocab, double temperature, int remasking, uint64_t seed,
+         uint32_t pos) {
+        if (vocab < 1) throw std::invalid_argument("denoise_predict_row_host: vocab must be >= 1");
+        if (remasking < 0 || remasking > 3) {
+          throw std::invalid_argument("denoise_predict_row_host: remasking code must be in [0, 3]");
+        }
+        int64_t x0 = 0;
+        float confidence = 0.f;
+        a2r::denoise_predict_row_host(
+            reinterpret_cast<const float*>(row), vocab, static_cast<float>(temperature),
+            temperature > 0 ? static_cast<float>(1.0 / temperature) : 0.f,
+            static_cast<a2r::Remasking>(remasking), seed, pos, &x0, &confidence);
+        return py::make_tuple(x0, confidence);
+      },
+      "(x0, confidence) of one masked position from a HOST fp32 row of logits, by the denoise "
+      "kernel's per-position code compiled for the CPU (for tests without a GPU).",
+      py::arg("row"), py::arg("vocab"), py::arg("temperature"), py::arg("remasking"),
+      py::arg("seed"), py::arg("pos"));
   m.def("tree_attention_partials", &tree_attention_partials,
         "Partial (o, lse) per tree work item and q head; see csrc/tree_attention.cu.",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("work_info"),

@@ -43,18 +43,50 @@ constexpr int64_t kSelectSmemMaxLen = 8192;
 constexpr uint32_t kGumbelStream = 0u;
 constexpr uint32_t kRandomScoreStream = 1u;
 
+// Everything from here to the kernels is __host__ __device__: the host build of the same code
+// (denoise_predict_row_host) lets CPU-only CI test the per-position math against the reference.
+#define A2R_HD __host__ __device__ __forceinline__
+
+A2R_HD float fast_exp(float x) {
+#ifdef __CUDA_ARCH__
+  return __expf(x);
+#else
+  return expf(x);
+#endif
+}
+
+// x * y + z rounded twice (no FMA contraction), as torch's separate mul and add.
+A2R_HD float mul_add_unfused(float x, float y, float z) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(__fmul_rn(x, y), z);
+#else
+  volatile float product = x * y;
+  return product + z;
+#endif
+}
+
 // ------------------------------------------------------------------------------------ Philox
 struct Philox4 {
   uint32_t x, y, z, w;
 };
 
-__device__ __forceinline__ Philox4 philox4x32_10(Philox4 ctr, uint32_t key0, uint32_t key1) {
+A2R_HD uint32_t mul_hi32(uint32_t a, uint32_t b) {
+#ifdef __CUDA_ARCH__
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+
+// Host-callable too, so tests/test_cuda.py can check the stream against the reference on a CPU
+// machine (philox_uniform_host below).
+A2R_HD Philox4 philox4x32_10(Philox4 ctr, uint32_t key0, uint32_t key1) {
   constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
   constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
 #pragma unroll
   for (int round = 0; round < 10; ++round) {
-    const uint32_t hi0 = __umulhi(kMul0, ctr.x), lo0 = kMul0 * ctr.x;
-    const uint32_t hi1 = __umulhi(kMul1, ctr.z), lo1 = kMul1 * ctr.z;
+    const uint32_t hi0 = mul_hi32(kMul0, ctr.x), lo0 = kMul0 * ctr.x;
+    const uint32_t hi1 = mul_hi32(kMul1, ctr.z), lo1 = kMul1 * ctr.z;
     ctr = Philox4{hi1 ^ ctr.y ^ key0, lo1, hi0 ^ ctr.w ^ key1, lo0};
     key0 += kWeyl0;
     key1 += kWeyl1;
@@ -62,7 +94,7 @@ __device__ __forceinline__ Philox4 philox4x32_10(Philox4 ctr, uint32_t key0, uin
   return ctr;
 }
 
-__device__ __forceinline__ float uniform_open01(uint32_t bits) {
+A2R_HD float uniform_open01(uint32_t bits) {
   return (static_cast<float>(bits >> 9) + 0.5f) * (1.0f / 8388608.0f);  // 2^-23
 }
 
@@ -80,15 +112,15 @@ struct VocabStats {
   float best_logit; // x at best_idx
 };
 
-__device__ __forceinline__ VocabStats empty_stats() {
+A2R_HD VocabStats empty_stats() {
   return VocabStats{kNegInf, 0.f, 0.f, kNegInf, INT_MAX, kNegInf, kNegInf, INT_MAX, kNegInf};
 }
 
-__device__ __forceinline__ bool beats(float value, int idx, float best, int best_idx) {
+A2R_HD bool beats(float value, int idx, float best, int best_idx) {
   return value > best || (value == best && idx < best_idx);
 }
 
-__device__ __forceinline__ void add_logit(VocabStats& st, float x, int idx) {
+A2R_HD void add_logit(VocabStats& st, float x, int idx) {
   if (beats(x, idx, st.top1, st.top1_idx)) {
     st.top2 = st.top1;
     st.top1 = x;
@@ -103,25 +135,25 @@ __device__ __forceinline__ void add_logit(VocabStats& st, float x, int idx) {
       st.sum_xs = 0.f;
     } else {
       const float delta = st.max - x;  // < 0
-      const float scale = __expf(delta);
+      const float scale = fast_exp(delta);
       st.sum_xs = (st.sum_xs + st.sum * delta) * scale;
       st.sum = st.sum * scale + 1.f;
     }
     st.max = x;
   } else {
     const float z = x - st.max;
-    const float e = __expf(z);
+    const float e = fast_exp(z);
     st.sum += e;
     st.sum_xs = fmaf(e, z, st.sum_xs);
   }
 }
 
-__device__ __forceinline__ void add_gumbel(VocabStats& st, float x, int idx, float inv_temperature,
+A2R_HD void add_gumbel(VocabStats& st, float x, int idx, float inv_temperature,
                                            uint32_t bits) {
   if (!(x > kNegInf)) return;
   const float u = uniform_open01(bits);
   // Unfused multiply and add, rounded as the reference's `x * (1 / T) + g` in torch.
-  const float key = __fadd_rn(__fmul_rn(x, inv_temperature), -logf(-logf(u)));
+  const float key = mul_add_unfused(x, inv_temperature, -logf(-logf(u)));
   if (beats(key, idx, st.best_key, st.best_idx)) {
     st.best_key = key;
     st.best_idx = idx;
@@ -129,7 +161,7 @@ __device__ __forceinline__ void add_gumbel(VocabStats& st, float x, int idx, flo
   }
 }
 
-__device__ __forceinline__ void merge_stats(VocabStats& a, const VocabStats& b) {
+A2R_HD void merge_stats(VocabStats& a, const VocabStats& b) {
   const float m = fmaxf(a.max, b.max);
   if (m == kNegInf) {
     a.sum = 0.f;
@@ -137,12 +169,12 @@ __device__ __forceinline__ void merge_stats(VocabStats& a, const VocabStats& b) 
   } else {
     float sum = 0.f, sum_xs = 0.f;
     if (a.max != kNegInf) {
-      const float delta = a.max - m, scale = __expf(delta);
+      const float delta = a.max - m, scale = fast_exp(delta);
       sum += a.sum * scale;
       sum_xs += (a.sum_xs + a.sum * delta) * scale;
     }
     if (b.max != kNegInf) {
-      const float delta = b.max - m, scale = __expf(delta);
+      const float delta = b.max - m, scale = fast_exp(delta);
       sum += b.sum * scale;
       sum_xs += (b.sum_xs + b.sum * delta) * scale;
     }
@@ -176,6 +208,34 @@ __device__ __forceinline__ VocabStats shfl_xor_stats(const VocabStats& s, int of
   o.best_idx = __shfl_xor_sync(kFullMask, s.best_idx, offset);
   o.best_logit = __shfl_xor_sync(kFullMask, s.best_logit, offset);
   return o;
+}
+
+// x0 and confidence of one masked position from its merged statistics (see the header comment).
+A2R_HD void finish_position(const VocabStats& st, bool sample, Remasking remasking, uint32_t pos32,
+                            uint32_t key0, uint32_t key1, int& x0, float& confidence) {
+  const bool sampled = sample && st.best_idx != INT_MAX;
+  x0 = sampled ? st.best_idx : st.top1_idx;
+  if (x0 == INT_MAX) x0 = 0;  // only for rows of NaN logits
+  const float x0_logit = sampled ? st.best_logit : st.top1;
+  const bool has_mass = st.sum > 0.f;
+  const float inv_sum = has_mass ? 1.f / st.sum : 0.f;
+  switch (remasking) {
+    case Remasking::kMargin:
+      confidence = (fast_exp(st.top1 - st.max) - fast_exp(st.top2 - st.max)) * inv_sum;
+      break;
+    case Remasking::kEntropy:
+      confidence = has_mass ? st.sum_xs * inv_sum - logf(st.sum) : 0.f;
+      break;
+    case Remasking::kRandom: {
+      const Philox4 r = philox4x32_10(Philox4{0u, pos32, kRandomScoreStream, 0u}, key0, key1);
+      confidence = uniform_open01(r.x);
+      break;
+    }
+    case Remasking::kLowConfidence:
+    default:
+      confidence = x0_logit > kNegInf ? fast_exp(x0_logit - st.max) * inv_sum : 0.f;
+      break;
+  }
 }
 
 // Four consecutive logits v0 .. v0 + 3 (fewer at the end of the row) as floats.
@@ -257,30 +317,9 @@ denoise_predict_kernel(const DenoiseArgs args, bool vec_ok) {
   st = warp_stats[0];
   for (int w = 1; w < kPredictThreads / 32; ++w) merge_stats(st, warp_stats[w]);
 
-  const bool sampled = sample && st.best_idx != INT_MAX;
-  int x0 = sampled ? st.best_idx : st.top1_idx;
-  if (x0 == INT_MAX) x0 = 0;  // only for rows of NaN logits
-  const float x0_logit = sampled ? st.best_logit : st.top1;
-  const bool has_mass = st.sum > 0.f;
-  const float inv_sum = has_mass ? 1.f / st.sum : 0.f;
+  int x0;
   float confidence;
-  switch (args.remasking) {
-    case Remasking::kMargin:
-      confidence = (__expf(st.top1 - st.max) - __expf(st.top2 - st.max)) * inv_sum;
-      break;
-    case Remasking::kEntropy:
-      confidence = has_mass ? st.sum_xs * inv_sum - logf(st.sum) : 0.f;
-      break;
-    case Remasking::kRandom: {
-      const Philox4 r = philox4x32_10(Philox4{0u, pos32, kRandomScoreStream, 0u}, key0, key1);
-      confidence = uniform_open01(r.x);
-      break;
-    }
-    case Remasking::kLowConfidence:
-    default:
-      confidence = x0_logit > kNegInf ? __expf(x0_logit - st.max) * inv_sum : 0.f;
-      break;
-  }
+  finish_position(st, sample, args.remasking, pos32, key0, key1, x0, confidence);
   *x0_out = x0;
   *conf_out = confidence;
 }
@@ -401,6 +440,42 @@ void denoise_step(const DenoiseArgs& args, int device, uintptr_t stream_handle) 
     denoise_select_kernel<false><<<rows, kSelectThreads, 0, stream>>>(args);
   }
   check_launch("denoise_select_kernel launch");
+}
+
+void denoise_predict_row_host(const float* row, int64_t vocab, float temperature,
+                              float inv_temperature, Remasking remasking, uint64_t seed,
+                              uint32_t pos, int64_t* x0, float* confidence) {
+  // The kernel's work split: thread t takes groups t, t + kPredictThreads, ...; the per-thread
+  // states are then merged (the kernel merges pairwise by warps; any order is equivalent).
+  const uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);
+  const bool sample = temperature > 0.f;
+  const int num_groups = static_cast<int>((vocab + 3) / 4);
+  VocabStats total = empty_stats();
+  for (int t = 0; t < kPredictThreads; ++t) {
+    VocabStats st = empty_stats();
+    for (int g = t; g < num_groups; g += kPredictThreads) {
+      for (int e = 0; e < 4; ++e) {
+        const int v = 4 * g + e;
+        if (v >= vocab) continue;
+        add_logit(st, row[v], v);
+        if (sample) {
+          const Philox4 r = philox4x32_10(Philox4{static_cast<uint32_t>(v), pos, kGumbelStream, 0u},
+                                          key0, key1);
+          add_gumbel(st, row[v], v, inv_temperature, r.x);
+        }
+      }
+    }
+    merge_stats(total, st);
+  }
+  int token;
+  finish_position(total, sample, remasking, pos, key0, key1, token, *confidence);
+  *x0 = token;
+}
+
+float philox_uniform_host(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
+  const Philox4 r = philox4x32_10(Philox4{c0, c1, c2, c3}, static_cast<uint32_t>(seed),
+                                  static_cast<uint32_t>(seed >> 32));
+  return uniform_open01(r.x);
 }
 
 int cuda_runtime_version() {

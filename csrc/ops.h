@@ -104,6 +104,17 @@ struct DenoiseArgs {
 };
 void denoise_step(const DenoiseArgs& args, int device, uintptr_t stream);
 
+// The uniform the denoise kernels draw at Philox counter (c0, c1, c2, c3) with key `seed`, computed
+// on the host by the same code (tests compare it with a2r_kernels.reference_denoise).
+float philox_uniform_host(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3);
+
+// The per-position part of denoise_step (x0, confidence of one masked position pos = b * L + l
+// whose fp32 logits are the host array row[vocab]), by the kernel's own code compiled for the
+// host. For tests on machines without a GPU.
+void denoise_predict_row_host(const float* row, int64_t vocab, float temperature,
+                              float inv_temperature, Remasking remasking, uint64_t seed,
+                              uint32_t pos, int64_t* x0, float* confidence);
+
 // Diagnostics for the Python side and the tests.
 int cuda_runtime_version();
 int cuda_device_count();  // 0 (never throws) when there is no device or driver

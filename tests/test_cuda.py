@@ -81,6 +81,69 @@ def test_extension_rejects_bad_sizes_before_touching_memory():
                          0, 0.5, 0.0, 0, 0, 0, 0, 0)
 
 
+@pytest.mark.skipif(EXT is None, reason="a2r_kernels._C not built")
+def test_philox_stream_is_bitwise_the_reference_stream():
+    """The kernels' Philox4x32-10 (host build of the same code) against reference_denoise."""
+    rng = random.Random(0)
+    for seed in (0, 1, 0x1234_5678_9ABC_DEF0, 2 ** 63 - 1):
+        c0 = [0, 1, 2, 3, 50256, 2 ** 32 - 1] + [rng.randrange(2 ** 32) for _ in range(20)]
+        c1 = [rng.randrange(2 ** 32) for _ in c0]
+        for stream in (0, 1):
+            want = reference_denoise.philox_uniform(seed, torch.tensor(c0), torch.tensor(c1),
+                                                    stream)
+            got = torch.tensor([EXT.philox_uniform(seed, a, b, stream) for a, b in zip(c0, c1)])
+            assert torch.equal(got, want), (seed, stream)
+            assert bool(((got > 0) & (got < 1)).all())
+
+
+def _host_predict(row: torch.Tensor, temperature: float, remasking: str, seed: int, pos: int):
+    row = row.float().contiguous()
+    return EXT.denoise_predict_row_host(row.data_ptr(), row.numel(), temperature,
+                                        _cuda_ops.REMASKING_CODES[remasking], seed, pos)
+
+
+@pytest.mark.skipif(EXT is None, reason="a2r_kernels._C not built")
+@pytest.mark.parametrize("remasking", ["low_confidence", "margin", "entropy", "random"])
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_denoise_position_math_host_build_matches_reference(remasking, temperature):
+    """The kernel's per-position code (online max / sum-exp / entropy, top-2, Gumbel-max, the
+    confidence formulas), compiled for the host, against the fp32 reference on the CPU: odd
+    vocab sizes, ties for the max, -inf entries, V = 1."""
+    gen = torch.Generator().manual_seed(7)
+    seed = 987654321
+    rows = []
+    for vocab in (1, 2, 7, 257, 1000, 5003):
+        rows.append((torch.randn(vocab, generator=gen) * 4))
+    tied = torch.randn(1000, generator=gen)
+    tied[[3, 600, 999]] = tied.max() + 2.0            # argmax tie -> lowest index
+    rows.append(tied)
+    with_neg_inf = torch.randn(300, generator=gen)
+    with_neg_inf[::3] = float("-inf")                 # masked-out vocabulary entries
+    rows.append(with_neg_inf)
+    rows.append(torch.full((64,), 1.5))                # all equal
+    agree = total = 0
+    for row in rows:
+        vocab = row.numel()
+        length = 4
+        logits = row.repeat(1, length, 1)
+        tokens = torch.full((1, length), vocab, dtype=torch.int64)  # mask_id = vocab: all masked
+        logits = torch.cat([logits, torch.zeros(1, length, 1)], dim=-1)  # mask_id column
+        logits[..., vocab] = float("-inf")
+        x0, conf, _ = reference_denoise.denoise_step(logits, tokens.clone(), vocab,
+                                                     torch.tensor([1]), None, temperature,
+                                                     remasking, seed)
+        for pos in range(length):
+            got_x0, got_conf = _host_predict(logits[0, pos], temperature, remasking, seed, pos)
+            total += 1
+            if temperature == 0.0:
+                assert got_x0 == int(x0[0, pos]), (vocab, pos)
+            if got_x0 == int(x0[0, pos]):
+                agree += 1
+                assert got_conf == pytest.approx(float(conf[0, pos]), rel=1e-4, abs=2e-5), \
+                    (vocab, pos, remasking)
+    assert agree >= total - 1  # a Gumbel key may differ in its last bit (log implementations)
+
+
 def test_wrappers_reject_cpu_tensors_naming_the_argument():
     q = torch.zeros(2, 4, 64)
     cache = torch.zeros(3, 16, 2, 64)
