@@ -385,7 +385,8 @@ class _RemoteStyleModel(torch.nn.Module):
                                             model_type="llada", _attn_implementation="eager")
 
     def forward(self, input_ids, attention_mask=None):
-        return types.SimpleNamespace(logits=self.inner(input_ids, attention_mask=attention_mask).logits)
+        logits = self.inner(input_ids, attention_mask=attention_mask).logits
+        return types.SimpleNamespace(logits=logits)
 
 
 _RemoteStyleModel.__module__ = "transformers_modules.fake_llada.modeling_llada"
@@ -395,7 +396,8 @@ def test_remote_code_model_exact_mode(model):
     remote = _RemoteStyleModel(model)
     prompt = random_prompt(5, 14)
     kwargs = dict(gen_length=8, block_length=4, steps=4)
-    assert diffusion_generate(remote, prompt, **kwargs) == diffusion_generate(model, prompt, **kwargs)
+    want = diffusion_generate(model, prompt, **kwargs)
+    assert diffusion_generate(remote, prompt, **kwargs) == want
     with pytest.raises(ValueError, match="cache='prefix'"):
         diffusion_generate(remote, prompt, cache="prefix", **kwargs)
 

@@ -45,7 +45,8 @@ Returned ids end at, and include, the first EOS (as :func:`a2r.sample_parallel`)
 
 Batches are left-padded. Padding keys are masked out of every attention (the model must honour
 ``attention_mask``; ours does, through transformers' mask builder) and position ids count real
-tokens only (``cumsum(mask) - 1``), so every row decodes exactly as it would alone.
+tokens only (``cumsum(mask) - 1``), so every row decodes as it would alone (up to the float
+rounding of a different batch shape).
 """
 
 from __future__ import annotations
@@ -203,12 +204,12 @@ class _ModelRunner:
         offset = block_start if prefix is not None and prefix.mode == "extend" else 0
         keep = torch.arange(block_start - offset, block_end - offset, device=tokens.device)
         if self.ours:
+            # The 2-D padding mask always spans all L columns: in extend mode that is the cached
+            # prefix + the current tokens, the keys the attention function sees.
             kwargs = dict(attention_mask=self.row_mask.long() if self.has_padding else None,
                           position_ids=self.positions[:, offset:], use_cache=False)
             if prefix is not None:
                 kwargs["a2r_prefix"] = prefix
-                if kwargs["attention_mask"] is not None:   # spans prefix + current tokens
-                    kwargs["attention_mask"] = self.row_mask.long()
             if self.takes_logits_to_keep:
                 kwargs["logits_to_keep"] = keep
                 return self.model(tokens, **kwargs).logits
@@ -227,7 +228,8 @@ class _ModelRunner:
 
 
 # ---------------------------------------------------------------------------------- inputs
-def _as_prompt(prompt_ids, attention_mask, pad_token_id, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _as_prompt(prompt_ids, attention_mask, pad_token_id,
+               device) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (prompt int64 [B, P], keep bool [B, P]) on ``device``, left-padded."""
     if isinstance(prompt_ids, torch.Tensor):
         if prompt_ids.dim() == 1:
@@ -258,7 +260,8 @@ def _as_prompt(prompt_ids, attention_mask, pad_token_id, device) -> tuple[torch.
     try:
         rows = [[int(t) for t in row] for row in prompt_ids]
     except (TypeError, ValueError) as exc:
-        raise ValueError("prompt_ids must be an int tensor [B, P] or a list of lists of ints") from exc
+        raise ValueError("prompt_ids must be an int tensor [B, P] or a list of lists of "
+                         "ints") from exc
     if not rows:
         raise ValueError("prompt_ids must hold at least one row, got an empty list")
     width = max(len(r) for r in rows)
@@ -277,7 +280,8 @@ def _eos_ids(eos_token_id) -> list[int]:
     try:
         ids = [int(e) for e in eos_token_id]
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}") from exc
+        raise ValueError(f"eos_token_id must be an int or a list of ints, "
+                         f"got {eos_token_id!r}") from exc
     if not ids:
         raise ValueError("eos_token_id must not be an empty list")
     return ids
@@ -335,7 +339,8 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
     gen_length = _positive_int(gen_length, "gen_length")
     block_length = _positive_int(block_length, "block_length")
     if gen_length % block_length:
-        raise ValueError(f"gen_length={gen_length} must be a multiple of block_length={block_length}")
+        raise ValueError(f"gen_length={gen_length} must be a multiple of "
+                         f"block_length={block_length}")
     num_blocks = gen_length // block_length
     if threshold is None:
         steps = _positive_int(steps, "steps")
@@ -390,7 +395,8 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
 
     x = torch.full((batch, total_len), mask_id, dtype=torch.int64, device=device)
     x[:, :prompt_len] = prompt
-    keep = torch.cat([prompt_keep, torch.ones(batch, gen_length, dtype=torch.bool, device=device)], 1)
+    gen_keep = torch.ones(batch, gen_length, dtype=torch.bool, device=device)
+    keep = torch.cat([prompt_keep, gen_keep], dim=1)
     positions = (keep.long().cumsum(-1) - 1).clamp_min(0)
     use_cfg = float(cfg_scale) > 0
     if use_cfg:   # rows [0, B): conditional; rows [B, 2B): unconditional (prompt -> [MASK])
@@ -449,7 +455,8 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
         end = start + block_length
         block_tokens = x[:, start:end]               # view: denoise_step writes through it
         num_masked = (block_tokens == mask_id).sum(1)
-        schedule = get_num_transfer_tokens(num_masked, steps_per_block) if threshold is None else None
+        schedule = (get_num_transfer_tokens(num_masked, steps_per_block)
+                    if threshold is None else None)
         if prefix is not None:
             prefix.start_block(start)
         for step in range(steps_per_block):
@@ -487,5 +494,6 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
         sequences.append(row)
     if not return_details:
         return sequences
-    return DiffusionResult(sequences=sequences, tokens=x, num_forward_calls=runner.num_forward_calls,
+    return DiffusionResult(sequences=sequences, tokens=x,
+                           num_forward_calls=runner.num_forward_calls,
                            steps_per_block=block_steps, prompt_length=prompt_len)

@@ -47,7 +47,8 @@ def a2r_bidirectional_attention(module: torch.nn.Module, query: torch.Tensor, ke
             ``key/value[:, :, :P]``; ``extend`` mode returns ``cat([prefix_k, key], dim=2)``.
 
     Returns:
-        ``(out [B, Lq, Hq, D] in query's dtype, None)``: what transformers' attention modules expect.
+        ``(out [B, Lq, Hq, D] in query's dtype, None)``, what transformers' attention modules
+        expect.
     """
     if a2r_prefix is not None:
         key, value = a2r_prefix.attend_layer(module.layer_idx, key, value)
