@@ -154,9 +154,18 @@ def explore(model, input_ids: torch.Tensor, widths: Sequence[int], max_new_token
     stop = _StopCriteria(_eos_ids(model, eos_token_id), stop_strings, tokenizer,
                          input_ids[0].tolist())
 
-    def sample(logits: torch.Tensor) -> torch.Tensor:
+    def sample(logits: torch.Tensor, live: list[int], width: int) -> torch.Tensor:
+        """Tokens for the live branches (indices into the level's ``width`` branches)."""
+        noise = None
+        if temperature > 0:
+            # Draw for every branch of the level, live or not, then keep the live rows: a
+            # branch's draws stay the same whichever other branches have stopped.
+            noise = torch.empty((width, logits.shape[-1]), dtype=torch.float32,
+                                device=logits.device).exponential_(1.0, generator=generator)
+            if len(live) < width:
+                noise = noise[torch.tensor(live, dtype=torch.long, device=logits.device)]
         return sample_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                             generator=generator)
+                             noise=noise)
 
     root, root_logits = decoder.prefill(input_ids)
     # Frontier: (tree position, seq, tokens so far, logits row [1, V] for its next token). The
@@ -179,7 +188,7 @@ def explore(model, input_ids: torch.Tensor, widths: Sequence[int], max_new_token
         generated = [0] * len(seqs)
         live = list(range(len(seqs)))     # indices into seqs / tokens
         while live and budget > 0:
-            next_ids = sample(logits)                         # [n_live] on the device
+            next_ids = sample(logits, live, len(seqs))        # [n_live] on the device
             host_ids = next_ids.tolist()                      # the one host sync of the step
             feed, feed_rows = [], []
             for row, (i, token) in enumerate(zip(live, host_ids)):

@@ -54,12 +54,15 @@ def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
 
 
 def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+                  top_p: float = 1.0, generator: torch.Generator | None = None,
+                  noise: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of ``logits`` (``[B, V]``, any float dtype) -> int64 ``[B]``, same device.
 
     ``temperature == 0`` is greedy (``argmax``; top-k / top-p are then irrelevant). Otherwise
-    ``argmax(softmax(warp_logits(logits)) / E)`` with ``E ~ Exp(1)`` drawn from ``generator``,
-    which is an exact sample from the warped distribution. No host sync.
+    ``argmax(softmax(warp_logits(logits)) / E)`` with ``E ~ Exp(1)``, which is an exact sample
+    from the warped distribution. ``E`` is ``noise`` (fp32 ``[B, V]`` of Exp(1) draws, e.g. rows
+    of a larger draw so that a row's randomness does not depend on which other rows are in the
+    batch) or, by default, drawn from ``generator``. No host sync.
     """
     check_sampling_args(temperature, top_k, top_p)
     if logits.dim() != 2:
@@ -67,7 +70,9 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    if noise is None:
+        noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    elif noise.shape != probs.shape:
+        raise ValueError(f"noise must be [B, V] = {tuple(probs.shape)}, got {tuple(noise.shape)}")
     # Exp(1) can round to 0: clamp so a filtered token (p = 0) never scores 0/0 = NaN.
-    race.clamp_min_(torch.finfo(race.dtype).tiny)
-    return (probs / race).argmax(dim=-1)
+    return (probs / noise.float().clamp_min(torch.finfo(torch.float32).tiny)).argmax(dim=-1)
