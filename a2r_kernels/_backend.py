@@ -88,6 +88,6 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
         return "torch"
     for candidate in AUTO_CUDA_PREFERENCE[op]:
         if _why_unavailable(candidate, device) is None and (
-                candidate != "cuda" or hasattr(cuda_extension(), op)):
+                candidate != "cuda" or op in getattr(cuda_extension(), "PUBLIC_OPS", ())):
             return candidate
     return "torch"
