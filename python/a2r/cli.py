@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--answer-key", default="answer", help="(default: %(default)s)")
     ev.add_argument("--limit", type=_positive_int, default=None, help="first K questions only")
     ev.add_argument("--out", metavar="PATH", help="write the full results as JSON here")
-    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument("--no-progress", action="store_true",
+                    help="no progress bar (it is shown on stderr when that is a terminal)")
 
     bench = sub.add_parser("bench", help="run the benchmark scripts in benchmarks/")
     size = bench.add_mutually_exclusive_group()
@@ -252,8 +253,9 @@ def _format_bytes(n: int) -> str:
     return f"{scaled:,.1f} {unit} ({n:,} B)"
 
 
-def _print_result(result, models, gold: str | None = None, out=sys.stdout) -> None:
+def _print_result(result, models, gold: str | None = None, out=None) -> None:
     """Human-readable report of one A2R run: every stage with its time and tokens."""
+    out = out or sys.stdout  # looked up per call: sys.stdout may be replaced (tests, redirects)
     p = lambda *a: print(*a, file=out)  # noqa: E731
     p(f"Question: {result.question}" + (f"   (gold: {gold})" if gold is not None else ""))
     e = result.explorer

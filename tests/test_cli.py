@@ -1,0 +1,289 @@
+"""The ``a2r`` command line end to end on the embedded tiny models (in-process ``main(argv)``, plus
+one subprocess run of the module), its JSON outputs, eval accounting and its one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import a2r.explore  # noqa: E402
+from a2r.cli import main  # noqa: E402
+from a2r.tiny import ensure_tiny_models  # noqa: E402
+
+# Small budgets so each command runs in seconds on a loaded 2-core CPU.
+FAST = ["-n", "2", "--max-new-tokens", "4", "--synth-max-new-tokens", "3",
+        "--thinker-gen-length", "8", "--thinker-block-length", "8", "--thinker-steps", "2",
+        "--backend", "torch"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    # Same home as test_pipeline.py: the models are built once per session.
+    home = tmp_path_factory.getbasetemp() / "a2r_home"
+    return home, ensure_tiny_models(home)
+
+
+@pytest.fixture(autouse=True)
+def a2r_home(tiny, monkeypatch):
+    monkeypatch.setenv("A2R_HOME", str(tiny[0]))
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ------------------------------------------------------------------ demo / run
+
+
+def test_demo_json(capsys):
+    code, out, _ = run_cli(capsys, "demo", *FAST, "--json")
+    assert code == 0
+    payload = json.loads(out)
+    assert "untrained" in payload["note"] and "noise" in payload["note"]
+    assert payload["models"]["mode"] == "asymmetric"
+    assert payload["models"]["explorer"]["arch"] == "Qwen3ForCausalLM"
+    assert payload["models"]["synthesizer"]["arch"] == "LlamaForCausalLM"
+    assert payload["models"]["thinker"]["arch"] == "LlamaForCausalLM"
+    assert len(payload["results"]) == 2
+    for res in payload["results"]:
+        stages = res["stages"]
+        assert len(stages["explorer"]["texts"]) == 2
+        assert 1 <= stages["explorer"]["generated_tokens"] <= 8
+        assert stages["thinker"]["generated_tokens"] <= 8
+        assert stages["synthesizer"]["generated_tokens"] <= 3
+        assert res["kv_bytes_saved"] == stages["explorer"]["prompt_tokens"] * 1 * 512
+        assert set(res["correct"]) == {"pass_at_1", "mean_at_1", "cons_at_n", "a2r"}
+
+
+def test_demo_text_shows_every_stage(capsys):
+    code, out, _ = run_cli(capsys, "demo", *FAST, "--no-thinker")
+    assert code == 0
+    assert "untrained" in out and "noise" in out
+    assert out.count("[explorer]") == 2 and out.count("[synthesizer]") == 2
+    assert "[thinker]     (none)" in out
+    assert "KV bytes saved by sharing the explorer prompt" in out
+
+
+def test_run_asymmetric_with_thinker_json(capsys, tiny):
+    _, paths = tiny
+    code, out, _ = run_cli(capsys, "run", "--explorer", str(paths.explorer), "--synthesizer",
+                           str(paths.synthesizer), "--thinker", str(paths.thinker), *FAST,
+                           "--json", "What is 2+2?")
+    assert code == 0
+    payload = json.loads(out)
+    assert payload["question"] == "What is 2+2?" and payload["mode"] == "asymmetric"
+    assert payload["stages"]["thinker"] is not None and payload["trace"] is not None
+    assert payload["models"]["thinker"]["path"] == str(paths.thinker)
+    assert "What is 2+2?" in payload["stages"]["synthesizer"]["prompt"]
+
+
+def test_run_symmetric_text(capsys, tiny):
+    _, paths = tiny
+    code, out, _ = run_cli(capsys, "run", "--explorer", str(paths.explorer), *FAST, "Hi?")
+    assert code == 0
+    assert "(symmetric)" in out and "prompts share" in out and "Final answer (A2R):" in out
+
+
+def test_run_tiny_flag(capsys):
+    code, out, _ = run_cli(capsys, "run", "--tiny", "--no-thinker", *FAST, "--json", "1+1?")
+    assert code == 0 and json.loads(out)["stages"]["thinker"] is None
+
+
+# ------------------------------------------------------------------ eval
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")   # a blank line too
+    return path
+
+
+def test_eval_on_tiny_models_writes_results(capsys, tmp_path):
+    data = _write_jsonl(tmp_path / "qa.jsonl", [{"question": "2+3?", "answer": "5"},
+                                                {"question": "Half of 1?", "answer": "1/2"}])
+    out_file = tmp_path / "out" / "results.json"
+    code, out, _ = run_cli(capsys, "eval", str(data), "--tiny", *FAST, "--out", str(out_file),
+                           "--json", "--no-progress")
+    assert code == 0
+    summary = json.loads(out)
+    full = json.loads(out_file.read_text())
+    assert summary["num_questions"] == 2 and len(full["per_question"]) == 2
+    for method, accuracy in summary["accuracy"].items():
+        assert accuracy == sum(q["correct"][method] for q in full["per_question"]) / 2
+    for stage in ("explorer", "thinker", "synthesizer"):
+        assert summary["tokens"][stage] == sum(
+            q["result"]["stages"][stage]["generated_tokens"] for q in full["per_question"])
+    assert summary["kv_bytes_saved"] == sum(q["result"]["kv_bytes_saved"]
+                                            for q in full["per_question"])
+
+
+def test_eval_accuracy_with_a_scripted_explorer(capsys, tmp_path, monkeypatch):
+    """Known answers in, known accuracies out: pass@1, mean@1, Cons@N and A2R counted right."""
+    tokenizer = None
+
+    def scripted(model, input_ids, n, max_new_tokens, **kwargs):
+        nonlocal tokenizer
+        from transformers import AutoTokenizer
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(model.name_or_path)
+        prompt = tokenizer.decode(input_ids[0].tolist())
+        if n == 1:                                  # synthesizer: right only on question A
+            texts = ["\\boxed{5}" if "Question A" in prompt else "\\boxed{0}"]
+        elif "Question A" in prompt:                # explorer A: 5, 4, 5 -> pass@1, Cons right
+            texts = ["\\boxed{5}", "4", "</think>\\boxed{5.0}"]
+        else:                                       # explorer B: 7, 8, 8 -> Cons wrong
+            texts = ["\\boxed{7}", "8", "8"]
+        return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    monkeypatch.setattr(a2r.explore, "sample_parallel", scripted)
+    data = _write_jsonl(tmp_path / "qa.jsonl", [{"q": "Question A", "a": "5"},
+                                                {"q": "Question B", "a": "7"}])
+    code, out, _ = run_cli(capsys, "eval", str(data), "--tiny", "--no-thinker", "-n", "3",
+                           "--question-key", "q", "--answer-key", "a", "--json", "--no-progress")
+    assert code == 0
+    accuracy = json.loads(out)["accuracy"]
+    assert accuracy == {"pass_at_1": 1.0, "mean_at_1": pytest.approx((2 / 3 + 1 / 3) / 2),
+                        "cons_at_n": 0.5, "a2r": 0.5}
+
+
+def test_eval_text_and_limit(capsys, tmp_path):
+    data = _write_jsonl(tmp_path / "qa.jsonl", [{"question": f"{i}+1?", "answer": str(i + 1)}
+                                                for i in range(5)])
+    code, out, _ = run_cli(capsys, "eval", str(data), "--tiny", "--no-thinker", *FAST,
+                           "--limit", "1")
+    assert code == 0
+    assert out.startswith("1 questions, N=2 paths")
+    assert "pass@1" in out and "Cons@2" in out and "A2R" in out
+
+
+# ------------------------------------------------------------------ errors: exit 2, one line
+
+
+def _assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("a2r: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_missing_model_directory(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "run", "--explorer", str(tmp_path / "nope"), "q")
+    _assert_one_line_error(code, err, "explorer model directory not found", "nope")
+
+
+def test_missing_thinker_and_synthesizer_directories(capsys, tiny, tmp_path):
+    _, paths = tiny
+    code, _, err = run_cli(capsys, "run", "--explorer", str(paths.explorer), "--synthesizer",
+                           str(tmp_path / "s"), "q")
+    _assert_one_line_error(code, err, "synthesizer model directory not found")
+    code, _, err = run_cli(capsys, "run", "--explorer", str(paths.explorer), "--thinker",
+                           str(tmp_path / "t"), "q")
+    _assert_one_line_error(code, err, "thinker model directory not found")
+
+
+def test_unsupported_architecture(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    code, _, err = run_cli(capsys, "run", "--explorer", str(tmp_path), "q")
+    _assert_one_line_error(code, err, "model_type='bert'", "not a decoder-only causal LM")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["run", "q"], "--explorer DIR is required"),
+    (["run", "--tiny", "--explorer", "x", "q"], "--tiny cannot be combined"),
+    (["run", "--tiny", "--thinker-gen-length", "12", "--thinker-block-length", "8", "q"],
+     "multiple of thinker_block_length"),
+])
+def test_bad_options(capsys, argv, fragment):
+    code, _, err = run_cli(capsys, *argv)
+    _assert_one_line_error(code, err, fragment)
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ('{"question": "a", "answer": "1"}\nnot json\n', "qa.jsonl:2: not valid JSON"),
+    ('{"question": "a"}\n', "qa.jsonl:1: needs keys 'question' and 'answer'"),
+    ("\n\n", "no questions"),
+])
+def test_bad_eval_file(capsys, tmp_path, content, fragment):
+    (tmp_path / "qa.jsonl").write_text(content)
+    code, _, err = run_cli(capsys, "eval", str(tmp_path / "qa.jsonl"), "--tiny")
+    _assert_one_line_error(code, err, fragment)
+    code, _, err = run_cli(capsys, "eval", str(tmp_path / "missing.jsonl"), "--tiny")
+    _assert_one_line_error(code, err, "eval file not found")
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "-n", "0"])
+    assert exc.value.code == 2
+    assert "--num-paths: must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+
+
+def test_module_entry_point_subprocess(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "a2r.cli", "run", "--explorer",
+                           str(tmp_path / "missing"), "q"], capture_output=True, text=True,
+                          timeout=300)
+    _assert_one_line_error(proc.returncode, proc.stderr, "explorer model directory not found")
+    assert proc.stdout == ""
+
+
+# ------------------------------------------------------------------ bench
+
+
+@pytest.fixture
+def bench_dir(tmp_path):
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    script = textwrap.dedent("""
+        import json, pathlib, sys
+        log = pathlib.Path(__file__).with_suffix(".args.json")
+        log.write_text(json.dumps(sys.argv[1:]))
+        sys.exit({code})
+    """)
+    (bench / "bench_ok.py").write_text(script.format(code=0))
+    (bench / "bench_fail.py").write_text(script.format(code=3))
+    (bench / "common.py").write_text("")                      # not a bench_*.py script
+    return bench
+
+
+def test_bench_list_and_only(capsys, bench_dir):
+    code, out, _ = run_cli(capsys, "bench", "--bench-dir", str(bench_dir), "--list")
+    assert code == 0 and out.split() == ["bench_fail.py", "bench_ok.py"]
+    code, _, err = run_cli(capsys, "bench", "--bench-dir", str(bench_dir), "--only", "zzz")
+    _assert_one_line_error(code, err, "no benchmark scripts matched")
+
+
+def test_bench_runs_scripts_quick_on_cpu(capsys, bench_dir):
+    import torch
+
+    code, out, _ = run_cli(capsys, "bench", "--bench-dir", str(bench_dir), "--only", "ok",
+                           "--json")
+    assert code == 0
+    summary = json.loads(out)
+    assert [r["script"] for r in summary["runs"]] == ["bench_ok.py"] and summary["failed"] == []
+    expected = [] if torch.cuda.is_available() else ["--quick"]
+    assert json.loads((bench_dir / "bench_ok.args.json").read_text()) == expected
+    code, out, _ = run_cli(capsys, "bench", "--bench-dir", str(bench_dir), "--only", "ok",
+                           "--quick", "--json")
+    assert json.loads((bench_dir / "bench_ok.args.json").read_text()) == ["--quick"]
+    code, out, _ = run_cli(capsys, "bench", "--bench-dir", str(bench_dir), "--only", "ok",
+                           "--full", "--json")
+    assert json.loads((bench_dir / "bench_ok.args.json").read_text()) == []
+
+
+def test_bench_failure_exit_1(capsys, bench_dir):
+    code, out, _ = run_cli(capsys, "bench", "--bench-dir", str(bench_dir), "--json")
+    assert code == 1 and json.loads(out)["failed"] == ["bench_fail.py"]
+
+
+def test_bench_missing_dir(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "bench", "--bench-dir", str(tmp_path / "none"))
+    _assert_one_line_error(code, err, "benchmarks directory not found")
