@@ -156,7 +156,12 @@ class TreeKVCache:
                 f"{self.num_free_blocks} of {self.num_blocks}, sequences={len(self._seq_node)})")
 
     # ------------------------------------------------------------------ sequence lookup
-    def _node(self, seq, what: str = "seq") -> _Node:
+    def _node(self, seq, index: int | None = None) -> _Node:
+        """The leaf node of live sequence ``seq`` (``seqs[index]`` in error messages)."""
+        node = self._seq_node.get(seq) if type(seq) is int else None
+        if node is not None:
+            return node
+        what = "seq" if index is None else f"seqs[{index}]"
         try:
             seq_id = operator.index(seq)
         except TypeError:
@@ -169,6 +174,8 @@ class TreeKVCache:
         return node
 
     def _seq_list(self, seqs, what: str = "seqs") -> list[int]:
+        if type(seqs) in (list, tuple) and all(type(s) is int for s in seqs):
+            return list(seqs)   # the per-step common case, without per-item operator.index
         if isinstance(seqs, torch.Tensor):
             seqs = seqs.tolist()
         elif not isinstance(seqs, Iterable) or isinstance(seqs, (str, bytes)):
@@ -266,7 +273,7 @@ class TreeKVCache:
         nodes = []
         needed = 0
         for i, seq in enumerate(seq_ids):
-            node = self._node(seq, f"seqs[{i}]")
+            node = self._node(seq, i)
             if node.frozen:
                 raise ValueError(f"seqs[{i}]: sequence {seq} was forked; append to its children")
             nodes.append(node)
@@ -276,21 +283,44 @@ class TreeKVCache:
                 f"reserve needs {needed} new blocks for {len(seq_ids)} sequences x {num_tokens} "
                 f"tokens but only {len(self._free_blocks)} of {self.num_blocks} are free")
 
+        if not nodes or num_tokens == 0:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
         # Checks done: mutate.
         slots: list[int] = []
+        free_blocks, refcount = self._free_blocks, self._block_refcount
+        if num_tokens == 1:   # the decode step: one slot per sequence, in its last block
+            for node in nodes:
+                pos = node.length
+                if pos == len(node.blocks) * bs:
+                    block = heapq.heappop(free_blocks)
+                    refcount[block] = 1
+                    node.blocks.append(block)
+                slots.append(node.blocks[-1] * bs + pos % bs)
+                node.length = pos + 1
+            return torch.tensor(slots, dtype=torch.int64, device=self.device)
+        long_runs = num_tokens > 64   # prefill: build slots with tensor ops, not Python ints
+        parts: list[torch.Tensor] = []
         for node in nodes:
             start, end = node.length, node.length + num_tokens
+            first_block = start // bs
             while len(node.blocks) * bs < end:
-                block = heapq.heappop(self._free_blocks)
-                self._block_refcount[block] = 1
+                block = heapq.heappop(free_blocks)
+                refcount[block] = 1
                 node.blocks.append(block)
+            node.length = end
+            if long_runs:
+                table = torch.tensor(node.blocks[first_block:], dtype=torch.int64)
+                run = (table[:, None] * bs + torch.arange(bs)).flatten()
+                parts.append(run[start - first_block * bs:end - first_block * bs])
+                continue
             pos = start
-            while pos < end:   # one range per block: O(blocks) Python steps, not O(tokens)
+            while pos < end:   # one range per block
                 block_end = min(end, (pos // bs + 1) * bs)
                 base = node.blocks[pos // bs] * bs - (pos // bs) * bs
                 slots.extend(range(base + pos, base + block_end))
                 pos = block_end
-            node.length = end
+        if long_runs:
+            return torch.cat(parts).to(self.device)
         return torch.tensor(slots, dtype=torch.int64, device=self.device)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -373,7 +403,7 @@ class TreeKVCache:
         paths: list[list[int]] = []
         for i, seq in enumerate(seq_ids):
             path = []
-            for node in self._node(seq, f"seqs[{i}]").path:
+            for node in self._node(seq, i).path:
                 j = local_id.get(node)
                 if j is None:
                     j = local_id[node] = len(tables)

@@ -100,12 +100,34 @@ def test_reserve_slots_are_seq_major_lowest_block_first():
     assert cache.num_free_blocks == 2 and cache.block_refcount == [1] * 6 + [0, 0]
 
 
+@pytest.mark.parametrize("num_tokens", [1, 3, 64, 65, 131])
+def test_reserve_slots_match_path_slots(num_tokens):
+    """reserve's fast paths (one token; Python ranges; tensor runs for long prefills) all return
+    the slots that path_slots later reports, at unaligned starting offsets."""
+    cache = make_cache(num_blocks=200, block_size=5)
+    root = cache.new_sequence()
+    cache.reserve([root], 7)
+    kids = cache.fork(root, 3)
+    cache.reserve([kids[1]], 2)                      # the kids start at different offsets,
+    cache.reserve([kids[2]], 13)                     # in their first or third block
+    before = {kid: cache.path_slots(kid) for kid in kids}
+    order = [kids[2], kids[0], kids[1]]
+    slots = cache.reserve(order, num_tokens)
+    assert slots.dtype == torch.int64 and slots.shape == (3 * num_tokens,)
+    for i, kid in enumerate(order):
+        after = cache.path_slots(kid)
+        assert torch.equal(after[: before[kid].numel()], before[kid])
+        assert torch.equal(after[before[kid].numel():], slots[i * num_tokens:(i + 1) * num_tokens])
+    assert cache.blocks_used() == 2 + sum(-(-(cache.length(k) - 7) // 5) for k in kids)
+
+
 def test_reserve_zero_tokens_and_empty_seqs_change_nothing():
     cache = make_cache()
     seq = cache.new_sequence()
     empty = cache.reserve([seq], num_tokens=0)
     assert empty.dtype == torch.int64 and empty.shape == (0,)
     assert cache.reserve([], num_tokens=3).shape == (0,)
+    assert cache.reserve([], num_tokens=100).shape == (0,)
     assert cache.length(seq) == 0 and cache.num_free_blocks == 16
 
 
