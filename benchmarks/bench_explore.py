@@ -1,0 +1,196 @@
+"""Explorer throughput and KV memory: n samples of one prompt, three ways, in the same run.
+
+Providers:
+- ``a2r-explore``: :func:`a2r.explore.explore` -- the prompt is prefilled once and its KV blocks
+  are shared by the n branches (TreeKVCache fork); one ``[n_live, 1]`` decode batch per step with
+  ``tree_decode_attention``.
+- ``a2r-noshare``: the same loop and kernels, but each branch prefills its own copy of the prompt
+  (n roots, no fork): the prompt's KV is computed and stored n times.
+- ``hf-generate``: ``model.generate(do_sample=True, num_return_sequences=n)`` with the same
+  sampling settings (transformers' DynamicCache, SDPA attention): the prompt is expanded n times.
+
+Model: Qwen3-0.6B's shape (hidden 1024, 28 layers, 16 q / 8 kv heads, head_dim 128, intermediate
+3072, vocab 151936) with random weights in bf16. EOS is disabled so every branch generates exactly
+``new_tokens`` tokens and the providers do the same work. Random weights make the tokens
+meaningless; throughput and memory do not depend on them.
+
+Rows (``benchmarks/results/explore.json``): device, provider, P, n, new_tokens, median_s,
+tokens_per_s (n * new_tokens / median_s), peak_kv_bytes (KV held at the peak, from the block
+pool for ours, computed for DynamicCache), peak_mem_bytes (CUDA allocator peak during the run,
+weights included; 0 on CPU), copy_gbps, and speedup vs hf-generate.
+
+Run:  python benchmarks/bench_explore.py            (CUDA: full grid P in {2k, 8k}, n in {8, 32})
+      python benchmarks/bench_explore.py --quick    (tiny model and shapes; the default on CPU.
+                                                     CPU numbers are not GPU numbers.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import copy_gbps, device_name, plot, write_results  # noqa: E402
+
+from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+
+import a2r_kernels.hf as akhf  # noqa: E402
+from a2r.explore import explore  # noqa: E402
+from a2r.sampling import sample_tokens  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+QWEN3_0_6B = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128, intermediate_size=3072,
+                  vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
+                  tie_word_embeddings=True)
+TINY = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=32, intermediate_size=256, vocab_size=1024, max_position_embeddings=4096)
+
+SAMPLING = dict(temperature=0.8, top_p=0.95, top_k=0)
+
+
+def build_model(config: dict, dtype: torch.dtype, device: torch.device):
+    torch.manual_seed(0)
+    cfg = Qwen3Config(**config, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    model = Qwen3ForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    model.set_attn_implementation(akhf.register())   # SDPA outside our forwards
+    return model
+
+
+def run_ours(model, ids, n, new_tokens, block_size) -> int:
+    res = explore(model, ids, [n], new_tokens, **SAMPLING, seed=0, eos_token_id=[],
+                  block_size=block_size)
+    assert all(len(s) == new_tokens for s in res.sequences)
+    return res.peak_kv_bytes
+
+
+@torch.inference_mode()
+def run_noshare(model, ids, n, new_tokens, block_size) -> int:
+    """Our loop with the prompt prefilled and stored once per branch (no fork, no sharing)."""
+    prompt_len = ids.shape[1]
+    blocks = n * (math.ceil(prompt_len / block_size) + math.ceil(max(new_tokens - 1, 0) / block_size) + 1)
+    dec = akhf.TreeDecoder(model, blocks, block_size=block_size)
+    generator = torch.Generator(device=ids.device).manual_seed(0)
+    roots, rows = [], []
+    for _ in range(n):
+        seq, logits = dec.prefill(ids)
+        roots.append(seq)
+        rows.append(logits)
+    logits = torch.cat(rows)
+    for step in range(new_tokens):
+        tokens = sample_tokens(logits, **SAMPLING, generator=generator)
+        tokens.tolist()   # the per-step host sync the explorer also does
+        if step + 1 < new_tokens:
+            logits = dec.step(roots, tokens)
+    return dec.peak_kv_bytes
+
+
+@torch.inference_mode()
+def run_hf(model, ids, n, new_tokens, block_size) -> int:
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                         num_return_sequences=n, max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, pad_token_id=0, **SAMPLING)
+    assert out.shape == (n, ids.shape[1] + new_tokens)
+    cfg = model.config
+    stored = ids.shape[1] + new_tokens - 1   # the last token's KV is never computed
+    elem = next(model.parameters()).element_size()
+    return 2 * cfg.num_hidden_layers * n * stored * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+PROVIDERS = {"a2r-explore": run_ours, "a2r-noshare": run_noshare, "hf-generate": run_hf}
+
+
+def measure(fn, device, warmup: int, rep: int) -> tuple[float, int, int]:
+    """(median seconds, fn's return value, CUDA allocator peak bytes)."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, value = [], 0
+    for _ in range(rep):
+        sync()
+        start = time.perf_counter()
+        value = fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return statistics.median(times), value, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model and shapes (default on CPU)")
+    parser.add_argument("--prompt-lens", type=int, nargs="*")
+    parser.add_argument("--ns", type=int, nargs="*")
+    parser.add_argument("--new-tokens", type=int)
+    parser.add_argument("--providers", nargs="*", default=list(PROVIDERS))
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--rep", type=int, default=3)
+    parser.add_argument("--out", default=os.path.join(RESULTS, "explore.json"))
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    quick = args.quick or device.type != "cuda"
+    if quick:
+        config, dtype = TINY, torch.float32
+        prompt_lens, ns, new_tokens = args.prompt_lens or [64, 256], args.ns or [2, 4], args.new_tokens or 16
+        rep = min(args.rep, 2)
+    else:
+        config, dtype = QWEN3_0_6B, torch.bfloat16
+        prompt_lens, ns, new_tokens = args.prompt_lens or [2048, 8192], args.ns or [8, 32], args.new_tokens or 256
+        rep = args.rep
+    model = build_model(config, dtype, device)
+    name = device_name(device) + (" [quick: tiny model]" if quick else "")
+    gbps = copy_gbps(device, nbytes=(16 if quick else 256) * 1024 * 1024)
+    print(f"# {name}  copy {gbps:.1f} GB/s  model {'tiny' if quick else 'Qwen3-0.6B shape'} {dtype}")
+    print(f"{'provider':>12} {'P':>6} {'n':>4} {'new':>4} {'median_s':>9} {'tok/s':>9} "
+          f"{'peak_kv_MB':>11} {'peak_mem_MB':>12}")
+
+    rows = []
+    for prompt_len in prompt_lens:
+        ids = torch.randint(0, config["vocab_size"], (1, prompt_len), device=device,
+                            generator=torch.Generator(device=device).manual_seed(prompt_len))
+        for n in ns:
+            group = []
+            for provider in args.providers:
+                fn = PROVIDERS[provider]
+                seconds, kv_bytes, peak = measure(
+                    lambda: fn(model, ids, n, new_tokens, args.block_size), device, 1, rep)
+                row = dict(device=name, provider=provider, P=prompt_len, n=n, new_tokens=new_tokens,
+                           median_s=seconds, tokens_per_s=n * new_tokens / seconds,
+                           peak_kv_bytes=int(kv_bytes), peak_mem_bytes=int(peak),
+                           copy_gbps=gbps, dtype=str(dtype).replace("torch.", ""),
+                           block_size=args.block_size)
+                group.append(row)
+                print(f"{provider:>12} {prompt_len:>6} {n:>4} {new_tokens:>4} {seconds:>9.3f} "
+                      f"{row['tokens_per_s']:>9.1f} {kv_bytes / 2**20:>11.1f} {peak / 2**20:>12.1f}",
+                      flush=True)
+            base = next((r for r in group if r["provider"] == "hf-generate"), None)
+            for row in group:
+                if base is not None:
+                    row["speedup_vs_hf"] = base["median_s"] / row["median_s"]
+                    row["kv_bytes_vs_hf"] = row["peak_kv_bytes"] / base["peak_kv_bytes"]
+            rows += group
+    merged = write_results(args.out, rows,
+                           key_fields=("device", "provider", "P", "n", "new_tokens", "dtype"))
+    mine = [r for r in merged if r["device"] == name]
+    for metric, label in (("tokens_per_s", "generated tokens / s"), ("peak_kv_bytes", "peak KV bytes")):
+        plot_rows = [dict(r, shape=f"P={r['P']} n={r['n']}") for r in mine]
+        plot(os.path.join(RESULTS, f"explore_{metric}.png"), plot_rows, x="shape", y=metric,
+             title=f"explorer: {new_tokens} new tokens per branch ({name})", ylabel=label,
+             logy=metric == "peak_kv_bytes")
+    print(f"wrote {args.out} and {RESULTS}/explore_*.png")
+
+
+if __name__ == "__main__":
+    main()
