@@ -114,8 +114,9 @@ class TreeKVCache:
         self.k = [self.k_pool[layer] for layer in range(num_layers)]
         self.v = [self.v_pool[layer] for layer in range(num_layers)]
         # [num_layers, num_slots, num_kv_heads, head_dim]: what write() scatters into.
-        self._k_slots = self.k_pool.view(num_layers, num_blocks * block_size, num_kv_heads, head_dim)
-        self._v_slots = self.v_pool.view(num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        slots_shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self._k_slots = self.k_pool.view(slots_shape)
+        self._v_slots = self.v_pool.view(slots_shape)
 
         # Min-heap of free block ids: lowest block first, so runs are reproducible.
         self._free_blocks: list[int] = list(range(num_blocks))
@@ -194,7 +195,7 @@ class TreeKVCache:
         return node.prefix_length + node.length
 
     def parent(self, seq: int) -> int | None:
-        """The sequence ``seq`` was forked from (its id, even if since freed), or None for a root."""
+        """The sequence ``seq`` was forked from (its id, even if since freed); None for roots."""
         self._node(seq)
         return self._seq_parent[operator.index(seq)]
 
@@ -219,7 +220,8 @@ class TreeKVCache:
 
         Zero copy and allocation free: ``seq``'s node is frozen and shared, each child gets an
         empty node below it and writes its own tokens into fresh blocks. ``seq`` stays readable;
-        ``reserve`` on it raises from now on. A child can be forked again.
+        ``reserve`` on it raises from now on. A child can be forked again; forking ``seq`` a
+        second time adds more children below the same shared node.
         """
         node = self._node(seq)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -323,6 +325,10 @@ class TreeKVCache:
             return torch.cat(parts).to(self.device)
         return torch.tensor(slots, dtype=torch.int64, device=self.device)
 
+    def _check_layer(self, layer) -> None:
+        if type(layer) is not int or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Scatter ``k``, ``v`` into layer ``layer``: ``k_pool[layer].flat[slots[t]] = k[t]``.
 
@@ -334,14 +340,14 @@ class TreeKVCache:
         Slot values are range-checked when ``slots`` is on the CPU; on CUDA they are not (that
         would be a host sync per layer): pass slots from :meth:`reserve`.
         """
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        self._check_layer(layer)
         if not isinstance(slots, torch.Tensor) or slots.dim() != 1 or slots.dtype != torch.int64:
             raise ValueError("slots must be a 1-D int64 tensor [T], got "
                              + (f"{slots.dtype} {tuple(slots.shape)}"
                                 if isinstance(slots, torch.Tensor) else type(slots).__name__))
         if slots.device != self.device:
-            raise ValueError(f"slots must be on the cache's device {self.device}, got {slots.device}")
+            raise ValueError(f"slots must be on the cache's device {self.device}, "
+                             f"got {slots.device}")
         num_tokens = slots.shape[0]
         expected = (num_tokens, self.num_kv_heads, self.head_dim)
         for name, x in (("k", k), ("v", v)):
@@ -352,7 +358,8 @@ class TreeKVCache:
             if x.dtype != self.dtype:
                 raise ValueError(f"{name} must have the pool's dtype {self.dtype}, got {x.dtype}")
             if x.device != self.device:
-                raise ValueError(f"{name} must be on the cache's device {self.device}, got {x.device}")
+                raise ValueError(f"{name} must be on the cache's device {self.device}, "
+                                 f"got {x.device}")
         if num_tokens == 0:
             return
         if slots.device.type == "cpu":
@@ -382,8 +389,7 @@ class TreeKVCache:
     def gather(self, layer: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of ``seq``'s K and V at ``layer``, each ``[length(seq), num_kv_heads, head_dim]``
         in the pool's dtype, root token first (e.g. to run a prefix-cache forward)."""
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        self._check_layer(layer)
         slots = self.path_slots(seq)
         return (self._k_slots[layer].index_select(0, slots),
                 self._v_slots[layer].index_select(0, slots))
@@ -394,7 +400,8 @@ class TreeKVCache:
         Build it once per step, after :meth:`reserve` and before the layers run (the lengths it
         records include the reserved tokens), and pass it with ``cache.k[layer]`` /
         ``cache.v[layer]`` to :func:`a2r_kernels.tree_decode_attention` for every layer. The nodes
-        on the seqs' paths are renumbered 0..M-1 in order of first appearance.
+        on the seqs' paths are renumbered 0..M-1 in order of first appearance. Forked (read-only)
+        sequences may be listed; so may a sequence twice (it then gets two identical rows).
         """
         seq_ids = self._seq_list(seqs)
         local_id: dict[_Node, int] = {}

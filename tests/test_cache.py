@@ -203,7 +203,8 @@ def test_fork_shares_prefix_without_copy_or_allocation(prefix_len):
     assert len(shared) == 1 and all(len(path) == 2 for path in layout.paths)
     root_node = shared.pop()
     assert layout.node_lengths[root_node] == prefix_len
-    assert layout.node_block_tables[root_node] == sorted(set(root_slots.div(bs, rounding_mode="floor").tolist()))
+    root_blocks_seen = sorted(set(root_slots.div(bs, rounding_mode="floor").tolist()))
+    assert layout.node_block_tables[root_node] == root_blocks_seen
     assert len({path[1] for path in layout.paths}) == n
 
 
@@ -417,7 +418,8 @@ def test_write_rejects_bad_inputs_without_touching_the_pool():
         ("layer", (2, slots, k, v)), ("layer", (-1, slots, k, v)), ("layer", (0.0, slots, k, v)),
         ("slots", (0, slots.int(), k, v)), ("slots", (0, slots.view(3, 1), k, v)),
         ("slots", (0, slots.tolist(), k, v)),
-        ("k must have shape", (0, slots, k[:2], v)), ("v must have shape", (0, slots, k, v[..., :2])),
+        ("k must have shape", (0, slots, k[:2], v)),
+        ("v must have shape", (0, slots, k, v[..., :2])),
         ("k must have shape", (0, slots, k.reshape(3, HEADS * DIM), v)),
         ("k must have shape", (0, slots, k.transpose(1, 2), v)),
         ("k must have the pool's dtype", (0, slots, k.half(), v)),
@@ -494,7 +496,8 @@ def random_trees(draw):
     ops = []
     num_live = 0
     for _ in range(draw(st.integers(1, 12))):
-        kind = draw(st.sampled_from(["new", "fork", "grow", "grow", "free"] if num_live else ["new"]))
+        kinds = ["new", "fork", "grow", "grow", "free"] if num_live else ["new"]
+        kind = draw(st.sampled_from(kinds))
         if kind == "new":
             ops.append(("new",))
             num_live += 1
