@@ -35,7 +35,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -229,7 +228,8 @@ class TreeDecoder:
     Args:
         model: a transformers causal LM whose layers call ``past_key_values.update`` and the
             ``AttentionInterface`` (Llama, Qwen2, Qwen3, Mistral, ... without sliding windows).
-        num_blocks: blocks in the KV pool (see :func:`blocks_needed`).
+        num_blocks: blocks in the KV pool: a prompt of P tokens and branches of S_i stored tokens
+            need ``ceil(P / block_size) + sum_i ceil(S_i / block_size)`` (forks copy nothing).
         block_size: tokens per block.
         backend: ``tree_decode_attention`` backend (``"auto" | "cuda" | "triton" | "torch"``).
         dtype: pool dtype, default the model's dtype.
@@ -248,7 +248,8 @@ class TreeDecoder:
             raise ValueError("model must be a decoder-only causal LM, got an encoder-decoder")
         layer_types = getattr(config, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
-            raise ValueError(f"model's layer_types must all be 'full_attention', got {sorted(set(layer_types))}")
+            raise ValueError("model's layer_types must all be 'full_attention', got "
+                             f"{sorted(set(layer_types))}")
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
@@ -340,13 +341,6 @@ class TreeDecoder:
             config._attn_implementation = saved_impl
             self.hf_cache.end()
         return out.logits[:, -1, :].float()
-
-
-def blocks_needed(prompt_len: int, num_branches: int, tokens_per_branch: int, block_size: int) -> int:
-    """Blocks that hold a prompt of ``prompt_len`` tokens once plus ``num_branches`` branches of
-    ``tokens_per_branch`` stored tokens each: ``ceil(P / bs) + n * ceil(S / bs)`` (a fork is zero
-    copy: children start fresh blocks and the prompt's partial last block stays shared)."""
-    return math.ceil(prompt_len / block_size) + num_branches * math.ceil(tokens_per_branch / block_size)
 
 
 register()

@@ -147,7 +147,8 @@ def main() -> None:
         rep = min(args.rep, 2)
     else:
         config, dtype = QWEN3_0_6B, torch.bfloat16
-        prompt_lens, ns, new_tokens = args.prompt_lens or [2048, 8192], args.ns or [8, 32], args.new_tokens or 256
+        prompt_lens = args.prompt_lens or [2048, 8192]
+        ns, new_tokens = args.ns or [8, 32], args.new_tokens or 256
         rep = args.rep
     model = build_model(config, dtype, device)
     name = device_name(device) + (" [quick: tiny model]" if quick else "")

@@ -93,6 +93,19 @@ def test_greedy_branches_equal_generate(model, prompt_len, block_size):
     assert all(s == expected for s in seqs), (seqs, expected)
 
 
+def test_qwen2_greedy_equals_generate(tmp_path):
+    """Qwen2 style (q/k/v biases, no q/k norms) through the same path."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(7)
+    Qwen2ForCausalLM(Qwen2Config(**TINY)).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="a2r_tree").eval()
+    ids = _prompt(19, seed=19)
+    expected = _generate(model, ids, 8)
+    assert a2r.sample_parallel(model, ids, 2, 8, temperature=0, eos_token_id=[],
+                               block_size=8) == [expected] * 2
+
+
 def test_top_k_one_equals_greedy(qwen3):
     ids = _prompt(9, seed=3)
     expected = _generate(qwen3, ids, 10)
