@@ -72,11 +72,16 @@ def _generation_options(max_new_tokens_default: int) -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="explorer top-k sampling (0 = off)")
     g.add_argument("--seed", type=int, default=0, help="RNG seed of every stage (default: 0)")
     g.add_argument("--answer-max-chars", type=int, default=1024,
-                   help="cap on each reference handed to the synthesizer (keeps the end)")
+                   help="cap on each reference handed to the synthesizer, keeping the end "
+                   "(-1: no cap; default: %(default)s)")
     g.add_argument("--no-thinker", action="store_true", help="skip the diffusion thinker")
-    g.add_argument("--thinker-gen-length", type=_positive_int, default=64)
-    g.add_argument("--thinker-block-length", type=_positive_int, default=32)
-    g.add_argument("--thinker-steps", type=_positive_int, default=16)
+    g.add_argument("--thinker-gen-length", type=_positive_int, default=64,
+                   help="trace length in tokens (default: %(default)s)")
+    g.add_argument("--thinker-block-length", type=_positive_int, default=32,
+                   help="semi-autoregressive block; divides the trace length (default: %(default)s)")
+    g.add_argument("--thinker-steps", type=_positive_int, default=16,
+                   help="denoising steps in all; a multiple of the block count (default: "
+                   "%(default)s)")
     g.add_argument("--thinker-threshold", type=float, default=None,
                    help="Fast-dLLM confidence threshold instead of a fixed step count")
     r = parent.add_argument_group("runtime")
