@@ -11,6 +11,7 @@ class BackendUnavailable(RuntimeError):
 class CacheFullError(RuntimeError):
     """The KV block pool cannot hold the requested tokens.
 
-    Raised by :meth:`TreeKVCache.reserve` and :meth:`TreeKVCache.fork` *before* anything changes:
+    Raised by :meth:`TreeKVCache.reserve` *before* anything changes (``fork`` is zero copy and
+    allocates nothing):
     every existing sequence keeps its tokens, blocks and length.
     """
