@@ -11,6 +11,18 @@ plan the next step. Everything else (forward, warping, sampling) stays on the de
 ``sample_parallel`` is the public entry (``shared/API.md`` section 4); :func:`sample_tree` runs
 several levels (sample ``n``, fork each branch into ``m``, ...) through the same loop, and
 :func:`explore` returns the memory statistics with the sequences.
+
+:func:`explore_from` is the lower-level entry: it runs on a caller's
+:class:`~a2r_kernels.hf.TreeDecoder` and can continue a caller's *parent* sequence, whose tokens are
+already in the cache: the prompt tokens are appended to a fork of the parent (one causal
+``extend`` over the gathered path) instead of prefilled from empty, and the parent stays alive for
+other forks. The symmetric A2R pipeline uses it so the synthesizer reuses the KV of the prefix its
+prompt shares with the explorer's::
+
+    dec = TreeDecoder(model, num_blocks)
+    root, _ = dec.prefill(shared_ids)                             # [1, S], once
+    paths = explore_from(dec, explorer_rest, [8], 256, parent=root, keep_parent=True)
+    answer = explore_from(dec, synth_rest, [1], 256, parent=root, temperature=0)
 """
 
 from __future__ import annotations
@@ -32,12 +44,16 @@ class ExploreResult:
 
     Attributes:
         sequences: generated token ids per leaf branch (each ends at and includes a stop token).
-        prompt_len: P.
-        num_blocks: blocks in the pool that was allocated.
+        prompt_len: P, the prompt tokens this exploration forwarded (``input_ids``' length).
+        num_blocks: blocks in the decoder's pool.
         block_size: tokens per block.
-        peak_blocks_used: most blocks held at once.
+        peak_blocks_used: most blocks held at once (by the decoder since it was built: with a
+            caller's decoder this includes what the caller holds).
         peak_kv_bytes: ``peak_blocks_used`` in bytes (K and V, all layers).
         decode_steps: batched decode forwards run (the prefill not counted).
+        stopped: per leaf, whether it ended at a stop token (else at the token budget).
+        reused_prefix_tokens: tokens of the parent sequence the prompt was appended to (their KV
+            was reused, not recomputed); 0 when the prompt was prefilled from empty.
     """
 
     sequences: list[list[int]]
@@ -48,6 +64,7 @@ class ExploreResult:
     peak_kv_bytes: int
     decode_steps: int
     stopped: list[bool] = field(default_factory=list)
+    reused_prefix_tokens: int = 0
 
 
 class _StopCriteria:
@@ -125,11 +142,10 @@ def _check_prompt(input_ids) -> torch.Tensor:
     return input_ids
 
 
-def explore(model, input_ids: torch.Tensor, widths: Sequence[int], max_new_tokens, *,
-            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None,
-            seed: int | None = None, stop_strings: Sequence[str] | None = None, tokenizer=None,
-            backend: str = "auto", block_size: int = 16, num_blocks: int | None = None) -> ExploreResult:
-    """Multi-level exploration with statistics; see :func:`sample_tree` for the arguments."""
+def _check_explore_args(input_ids, widths, max_new_tokens, temperature, top_k, top_p,
+                        stop_strings, tokenizer):
+    """Validate the shared arguments of :func:`explore` / :func:`explore_from`; returns
+    ``(input_ids, widths, budgets, stop_strings)`` normalised."""
     input_ids = _check_prompt(input_ids)
     widths = list(widths)
     if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
@@ -142,11 +158,84 @@ def explore(model, input_ids: torch.Tensor, widths: Sequence[int], max_new_token
         raise ValueError("stop_strings needs tokenizer= to decode the generated tokens")
     if isinstance(stop_strings, str):
         stop_strings = [stop_strings]
+    return input_ids, widths, budgets, stop_strings
 
-    prompt_len = input_ids.shape[1]
-    if num_blocks is None:
-        num_blocks = max(tree_blocks_needed(prompt_len, widths, budgets, block_size), 1)
-    decoder = TreeDecoder(model, num_blocks, block_size=block_size, backend=backend)
+
+def explore(model, input_ids: torch.Tensor, widths: Sequence[int], max_new_tokens, *,
+            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None,
+            seed: int | None = None, stop_strings: Sequence[str] | None = None, tokenizer=None,
+            backend: str = "auto", block_size: int = 16, num_blocks: int | None = None,
+            decoder: TreeDecoder | None = None, parent: int | None = None,
+            keep_parent: bool = False) -> ExploreResult:
+    """Multi-level exploration with statistics; see :func:`sample_tree` for the arguments.
+
+    Without ``decoder`` a pool of ``num_blocks`` blocks (default :func:`tree_blocks_needed`, exact
+    for this exploration) is built for this call and dropped after it. With ``decoder`` (a
+    :class:`~a2r_kernels.hf.TreeDecoder` over ``model``) the exploration runs in that decoder's
+    pool, ``backend`` / ``block_size`` / ``num_blocks`` are the decoder's, and ``parent`` /
+    ``keep_parent`` are as in :func:`explore_from`.
+    """
+    if decoder is None:
+        if parent is not None:
+            raise ValueError("parent needs decoder=: a sequence id names a sequence of the "
+                             "TreeDecoder that holds it")
+        input_ids, widths, budgets, _ = _check_explore_args(
+            input_ids, widths, max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer)
+        if num_blocks is None:
+            num_blocks = max(tree_blocks_needed(input_ids.shape[1], widths, budgets, block_size), 1)
+        decoder = TreeDecoder(model, num_blocks, block_size=block_size, backend=backend)
+    elif decoder.model is not model:
+        raise ValueError("decoder must be a TreeDecoder over model (decoder.model is model)")
+    return explore_from(decoder, input_ids, widths, max_new_tokens, parent=parent,
+                        keep_parent=keep_parent, temperature=temperature, top_p=top_p,
+                        top_k=top_k, eos_token_id=eos_token_id, seed=seed,
+                        stop_strings=stop_strings, tokenizer=tokenizer)
+
+
+def explore_from(decoder: TreeDecoder, input_ids: torch.Tensor, widths: Sequence[int],
+                 max_new_tokens, *, parent: int | None = None, keep_parent: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 eos_token_id=None, seed: int | None = None,
+                 stop_strings: Sequence[str] | None = None, tokenizer=None) -> ExploreResult:
+    """Explore below ``parent`` in a caller's decoder: the lower-level entry of :func:`explore`.
+
+    The prompt ``input_ids`` (int ``[1, P]``, P >= 1) becomes one sequence: a new root prefilled
+    from empty when ``parent`` is None, else a fork of ``parent`` that appends the P tokens after
+    the parent's L tokens (positions ``L .. L + P - 1``, causal attention over the gathered path;
+    the parent's KV is reused, nothing is copied: the fork's tokens start a fresh block). That
+    sequence is then explored exactly as :func:`explore` does (fork into ``widths[0]``, decode,
+    ...), and every sequence the call created is freed before it returns, on error too.
+
+    Args:
+        decoder: the :class:`~a2r_kernels.hf.TreeDecoder` (model, pool, attention backend). Its
+            pool must hold what the caller keeps plus :func:`tree_blocks_needed` ``(P, widths,
+            max_new_tokens, block_size)`` blocks, else :class:`~a2r_kernels.CacheFullError`.
+        input_ids: the prompt tokens to forward, after the parent's.
+        widths, max_new_tokens, sampling and stop arguments: as :func:`sample_tree`.
+        parent: a live sequence id of ``decoder`` whose tokens precede ``input_ids`` (the shared
+            prefix), or None.
+        keep_parent: False hands ``parent`` over: it is freed when the call ends (its blocks live
+            on while the call's sequences use them). True leaves it alive for later forks; it is
+            read-only from then on (it has been forked).
+
+    Returns:
+        :class:`ExploreResult`; ``prompt_len`` is P (the tokens forwarded), and
+        ``reused_prefix_tokens`` the parent's length. Stop strings are matched on the generated
+        text after the tail of ``input_ids`` (the parent's tokens are not decoded).
+    """
+    input_ids, widths, budgets, stop_strings = _check_explore_args(
+        input_ids, widths, max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer)
+    if not isinstance(decoder, TreeDecoder):
+        raise ValueError(f"decoder must be an a2r_kernels.hf.TreeDecoder, got {type(decoder).__name__}")
+    if parent is None and keep_parent:
+        raise ValueError("keep_parent=True needs parent= (there is no parent sequence to keep)")
+    reused = 0
+    if parent is not None:
+        try:
+            reused = decoder.length(parent)
+        except ValueError as err:
+            raise ValueError(f"parent must be a live sequence of decoder: {err}") from None
+    model = decoder.model
     generator = None
     if seed is not None and temperature > 0:
         generator = torch.Generator(device=decoder.device)
@@ -167,64 +256,82 @@ def explore(model, input_ids: torch.Tensor, widths: Sequence[int], max_new_token
         return sample_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                              noise=noise)
 
-    root, root_logits = decoder.prefill(input_ids)
-    # Frontier: (tree position, seq, tokens so far, logits row [1, V] for its next token). The
-    # tree position (child index per level) orders the leaves: branch order, not finish order.
-    frontier = [((), root, [], root_logits)]
-    leaves: list[tuple[tuple[int, ...], list[int], bool]] = []
-    decode_steps = 0
-    for level, (width, budget) in enumerate(zip(widths, budgets)):
-        last_level = level == len(widths) - 1
-        seqs, tokens, rows, keys = [], [], [], []
-        for key, seq, prefix, logits in frontier:
-            kids = decoder.fork(seq, width)
-            decoder.free(seq)   # the kids hold the shared blocks from now on
-            seqs += kids
-            keys += [key + (c,) for c in range(width)]
-            tokens += [list(prefix) for _ in kids]
-            rows += [logits] * width
-        logits = torch.cat(rows, dim=0) if rows else None
-        frontier = []
-        generated = [0] * len(seqs)
-        live = list(range(len(seqs)))     # indices into seqs / tokens
-        while live and budget > 0:
-            next_ids = sample(logits, live, len(seqs))        # [n_live] on the device
-            host_ids = next_ids.tolist()                      # the one host sync of the step
-            feed, feed_rows = [], []
-            for row, (i, token) in enumerate(zip(live, host_ids)):
-                tokens[i].append(token)
-                generated[i] += 1
-                stopped = stop(tokens[i])
-                if stopped or (generated[i] == budget and last_level):
-                    leaves.append((keys[i], tokens[i], stopped))
-                    decoder.free(seqs[i])
-                else:   # below budget, or at budget on a fork level: feed it to get its logits
-                    feed.append(i)
-                    feed_rows.append(row)
-            if not feed:
-                break
-            if len(feed_rows) < len(host_ids):
-                next_ids = next_ids[torch.tensor(feed_rows, dtype=torch.long, device=next_ids.device)]
-            logits = decoder.step([seqs[i] for i in feed], next_ids)
-            decode_steps += 1
-            live = []
-            for row, i in enumerate(feed):
-                if generated[i] == budget:   # fork level done for this branch
-                    frontier.append((keys[i], seqs[i], tokens[i], logits[row:row + 1]))
-                else:
-                    live.append(i)
-            if len(live) < len(feed):
-                keep = [row for row, i in enumerate(feed) if generated[i] < budget]
-                logits = logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
-        if budget == 0:   # nothing to generate at this (last) level
-            for i, seq in enumerate(seqs):
-                leaves.append((keys[i], tokens[i], False))
-                decoder.free(seq)
+    owned: set[int] = set()   # live sequences this call created: freed on the way out
+
+    def free(seq: int) -> None:
+        decoder.free(seq)
+        owned.discard(seq)
+
+    try:
+        root = decoder.new_sequence() if parent is None else decoder.fork(parent, 1)[0]
+        owned.add(root)
+        root_logits = decoder.extend([root], input_ids)
+        # Frontier: (tree position, seq, tokens so far, logits row [1, V] for its next token). The
+        # tree position (child index per level) orders the leaves: branch order, not finish order.
+        frontier = [((), root, [], root_logits)]
+        leaves: list[tuple[tuple[int, ...], list[int], bool]] = []
+        decode_steps = 0
+        for level, (width, budget) in enumerate(zip(widths, budgets)):
+            last_level = level == len(widths) - 1
+            seqs, tokens, rows, keys = [], [], [], []
+            for key, seq, prefix, logits in frontier:
+                kids = decoder.fork(seq, width)
+                owned.update(kids)
+                free(seq)   # the kids hold the shared blocks from now on
+                seqs += kids
+                keys += [key + (c,) for c in range(width)]
+                tokens += [list(prefix) for _ in kids]
+                rows += [logits] * width
+            logits = torch.cat(rows, dim=0) if rows else None
+            frontier = []
+            generated = [0] * len(seqs)
+            live = list(range(len(seqs)))     # indices into seqs / tokens
+            while live and budget > 0:
+                next_ids = sample(logits, live, len(seqs))        # [n_live] on the device
+                host_ids = next_ids.tolist()                      # the one host sync of the step
+                feed, feed_rows = [], []
+                for row, (i, token) in enumerate(zip(live, host_ids)):
+                    tokens[i].append(token)
+                    generated[i] += 1
+                    stopped = stop(tokens[i])
+                    if stopped or (generated[i] == budget and last_level):
+                        leaves.append((keys[i], tokens[i], stopped))
+                        free(seqs[i])
+                    else:   # below budget, or at budget on a fork level: feed it for its logits
+                        feed.append(i)
+                        feed_rows.append(row)
+                if not feed:
+                    break
+                if len(feed_rows) < len(host_ids):
+                    next_ids = next_ids[torch.tensor(feed_rows, dtype=torch.long,
+                                                     device=next_ids.device)]
+                logits = decoder.step([seqs[i] for i in feed], next_ids)
+                decode_steps += 1
+                live = []
+                for row, i in enumerate(feed):
+                    if generated[i] == budget:   # fork level done for this branch
+                        frontier.append((keys[i], seqs[i], tokens[i], logits[row:row + 1]))
+                    else:
+                        live.append(i)
+                if len(live) < len(feed):
+                    keep = [row for row, i in enumerate(feed) if generated[i] < budget]
+                    logits = logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
+            if budget == 0:   # nothing to generate at this (last) level
+                for i, seq in enumerate(seqs):
+                    leaves.append((keys[i], tokens[i], False))
+                    free(seq)
+    finally:
+        for seq in sorted(owned):
+            decoder.free(seq)
+        if parent is not None and not keep_parent:
+            decoder.free(parent)
     leaves.sort(key=lambda leaf: leaf[0])
     return ExploreResult(sequences=[t for _, t, _ in leaves], stopped=[s for _, _, s in leaves],
-                         prompt_len=prompt_len, num_blocks=num_blocks, block_size=block_size,
+                         prompt_len=input_ids.shape[1], num_blocks=decoder.cache.num_blocks,
+                         block_size=decoder.cache.block_size,
                          peak_blocks_used=decoder.peak_blocks_used,
-                         peak_kv_bytes=decoder.peak_kv_bytes, decode_steps=decode_steps)
+                         peak_kv_bytes=decoder.peak_kv_bytes, decode_steps=decode_steps,
+                         reused_prefix_tokens=reused)
 
 
 def sample_tree(model, input_ids: torch.Tensor, widths: Sequence[int], max_new_tokens, **kwargs
