@@ -171,6 +171,8 @@ def test_kv_accounting(pipeline, result):
     assert kv.explorer_saved_bytes == result.explorer.prompt_tokens * 2 * 512
     assert result.kv_bytes_saved == kv.explorer_saved_bytes
     assert kv.synthesizer_shared_prefix_tokens == 0 and not kv.synthesizer_prefix_reused
+    assert kv.reused_prefix_tokens == 0 and "asymmetric" in kv.reuse_note
+    assert kv.synthesizer_prefill_tokens == result.synthesizer.prompt_tokens
 
 
 def test_run_is_reproducible_and_seed_matters(pipeline, result):
@@ -199,7 +201,7 @@ def test_greedy_explorer_equals_generate(pipeline):
     assert res.thinker is None and res.trace is None
 
 
-def test_symmetric_mode_reports_the_shared_prefix(symmetric):
+def test_symmetric_mode_reuses_the_shared_prefix(symmetric):
     assert symmetric.symmetric and symmetric.synthesizer is symmetric.explorer
     res = symmetric.run(QUESTION)
     tok = symmetric.explorer_tokenizer
@@ -210,8 +212,129 @@ def test_symmetric_mode_reports_the_shared_prefix(symmetric):
     assert res.mode == "symmetric" and res.kv.symmetric
     assert res.kv.synthesizer_shared_prefix_tokens == common > question_tokens
     assert res.kv.synthesizer_reusable_bytes == common * 512
-    assert not res.kv.synthesizer_prefix_reused                # documented: not done
-    assert res.kv_bytes_saved == res.kv.explorer_saved_bytes
+    # The whole common prefix is reused (it is shorter than the explorer prompt).
+    assert res.kv.synthesizer_prefix_reused and res.kv.reuse_note == ""
+    assert res.kv.reused_prefix_tokens == common < len(explorer_ids)
+    assert res.kv.synthesizer_prefill_tokens == len(synth_ids) - common
+    assert res.kv.synthesizer_saved_bytes == common * 512
+    assert res.kv_bytes_saved == res.kv.explorer_saved_bytes + common * 512
+    assert res.to_dict()["kv"]["reused_prefix_tokens"] == common
+
+
+class _ForwardLog:
+    """input_ids shape of every forward of a model (forward pre-hook), while in a ``with``."""
+
+    def __init__(self, model):
+        self.model, self.shapes = model, []
+
+    def _hook(self, module, args, kwargs):
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        self.shapes.append(tuple(ids.shape))
+
+    def __enter__(self):
+        self.handle = self.model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    @property
+    def tokens(self) -> int:
+        return sum(b * t for b, t in self.shapes)
+
+    @property
+    def prompt_forwards(self) -> list[int]:
+        """Tokens of each multi-token forward (prompt prefills / extends; decode steps are 1)."""
+        return [t for _, t in self.shapes if t > 1]
+
+
+def _outputs(result) -> dict:
+    """Everything a run produced except timings and the KV accounting."""
+    d = json.loads(json.dumps(result.to_dict(include_token_ids=True)))
+    for key in ("seconds", "kv", "kv_bytes_saved"):
+        d.pop(key)
+    for stage in d["stages"].values():
+        if stage:
+            stage.pop("seconds")
+    return d
+
+
+def _run_logged(pipe, question, **overrides):
+    with _ForwardLog(pipe.explorer) as log:
+        result = pipe.run(question, **overrides)
+    return result, log
+
+
+@pytest.mark.parametrize("question,with_thinker", [(QUESTION, False), ("Half of 1?", True)])
+def test_symmetric_reuse_equals_no_reuse_and_skips_the_prefix(symmetric, pipeline, question,
+                                                              with_thinker):
+    """Same outputs (explorer samples, references, trace, greedy synthesis) with and without
+    reuse, and the synthesizer forwards only its prompt's tokens after the shared prefix."""
+    pipe = A2RPipeline(symmetric.explorer, symmetric.explorer_tokenizer,
+                       thinker=pipeline.thinker if with_thinker else None,
+                       thinker_tokenizer=pipeline.thinker_tokenizer, config=A2RConfig(**SMALL))
+    reuse, log = _run_logged(pipe, question)
+    plain, plain_log = _run_logged(pipe, question, reuse_prefix_kv=False)
+    assert _outputs(reuse) == _outputs(plain)
+    assert (reuse.thinker is not None) == with_thinker
+
+    prefix = reuse.kv.reused_prefix_tokens
+    explorer_len, synth_len = reuse.explorer.prompt_tokens, reuse.synthesizer.prompt_tokens
+    assert prefix == reuse.kv.synthesizer_shared_prefix_tokens > 0
+    # With reuse: the prefix once, the explorer's rest, the synthesizer's rest; without: both whole.
+    assert log.prompt_forwards == [prefix, explorer_len - prefix, synth_len - prefix]
+    assert plain_log.prompt_forwards == [explorer_len, synth_len]
+    assert reuse.kv.synthesizer_prefill_tokens == synth_len - prefix
+    assert log.tokens == plain_log.tokens - prefix                  # decode steps identical
+    assert not plain.kv.synthesizer_prefix_reused and plain.kv.reused_prefix_tokens == 0
+    assert plain.kv.reuse_note == "reuse_prefix_kv is off"
+    assert plain.kv.synthesizer_prefill_tokens == synth_len
+    assert plain.kv_bytes_saved == reuse.kv_bytes_saved - prefix * 512
+
+
+class _Reworded(A2RPipeline):
+    """Synthesizer prompts that defeat the shared prefix in one of three ways."""
+
+    def __init__(self, base, how):
+        super().__init__(base.explorer, base.explorer_tokenizer, config=A2RConfig(**SMALL))
+        self.how = how
+
+    def synthesizer_prompt(self, question, references, trace=None):
+        prompt = super().synthesizer_prompt(question, references, trace)
+        real = any(ref not in ("", "0") for ref in references)     # not a placeholder rendering
+        if self.how == "no_common_prefix":          # plain text: not even the chat turn is shared
+            return "References first. " + prompt
+        if self.how == "departs" and real:          # differs from what the pool was planned for
+            return "~" + prompt
+        if self.how == "longer" and real:           # far longer than the pool estimate
+            return prompt.replace("Reference answers:", "Reference answers:" + " pad" * 150)
+        return prompt
+
+
+@pytest.mark.parametrize("how,note", [
+    ("no_common_prefix", "share no token prefix"),
+    ("departs", "does not start with the"),
+    ("longer", "copied once into a larger pool"),
+])
+def test_symmetric_reuse_falls_back_or_grows_and_says_so(symmetric, how, note):
+    pipe = _Reworded(symmetric, how)
+    reuse, log = _run_logged(pipe, QUESTION)
+    plain = pipe.run(QUESTION, reuse_prefix_kv=False)
+    assert _outputs(reuse) == _outputs(plain)
+    kv = reuse.kv
+    assert note in kv.reuse_note
+    synth_len = reuse.synthesizer.prompt_tokens
+    if how == "longer":                             # grown, still reused: only the rest forwarded
+        assert kv.synthesizer_prefix_reused and kv.reused_prefix_tokens > 0
+        assert log.prompt_forwards[-1] == synth_len - kv.reused_prefix_tokens
+        assert kv.synthesizer_saved_bytes == kv.reused_prefix_tokens * 512
+    else:                                           # the synthesizer prefilled its whole prompt
+        assert not kv.synthesizer_prefix_reused and kv.reused_prefix_tokens == 0
+        assert log.prompt_forwards[-1] == synth_len == kv.synthesizer_prefill_tokens
+        assert reuse.kv_bytes_saved == kv.explorer_saved_bytes
+    if how == "no_common_prefix":
+        assert kv.synthesizer_shared_prefix_tokens == 0
+        assert log.prompt_forwards == [reuse.explorer.prompt_tokens, synth_len]
 
 
 def test_answer_cap_applies(pipeline):
