@@ -196,8 +196,9 @@ class ResourceUsage:
 
 
 def resource_usage(compiled) -> ResourceUsage:
-    """Registers, spills and stack of ``compiled`` from ``ptxas -v`` on its PTX (same ptxas and
-    flags as Triton's cubin stage), shared memory from its metadata."""
+    """Registers, spills and stack of ``compiled`` from ``ptxas -v`` on its PTX (the ptxas and
+    register-allocation level of Triton's cubin stage, without ``-lineinfo``), shared memory from
+    its metadata. Triton itself reads registers and spills only when it loads a cubin on a GPU."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     arch = compiled.metadata.target.arch
