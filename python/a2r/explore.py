@@ -226,7 +226,8 @@ def explore_from(decoder: TreeDecoder, input_ids: torch.Tensor, widths: Sequence
     input_ids, widths, budgets, stop_strings = _check_explore_args(
         input_ids, widths, max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer)
     if not isinstance(decoder, TreeDecoder):
-        raise ValueError(f"decoder must be an a2r_kernels.hf.TreeDecoder, got {type(decoder).__name__}")
+        raise ValueError("decoder must be an a2r_kernels.hf.TreeDecoder, got "
+                         f"{type(decoder).__name__}")
     if parent is None and keep_parent:
         raise ValueError("keep_parent=True needs parent= (there is no parent sequence to keep)")
     reused = 0

@@ -510,8 +510,9 @@ class _SharedPrefix:
         return _ceil_div(self.tokens, _BLOCK_SIZE)
 
     def continues(self, input_ids) -> bool:
-        """Whether prompt ``input_ids`` ``[1, P]`` starts with the prefix and has tokens after it."""
-        return input_ids.shape[1] > self.tokens and input_ids[0, :self.tokens].tolist() == self.prefix
+        """Whether prompt ``input_ids`` ``[1, P]`` starts with the prefix and goes on after it."""
+        return (input_ids.shape[1] > self.tokens
+                and input_ids[0, :self.tokens].tolist() == self.prefix)
 
     def reserve_for(self, blocks: int) -> None:
         """Make room for ``blocks`` more blocks next to the root. If the pool is too small (the
@@ -555,8 +556,9 @@ class A2RPipeline:
     Args:
         explorer, explorer_tokenizer: causal LM (any device/dtype) sampling the N paths.
         synthesizer, synthesizer_tokenizer: causal LM writing the final answer. ``None`` (or the
-            explorer object itself) is the symmetric set-up: one model does both, and the
-            tokenizers must be identical.
+            explorer object itself) is the symmetric set-up: one model does both, the
+            tokenizers must be identical, and the synthesizer reuses the KV of the prompt prefix
+            it shares with the explorer (``A2RConfig.reuse_prefix_kv``; module docstring).
         thinker, thinker_tokenizer: optional masked-diffusion model (``a2r.diffusion``) writing a
             compact trace from the question and the references; its tokenizer defaults to the
             explorer's.
@@ -660,9 +662,9 @@ class A2RPipeline:
         if input_ids is None:
             input_ids = _encode(tokenizer, prompt, device)
         eos_ids = _eos_ids(model, tokenizer)
+        eos_token_id = eos_ids if len(eos_ids) > 1 else (eos_ids[0] if eos_ids else None)
         sampling = dict(temperature=temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                        eos_token_id=eos_ids if len(eos_ids) > 1 else (eos_ids[0] if eos_ids else None),
-                        seed=seed)
+                        eos_token_id=eos_token_id, seed=seed)
         _synchronize(device)
         start = time.perf_counter()
         if shared is None:
@@ -764,6 +766,7 @@ class A2RPipeline:
         explorer_ids = _encode(self.explorer_tokenizer, explorer_prompt,
                                _model_device(self.explorer))
         shared, reuse_note = None, "asymmetric set-up: two models, two caches"
+        prefill_seconds = 0.0
         if self.symmetric:
             _synchronize(_model_device(self.explorer))
             prefill_start = time.perf_counter()
@@ -772,8 +775,7 @@ class A2RPipeline:
             prefill_seconds = time.perf_counter() - prefill_start
         try:
             return self._run_stages(question, cfg, run_start, explorer_prompt, explorer_ids,
-                                    shared, reuse_note,
-                                    prefill_seconds if shared is not None else 0.0)
+                                    shared, reuse_note, prefill_seconds)
         finally:
             if shared is not None:
                 shared.close()
