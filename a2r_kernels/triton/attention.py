@@ -176,13 +176,17 @@ def _merge_two_states_kernel(
 
 
 # ---------------------------------------------------------------------------------- launchers
-def _tile_config(num_rows: int, head_dim: int) -> tuple[int, int, int]:
+def _tile_config(num_rows: int, head_dim: int, fp32_dot: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) from a small table instead of blind autotuning.
 
     BLOCK_M covers the rows of a typical work item (q_len * group, at least 16 for tl.dot);
-    BLOCK_N keeps the K/V tiles near 16 KiB of registers per tile at head_dim 128.
+    BLOCK_N keeps the K/V tiles near 16 KiB of registers per tile at head_dim 128. Exact fp32
+    dots (no tensor cores) need narrower KV tiles and more warps to stay free of register spills
+    (ptxas, sm_80/sm_90: tests/test_triton_compile.py --report).
     """
     block_m = min(max(triton.next_power_of_2(max(num_rows, 1)), 16), 64)
+    if fp32_dot:
+        return block_m, 16, 8
     block_n = 64 if head_dim <= 64 else 32
     num_warps = 4 if block_m <= 32 else 8
     return block_m, block_n, num_warps
@@ -203,7 +207,10 @@ def tree_attention_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return
     _, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    block_m, block_n, num_warps = _tile_config(max_rows, head_dim)
+    # fp32 inputs take exact fp32 dots (no TF32). Triton's CPU interpreter computes bf16 dots
+    # wrongly (it multiplies the raw bit patterns), so there bf16 is upcast as well.
+    fp32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and triton_interpret())
+    block_m, block_n, num_warps = _tile_config(max_rows, head_dim, q.dtype == torch.float32)
     grid = (num_work, num_kv_heads)
     _tree_attention_partial_kernel[grid](
         q, k_cache, v_cache, work_info, row_seq, page_table, partial_o, partial_lse,
@@ -212,10 +219,7 @@ def tree_attention_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         partial_o.stride(0), partial_o.stride(1), partial_lse.stride(0),
         HEAD_DIM=head_dim, BLOCK_D=max(triton.next_power_of_2(head_dim), 16),
         GROUP=num_q_heads // num_kv_heads, PAGE_SIZE=k_cache.shape[1],
-        BLOCK_M=block_m, BLOCK_N=block_n,
-        # fp32 inputs take exact fp32 dots (no TF32). Triton's CPU interpreter computes bf16 dots
-        # wrongly (it multiplies the raw bit patterns), so there bf16 is upcast as well.
-        FP32_DOT=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and triton_interpret()),
+        BLOCK_M=block_m, BLOCK_N=block_n, FP32_DOT=fp32_dot,
         num_warps=num_warps, num_stages=2,
     )
 
