@@ -75,6 +75,9 @@ def _generation_options(max_new_tokens_default: int) -> argparse.ArgumentParser:
                    help="cap on each reference handed to the synthesizer, keeping the end "
                    "(-1: no cap; default: %(default)s)")
     g.add_argument("--no-thinker", action="store_true", help="skip the diffusion thinker")
+    g.add_argument("--no-prefix-reuse", action="store_true",
+                   help="symmetric set-up: prefill the synthesizer's whole prompt instead of "
+                   "reusing the explorer's prompt-prefix KV")
     g.add_argument("--thinker-gen-length", type=_positive_int, default=64,
                    help="trace length in tokens (default: %(default)s)")
     g.add_argument("--thinker-block-length", type=_positive_int, default=32,
@@ -198,7 +201,8 @@ def _config_from_args(args):
         answer_max_chars=args.answer_max_chars if args.answer_max_chars >= 0 else None,
         use_thinker=not args.no_thinker, thinker_gen_length=args.thinker_gen_length,
         thinker_block_length=args.thinker_block_length, thinker_steps=args.thinker_steps,
-        thinker_threshold=args.thinker_threshold, backend=args.backend)
+        thinker_threshold=args.thinker_threshold, backend=args.backend,
+        reuse_prefix_kv=not args.no_prefix_reuse)
 
 
 def _tiny_paths(home, thinker: bool):
@@ -284,9 +288,14 @@ def _print_result(result, models, gold: str | None = None, out=None) -> None:
       f" = {kv.prompt_tokens} prompt tok x {kv.num_paths - 1} extra paths x "
       f"{kv.bytes_per_token} B/tok")
     if kv.symmetric:
-        p(f"  symmetric: explorer and synthesizer prompts share {kv.synthesizer_shared_prefix_tokens}"
-          f" tokens ({_format_bytes(kv.synthesizer_reusable_bytes)} of KV); not reused "
-          "(sample_parallel does not expose its cache)")
+        shared = (f"  symmetric: explorer and synthesizer prompts share "
+                  f"{kv.synthesizer_shared_prefix_tokens} tokens")
+        if kv.synthesizer_prefix_reused:
+            p(f"{shared}; the synthesizer reused {kv.reused_prefix_tokens} tokens' KV "
+              f"({_format_bytes(kv.synthesizer_saved_bytes)}) and forwarded "
+              f"{kv.synthesizer_prefill_tokens}")
+        else:
+            p(f"{shared}; not reused ({kv.reuse_note})")
     cons = f"{result.cons_answer} ({result.cons_votes}/{len(e.texts)} votes)"
     p(f"  answers: pass@1={result.pass_at_1_answer}  Cons@{len(e.texts)}={cons}  "
       f"A2R={result.final_answer}")
