@@ -1,0 +1,303 @@
+#!/usr/bin/env bash
+# One GPU session in as few device calls as possible: build + test + sanitize, then benchmark.
+#
+#   bash benchmarks/gpu_session.sh [options] [phase]
+#
+# phases (default: build-test)
+#   build-test    pip install -e . (csrc/ compiled for this GPU's arch), pytest on the CUDA /
+#                 attention / denoise tests with compiled Triton, compute-sanitizer
+#                 memcheck + racecheck (then synccheck + initcheck if time is left)
+#   bench         install, then bench_tree_attention (full sweep), bench_denoise (full),
+#                 bench_explore at P=2048, then P=8192, then FlashInfer baselines if importable;
+#                 benchmarks/results/*.json + *.png packed into $OUT/results.tgz
+#   bench-explore install, then bench_explore's full grid only (P=2048, then P=8192)
+#   all           build-test then bench, in one call, for as long as the time budget lasts
+#   env           only the environment report (GPU, driver, tool and package versions)
+#
+# options
+#   --dry-run     print every step with its time limit, run nothing
+#   --assume-gpu  with --dry-run: show the steps a GPU machine would run (sm_90) on this machine
+#   --quick       the benchmarks' --quick shapes (GPU: a few shapes; CPU: tiny ones)
+#   --no-install  skip `pip install -e .` (use the package as installed)
+#   --budget S    wall seconds the whole script may use (default 560: the device tool kills a
+#                 command at 600 s; every step gets min(its cap, what is left - 20 s) and a step
+#                 that would get less than its minimum is SKIPPED, so logs always come back)
+#
+# Environment: OUT (where logs go; the device tool sets it; default ./.gpu_session_out),
+# PYTHON (default python3), A2R_CUDA_ARCHS (default: read off nvidia-smi), A2R_TESTS (the test
+# files), A2R_PYTEST_WORKERS (pytest-xdist workers on a GPU, default 4; 0 = no xdist).
+#
+# What comes back in $OUT (at most 6 of the device tool's 8 files):
+#   <phase>.log      everything the phase printed (build-test.log, bench.log, ...)
+#   summary.txt      one line per step: status, seconds used, time limit, command
+#   pytest-junit.xml per-test results of the build-test phase
+#   results.tgz      benchmarks/results/*.json *.png as the benchmarks left them (bench phases);
+#                    unpack in the repository root: tar -xzf results.tgz
+#
+# Carried wheels: when .whl/*.whl exists (carry ".whl"), they are installed first with
+#   python3 -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl
+# and PYTHONPATH=/tmp/site is exported (benchmarks/README.md: FlashInfer as a baseline).
+
+set -uo pipefail   # no -e: every step records its own status and the script goes on
+
+usage() { sed -n '2,/^$/{s/^# \{0,1\}//;p}' "$0"; }
+
+PHASE=""
+DRY_RUN=0
+ASSUME_GPU=0
+QUICK=0
+INSTALL=1
+BUDGET_S="${A2R_SESSION_BUDGET_S:-560}"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dry-run) DRY_RUN=1 ;;
+    --assume-gpu) ASSUME_GPU=1 ;;
+    --quick) QUICK=1 ;;
+    --no-install) INSTALL=0 ;;
+    --budget) BUDGET_S="${2:?--budget needs seconds}"; shift ;;
+    --budget=*) BUDGET_S="${1#--budget=}" ;;
+    -h|--help) usage; exit 0 ;;
+    build-test|bench|bench-explore|all|env)
+      [[ -z "$PHASE" ]] || { echo "gpu_session.sh: one phase only (got $PHASE and $1)" >&2; exit 2; }
+      PHASE="$1" ;;
+    *) echo "gpu_session.sh: unknown argument '$1' (phases: build-test bench bench-explore all env;" \
+            "options: --dry-run --quick --no-install --budget S)" >&2; exit 2 ;;
+  esac
+  shift
+done
+PHASE="${PHASE:-build-test}"
+[[ $ASSUME_GPU == 0 || $DRY_RUN == 1 ]] || { echo "gpu_session.sh: --assume-gpu needs --dry-run" >&2; exit 2; }
+[[ "$BUDGET_S" =~ ^[0-9]+$ ]] || { echo "gpu_session.sh: --budget must be whole seconds, got '$BUDGET_S'" >&2; exit 2; }
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO" || exit 2
+OUT="${OUT:-$REPO/.gpu_session_out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+START_S=$(date +%s)
+RESERVE_S=20          # kept back for packing results and the summary
+SUMMARY="$OUT/summary.txt"
+MODE="$PHASE"                                   # what was asked; PHASE labels the log lines
+[[ $MODE == all ]] && PHASE=build-test          # `all`: build-test.log, then bench.log
+LOG="$OUT/$PHASE.log"
+FAILED=0
+
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1   # the device has no internet: never try the hub
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"          # FlashInfer's JIT (ninja) parallelism
+
+HAS_GPU=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then HAS_GPU=1; fi
+if [[ $ASSUME_GPU == 1 ]]; then HAS_GPU=1; export A2R_CUDA_ARCHS="${A2R_CUDA_ARCHS:-90}"; fi
+if [[ $HAS_GPU == 1 ]]; then
+  # The test modules do os.environ.setdefault("TRITON_INTERPRET", "1"): exporting 0 keeps the
+  # interpreter off (a2r_kernels._backend.triton_interpret and triton.knobs both read "0" as
+  # off), so "triton" means compiled kernels on CUDA tensors.
+  export TRITON_INTERPRET=0
+  if [[ -z "${A2R_CUDA_ARCHS:-}" ]]; then
+    cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' .')"
+    [[ "$cap" =~ ^[0-9]+$ ]] && export A2R_CUDA_ARCHS="$cap"   # "9.0" -> "90": sm_90 SASS + PTX
+  fi
+else
+  export TRITON_INTERPRET=1   # CPU: Triton kernels run in the interpreter (small shapes only)
+fi
+if command -v nvcc >/dev/null 2>&1; then export A2R_BUILD_CUDA=1; fi   # a failed build is an error
+
+QUICK_FLAG=""; [[ $QUICK == 1 || $HAS_GPU == 0 ]] && QUICK_FLAG="--quick"
+TESTS="${A2R_TESTS:-tests/test_cuda.py tests/test_attention.py tests/test_denoise.py}"
+
+DRY_ELAPSED_S=0       # --dry-run: a simulated clock, advanced by each step's expected time
+elapsed_s() { if [[ $DRY_RUN == 1 ]]; then echo "$DRY_ELAPSED_S"; else echo $(( $(date +%s) - START_S )); fi; }
+remaining_s() { echo $(( BUDGET_S - $(elapsed_s) - RESERVE_S )); }
+
+say() { echo "$*" | tee -a "$LOG"; }
+
+record() {  # status seconds limit name command
+  printf '%-9s %5ss / %-5s %-26s %s\n' "$1" "$2" "$3" "$4" "$5" >> "$SUMMARY"
+}
+
+# step NAME CAP_S MIN_S EXPECT_S COMMAND: run COMMAND (a bash string) under `timeout`, its output
+# tee'd to $LOG; the limit is min(CAP_S, time left); SKIPPED when that is under MIN_S. EXPECT_S is
+# a guess of its time on an H100 (not measured yet), used only to simulate the budget in --dry-run.
+# Returns COMMAND's status.
+step() {
+  local name="$1" cap="$2" min="$3" expect="$4" cmd="$5" left limit begin rc status shown
+  shown="$(echo "$cmd" | tr -s ' \n' ' ' | sed 's/^ //')"
+  (( ${#shown} > 200 )) && shown="${shown:0:197}..."
+  left=$(remaining_s)
+  limit=$(( cap < left ? cap : left ))
+  if (( limit < min )); then
+    say "=== [$PHASE] $name: SKIPPED, ${left}s left of the budget, needs ${min}s"
+    record SKIPPED 0 "$min" "$name" "$shown"
+    return 0
+  fi
+  say "=== [$PHASE] $name (limit ${limit}s, $(date -u +%H:%M:%S)): $shown"
+  if [[ $DRY_RUN == 1 ]]; then
+    expect=$(( expect < limit ? expect : limit ))
+    DRY_ELAPSED_S=$(( DRY_ELAPSED_S + expect ))
+    record DRY-RUN "~$expect" "$limit" "$name" "$shown"
+    return 0
+  fi
+  begin=$(date +%s)
+  timeout --kill-after=10 "$limit" bash -c "$cmd" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  case $rc in
+    0) status=ok ;;
+    124|137) status=TIMEOUT ;;
+    *) status="FAIL($rc)" ;;
+  esac
+  [[ $rc == 0 ]] || FAILED=1
+  say "=== [$PHASE] $name: $status after $(( $(date +%s) - begin ))s"
+  record "$status" "$(( $(date +%s) - begin ))" "$limit" "$name" "$shown"
+  return "$rc"
+}
+
+# ------------------------------------------------------------------------------------ steps
+env_report() {
+  step env 60 5 5 "date -u; uname -srm; echo phase=$PHASE quick=$QUICK install=$INSTALL budget=${BUDGET_S}s gpu=$HAS_GPU
+    echo A2R_CUDA_ARCHS=\${A2R_CUDA_ARCHS:-unset} TRITON_INTERPRET=\$TRITON_INTERPRET PYTHONPATH=\${PYTHONPATH:-}
+    if [[ $HAS_GPU == 1 ]]; then
+      nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw --format=csv
+    fi
+    command -v nvcc >/dev/null && nvcc --version | tail -n 2
+    command -v compute-sanitizer >/dev/null && compute-sanitizer --version | head -n 2
+    cmake --version | head -n 1; ninja --version
+    $PY - <<'EOF'
+import importlib, platform, sys
+print('python', platform.python_version(), sys.executable)
+for name in ('torch', 'triton', 'transformers', 'numpy', 'pybind11', 'pytest', 'hypothesis',
+             'xdist', 'matplotlib', 'flashinfer', 'tvm_ffi', 'flash_attn'):
+    try:
+        module = importlib.import_module(name)
+        print(f'{name:>12} {getattr(module, \"__version__\", \"?\")}  {module.__file__}')
+    except Exception as exc:
+        print(f'{name:>12} -- {type(exc).__name__}: {str(exc)[:120]}')
+import torch
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f'torch sees {p.name}: {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB,'
+          f' L2 {getattr(p, \"L2_cache_size\", 0) / 2**20:.0f} MiB, torch CUDA {torch.version.cuda}')
+EOF"
+}
+
+install_wheels() {
+  compgen -G ".whl/*.whl" >/dev/null || return 0
+  # --upgrade so a re-run in a warm machine replaces what an earlier call installed
+  step wheels 120 10 10 "ls -la .whl; $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl" \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+}
+
+install_package() {
+  [[ $INSTALL == 1 ]] || { say "=== [$PHASE] install: skipped (--no-install)"; return 0; }
+  # --no-deps --no-index: torch / numpy / transformers are already there and nothing can be
+  # fetched; -v shows the CMake build and ptxas's spill warnings (-Xptxas=-warn-spills).
+  step install 240 30 45 "$PY -m pip install -v --no-deps --no-index --no-build-isolation -e . 2>&1 | grep -v '^  *\(copying\|adding\|creating\) ' ; test \${PIPESTATUS[0]} = 0 && $PY -c 'import a2r_kernels._C as C, a2r_kernels as ak; print(\"a2r_kernels._C\", C.__file__, \"CUDA runtime\", C.cuda_runtime_version(), \"ops\", sorted(C.PUBLIC_OPS))' && { ! command -v cuobjdump >/dev/null || cuobjdump --list-elf a2r_kernels/_C*.so | head -n 20; }"
+}
+
+run_tests() {
+  local xdist=""
+  if [[ $HAS_GPU == 1 && "${A2R_PYTEST_WORKERS:-4}" != 0 ]] && $PY -c "import xdist" 2>/dev/null; then
+    xdist="-n ${A2R_PYTEST_WORKERS:-4} --dist load"
+  fi
+  # -rs: every skip reason (a GPU test skipped on a GPU machine is a finding), slowest tests last
+  step pytest 420 60 240 "$PY -m pytest -q -rs --durations=15 -p no:cacheprovider $xdist --junitxml=$OUT/pytest-junit.xml $TESTS"
+}
+
+run_sanitizers() {
+  if [[ $HAS_GPU == 0 ]] || { [[ $ASSUME_GPU == 0 ]] && ! command -v compute-sanitizer >/dev/null 2>&1; }; then
+    step sanitize-smoke 60 10 10 "$PY benchmarks/cuda_sanitize.py --quick"
+    return
+  fi
+  # No caching allocator under memcheck/initcheck: torch otherwise sub-allocates small tensors
+  # inside one large cudaMalloc, where an out-of-bounds access lands in valid memory unseen.
+  local tool env cap
+  for tool in memcheck racecheck synccheck initcheck; do
+    env=""; cap=240
+    [[ $tool == memcheck || $tool == initcheck ]] && env="PYTORCH_NO_CUDA_MEMORY_CACHING=1"
+    [[ $tool == synccheck || $tool == initcheck ]] && cap=150
+    step "sanitize-$tool" "$cap" 45 90 "$env compute-sanitizer --tool $tool --error-exitcode 86 --print-limit 50 $PY benchmarks/cuda_sanitize.py"
+  done
+}
+
+run_explore() {
+  # One process per prompt length: bench_explore writes its JSON only at the end, so a timeout
+  # then costs one prompt length, not the whole grid (rows are upserted per device and shape).
+  if [[ -n "$QUICK_FLAG" ]]; then
+    step bench-explore-quick 240 60 60 "$PY benchmarks/bench_explore.py --quick"
+    return
+  fi
+  step bench-explore-P2048 300 120 150 "$PY benchmarks/bench_explore.py --prompt-lens 2048"
+  step bench-explore-P8192 400 180 240 "$PY benchmarks/bench_explore.py --prompt-lens 8192"
+}
+
+run_benches() {
+  step bench-tree-attention 300 90 180 "$PY benchmarks/bench_tree_attention.py $QUICK_FLAG"
+  step bench-denoise 240 60 90 "$PY benchmarks/bench_denoise.py $QUICK_FLAG"
+  run_explore
+  if [[ $HAS_GPU == 1 ]] && $PY -c "import flashinfer" 2>/dev/null; then
+    # Separate process, last: FlashInfer JIT-compiles its kernels with nvcc on first use
+    # (minutes), and an error there must not cost the rows above. Its plot would show only
+    # this run's providers, so the a2r plots are kept.
+    step bench-tree-flashinfer 300 120 240 "mkdir -p /tmp/a2r_png && cp benchmarks/results/tree_attention_P*.png /tmp/a2r_png/ 2>/dev/null; $PY benchmarks/bench_tree_attention.py --quick --providers a2r-tree,a2r-paged,flashinfer-decode,flashinfer-cascade; rc=\$?; cp /tmp/a2r_png/*.png benchmarks/results/ 2>/dev/null; exit \$rc"
+  fi
+}
+
+pack_results() {
+  [[ $DRY_RUN == 1 ]] && { record DRY-RUN 0 0 pack "tar -czf $OUT/results.tgz benchmarks/results"; return; }
+  # Unpack over the repository root; the JSON files hold every device's rows (upserted).
+  tar -czf "$OUT/results.tgz" benchmarks/results/*.json benchmarks/results/*.png 2>>"$LOG" \
+    && say "=== [$PHASE] packed $(tar -tzf "$OUT/results.tgz" | wc -l) files into $OUT/results.tgz"
+}
+
+phase_build_test() {
+  install_package
+  run_tests
+  run_sanitizers
+}
+
+phase_bench() {
+  install_package
+  run_benches
+  pack_results
+}
+
+phase_bench_explore() {
+  install_package
+  run_explore
+  pack_results
+}
+
+# ------------------------------------------------------------------------------------- main
+rm -f "$OUT"/{build-test,bench,bench-explore,env}.log "$OUT"/pytest-junit.xml "$OUT"/results.tgz
+: > "$SUMMARY"
+: > "$LOG"
+say "# gpu_session.sh $MODE  (repo $REPO, OUT $OUT, budget ${BUDGET_S}s, dry-run $DRY_RUN)"
+install_wheels
+env_report
+case "$MODE" in
+  env) ;;
+  build-test) phase_build_test ;;
+  bench) phase_bench ;;
+  bench-explore) phase_bench_explore ;;
+  all)
+    phase_build_test
+    PHASE=bench LOG="$OUT/bench.log"; : > "$LOG"
+    INSTALL=0   # built a moment ago
+    phase_bench ;;
+esac
+
+if [[ -s "$OUT/pytest-junit.xml" && $DRY_RUN == 0 ]]; then
+  $PY - "$OUT/pytest-junit.xml" >> "$SUMMARY" <<'EOF'
+import sys
+import xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+suites = [root] if root.tag == "testsuite" else list(root)
+count = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+print("pytest    " + "  ".join(f"{k} {v}" for k, v in count.items()))
+EOF
+fi
+echo "# total $(elapsed_s)s$([[ $DRY_RUN == 1 ]] && echo ' (simulated)') of ${BUDGET_S}s budget; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')" >> "$SUMMARY"
+echo
+echo "================================ summary ($MODE) ================================"
+cat "$SUMMARY"
+exit "$FAILED"
