@@ -47,7 +47,7 @@ from typing import Iterable
 import torch
 
 from ._errors import CacheFullError
-from .layout import TreeLayout
+from .layout import TreeLayout, _kv_chunk
 
 _POOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -414,9 +414,11 @@ class TreeKVCache:
                 j = local_id.get(node)
                 if j is None:
                     j = local_id[node] = len(tables)
-                    tables.append(node.blocks)
+                    tables.append(list(node.blocks))   # a snapshot: the node may grow later
                     lengths.append(node.length)
                 path.append(j)
             paths.append(path)
-        return TreeLayout.from_paths(paths, tables, lengths, self.block_size, self.device,
-                                     kv_chunk_size=kv_chunk_size)
+        # The tree guarantees what from_paths would check (ids in range, no repeats, lengths
+        # that fit their blocks): plan directly.
+        return TreeLayout._plan(paths, tables, lengths, self.block_size,
+                                _kv_chunk(kv_chunk_size, self.block_size), self.device)

@@ -25,7 +25,8 @@ A second pass merges, for each sequence ``i``, the partial rows
 ``merge_rows[merge_indptr[i] : merge_indptr[i + 1]]`` by their LSE (fp32). A sequence whose path
 has no tokens gets no partial row: its output is 0 and its LSE is ``-inf``.
 
-All tensors are int32 on ``device``; the Python scalars beside them (``num_partials``,
+All tensors are int32 on ``device``, contiguous slices of one buffer (one host-to-device copy
+per step), each 16-byte aligned; the Python scalars beside them (``num_partials``,
 ``max_block_id``, ...) let the per-layer call check its inputs and size its buffers without a host
 sync. Nothing in the per-layer call depends on anything but these tensors and the KV pool, so a
 decode step that reuses one layout is CUDA-graph friendly.
@@ -33,7 +34,9 @@ decode step that reuses one layout is CUDA-graph friendly.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Sequence
 
 import torch
@@ -49,11 +52,25 @@ def _as_int_list(x, what: str) -> list[int]:
     if isinstance(x, torch.Tensor):
         if x.dim() != 1:
             raise ValueError(f"{what} must be 1-D, got shape {tuple(x.shape)}")
-        return [int(v) for v in x.tolist()]
+        x = x.tolist()
     try:
-        return [int(v) for v in x]
+        return list(map(int, x))   # C-level loop: tables can hold thousands of block ids
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} must be a sequence of ints, got {type(x).__name__}") from exc
+
+
+def _kv_chunk(kv_chunk_size, block_size: int) -> int:
+    """``kv_chunk_size`` (default ``DEFAULT_KV_CHUNK``) rounded up to a multiple of block_size."""
+    chunk = DEFAULT_KV_CHUNK if kv_chunk_size is None else int(kv_chunk_size)
+    if chunk <= 0:
+        raise ValueError(f"kv_chunk_size must be positive, got {kv_chunk_size!r}")
+    return -(-chunk // block_size) * block_size
+
+
+# The plan's int32 tensors are slices of one buffer (one host-to-device copy per step instead of
+# six); each slice starts at a multiple of this many int32s (16 bytes), so every pointer keeps
+# the 16-byte alignment that Triton specialises on.
+_SLICE_ALIGN = 4
 
 
 @dataclass(eq=False)
@@ -108,10 +125,7 @@ class TreeLayout:
         """
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-        chunk = DEFAULT_KV_CHUNK if kv_chunk_size is None else int(kv_chunk_size)
-        if chunk <= 0:
-            raise ValueError(f"kv_chunk_size must be positive, got {kv_chunk_size!r}")
-        chunk = -(-chunk // block_size) * block_size
+        chunk = _kv_chunk(kv_chunk_size, block_size)
 
         lengths = _as_int_list(node_lengths, "node_lengths")
         num_nodes = len(lengths)
@@ -125,23 +139,30 @@ class TreeLayout:
             if length > len(table) * block_size:
                 raise ValueError(f"node_lengths[{j}]={length} does not fit in its "
                                  f"{len(table)} blocks of block_size={block_size}")
-            if any(b < 0 for b in table):
+            if table and min(table) < 0:
                 raise ValueError(f"node_block_tables[{j}] holds a negative block id")
 
         path_lists: list[list[int]] = []
         for i, path in enumerate(paths):
             path = _as_int_list(path, f"paths[{i}]")
-            for j in path:
-                if not 0 <= j < num_nodes:
-                    raise ValueError(f"paths[{i}] names node {j}, expected 0 <= node < {num_nodes}")
+            if path and (min(path) < 0 or max(path) >= num_nodes):
+                bad = next(j for j in path if not 0 <= j < num_nodes)
+                raise ValueError(f"paths[{i}] names node {bad}, expected 0 <= node < {num_nodes}")
             if len(set(path)) != len(path):
                 raise ValueError(f"paths[{i}] repeats a node: {path}")
             path_lists.append(path)
-        num_seqs = len(path_lists)
+        return cls._plan(path_lists, tables, lengths, block_size, chunk, device)
+
+    @classmethod
+    def _plan(cls, paths: list[list[int]], tables: list[list[int]], lengths: list[int],
+              block_size: int, chunk: int, device) -> "TreeLayout":
+        """The plan of already validated inputs (what :meth:`from_paths` checks), which it keeps
+        by reference: ``TreeKVCache.layout`` passes fresh lists it guarantees valid."""
+        num_seqs = len(paths)
+        num_nodes = len(lengths)
 
         # Kernel order: lexicographic by path, so sequences under a node are contiguous.
-        order = sorted(range(num_seqs), key=lambda i: path_lists[i])
-        position_of = {seq: p for p, seq in enumerate(order)}
+        order = sorted(range(num_seqs), key=paths.__getitem__)
 
         page_start: list[int] = []
         offset = 0
@@ -149,59 +170,79 @@ class TreeLayout:
             page_start.append(offset)
             offset += len(table)
 
-        # Runs of kernel positions per node, in node order.
-        node_positions: dict[int, list[int]] = {}
+        # Kernel positions of the sequences that read each node, ascending.
+        node_positions: list[list[int]] = [[] for _ in range(num_nodes)]
         for p, seq in enumerate(order):
-            for j in path_lists[seq]:
-                node_positions.setdefault(j, []).append(p)
+            for j in paths[seq]:
+                node_positions[j].append(p)
 
-        work: list[tuple[int, int, int, int, int, int]] = []
+        work: list[int] = []   # WORK_FIELDS per item, flattened
         partial_rows_of_seq: list[list[int]] = [[] for _ in range(num_seqs)]
         num_partials = 0
-        for j in sorted(node_positions):
+        max_q_len = 0
+        max_block_id = -1
+        for j, positions in enumerate(node_positions):
             length = lengths[j]
-            if length == 0:
+            if not positions or length == 0:
                 continue
-            positions = node_positions[j]
-            runs: list[tuple[int, int]] = []
-            start = prev = positions[0]
-            for p in positions[1:]:
-                if p != prev + 1:
-                    runs.append((start, prev - start + 1))
-                    start = p
-                prev = p
-            runs.append((start, prev - start + 1))
+            table = tables[j]
+            num_pages = -(-length // block_size)
+            max_block_id = max(max_block_id, max(table) if len(table) == num_pages
+                               else max(table[:num_pages]))
+            if length <= chunk and len(positions) == 1:   # a leaf of one sequence: the common case
+                work += (positions[0], 1, page_start[j], 0, length, num_partials)
+                partial_rows_of_seq[order[positions[0]]].append(num_partials)
+                num_partials += 1
+                max_q_len = max_q_len or 1
+                continue
+            if positions[-1] - positions[0] + 1 == len(positions):   # one run: always in a tree
+                runs = [(positions[0], len(positions))]
+            else:
+                runs = []
+                start = prev = positions[0]
+                for p in positions[1:]:
+                    if p != prev + 1:
+                        runs.append((start, prev - start + 1))
+                        start = p
+                    prev = p
+                runs.append((start, prev - start + 1))
             for q_start, q_len in runs:
+                max_q_len = max(max_q_len, q_len)
+                run_seqs = order[q_start:q_start + q_len]
                 for kv_start in range(0, length, chunk):
-                    kv_end = min(kv_start + chunk, length)
-                    work.append((q_start, q_len, page_start[j], kv_start, kv_end, num_partials))
-                    for r in range(q_len):
-                        partial_rows_of_seq[order[q_start + r]].append(num_partials + r)
+                    work += (q_start, q_len, page_start[j], kv_start, min(kv_start + chunk, length),
+                             num_partials)
+                    for r, seq in enumerate(run_seqs, num_partials):
+                        partial_rows_of_seq[seq].append(r)
                     num_partials += q_len
 
         indptr = [0]
         rows: list[int] = []
         for seq_rows in partial_rows_of_seq:
-            rows.extend(seq_rows)
+            rows += seq_rows
             indptr.append(len(rows))
-        seq_lens = [sum(lengths[j] for j in path) for path in path_lists]
-        used_blocks = [b for j in node_positions for b in tables[j][: -(-lengths[j] // block_size)]]
+        seq_lens = [sum(map(lengths.__getitem__, path)) for path in paths]
 
+        # One int32 buffer holds every tensor of the plan: one copy to the device.
+        buffer = array("i")
+        slices = []
+        for values in (work, order, chain.from_iterable(tables), indptr, rows, seq_lens):
+            start = len(buffer)
+            buffer.extend(values)
+            slices.append((start, len(buffer)))
+            buffer.extend([0] * (-len(buffer) % _SLICE_ALIGN))
         device = torch.device(device)
-        i32 = dict(dtype=torch.int32, device=device)
+        data = torch.frombuffer(buffer, dtype=torch.int32).to(device)
+        work_info, row_seq, page_table, merge_indptr, merge_rows, lens = (
+            data[a:b] for a, b in slices)
+        num_work = len(work) // len(WORK_FIELDS)
         return cls(
-            paths=path_lists, node_block_tables=tables, node_lengths=lengths,
+            paths=paths, node_block_tables=tables, node_lengths=lengths,
             block_size=block_size, device=device, kv_chunk_size=chunk,
-            work_info=torch.tensor(work, **i32).reshape(len(work), len(WORK_FIELDS)),
-            row_seq=torch.tensor(order, **i32),
-            page_table=torch.tensor([b for t in tables for b in t], **i32),
-            merge_indptr=torch.tensor(indptr, **i32),
-            merge_rows=torch.tensor(rows, **i32),
-            seq_lens=torch.tensor(seq_lens, **i32),
-            num_partials=num_partials,
-            max_block_id=max(used_blocks, default=-1),
-            max_seq_len=max(seq_lens, default=0),
-            max_q_len=max((w[1] for w in work), default=0),
+            work_info=work_info.view(num_work, len(WORK_FIELDS)), row_seq=row_seq,
+            page_table=page_table, merge_indptr=merge_indptr, merge_rows=merge_rows,
+            seq_lens=lens, num_partials=num_partials, max_block_id=max_block_id,
+            max_seq_len=max(seq_lens, default=0), max_q_len=max_q_len,
         )
 
     # ------------------------------------------------------------------ properties

@@ -492,6 +492,43 @@ def test_layout_against_attention_reference():
         torch.testing.assert_close(out[i], expected, rtol=1e-5, atol=1e-5)
 
 
+PLAN_TENSORS = ("work_info", "row_seq", "page_table", "merge_indptr", "merge_rows", "seq_lens")
+
+
+def assert_same_plan(a, b):
+    """Two TreeLayouts hold the same plan: same inputs, same int32 tensors, same scalars."""
+    for name in ("paths", "node_block_tables", "node_lengths", "block_size", "kv_chunk_size",
+                 "num_partials", "max_block_id", "max_seq_len", "max_q_len"):
+        assert getattr(a, name) == getattr(b, name), name
+    for name in PLAN_TENSORS:
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype == torch.int32 and x.device == y.device, name
+        assert x.is_contiguous() and torch.equal(x, y), name
+        # The tensors share one buffer; each slice keeps the 16-byte alignment Triton expects.
+        assert x.numel() == 0 or x.data_ptr() % 16 == 0, name
+
+
+def test_layout_is_a_snapshot_of_the_step():
+    """A layout keeps the blocks and lengths of the step it was built for, whatever the cache
+    does afterwards (it must not alias the cache's growing block lists)."""
+    cache = make_cache(num_blocks=64, block_size=4)
+    root = cache.new_sequence()
+    cache.reserve([root], 6)
+    kids = cache.fork(root, 3)
+    cache.reserve(kids, 4)
+    layout = cache.layout(kids)
+    before = ([list(t) for t in layout.node_block_tables], list(layout.node_lengths),
+              layout.page_table.clone(), layout.seq_slots().clone())
+    cache.reserve(kids, 5)   # every kid's node gets more tokens and a new block
+    cache.free(kids[1])
+    assert [list(t) for t in layout.node_block_tables] == before[0]
+    assert layout.node_lengths == before[1]
+    assert torch.equal(layout.page_table, before[2])
+    assert_same_plan(layout, ak.TreeLayout.from_paths(layout.paths, before[0], before[1], 4))
+    assert_same_plan(layout.to("cpu"), layout)
+    assert torch.equal(layout.seq_slots(), before[3])
+
+
 @st.composite
 def random_trees(draw):
     """A random tree of sequences, as a list of ops to replay on a cache."""
@@ -541,8 +578,14 @@ def test_layout_seq_slots_match_path_slots(tree):
                 growable.remove(seq)
             cache.free(seq)
     seqs = rng.sample(live, k=len(live))
-    layout = cache.layout(seqs)
+    if seqs:
+        seqs.append(seqs[0])   # a sequence listed twice gets two identical rows
+    layout = cache.layout(seqs, kv_chunk_size=2 * block_size)
     assert layout.seq_lens.tolist() == [cache.length(s) for s in seqs]
+    # cache.layout plans without from_paths' checks: the plan must be the one from_paths makes.
+    assert_same_plan(layout, ak.TreeLayout.from_paths(
+        layout.paths, layout.node_block_tables, layout.node_lengths, block_size,
+        kv_chunk_size=2 * block_size))
     seq_slots = layout.seq_slots()
     for i, seq in enumerate(seqs):
         row = seq_slots[i]
