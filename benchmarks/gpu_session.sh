@@ -75,7 +75,7 @@ OUT="${OUT:-$REPO/.gpu_session_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 START_S=$(date +%s)
-RESERVE_S=20          # kept back for packing results and the summary
+RESERVE_S=30          # kept back for a SIGINT-ed step to stop (15 s), packing and the summary
 SUMMARY="$OUT/summary.txt"
 MODE="$PHASE"                                   # what was asked; PHASE labels the log lines
 [[ $MODE == all ]] && PHASE=build-test          # `all`: build-test.log, then bench.log
@@ -139,7 +139,9 @@ step() {
     return 0
   fi
   begin=$(date +%s)
-  timeout --kill-after=10 "$limit" bash -c "$cmd" 2>&1 | tee -a "$LOG"
+  # SIGINT first: pytest then still prints its summary and writes the junit file; python
+  # scripts stop with a traceback that says where they were. SIGKILL 15 s later.
+  timeout --signal=INT --kill-after=15 "$limit" bash -c "$cmd" 2>&1 | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
   case $rc in
     0) status=ok ;;
