@@ -7,10 +7,12 @@
 #   build-test    pip install -e . (csrc/ compiled for this GPU's arch), pytest on the CUDA /
 #                 attention / denoise tests with compiled Triton, compute-sanitizer
 #                 memcheck + racecheck (then synccheck + initcheck if time is left)
-#   bench         install, then bench_tree_attention (full sweep), bench_denoise (full),
-#                 bench_explore at P=2048, then P=8192, then FlashInfer baselines if importable;
+#   bench         install, then the benchmarks named in A2R_BENCHES, in that order (default
+#                 "tree denoise flashinfer explore"): bench_tree_attention (full sweep),
+#                 bench_denoise (full), FlashInfer decode / cascade baselines (--quick shapes,
+#                 only when flashinfer imports), bench_explore at P=2048 then P=8192;
 #                 benchmarks/results/*.json + *.png packed into $OUT/results.tgz
-#   bench-explore install, then bench_explore's full grid only (P=2048, then P=8192)
+#   bench-explore the same with A2R_BENCHES=explore
 #   all           build-test then bench, in one call, for as long as the time budget lasts
 #   env           only the environment report (GPU, driver, tool and package versions)
 #
@@ -25,7 +27,8 @@
 #
 # Environment: OUT (where logs go; the device tool sets it; default ./.gpu_session_out),
 # PYTHON (default python3), A2R_CUDA_ARCHS (default: read off nvidia-smi), A2R_TESTS (the test
-# files), A2R_PYTEST_WORKERS (pytest-xdist workers on a GPU, default 4; 0 = no xdist).
+# files), A2R_PYTEST_WORKERS (pytest-xdist workers on a GPU, default 4; 0 = no xdist),
+# A2R_BENCHES (see bench), A2R_SESSION_BUDGET_S (= --budget).
 #
 # What comes back in $OUT (at most 6 of the device tool's 8 files):
 #   <phase>.log      everything the phase printed (build-test.log, bench.log, ...)
@@ -113,7 +116,7 @@ remaining_s() { echo $(( BUDGET_S - $(elapsed_s) - RESERVE_S )); }
 say() { echo "$*" | tee -a "$LOG"; }
 
 record() {  # status seconds limit name command
-  printf '%-9s %5ss / %-5s %-26s %s\n' "$1" "$2" "$3" "$4" "$5" >> "$SUMMARY"
+  printf '%-9s %5ss / %-5s %-30s %s\n' "$1" "$2" "$3" "$4" "$5" >> "$SUMMARY"
 }
 
 # step NAME CAP_S MIN_S EXPECT_S COMMAND: run COMMAND (a bash string) under `timeout`, its output
@@ -232,16 +235,42 @@ run_explore() {
   step bench-explore-P8192 400 180 240 "$PY benchmarks/bench_explore.py --prompt-lens 8192"
 }
 
+have_flashinfer() {
+  [[ $HAS_GPU == 1 ]] || return 1
+  $PY -c "import flashinfer" 2>/dev/null && return 0
+  [[ $DRY_RUN == 1 ]] && compgen -G ".whl/flashinfer*.whl" >/dev/null   # not installed by a dry run
+}
+
 run_benches() {
-  step bench-tree-attention 300 90 180 "$PY benchmarks/bench_tree_attention.py $QUICK_FLAG"
-  step bench-denoise 240 60 90 "$PY benchmarks/bench_denoise.py $QUICK_FLAG"
-  run_explore
-  if [[ $HAS_GPU == 1 ]] && $PY -c "import flashinfer" 2>/dev/null; then
-    # Separate process, last: FlashInfer JIT-compiles its kernels with nvcc on first use
-    # (minutes), and an error there must not cost the rows above. Its plot would show only
-    # this run's providers, so the a2r plots are kept.
-    step bench-tree-flashinfer 300 120 240 "mkdir -p /tmp/a2r_png && cp benchmarks/results/tree_attention_P*.png /tmp/a2r_png/ 2>/dev/null; $PY benchmarks/bench_tree_attention.py --quick --providers a2r-tree,a2r-paged,flashinfer-decode,flashinfer-cascade; rc=\$?; cp /tmp/a2r_png/*.png benchmarks/results/ 2>/dev/null; exit \$rc"
+  # Default order: the two kernel products, their external baseline, the end-to-end explorer.
+  local bench
+  for bench in ${A2R_BENCHES:-tree denoise flashinfer explore}; do
+    case "$bench" in
+      tree) step bench-tree-attention 300 90 180 "$PY benchmarks/bench_tree_attention.py $QUICK_FLAG" ;;
+      denoise) step bench-denoise 240 60 90 "$PY benchmarks/bench_denoise.py $QUICK_FLAG" ;;
+      flashinfer) run_flashinfer ;;
+      explore) run_explore ;;
+      *) say "=== [$PHASE] unknown benchmark '$bench' in A2R_BENCHES (tree denoise flashinfer explore)"
+         record FAIL 0 0 "$bench" "unknown benchmark"; FAILED=1 ;;
+    esac
+  done
+}
+
+run_flashinfer() {
+  if ! have_flashinfer; then
+    say "=== [$PHASE] flashinfer: not importable (carry .whl, see benchmarks/README.md), skipped"
+    return 0
   fi
+  # Separate processes, --quick shapes: FlashInfer JIT-compiles its kernels with nvcc on first
+  # use (minutes), and an error there must not cost other rows (a failing provider ends
+  # bench_tree_attention before it writes anything). Each run redraws the P plots with its own
+  # providers only, so the full run's plots are put back afterwards.
+  local saved=/tmp/a2r_tree_png provider
+  mkdir -p "$saved" && cp benchmarks/results/tree_attention_P*.png "$saved"/ 2>/dev/null
+  for provider in flashinfer-decode flashinfer-cascade; do
+    step "bench-tree-$provider" 300 120 150 "$PY benchmarks/bench_tree_attention.py --quick --providers a2r-tree,a2r-paged,$provider"
+  done
+  cp "$saved"/*.png benchmarks/results/ 2>/dev/null
 }
 
 pack_results() {
@@ -264,9 +293,7 @@ phase_bench() {
 }
 
 phase_bench_explore() {
-  install_package
-  run_explore
-  pack_results
+  A2R_BENCHES=explore phase_bench
 }
 
 # ------------------------------------------------------------------------------------- main
