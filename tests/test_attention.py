@@ -1,16 +1,23 @@
 """Tree / paged decode attention and LSE merge: every backend against the fp32 reference.
 
-Triton kernels run in Triton's CPU interpreter here (TRITON_INTERPRET=1, set before import).
+Without a GPU, Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before
+anything imports triton). With a GPU the compiled kernels run unless TRITON_INTERPRET says
+otherwise.
 """
 
 import os
+import subprocess
+import sys
+import textwrap
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # importing torch does not import triton
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import random  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import a2r_kernels as ak  # noqa: E402
 from a2r_kernels import reference  # noqa: E402
@@ -179,6 +186,58 @@ def test_tree_kernel_noncontiguous_inputs_and_scale(backend, dtype):
                                         return_lse=True)
     ref_out, ref_lse = reference.tree_decode_attention(q, k, v, layout, 0.3)
     check_close(out, lse, ref_out, ref_lse, dtype)
+
+
+# Run in a subprocess: before the fix, the wrapped int32 offset made the kernel read far outside
+# the pool (a segfault under the interpreter, an illegal address on a GPU), which must fail this
+# test, not kill the test session.
+_HEAD_MAJOR_POOL = textwrap.dedent("""
+    import sys
+    import torch
+    import a2r_kernels as ak
+    from a2r_kernels import reference
+
+    device, backend = sys.argv[1], sys.argv[2]
+    num_kv_heads, block_size, head_dim, num_blocks = 3, 16, 16, 4
+    # Head-major pool [Hkv, ..., block_size, D] seen as [num_blocks, block_size, Hkv, D]: the kv
+    # head stride fits in int32, kv_head 2 times it does not (2**31 + 1024 elements).
+    stride_kh = 2 ** 30 + 512
+    try:  # 4.3 GB of address space; only the pages of the used blocks are ever touched
+        storage = torch.empty((num_kv_heads - 1) * stride_kh + num_blocks * block_size * head_dim,
+                              dtype=torch.float16, device=device)
+    except (RuntimeError, MemoryError) as exc:
+        print("SKIP", exc)
+        sys.exit(0)
+    pool = storage.as_strided((num_blocks, block_size, num_kv_heads, head_dim),
+                              (block_size * head_dim, head_dim, stride_kh, 1))
+    gen = torch.Generator().manual_seed(0)
+    for block in range(num_blocks):
+        pool[block] = torch.randn(block_size, num_kv_heads, head_dim, generator=gen).half()
+    paths, tables, lengths = [[0, 1], [0, 2]], [[0], [3], [1, 2]], [16, 7, 20]
+    layout = ak.TreeLayout.from_paths(paths, tables, lengths, block_size, device)
+    q = torch.randn(2, 2 * num_kv_heads, head_dim, generator=gen).half().to(device)
+    out, lse = ak.tree_decode_attention(q, pool, pool, layout, backend=backend, return_lse=True)
+    compact = pool.contiguous()     # the same values in an ordinary layout
+    ref_out, ref_lse = reference.tree_decode_attention(q, compact, compact, layout,
+                                                       head_dim ** -0.5)
+    print("ERR", float((out.float() - ref_out).abs().max()), float((lse - ref_lse).abs().max()))
+""")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_pool_offsets_beyond_int32(backend):
+    """kv_head * stride_kh >= 2**31 with an int32 stride (head-major pool): 64-bit offsets."""
+    _backend_or_skip(backend)
+    env = dict(os.environ)
+    if DEVICE == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run([sys.executable, "-c", _HEAD_MAJOR_POOL, DEVICE, backend],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, f"crashed ({result.returncode}):\n{result.stderr[-3000:]}"
+    if result.stdout.startswith("SKIP"):
+        pytest.skip(f"cannot reserve 4.3 GB of address space: {result.stdout}")
+    out_err, lse_err = map(float, result.stdout.split("ERR")[1].split())
+    assert out_err <= ATOL[torch.float16] and lse_err <= LSE_ATOL, result.stdout
 
 
 @pytest.mark.parametrize("backend", ["torch"] + KERNEL_BACKENDS)

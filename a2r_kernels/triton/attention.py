@@ -55,6 +55,11 @@ def _tree_attention_partial_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     num_rows = q_len * GROUP
+    # Offsets in int64: a pool view can have an int32 stride whose product with an index does
+    # not fit (head-major pool [Hkv, num_blocks, ...]: kv_head * stride_kh passes 2**31 at
+    # 200k blocks x 16 x 128 with kv_head >= 8).
+    k_head_ptr = k_ptr + kv_head.to(tl.int64) * stride_kh
+    v_head_ptr = v_ptr + kv_head.to(tl.int64) * stride_vh
     for m0 in range(0, num_rows, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < num_rows
@@ -75,8 +80,8 @@ def _tree_attention_partial_kernel(
                            mask=mask_n, other=0).to(tl.int64)
             slot = offs_n % PAGE_SIZE
             kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(k_ptr + page[:, None] * stride_kb + slot[:, None] * stride_kt
-                        + kv_head * stride_kh + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+            k = tl.load(k_head_ptr + page[:, None] * stride_kb + slot[:, None] * stride_kt
+                        + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
             if FP32_DOT:
                 s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
             else:
@@ -87,8 +92,8 @@ def _tree_attention_partial_kernel(
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + page[:, None] * stride_vb + slot[:, None] * stride_vt
-                        + kv_head * stride_vh + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+            v = tl.load(v_head_ptr + page[:, None] * stride_vb + slot[:, None] * stride_vt
+                        + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
             if FP32_DOT:
                 acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
@@ -113,7 +118,7 @@ def _merge_partials_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     seq = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)   # int64 offsets: out may be any (strided) view
     start = tl.load(indptr_ptr + seq)
     end = tl.load(indptr_ptr + seq + 1)
     offs_d = tl.arange(0, BLOCK_D)
@@ -152,7 +157,7 @@ def _merge_two_states_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
+    head = tl.program_id(1).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     lse_a = tl.load(lse_a_ptr + seq * stride_las + head * stride_lah).to(tl.float32)
