@@ -80,9 +80,20 @@ def _run_work_items(backend: str, q, k_cache, v_cache, work_info, row_seq, page_
         kernels.merge_partials(partial_o, partial_lse, merge_indptr, merge_rows, out, lse)
     else:  # cuda
         from . import _cuda_ops
+        # The CUDA kernels take unit-stride head_dim rows. q and out may be any views (the
+        # public contract): q is small, copy it; out is written through a contiguous buffer.
+        q = _unit_last_stride(q)
+        target = _unit_last_stride(out)
         _cuda_ops.tree_attention_partials(q, k_cache, v_cache, work_info, row_seq, page_table,
                                           partial_o, partial_lse, sm_scale)
-        _cuda_ops.merge_partials(partial_o, partial_lse, merge_indptr, merge_rows, out, lse)
+        _cuda_ops.merge_partials(partial_o, partial_lse, merge_indptr, merge_rows, target, lse)
+        if target is not out:
+            out.copy_(target)
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dimension has unit stride, else a contiguous copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
 def tree_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -100,7 +111,8 @@ def tree_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     Args:
         q: ``[num_seqs, num_q_heads, head_dim]`` fp16/bf16/fp32, any strides.
         k_cache, v_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``, q's dtype and device
-            (e.g. ``TreeKVCache.k[layer]``).
+            (e.g. ``TreeKVCache.k[layer]``), any strides; the ``"cuda"`` backend needs unit
+            stride in ``head_dim`` (``ValueError`` otherwise: the pool is never copied).
         layout: the step's plan (:meth:`TreeLayout.from_paths` or ``TreeKVCache.layout``); build it
             once per decode step and reuse it for every layer.
         sm_scale: softmax scale, default ``head_dim ** -0.5``.
@@ -163,8 +175,10 @@ def _paged_work_items(block_tables: torch.Tensor, seq_lens: torch.Tensor, block_
     seq = torch.arange(num_seqs, device=device, dtype=torch.int32).repeat_interleave(num_splits)
     split = torch.arange(num_splits, device=device, dtype=torch.int32).repeat(num_seqs)
     kv_start = split * chunk
+    # Clamped to the table's capacity (as the reference does): with check_bounds=False a too
+    # large seq_len must not send the kernels past the end of its block_tables row.
     kv_end = torch.minimum(kv_start + chunk, seq_lens.to(torch.int32)[seq.long()])
-    kv_end = torch.maximum(kv_end, kv_start)
+    kv_end = torch.maximum(kv_end.clamp(max=max_blocks * block_size), kv_start)
     work_info = torch.stack([seq, torch.ones_like(seq), seq * max_blocks, kv_start, kv_end,
                              seq * num_splits + split], dim=1).contiguous()
     row_seq = torch.arange(num_seqs, device=device, dtype=torch.int32)
@@ -272,5 +286,6 @@ def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torc
         kernels.merge_two_states(out_a, lse_a, out_b, lse_b, out, lse)
     else:
         from . import _cuda_ops
-        _cuda_ops.merge_states(out_a, lse_a, out_b, lse_b, out, lse)
+        _cuda_ops.merge_states(_unit_last_stride(out_a), lse_a, _unit_last_stride(out_b), lse_b,
+                               out, lse)
     return out, lse

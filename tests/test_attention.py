@@ -240,6 +240,70 @@ def test_pool_offsets_beyond_int32(backend):
     assert out_err <= ATOL[torch.float16] and lse_err <= LSE_ATOL, result.stdout
 
 
+@pytest.fixture
+def strict_cuda_ops(monkeypatch):
+    """The public ops' ``"cuda"`` branch on any machine: ``_cuda_ops``' attention entry points
+    replaced by stand-ins that enforce their layout contract (unit stride in head_dim, which the
+    ``_C`` kernels assume; ValueError otherwise, as the real wrappers) and compute with the Triton
+    kernels."""
+    from a2r_kernels import _cuda_ops
+    from a2r_kernels import attention as attention_op
+    from a2r_kernels.triton import attention as triton_attention
+
+    def require_unit_last(**tensors):
+        for name, t in tensors.items():
+            if t.stride(-1) != 1 and t.shape[-1] > 1:
+                raise ValueError(f"{name} must have unit stride in its last dimension")
+
+    def partials(q, k_cache, v_cache, work_info, row_seq, page_table, partial_o, partial_lse,
+                 sm_scale):
+        require_unit_last(q=q, k_cache=k_cache, v_cache=v_cache, partial_o=partial_o)
+        triton_attention.tree_attention_partials(q, k_cache, v_cache, work_info, row_seq,
+                                                 page_table, partial_o, partial_lse, sm_scale, 64)
+
+    def merge_partials(partial_o, partial_lse, merge_indptr, merge_rows, out, lse):
+        require_unit_last(partial_o=partial_o, out=out)
+        triton_attention.merge_partials(partial_o, partial_lse, merge_indptr, merge_rows, out, lse)
+
+    def merge_states(out_a, lse_a, out_b, lse_b, out, lse):
+        require_unit_last(out_a=out_a, out_b=out_b, out=out)
+        triton_attention.merge_two_states(out_a, lse_a, out_b, lse_b, out, lse)
+
+    monkeypatch.setattr(_cuda_ops, "tree_attention_partials", partials)
+    monkeypatch.setattr(_cuda_ops, "merge_partials", merge_partials)
+    monkeypatch.setattr(_cuda_ops, "merge_states", merge_states)
+    monkeypatch.setattr(attention_op, "resolve_backend", lambda op, backend, device: "cuda")
+
+
+def test_cuda_branch_takes_any_q_out_and_state_strides(strict_cuda_ops):
+    """q, out= and merge inputs with a non-unit head_dim stride are valid public inputs: the
+    ``"cuda"`` branch must hand the kernels unit-stride copies (it raised ValueError before)."""
+    paths, tables, lengths = [[0, 1], [0, 2], [3]], [[0, 1], [2], [4], []], [20, 9, 0, 0]
+    layout = ak.TreeLayout.from_paths(paths, tables, lengths, 16, DEVICE, kv_chunk_size=16)
+    q, k, v = make_inputs(paths, 5, 16, 4, 2, 64, torch.float16, 21)
+    q_t = q.permute(2, 1, 0).contiguous().permute(2, 1, 0)        # stride(-1) == num_seqs
+    assert q_t.stride(-1) != 1 and torch.equal(q_t, q)
+    want, want_lse = ak.tree_decode_attention(q, k, v, layout, backend="torch", return_lse=True)
+    out_buffer = torch.full((3, 4, 64, 2), 7.0, dtype=torch.float16, device=DEVICE)
+    out_view = out_buffer[..., 0]                                 # stride(-1) == 2
+    out, lse = ak.tree_decode_attention(q_t, k, v, layout, backend="cuda", return_lse=True,
+                                        out=out_view)
+    assert out.data_ptr() == out_view.data_ptr()
+    check_close(out, lse, want, want_lse, torch.float16)
+    assert torch.all(out_buffer[..., 1] == 7.0)                   # nothing else written
+
+    block_tables = torch.tensor([[0, 1], [2, 0], [4, 0]], dtype=torch.int32, device=DEVICE)
+    seq_lens = torch.tensor([20, 9, 0], dtype=torch.int32, device=DEVICE)
+    paged = ak.paged_decode_attention(q_t, k, v, block_tables, seq_lens, backend="cuda")
+    paged_want = ak.paged_decode_attention(q, k, v, block_tables, seq_lens, backend="torch")
+    torch.testing.assert_close(paged.float(), paged_want.float(), atol=ATOL[torch.float16], rtol=0)
+
+    lse_b = torch.randn(3, 4, device=DEVICE)
+    merged, merged_lse = ak.merge_attention_states(out, lse, q_t, lse_b, backend="cuda")
+    ref, ref_lse = reference.merge_attention_states(want, want_lse, q, lse_b)
+    check_close(merged, merged_lse, ref, ref_lse, torch.float16)
+
+
 @pytest.mark.parametrize("backend", ["torch"] + KERNEL_BACKENDS)
 def test_empty_paths_give_zero_and_neg_inf(backend):
     _backend_or_skip(backend)
@@ -355,6 +419,25 @@ def test_paged_kernel_matches_reference(backend, dtype, bs, hq, hkv, d):
     layout = ak.TreeLayout.from_paths([[i] for i in range(5)], tables, seq_lens.tolist(), bs, DEVICE)
     tree_out = ak.tree_decode_attention(q, k, v, layout, backend=backend)
     torch.testing.assert_close(tree_out.float(), out.float(), atol=ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_paged_unchecked_lengths_stay_inside_the_table(backend):
+    """check_bounds=False with seq_lens beyond max_blocks * block_size (or negative): the kernels
+    read no further than the row's own blocks and agree with the reference, which clamps."""
+    _backend_or_skip(backend)
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(3, 4, 32, generator=g).to(DEVICE)
+    k = torch.randn(7, 16, 2, 32, generator=g).to(DEVICE)
+    v = torch.randn(7, 16, 2, 32, generator=g).to(DEVICE)
+    # The last row's table ends the tensor: reading past it is reading past the allocation.
+    tables = torch.tensor([[0, 1], [2, 3], [4, 5]], dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor([33, -5, 10 ** 6], dtype=torch.int32, device=DEVICE)
+    out, lse = ak.paged_decode_attention(q, k, v, tables, lens, backend=backend,
+                                         return_lse=True, check_bounds=False)
+    ref_out, ref_lse = ak.paged_decode_attention(q, k, v, tables, lens.clamp(0, 32),
+                                                 backend="torch", return_lse=True)
+    check_close(out, lse, ref_out, ref_lse, torch.float32)
 
 
 def test_paged_bad_inputs():

@@ -270,6 +270,24 @@ def test_tree_decode_empty_paths_and_sm_scale():
 
 
 @needs_gpu
+def test_tree_decode_any_q_and_out_strides():
+    """q with a non-unit head_dim stride and a strided out= (valid public inputs) on the real
+    kernels: the op hands _C unit-stride copies and writes back through the view."""
+    gen = torch.Generator().manual_seed(12)
+    paths, tables, lengths = [[0, 1], [0, 2]], [[0, 1], [2], [3]], [20, 9, 5]
+    layout = ak.TreeLayout.from_paths(paths, tables, lengths, 16, "cuda")
+    k, v = _pool(4, 16, 2, 64, torch.bfloat16, gen, False)
+    q = torch.randn(64, 4, 2, generator=gen).to(torch.bfloat16).cuda().permute(2, 1, 0)
+    out_buffer = torch.zeros(2, 4, 64, 3, dtype=torch.bfloat16, device="cuda")
+    out, lse = ak.tree_decode_attention(q, k, v, layout, backend="cuda", return_lse=True,
+                                        out=out_buffer[..., 1])
+    ref_out, ref_lse = ak.tree_decode_attention(q, k, v, layout, backend="torch",
+                                                return_lse=True)
+    _check_attention(out, lse, ref_out, ref_lse, torch.bfloat16)
+    assert torch.all(out_buffer[..., 0] == 0) and torch.all(out_buffer[..., 2] == 0)
+
+
+@needs_gpu
 def test_tree_decode_zero_sequences():
     layout = ak.TreeLayout.from_paths([], [[0]], [5], 16, "cuda")
     q = torch.zeros(0, 2, 64, device="cuda")
