@@ -194,6 +194,16 @@ install_wheels() {
 
 install_package() {
   [[ $INSTALL == 1 ]] || { say "=== [$PHASE] install: skipped (--no-install)"; return 0; }
+  # A warm machine (a call within 30 s of the last) still has the editable install and _C: pip
+  # would rebuild it from scratch in a temporary build folder, so keep it while no source changed.
+  local built
+  built="$(ls -t a2r_kernels/_C*.so 2>/dev/null | head -n1)"
+  if [[ $DRY_RUN == 0 && -n "$built" && -z "$(find csrc CMakeLists.txt setup.py -newer "$built" 2>/dev/null | head -n1)" ]] \
+      && (cd /tmp && $PY -c "import a2r_kernels._C, a2r_kernels, sys; sys.exit(not a2r_kernels.__file__.startswith('$REPO/'))") 2>/dev/null; then
+    say "=== [$PHASE] install: $built is installed and newer than csrc/, CMakeLists.txt, setup.py; kept"
+    record kept 0 0 install "$built"
+    return 0
+  fi
   # --no-deps --no-index: torch / numpy / transformers are already there and nothing can be
   # fetched; -v shows the CMake build and ptxas's spill warnings (-Xptxas=-warn-spills).
   step install 240 30 45 "$PY -m pip install -v --no-deps --no-index --no-build-isolation -e . 2>&1 | grep -v '^  *\(copying\|adding\|creating\) ' ; test \${PIPESTATUS[0]} = 0 && $PY -c 'import a2r_kernels._C as C, a2r_kernels as ak; print(\"a2r_kernels._C\", C.__file__, \"CUDA runtime\", C.cuda_runtime_version(), \"ops\", sorted(C.PUBLIC_OPS))' && { ! command -v cuobjdump >/dev/null || cuobjdump --list-elf a2r_kernels/_C*.so | head -n 20; }"
