@@ -325,6 +325,22 @@ class TreeKVCache:
             return torch.cat(parts).to(self.device)
         return torch.tensor(slots, dtype=torch.int64, device=self.device)
 
+    def _unreserve(self, seqs, num_tokens: int) -> None:
+        """Undo the last ``reserve(seqs, num_tokens)``: drop those tokens and return the blocks
+        they alone used. For a forward that failed after its reserve (nothing may have touched
+        ``seqs`` in between); the sequences are then as before the reserve."""
+        bs = self.block_size
+        for i, seq in enumerate(self._seq_list(seqs)):
+            node = self._node(seq, i)
+            if node.frozen or node.length < num_tokens:
+                raise ValueError(f"seqs[{i}]: sequence {seq} has no {num_tokens} reserved tokens "
+                                 "to give back")
+            node.length -= num_tokens
+            while len(node.blocks) > -(-node.length // bs):
+                block = node.blocks.pop()
+                self._block_refcount[block] = 0
+                heapq.heappush(self._free_blocks, block)
+
     def _check_layer(self, layer) -> None:
         if type(layer) is not int or not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")

@@ -112,6 +112,7 @@ class TreeCache(Cache):
         self._layout = None
         self._past_lengths: list[int] = []
         self._query_length = 0
+        self._path_slots: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # ---------------------------------------------------------------- per-forward state
     def begin(self, seqs: Sequence[int], past_lengths: Sequence[int], slots: torch.Tensor,
@@ -121,9 +122,11 @@ class TreeCache(Cache):
         self._slots = slots
         self._query_length = query_length
         self._layout = layout
+        self._path_slots = None   # extend with past: per-row slots and masks, built on layer 0
 
     def end(self) -> None:
         self._seqs, self._past_lengths, self._slots, self._layout = [], [], None, None
+        self._path_slots = None
 
     # ---------------------------------------------------------------- transformers Cache API
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
@@ -164,9 +167,11 @@ class TreeCache(Cache):
         if self._layout is not None:     # decode: one token per sequence, tree attention
             from .attention import tree_decode_attention
 
-            out = tree_decode_attention(query[:, :, 0, :], key, value, self._layout,
-                                        sm_scale=scaling, backend=self.backend)
-            return out.unsqueeze(1)
+            # The kernel reads q in the pool's dtype: a pool narrower than the model (dtype=) or
+            # an autocast forward would otherwise fail its dtype check. No-op when they agree.
+            out = tree_decode_attention(query[:, :, 0, :].to(key.dtype), key, value,
+                                        self._layout, sm_scale=scaling, backend=self.backend)
+            return out.to(query.dtype).unsqueeze(1)
         if not any(self._past_lengths):  # extend from empty: causal over the fresh K/V
             return _causal_attention(query, key, value, scaling)
         return self._attend_with_past(layer, query, scaling)
@@ -175,14 +180,20 @@ class TreeCache(Cache):
         """T new tokens of sequences that already hold tokens: gather each path, causal with
         a bottom-right aligned mask (new token t sees the past and new tokens 0..t)."""
         num_tokens = query.shape[2]
+        if self._path_slots is None:   # once per forward, not per layer: slots and masks
+            self._path_slots = []
+            for seq in self._seqs:
+                slots = self.tree.path_slots(seq)                # [L], L = past + T
+                total = slots.shape[0]
+                q_pos = torch.arange(total - num_tokens, total, device=query.device)
+                mask = torch.arange(total, device=query.device)[None, :] <= q_pos[:, None]
+                self._path_slots.append((slots, mask))
+        k_pool = self.tree.k[layer].view(-1, *self.tree.k[layer].shape[2:])   # [slots, Hkv, D]
+        v_pool = self.tree.v[layer].view(-1, *self.tree.v[layer].shape[2:])
         outs = []
-        for row, seq in enumerate(self._seqs):
-            k, v = self.tree.gather(layer, seq)                  # [L, Hkv, D], L = past + T
-            k = k.to(query.dtype).transpose(0, 1)[None]          # [1, Hkv, L, D]
-            v = v.to(query.dtype).transpose(0, 1)[None]
-            total = k.shape[2]
-            q_pos = torch.arange(total - num_tokens, total, device=query.device)
-            mask = torch.arange(total, device=query.device)[None, :] <= q_pos[:, None]
+        for row, (slots, mask) in enumerate(self._path_slots):
+            k = k_pool.index_select(0, slots).to(query.dtype).transpose(0, 1)[None]  # [1, Hkv, L, D]
+            v = v_pool.index_select(0, slots).to(query.dtype).transpose(0, 1)[None]
             out = F.scaled_dot_product_attention(
                 query[row:row + 1], k, v, attn_mask=mask, scale=scaling,
                 enable_gqa=query.shape[1] != k.shape[1])
@@ -326,9 +337,14 @@ class TreeDecoder:
         past = [self.cache.length(s) for s in seqs]
         slots = self.cache.reserve(seqs, num_tokens)    # raises CacheFullError, changes nothing
         self.peak_blocks_used = max(self.peak_blocks_used, self.cache.blocks_used())
-        layout = self.cache.layout(seqs) if num_tokens == 1 else None
-        position_ids = (torch.tensor(past, dtype=torch.int64)[:, None]
-                        + torch.arange(num_tokens, dtype=torch.int64)[None, :]).to(self.device)
+        if num_tokens == 1:   # decode: the plan of the step, built once for every layer
+            layout = self.cache.layout(seqs)
+            # seq_lens counts the reserved token: position = seq_lens - 1, already on the device.
+            position_ids = (layout.seq_lens - 1).to(torch.int64).unsqueeze(1)
+        else:
+            layout = None
+            position_ids = (torch.tensor(past, dtype=torch.int64)[:, None]
+                            + torch.arange(num_tokens, dtype=torch.int64)[None, :]).to(self.device)
         config = self.model.config
         saved_impl = config._attn_implementation
         self.hf_cache.begin(seqs, past, slots, num_tokens, layout)
@@ -337,6 +353,12 @@ class TreeDecoder:
             out = self.model(input_ids=token_ids.to(self.device, torch.int64),
                              position_ids=position_ids, past_key_values=self.hf_cache,
                              use_cache=True, logits_to_keep=1, **{_STATE_KWARG: self.hf_cache})
+        except BaseException:
+            # The forward failed (e.g. out of memory) after the reserve: give the tokens back, so
+            # the sequences hold no token whose K/V was never (fully) written and a retry
+            # continues at the right positions.
+            self.cache._unreserve(seqs, num_tokens)
+            raise
         finally:
             config._attn_implementation = saved_impl
             self.hf_cache.end()

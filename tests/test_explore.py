@@ -153,6 +153,58 @@ def test_tree_logits_match_dense_forward(model):
     assert dec.length(grand[0]) == len(history[grand[0]])
 
 
+def test_pool_narrower_than_the_model(qwen3):
+    """TreeDecoder(dtype=bfloat16) under an fp32 model: K/V are stored in bf16 and decode runs
+    (q is cast to the pool's dtype), close to the fp32 pool and to a dense forward."""
+    ids = _prompt(10, seed=3)
+    tokens = [torch.tensor([5, 9, 2]), torch.tensor([7, 7, 1])]
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        dec = akhf.TreeDecoder(qwen3, 16, block_size=4, backend="torch", dtype=dtype)
+        assert dec.cache.dtype == dtype
+        root, _ = dec.prefill(ids)
+        kids = dec.fork(root, 3)
+        for step_tokens in tokens:
+            logits[dtype] = dec.step(kids, step_tokens)
+    assert logits[torch.bfloat16].dtype == torch.float32
+    dense = _dense_next_logits(qwen3, ids[0].tolist() + [9, 7])
+    torch.testing.assert_close(logits[torch.float32][1], dense, atol=1e-4, rtol=1e-4)
+    # bf16 K/V: a relative rounding of 2^-8 per element, far below the logits' spread.
+    scale = dense.abs().max().item()
+    torch.testing.assert_close(logits[torch.bfloat16], logits[torch.float32],
+                               atol=0.05 * scale, rtol=0)
+
+
+def test_failed_forward_gives_its_tokens_back(qwen3):
+    """A forward that raises after its slots were reserved (e.g. out of memory) leaves the
+    sequences and the pool as before: a retry decodes as if the failure never happened."""
+    ids = _prompt(7, seed=4)
+    dec = akhf.TreeDecoder(qwen3, 16, block_size=2, backend="torch")
+    root, _ = dec.prefill(ids)
+    kids = dec.fork(root, 2)
+    for t in ([1, 2], [3, 4]):   # each kid now fills one block: the next token needs a new one
+        dec.step(kids, torch.tensor(t))
+    lengths, free = [dec.length(k) for k in kids], dec.cache.num_free_blocks
+
+    def fail(module, args):
+        raise RuntimeError("simulated out of memory")
+
+    for failing in (lambda: dec.step(kids, torch.tensor([5, 6])),
+                    lambda: dec.extend(kids, torch.tensor([[5, 6, 7], [8, 9, 10]]))):
+        handle = qwen3.model.layers[-1].register_forward_pre_hook(fail)
+        try:
+            with pytest.raises(RuntimeError, match="simulated"):
+                failing()
+        finally:
+            handle.remove()
+        assert [dec.length(k) for k in kids] == lengths
+        assert dec.cache.num_free_blocks == free
+    retry = dec.step(kids, torch.tensor([5, 6]))
+    for row in range(2):
+        expected = _dense_next_logits(qwen3, ids[0].tolist() + [1 + row, 3 + row, 5 + row])
+        torch.testing.assert_close(retry[row], expected, atol=1e-4, rtol=1e-4)
+
+
 def test_triton_backend_equals_generate(qwen3):
     ids = _prompt(11, seed=11)
     expected = _generate(qwen3, ids, 6)
