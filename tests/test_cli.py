@@ -198,8 +198,17 @@ def test_unsupported_architecture(capsys, tmp_path):
     (["run", "--tiny", "--explorer", "x", "q"], "--tiny cannot be combined"),
     (["run", "--tiny", "--thinker-gen-length", "12", "--thinker-block-length", "8", "q"],
      "multiple of thinker_block_length"),
+    (["run", "--tiny", "--top-p", "0", "q"], "top_p must be in (0, 1]"),
+    (["run", "--tiny", "--top-k", "-1", "q"], "top_k must be >= 0"),
+    (["demo", "--thinker-threshold", "1.5"], "thinker_threshold must be in (0, 1]"),
+    (["run", "--tiny", "--device", "gpu0", "q"], "--device gpu0"),
 ])
-def test_bad_options(capsys, argv, fragment):
+def test_bad_options(capsys, monkeypatch, argv, fragment):
+    # Bad values are reported before any model is loaded (not after the explorer has run).
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr("a2r.pipeline.A2RPipeline.from_pretrained", no_loading)
     code, _, err = run_cli(capsys, *argv)
     _assert_one_line_error(code, err, fragment)
 

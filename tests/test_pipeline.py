@@ -457,6 +457,14 @@ def test_from_pretrained_errors(tmp_path, paths):
     (dict(thinker_gen_length=12, thinker_block_length=8), "multiple of thinker_block_length"),
     (dict(thinker_gen_length=16, thinker_block_length=8, thinker_steps=3), "thinker_steps"),
     (dict(no_such_field=1), "unknown A2RConfig fields"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(thinker_threshold=1.5), "thinker_threshold"),
+    (dict(thinker_block_length=0), "thinker_block_length"),
+    (dict(thinker_remasking="lowest"), "thinker_remasking"),
+    (dict(thinker_cache="full"), "thinker_cache"),
+    (dict(answer_mode="middle"), "answer_mode"),
+    (dict(backend="cudnn"), "backend"),
 ])
 def test_run_rejects_bad_config_before_running(pipeline, overrides, match, monkeypatch):
     def must_not_run(*args, **kwargs):

@@ -180,8 +180,16 @@ def _resolve_device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {name}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                           "CUDA device(s)")
     return name
 
 
@@ -215,6 +223,8 @@ def _load_pipeline(args, *, use_tiny: bool):
     """(pipeline, description of the models) from --explorer/--synthesizer/--thinker or --tiny."""
     from .pipeline import A2RPipeline
 
+    config = _config_from_args(args)
+    config.validate()   # bad option values fail here, before any model is loaded
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
     if use_tiny:
@@ -229,7 +239,7 @@ def _load_pipeline(args, *, use_tiny: bool):
         explorer, synthesizer = args.explorer, args.synthesizer
         thinker = None if args.no_thinker else args.thinker
     pipeline = A2RPipeline.from_pretrained(explorer, synthesizer, thinker, device=device,
-                                           dtype=dtype, config=_config_from_args(args))
+                                           dtype=dtype, config=config)
     models = {
         "explorer": {"path": str(explorer), "arch": type(pipeline.explorer).__name__},
         "synthesizer": {"path": str(synthesizer or explorer),

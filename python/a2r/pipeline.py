@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .extract import (
+    ANSWER_MODES,
     answers_equal,
     extract_answer_component,
     extract_final_answer,
@@ -101,6 +102,11 @@ class TokenizerMismatchError(PipelineError):
 # --------------------------------------------------------------------------------------------
 # Configuration and results
 # --------------------------------------------------------------------------------------------
+
+# What a2r.diffusion and a2r_kernels accept (kept here so validating a config imports no torch).
+THINKER_REMASKING = ("low_confidence", "margin", "entropy", "random")
+THINKER_CACHE_MODES = ("none", "prefix")
+BACKENDS = ("auto", "torch", "triton", "cuda")
 
 EXPLORER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 THINKER_INSTRUCTION = "Write a short reasoning trace that reconciles the reference answers."
@@ -153,6 +159,31 @@ class A2RConfig:
             raise PipelineError(f"synth_max_new_tokens must be >= 1, got {self.synth_max_new_tokens}")
         if self.temperature < 0 or self.synth_temperature < 0:
             raise PipelineError("temperature and synth_temperature must be >= 0")
+        # The sampling and thinker knobs are checked here too, so a bad value fails before any
+        # model is loaded or run (not after the explorer stage).
+        if not 0.0 < self.top_p <= 1.0:
+            raise PipelineError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise PipelineError(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}")
+        if self.answer_mode not in ANSWER_MODES:
+            raise PipelineError(f"answer_mode must be one of {ANSWER_MODES}, "
+                                f"got {self.answer_mode!r}")
+        if self.thinker_threshold is not None and not 0.0 < self.thinker_threshold <= 1.0:
+            raise PipelineError(f"thinker_threshold must be in (0, 1] or None, "
+                                f"got {self.thinker_threshold}")
+        if self.thinker_temperature < 0:
+            raise PipelineError(f"thinker_temperature must be >= 0, got {self.thinker_temperature}")
+        if self.thinker_remasking not in THINKER_REMASKING:
+            raise PipelineError(f"thinker_remasking must be one of {THINKER_REMASKING}, "
+                                f"got {self.thinker_remasking!r}")
+        if self.thinker_cache not in THINKER_CACHE_MODES:
+            raise PipelineError(f"thinker_cache must be one of {THINKER_CACHE_MODES}, "
+                                f"got {self.thinker_cache!r}")
+        if self.backend not in BACKENDS:
+            raise PipelineError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        for name in ("thinker_gen_length", "thinker_block_length", "thinker_steps"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.thinker_gen_length % self.thinker_block_length:
             raise PipelineError(f"thinker_gen_length={self.thinker_gen_length} must be a multiple "
                                 f"of thinker_block_length={self.thinker_block_length}")
