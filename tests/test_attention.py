@@ -174,6 +174,32 @@ def test_tree_kernel_matches_reference(backend, case):
     check_close(out, lse, ref_out, ref_lse, dtype)
 
 
+EDGE_CASES = {
+    # name: (block_size, Hq, Hkv, D, dtype, paths, node_lengths)
+    "block_size1-d256": (1, 4, 2, 256, torch.float16, [[0, 1], [0, 2]], [5, 3, 0]),
+    "block_size64-d96": (64, 6, 2, 96, torch.bfloat16, [[0, 1], [0, 2], [0]], [130, 64, 1]),
+    # one work item of 41 sequences x GQA 8 = 328 query rows (6 row tiles of 64, the last partial)
+    "rows328": (16, 8, 1, 16, torch.float16, [[0, 1 + i] for i in range(41)], [37] + [1] * 41),
+}
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name", list(EDGE_CASES))
+def test_tree_kernel_edge_shapes(backend, name):
+    _backend_or_skip(backend)
+    bs, hq, hkv, d, dtype, paths, lengths = EDGE_CASES[name]
+    tables, next_block = [], 0
+    for length in lengths:
+        blocks = -(-length // bs)
+        tables.append(list(range(next_block + blocks - 1, next_block - 1, -1)))  # reversed
+        next_block += blocks
+    q, k, v = make_inputs(paths, next_block + 1, bs, hq, hkv, d, dtype, 31)
+    layout = ak.TreeLayout.from_paths(paths, tables, lengths, bs, DEVICE)
+    out, lse = ak.tree_decode_attention(q, k, v, layout, backend=backend, return_lse=True)
+    ref_out, ref_lse = reference.tree_decode_attention(q, k, v, layout, d ** -0.5)
+    check_close(out, lse, ref_out, ref_lse, dtype)
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_tree_kernel_noncontiguous_inputs_and_scale(backend, dtype):

@@ -1,18 +1,20 @@
 """denoise_step: every kernel backend against the fp32 reference, and the reference against an
 independent LLaDA / Fast-dLLM style step written here.
 
-Triton kernels run in Triton's CPU interpreter here (TRITON_INTERPRET=1, set before import), on
-small shapes. All randomness is seeded; hypothesis is derandomized.
+Without a GPU, Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before
+anything imports triton), on small shapes; with a GPU the compiled kernels run unless
+TRITON_INTERPRET says otherwise. All randomness is seeded; hypothesis is derandomized.
 """
 
+import math
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # importing torch does not import triton
 
-import math  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
