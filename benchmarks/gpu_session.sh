@@ -269,6 +269,7 @@ run_benches() {
 run_flashinfer() {
   if ! have_flashinfer; then
     say "=== [$PHASE] flashinfer: not importable (carry .whl, see benchmarks/README.md), skipped"
+    record SKIPPED 0 0 flashinfer "not importable: carry .whl (benchmarks/README.md)"
     return 0
   fi
   # Separate processes, --quick shapes: FlashInfer JIT-compiles its kernels with nvcc on first
