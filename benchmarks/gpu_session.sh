@@ -93,9 +93,10 @@ HAS_GPU=0
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then HAS_GPU=1; fi
 if [[ $ASSUME_GPU == 1 ]]; then HAS_GPU=1; export A2R_CUDA_ARCHS="${A2R_CUDA_ARCHS:-90}"; fi
 if [[ $HAS_GPU == 1 ]]; then
-  # The test modules do os.environ.setdefault("TRITON_INTERPRET", "1"): exporting 0 keeps the
-  # interpreter off (a2r_kernels._backend.triton_interpret and triton.knobs both read "0" as
-  # off), so "triton" means compiled kernels on CUDA tensors.
+  # Test modules set TRITON_INTERPRET with os.environ.setdefault(..., "1") (test_attention and
+  # test_denoise only without a GPU, others always): an exported 0 wins over every setdefault,
+  # and a2r_kernels._backend.triton_interpret and triton.knobs both read "0" as off, so
+  # "triton" means compiled kernels on CUDA tensors.
   export TRITON_INTERPRET=0
   if [[ -z "${A2R_CUDA_ARCHS:-}" ]]; then
     cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' .')"
