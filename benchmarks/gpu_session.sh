@@ -105,7 +105,14 @@ if [[ $HAS_GPU == 1 ]]; then
 else
   export TRITON_INTERPRET=1   # CPU: Triton kernels run in the interpreter (small shapes only)
 fi
+# The CUDA tools may sit outside PATH (/usr/local/cuda/bin): setup.py finds nvcc via CUDA_HOME.
+if ! command -v nvcc >/dev/null 2>&1 && [[ -x /usr/local/cuda/bin/nvcc ]]; then
+  export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" PATH="$PATH:/usr/local/cuda/bin"
+fi
 if command -v nvcc >/dev/null 2>&1; then export A2R_BUILD_CUDA=1; fi   # a failed build is an error
+SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer \
+             /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n1)"
+[[ $ASSUME_GPU == 1 && -z "$SANITIZER" ]] && SANITIZER=compute-sanitizer
 
 QUICK_FLAG=""; [[ $QUICK == 1 || $HAS_GPU == 0 ]] && QUICK_FLAG="--quick"
 TESTS="${A2R_TESTS:-tests/test_cuda.py tests/test_attention.py tests/test_denoise.py}"
@@ -166,7 +173,7 @@ env_report() {
       nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw --format=csv
     fi
     command -v nvcc >/dev/null && nvcc --version | tail -n 2
-    command -v compute-sanitizer >/dev/null && compute-sanitizer --version | head -n 2
+    [[ -n \"$SANITIZER\" ]] && $SANITIZER --version | head -n 2
     cmake --version | head -n 1; ninja --version
     $PY - <<'EOF'
 import importlib, platform, sys
@@ -220,7 +227,11 @@ run_tests() {
 }
 
 run_sanitizers() {
-  if [[ $HAS_GPU == 0 ]] || { [[ $ASSUME_GPU == 0 ]] && ! command -v compute-sanitizer >/dev/null 2>&1; }; then
+  if [[ $HAS_GPU == 0 || -z "$SANITIZER" ]]; then
+    if [[ $HAS_GPU == 1 ]]; then
+      say "=== [$PHASE] compute-sanitizer not found on PATH or under /usr/local/cuda*"
+      record SKIPPED 0 0 sanitize "compute-sanitizer not found"; FAILED=1
+    fi
     step sanitize-smoke 60 10 10 "$PY benchmarks/cuda_sanitize.py --quick"
     return
   fi
@@ -231,7 +242,7 @@ run_sanitizers() {
     env=""; cap=240
     [[ $tool == memcheck || $tool == initcheck ]] && env="PYTORCH_NO_CUDA_MEMORY_CACHING=1"
     [[ $tool == synccheck || $tool == initcheck ]] && cap=150
-    step "sanitize-$tool" "$cap" 45 90 "$env compute-sanitizer --tool $tool --error-exitcode 86 --print-limit 50 $PY benchmarks/cuda_sanitize.py"
+    step "sanitize-$tool" "$cap" 45 90 "$env $SANITIZER --tool $tool --error-exitcode 86 --print-limit 50 $PY benchmarks/cuda_sanitize.py"
   done
 }
 
