@@ -14,7 +14,7 @@ Model: Qwen3-0.6B's shape (hidden 1024, 28 layers, 16 q / 8 kv heads, head_dim 1
 ``new_tokens`` tokens and the providers do the same work. Random weights make the tokens
 meaningless; throughput and memory do not depend on them.
 
-Rows (``benchmarks/results/explore.json``): device, provider, P, n, new_tokens, median_s,
+Rows (``benchmarks/results/explore.json``; quick / CPU runs go to ``explore_cpu.json``): device, provider, P, n, new_tokens, median_s,
 tokens_per_s (n * new_tokens / median_s), peak_kv_bytes (KV held at the peak, from the block
 pool for ours, computed for DynamicCache), peak_mem_bytes (CUDA allocator peak during the run,
 weights included; 0 on CPU), copy_gbps, and speedup vs hf-generate.
@@ -136,7 +136,9 @@ def main() -> None:
     parser.add_argument("--providers", nargs="*", default=list(PROVIDERS))
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--rep", type=int, default=3)
-    parser.add_argument("--out", default=os.path.join(RESULTS, "explore.json"))
+    parser.add_argument("--out", default=None,
+                        help="results JSON (default: results/explore.json on a GPU, "
+                        "results/explore_cpu.json for quick/CPU runs, which are not committed)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -150,6 +152,8 @@ def main() -> None:
         prompt_lens = args.prompt_lens or [2048, 8192]
         ns, new_tokens = args.ns or [8, 32], args.new_tokens or 256
         rep = args.rep
+    stem = "explore_cpu" if quick else "explore"
+    args.out = args.out or os.path.join(RESULTS, f"{stem}.json")
     model = build_model(config, dtype, device)
     name = device_name(device) + (" [quick: tiny model]" if quick else "")
     gbps = copy_gbps(device, nbytes=(16 if quick else 256) * 1024 * 1024)
@@ -187,10 +191,10 @@ def main() -> None:
     mine = [r for r in merged if r["device"] == name]
     for metric, label in (("tokens_per_s", "generated tokens / s"), ("peak_kv_bytes", "peak KV bytes")):
         plot_rows = [dict(r, shape=f"P={r['P']} n={r['n']}") for r in mine]
-        plot(os.path.join(RESULTS, f"explore_{metric}.png"), plot_rows, x="shape", y=metric,
+        plot(os.path.join(RESULTS, f"{stem}_{metric}.png"), plot_rows, x="shape", y=metric,
              title=f"explorer: {new_tokens} new tokens per branch ({name})", ylabel=label,
              logy=metric == "peak_kv_bytes")
-    print(f"wrote {args.out} and {RESULTS}/explore_*.png")
+    print(f"wrote {args.out} and {RESULTS}/{stem}_*.png")
 
 
 if __name__ == "__main__":

@@ -151,7 +151,8 @@ def make_external_fn(provider, q, k, v, P, S, prefix, leaves, block_size):  # pr
                  torch.arange(N + 1, dtype=torch.int32, device=dev) * nleaf]
     last = [torch.tensor([(P - 1) % block_size + 1], dtype=torch.int32, device=dev),
             torch.full((N,), (S - 1) % block_size + 1 if S else 0, dtype=torch.int32, device=dev)]
-    wrapper.plan(qo_indptr, kv_indptr, [pre, leaf], last, Hq, Hkv, D, block_size)
+    wrapper.plan(qo_indptr, kv_indptr, [pre, leaf], last, Hq, Hkv, D, block_size,
+                 q_data_type=q.dtype)
     return lambda: wrapper.run(q, (k, v))
 
 
@@ -192,10 +193,14 @@ def main(argv=None):
         unique = ak.kv_bytes(layout, Hkv, D, dtype)
         shape_rows = []
         for provider in providers:
-            fn = make_fn(provider, q, k, v, layout, P, S, prefix, leaves, args.block_size)
-            if fn is None:
+            try:
+                fn = make_fn(provider, q, k, v, layout, P, S, prefix, leaves, args.block_size)
+                if fn is None:
+                    continue
+                seconds = time_fn(fn, warmup=warmup, rep=rep, device=device)
+            except Exception as exc:  # a baseline that cannot run this shape must not end the sweep
+                print(f"{provider:>20} {P:>6} {N:>4} {S:>4}  skipped: {type(exc).__name__}: {exc}")
                 continue
-            seconds = time_fn(fn, warmup=warmup, rep=rep, device=device)
             shape_rows.append(dict(
                 device=dev_name, provider=provider, P=P, N=N, S=S, Hq=Hq, Hkv=Hkv, D=D,
                 dtype=str(dtype).replace("torch.", ""), block_size=args.block_size,
