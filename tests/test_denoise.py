@@ -8,6 +8,9 @@ TRITON_INTERPRET says otherwise. All randomness is seeded; hypothesis is derando
 
 import math
 import os
+import subprocess
+import sys
+import textwrap
 
 import torch  # importing torch does not import triton
 
@@ -209,6 +212,55 @@ def test_non_contiguous_inputs(backend):
             untouched = torch.ones_like(storage, dtype=torch.bool)
             untouched.t()[:batch, :length] = False
             assert torch.equal(view_storage[untouched], storage[untouched])
+
+
+# A batch stride that fits int32 while b * stride does not (B * L * V = 5e9 logits, e.g. B=32,
+# L=1024, V=151936, has the same property): offsets must be 64-bit. In a subprocess, so that a
+# wrapped offset (an out-of-bounds read: a segfault in the interpreter) fails this test only.
+_FAR_ROWS = textwrap.dedent("""
+    import sys
+    import torch
+    import a2r_kernels as ak
+
+    device, backend = sys.argv[1], sys.argv[2]
+    batch, vocab, mask_id = 3, 300, 7
+    stride_b = 2 ** 30 + 64                     # row b = 2 starts at element 2**31 + 128
+    try:  # 4.3 GB of address space; only the three rows are ever touched
+        storage = torch.empty(2 * stride_b + vocab, dtype=torch.float16, device=device)
+    except (RuntimeError, MemoryError) as exc:
+        print("SKIP", exc)
+        sys.exit(0)
+    logits = storage.as_strided((batch, 1, vocab), (stride_b, vocab, 1))
+    gen = torch.Generator().manual_seed(0)
+    for b in range(batch):
+        logits[b] = (torch.randn(1, vocab, generator=gen) * 3).half()
+    for temperature, remasking in ((0.0, "margin"), (0.7, "entropy")):
+        tokens = torch.full((batch, 1), mask_id, device=device)
+        want_tokens = tokens.clone()
+        got = ak.denoise_step(logits, tokens, mask_id, num_transfer=1, temperature=temperature,
+                              remasking=remasking, generator=torch.Generator().manual_seed(1),
+                              backend=backend)
+        want = ak.denoise_step(logits.contiguous(), want_tokens, mask_id, num_transfer=1,
+                               temperature=temperature, remasking=remasking,
+                               generator=torch.Generator().manual_seed(1), backend="torch")
+        assert torch.equal(got.x0, want.x0) and torch.equal(tokens, want_tokens), remasking
+        torch.testing.assert_close(got.confidence, want.confidence, rtol=1e-5, atol=2e-5)
+    print("OK")
+""")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_logit_offsets_beyond_int32(backend):
+    _backend_or_skip(backend)
+    env = dict(os.environ)
+    if DEVICE.type == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run([sys.executable, "-c", _FAR_ROWS, str(DEVICE), backend],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, f"failed ({result.returncode}):\n{result.stderr[-3000:]}"
+    if result.stdout.startswith("SKIP"):
+        pytest.skip(f"cannot reserve 4.3 GB of address space: {result.stdout}")
+    assert result.stdout.strip().endswith("OK"), result.stdout
 
 
 # --------------------------------------------------------------------------------------------
