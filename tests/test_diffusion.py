@@ -217,6 +217,17 @@ def test_prefix_cache_exact_for_one_layer_model(one_layer_model):
     assert cached.num_forward_calls == exact.num_forward_calls == 20
 
 
+def test_prefix_cache_under_autocast(one_layer_model):
+    """Under autocast the forward's K/V (bf16 / fp32 mixed) differ from the weights' dtype (the
+    pool's): they are cast into the pool and back, and the cache stays exact for one layer."""
+    prompt = random_prompt(9, 4, batch=2)
+    kwargs = dict(gen_length=10, block_length=5, steps=10, return_details=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        exact = diffusion_generate(one_layer_model, prompt, cache="none", **kwargs)
+        cached = diffusion_generate(one_layer_model, prompt, cache="prefix", **kwargs)
+    assert torch.equal(exact.tokens, cached.tokens)
+
+
 def test_prefix_cache_first_step_of_each_block_is_exact(model, step_log):
     prompt = random_prompt(8, 5)
     kwargs = dict(gen_length=12, block_length=6, steps=6)

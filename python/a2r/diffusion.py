@@ -154,17 +154,20 @@ class PrefixKV:
             return key, value
         flat_slots = self.slots.reshape(-1)
         if self.mode == "capture":
-            # [R, Hkv, P, D] -> [R * P, Hkv, D], row-major like the slots.
-            self.cache.write(layer, flat_slots,
-                             key[:, :, :plen].transpose(1, 2).reshape(-1, num_kv_heads, head_dim),
-                             value[:, :, :plen].transpose(1, 2).reshape(-1, num_kv_heads, head_dim))
+            # [R, Hkv, P, D] -> [R * P, Hkv, D], row-major like the slots. The casts are no-ops
+            # unless the forward runs in another dtype than the weights (autocast).
+            dtype = self.cache.dtype
+            self.cache.write(
+                layer, flat_slots,
+                key[:, :, :plen].transpose(1, 2).reshape(-1, num_kv_heads, head_dim).to(dtype),
+                value[:, :, :plen].transpose(1, 2).reshape(-1, num_kv_heads, head_dim).to(dtype))
             return key, value
         pool_k = self.cache.k[layer].view(-1, num_kv_heads, head_dim)
         pool_v = self.cache.v[layer].view(-1, num_kv_heads, head_dim)
         prefix_k = pool_k.index_select(0, flat_slots).view(num_rows, plen, num_kv_heads, head_dim)
         prefix_v = pool_v.index_select(0, flat_slots).view(num_rows, plen, num_kv_heads, head_dim)
-        return (torch.cat([prefix_k.transpose(1, 2), key], dim=2),
-                torch.cat([prefix_v.transpose(1, 2), value], dim=2))
+        return (torch.cat([prefix_k.transpose(1, 2).to(key.dtype), key], dim=2),
+                torch.cat([prefix_v.transpose(1, 2).to(value.dtype), value], dim=2))
 
 
 # ---------------------------------------------------------------------------------- model calls
@@ -457,12 +460,15 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
         num_masked = (block_tokens == mask_id).sum(1)
         schedule = (get_num_transfer_tokens(num_masked, steps_per_block)
                     if threshold is None else None)
+        # Which steps commit anything in some row: one host read per block, not one per step.
+        step_commits = (schedule.any(0).tolist() if schedule is not None
+                        else [True] * steps_per_block)
         if prefix is not None:
             prefix.start_block(start)
         for step in range(steps_per_block):
             if not bool((block_tokens == mask_id).any()):
                 break
-            if schedule is not None and not bool(schedule[:, step].any()):
+            if not step_commits[step]:
                 continue   # commits nothing in any row: an identical forward, skip it
             if prefix is not None and step > 0:
                 prefix.mode = "extend"
