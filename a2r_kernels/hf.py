@@ -337,26 +337,27 @@ class TreeDecoder:
         past = [self.cache.length(s) for s in seqs]
         slots = self.cache.reserve(seqs, num_tokens)    # raises CacheFullError, changes nothing
         self.peak_blocks_used = max(self.peak_blocks_used, self.cache.blocks_used())
-        if num_tokens == 1:   # decode: the plan of the step, built once for every layer
-            layout = self.cache.layout(seqs)
-            # seq_lens counts the reserved token: position = seq_lens - 1, already on the device.
-            position_ids = (layout.seq_lens - 1).to(torch.int64).unsqueeze(1)
-        else:
-            layout = None
-            position_ids = (torch.tensor(past, dtype=torch.int64)[:, None]
-                            + torch.arange(num_tokens, dtype=torch.int64)[None, :]).to(self.device)
         config = self.model.config
         saved_impl = config._attn_implementation
-        self.hf_cache.begin(seqs, past, slots, num_tokens, layout)
         try:
+            if num_tokens == 1:   # decode: the plan of the step, built once for every layer
+                layout = self.cache.layout(seqs)
+                # seq_lens counts the reserved token: position = seq_lens - 1, on the device.
+                position_ids = (layout.seq_lens - 1).to(torch.int64).unsqueeze(1)
+            else:
+                layout = None
+                position_ids = (torch.tensor(past, dtype=torch.int64)[:, None]
+                                + torch.arange(num_tokens, dtype=torch.int64)[None, :]
+                                ).to(self.device)
+            self.hf_cache.begin(seqs, past, slots, num_tokens, layout)
             config._attn_implementation = ATTN_IMPLEMENTATION
             out = self.model(input_ids=token_ids.to(self.device, torch.int64),
                              position_ids=position_ids, past_key_values=self.hf_cache,
                              use_cache=True, logits_to_keep=1, **{_STATE_KWARG: self.hf_cache})
         except BaseException:
-            # The forward failed (e.g. out of memory) after the reserve: give the tokens back, so
-            # the sequences hold no token whose K/V was never (fully) written and a retry
-            # continues at the right positions.
+            # Anything failed after the reserve (e.g. out of memory in the forward): give the
+            # tokens back, so the sequences hold no token whose K/V was never (fully) written
+            # and a retry continues at the right positions.
             self.cache._unreserve(seqs, num_tokens)
             raise
         finally:
