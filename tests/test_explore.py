@@ -23,6 +23,7 @@ import a2r_kernels as ak  # noqa: E402
 import a2r_kernels.hf as akhf  # noqa: E402
 from a2r.explore import explore, explore_from, sample_tree, tree_blocks_needed  # noqa: E402
 from a2r.sampling import sample_tokens, warp_logits  # noqa: E402
+from _helpers import ForwardLog  # noqa: E402
 
 VOCAB = 160
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -374,24 +375,6 @@ def test_multilevel_sampled_tree_structure(qwen3):
 
 
 # ---------------------------------------------------------------------------- parent sequences
-class _ForwardLog:
-    """input_ids shape of every forward of a model (forward pre-hook), while in a ``with``."""
-
-    def __init__(self, model):
-        self.model, self.shapes = model, []
-
-    def _hook(self, module, args, kwargs):
-        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
-        self.shapes.append(tuple(ids.shape))
-
-    def __enter__(self):
-        self.handle = self.model.register_forward_pre_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
 @pytest.mark.parametrize("shared,block_size", [(1, 4), (9, 4), (8, 8), (13, 16)])
 def test_explore_from_parent_equals_generate(model, shared, block_size):
     """Two prompts that share a prefix: the prefix is prefilled once as a parent, each prompt's
@@ -404,7 +387,7 @@ def test_explore_from_parent_equals_generate(model, shared, block_size):
                tree_blocks_needed(17 - shared, [2], [8], block_size))
     dec = akhf.TreeDecoder(model, parent_blocks + need, block_size=block_size, backend="torch")
     parent, _ = dec.prefill(first[:, :shared])
-    with _ForwardLog(model) as log:
+    with ForwardLog(model) as log:
         res = explore_from(dec, first[:, shared:], [3], 8, parent=parent, keep_parent=True,
                            temperature=0, eos_token_id=[])
     assert res.sequences == [_generate(model, first, 8)] * 3

@@ -18,6 +18,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from _helpers import ForwardLog  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import a2r  # noqa: E402
@@ -221,33 +222,6 @@ def test_symmetric_mode_reuses_the_shared_prefix(symmetric):
     assert res.to_dict()["kv"]["reused_prefix_tokens"] == common
 
 
-class _ForwardLog:
-    """input_ids shape of every forward of a model (forward pre-hook), while in a ``with``."""
-
-    def __init__(self, model):
-        self.model, self.shapes = model, []
-
-    def _hook(self, module, args, kwargs):
-        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
-        self.shapes.append(tuple(ids.shape))
-
-    def __enter__(self):
-        self.handle = self.model.register_forward_pre_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-    @property
-    def tokens(self) -> int:
-        return sum(b * t for b, t in self.shapes)
-
-    @property
-    def prompt_forwards(self) -> list[int]:
-        """Tokens of each multi-token forward (prompt prefills / extends; decode steps are 1)."""
-        return [t for _, t in self.shapes if t > 1]
-
-
 def _outputs(result) -> dict:
     """Everything a run produced except timings and the KV accounting."""
     d = json.loads(json.dumps(result.to_dict(include_token_ids=True)))
@@ -260,7 +234,7 @@ def _outputs(result) -> dict:
 
 
 def _run_logged(pipe, question, **overrides):
-    with _ForwardLog(pipe.explorer) as log:
+    with ForwardLog(pipe.explorer) as log:
         result = pipe.run(question, **overrides)
     return result, log
 
