@@ -47,7 +47,7 @@ from typing import Iterable
 import torch
 
 from ._errors import CacheFullError
-from .layout import TreeLayout, _kv_chunk
+from .layout import TreeLayout, _kv_chunk, _seqs_per_item
 
 _POOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -410,7 +410,8 @@ class TreeKVCache:
         return (self._k_slots[layer].index_select(0, slots),
                 self._v_slots[layer].index_select(0, slots))
 
-    def layout(self, seqs, kv_chunk_size: int | None = None) -> TreeLayout:
+    def layout(self, seqs, kv_chunk_size: int | None = None,
+               max_seqs_per_item: int | None = None) -> TreeLayout:
         """The :class:`TreeLayout` of one decode step of ``seqs`` (in that order) over this cache.
 
         Build it once per step, after :meth:`reserve` and before the layers run (the lengths it
@@ -418,7 +419,10 @@ class TreeKVCache:
         ``cache.v[layer]`` to :func:`a2r_kernels.tree_decode_attention` for every layer. The nodes
         on the seqs' paths are renumbered 0..M-1 in order of first appearance. Forked (read-only)
         sequences may be listed; so may a sequence twice (it then gets two identical rows).
+        ``kv_chunk_size`` and ``max_seqs_per_item`` are as in :meth:`TreeLayout.from_paths`.
         """
+        chunk = _kv_chunk(kv_chunk_size, self.block_size)
+        seqs_per_item = _seqs_per_item(max_seqs_per_item)
         seq_ids = self._seq_list(seqs)
         local_id: dict[_Node, int] = {}
         tables: list[list[int]] = []
@@ -436,5 +440,5 @@ class TreeKVCache:
             paths.append(path)
         # The tree guarantees what from_paths would check (ids in range, no repeats, lengths
         # that fit their blocks): plan directly.
-        return TreeLayout._plan(paths, tables, lengths, self.block_size,
-                                _kv_chunk(kv_chunk_size, self.block_size), self.device)
+        return TreeLayout._plan(paths, tables, lengths, self.block_size, chunk, self.device,
+                                seqs_per_item)

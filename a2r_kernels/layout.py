@@ -16,8 +16,10 @@ all contain one node, times one chunk of that node's tokens::
 - ``page_start``: index into ``page_table`` of the node's first block (the node's block table is
   ``page_table[page_start : page_start + ceil(len / block_size)]``).
 - ``kv_start, kv_end``: the token chunk of the node, ``0 <= kv_start < kv_end <= len``. Long nodes
-  are split into chunks of ``kv_chunk_size`` tokens (split-KV) so a long prefix with few
-  branches still spreads over many programs.
+  are split into chunks (split-KV) so a long prefix with few branches still spreads over many
+  programs; a run of many sequences is split into groups of at most ``max_seqs_per_item``, each
+  its own work item over the same chunk (adjacent in the grid, so the chunk's second and later
+  reads come from L2).
 - ``partial_start``: the work item writes one partial state (fp32 ``o``, natural-log ``lse``) per
   sequence of its run, to partial rows ``partial_start + (p - q_start)``.
 
@@ -42,9 +44,18 @@ import torch
 
 WORK_FIELDS = ("q_start", "q_len", "page_start", "kv_start", "kv_end", "partial_start")
 
-# Default split-KV chunk: long enough that one program streams a few pages per q tile, short
-# enough that a single 8k prefix still becomes 32 chunks (x num_kv_heads programs).
-DEFAULT_KV_CHUNK = 256
+# Split-KV chunk sizing. Every (sequence, q head) a work item covers costs one fp32 partial state,
+# written once and read once by the merge: 8 * head_dim bytes, against 4 * head_dim bytes of bf16
+# K+V per token and kv head. For a node read by a run of q_len sequences, a chunk of c tokens
+# therefore moves 2 * q_len * group / c partial bytes per KV byte: with a fixed 256-token chunk,
+# an 8k prefix under 64 branches at group 4 would move twice as many partial bytes as KV bytes.
+# So the chunk grows with the run: c = max(DEFAULT_KV_CHUNK, KV_CHUNK_TOKENS_PER_SEQ * q_len)
+# (ratio group / 8), while splitting the run into groups of MAX_SEQS_PER_ITEM sequences keeps
+# the number of programs for one prefix at about len / 256, the same as before, each streaming
+# as many tokens as before. Constants to be tuned on the GPU (bench_tree_attention.py sweeps them).
+DEFAULT_KV_CHUNK = 256          # shortest chunk: one program streams a few pages per row tile
+KV_CHUNK_TOKENS_PER_SEQ = 16    # adaptive chunk tokens per sequence of the run
+MAX_SEQS_PER_ITEM = 16          # sequences per work item: 64 query rows at group 4 (one MMA tile)
 
 
 def _as_int_list(x, what: str) -> list[int]:
@@ -58,12 +69,26 @@ def _as_int_list(x, what: str) -> list[int]:
         raise ValueError(f"{what} must be a sequence of ints, got {type(x).__name__}") from exc
 
 
-def _kv_chunk(kv_chunk_size, block_size: int) -> int:
-    """``kv_chunk_size`` (default ``DEFAULT_KV_CHUNK``) rounded up to a multiple of block_size."""
-    chunk = DEFAULT_KV_CHUNK if kv_chunk_size is None else int(kv_chunk_size)
-    if chunk <= 0:
-        raise ValueError(f"kv_chunk_size must be positive, got {kv_chunk_size!r}")
-    return -(-chunk // block_size) * block_size
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _kv_chunk(kv_chunk_size, block_size: int) -> int | None:
+    """A fixed ``kv_chunk_size`` rounded up to a multiple of block_size; ``None`` (adaptive) as is."""
+    if kv_chunk_size is None:
+        return None
+    if isinstance(kv_chunk_size, bool) or int(kv_chunk_size) != kv_chunk_size or kv_chunk_size <= 0:
+        raise ValueError(f"kv_chunk_size must be a positive int or None, got {kv_chunk_size!r}")
+    return _round_up(int(kv_chunk_size), block_size)
+
+
+def _seqs_per_item(max_seqs_per_item) -> int:
+    if max_seqs_per_item is None:
+        return MAX_SEQS_PER_ITEM
+    if (isinstance(max_seqs_per_item, bool) or int(max_seqs_per_item) != max_seqs_per_item
+            or max_seqs_per_item <= 0):
+        raise ValueError(f"max_seqs_per_item must be a positive int or None, got {max_seqs_per_item!r}")
+    return int(max_seqs_per_item)
 
 
 # The plan's int32 tensors are slices of one buffer (one host-to-device copy per step instead of
@@ -90,7 +115,8 @@ class TreeLayout:
     node_lengths: list[int]
     block_size: int
     device: torch.device
-    kv_chunk_size: int
+    kv_chunk_size: int | None
+    max_seqs_per_item: int
     work_info: torch.Tensor
     row_seq: torch.Tensor
     page_table: torch.Tensor
@@ -107,7 +133,8 @@ class TreeLayout:
     @classmethod
     def from_paths(cls, paths: Sequence[Sequence[int]], node_block_tables: Sequence[Sequence[int]],
                    node_lengths: Sequence[int], block_size: int, device="cpu", *,
-                   kv_chunk_size: int | None = None) -> "TreeLayout":
+                   kv_chunk_size: int | None = None,
+                   max_seqs_per_item: int | None = None) -> "TreeLayout":
         """Plan one decode step.
 
         Args:
@@ -120,11 +147,16 @@ class TreeLayout:
             block_size: tokens per block of the pool.
             device: where the plan's tensors live (the device of q and the pool).
             kv_chunk_size: split-KV chunk in tokens (rounded up to a multiple of ``block_size``);
-                default ``DEFAULT_KV_CHUNK``.
+                default (None) adaptive: for a node of ``len`` tokens read by ``q_len`` sequences,
+                ``len`` split into ``max(1, len // max(DEFAULT_KV_CHUNK, KV_CHUNK_TOKENS_PER_SEQ *
+                q_len))`` chunks of equal length (rounded up to blocks; see the constants' comment).
+            max_seqs_per_item: most sequences one work item covers (default ``MAX_SEQS_PER_ITEM``);
+                longer runs become several work items over the same chunk.
         """
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         chunk = _kv_chunk(kv_chunk_size, block_size)
+        seqs_per_item = _seqs_per_item(max_seqs_per_item)
 
         lengths = _as_int_list(node_lengths, "node_lengths")
         num_nodes = len(lengths)
@@ -150,13 +182,16 @@ class TreeLayout:
             if len(set(path)) != len(path):
                 raise ValueError(f"paths[{i}] repeats a node: {path}")
             path_lists.append(path)
-        return cls._plan(path_lists, tables, lengths, block_size, chunk, device)
+        return cls._plan(path_lists, tables, lengths, block_size, chunk, device, seqs_per_item)
 
     @classmethod
     def _plan(cls, paths: list[list[int]], tables: list[list[int]], lengths: list[int],
-              block_size: int, chunk: int, device) -> "TreeLayout":
+              block_size: int, chunk: int | None, device,
+              seqs_per_item: int = MAX_SEQS_PER_ITEM) -> "TreeLayout":
         """The plan of already validated inputs (what :meth:`from_paths` checks), which it keeps
-        by reference: ``TreeKVCache.layout`` passes fresh lists it guarantees valid."""
+        by reference: ``TreeKVCache.layout`` passes fresh lists it guarantees valid. ``chunk`` is
+        a fixed split-KV chunk (a multiple of block_size) or None (adaptive)."""
+        min_chunk = chunk if chunk is not None else _round_up(DEFAULT_KV_CHUNK, block_size)
         num_seqs = len(paths)
         num_nodes = len(lengths)
 
@@ -188,7 +223,7 @@ class TreeLayout:
             num_pages = -(-length // block_size)
             max_block_id = max(max_block_id, max(table) if len(table) == num_pages
                                else max(table[:num_pages]))
-            if length <= chunk and len(positions) == 1:   # a leaf of one sequence: the common case
+            if length <= min_chunk and len(positions) == 1:   # a leaf of one sequence: the common case
                 work += (positions[0], 1, page_start[j], 0, length, num_partials)
                 partial_rows_of_seq[order[positions[0]]].append(num_partials)
                 num_partials += 1
@@ -205,15 +240,23 @@ class TreeLayout:
                         start = p
                     prev = p
                 runs.append((start, prev - start + 1))
-            for q_start, q_len in runs:
-                max_q_len = max(max_q_len, q_len)
-                run_seqs = order[q_start:q_start + q_len]
-                for kv_start in range(0, length, chunk):
-                    work += (q_start, q_len, page_start[j], kv_start, min(kv_start + chunk, length),
-                             num_partials)
-                    for r, seq in enumerate(run_seqs, num_partials):
-                        partial_rows_of_seq[seq].append(r)
-                    num_partials += q_len
+            for run_start, run_len in runs:
+                run_chunk = chunk
+                if run_chunk is None:   # adaptive: at least the target, balanced (no short tail)
+                    target = max(min_chunk, KV_CHUNK_TOKENS_PER_SEQ * run_len)
+                    num_chunks = max(1, length // target)
+                    run_chunk = _round_up(-(-length // num_chunks), block_size)
+                for kv_start in range(0, length, run_chunk):
+                    kv_end = min(kv_start + run_chunk, length)
+                    # The run's groups over one chunk are adjacent work items: they run together
+                    # and the chunk comes from DRAM once.
+                    for q_start in range(run_start, run_start + run_len, seqs_per_item):
+                        q_len = min(seqs_per_item, run_start + run_len - q_start)
+                        max_q_len = max(max_q_len, q_len)
+                        work += (q_start, q_len, page_start[j], kv_start, kv_end, num_partials)
+                        for r, seq in enumerate(order[q_start:q_start + q_len], num_partials):
+                            partial_rows_of_seq[seq].append(r)
+                        num_partials += q_len
 
         indptr = [0]
         rows: list[int] = []
@@ -243,6 +286,7 @@ class TreeLayout:
         return cls(
             paths=paths, node_block_tables=tables, node_lengths=lengths,
             block_size=block_size, device=device, kv_chunk_size=chunk,
+            max_seqs_per_item=seqs_per_item,
             work_info=work_info.view(num_work, len(WORK_FIELDS)), row_seq=row_seq,
             page_table=page_table, merge_indptr=merge_indptr, merge_rows=merge_rows,
             seq_lens=lens, num_partials=num_partials, max_block_id=max_block_id,
@@ -289,7 +333,8 @@ class TreeLayout:
     def to(self, device) -> "TreeLayout":
         """The same plan with its tensors on ``device``."""
         return TreeLayout.from_paths(self.paths, self.node_block_tables, self.node_lengths,
-                                     self.block_size, device, kv_chunk_size=self.kv_chunk_size)
+                                     self.block_size, device, kv_chunk_size=self.kv_chunk_size,
+                                     max_seqs_per_item=self.max_seqs_per_item)
 
 
 def kv_bytes(layout: TreeLayout, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> dict[str, int]:

@@ -17,7 +17,10 @@ sampled tokens). Providers, all measured in the same run on the same pool:
 few tiny shapes with the torch reference and Triton's interpreter and writes
 ``tree_attention_cpu.json`` instead, so CPU numbers never mix with GPU ones.
 
-Usage: ``python benchmarks/bench_tree_attention.py [--quick] [--providers a2r-tree,a2r-paged]``
+Usage: ``python benchmarks/bench_tree_attention.py [--quick] [--providers a2r-tree,a2r-paged]
+[--P 8192 --N 64 --S 128 --heads 32/8] [--plan-sweep]``. ``--plan-sweep`` adds ``a2r-tree`` rows
+under fixed split-KV plans, ``a2r-tree[c=<kv_chunk_size>,s=<max_seqs_per_item>]``, beside the
+default (adaptive) plan, to tune ``a2r_kernels.layout``'s constants on the device.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ GPU_SHAPES = dict(P=[1024, 8192, 32768], N=[4, 16, 64, 256], S=[0, 128, 512],
                   heads=[(32, 8), (8, 1)], D=[128])
 CPU_SHAPES = dict(P=[64, 192], N=[4, 8], S=[0, 17], heads=[(8, 2)], D=[64])
 SDPA_BYTES_LIMIT = 16 * 1024 ** 3   # expanded K/V copies above this are skipped
+# --plan-sweep: (kv_chunk_size, max_seqs_per_item); (256, 1 << 20) is the plan before the
+# adaptive chunk (one work item per run, 256-token chunks).
+PLAN_SWEEP = [(256, 1 << 20), (256, 16), (512, 16), (1024, 16), (2048, 16), (4096, 16),
+              (1024, 8), (1024, 32), (2048, 8), (2048, 32)]
 
 
 def build_tree(P: int, N: int, S: int, block_size: int, Hkv: int, D: int, dtype, device):
@@ -99,6 +106,13 @@ def make_fn(provider, q, k, v, layout, P, S, prefix, leaves, block_size):
     Hkv = k.shape[2]
     if provider == "a2r-tree":
         return lambda: ak.tree_decode_attention(q, k, v, layout, backend=kernel_backend)
+    if provider.startswith("a2r-tree["):   # a2r-tree[c=1024,s=16]: a fixed plan
+        opts = dict(kv.split("=") for kv in provider[len("a2r-tree["):-1].split(","))
+        fixed = ak.TreeLayout.from_paths(layout.paths, layout.node_block_tables,
+                                         layout.node_lengths, layout.block_size, layout.device,
+                                         kv_chunk_size=int(opts["c"]),
+                                         max_seqs_per_item=int(opts["s"]))
+        return lambda: ak.tree_decode_attention(q, k, v, fixed, backend=kernel_backend)
     if provider == "a2r-cuda":
         return lambda: ak.tree_decode_attention(q, k, v, layout, backend="cuda")
     if provider == "a2r-paged":
@@ -162,6 +176,13 @@ def main(argv=None):
     parser.add_argument("--providers", default="", help="comma-separated subset")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--P", help="comma-separated prefix lengths (default: the issue's sweep)")
+    parser.add_argument("--N", help="comma-separated branch counts")
+    parser.add_argument("--S", help="comma-separated suffix lengths")
+    parser.add_argument("--heads", help="comma-separated Hq/Hkv pairs, e.g. 32/8,8/1")
+    parser.add_argument("--plan-sweep", action="store_true",
+                        help="add a2r-tree rows under the fixed plans of PLAN_SWEEP")
+    parser.add_argument("--out", default=None, help="results name (default tree_attention)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -172,17 +193,24 @@ def main(argv=None):
     shapes = dict(GPU_SHAPES) if on_gpu else dict(CPU_SHAPES)
     if args.quick and on_gpu:
         shapes.update(P=[1024, 8192], N=[4, 64], S=[128])
+    for key in ("P", "N", "S"):
+        if getattr(args, key):
+            shapes[key] = [int(x) for x in getattr(args, key).split(",")]
+    if args.heads:
+        shapes["heads"] = [tuple(int(h) for h in pair.split("/")) for pair in args.heads.split(",")]
     providers = providers_available(device)
     if args.providers:
         wanted = args.providers.split(",")
         providers = [p for p in providers if p in wanted]
+    if args.plan_sweep:
+        providers += [f"a2r-tree[c={c},s={s}]" for c, s in PLAN_SWEEP]
 
     import a2r_kernels as ak
 
     dev_name = device_name(device)
     bw = copy_gbps(device, nbytes=(512 if on_gpu else 64) * 1024 * 1024)
     print(f"# device: {dev_name}   copy bandwidth: {bw:.1f} GB/s   dtype: {dtype}")
-    print(f"{'provider':>20} {'P':>6} {'N':>4} {'S':>4} {'Hq/Hkv':>7} {'median_us':>10} "
+    print(f"{'provider':>24} {'P':>6} {'N':>4} {'S':>4} {'Hq/Hkv':>7} {'median_us':>10} "
           f"{'GB/s':>8} {'%copy':>6} {'vs paged':>8}")
     rows = []
     warmup, rep = (10, 50) if on_gpu else (1, 3)
@@ -206,11 +234,13 @@ def main(argv=None):
                 dtype=str(dtype).replace("torch.", ""), block_size=args.block_size,
                 median_us=seconds * 1e6, gbps=unique["shared"] / seconds / 1e9,
                 unique_kv_bytes=unique["shared"], unshared_kv_bytes=unique["unshared"],
-                copy_gbps=bw))
+                copy_gbps=bw,
+                **({"num_work": layout.num_work, "num_partials": layout.num_partials}
+                   if provider == "a2r-tree" else {})))
         paged = next((r["median_us"] for r in shape_rows if r["provider"] == "a2r-paged"), None)
         for r in shape_rows:
             r["speedup_vs_paged"] = paged / r["median_us"] if paged else None
-            print(f"{r['provider']:>20} {P:>6} {N:>4} {S:>4} {Hq:>3}/{Hkv:<3} "
+            print(f"{r['provider']:>24} {P:>6} {N:>4} {S:>4} {Hq:>3}/{Hkv:<3} "
                   f"{r['median_us']:>10.1f} {r['gbps']:>8.1f} {100 * r['gbps'] / bw:>5.0f}% "
                   f"{r['speedup_vs_paged'] or float('nan'):>7.2f}x")
         rows.extend(shape_rows)
@@ -218,7 +248,9 @@ def main(argv=None):
         if on_gpu:
             torch.cuda.empty_cache()
 
-    name = "tree_attention" if on_gpu else "tree_attention_cpu"
+    name = args.out or "tree_attention"
+    if not on_gpu:
+        name += "_cpu"
     write_results(os.path.join(RESULTS, f"{name}.json"), rows)
     Hq0, Hkv0 = shapes["heads"][0]
     S0 = shapes["S"][min(1, len(shapes["S"]) - 1)]

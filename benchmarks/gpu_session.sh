@@ -8,8 +8,9 @@
 #                 attention / denoise tests with compiled Triton, compute-sanitizer
 #                 memcheck + racecheck (then synccheck + initcheck if time is left)
 #   bench         install, then the benchmarks named in A2R_BENCHES, in that order (default
-#                 "tree denoise flashinfer explore"): bench_tree_attention (full sweep),
-#                 bench_denoise (full), FlashInfer decode / cascade baselines (--quick shapes,
+#                 "tree denoise plans flashinfer explore"): bench_tree_attention (full sweep),
+#                 bench_denoise (full), the split-KV plan sweep at the target shapes
+#                 (tree_attention_plans.json), FlashInfer decode / cascade baselines (--quick shapes,
 #                 only when flashinfer imports), bench_explore at P=2048 then P=8192;
 #                 benchmarks/results/*.json + *.png packed into $OUT/results.tgz
 #   bench-explore the same with A2R_BENCHES=explore
@@ -266,13 +267,15 @@ have_flashinfer() {
 run_benches() {
   # Default order: the two kernel products, their external baseline, the end-to-end explorer.
   local bench
-  for bench in ${A2R_BENCHES:-tree denoise flashinfer explore}; do
+  for bench in ${A2R_BENCHES:-tree denoise plans flashinfer explore}; do
     case "$bench" in
       tree) step bench-tree-attention 300 90 180 "$PY benchmarks/bench_tree_attention.py $QUICK_FLAG" ;;
+      # the split-KV plan sweep at the target shapes (tunes a2r_kernels/layout.py)
+      plans) step bench-tree-plans 150 30 60 "$PY benchmarks/bench_tree_attention.py --P 1024,8192 --N 4,64 --S 128 --heads 32/8,8/1 --providers a2r-tree,a2r-paged,a2r-cuda --plan-sweep --out tree_attention_plans" ;;
       denoise) step bench-denoise 240 60 90 "$PY benchmarks/bench_denoise.py $QUICK_FLAG" ;;
       flashinfer) run_flashinfer ;;
       explore) run_explore ;;
-      *) say "=== [$PHASE] unknown benchmark '$bench' in A2R_BENCHES (tree denoise flashinfer explore)"
+      *) say "=== [$PHASE] unknown benchmark '$bench' in A2R_BENCHES (tree denoise plans flashinfer explore)"
          record FAIL 0 0 "$bench" "unknown benchmark"; FAILED=1 ;;
     esac
   done

@@ -175,11 +175,19 @@ def test_tree_kernel_matches_reference(backend, case):
 
 
 EDGE_CASES = {
-    # name: (block_size, Hq, Hkv, D, dtype, paths, node_lengths)
-    "block_size1-d256": (1, 4, 2, 256, torch.float16, [[0, 1], [0, 2]], [5, 3, 0]),
-    "block_size64-d96": (64, 6, 2, 96, torch.bfloat16, [[0, 1], [0, 2], [0]], [130, 64, 1]),
+    # name: (block_size, Hq, Hkv, D, dtype, paths, node_lengths, plan options)
+    "block_size1-d256": (1, 4, 2, 256, torch.float16, [[0, 1], [0, 2]], [5, 3, 0], {}),
+    "block_size64-d96": (64, 6, 2, 96, torch.bfloat16, [[0, 1], [0, 2], [0]], [130, 64, 1], {}),
     # one work item of 41 sequences x GQA 8 = 328 query rows (6 row tiles of 64, the last partial)
-    "rows328": (16, 8, 1, 16, torch.float16, [[0, 1 + i] for i in range(41)], [37] + [1] * 41),
+    "rows328": (16, 8, 1, 16, torch.float16, [[0, 1 + i] for i in range(41)], [37] + [1] * 41,
+                {"max_seqs_per_item": 64}),
+    # a wide node split both ways: adaptive chunk >= max(256, 16 * 41) = 656 -> 2 chunks of the
+    # 1400 shared tokens, each over groups of 16, 16 and 9 sequences (last group partial)
+    "groups-adaptive-chunk": (16, 8, 2, 16, torch.bfloat16, [[0, 1 + i] for i in range(41)],
+                              [1400] + [i % 3 for i in range(41)], {}),
+    # groups of 3 sequences over fixed 64-token chunks, GQA 1
+    "groups3-chunk64": (16, 4, 4, 32, torch.float16, [[0, 1 + i % 2, 3 + i] for i in range(10)],
+                        [150, 20, 0] + [5] * 10, {"kv_chunk_size": 64, "max_seqs_per_item": 3}),
 }
 
 
@@ -187,14 +195,14 @@ EDGE_CASES = {
 @pytest.mark.parametrize("name", list(EDGE_CASES))
 def test_tree_kernel_edge_shapes(backend, name):
     _backend_or_skip(backend)
-    bs, hq, hkv, d, dtype, paths, lengths = EDGE_CASES[name]
+    bs, hq, hkv, d, dtype, paths, lengths, plan = EDGE_CASES[name]
     tables, next_block = [], 0
     for length in lengths:
         blocks = -(-length // bs)
         tables.append(list(range(next_block + blocks - 1, next_block - 1, -1)))  # reversed
         next_block += blocks
     q, k, v = make_inputs(paths, next_block + 1, bs, hq, hkv, d, dtype, 31)
-    layout = ak.TreeLayout.from_paths(paths, tables, lengths, bs, DEVICE)
+    layout = ak.TreeLayout.from_paths(paths, tables, lengths, bs, DEVICE, **plan)
     out, lse = ak.tree_decode_attention(q, k, v, layout, backend=backend, return_lse=True)
     ref_out, ref_lse = reference.tree_decode_attention(q, k, v, layout, d ** -0.5)
     check_close(out, lse, ref_out, ref_lse, dtype)
@@ -361,21 +369,68 @@ def test_non_tree_paths_still_exact(backend):
     check_close(out, lse, ref_out, ref_lse, torch.float32)
 
 
-def test_layout_reads_each_shared_node_once():
-    """In a tree, the work items cover each node's tokens exactly once, whatever the fan-out."""
+@pytest.mark.parametrize("plan", [{"kv_chunk_size": 32}, {}, {"max_seqs_per_item": 1},
+                                  {"kv_chunk_size": 16, "max_seqs_per_item": 3}])
+def test_layout_reads_each_shared_node_once(plan):
+    """In a tree, the work items cover each node's tokens once per chunk, whatever the fan-out:
+    a run of sequences split into groups gives adjacent items over the same chunk (the later ones
+    read it from L2), and every sequence sees every token of its path exactly once."""
     rng = random.Random(5)
     for _ in range(20):
         paths, tables, lengths, _ = random_tree(rng, rng.randint(1, 12), rng.randint(1, 5), 16)
-        layout = ak.TreeLayout.from_paths(paths, tables, lengths, 16, kv_chunk_size=32)
+        layout = ak.TreeLayout.from_paths(paths, tables, lengths, 16, **plan)
         used = {j for p in paths for j in p}
         work = layout.work_info.tolist()
-        assert sum(w[4] - w[3] for w in work) == sum(lengths[j] for j in used)
-        # each work item's run is contiguous and every (seq, node) pair is covered once
-        covered = sorted((layout.row_seq[w[0] + r].item(), w[2], w[3])
-                         for w in work for r in range(w[1]))
+        chunks = [(w[2], w[3], w[4]) for w in work]
+        assert sum(c[2] - c[1] for c in set(chunks)) == sum(lengths[j] for j in used)
+        # the items of one chunk are adjacent, and together cover a contiguous run
+        for c in set(chunks):
+            idx = [i for i, other in enumerate(chunks) if other == c]
+            assert idx == list(range(idx[0], idx[-1] + 1))
+            for a, b in zip(idx, idx[1:]):
+                assert work[a][0] + work[a][1] == work[b][0]
+        limit = plan.get("max_seqs_per_item", ak.layout.MAX_SEQS_PER_ITEM)
+        assert all(1 <= w[1] <= limit for w in work)
+        # every (seq, chunk) pair is covered once, and each sequence sees its whole path
+        covered = [(layout.row_seq[w[0] + r].item(), w[2], w[3]) for w in work for r in range(w[1])]
         assert len(covered) == len(set(covered))
+        seen = [0] * len(paths)
+        for w in work:
+            for r in range(w[1]):
+                seen[layout.row_seq[w[0] + r].item()] += w[4] - w[3]
+        assert seen == layout.seq_lens.tolist()
+        assert layout.num_partials == len(covered)
         bytes_ = ak.kv_bytes(layout, 8, 128, torch.bfloat16)
         assert bytes_["shared"] <= bytes_["unshared"]
+
+
+def test_layout_adaptive_chunk_grows_with_the_run():
+    """Default plan: chunks of at least max(256, 16 * sequences under the node), balanced; runs
+    split into groups of 16; partial states per sequence stay few under a wide prefix (here 8 + 1
+    instead of 33)."""
+    def plan(n, prefix, **kw):
+        paths = [[0, 1 + i] for i in range(n)]
+        first = -(-prefix // 16)
+        tables = [list(range(first))] + [[first + i] for i in range(n)]
+        return ak.TreeLayout.from_paths(paths, tables, [prefix] + [16] * n, 16, **kw)
+
+    def chunk_lengths(layout):
+        return sorted({w[4] - w[3] for w in layout.work_info.tolist() if w[2] == 0})
+
+    wide = plan(64, 8192)
+    assert chunk_lengths(wide) == [1024]
+    assert wide.max_q_len == 16 and wide.num_partials == 64 * (8 + 1)
+    assert wide.merge_indptr.diff().tolist() == [9] * 64
+    assert chunk_lengths(plan(4, 1024)) == [256]            # few branches: the shortest chunk
+    assert chunk_lengths(plan(20, 1000)) == [328, 336]      # 3 chunks of >= 16 * 20 tokens
+    assert chunk_lengths(plan(20, 300)) == [300]            # shorter than one chunk
+    fixed = plan(64, 8192, kv_chunk_size=256, max_seqs_per_item=64)
+    assert chunk_lengths(fixed) == [256] and fixed.max_q_len == 64
+    assert fixed.num_partials == 64 * (32 + 1)
+    with pytest.raises(ValueError, match="max_seqs_per_item"):
+        plan(2, 16, max_seqs_per_item=0)
+    with pytest.raises(ValueError, match="kv_chunk_size"):
+        plan(2, 16, kv_chunk_size=-4)
 
 
 def test_layout_validation():
