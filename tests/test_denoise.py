@@ -131,14 +131,16 @@ def test_triton_several_chunks_and_splits(remasking, temperature):
 
 @pytest.mark.parametrize("num_splits", [1, 2])
 def test_triton_argmax_ties_across_chunks(num_splits):
-    """A maximum tied inside one lane (entries 64 apart, BLOCK_V = 64), across lanes and across
-    V splits: x0 is the lowest index, and the margin p1 - p2 is exactly 0."""
+    """A maximum tied inside one lane (entries 64 apart, BLOCK_V = 64: fp32 lanes hold groups of
+    4 entries), inside one group, across lanes and across V splits: x0 is the lowest index, and
+    the margin p1 - p2 is exactly 0."""
     vocab = 300
-    logits = torch.zeros(1, 3, vocab)
-    logits[0, 0, [70, 134, 198]] = 4.0        # same lane (70 % 64 == 6) in three chunks
-    logits[0, 1, [250, 131, 3 + 128]] = 4.0   # lanes 58 and 3, and a duplicate
+    logits = torch.zeros(1, 4, vocab)
+    logits[0, 0, [70, 134, 198]] = 4.0        # same lane (70 % 64 == 6: lane 1) in three chunks
+    logits[0, 1, [250, 131, 3 + 128]] = 4.0   # lanes 14 and 0, and a duplicate
     logits[0, 2, [299, 190, 10]] = 4.0        # across both splits when num_splits == 2
-    tokens = torch.full((1, 3), MASK_ID)
+    logits[0, 3, [67, 65, 200]] = 4.0         # twice in one group (64..67), then a later lane
+    tokens = torch.full((1, 4), MASK_ID)
     for remasking in ("low_confidence", "margin"):
         updated = tokens.clone()
         x0 = torch.empty_like(tokens)
@@ -148,9 +150,20 @@ def test_triton_argmax_ties_across_chunks(num_splits):
                                     remasking, 0, x0, confidence, transferred,
                                     config={"block_v": 64, "num_splits": num_splits,
                                             "num_warps": 4})
-        assert x0.tolist() == [[70, 131, 10]]
+        assert x0.tolist() == [[70, 131, 10, 65]]
         if remasking == "margin":
-            assert confidence.tolist() == [[0.0, 0.0, 0.0]]
+            assert confidence.tolist() == [[0.0, 0.0, 0.0, 0.0]]
+    # a tie only inside one group: the margin needs the group's runner-up to be the max itself
+    logits = torch.zeros(1, 1, vocab)
+    logits[0, 0, [66, 65]] = 4.0
+    logits[0, 0, 250] = 3.0
+    x0 = torch.empty(1, 1, dtype=torch.int64)
+    confidence = torch.empty(1, 1)
+    transferred = torch.empty(1, 1, dtype=torch.bool)
+    triton_denoise.denoise_step(logits, torch.full((1, 1), MASK_ID), MASK_ID, torch.tensor([1]),
+                                None, 0.0, "margin", 0, x0, confidence, transferred,
+                                config={"block_v": 64, "num_splits": num_splits, "num_warps": 4})
+    assert x0.item() == 65 and confidence.item() == 0.0
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

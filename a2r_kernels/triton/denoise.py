@@ -5,12 +5,15 @@ Three launches, none of which materialises a ``[B, L, V]`` tensor:
 1. ``_denoise_partial_kernel``, grid ``(B * L, num_splits)``: program ``(pos, split)`` reads the
    token at ``pos = b * L + l``; if it is not ``mask_id`` it reads no logits at all. Otherwise it
    streams its chunk ``[split * split_size, min((split + 1) * split_size, V))`` of the row once, in
-   ``BLOCK_V`` chunks, keeping per-lane running statistics in fp32 registers: max ``m`` and
-   ``s = sum e^(x - m)`` (online softmax), ``a = sum e^(x - m) (x - m)`` (for the entropy; rescaled
-   as ``a' = e^(m - m') (a + (m - m') s)``), the argmax (lowest index on ties) and the second
-   largest value, and for ``temperature > 0`` the Gumbel-max argmax of ``x / T + g`` with the logit
-   there. It writes one partial state per (pos, split). Splitting V keeps the GPU busy when
-   ``B * L`` is small (one row of a 150k vocabulary is 300 KB of bf16).
+   ``BLOCK_V`` chunks seen as ``[BLOCK_V / VEC, VEC]`` tiles: lane ``r`` loads the ``VEC``
+   consecutive logits of its group (16 bytes) and folds the group into per-lane running statistics
+   in fp32 registers: max ``m`` and ``s = sum e^(x - m)`` (online softmax, one rescale per group,
+   one exp per logit), ``a = sum e^(x - m) (x - m)`` (for the entropy; rescaled as
+   ``a' = e^(m - m') (a + (m - m') s)``), the first group holding the lane's max (the argmax is
+   found at the end by re-reading one group: lowest index on ties), the second largest value, and
+   for ``temperature > 0`` the Gumbel-max argmax of ``x / T + g`` with the logit there. It writes
+   one partial state per (pos, split). Splitting V keeps the GPU busy when ``B * L`` is small (one
+   row of a 150k vocabulary is 300 KB of bf16).
 2. ``_denoise_combine_kernel``, grid ``(cdiv(B * L, BLOCK_P),)``: merges the split states of each
    position (the same rescaling) into ``x0`` and ``confidence`` (``-inf`` at unmasked positions,
    where ``x0`` is the token).
@@ -44,6 +47,7 @@ REMASKING_CODES = {"low_confidence": 0, "margin": 1, "entropy": 2, "random": 3}
 _NUM_STATS = 6      # m, s, a, second, gumbel_best, gumbel_logit (fp32) per (pos, split)
 _NUM_INDICES = 2    # argmax, gumbel argmax (int32) per (pos, split)
 _INT32_MAX = tl.constexpr(2147483647)  # a constexpr: jit functions may read only those
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -61,9 +65,16 @@ def _denoise_partial_kernel(
     stride_logits_b, stride_logits_l, stride_logits_v,
     stride_tokens_b, stride_tokens_l,
     mask_id, seed, inv_temperature,
-    NUM_SPLITS: tl.constexpr, BLOCK_V: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
     SAMPLE: tl.constexpr, NEED_ENTROPY: tl.constexpr, NEED_SECOND: tl.constexpr,
 ):
+    # A chunk of BLOCK_V logits is a [LANES, VEC] tile: lane r holds the VEC consecutive entries
+    # [start + r * VEC, start + (r + 1) * VEC) (one 16-byte load per thread). The running
+    # statistics are per lane and updated once per group of VEC entries, so the per-entry work
+    # is one convert, one max, one exp2 and one add: the chunk's rescale factor and the argmax
+    # bookkeeping are per group, not per entry (with per-entry online softmax, two exps per
+    # entry made the pass ALU/MUFU-bound rather than memory-bound at V ~ 1e5).
+    LANES: tl.constexpr = BLOCK_V // VEC
     pos = tl.program_id(0)
     split = tl.program_id(1)
     b = (pos // length).to(tl.int64)
@@ -75,55 +86,76 @@ def _denoise_partial_kernel(
     v_end = tl.where(token == mask_id, v_end, v_begin)
     row_ptr = logits_ptr + b * stride_logits_b + l * stride_logits_l
 
-    lanes = tl.arange(0, BLOCK_V)
+    lanes = tl.arange(0, LANES)
+    within = tl.arange(0, VEC)
+    tile = lanes[:, None] * VEC + within[None, :]             # [LANES, VEC] offsets in a chunk
     neg_inf = float("-inf")
-    lane_max = tl.full([BLOCK_V], neg_inf, tl.float32)
-    lane_sum = tl.zeros([BLOCK_V], tl.float32)
-    lane_xlogx = tl.zeros([BLOCK_V], tl.float32)
-    lane_argmax = tl.zeros([BLOCK_V], tl.int32)
-    lane_second = tl.full([BLOCK_V], neg_inf, tl.float32)
-    lane_gumbel = tl.full([BLOCK_V], neg_inf, tl.float32)
-    lane_gumbel_arg = tl.zeros([BLOCK_V], tl.int32)
-    lane_gumbel_logit = tl.full([BLOCK_V], neg_inf, tl.float32)
+    lane_max = tl.full([LANES], neg_inf, tl.float32)
+    lane_sum = tl.zeros([LANES], tl.float32)                   # sum e^(x - lane_max)
+    lane_xlogx = tl.zeros([LANES], tl.float32)                 # sum e^(x - lane_max) (x - lane_max)
+    lane_group = tl.zeros([LANES], tl.int32)                   # first group holding lane_max
+    lane_second = tl.full([LANES], neg_inf, tl.float32)
+    lane_gumbel = tl.full([LANES], neg_inf, tl.float32)
+    lane_gumbel_arg = tl.zeros([LANES], tl.int32)
+    lane_gumbel_logit = tl.full([LANES], neg_inf, tl.float32)
 
     for start in range(v_begin, v_end, BLOCK_V):
-        cols = start + lanes
-        in_bounds = cols < v_end
-        x = tl.load(row_ptr + cols.to(tl.int64) * stride_logits_v, mask=in_bounds,
+        cols = start + tile
+        x = tl.load(row_ptr + cols.to(tl.int64) * stride_logits_v, mask=cols < v_end,
                     other=neg_inf).to(tl.float32)
-        # Lanes see increasing indices, so a strict > keeps the lowest index of a tie.
-        is_new_max = x > lane_max
+        group_max = tl.max(x, axis=1)
         if NEED_SECOND:
-            lane_second = tl.where(is_new_max, lane_max, tl.maximum(lane_second, x))
-        lane_argmax = tl.where(is_new_max, cols, lane_argmax)
-        new_max = tl.maximum(lane_max, x)
-        # -inf guards: (-inf) - (-inf) and 0 * (-inf) are NaN. Shifting by 0 for an all -inf
-        # lane makes exp() give the 0 we want.
+            # the group's runner-up: the max itself when it occurs twice
+            ties = tl.sum((x == group_max[:, None]).to(tl.int32), axis=1)
+            group_second = tl.where(ties > 1, group_max,
+                                    tl.max(tl.where(x == group_max[:, None], neg_inf, x), axis=1))
+            lane_second = tl.maximum(tl.maximum(lane_second, group_second),
+                                     tl.minimum(lane_max, group_max))
+        # Chunks come in increasing order, so a strict > keeps a lane's first group of a tie.
+        lane_group = tl.where(group_max > lane_max, start + lanes * VEC, lane_group)
+        new_max = tl.maximum(lane_max, group_max)
+        # Shift by 0 for a lane that has seen only -inf: exp2(-inf) = 0, never (-inf) - (-inf).
         safe_max = tl.where(new_max > neg_inf, new_max, 0.0)
-        alpha = tl.exp(lane_max - safe_max)
-        x_finite = x > neg_inf
-        x_shifted = tl.where(x_finite, x - safe_max, 0.0)
-        weight = tl.where(x_finite, tl.exp(x_shifted), 0.0)
+        alpha = tl.exp2((lane_max - safe_max) * LOG2E)
         if NEED_ENTROPY:
+            # a -inf logit has weight 0 and shift -inf: count it as 0, not 0 * (-inf)
+            x_shifted = tl.where(x > neg_inf, x - safe_max[:, None], 0.0)
+            weight = tl.where(x > neg_inf, tl.exp2(x_shifted * LOG2E), 0.0)
+            contrib = weight * x_shifted
             max_shift = tl.where(lane_max > neg_inf, lane_max - safe_max, 0.0)
-            lane_xlogx = alpha * (lane_xlogx + max_shift * lane_sum) + weight * x_shifted
-        lane_sum = alpha * lane_sum + weight
+            lane_xlogx = alpha * (lane_xlogx + max_shift * lane_sum) + tl.sum(contrib, axis=1)
+        else:
+            weight = tl.exp2(x * LOG2E - (safe_max * LOG2E)[:, None])
+        lane_sum = alpha * lane_sum + tl.sum(weight, axis=1)
         lane_max = new_max
         if SAMPLE:
-            u = _uniform_from_philox(seed, cols.to(tl.uint32),
-                                     (cols * 0 + pos).to(tl.uint32), 0)
-            noisy = tl.where(x_finite, x * inv_temperature - tl.log(-tl.log(u)), neg_inf)
-            better = noisy > lane_gumbel
-            lane_gumbel = tl.where(better, noisy, lane_gumbel)
-            lane_gumbel_arg = tl.where(better, cols, lane_gumbel_arg)
-            lane_gumbel_logit = tl.where(better, x, lane_gumbel_logit)
+            u = _uniform_from_philox(seed, cols.to(tl.uint32), (cols * 0 + pos).to(tl.uint32), 0)
+            noisy = tl.where(x > neg_inf, x * inv_temperature - tl.log(-tl.log(u)), neg_inf)
+            group_best = tl.max(noisy, axis=1)
+            # lowest index of the group's best (ties have probability ~0, kept exact anyway)
+            best_at = tl.min(tl.where(noisy == group_best[:, None], within[None, :], VEC), axis=1)
+            best_logit = tl.max(tl.where(within[None, :] == best_at[:, None], x, neg_inf), axis=1)
+            better = group_best > lane_gumbel
+            lane_gumbel = tl.where(better, group_best, lane_gumbel)
+            lane_gumbel_arg = tl.where(better, start + lanes * VEC + best_at, lane_gumbel_arg)
+            lane_gumbel_logit = tl.where(better, best_logit, lane_gumbel_logit)
 
     row_max = tl.max(lane_max, axis=0)
     safe_row_max = tl.where(row_max > neg_inf, row_max, 0.0)
     lane_live = lane_max > neg_inf
     scale = tl.exp(lane_max - safe_row_max)
     row_sum = tl.sum(lane_sum * scale, axis=0)
-    argmax = tl.min(tl.where(lane_max == row_max, lane_argmax, _INT32_MAX), axis=0)
+    # Argmax (lowest index of the max): groups are disjoint and ordered, so it lies in the lowest
+    # group among the lanes that reached the max; read that one group again (VEC entries) to
+    # find it. A split with no finite logit reports 0, as torch.argmax does for an all -inf row.
+    found = row_max > neg_inf
+    group = tl.min(tl.where(lane_max == row_max, lane_group, _INT32_MAX), axis=0)
+    group = tl.where(found, group, 0)
+    group_cols = group + within
+    read_end = tl.where(found, v_end, 0)      # nothing to read when nothing was found
+    again = tl.load(row_ptr + group_cols.to(tl.int64) * stride_logits_v,
+                    mask=group_cols < read_end, other=neg_inf).to(tl.float32)
+    argmax = tl.where(found, group + tl.min(tl.where(again == row_max, within, VEC), axis=0), 0)
     stats = stats_ptr + (pos * NUM_SPLITS + split) * 6
     indices = indices_ptr + (pos * NUM_SPLITS + split) * 2
     tl.store(stats + 0, row_max)
@@ -133,7 +165,7 @@ def _denoise_partial_kernel(
         tl.store(stats + 2, tl.sum(scale * (lane_xlogx + shift * lane_sum), axis=0))
     if NEED_SECOND:
         # The second largest value: the winning lane's runner-up, or another lane's maximum.
-        owner = (lane_argmax == argmax) & (lane_max == row_max)
+        owner = (lane_group == group) & (lane_max == row_max)
         tl.store(stats + 3, tl.max(tl.where(owner, lane_second, lane_max), axis=0))
     tl.store(indices + 0, argmax)
     if SAMPLE:
@@ -245,6 +277,11 @@ def _denoise_select_kernel(
              mask=i_valid & chosen)
 
 
+def _vector_width(logits: torch.Tensor, block_v: int) -> int:
+    """Logits per lane group: 16 bytes (8 bf16/fp16, 4 fp32), at most the chunk."""
+    return max(1, min(16 // logits.element_size(), block_v))
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -311,7 +348,7 @@ def denoise_step(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int,
         logits.stride(0), logits.stride(1), logits.stride(2),
         tokens.stride(0), tokens.stride(1),
         mask_id, seed, (1.0 / temperature) if sample else 1.0,
-        NUM_SPLITS=num_splits, BLOCK_V=block_v, SAMPLE=sample,
+        NUM_SPLITS=num_splits, BLOCK_V=block_v, VEC=_vector_width(logits, block_v), SAMPLE=sample,
         NEED_ENTROPY=code == REMASKING_CODES["entropy"],
         NEED_SECOND=code == REMASKING_CODES["margin"],
         num_warps=config["num_warps"],
