@@ -240,7 +240,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                                             seq_lens, sm_scale)
         out.copy_(ref_out)
         lse.copy_(ref_lse)
-    elif num_seqs > 0:
+    elif backend == "triton":
+        from .triton import attention as kernels
+        chunk = max(1, DEFAULT_KV_CHUNK // block_size) * block_size
+        kernels.paged_decode(q, k_cache, v_cache, _unit_last_stride(block_tables), seq_lens,
+                             chunk, sm_scale, out, lse)
+    elif num_seqs > 0:   # cuda: the tree kernels over work items built on the device
         work_info, row_seq, indptr, rows, num_partials = _paged_work_items(
             block_tables, seq_lens, block_size)
         _run_work_items(backend, q, k_cache, v_cache, work_info, row_seq,

@@ -503,6 +503,30 @@ def test_paged_kernel_matches_reference(backend, dtype, bs, hq, hkv, d):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_paged_several_splits_and_strided_tables(backend):
+    """Rows longer than one 256-token split (so the LSE merge of splits runs, with empty trailing
+    splits for short rows), block tables that are a strided view, GQA 3."""
+    _backend_or_skip(backend)
+    g = torch.Generator().manual_seed(9)
+    bs, max_blocks, hq, hkv, d, dtype = 16, 37, 6, 2, 32, torch.float16   # 592 tokens: 3 splits
+    seq_lens = torch.tensor([0, 1, 256, 257, 592, 300, 17], dtype=torch.int32)
+    num_seqs = len(seq_lens)
+    nb = num_seqs * max_blocks
+    wide = torch.randperm(nb, generator=g).to(torch.int32).reshape(max_blocks, num_seqs)
+    block_tables = wide.t()                    # [num_seqs, max_blocks], strides (1, num_seqs)
+    assert not block_tables.is_contiguous()
+    q = torch.randn(num_seqs, hq, d, generator=g).to(dtype).to(DEVICE)
+    k = torch.randn(nb, bs, hkv, d, generator=g).to(dtype).to(DEVICE)
+    v = torch.randn(nb, bs, hkv, d, generator=g).to(dtype).to(DEVICE)
+    out, lse = ak.paged_decode_attention(q, k, v, block_tables.to(DEVICE), seq_lens.to(DEVICE),
+                                         backend=backend, return_lse=True)
+    ref_out, ref_lse = reference.paged_decode_attention(
+        q, k, v, block_tables.contiguous().to(DEVICE), seq_lens.to(DEVICE), d ** -0.5)
+    check_close(out, lse, ref_out, ref_lse, dtype)
+    assert torch.isneginf(lse[0]).all() and (out[0] == 0).all()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_paged_unchecked_lengths_stay_inside_the_table(backend):
     """check_bounds=False with seq_lens beyond max_blocks * block_size (or negative): the kernels
     read no further than the row's own blocks and agree with the reference, which clamps."""
