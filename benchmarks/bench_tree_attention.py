@@ -18,9 +18,11 @@ few tiny shapes with the torch reference and Triton's interpreter and writes
 ``tree_attention_cpu.json`` instead, so CPU numbers never mix with GPU ones.
 
 Usage: ``python benchmarks/bench_tree_attention.py [--quick] [--providers a2r-tree,a2r-paged]
-[--P 8192 --N 64 --S 128 --heads 32/8] [--plan-sweep]``. ``--plan-sweep`` adds ``a2r-tree`` rows
-under fixed split-KV plans, ``a2r-tree[c=<kv_chunk_size>,s=<max_seqs_per_item>]``, beside the
-default (adaptive) plan, to tune ``a2r_kernels.layout``'s constants on the device.
+[--P 8192 --N 64 --S 128 --heads 32/8] [--plan-sweep] [--tile-sweep]``. ``--plan-sweep`` adds
+``a2r-tree`` rows under fixed split-KV plans, ``a2r-tree[c=<kv_chunk_size>,s=<max_seqs_per_item>]``,
+beside the default (adaptive) plan, to tune ``a2r_kernels.layout``'s constants on the device;
+``--tile-sweep`` adds rows with other (BLOCK_N, num_warps) for the 64-row tiles,
+``a2r-tree(n=<BLOCK_N>,w=<num_warps>)``, to tune ``_tile_config``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ CPU_SHAPES = dict(P=[64, 192], N=[4, 8], S=[0, 17], heads=[(8, 2)], D=[64])
 SDPA_BYTES_LIMIT = 16 * 1024 ** 3   # expanded K/V copies above this are skipped
 # --plan-sweep: (kv_chunk_size, max_seqs_per_item); (256, 1 << 20) is the plan before the
 # adaptive chunk (one work item per run, 256-token chunks).
+# --tile-sweep: (BLOCK_N, num_warps) of the 64-row fp16/bf16 tiles (the shared-node work items)
+TILE_SWEEP = [(32, 8), (64, 8), (64, 4), (128, 8)]
 PLAN_SWEEP = [(256, 1 << 20), (256, 16), (512, 16), (1024, 16), (2048, 16), (4096, 16),
               (1024, 8), (1024, 32), (2048, 8), (2048, 32)]
 
@@ -106,6 +110,18 @@ def make_fn(provider, q, k, v, layout, P, S, prefix, leaves, block_size):
     Hkv = k.shape[2]
     if provider == "a2r-tree":
         return lambda: ak.tree_decode_attention(q, k, v, layout, backend=kernel_backend)
+    if provider.startswith("a2r-tree(n="):   # a2r-tree(n=64,w=8): 64-row tile override
+        from a2r_kernels.triton import attention as kernels
+        opts = dict(kv.split("=") for kv in provider[len("a2r-tree("):-1].split(","))
+        tile = (int(opts["n"]), int(opts["w"]))
+
+        def with_tile():
+            saved, kernels.TILE_OVERRIDE = kernels.TILE_OVERRIDE, tile
+            try:
+                return ak.tree_decode_attention(q, k, v, layout, backend=kernel_backend)
+            finally:
+                kernels.TILE_OVERRIDE = saved
+        return with_tile
     if provider.startswith("a2r-tree["):   # a2r-tree[c=1024,s=16]: a fixed plan
         opts = dict(kv.split("=") for kv in provider[len("a2r-tree["):-1].split(","))
         fixed = ak.TreeLayout.from_paths(layout.paths, layout.node_block_tables,
@@ -182,6 +198,8 @@ def main(argv=None):
     parser.add_argument("--heads", help="comma-separated Hq/Hkv pairs, e.g. 32/8,8/1")
     parser.add_argument("--plan-sweep", action="store_true",
                         help="add a2r-tree rows under the fixed plans of PLAN_SWEEP")
+    parser.add_argument("--tile-sweep", action="store_true",
+                        help="add a2r-tree rows with the 64-row tile configs of TILE_SWEEP")
     parser.add_argument("--out", default=None, help="results name (default tree_attention)")
     args = parser.parse_args(argv)
 
@@ -204,6 +222,8 @@ def main(argv=None):
         providers = [p for p in providers if p in wanted]
     if args.plan_sweep:
         providers += [f"a2r-tree[c={c},s={s}]" for c, s in PLAN_SWEEP]
+    if args.tile_sweep:
+        providers += [f"a2r-tree(n={n},w={w})" for n, w in TILE_SWEEP]
 
     import a2r_kernels as ak
 

@@ -66,6 +66,8 @@ _PARTIAL = [
     # with a non-unit head_dim stride: other pointer/stride specialisations.
     ("bfloat16", 64, 8, 32, 2, "qkv_slice"),
     ("float16", 128, 4, 16, 3, "transposed"),
+    # the target tile: 16 sequences x GQA 4 = 64 rows, head_dim 128 -> BLOCK_N 64
+    ("bfloat16", 128, 4, 16, 16, "contiguous"),
 ]
 # LSE merges: every output dtype, head_dims 64 / 128 / 40 (BLOCK_D 64 with a mask).
 _MERGE = [("float16", 64, "contiguous"), ("bfloat16", 128, "contiguous"),

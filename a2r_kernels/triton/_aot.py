@@ -228,6 +228,45 @@ def resource_usage(compiled) -> ResourceUsage:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class LoopCounts:
+    """SASS instructions of one loop body (a backward branch and everything it jumps over)."""
+
+    instructions: int
+    by_opcode: dict[str, int]     # opcode without modifiers ("MUFU", "FFMA", "HGMMA", ...)
+
+
+def sass_loops(compiled) -> list[LoopCounts]:
+    """Loop bodies of ``compiled``'s cubin, outermost first ends aside, in address order.
+
+    Disassembles with the ``cuobjdump`` bundled with Triton (``-sass``); a loop is the span from a
+    backward ``BRA`` target to the branch. Static counts: a lower bound on issued instructions per
+    iteration (predicated-off instructions are counted; nothing is timed).
+    """
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", str(cubin)],
+                              capture_output=True, text=True, check=True).stdout
+    lines = [(int(m.group(1), 16), m.group(2))
+             for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for address, instruction in lines:
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", instruction)
+        if target is None or int(target.group(1), 16) >= address:
+            continue
+        start = int(target.group(1), 16)
+        opcodes: dict[str, int] = {}
+        body = [text for where, text in lines if start <= where <= address]
+        for text in body:
+            opcode = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+            opcodes[opcode] = opcodes.get(opcode, 0) + 1
+        loops.append(LoopCounts(len(body), dict(sorted(opcodes.items()))))
+    return loops
+
+
 @triton.jit
 def _probe_copy_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -210,17 +210,31 @@ def _merge_two_states_kernel(
 
 
 # ---------------------------------------------------------------------------------- launchers
+# (BLOCK_N, num_warps) for fp16/bf16 tiles of BLOCK_M = 64 rows, when set: a tuning hook for
+# benchmarks (bench_tree_attention.py --tile-sweep), never set by the library itself.
+TILE_OVERRIDE: tuple[int, int] | None = None
+
+
 def _tile_config(num_rows: int, head_dim: int, fp32_dot: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) from a small table instead of blind autotuning.
 
-    BLOCK_M covers the rows of a typical work item (q_len * group, at least 16 for tl.dot);
-    BLOCK_N keeps the K/V tiles near 16 KiB of registers per tile at head_dim 128. Exact fp32
-    dots (no tensor cores) need narrower KV tiles and more warps to stay free of register spills
-    (ptxas, sm_80/sm_90: tests/test_triton_compile.py --report).
+    BLOCK_M covers the rows of a typical work item (q_len * group, at least 16 for tl.dot).
+    Small row tiles (leaves: a few rows against their own KV) keep BLOCK_N at 32 for head_dim
+    > 64 so K/V tiles stay near 16 KiB of registers. 64-row tiles (shared nodes; wgmma on
+    sm_90, operands in shared memory) take BLOCK_N = 64 for head_dim <= 128: the per-iteration
+    softmax bookkeeping (acc rescale, row max/sum) is amortised over twice the tokens, 151
+    instead of 241 warp-instructions per KV token on sm_90 (benchmarks/sass_report.py), at 211
+    registers (one 8-warp CTA per SM), no spills. Exact fp32 dots (no tensor cores) need
+    narrower KV tiles and more warps to stay free of register spills (ptxas, sm_80/sm_90:
+    tests/test_triton_compile.py --report).
     """
     block_m = min(max(triton.next_power_of_2(max(num_rows, 1)), 16), 64)
     if fp32_dot:
         return block_m, 16, 8
+    if block_m == 64 and TILE_OVERRIDE is not None:
+        return (block_m, *TILE_OVERRIDE)
+    if block_m == 64 and head_dim <= 128:
+        return block_m, 64, 8
     block_n = 64 if head_dim <= 64 else 32
     num_warps = 4 if block_m <= 32 else 8
     return block_m, block_n, num_warps
