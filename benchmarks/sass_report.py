@@ -103,8 +103,10 @@ def main(argv=None):
         loops = _aot.sass_loops(compiled)
         if not loops:
             raise RuntimeError(f"{name}: no loop found in the SASS")
-        body = max(loops, key=lambda loop: loop.by_opcode.get("LDG", 0) * 10 ** 6
-                   + loop.instructions)   # the streaming loop: the one that loads
+        # the streaming loop: the largest innermost loop that loads from global memory
+        innermost = [loop for loop in loops if loop.by_opcode.get("LDG", 0)
+                     and not any(loop.contains(other) for other in loops)]
+        body = max(innermost or loops, key=lambda loop: loop.instructions)
         ops = body.by_opcode
         warps = launch.kwargs["num_warps"]
         warp_instr = body.instructions * warps / elems          # per element of the CTA

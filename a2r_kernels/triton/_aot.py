@@ -232,12 +232,17 @@ def resource_usage(compiled) -> ResourceUsage:
 class LoopCounts:
     """SASS instructions of one loop body (a backward branch and everything it jumps over)."""
 
+    start: int                    # byte address of the loop head
+    end: int                      # byte address of the backward branch
     instructions: int
     by_opcode: dict[str, int]     # opcode without modifiers ("MUFU", "FFMA", "HGMMA", ...)
 
+    def contains(self, other: "LoopCounts") -> bool:
+        return self is not other and self.start <= other.start and other.end <= self.end
+
 
 def sass_loops(compiled) -> list[LoopCounts]:
-    """Loop bodies of ``compiled``'s cubin, outermost first ends aside, in address order.
+    """Loop bodies of ``compiled``'s cubin, by the address of their backward branch.
 
     Disassembles with the ``cuobjdump`` bundled with Triton (``-sass``); a loop is the span from a
     backward ``BRA`` target to the branch. Static counts: a lower bound on issued instructions per
@@ -263,7 +268,7 @@ def sass_loops(compiled) -> list[LoopCounts]:
         for text in body:
             opcode = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
             opcodes[opcode] = opcodes.get(opcode, 0) + 1
-        loops.append(LoopCounts(len(body), dict(sorted(opcodes.items()))))
+        loops.append(LoopCounts(start, address, len(body), dict(sorted(opcodes.items()))))
     return loops
 
 

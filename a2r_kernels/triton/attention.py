@@ -3,11 +3,13 @@
 Two launches per call, both driven by a :class:`~a2r_kernels.layout.TreeLayout`:
 
 1. ``_tree_attention_partial_kernel``: grid ``(num_work, num_kv_heads)``. A work item is one node
-   chunk and the contiguous run of sequences under that node; all ``q_len * group`` query rows of
-   the run (sequences x the GQA group of the kv head) form the M side of one tile, so the chunk's
+   chunk and a contiguous run of sequences under that node (up to ``max_seqs_per_item``; the
+   items of one chunk are adjacent, so later ones read it from L2); all ``q_len * group`` query
+   rows (sequences x the GQA group of the kv head) form the M side of one tile, so the chunk's
    K/V is streamed once for all of them (over several row tiles when there are more rows than
-   ``BLOCK_M``: the chunk is then re-read from L2, not DRAM). Writes one fp32 partial state
-   ``(o, lse)`` per (sequence, q head) and work item.
+   ``BLOCK_M``, again from L2). Writes one fp32 partial state ``(o, lse)`` per (sequence, q head)
+   and work item. KV loads are unpredicated: the tail tile re-reads its last valid token and
+   masks the scores instead.
 2. ``_merge_partials_kernel``: grid ``(num_seqs, num_q_heads)``. Merges each sequence's partial
    states by LSE in fp32 (``o = sum_r exp(lse_r - lse) o_r``, ``lse = logsumexp_r lse_r``) into
    the output dtype. A sequence with no partial gets ``o = 0``, ``lse = -inf``.
@@ -97,12 +99,20 @@ def _tree_attention_partial_kernel(
         for n0 in range(kv_start, kv_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < kv_end
-            page = tl.load(page_table_ptr + page_start + offs_n // PAGE_SIZE,
-                           mask=mask_n, other=0).to(tl.int64)
-            slot = offs_n % PAGE_SIZE
-            kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(k_head_ptr + page[:, None] * stride_kb + slot[:, None] * stride_kt
-                        + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+            # Tokens past kv_end (the last tile only) re-read token kv_end - 1 instead of being
+            # masked: the loads stay unpredicated and vectorised, and their scores are set to
+            # -inf below. (Masked loads cost ~2.5x the loop's instructions on sm_90.)
+            token = tl.minimum(offs_n, kv_end - 1)
+            page = tl.load(page_table_ptr + page_start + token // PAGE_SIZE).to(tl.int64)
+            slot = token % PAGE_SIZE
+            k_ptrs = k_head_ptr + page[:, None] * stride_kb + slot[:, None] * stride_kt \
+                + offs_d[None, :] * stride_kd
+            v_ptrs = v_head_ptr + page[:, None] * stride_vb + slot[:, None] * stride_vt \
+                + offs_d[None, :] * stride_vd
+            if HEAD_DIM == BLOCK_D:
+                k = tl.load(k_ptrs)
+            else:   # columns past head_dim belong to the next head: never read them
+                k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
             if FP32_DOT:
                 s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
             else:
@@ -113,8 +123,10 @@ def _tree_attention_partial_kernel(
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_head_ptr + page[:, None] * stride_vb + slot[:, None] * stride_vt
-                        + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+            if HEAD_DIM == BLOCK_D:
+                v = tl.load(v_ptrs)
+            else:
+                v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
             if FP32_DOT:
                 acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
@@ -222,8 +234,8 @@ def _tile_config(num_rows: int, head_dim: int, fp32_dot: bool) -> tuple[int, int
     Small row tiles (leaves: a few rows against their own KV) keep BLOCK_N at 32 for head_dim
     > 64 so K/V tiles stay near 16 KiB of registers. 64-row tiles (shared nodes; wgmma on
     sm_90, operands in shared memory) take BLOCK_N = 64 for head_dim <= 128: the per-iteration
-    softmax bookkeeping (acc rescale, row max/sum) is amortised over twice the tokens, 151
-    instead of 241 warp-instructions per KV token on sm_90 (benchmarks/sass_report.py), at 211
+    softmax bookkeeping (acc rescale, row max/sum) is amortised over twice the tokens, 67
+    instead of 86 warp-instructions per KV token on sm_90 (benchmarks/sass_report.py), at 176
     registers (one 8-warp CTA per SM), no spills. Exact fp32 dots (no tensor cores) need
     narrower KV tiles and more warps to stay free of register spills (ptxas, sm_80/sm_90:
     tests/test_triton_compile.py --report).
