@@ -73,22 +73,27 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
+def _positive_int(value, name: str) -> int:
+    try:
+        ok = not isinstance(value, bool) and int(value) == value and value > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    return int(value)
+
+
 def _kv_chunk(kv_chunk_size, block_size: int) -> int | None:
     """A fixed ``kv_chunk_size`` rounded up to a multiple of block_size; ``None`` (adaptive) as is."""
     if kv_chunk_size is None:
         return None
-    if isinstance(kv_chunk_size, bool) or int(kv_chunk_size) != kv_chunk_size or kv_chunk_size <= 0:
-        raise ValueError(f"kv_chunk_size must be a positive int or None, got {kv_chunk_size!r}")
-    return _round_up(int(kv_chunk_size), block_size)
+    return _round_up(_positive_int(kv_chunk_size, "kv_chunk_size"), block_size)
 
 
 def _seqs_per_item(max_seqs_per_item) -> int:
     if max_seqs_per_item is None:
         return MAX_SEQS_PER_ITEM
-    if (isinstance(max_seqs_per_item, bool) or int(max_seqs_per_item) != max_seqs_per_item
-            or max_seqs_per_item <= 0):
-        raise ValueError(f"max_seqs_per_item must be a positive int or None, got {max_seqs_per_item!r}")
-    return int(max_seqs_per_item)
+    return _positive_int(max_seqs_per_item, "max_seqs_per_item")
 
 
 # The plan's int32 tensors are slices of one buffer (one host-to-device copy per step instead of
