@@ -160,6 +160,11 @@ def tree_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     return (out, lse) if return_lse else out
 
 
+def _paged_chunk(block_size: int) -> int:
+    """Split-KV chunk of paged decode: DEFAULT_KV_CHUNK tokens, whole blocks (at least one)."""
+    return max(1, DEFAULT_KV_CHUNK // block_size) * block_size
+
+
 def _paged_work_items(block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int):
     """The paged (unshared) case as tree work items, built on device without a host sync.
 
@@ -169,9 +174,8 @@ def _paged_work_items(block_tables: torch.Tensor, seq_lens: torch.Tensor, block_
     """
     num_seqs, max_blocks = block_tables.shape
     device = block_tables.device
-    chunk_pages = max(1, DEFAULT_KV_CHUNK // block_size)
-    num_splits = max(1, -(-max_blocks // chunk_pages))
-    chunk = chunk_pages * block_size
+    chunk = _paged_chunk(block_size)
+    num_splits = max(1, -(-max_blocks * block_size // chunk))
     seq = torch.arange(num_seqs, device=device, dtype=torch.int32).repeat_interleave(num_splits)
     split = torch.arange(num_splits, device=device, dtype=torch.int32).repeat(num_seqs)
     kv_start = split * chunk
@@ -242,9 +246,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         lse.copy_(ref_lse)
     elif backend == "triton":
         from .triton import attention as kernels
-        chunk = max(1, DEFAULT_KV_CHUNK // block_size) * block_size
         kernels.paged_decode(q, k_cache, v_cache, _unit_last_stride(block_tables), seq_lens,
-                             chunk, sm_scale, out, lse)
+                             _paged_chunk(block_size), sm_scale, out, lse)
     elif num_seqs > 0:   # cuda: the tree kernels over work items built on the device
         work_info, row_seq, indptr, rows, num_partials = _paged_work_items(
             block_tables, seq_lens, block_size)
