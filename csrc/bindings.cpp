@@ -226,7 +226,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "denoise_predict_row_host",
       [](uintptr_t row, int64_t vocab, double temperature, int remasking, uint64_t seed,
-         uint32_t pos) {
+         uint32_t pos, int group_width) {
         if (vocab < 1) throw std::invalid_argument("denoise_predict_row_host: vocab must be >= 1");
         if (remasking < 0 || remasking > 3) {
           throw std::invalid_argument("denoise_predict_row_host: remasking code must be in [0, 3]");
@@ -236,13 +236,14 @@ PYBIND11_MODULE(_C, m) {
         a2r::denoise_predict_row_host(
             reinterpret_cast<const float*>(row), vocab, static_cast<float>(temperature),
             temperature > 0 ? static_cast<float>(1.0 / temperature) : 0.f,
-            static_cast<a2r::Remasking>(remasking), seed, pos, &x0, &confidence);
+            static_cast<a2r::Remasking>(remasking), seed, pos, group_width, &x0, &confidence);
         return py::make_tuple(x0, confidence);
       },
       "(x0, confidence) of one masked position from a HOST fp32 row of logits, by the denoise "
-      "kernel's per-position code compiled for the CPU (for tests without a GPU).",
+      "kernel's per-position code compiled for the CPU (for tests without a GPU); group_width: "
+      "logits per 16-byte load of the kernel being emulated (4: fp32, 8: fp16 / bf16).",
       py::arg("row"), py::arg("vocab"), py::arg("temperature"), py::arg("remasking"),
-      py::arg("seed"), py::arg("pos"));
+      py::arg("seed"), py::arg("pos"), py::arg("group_width") = 4);
   m.def("tree_attention_partials", &tree_attention_partials,
         "Partial (o, lse) per tree work item and q head; see csrc/tree_attention.cu.",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("work_info"),

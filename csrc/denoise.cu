@@ -4,15 +4,21 @@
 //    never reads its logits: x0 = token, confidence = -inf. A masked position makes one pass over
 //    its V logits keeping, per thread and then per CTA, in fp32:
 //      max m, Z = sum_v exp(x_v - m), Zx = sum_v exp(x_v - m) (x_v - m)    (online, rescaled)
-//      top-1 (value, lowest index) and top-2 value of x
+//      the first group holding m (the argmax is found at the end by re-reading that group)
+//      the second largest value x_(2) (m itself when m occurs twice)
 //      for temperature T > 0: the Gumbel-max argmax of x_v / T - log(-log u_v)
 //    and writes
 //      x0         = argmax_v x_v (T == 0; ties -> lowest index) or the Gumbel-max sample
 //      confidence = p(x0) = exp(x_x0 - m) / Z                    ("low_confidence")
-//                   p1 - p2 = (exp(top1 - m) - exp(top2 - m)) / Z ("margin")
+//                   p1 - p2 = (1 - exp(x_(2) - m)) / Z            ("margin")
 //                   -H(p) = Zx / Z - log Z                        ("entropy")
 //                   u ~ U(0, 1)                                   ("random")
-//    from the untempered softmax p = softmax(x).
+//    from the untempered softmax p = softmax(x). Thread t streams 16-byte groups (8 fp16 / bf16
+//    or 4 fp32 logits) t, t + 256, ... and folds each whole group into its statistics: one
+//    rescale per group and one exp2 per logit, with only the statistics its remasking mode needs
+//    (a template parameter). That keeps the loop at 7.5 SASS instructions per bf16 logit for
+//    p(x0) on sm_90 (benchmarks/sass_report.py; static count): memory-bound at 126k-entry
+//    vocabularies, where a per-logit online softmax (two exps and a branch per logit) is not.
 // 2. denoise_select_kernel, one CTA per row b: among the masked positions of the row, position i
 //    is committed when rank_i < k (top-k mode, k = clamp(num_transfer[b], 0, #masked)) or when
 //    confidence_i >= threshold or rank_i == 0 (threshold mode: at least the most confident one),
@@ -28,6 +34,7 @@
 //   "random" remasking score of position pos:                            counter (0, pos, 1, 0)
 
 #include <climits>
+#include <type_traits>
 #include <string>
 
 #include "common.cuh"
@@ -99,168 +106,246 @@ A2R_HD float uniform_open01(uint32_t bits) {
 }
 
 // ------------------------------------------------------------------------------------ stats
-// Running statistics of one position's logits (per thread, then merged across the CTA).
-struct VocabStats {
-  float max;        // m
-  float sum;        // Z  = sum exp(x - m)
-  float sum_xs;     // Zx = sum exp(x - m) (x - m)
-  float top1;       // largest x, at index top1_idx (lowest index among ties)
-  int top1_idx;
-  float top2;       // second largest x (equal to top1 when the maximum is repeated)
-  float best_key;   // largest Gumbel key x / T - log(-log u), at best_idx
-  int best_idx;
-  float best_logit; // x at best_idx
+// What a step needs beyond max, sum-exp and argmax: a template parameter, so that each
+// remasking mode's streaming loop carries only its own work.
+enum class Extra : int { kNone = 0, kSecond = 1, kEntropy = 2 };
+
+// exp2 as one MUFU.EX2 (ex2.approx.ftz: 2 ulp; exp2(-inf) = +0); exp2f on the host.
+A2R_HD float fast_exp2(float x) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
+// The Gumbel stream of one position: key and counter words (see the header comment).
+struct GumbelKey {
+  uint32_t key0, key1, pos;
+  float inv_temperature;
 };
 
-A2R_HD VocabStats empty_stats() {
-  return VocabStats{kNegInf, 0.f, 0.f, kNegInf, INT_MAX, kNegInf, kNegInf, INT_MAX, kNegInf};
+// Running statistics of a slice of one position's logits, in fp32: per thread over the groups it
+// streams, then merged across the CTA. A group is kGroup consecutive logits (one 16-byte load);
+// the loop folds whole groups: one rescale per group, one exp per logit (a per-logit online
+// softmax costs two exps and a compare-and-branch per logit and stops being memory-bound).
+struct LaneStats {
+  float max;           // m (-inf until a finite logit is seen)
+  float sum;           // s = sum exp(x - m)
+  float xlogx;         // a = sum exp(x - m) (x - m)                       (Extra::kEntropy)
+  float second;        // largest logit once one occurrence of m is removed (Extra::kSecond)
+  int max_group;       // first column of the lowest group holding m (INT_MAX: none yet)
+  float gumbel;        // best Gumbel key x / T - log(-log u)              (sampling)
+  int gumbel_idx;      // its column, lowest on ties
+  float gumbel_logit;  // x at gumbel_idx
+};
+
+A2R_HD LaneStats empty_lane_stats() {
+  return LaneStats{kNegInf, 0.f, 0.f, kNegInf, INT_MAX, kNegInf, INT_MAX, kNegInf};
 }
 
 A2R_HD bool beats(float value, int idx, float best, int best_idx) {
   return value > best || (value == best && idx < best_idx);
 }
 
-A2R_HD void add_logit(VocabStats& st, float x, int idx) {
-  if (beats(x, idx, st.top1, st.top1_idx)) {
-    st.top2 = st.top1;
-    st.top1 = x;
-    st.top1_idx = idx;
-  } else if (x > st.top2) {
-    st.top2 = x;
+// Fold the group x[0 .. kGroup) of columns col0 .. col0 + kGroup (tail entries past the vocabulary
+// are -inf) into st. A thread's groups must arrive in increasing column order.
+template <int kGroup, Extra kExtra, bool kSample>
+A2R_HD void fold_group(LaneStats& st, const float (&x)[kGroup], int col0, const GumbelKey& key) {
+  float group_max = x[0], group_second = kNegInf;
+#pragma unroll
+  for (int e = 1; e < kGroup; ++e) {
+    if constexpr (kExtra == Extra::kSecond) group_second = fmaxf(group_second, fminf(group_max, x[e]));
+    group_max = fmaxf(group_max, x[e]);
   }
-  if (!(x > kNegInf)) return;  // -inf (and NaN) carry no probability mass
-  if (x > st.max) {
-    if (st.max == kNegInf) {
-      st.sum = 1.f;
-      st.sum_xs = 0.f;
-    } else {
-      const float delta = st.max - x;  // < 0
-      const float scale = fast_exp(delta);
-      st.sum_xs = (st.sum_xs + st.sum * delta) * scale;
-      st.sum = st.sum * scale + 1.f;
+  if constexpr (kExtra == Extra::kSecond) {
+    st.second = fmaxf(fmaxf(st.second, group_second), fminf(st.max, group_max));
+  }
+  if (group_max > st.max) st.max_group = col0;  // strict: an earlier group keeps a tie
+  const float new_max = fmaxf(st.max, group_max);
+  const float shift = new_max > kNegInf ? new_max : 0.f;    // never (-inf) - (-inf)
+  const float alpha = fast_exp2((st.max - shift) * kLog2e);  // 0 while st.max is -inf
+  if constexpr (kExtra == Extra::kEntropy) {
+    // A -inf logit has weight 0 and shift -inf: it adds 0, not 0 * (-inf).
+    float group_sum = 0.f, group_xlogx = 0.f;
+#pragma unroll
+    for (int e = 0; e < kGroup; ++e) {
+      const bool live = x[e] > kNegInf;
+      const float z = live ? x[e] - shift : 0.f;
+      const float w = live ? fast_exp2(z * kLog2e) : 0.f;
+      group_sum += w;
+      group_xlogx = fmaf(w, z, group_xlogx);
     }
-    st.max = x;
+    const float old_shift = st.max > kNegInf ? st.max - shift : 0.f;
+    st.xlogx = fmaf(alpha, fmaf(old_shift, st.sum, st.xlogx), group_xlogx);
+    st.sum = fmaf(alpha, st.sum, group_sum);
   } else {
-    const float z = x - st.max;
-    const float e = fast_exp(z);
-    st.sum += e;
-    st.sum_xs = fmaf(e, z, st.sum_xs);
+    const float neg_shift = -shift * kLog2e;
+    float group_sum = 0.f;
+#pragma unroll
+    for (int e = 0; e < kGroup; ++e) group_sum += fast_exp2(fmaf(x[e], kLog2e, neg_shift));
+    st.sum = fmaf(alpha, st.sum, group_sum);
+  }
+  st.max = new_max;
+  if constexpr (kSample) {
+#pragma unroll
+    for (int e = 0; e < kGroup; ++e) {
+      if (!(x[e] > kNegInf)) continue;  // -inf (and NaN) entries are never sampled
+      const int v = col0 + e;
+      const Philox4 r = philox4x32_10(
+          Philox4{static_cast<uint32_t>(v), key.pos, kGumbelStream, 0u}, key.key0, key.key1);
+      // Unfused multiply and add, rounded as the reference's `x * (1 / T) + g` in torch.
+      const float noisy =
+          mul_add_unfused(x[e], key.inv_temperature, -logf(-logf(uniform_open01(r.x))));
+      if (noisy > st.gumbel) {  // strict: columns increase, so the lowest index keeps a tie
+        st.gumbel = noisy;
+        st.gumbel_idx = v;
+        st.gumbel_logit = x[e];
+      }
+    }
   }
 }
 
-A2R_HD void add_gumbel(VocabStats& st, float x, int idx, float inv_temperature,
-                                           uint32_t bits) {
-  if (!(x > kNegInf)) return;
-  const float u = uniform_open01(bits);
-  // Unfused multiply and add, rounded as the reference's `x * (1 / T) + g` in torch.
-  const float key = mul_add_unfused(x, inv_temperature, -logf(-logf(u)));
-  if (beats(key, idx, st.best_key, st.best_idx)) {
-    st.best_key = key;
-    st.best_idx = idx;
-    st.best_logit = x;
-  }
-}
-
-A2R_HD void merge_stats(VocabStats& a, const VocabStats& b) {
+// a <- the statistics of a's and b's logits together (any order of merges gives the same
+// values up to fp32 rounding; indices are exact).
+template <Extra kExtra, bool kSample>
+A2R_HD void merge_lane_stats(LaneStats& a, const LaneStats& b) {
   const float m = fmaxf(a.max, b.max);
-  if (m == kNegInf) {
-    a.sum = 0.f;
-    a.sum_xs = 0.f;
-  } else {
-    float sum = 0.f, sum_xs = 0.f;
-    if (a.max != kNegInf) {
-      const float delta = a.max - m, scale = fast_exp(delta);
-      sum += a.sum * scale;
-      sum_xs += (a.sum_xs + a.sum * delta) * scale;
-    }
-    if (b.max != kNegInf) {
-      const float delta = b.max - m, scale = fast_exp(delta);
-      sum += b.sum * scale;
-      sum_xs += (b.sum_xs + b.sum * delta) * scale;
-    }
-    a.sum = sum;
-    a.sum_xs = sum_xs;
+  const float shift = m > kNegInf ? m : 0.f;
+  const float scale_a = fast_exp2((a.max - shift) * kLog2e);
+  const float scale_b = fast_exp2((b.max - shift) * kLog2e);
+  if constexpr (kExtra == Extra::kEntropy) {
+    const float shift_a = a.max > kNegInf ? a.max - shift : 0.f;
+    const float shift_b = b.max > kNegInf ? b.max - shift : 0.f;
+    a.xlogx = scale_a * fmaf(shift_a, a.sum, a.xlogx) + scale_b * fmaf(shift_b, b.sum, b.xlogx);
   }
+  a.sum = scale_a * a.sum + scale_b * b.sum;
+  if constexpr (kExtra == Extra::kSecond) {
+    // Equal maxima: the maximum occurs twice, so it is also the second largest value.
+    a.second = a.max > b.max ? fmaxf(a.second, b.max)
+             : b.max > a.max ? fmaxf(b.second, a.max)
+                             : a.max;
+  }
+  a.max_group = a.max > b.max ? a.max_group
+              : b.max > a.max ? b.max_group
+                              : (a.max_group < b.max_group ? a.max_group : b.max_group);
   a.max = m;
-  if (beats(b.top1, b.top1_idx, a.top1, a.top1_idx)) {
-    a.top2 = fmaxf(b.top2, a.top1);
-    a.top1 = b.top1;
-    a.top1_idx = b.top1_idx;
-  } else {
-    a.top2 = fmaxf(a.top2, b.top1);
-  }
-  if (beats(b.best_key, b.best_idx, a.best_key, a.best_idx)) {
-    a.best_key = b.best_key;
-    a.best_idx = b.best_idx;
-    a.best_logit = b.best_logit;
+  if constexpr (kSample) {
+    if (beats(b.gumbel, b.gumbel_idx, a.gumbel, a.gumbel_idx)) {
+      a.gumbel = b.gumbel;
+      a.gumbel_idx = b.gumbel_idx;
+      a.gumbel_logit = b.gumbel_logit;
+    }
   }
 }
 
-__device__ __forceinline__ VocabStats shfl_xor_stats(const VocabStats& s, int offset) {
-  VocabStats o;
-  o.max = __shfl_xor_sync(kFullMask, s.max, offset);
-  o.sum = __shfl_xor_sync(kFullMask, s.sum, offset);
-  o.sum_xs = __shfl_xor_sync(kFullMask, s.sum_xs, offset);
-  o.top1 = __shfl_xor_sync(kFullMask, s.top1, offset);
-  o.top1_idx = __shfl_xor_sync(kFullMask, s.top1_idx, offset);
-  o.top2 = __shfl_xor_sync(kFullMask, s.top2, offset);
-  o.best_key = __shfl_xor_sync(kFullMask, s.best_key, offset);
-  o.best_idx = __shfl_xor_sync(kFullMask, s.best_idx, offset);
-  o.best_logit = __shfl_xor_sync(kFullMask, s.best_logit, offset);
-  return o;
+// The lowest column of the group x[0 .. kGroup) at col0 whose logit equals max (the argmax:
+// groups are disjoint and max_group is the lowest group holding max).
+template <int kGroup>
+A2R_HD int first_column_of(const float (&x)[kGroup], int col0, float max) {
+  int found = col0 + kGroup;
+#pragma unroll
+  for (int e = kGroup - 1; e >= 0; --e) found = x[e] == max ? col0 + e : found;
+  return found;
 }
 
-// x0 and confidence of one masked position from its merged statistics (see the header comment).
-A2R_HD void finish_position(const VocabStats& st, bool sample, Remasking remasking, uint32_t pos32,
-                            uint32_t key0, uint32_t key1, int& x0, float& confidence) {
-  const bool sampled = sample && st.best_idx != INT_MAX;
-  x0 = sampled ? st.best_idx : st.top1_idx;
-  if (x0 == INT_MAX) x0 = 0;  // only for rows of NaN logits
-  const float x0_logit = sampled ? st.best_logit : st.top1;
+// x0 and confidence of one masked position from its merged statistics and argmax (see the
+// header comment).
+template <Extra kExtra, bool kSample>
+A2R_HD void finish_position(const LaneStats& st, int argmax, Remasking remasking,
+                            const GumbelKey& key, int& x0, float& confidence) {
+  const bool sampled = kSample && st.gumbel_idx != INT_MAX;
+  x0 = sampled ? st.gumbel_idx : argmax;
+  const float x0_logit = sampled ? st.gumbel_logit : st.max;
   const bool has_mass = st.sum > 0.f;
   const float inv_sum = has_mass ? 1.f / st.sum : 0.f;
   switch (remasking) {
-    case Remasking::kMargin:
-      confidence = (fast_exp(st.top1 - st.max) - fast_exp(st.top2 - st.max)) * inv_sum;
+    case Remasking::kMargin:  // p1 - p2 = (1 - exp(second - m)) / s
+      confidence = has_mass && kExtra == Extra::kSecond
+                       ? (1.f - fast_exp(st.second - st.max)) * inv_sum
+                       : 0.f;
       break;
-    case Remasking::kEntropy:
-      confidence = has_mass ? st.sum_xs * inv_sum - logf(st.sum) : 0.f;
+    case Remasking::kEntropy:  // sum p log p = a / s - log s
+      confidence = has_mass && kExtra == Extra::kEntropy ? st.xlogx * inv_sum - logf(st.sum) : 0.f;
       break;
     case Remasking::kRandom: {
-      const Philox4 r = philox4x32_10(Philox4{0u, pos32, kRandomScoreStream, 0u}, key0, key1);
+      const Philox4 r =
+          philox4x32_10(Philox4{0u, key.pos, kRandomScoreStream, 0u}, key.key0, key.key1);
       confidence = uniform_open01(r.x);
       break;
     }
     case Remasking::kLowConfidence:
-    default:
+    default:  // p(x0)
       confidence = x0_logit > kNegInf ? fast_exp(x0_logit - st.max) * inv_sum : 0.f;
       break;
   }
 }
 
-// Four consecutive logits v0 .. v0 + 3 (fewer at the end of the row) as floats.
-template <typename T>
-__device__ __forceinline__ void load4(const T* __restrict__ row, int v0, int vocab, bool vec_ok,
-                                      float (&x)[4]) {
-  if (vec_ok && v0 + 4 <= vocab) {
-    if constexpr (sizeof(T) == 4) {
-      const float4 f = __ldg(reinterpret_cast<const float4*>(row + v0));
-      x[0] = f.x; x[1] = f.y; x[2] = f.z; x[3] = f.w;
-    } else {
-      const uint2 raw = __ldg(reinterpret_cast<const uint2*>(row + v0));
-      const T* h = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) x[e] = to_float(h[e]);
-    }
-  } else {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) x[e] = v0 + e < vocab ? to_float(row[v0 + e]) : kNegInf;
+// Calls fn(extra, sample) with the compile-time variant (std::integral_constant values) that a
+// remasking mode and temperature need.
+template <typename Fn>
+void with_predict_variant(Remasking remasking, bool sample, Fn&& fn) {
+  auto with_sample = [&](auto extra) {
+    if (sample) fn(extra, std::true_type{});
+    else fn(extra, std::false_type{});
+  };
+  switch (remasking) {
+    case Remasking::kMargin: with_sample(std::integral_constant<Extra, Extra::kSecond>{}); break;
+    case Remasking::kEntropy: with_sample(std::integral_constant<Extra, Extra::kEntropy>{}); break;
+    default: with_sample(std::integral_constant<Extra, Extra::kNone>{}); break;  // p(x0), random
   }
 }
 
-template <typename T>
+template <Extra kExtra, bool kSample>
+__device__ __forceinline__ LaneStats shfl_xor_stats(const LaneStats& s, int offset) {
+  LaneStats o = s;
+  o.max = __shfl_xor_sync(kFullMask, s.max, offset);
+  o.sum = __shfl_xor_sync(kFullMask, s.sum, offset);
+  o.max_group = __shfl_xor_sync(kFullMask, s.max_group, offset);
+  if constexpr (kExtra == Extra::kEntropy) o.xlogx = __shfl_xor_sync(kFullMask, s.xlogx, offset);
+  if constexpr (kExtra == Extra::kSecond) o.second = __shfl_xor_sync(kFullMask, s.second, offset);
+  if constexpr (kSample) {
+    o.gumbel = __shfl_xor_sync(kFullMask, s.gumbel, offset);
+    o.gumbel_idx = __shfl_xor_sync(kFullMask, s.gumbel_idx, offset);
+    o.gumbel_logit = __shfl_xor_sync(kFullMask, s.gumbel_logit, offset);
+  }
+  return o;
+}
+
+// The kGroup logits at col0 .. col0 + kGroup as floats, in one 16-byte load (evict-first: each
+// logit is read once). `row + col0` must be 16-byte aligned.
+template <typename T, int kGroup>
+__device__ __forceinline__ void load_group_vector(const T* __restrict__ row, int col0,
+                                                  float (&x)[kGroup]) {
+  static_assert(kGroup * sizeof(T) == 16, "a group is 16 bytes");
+  const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(row + col0));
+  const T* elems = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int e = 0; e < kGroup; ++e) x[e] = to_float(elems[e]);
+}
+
+// The same, element by element (rows that do not start on a 16-byte boundary).
+template <typename T, int kGroup>
+__device__ __forceinline__ void load_group_scalar(const T* __restrict__ row, int col0,
+                                                  float (&x)[kGroup]) {
+#pragma unroll
+  for (int e = 0; e < kGroup; ++e) x[e] = to_float(row[col0 + e]);
+}
+
+// The same group with the columns at or past `vocab` read as -inf (the row's tail).
+template <typename T, int kGroup>
+__device__ __forceinline__ void load_group_tail(const T* __restrict__ row, int col0, int vocab,
+                                                float (&x)[kGroup]) {
+#pragma unroll
+  for (int e = 0; e < kGroup; ++e) x[e] = col0 + e < vocab ? to_float(row[col0 + e]) : kNegInf;
+}
+
+template <typename T, Extra kExtra, bool kSample>
 __global__ void __launch_bounds__(kPredictThreads)
-denoise_predict_kernel(const DenoiseArgs args, bool vec_ok) {
+denoise_predict_kernel(const DenoiseArgs args, bool aligned) {
+  constexpr int kGroup = 16 / sizeof(T);
   const int64_t pos = blockIdx.x;
   const int64_t b = pos / args.length;
   const int64_t l = pos % args.length;
@@ -278,48 +363,55 @@ denoise_predict_kernel(const DenoiseArgs args, bool vec_ok) {
   const T* __restrict__ row =
       static_cast<const T*>(args.logits) + b * args.logits_stride_b + l * args.logits_stride_l;
   const int vocab = static_cast<int>(args.vocab);
-  const bool sample = args.temperature > 0.f;
-  const float inv_temperature = args.inv_temperature;
-  const uint32_t key0 = static_cast<uint32_t>(args.seed);
-  const uint32_t key1 = static_cast<uint32_t>(args.seed >> 32);
-  const uint32_t pos32 = static_cast<uint32_t>(pos);  // B * L < 2^31 (checked on the host)
+  // B * L < 2^31 (checked on the host), so the position fits the 32-bit counter word.
+  const GumbelKey key{static_cast<uint32_t>(args.seed), static_cast<uint32_t>(args.seed >> 32),
+                      static_cast<uint32_t>(pos), args.inv_temperature};
 
-  VocabStats st = empty_stats();
-  const int num_groups = (vocab + 3) / 4;
-  for (int g = threadIdx.x; g < num_groups; g += kPredictThreads) {
-    float x[4];
-    load4<T>(row, 4 * g, vocab, vec_ok, x);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      if (4 * g + e < vocab) add_logit(st, x[e], 4 * g + e);
+  // Thread t streams groups t, t + kPredictThreads, ... (consecutive threads read consecutive
+  // 16-byte groups: fully coalesced); the partial tail group goes to the thread next in turn.
+  LaneStats st = empty_lane_stats();
+  const int full_groups = vocab / kGroup;
+  float x[kGroup];
+  // Two copies of the loop, so that the aligned one holds nothing but its 16-byte loads.
+  if (aligned) {
+    for (int g = threadIdx.x; g < full_groups; g += kPredictThreads) {
+      load_group_vector<T, kGroup>(row, g * kGroup, x);
+      fold_group<kGroup, kExtra, kSample>(st, x, g * kGroup, key);
     }
-    if (sample) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int v = 4 * g + e;
-        if (v < vocab) {
-          const Philox4 r = philox4x32_10(Philox4{static_cast<uint32_t>(v), pos32, kGumbelStream, 0u},
-                                          key0, key1);
-          add_gumbel(st, x[e], v, inv_temperature, r.x);
-        }
-      }
+  } else {
+    for (int g = threadIdx.x; g < full_groups; g += kPredictThreads) {
+      load_group_scalar<T, kGroup>(row, g * kGroup, x);
+      fold_group<kGroup, kExtra, kSample>(st, x, g * kGroup, key);
     }
   }
+  if (vocab % kGroup != 0 && threadIdx.x == full_groups % kPredictThreads) {
+    load_group_tail<T, kGroup>(row, full_groups * kGroup, vocab, x);
+    fold_group<kGroup, kExtra, kSample>(st, x, full_groups * kGroup, key);
+  }
 
-  // CTA reduction: warps by shuffles, then warp 0 over the per-warp results.
+  // CTA reduction: warps by shuffles, then thread 0 over the per-warp results.
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) merge_stats(st, shfl_xor_stats(st, offset));
-  __shared__ VocabStats warp_stats[kPredictThreads / 32];
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    merge_lane_stats<kExtra, kSample>(st, shfl_xor_stats<kExtra, kSample>(st, offset));
+  }
+  __shared__ LaneStats warp_stats[kPredictThreads / 32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) warp_stats[warp] = st;
   __syncthreads();
   if (threadIdx.x != 0) return;
   st = warp_stats[0];
-  for (int w = 1; w < kPredictThreads / 32; ++w) merge_stats(st, warp_stats[w]);
+  for (int w = 1; w < kPredictThreads / 32; ++w) merge_lane_stats<kExtra, kSample>(st, warp_stats[w]);
 
+  // The argmax: read the lowest group holding the max again (kGroup logits, once per position).
+  // A row without a finite logit reports 0, as torch.argmax does for an all -inf row.
+  int argmax = 0;
+  if (st.max_group != INT_MAX) {
+    load_group_tail<T, kGroup>(row, st.max_group, vocab, x);
+    argmax = first_column_of<kGroup>(x, st.max_group, st.max);
+  }
   int x0;
   float confidence;
-  finish_position(st, sample, args.remasking, pos32, key0, key1, x0, confidence);
+  finish_position<kExtra, kSample>(st, argmax, args.remasking, key, x0, confidence);
   *x0_out = x0;
   *conf_out = confidence;
 }
@@ -409,11 +501,50 @@ void require(bool ok, const std::string& message) {
 
 template <typename T>
 void launch_predict(const DenoiseArgs& args, cudaStream_t stream) {
-  const bool vec_ok = reinterpret_cast<uintptr_t>(args.logits) % (4 * sizeof(T)) == 0 &&
-                      args.logits_stride_b % 4 == 0 && args.logits_stride_l % 4 == 0;
+  // Every row starts on a 16-byte boundary: whole groups are single 16-byte loads.
+  constexpr int64_t kGroup = 16 / sizeof(T);
+  const bool aligned = reinterpret_cast<uintptr_t>(args.logits) % 16 == 0 &&
+                       args.logits_stride_b % kGroup == 0 && args.logits_stride_l % kGroup == 0;
   const unsigned blocks = static_cast<unsigned>(args.batch * args.length);
-  denoise_predict_kernel<T><<<blocks, kPredictThreads, 0, stream>>>(args, vec_ok);
+  with_predict_variant(args.remasking, args.temperature > 0.f, [&](auto extra, auto sample) {
+    denoise_predict_kernel<T, decltype(extra)::value, decltype(sample)::value>
+        <<<blocks, kPredictThreads, 0, stream>>>(args, aligned);
+  });
   check_launch("denoise_predict_kernel launch");
+}
+
+template <int kGroup, Extra kExtra, bool kSample>
+void predict_row_host(const float* row, int vocab, Remasking remasking, const GumbelKey& key,
+                      int64_t* x0, float* confidence) {
+  // The kernel's work split and order: thread t folds groups t, t + kPredictThreads, ... and the
+  // tail group goes to the thread next in turn; the per-thread states are then merged (the
+  // kernel merges them pairwise by warps; any order agrees up to fp32 rounding).
+  const int full_groups = vocab / kGroup;
+  LaneStats total = empty_lane_stats();
+  float x[kGroup];
+  auto load = [&](int col0) {
+    for (int e = 0; e < kGroup; ++e) x[e] = col0 + e < vocab ? row[col0 + e] : kNegInf;
+  };
+  for (int t = 0; t < kPredictThreads; ++t) {
+    LaneStats st = empty_lane_stats();
+    for (int g = t; g < full_groups; g += kPredictThreads) {
+      load(g * kGroup);
+      fold_group<kGroup, kExtra, kSample>(st, x, g * kGroup, key);
+    }
+    if (vocab % kGroup != 0 && t == full_groups % kPredictThreads) {
+      load(full_groups * kGroup);
+      fold_group<kGroup, kExtra, kSample>(st, x, full_groups * kGroup, key);
+    }
+    merge_lane_stats<kExtra, kSample>(total, st);
+  }
+  int argmax = 0;
+  if (total.max_group != INT_MAX) {
+    load(total.max_group);
+    argmax = first_column_of<kGroup>(x, total.max_group, total.max);
+  }
+  int token;
+  finish_position<kExtra, kSample>(total, argmax, remasking, key, token, *confidence);
+  *x0 = token;
 }
 
 }  // namespace
@@ -424,8 +555,8 @@ void denoise_step(const DenoiseArgs& args, int device, uintptr_t stream_handle) 
           "denoise_step: logits must have fewer than 2^31 positions (B * L)");
   require(args.batch < (int64_t{1} << 31), "denoise_step: batch must be < 2^31");
   require(args.length < (int64_t{1} << 30), "denoise_step: length must be < 2^30");
-  require(args.vocab >= 1 && args.vocab < (int64_t{1} << 31) - 4,
-          "denoise_step: vocab (logits.shape[2]) must be in [1, 2^31 - 4)");
+  require(args.vocab >= 1 && args.vocab < (int64_t{1} << 31) - 16,
+          "denoise_step: vocab (logits.shape[2]) must be in [1, 2^31 - 16)");
   require(args.temperature >= 0.f, "denoise_step: temperature must be >= 0");
   if (args.batch == 0 || args.length == 0) return;
   set_device(device);
@@ -444,32 +575,21 @@ void denoise_step(const DenoiseArgs& args, int device, uintptr_t stream_handle) 
 
 void denoise_predict_row_host(const float* row, int64_t vocab, float temperature,
                               float inv_temperature, Remasking remasking, uint64_t seed,
-                              uint32_t pos, int64_t* x0, float* confidence) {
-  // The kernel's work split: thread t takes groups t, t + kPredictThreads, ...; the per-thread
-  // states are then merged (the kernel merges pairwise by warps; any order is equivalent).
-  const uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);
-  const bool sample = temperature > 0.f;
-  const int num_groups = static_cast<int>((vocab + 3) / 4);
-  VocabStats total = empty_stats();
-  for (int t = 0; t < kPredictThreads; ++t) {
-    VocabStats st = empty_stats();
-    for (int g = t; g < num_groups; g += kPredictThreads) {
-      for (int e = 0; e < 4; ++e) {
-        const int v = 4 * g + e;
-        if (v >= vocab) continue;
-        add_logit(st, row[v], v);
-        if (sample) {
-          const Philox4 r = philox4x32_10(Philox4{static_cast<uint32_t>(v), pos, kGumbelStream, 0u},
-                                          key0, key1);
-          add_gumbel(st, row[v], v, inv_temperature, r.x);
-        }
-      }
+                              uint32_t pos, int group_width, int64_t* x0, float* confidence) {
+  require(vocab >= 1 && vocab < (int64_t{1} << 31) - 16,
+          "denoise_predict_row_host: vocab must be in [1, 2^31 - 16)");
+  const GumbelKey key{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), pos,
+                      inv_temperature};
+  const int v = static_cast<int>(vocab);
+  with_predict_variant(remasking, temperature > 0.f, [&](auto extra, auto sample) {
+    constexpr Extra kExtra = decltype(extra)::value;
+    constexpr bool kSample = decltype(sample)::value;
+    switch (group_width) {  // 16 bytes of fp32 (4) or of fp16 / bf16 (8)
+      case 4: predict_row_host<4, kExtra, kSample>(row, v, remasking, key, x0, confidence); break;
+      case 8: predict_row_host<8, kExtra, kSample>(row, v, remasking, key, x0, confidence); break;
+      default: throw std::invalid_argument("denoise_predict_row_host: group_width must be 4 or 8");
     }
-    merge_stats(total, st);
-  }
-  int token;
-  finish_position(total, sample, remasking, pos, key0, key1, token, *confidence);
-  *x0 = token;
+  });
 }
 
 float philox_uniform_host(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {

@@ -96,19 +96,24 @@ def test_philox_stream_is_bitwise_the_reference_stream():
             assert bool(((got > 0) & (got < 1)).all())
 
 
-def _host_predict(row: torch.Tensor, temperature: float, remasking: str, seed: int, pos: int):
+def _host_predict(row: torch.Tensor, temperature: float, remasking: str, seed: int, pos: int,
+                  group_width: int):
     row = row.float().contiguous()
     return EXT.denoise_predict_row_host(row.data_ptr(), row.numel(), temperature,
-                                        _cuda_ops.REMASKING_CODES[remasking], seed, pos)
+                                        _cuda_ops.REMASKING_CODES[remasking], seed, pos,
+                                        group_width)
 
 
 @pytest.mark.skipif(EXT is None, reason="a2r_kernels._C not built")
 @pytest.mark.parametrize("remasking", ["low_confidence", "margin", "entropy", "random"])
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
-def test_denoise_position_math_host_build_matches_reference(remasking, temperature):
-    """The kernel's per-position code (online max / sum-exp / entropy, top-2, Gumbel-max, the
-    confidence formulas), compiled for the host, against the fp32 reference on the CPU: odd
-    vocab sizes, ties for the max, -inf entries, V = 1."""
+@pytest.mark.parametrize("group_width", [4, 8])
+def test_denoise_position_math_host_build_matches_reference(remasking, temperature, group_width):
+    """The kernel's per-position code (per-group online max / sum-exp / entropy, second largest,
+    argmax by re-reading the max's group, Gumbel-max, the confidence formulas) with its work split
+    (groups of 4 logits as the fp32 kernel, 8 as the fp16 / bf16 ones, 256 threads, a tail group),
+    compiled for the host, against the fp32 reference on the CPU: odd vocab sizes, ties for the
+    max inside one group and across groups and threads, -inf entries, V = 1."""
     gen = torch.Generator().manual_seed(7)
     seed = 987654321
     rows = []
@@ -117,6 +122,17 @@ def test_denoise_position_math_host_build_matches_reference(remasking, temperatu
     tied = torch.randn(1000, generator=gen)
     tied[[3, 600, 999]] = tied.max() + 2.0            # argmax tie -> lowest index
     rows.append(tied)
+    in_group = torch.randn(5003, generator=gen)
+    in_group[[4101, 4099, 4102]] = in_group.max() + 1.0   # a tie inside one group, not at its start
+    rows.append(in_group)
+    across = torch.randn(40000, generator=gen)
+    # A tie inside one thread's groups (17 and 17 + 256 * 8 land on the same thread for both
+    # group widths), across threads (4000) and in the tail group (39999).
+    across[[39999, 4000, 2065, 17]] = across.max() + 1.0
+    rows.append(across)
+    runner_up = torch.randn(3000, generator=gen)
+    runner_up[[72, 75]] = runner_up.max() + 1.0       # the max twice in one group: margin 0
+    rows.append(runner_up)
     with_neg_inf = torch.randn(300, generator=gen)
     with_neg_inf[::3] = float("-inf")                 # masked-out vocabulary entries
     rows.append(with_neg_inf)
@@ -133,7 +149,8 @@ def test_denoise_position_math_host_build_matches_reference(remasking, temperatu
                                                      torch.tensor([1]), None, temperature,
                                                      remasking, seed)
         for pos in range(length):
-            got_x0, got_conf = _host_predict(logits[0, pos], temperature, remasking, seed, pos)
+            got_x0, got_conf = _host_predict(logits[0, pos], temperature, remasking, seed, pos,
+                                             group_width)
             total += 1
             if temperature == 0.0:
                 assert got_x0 == int(x0[0, pos]), (vocab, pos)

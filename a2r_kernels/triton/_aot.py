@@ -236,18 +236,15 @@ class LoopCounts:
     end: int                      # byte address of the backward branch
     instructions: int
     by_opcode: dict[str, int]     # opcode without modifiers ("MUFU", "FFMA", "HGMMA", ...)
+    full_opcodes: tuple[str, ...] = ()   # each instruction's opcode with modifiers, in order
 
     def contains(self, other: "LoopCounts") -> bool:
         return self is not other and self.start <= other.start and other.end <= self.end
 
 
 def sass_loops(compiled) -> list[LoopCounts]:
-    """Loop bodies of ``compiled``'s cubin, by the address of their backward branch.
-
-    Disassembles with the ``cuobjdump`` bundled with Triton (``-sass``); a loop is the span from a
-    backward ``BRA`` target to the branch. Static counts: a lower bound on issued instructions per
-    iteration (predicated-off instructions are counted; nothing is timed).
-    """
+    """Loop bodies of ``compiled``'s cubin (see :func:`parse_sass_loops`), disassembled with the
+    ``cuobjdump`` bundled with Triton."""
     from triton import knobs
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -255,6 +252,16 @@ def sass_loops(compiled) -> list[LoopCounts]:
         cubin.write_bytes(compiled.asm["cubin"])
         sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", str(cubin)],
                               capture_output=True, text=True, check=True).stdout
+    return parse_sass_loops(sass)
+
+
+def parse_sass_loops(sass: str) -> list[LoopCounts]:
+    """Loop bodies of one function's ``cuobjdump -sass`` listing, by their backward branches.
+
+    A loop is the span from a backward ``BRA`` target to the branch. Static counts: a lower bound
+    on issued instructions per iteration (predicated-off instructions are counted; nothing is
+    timed). Opcodes lose their modifiers (``LDG.E.EF.128`` counts as ``LDG``).
+    """
     lines = [(int(m.group(1), 16), m.group(2))
              for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = []
@@ -266,10 +273,16 @@ def sass_loops(compiled) -> list[LoopCounts]:
         opcodes: dict[str, int] = {}
         body = [text for where, text in lines if start <= where <= address]
         for text in body:
-            opcode = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+            opcode = _opcode(text).split(".")[0]
             opcodes[opcode] = opcodes.get(opcode, 0) + 1
-        loops.append(LoopCounts(start, address, len(body), dict(sorted(opcodes.items()))))
+        loops.append(LoopCounts(start, address, len(body), dict(sorted(opcodes.items())),
+                                tuple(_opcode(text) for text in body)))
     return loops
+
+
+def _opcode(instruction: str) -> str:
+    """The opcode with its modifiers (``LDG.E.EF.128``), without the predicate."""
+    return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0]
 
 
 @triton.jit
