@@ -14,6 +14,7 @@ Kernel semantics and layouts: ``csrc/tree_attention.cu`` and ``csrc/denoise.cu``
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -27,6 +28,9 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 REMASKING_CODES = {"low_confidence": 0, "margin": 1, "entropy": 2, "random": 3}
 MAX_HEAD_DIM = 256
 WORK_INFO_COLUMNS = 6
+# csrc/denoise.cu: threads of a predict CTA, fp32 words of one (position, split) state.
+DENOISE_PREDICT_THREADS = 256
+DENOISE_PARTIAL_WORDS = 8
 
 
 def _ext():
@@ -230,10 +234,25 @@ def merge_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------- denoise
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def denoise_num_splits(num_positions: int, vocab: int, element_size: int, num_sms: int) -> int:
+    """CTAs per position over V for the predict kernel: about one full wave of the SMs (8 CTAs of
+    256 threads per SM), but every split at least 8 iterations of its loop (8 x 256 threads x one
+    16-byte group), so that splitting pays off only where ``B * L`` alone leaves SMs idle."""
+    logits_per_group = 16 // element_size
+    max_splits = max(1, -(-vocab // (8 * DENOISE_PREDICT_THREADS * logits_per_group)))
+    wanted = -(-8 * num_sms // max(num_positions, 1))
+    return max(1, min(wanted, max_splits, 65535))
+
+
 def denoise_step(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int,
                  num_transfer: torch.Tensor | None, threshold: float | None, temperature: float,
                  remasking: str, seed: int, x0: torch.Tensor, confidence: torch.Tensor,
-                 transferred: torch.Tensor) -> None:
+                 transferred: torch.Tensor, num_splits: int | None = None) -> None:
     """One masked-denoising step on the GPU (formulas: :mod:`a2r_kernels.reference_denoise`).
 
     Args:
@@ -247,6 +266,8 @@ def denoise_step(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int,
         seed: Philox key in ``[0, 2**64)`` (used when temperature > 0 or remasking="random").
         x0: int64 ``[B, L]``; confidence: fp32 ``[B, L]`` (``-inf`` at unmasked positions);
             transferred: bool ``[B, L]`` (all written).
+        num_splits: CTAs per position over V; None picks :func:`denoise_num_splits` (tests force
+            several on small vocabularies).
     """
     _check("logits", logits, ndim=3, dtypes=_FLOATS, unit_last=True, expect="[B, L, V]")
     device = logits.device
@@ -279,6 +300,15 @@ def denoise_step(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int,
         raise ValueError(f"logits must have B * L < 2**31 positions, got {batch} * {length}")
     if batch == 0 or length == 0:
         return
+    if num_splits is None:
+        num_splits = denoise_num_splits(batch * length, vocab, logits.element_size(),
+                                        _num_sms(device.index))
+    if not isinstance(num_splits, int) or not 1 <= num_splits <= 65535:
+        raise ValueError(f"num_splits must be an int in [1, 65535], got {num_splits!r}")
+    split_stats = None
+    if num_splits > 1:
+        split_stats = torch.empty(batch * length * num_splits * DENOISE_PARTIAL_WORDS,
+                                  dtype=torch.float32, device=device)
     _ext().denoise_step(
         logits.data_ptr(), tokens.data_ptr(),
         None if num_transfer is None else num_transfer.data_ptr(),
@@ -287,4 +317,5 @@ def denoise_step(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int,
         0 if num_transfer is None else num_transfer.stride(0),
         list(x0.stride()), list(confidence.stride()), list(transferred.stride()),
         batch, length, vocab, int(mask_id), threshold, temperature, REMASKING_CODES[remasking],
-        seed, DTYPE_CODES[logits.dtype], device.index, _stream(device))
+        seed, DTYPE_CODES[logits.dtype], device.index, _stream(device), num_splits,
+        None if split_stats is None else split_stats.data_ptr())

@@ -51,7 +51,7 @@ QWEN3_0_6B = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16
                   vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0,
                   tie_word_embeddings=True)
 TINY = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=32, intermediate_size=256, vocab_size=1024, max_position_embeddings=4096)
+            head_dim=32, intermediate_size=256, vocab_size=1024, max_position_embeddings=40960)
 
 SAMPLING = dict(temperature=0.8, top_p=0.95, top_k=0)
 

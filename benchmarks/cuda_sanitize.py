@@ -124,7 +124,8 @@ def main() -> int:
     print("merge_states: ok")
     for remasking in ("low_confidence", "margin", "entropy", "random"):
         run_denoise(33, 1000, torch.float32, num_transfer=5, remasking=remasking)
-    run_denoise(7, 50257, torch.bfloat16, threshold=0.5)
+    run_denoise(7, 50257, torch.bfloat16, threshold=0.5)   # V split across CTAs (4 splits)
+    run_denoise(3, 126464, torch.bfloat16, num_transfer=2, remasking="entropy", temperature=0.7)
     run_denoise(9, 1001, torch.float16, num_transfer=3, temperature=0.8)
     run_denoise(9000, 16, torch.float32, num_transfer=100)   # selection from global memory
     print("denoise_step (predict + select): ok")

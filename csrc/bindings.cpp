@@ -159,7 +159,7 @@ void denoise_step(uintptr_t logits, uintptr_t tokens, std::optional<uintptr_t> n
                   const std::vector<int64_t>& transferred_strides, int64_t batch, int64_t length,
                   int64_t vocab, int64_t mask_id, std::optional<double> threshold,
                   double temperature, int remasking, uint64_t seed, int dtype, int device,
-                  uintptr_t stream) {
+                  uintptr_t stream, int64_t num_splits, std::optional<uintptr_t> split_stats) {
   if (num_transfer.has_value() == threshold.has_value()) {
     throw std::invalid_argument("denoise_step: give exactly one of num_transfer and threshold");
   }
@@ -200,6 +200,8 @@ void denoise_step(uintptr_t logits, uintptr_t tokens, std::optional<uintptr_t> n
   args.seed = seed;
   args.remasking = static_cast<a2r::Remasking>(remasking);
   args.dtype = to_dtype(dtype, "denoise_step (logits)");
+  args.num_splits = num_splits;
+  args.split_stats = split_stats ? ptr<float>(*split_stats) : nullptr;
   py::gil_scoped_release release;
   a2r::denoise_step(args, device, stream);
 }
@@ -226,7 +228,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "denoise_predict_row_host",
       [](uintptr_t row, int64_t vocab, double temperature, int remasking, uint64_t seed,
-         uint32_t pos, int group_width) {
+         uint32_t pos, int group_width, int num_splits) {
         if (vocab < 1) throw std::invalid_argument("denoise_predict_row_host: vocab must be >= 1");
         if (remasking < 0 || remasking > 3) {
           throw std::invalid_argument("denoise_predict_row_host: remasking code must be in [0, 3]");
@@ -236,14 +238,16 @@ PYBIND11_MODULE(_C, m) {
         a2r::denoise_predict_row_host(
             reinterpret_cast<const float*>(row), vocab, static_cast<float>(temperature),
             temperature > 0 ? static_cast<float>(1.0 / temperature) : 0.f,
-            static_cast<a2r::Remasking>(remasking), seed, pos, group_width, &x0, &confidence);
+            static_cast<a2r::Remasking>(remasking), seed, pos, group_width, num_splits, &x0,
+            &confidence);
         return py::make_tuple(x0, confidence);
       },
       "(x0, confidence) of one masked position from a HOST fp32 row of logits, by the denoise "
       "kernel's per-position code compiled for the CPU (for tests without a GPU); group_width: "
-      "logits per 16-byte load of the kernel being emulated (4: fp32, 8: fp16 / bf16).",
+      "logits per 16-byte load of the kernel being emulated (4: fp32, 8: fp16 / bf16); "
+      "num_splits: CTAs per position over V.",
       py::arg("row"), py::arg("vocab"), py::arg("temperature"), py::arg("remasking"),
-      py::arg("seed"), py::arg("pos"), py::arg("group_width") = 4);
+      py::arg("seed"), py::arg("pos"), py::arg("group_width") = 4, py::arg("num_splits") = 1);
   m.def("tree_attention_partials", &tree_attention_partials,
         "Partial (o, lse) per tree work item and q head; see csrc/tree_attention.cu.",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("work_info"),
@@ -272,5 +276,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("conf_strides"), py::arg("transferred_strides"), py::arg("batch"),
         py::arg("length"), py::arg("vocab"), py::arg("mask_id"), py::arg("threshold"),
         py::arg("temperature"), py::arg("remasking"), py::arg("seed"), py::arg("dtype"),
-        py::arg("device"), py::arg("stream"));
+        py::arg("device"), py::arg("stream"), py::arg("num_splits") = 1,
+        py::arg("split_stats") = py::none());
 }

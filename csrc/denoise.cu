@@ -1,8 +1,9 @@
 // One masked iterative-denoising step (CUDA backend of ak.denoise_step), two launches.
 //
-// 1. denoise_predict_kernel, one CTA per position (b, l). An unmasked position (token != mask_id)
-//    never reads its logits: x0 = token, confidence = -inf. A masked position makes one pass over
-//    its V logits keeping, per thread and then per CTA, in fp32:
+// 1. denoise_predict_kernel, grid (B * L, num_splits): CTA (pos, s) reads the token at
+//    pos = b * L + l; an unmasked position never reads its logits: x0 = token, confidence = -inf.
+//    A masked position makes one pass over its V logits (split s of them: num_splits > 1 keeps
+//    the GPU busy when B * L is small) keeping, per thread and then per CTA, in fp32:
 //      max m, Z = sum_v exp(x_v - m), Zx = sum_v exp(x_v - m) (x_v - m)    (online, rescaled)
 //      the first group holding m (the argmax is found at the end by re-reading that group)
 //      the second largest value x_(2) (m itself when m occurs twice)
@@ -19,6 +20,9 @@
 //    (a template parameter). That keeps the loop at 7.5 SASS instructions per bf16 logit for
 //    p(x0) on sm_90 (benchmarks/sass_report.py; static count): memory-bound at 126k-entry
 //    vocabularies, where a per-logit online softmax (two exps and a branch per logit) is not.
+//    With num_splits > 1 each CTA writes its split's state (argmax resolved) to split_stats and
+//    denoise_combine_kernel (one thread per position) merges the splits and writes x0 and
+//    confidence.
 // 2. denoise_select_kernel, one CTA per row b: among the masked positions of the row, position i
 //    is committed when rank_i < k (top-k mode, k = clamp(num_transfer[b], 0, #masked)) or when
 //    confidence_i >= threshold or rank_i == 0 (threshold mode: at least the most confident one),
@@ -33,6 +37,7 @@
 //   Gumbel noise of vocabulary entry v at flat position pos = b * L + l: counter (v, pos, 0, 0)
 //   "random" remasking score of position pos:                            counter (0, pos, 1, 0)
 
+#include <algorithm>
 #include <climits>
 #include <type_traits>
 #include <string>
@@ -43,6 +48,8 @@ namespace a2r {
 namespace {
 
 constexpr int kPredictThreads = 256;
+constexpr int kCombineThreads = 128;
+constexpr int64_t kPartialWords = 8;  // fp32 words of one (position, split) state
 constexpr int kSelectThreads = 256;
 // Rows of up to this many positions stage confidence and mask flags in shared memory.
 constexpr int64_t kSelectSmemMaxLen = 8192;
@@ -136,7 +143,8 @@ struct LaneStats {
   float sum;           // s = sum exp(x - m)
   float xlogx;         // a = sum exp(x - m) (x - m)                       (Extra::kEntropy)
   float second;        // largest logit once one occurrence of m is removed (Extra::kSecond)
-  int max_group;       // first column of the lowest group holding m (INT_MAX: none yet)
+  int max_at;          // column of m: while streaming, the first column of the lowest group
+                       // holding m; once resolved (resolve_argmax), the argmax (INT_MAX: none)
   float gumbel;        // best Gumbel key x / T - log(-log u)              (sampling)
   int gumbel_idx;      // its column, lowest on ties
   float gumbel_logit;  // x at gumbel_idx
@@ -163,7 +171,7 @@ A2R_HD void fold_group(LaneStats& st, const float (&x)[kGroup], int col0, const 
   if constexpr (kExtra == Extra::kSecond) {
     st.second = fmaxf(fmaxf(st.second, group_second), fminf(st.max, group_max));
   }
-  if (group_max > st.max) st.max_group = col0;  // strict: an earlier group keeps a tie
+  if (group_max > st.max) st.max_at = col0;  // strict: an earlier group keeps a tie
   const float new_max = fmaxf(st.max, group_max);
   const float shift = new_max > kNegInf ? new_max : 0.f;    // never (-inf) - (-inf)
   const float alpha = fast_exp2((st.max - shift) * kLog2e);  // 0 while st.max is -inf
@@ -228,9 +236,9 @@ A2R_HD void merge_lane_stats(LaneStats& a, const LaneStats& b) {
              : b.max > a.max ? fmaxf(b.second, a.max)
                              : a.max;
   }
-  a.max_group = a.max > b.max ? a.max_group
-              : b.max > a.max ? b.max_group
-                              : (a.max_group < b.max_group ? a.max_group : b.max_group);
+  a.max_at = a.max > b.max ? a.max_at
+              : b.max > a.max ? b.max_at
+                              : (a.max_at < b.max_at ? a.max_at : b.max_at);
   a.max = m;
   if constexpr (kSample) {
     if (beats(b.gumbel, b.gumbel_idx, a.gumbel, a.gumbel_idx)) {
@@ -242,7 +250,7 @@ A2R_HD void merge_lane_stats(LaneStats& a, const LaneStats& b) {
 }
 
 // The lowest column of the group x[0 .. kGroup) at col0 whose logit equals max (the argmax:
-// groups are disjoint and max_group is the lowest group holding max).
+// groups are disjoint and max_at is the lowest group holding max).
 template <int kGroup>
 A2R_HD int first_column_of(const float (&x)[kGroup], int col0, float max) {
   int found = col0 + kGroup;
@@ -251,13 +259,14 @@ A2R_HD int first_column_of(const float (&x)[kGroup], int col0, float max) {
   return found;
 }
 
-// x0 and confidence of one masked position from its merged statistics and argmax (see the
+// x0 and confidence of one masked position from its merged statistics, argmax resolved (see the
 // header comment).
 template <Extra kExtra, bool kSample>
-A2R_HD void finish_position(const LaneStats& st, int argmax, Remasking remasking,
-                            const GumbelKey& key, int& x0, float& confidence) {
+A2R_HD void finish_position(const LaneStats& st, Remasking remasking, const GumbelKey& key,
+                            int& x0, float& confidence) {
   const bool sampled = kSample && st.gumbel_idx != INT_MAX;
-  x0 = sampled ? st.gumbel_idx : argmax;
+  // A row without a finite logit reports 0, as torch.argmax does for an all -inf row.
+  x0 = sampled ? st.gumbel_idx : (st.max_at != INT_MAX ? st.max_at : 0);
   const float x0_logit = sampled ? st.gumbel_logit : st.max;
   const bool has_mass = st.sum > 0.f;
   const float inv_sum = has_mass ? 1.f / st.sum : 0.f;
@@ -303,7 +312,7 @@ __device__ __forceinline__ LaneStats shfl_xor_stats(const LaneStats& s, int offs
   LaneStats o = s;
   o.max = __shfl_xor_sync(kFullMask, s.max, offset);
   o.sum = __shfl_xor_sync(kFullMask, s.sum, offset);
-  o.max_group = __shfl_xor_sync(kFullMask, s.max_group, offset);
+  o.max_at = __shfl_xor_sync(kFullMask, s.max_at, offset);
   if constexpr (kExtra == Extra::kEntropy) o.xlogx = __shfl_xor_sync(kFullMask, s.xlogx, offset);
   if constexpr (kExtra == Extra::kSecond) o.second = __shfl_xor_sync(kFullMask, s.second, offset);
   if constexpr (kSample) {
@@ -342,18 +351,43 @@ __device__ __forceinline__ void load_group_tail(const T* __restrict__ row, int c
   for (int e = 0; e < kGroup; ++e) x[e] = col0 + e < vocab ? to_float(row[col0 + e]) : kNegInf;
 }
 
+// A (position, split) state in DenoiseArgs::split_stats: 8 words, 32-byte aligned.
+__device__ __forceinline__ void store_partial(float* slot, const LaneStats& st) {
+  reinterpret_cast<float4*>(slot)[0] = make_float4(st.max, st.sum, st.xlogx, st.second);
+  reinterpret_cast<float4*>(slot)[1] = make_float4(__int_as_float(st.max_at), st.gumbel,
+                                                   __int_as_float(st.gumbel_idx), st.gumbel_logit);
+}
+
+__device__ __forceinline__ LaneStats load_partial(const float* slot) {
+  const float4 a = reinterpret_cast<const float4*>(slot)[0];
+  const float4 b = reinterpret_cast<const float4*>(slot)[1];
+  return LaneStats{a.x, a.y, a.z, a.w, __float_as_int(b.x), b.y, __float_as_int(b.z), b.w};
+}
+
+// Groups [begin, end) of split `split` when the row's num_groups groups (the last one partial
+// when kGroup does not divide V) are cut into num_splits contiguous ranges.
+A2R_HD void split_groups(int num_groups, int num_splits, int split, int& begin, int& end) {
+  const int per_split = (num_groups + num_splits - 1) / num_splits;
+  begin = split * per_split < num_groups ? split * per_split : num_groups;
+  end = begin + per_split < num_groups ? begin + per_split : num_groups;
+}
+
+// Grid (B * L, num_splits): CTA (pos, split) streams its split's groups of position pos. With one
+// split it writes x0 and confidence; with several it writes its partial state (argmax resolved)
+// to split_stats and denoise_combine_kernel finishes the position.
 template <typename T, Extra kExtra, bool kSample>
 __global__ void __launch_bounds__(kPredictThreads)
 denoise_predict_kernel(const DenoiseArgs args, bool aligned) {
   constexpr int kGroup = 16 / sizeof(T);
   const int64_t pos = blockIdx.x;
+  const int split = blockIdx.y;
   const int64_t b = pos / args.length;
   const int64_t l = pos % args.length;
   const int64_t token = args.tokens[b * args.tokens_stride_b + l * args.tokens_stride_l];
   int64_t* x0_out = args.x0 + b * args.x0_stride_b + l * args.x0_stride_l;
   float* conf_out = args.confidence + b * args.conf_stride_b + l * args.conf_stride_l;
   if (token != args.mask_id) {  // unmasked: its logits are never read
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == 0 && args.num_splits == 1) {  // else the combine kernel writes these
       *x0_out = token;
       *conf_out = kNegInf;
     }
@@ -367,24 +401,30 @@ denoise_predict_kernel(const DenoiseArgs args, bool aligned) {
   const GumbelKey key{static_cast<uint32_t>(args.seed), static_cast<uint32_t>(args.seed >> 32),
                       static_cast<uint32_t>(pos), args.inv_temperature};
 
-  // Thread t streams groups t, t + kPredictThreads, ... (consecutive threads read consecutive
-  // 16-byte groups: fully coalesced); the partial tail group goes to the thread next in turn.
-  LaneStats st = empty_lane_stats();
+  // Thread t streams groups begin + t, begin + t + kPredictThreads, ... (consecutive threads
+  // read consecutive 16-byte groups: fully coalesced); the partial tail group of the row, when
+  // it falls in this split, goes to the thread next in turn.
   const int full_groups = vocab / kGroup;
+  const bool has_tail = vocab % kGroup != 0;
+  int begin, end;
+  split_groups(full_groups + (has_tail ? 1 : 0), static_cast<int>(args.num_splits), split, begin,
+               end);
+  const int full_end = end < full_groups ? end : full_groups;
+  LaneStats st = empty_lane_stats();
   float x[kGroup];
   // Two copies of the loop, so that the aligned one holds nothing but its 16-byte loads.
   if (aligned) {
-    for (int g = threadIdx.x; g < full_groups; g += kPredictThreads) {
+    for (int g = begin + threadIdx.x; g < full_end; g += kPredictThreads) {
       load_group_vector<T, kGroup>(row, g * kGroup, x);
       fold_group<kGroup, kExtra, kSample>(st, x, g * kGroup, key);
     }
   } else {
-    for (int g = threadIdx.x; g < full_groups; g += kPredictThreads) {
+    for (int g = begin + threadIdx.x; g < full_end; g += kPredictThreads) {
       load_group_scalar<T, kGroup>(row, g * kGroup, x);
       fold_group<kGroup, kExtra, kSample>(st, x, g * kGroup, key);
     }
   }
-  if (vocab % kGroup != 0 && threadIdx.x == full_groups % kPredictThreads) {
+  if (has_tail && full_groups < end && threadIdx.x == (full_groups - begin) % kPredictThreads) {
     load_group_tail<T, kGroup>(row, full_groups * kGroup, vocab, x);
     fold_group<kGroup, kExtra, kSample>(st, x, full_groups * kGroup, key);
   }
@@ -402,16 +442,48 @@ denoise_predict_kernel(const DenoiseArgs args, bool aligned) {
   st = warp_stats[0];
   for (int w = 1; w < kPredictThreads / 32; ++w) merge_lane_stats<kExtra, kSample>(st, warp_stats[w]);
 
-  // The argmax: read the lowest group holding the max again (kGroup logits, once per position).
-  // A row without a finite logit reports 0, as torch.argmax does for an all -inf row.
-  int argmax = 0;
-  if (st.max_group != INT_MAX) {
-    load_group_tail<T, kGroup>(row, st.max_group, vocab, x);
-    argmax = first_column_of<kGroup>(x, st.max_group, st.max);
+  // The argmax: read the lowest group holding the max again (kGroup logits, once per split).
+  if (st.max_at != INT_MAX) {
+    load_group_tail<T, kGroup>(row, st.max_at, vocab, x);
+    st.max_at = first_column_of<kGroup>(x, st.max_at, st.max);
+  }
+  if (args.num_splits > 1) {
+    store_partial(args.split_stats + (pos * args.num_splits + split) * kPartialWords, st);
+    return;
   }
   int x0;
   float confidence;
-  finish_position<kExtra, kSample>(st, argmax, args.remasking, key, x0, confidence);
+  finish_position<kExtra, kSample>(st, args.remasking, key, x0, confidence);
+  *x0_out = x0;
+  *conf_out = confidence;
+}
+
+// One thread per position: merges the position's split states (the argmax: the lowest column
+// among the splits holding the max) and writes x0 and confidence.
+template <Extra kExtra, bool kSample>
+__global__ void __launch_bounds__(kCombineThreads) denoise_combine_kernel(const DenoiseArgs args) {
+  const int64_t pos = static_cast<int64_t>(blockIdx.x) * kCombineThreads + threadIdx.x;
+  if (pos >= args.batch * args.length) return;
+  const int64_t b = pos / args.length;
+  const int64_t l = pos % args.length;
+  const int64_t token = args.tokens[b * args.tokens_stride_b + l * args.tokens_stride_l];
+  int64_t* x0_out = args.x0 + b * args.x0_stride_b + l * args.x0_stride_l;
+  float* conf_out = args.confidence + b * args.conf_stride_b + l * args.conf_stride_l;
+  if (token != args.mask_id) {
+    *x0_out = token;
+    *conf_out = kNegInf;
+    return;
+  }
+  LaneStats st = empty_lane_stats();
+  for (int64_t split = 0; split < args.num_splits; ++split) {
+    merge_lane_stats<kExtra, kSample>(
+        st, load_partial(args.split_stats + (pos * args.num_splits + split) * kPartialWords));
+  }
+  const GumbelKey key{static_cast<uint32_t>(args.seed), static_cast<uint32_t>(args.seed >> 32),
+                      static_cast<uint32_t>(pos), args.inv_temperature};
+  int x0;
+  float confidence;
+  finish_position<kExtra, kSample>(st, args.remasking, key, x0, confidence);
   *x0_out = x0;
   *conf_out = confidence;
 }
@@ -505,45 +577,73 @@ void launch_predict(const DenoiseArgs& args, cudaStream_t stream) {
   constexpr int64_t kGroup = 16 / sizeof(T);
   const bool aligned = reinterpret_cast<uintptr_t>(args.logits) % 16 == 0 &&
                        args.logits_stride_b % kGroup == 0 && args.logits_stride_l % kGroup == 0;
-  const unsigned blocks = static_cast<unsigned>(args.batch * args.length);
+  const int64_t positions = args.batch * args.length;
+  const dim3 grid(static_cast<unsigned>(positions), static_cast<unsigned>(args.num_splits));
   with_predict_variant(args.remasking, args.temperature > 0.f, [&](auto extra, auto sample) {
-    denoise_predict_kernel<T, decltype(extra)::value, decltype(sample)::value>
-        <<<blocks, kPredictThreads, 0, stream>>>(args, aligned);
+    constexpr Extra kExtra = decltype(extra)::value;
+    constexpr bool kSample = decltype(sample)::value;
+    denoise_predict_kernel<T, kExtra, kSample><<<grid, kPredictThreads, 0, stream>>>(args, aligned);
+    check_launch("denoise_predict_kernel launch");
+    if (args.num_splits > 1) {
+      const auto blocks = static_cast<unsigned>((positions + kCombineThreads - 1) / kCombineThreads);
+      denoise_combine_kernel<kExtra, kSample><<<blocks, kCombineThreads, 0, stream>>>(args);
+      check_launch("denoise_combine_kernel launch");
+    }
   });
-  check_launch("denoise_predict_kernel launch");
 }
 
 template <int kGroup, Extra kExtra, bool kSample>
-void predict_row_host(const float* row, int vocab, Remasking remasking, const GumbelKey& key,
-                      int64_t* x0, float* confidence) {
-  // The kernel's work split and order: thread t folds groups t, t + kPredictThreads, ... and the
-  // tail group goes to the thread next in turn; the per-thread states are then merged (the
-  // kernel merges them pairwise by warps; any order agrees up to fp32 rounding).
+void predict_row_host(const float* row, int vocab, int num_splits, Remasking remasking,
+                      const GumbelKey& key, int64_t* x0, float* confidence) {
+  // The kernels' work split and merge order: split s covers groups [begin, end); its thread t
+  // folds groups begin + t, begin + t + kPredictThreads, ... and the row's partial tail group goes
+  // to the thread next in turn; a split's thread states are merged as the kernel merges them
+  // (xor-shuffle butterflies within each warp, then warps 0, 1, ... in order), its argmax
+  // resolved by re-reading one group, and the split states merged in split order
+  // (denoise_combine_kernel).
   const int full_groups = vocab / kGroup;
-  LaneStats total = empty_lane_stats();
+  const bool has_tail = vocab % kGroup != 0;
   float x[kGroup];
   auto load = [&](int col0) {
     for (int e = 0; e < kGroup; ++e) x[e] = col0 + e < vocab ? row[col0 + e] : kNegInf;
   };
-  for (int t = 0; t < kPredictThreads; ++t) {
-    LaneStats st = empty_lane_stats();
-    for (int g = t; g < full_groups; g += kPredictThreads) {
-      load(g * kGroup);
-      fold_group<kGroup, kExtra, kSample>(st, x, g * kGroup, key);
+  LaneStats total = empty_lane_stats();
+  for (int split = 0; split < num_splits; ++split) {
+    int begin, end;
+    split_groups(full_groups + (has_tail ? 1 : 0), num_splits, split, begin, end);
+    const int full_end = end < full_groups ? end : full_groups;
+    LaneStats thread_stats[kPredictThreads];
+    for (int t = 0; t < kPredictThreads; ++t) {
+      LaneStats& st = thread_stats[t];
+      st = empty_lane_stats();
+      for (int g = begin + t; g < full_end; g += kPredictThreads) {
+        load(g * kGroup);
+        fold_group<kGroup, kExtra, kSample>(st, x, g * kGroup, key);
+      }
+      if (has_tail && full_groups < end && t == (full_groups - begin) % kPredictThreads) {
+        load(full_groups * kGroup);
+        fold_group<kGroup, kExtra, kSample>(st, x, full_groups * kGroup, key);
+      }
     }
-    if (vocab % kGroup != 0 && t == full_groups % kPredictThreads) {
-      load(full_groups * kGroup);
-      fold_group<kGroup, kExtra, kSample>(st, x, full_groups * kGroup, key);
+    for (int offset = 16; offset > 0; offset >>= 1) {  // every lane merges its xor partner's state
+      LaneStats before[kPredictThreads];
+      std::copy(thread_stats, thread_stats + kPredictThreads, before);
+      for (int t = 0; t < kPredictThreads; ++t) {
+        merge_lane_stats<kExtra, kSample>(thread_stats[t], before[t ^ offset]);
+      }
     }
-    merge_lane_stats<kExtra, kSample>(total, st);
-  }
-  int argmax = 0;
-  if (total.max_group != INT_MAX) {
-    load(total.max_group);
-    argmax = first_column_of<kGroup>(x, total.max_group, total.max);
+    LaneStats split_stats = thread_stats[0];
+    for (int warp = 1; warp < kPredictThreads / 32; ++warp) {
+      merge_lane_stats<kExtra, kSample>(split_stats, thread_stats[32 * warp]);
+    }
+    if (split_stats.max_at != INT_MAX) {
+      load(split_stats.max_at);
+      split_stats.max_at = first_column_of<kGroup>(x, split_stats.max_at, split_stats.max);
+    }
+    merge_lane_stats<kExtra, kSample>(total, split_stats);
   }
   int token;
-  finish_position<kExtra, kSample>(total, argmax, remasking, key, token, *confidence);
+  finish_position<kExtra, kSample>(total, remasking, key, token, *confidence);
   *x0 = token;
 }
 
@@ -558,6 +658,12 @@ void denoise_step(const DenoiseArgs& args, int device, uintptr_t stream_handle) 
   require(args.vocab >= 1 && args.vocab < (int64_t{1} << 31) - 16,
           "denoise_step: vocab (logits.shape[2]) must be in [1, 2^31 - 16)");
   require(args.temperature >= 0.f, "denoise_step: temperature must be >= 0");
+  require(args.num_splits >= 1 && args.num_splits <= 65535,
+          "denoise_step: num_splits must be in [1, 65535]");
+  require(args.num_splits == 1 || args.split_stats != nullptr,
+          "denoise_step: num_splits > 1 needs split_stats (B * L * num_splits * 8 fp32 words)");
+  require(reinterpret_cast<uintptr_t>(args.split_stats) % 16 == 0,
+          "denoise_step: split_stats must be 16-byte aligned");
   if (args.batch == 0 || args.length == 0) return;
   set_device(device);
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
@@ -575,9 +681,12 @@ void denoise_step(const DenoiseArgs& args, int device, uintptr_t stream_handle) 
 
 void denoise_predict_row_host(const float* row, int64_t vocab, float temperature,
                               float inv_temperature, Remasking remasking, uint64_t seed,
-                              uint32_t pos, int group_width, int64_t* x0, float* confidence) {
+                              uint32_t pos, int group_width, int num_splits, int64_t* x0,
+                              float* confidence) {
   require(vocab >= 1 && vocab < (int64_t{1} << 31) - 16,
           "denoise_predict_row_host: vocab must be in [1, 2^31 - 16)");
+  require(num_splits >= 1 && num_splits <= 65535,
+          "denoise_predict_row_host: num_splits must be in [1, 65535]");
   const GumbelKey key{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), pos,
                       inv_temperature};
   const int v = static_cast<int>(vocab);
@@ -585,8 +694,12 @@ void denoise_predict_row_host(const float* row, int64_t vocab, float temperature
     constexpr Extra kExtra = decltype(extra)::value;
     constexpr bool kSample = decltype(sample)::value;
     switch (group_width) {  // 16 bytes of fp32 (4) or of fp16 / bf16 (8)
-      case 4: predict_row_host<4, kExtra, kSample>(row, v, remasking, key, x0, confidence); break;
-      case 8: predict_row_host<8, kExtra, kSample>(row, v, remasking, key, x0, confidence); break;
+      case 4:
+        predict_row_host<4, kExtra, kSample>(row, v, num_splits, remasking, key, x0, confidence);
+        break;
+      case 8:
+        predict_row_host<8, kExtra, kSample>(row, v, num_splits, remasking, key, x0, confidence);
+        break;
       default: throw std::invalid_argument("denoise_predict_row_host: group_width must be 4 or 8");
     }
   });

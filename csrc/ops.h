@@ -101,6 +101,8 @@ struct DenoiseArgs {
   uint64_t seed;
   Remasking remasking;
   DType dtype;
+  int64_t num_splits;  // CTAs per position over V (1: no combine step)
+  float* split_stats;  // [B * L, num_splits, 8] fp32 scratch, 16-byte aligned; when num_splits > 1
 };
 void denoise_step(const DenoiseArgs& args, int device, uintptr_t stream);
 
@@ -110,11 +112,12 @@ float philox_uniform_host(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, 
 
 // The per-position part of denoise_step (x0, confidence of one masked position pos = b * L + l
 // whose fp32 logits are the host array row[vocab]), by the kernel's own code compiled for the
-// host, with the kernel's work split into groups of `group_width` logits (4: the fp32 kernel,
-// 8: the fp16 / bf16 kernels). For tests on machines without a GPU.
+// host, with the kernels' work split: groups of `group_width` logits (4: the fp32 kernel, 8: the
+// fp16 / bf16 kernels) and `num_splits` splits of V. For tests on machines without a GPU.
 void denoise_predict_row_host(const float* row, int64_t vocab, float temperature,
                               float inv_temperature, Remasking remasking, uint64_t seed,
-                              uint32_t pos, int group_width, int64_t* x0, float* confidence);
+                              uint32_t pos, int group_width, int num_splits, int64_t* x0,
+                              float* confidence);
 
 // Diagnostics for the Python side and the tests.
 int cuda_runtime_version();

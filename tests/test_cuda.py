@@ -97,23 +97,26 @@ def test_philox_stream_is_bitwise_the_reference_stream():
 
 
 def _host_predict(row: torch.Tensor, temperature: float, remasking: str, seed: int, pos: int,
-                  group_width: int):
+                  group_width: int, num_splits: int):
     row = row.float().contiguous()
     return EXT.denoise_predict_row_host(row.data_ptr(), row.numel(), temperature,
                                         _cuda_ops.REMASKING_CODES[remasking], seed, pos,
-                                        group_width)
+                                        group_width, num_splits)
 
 
 @pytest.mark.skipif(EXT is None, reason="a2r_kernels._C not built")
 @pytest.mark.parametrize("remasking", ["low_confidence", "margin", "entropy", "random"])
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 @pytest.mark.parametrize("group_width", [4, 8])
-def test_denoise_position_math_host_build_matches_reference(remasking, temperature, group_width):
-    """The kernel's per-position code (per-group online max / sum-exp / entropy, second largest,
-    argmax by re-reading the max's group, Gumbel-max, the confidence formulas) with its work split
-    (groups of 4 logits as the fp32 kernel, 8 as the fp16 / bf16 ones, 256 threads, a tail group),
+@pytest.mark.parametrize("num_splits", [1, 3, 7])
+def test_denoise_position_math_host_build_matches_reference(remasking, temperature, group_width,
+                                                            num_splits):
+    """The kernels' per-position code (per-group online max / sum-exp / entropy, second largest,
+    argmax by re-reading the max's group, Gumbel-max, the split merge, the confidence formulas)
+    with their work split (groups of 4 logits as the fp32 kernel, 8 as the fp16 / bf16 ones, 256
+    threads, a tail group, V split across CTAs, splits without any group when V is small),
     compiled for the host, against the fp32 reference on the CPU: odd vocab sizes, ties for the
-    max inside one group and across groups and threads, -inf entries, V = 1."""
+    max inside one group and across groups, threads and splits, -inf entries, V = 1."""
     gen = torch.Generator().manual_seed(7)
     seed = 987654321
     rows = []
@@ -150,7 +153,7 @@ def test_denoise_position_math_host_build_matches_reference(remasking, temperatu
                                                      remasking, seed)
         for pos in range(length):
             got_x0, got_conf = _host_predict(logits[0, pos], temperature, remasking, seed, pos,
-                                             group_width)
+                                             group_width, num_splits)
             total += 1
             if temperature == 0.0:
                 assert got_x0 == int(x0[0, pos]), (vocab, pos)
@@ -421,6 +424,46 @@ def _check_denoise(got, want, exact_x0=True):
         assert torch.equal(tokens, ref_tokens)
     else:
         assert torch.equal(res.transferred.sum(1), ref.transferred.sum(1))
+
+
+def test_denoise_split_policy():
+    """V is split only where B * L leaves the SMs idle, and never below 8 loop iterations per split."""
+    # the issue's target shape: 2048 positions fill 132 SMs by themselves
+    assert _cuda_ops.denoise_num_splits(8 * 256, 126464, 2, 132) == 1
+    # one position of a 126k bf16 vocabulary: 126464 / (8 x 256 x 8) -> 8 splits at most
+    assert _cuda_ops.denoise_num_splits(1, 126464, 2, 132) == 8
+    assert _cuda_ops.denoise_num_splits(1, 126464, 4, 132) == 16     # fp32: 4 logits per group
+    assert _cuda_ops.denoise_num_splits(32, 151936, 2, 132) == 10    # wanted 33, at most 10
+    assert _cuda_ops.denoise_num_splits(200, 151936, 2, 132) == 6    # 8 * 132 / 200 -> 6
+    assert _cuda_ops.denoise_num_splits(3, 1000, 2, 132) == 1        # small V: one split
+    assert _cuda_ops.denoise_num_splits(0, 1000, 2, 132) == 1
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_splits", [2, 7])
+@pytest.mark.parametrize("remasking", ["low_confidence", "margin", "entropy"])
+def test_denoise_forced_splits_match_reference(dtype, num_splits, remasking):
+    """V split across CTAs (partial states merged by the combine kernel) on small vocabularies,
+    with more splits than groups for V = 9, a tie for the max across splits, unmasked positions."""
+    for vocab in (9, 1000, 5003):
+        logits, tokens = _denoise_case(2, 7, vocab, dtype, 0.7, seed=vocab + num_splits)
+        logits[0, 0, [vocab // 3, vocab - 1]] = 50.0   # tie across splits -> lower index
+        tokens[0, 0] = MASK_ID
+        num_transfer = torch.tensor([2, 3], device="cuda")
+        want_tokens = tokens.clone()
+        want = ak.denoise_step(logits, want_tokens, MASK_ID, num_transfer=num_transfer,
+                               remasking=remasking, backend="torch")
+        x0 = torch.empty(2, 7, dtype=torch.int64, device="cuda")
+        confidence = torch.empty(2, 7, device="cuda")
+        transferred = torch.empty(2, 7, dtype=torch.bool, device="cuda")
+        got_tokens = tokens.clone()
+        _cuda_ops.denoise_step(logits, got_tokens, MASK_ID, num_transfer, None, 0.0, remasking, 0,
+                               x0, confidence, transferred, num_splits=num_splits)
+        assert torch.equal(x0, want.x0), vocab
+        assert int(x0[0, 0]) == vocab // 3
+        torch.testing.assert_close(confidence, want.confidence, atol=2e-5, rtol=1e-4)
+        assert torch.equal(got_tokens, want_tokens)
 
 
 @needs_gpu
