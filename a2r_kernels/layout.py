@@ -133,6 +133,7 @@ class TreeLayout:
     max_seq_len: int
     max_q_len: int
     _seq_slots: torch.Tensor | None = field(default=None, repr=False)
+    _shared_plan: tuple | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -325,6 +326,42 @@ class TreeLayout:
                     pos += n
             self._seq_slots = slots.to(self.device)
         return self._seq_slots
+
+    def shared_node_slots(self) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The torch backend's plan, built once: ``(private, shared)``.
+
+        ``private``: int64 ``[num_seqs, T]``, the flat pool slots of the tokens of the nodes only
+        that sequence reads, padded with -1. ``shared``: one ``(seqs, slots)`` per non-empty node
+        read by two or more sequences: int64 ``[s]`` sequence indices and int64 ``[n]`` the node's
+        slots, so the reference reads the node's KV once for all of them.
+        """
+        if self._shared_plan is None:
+            bs = self.block_size
+            readers: dict[int, list[int]] = {}
+            for i, path in enumerate(self.paths):
+                for j in path:
+                    readers.setdefault(j, []).append(i)
+
+            def node_slots(j: int) -> torch.Tensor:
+                t = torch.arange(self.node_lengths[j])
+                table = torch.tensor(self.node_block_tables[j], dtype=torch.int64)
+                return table[t // bs] * bs + t % bs
+
+            private_lens = [sum(self.node_lengths[j] for j in path if len(readers[j]) == 1)
+                            for path in self.paths]
+            private = torch.full((self.num_seqs, max(private_lens, default=0)), -1,
+                                 dtype=torch.int64)
+            for i, path in enumerate(self.paths):
+                pos = 0
+                for j in path:
+                    if len(readers[j]) == 1 and self.node_lengths[j] > 0:
+                        private[i, pos:pos + self.node_lengths[j]] = node_slots(j)
+                        pos += self.node_lengths[j]
+            shared = [(torch.tensor(seqs, dtype=torch.int64, device=self.device),
+                       node_slots(j).to(self.device))
+                      for j, seqs in readers.items() if len(seqs) > 1 and self.node_lengths[j] > 0]
+            self._shared_plan = (private.to(self.device), shared)
+        return self._shared_plan
 
     def kv_bytes(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> dict[str, int]:
         """Bytes of K and V one call must read: ``shared`` when every node is read once (what the

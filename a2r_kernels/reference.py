@@ -31,13 +31,59 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tens
             lse.reshape(num_seqs, num_q_heads))
 
 
+def _attend_shared(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GQA decode attention of several sequences over the same keys, in fp32.
+
+    q [S, Hq, D]; k, v [T, Hkv, D] with T >= 1 -> (out fp32 [S, Hq, D], lse fp32 [S, Hq]). The
+    queries of all S sequences (x the GQA group) of a kv head form one matrix against its keys.
+    """
+    num_seqs, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+    rows = (q.float().reshape(num_seqs, num_kv_heads, group, head_dim)
+            .permute(1, 0, 2, 3).reshape(num_kv_heads, num_seqs * group, head_dim))
+    scores = torch.bmm(rows, k.float().permute(1, 2, 0)) * sm_scale        # [Hkv, S*G, T]
+    lse = torch.logsumexp(scores, dim=-1)                                   # [Hkv, S*G]
+    out = torch.bmm(torch.exp(scores - lse[..., None]), v.float().permute(1, 0, 2))
+
+    def per_sequence(x: torch.Tensor) -> torch.Tensor:   # [Hkv, S*G, ...] -> [S, Hq, ...]
+        x = x.reshape(num_kv_heads, num_seqs, group, *x.shape[2:]).transpose(0, 1)
+        return x.reshape(num_seqs, num_q_heads, *x.shape[3:])
+
+    return per_sequence(out), per_sequence(lse)
+
+
 def tree_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           layout: TreeLayout, sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``out[i] = softmax(sm_scale * q[i] K_i^T) V_i`` over the tokens of ``layout.paths[i]``.
 
     q [S, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D] -> (out fp32 [S, Hq, D],
-    lse fp32 [S, Hq], natural log). Reads every path in full (no sharing): it is the spec.
+    lse fp32 [S, Hq], natural log).
+
+    Computed node by node, so that a node read by several sequences is gathered once (the
+    contract holds for every backend, and CPU decoding of many branches stays cheap): each
+    sequence attends to the tokens only it reads in one batched pass, each shared node is one
+    pass of all its readers' queries over its keys, and the partial states are combined with
+    :func:`merge_attention_states` (exact up to fp32 rounding).
+    :func:`tree_decode_attention_by_path` is the literal definition; tests hold the two equal.
     """
+    private, shared = layout.shared_node_slots()
+    flat_k = k_cache.reshape(-1, *k_cache.shape[2:])
+    flat_v = v_cache.reshape(-1, *v_cache.shape[2:])
+    gather = private.clamp_min(0)
+    out, lse = _attend(q, flat_k[gather], flat_v[gather], private >= 0, sm_scale)
+    for seqs, slots in shared:       # the node's KV is gathered once for all its readers
+        node_out, node_lse = _attend_shared(q[seqs], flat_k[slots], flat_v[slots], sm_scale)
+        out[seqs], lse[seqs] = merge_attention_states(out[seqs], lse[seqs], node_out, node_lse)
+    return out, lse
+
+
+def tree_decode_attention_by_path(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  layout: TreeLayout,
+                                  sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The literal definition of :func:`tree_decode_attention`: every sequence gathers its whole
+    path (shared nodes once per sequence) and attends over it in one softmax."""
     slots = layout.seq_slots()                                               # [S, T], -1 pad
     valid = slots >= 0
     flat_k = k_cache.reshape(-1, *k_cache.shape[2:])

@@ -146,6 +146,43 @@ def test_reference_matches_naive_loop(seed):
     torch.testing.assert_close(lse.cpu(), want_lse, atol=1e-5, rtol=1e-5)
 
 
+REFERENCE_SHAPES = {
+    # name: (paths, node_block_tables, node_lengths, num_blocks)
+    "explore": ([[0, 1], [0, 2], [0, 3]], [[4, 0, 2], [1], [3], [5]], [37, 5, 16, 0], 6),
+    "non_tree": ([[0, 2], [1, 2], [0, 3], [1, 3]], [[0], [1], [2, 3], [4]], [5, 9, 20, 3], 5),
+    "no_private_tokens": ([[0], [0], [0, 1]], [[0, 1], []], [20, 0], 2),
+    "empty_and_missing": ([[0, 1], [0, 2], []], [[], [], [3]], [0, 0, 1], 4),
+    "one_sequence": ([[0, 1]], [[1], [0]], [3, 16], 2),
+}
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_SHAPES))
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (6, 1)], ids=lambda h: f"{h[0]}/{h[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reference_reads_shared_nodes_once_and_matches_by_path(name, heads, dtype):
+    """The torch backend gathers a node read by several sequences once (its plan holds it once,
+    with all its readers) and agrees with the literal per-path definition."""
+    paths, tables, lengths, num_blocks = REFERENCE_SHAPES[name]
+    q, k, v = make_inputs(paths, num_blocks, 16, *heads, 32, dtype, seed=len(name))
+    layout = ak.TreeLayout.from_paths(paths, tables, lengths, 16, DEVICE)
+    private, shared = layout.shared_node_slots()
+    readers = {}
+    for i, path in enumerate(paths):
+        for j in path:
+            readers.setdefault(j, []).append(i)
+    assert sorted(sorted(seqs.tolist()) for seqs, _ in shared) == sorted(
+        seqs for j, seqs in readers.items() if len(seqs) > 1 and lengths[j] > 0)
+    assert sum(slots.numel() for _, slots in shared) == sum(
+        lengths[j] for j, seqs in readers.items() if len(seqs) > 1)
+    assert [int((row >= 0).sum()) for row in private] == [
+        sum(lengths[j] for j in path if len(readers[j]) == 1) for path in paths]
+    out, lse = reference.tree_decode_attention(q, k, v, layout, 32 ** -0.5)
+    want_out, want_lse = reference.tree_decode_attention_by_path(q, k, v, layout, 32 ** -0.5)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------- tree kernel
 TREE_CASES = [
     # (seed, leaves, depth, block_size, Hq, Hkv, D, dtype, kv_chunk)
