@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--rep", type=int, default=3)
     parser.add_argument("--out", default=None,
                         help="results JSON (default: results/explore.json on a GPU, "
-                        "results/explore_cpu.json for quick/CPU runs, which are not committed)")
+                        "results/explore_cpu.json for quick/CPU runs)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
