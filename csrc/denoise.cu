@@ -424,7 +424,8 @@ denoise_predict_kernel(const DenoiseArgs args, bool aligned) {
       fold_group<kGroup, kExtra, kSample>(st, x, g * kGroup, key);
     }
   }
-  if (has_tail && full_groups < end && threadIdx.x == (full_groups - begin) % kPredictThreads) {
+  if (has_tail && begin <= full_groups && full_groups < end &&
+      static_cast<int>(threadIdx.x) == (full_groups - begin) % kPredictThreads) {
     load_group_tail<T, kGroup>(row, full_groups * kGroup, vocab, x);
     fold_group<kGroup, kExtra, kSample>(st, x, full_groups * kGroup, key);
   }
@@ -620,7 +621,8 @@ void predict_row_host(const float* row, int vocab, int num_splits, Remasking rem
         load(g * kGroup);
         fold_group<kGroup, kExtra, kSample>(st, x, g * kGroup, key);
       }
-      if (has_tail && full_groups < end && t == (full_groups - begin) % kPredictThreads) {
+      if (has_tail && begin <= full_groups && full_groups < end &&
+          t == (full_groups - begin) % kPredictThreads) {
         load(full_groups * kGroup);
         fold_group<kGroup, kExtra, kSample>(st, x, full_groups * kGroup, key);
       }
