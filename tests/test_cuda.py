@@ -79,6 +79,14 @@ def test_extension_rejects_bad_sizes_before_touching_memory():
     with pytest.raises(ValueError, match="vocab"):
         EXT.denoise_step(0, 0, None, 0, 0, 0, [1, 1], [1, 1], 0, [1, 1], [1, 1], [1, 1], 1, 1, 0,
                          0, 0.5, 0.0, 0, 0, 0, 0, 0)
+    denoise = (0, 0, None, 0, 0, 0, [1, 1], [1, 1], 0, [1, 1], [1, 1], [1, 1], 1, 1, 10, 0, 0.5,
+               0.0, 0, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="num_splits"):
+        EXT.denoise_step(*denoise, num_splits=0)
+    with pytest.raises(ValueError, match="split_stats"):
+        EXT.denoise_step(*denoise, num_splits=2)                  # no scratch for the splits
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        EXT.denoise_step(*denoise, num_splits=2, split_stats=8)
 
 
 @pytest.mark.skipif(EXT is None, reason="a2r_kernels._C not built")
