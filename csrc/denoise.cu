@@ -237,8 +237,8 @@ A2R_HD void merge_lane_stats(LaneStats& a, const LaneStats& b) {
                              : a.max;
   }
   a.max_at = a.max > b.max ? a.max_at
-              : b.max > a.max ? b.max_at
-                              : (a.max_at < b.max_at ? a.max_at : b.max_at);
+           : b.max > a.max ? b.max_at
+                           : (a.max_at < b.max_at ? a.max_at : b.max_at);
   a.max = m;
   if constexpr (kSample) {
     if (beats(b.gumbel, b.gumbel_idx, a.gumbel, a.gumbel_idx)) {
