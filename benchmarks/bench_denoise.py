@@ -3,6 +3,8 @@
 Providers:
   a2r-denoise     ak.denoise_step(backend="triton"): logits streamed once, no [B, L, V] softmax
   a2r-cuda        ak.denoise_step(backend="cuda"), when the extension is built
+  a2r-cuda[s=N]   with --cuda-split-sweep: the CUDA step with N CTAs per position over V forced
+                  (shapes with B * L <= 256), to tune _cuda_ops.denoise_num_splits
   llada-torch     LLaDA generate.py step: softmax over all positions, argmax, gather, where,
                   per-row topk loop
   fastdllm-torch  Fast-dLLM threshold step (same, with the confidence-threshold rule)
@@ -118,12 +120,38 @@ def providers_for(device: torch.device, allow_triton: bool) -> dict:
     return providers
 
 
+CUDA_SPLIT_SWEEP = (1, 2, 4, 8, 16)
+SPLIT_SWEEP_MAX_POSITIONS = 256   # V splits matter only where B * L leaves SMs idle
+
+
+def cuda_split_providers(device: torch.device) -> dict:
+    """``a2r-cuda[s=N]``: the CUDA step with N CTAs per position over V forced (the default picks
+    N with ``_cuda_ops.denoise_num_splits``; this sweep is how its constants get tuned)."""
+    if not _available("cuda", device):
+        return {}
+    from a2r_kernels import _cuda_ops
+
+    def forced(num_splits: int):
+        def step(logits, tokens, mask_id, quota):
+            batch, length, _ = logits.shape
+            x0 = torch.empty(batch, length, dtype=torch.int64, device=logits.device)
+            confidence = torch.empty(batch, length, dtype=torch.float32, device=logits.device)
+            transferred = torch.empty(batch, length, dtype=torch.bool, device=logits.device)
+            _cuda_ops.denoise_step(logits, tokens, mask_id, quota, None, 0.0, "low_confidence", 0,
+                                   x0, confidence, transferred, num_splits=num_splits)
+        return step
+
+    return {f"a2r-cuda[s={n}]": forced(n) for n in CUDA_SPLIT_SWEEP}
+
+
 def run(shapes, device: torch.device, dtype: torch.dtype, half_masked: bool, allow_triton: bool,
-        warmup: int, rep: int, out_json: str, out_png: str) -> list[dict]:
+        warmup: int, rep: int, out_json: str, out_png: str, split_sweep: bool = False) -> list[dict]:
     name = device_name(device)
     bandwidth = copy_gbps(device, nbytes=(256 << 20) if device.type == "cuda" else (64 << 20))
     print(f"device: {name}   copy bandwidth: {bandwidth:.1f} GB/s")
     providers = providers_for(device, allow_triton)
+    if split_sweep:
+        providers.update(cuda_split_providers(device))
     rows = []
     masked_variants = [1.0] + ([0.5] if half_masked else [])
     for (batch, length, vocab), masked_fraction in itertools.product(shapes, masked_variants):
@@ -141,6 +169,8 @@ def run(shapes, device: torch.device, dtype: torch.dtype, half_masked: bool, all
             if provider.startswith("a2r-denoise") and device.type == "cpu" and \
                     batch * length * vocab > 2 * 64 * 32000 // 4:
                 continue   # the Triton interpreter: only the smallest CPU shape
+            if provider.startswith("a2r-cuda[s=") and batch * length > SPLIT_SWEEP_MAX_POSITIONS:
+                continue
             work = tokens.clone()
 
             def step():
@@ -186,6 +216,9 @@ def main(argv=None):
                         help="also time every other position masked")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--rep", type=int, default=None)
+    parser.add_argument("--cuda-split-sweep", action="store_true",
+                        help="add a2r-cuda[s=N] rows (N CTAs per position over V forced) at the "
+                        f"shapes with B * L <= {SPLIT_SWEEP_MAX_POSITIONS}")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"
@@ -201,7 +234,8 @@ def main(argv=None):
         allow_triton=device.type == "cuda" or ak._backend.triton_interpret(),
         warmup=warmup, rep=rep,
         out_json=os.path.join(RESULTS_DIR, f"denoise{suffix}.json"),
-        out_png=os.path.join(RESULTS_DIR, f"denoise{suffix}.png"))
+        out_png=os.path.join(RESULTS_DIR, f"denoise{suffix}.png"),
+        split_sweep=args.cuda_split_sweep)
 
 
 if __name__ == "__main__":

@@ -272,7 +272,7 @@ run_benches() {
       tree) step bench-tree-attention 300 90 180 "$PY benchmarks/bench_tree_attention.py $QUICK_FLAG" ;;
       # the split-KV plan sweep at the target shapes (tunes a2r_kernels/layout.py)
       plans) step bench-tree-plans 150 30 60 "$PY benchmarks/bench_tree_attention.py --P 1024,8192 --N 4,64 --S 128 --heads 32/8,8/1 --providers a2r-tree,a2r-paged,a2r-cuda --plan-sweep --tile-sweep --out tree_attention_plans" ;;
-      denoise) step bench-denoise 240 60 90 "$PY benchmarks/bench_denoise.py $QUICK_FLAG" ;;
+      denoise) step bench-denoise 240 60 90 "$PY benchmarks/bench_denoise.py $QUICK_FLAG --cuda-split-sweep" ;;
       flashinfer) run_flashinfer ;;
       explore) run_explore ;;
       *) say "=== [$PHASE] unknown benchmark '$bench' in A2R_BENCHES (tree denoise plans flashinfer explore)"
