@@ -48,6 +48,14 @@ _NUM_STATS = 6      # m, s, a, second, gumbel_best, gumbel_logit (fp32) per (pos
 _NUM_INDICES = 2    # argmax, gumbel argmax (int32) per (pos, split)
 _INT32_MAX = tl.constexpr(2147483647)  # a constexpr: jit functions may read only those
 LOG2E = tl.constexpr(1.4426950408889634)
+_NEG_HUGE = tl.constexpr(-1e30)   # a finite shift whose exp2 underflows to exactly 0
+
+
+@triton.jit
+def _top2_combine(first_a, second_a, first_b, second_b):
+    """(largest, second largest) of the union of two (largest, second largest) pairs."""
+    return (tl.maximum(first_a, first_b),
+            tl.maximum(tl.minimum(first_a, first_b), tl.maximum(second_a, second_b)))
 
 
 @triton.jit
@@ -103,14 +111,14 @@ def _denoise_partial_kernel(
         cols = start + tile
         x = tl.load(row_ptr + cols.to(tl.int64) * stride_logits_v, mask=cols < v_end,
                     other=neg_inf).to(tl.float32)
-        group_max = tl.max(x, axis=1)
         if NEED_SECOND:
-            # the group's runner-up: the max itself when it occurs twice
-            ties = tl.sum((x == group_max[:, None]).to(tl.int32), axis=1)
-            group_second = tl.where(ties > 1, group_max,
-                                    tl.max(tl.where(x == group_max[:, None], neg_inf, x), axis=1))
+            # the group's top two (the max twice when it occurs twice), in one reduction
+            group_max, group_second = tl.reduce((x, tl.full(x.shape, neg_inf, tl.float32)), 1,
+                                                _top2_combine)
             lane_second = tl.maximum(tl.maximum(lane_second, group_second),
                                      tl.minimum(lane_max, group_max))
+        else:
+            group_max = tl.max(x, axis=1)
         # Chunks come in increasing order, so a strict > keeps a lane's first group of a tie.
         lane_group = tl.where(group_max > lane_max, start + lanes * VEC, lane_group)
         new_max = tl.maximum(lane_max, group_max)
@@ -118,9 +126,10 @@ def _denoise_partial_kernel(
         safe_max = tl.where(new_max > neg_inf, new_max, 0.0)
         alpha = tl.exp2((lane_max - safe_max) * LOG2E)
         if NEED_ENTROPY:
-            # a -inf logit has weight 0 and shift -inf: count it as 0, not 0 * (-inf)
-            x_shifted = tl.where(x > neg_inf, x - safe_max[:, None], 0.0)
-            weight = tl.where(x > neg_inf, tl.exp2(x_shifted * LOG2E), 0.0)
+            # A -inf logit must add 0, not 0 * (-inf): its shift is clamped to a finite -1e30,
+            # whose weight exp2(-1.4e30) is exactly 0 (one max instead of a compare and 2 selects).
+            x_shifted = tl.maximum(x - safe_max[:, None], _NEG_HUGE)
+            weight = tl.exp2(x_shifted * LOG2E)
             contrib = weight * x_shifted
             max_shift = tl.where(lane_max > neg_inf, lane_max - safe_max, 0.0)
             lane_xlogx = alpha * (lane_xlogx + max_shift * lane_sum) + tl.sum(contrib, axis=1)
