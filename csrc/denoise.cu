@@ -117,6 +117,8 @@ A2R_HD float uniform_open01(uint32_t bits) {
 // remasking mode's streaming loop carries only its own work.
 enum class Extra : int { kNone = 0, kSecond = 1, kEntropy = 2 };
 
+constexpr float kNegHuge = -1e30f;  // a finite shift whose exp2 underflows to exactly 0
+
 // exp2 as one MUFU.EX2 (ex2.approx.ftz: 2 ulp; exp2(-inf) = +0); exp2f on the host.
 A2R_HD float fast_exp2(float x) {
 #ifdef __CUDA_ARCH__
@@ -176,13 +178,13 @@ A2R_HD void fold_group(LaneStats& st, const float (&x)[kGroup], int col0, const 
   const float shift = new_max > kNegInf ? new_max : 0.f;    // never (-inf) - (-inf)
   const float alpha = fast_exp2((st.max - shift) * kLog2e);  // 0 while st.max is -inf
   if constexpr (kExtra == Extra::kEntropy) {
-    // A -inf logit has weight 0 and shift -inf: it adds 0, not 0 * (-inf).
+    // A -inf logit must add 0, not 0 * (-inf): its shift is clamped to a finite -1e30, whose
+    // weight exp2(-1.4e30) is exactly 0 (one max instead of a compare and two selects).
     float group_sum = 0.f, group_xlogx = 0.f;
 #pragma unroll
     for (int e = 0; e < kGroup; ++e) {
-      const bool live = x[e] > kNegInf;
-      const float z = live ? x[e] - shift : 0.f;
-      const float w = live ? fast_exp2(z * kLog2e) : 0.f;
+      const float z = fmaxf(x[e] - shift, kNegHuge);
+      const float w = fast_exp2(z * kLog2e);
       group_sum += w;
       group_xlogx = fmaf(w, z, group_xlogx);
     }
