@@ -310,9 +310,9 @@ class TreeLayout:
 
     def seq_slots(self) -> torch.Tensor:
         """int64 ``[num_seqs, max_seq_len]``: flat pool slot (``block * block_size + offset``) of
-        every token on each path, padded with -1. Used by the torch reference; built once."""
+        every token on each path, padded with -1. The per-path definition and benchmarks use it;
+        built once."""
         if self._seq_slots is None:
-            bs = self.block_size
             slots = torch.full((self.num_seqs, self.max_seq_len), -1, dtype=torch.int64)
             for i, path in enumerate(self.paths):
                 pos = 0
@@ -320,12 +320,16 @@ class TreeLayout:
                     n = self.node_lengths[j]
                     if n == 0:
                         continue
-                    t = torch.arange(n)
-                    table = torch.tensor(self.node_block_tables[j], dtype=torch.int64)
-                    slots[i, pos:pos + n] = table[t // bs] * bs + t % bs
+                    slots[i, pos:pos + n] = self._node_slots(j)
                     pos += n
             self._seq_slots = slots.to(self.device)
         return self._seq_slots
+
+    def _node_slots(self, j: int) -> torch.Tensor:
+        """int64 ``[node_lengths[j]]`` (CPU): the flat pool slot of each token of node ``j``."""
+        t = torch.arange(self.node_lengths[j])
+        table = torch.tensor(self.node_block_tables[j], dtype=torch.int64)
+        return table[t // self.block_size] * self.block_size + t % self.block_size
 
     def shared_node_slots(self) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """The torch backend's plan, built once: ``(private, shared)``.
@@ -336,17 +340,10 @@ class TreeLayout:
         slots, so the reference reads the node's KV once for all of them.
         """
         if self._shared_plan is None:
-            bs = self.block_size
             readers: dict[int, list[int]] = {}
             for i, path in enumerate(self.paths):
                 for j in path:
                     readers.setdefault(j, []).append(i)
-
-            def node_slots(j: int) -> torch.Tensor:
-                t = torch.arange(self.node_lengths[j])
-                table = torch.tensor(self.node_block_tables[j], dtype=torch.int64)
-                return table[t // bs] * bs + t % bs
-
             private_lens = [sum(self.node_lengths[j] for j in path if len(readers[j]) == 1)
                             for path in self.paths]
             private = torch.full((self.num_seqs, max(private_lens, default=0)), -1,
@@ -355,10 +352,10 @@ class TreeLayout:
                 pos = 0
                 for j in path:
                     if len(readers[j]) == 1 and self.node_lengths[j] > 0:
-                        private[i, pos:pos + self.node_lengths[j]] = node_slots(j)
+                        private[i, pos:pos + self.node_lengths[j]] = self._node_slots(j)
                         pos += self.node_lengths[j]
             shared = [(torch.tensor(seqs, dtype=torch.int64, device=self.device),
-                       node_slots(j).to(self.device))
+                       self._node_slots(j).to(self.device))
                       for j, seqs in readers.items() if len(seqs) > 1 and self.node_lengths[j] > 0]
             self._shared_plan = (private.to(self.device), shared)
         return self._shared_plan
