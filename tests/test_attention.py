@@ -485,6 +485,45 @@ def test_layout_validation():
         ak.TreeLayout.from_paths([[0]], [[0]], [-1], 16)
 
 
+# Each case differs from the valid call from_paths([[0]], [[0]], [3], 16) in one argument, in a
+# way that used to be truncated (2.7 -> 2, 0.9 -> 0, True -> 1), overflow or raise TypeError.
+@pytest.mark.parametrize("name, paths, tables, lengths, block_size", [
+    ("node_lengths", [[0]], [[0]], [2.7], 16),
+    ("node_lengths", [[0]], [[0]], [True], 16),
+    ("node_lengths", [[0]], [[0]], torch.tensor([3.0]), 16),
+    ("node_lengths", [[0]], [[0]], torch.tensor([True]), 16),
+    ("node_lengths", [[0]], [[0]], None, 16),
+    (r"paths\[0\]", [[0.9]], [[0]], [3], 16),
+    (r"paths\[0\]", [[False]], [[0]], [3], 16),
+    (r"paths\[0\]", [torch.tensor([0.0])], [[0]], [3], 16),
+    ("paths", None, [[0]], [3], 16),
+    ("paths", 7, [[0]], [3], 16),
+    (r"node_block_tables\[0\]", [[0]], [[1.5]], [3], 16),
+    (r"node_block_tables\[0\]", [[0]], [[True]], [3], 16),
+    (r"node_block_tables\[0\]", [[0]], [torch.tensor([1.0])], [3], 16),
+    (r"node_block_tables\[0\]", [[0]], [[2 ** 31]], [3], 16),
+    (r"node_block_tables\[0\]", [[0]], [[-1]], [3], 16),
+    ("node_block_tables", [[0]], None, [3], 16),
+    ("block_size", [[0]], [[0]], [3], 16.0),
+    ("block_size", [[0]], [[0]], [3], True),
+])
+def test_layout_rejects_non_integers(name, paths, tables, lengths, block_size):
+    with pytest.raises(ValueError, match=name):
+        ak.TreeLayout.from_paths(paths, tables, lengths, block_size)
+
+
+def test_layout_accepts_numpy_and_integer_tensors():
+    np = pytest.importorskip("numpy")
+    ref = ak.TreeLayout.from_paths([[0, 1]], [[0], [1]], [3, 2], 16)
+    for ints in (np.array, lambda x: torch.tensor(x, dtype=torch.int32)):
+        layout = ak.TreeLayout.from_paths([ints([0, 1])], [ints([0]), ints([1])], ints([3, 2]),
+                                          np.int64(16))
+        assert layout.paths == [[0, 1]] and layout.node_lengths == [3, 2]
+        assert torch.equal(layout.work_info, ref.work_info)
+    big = ak.TreeLayout.from_paths([[0]], [[2 ** 31 - 1]], [1], 16)   # the largest int32 id
+    assert big.max_block_id == 2 ** 31 - 1
+
+
 def test_tree_attention_bad_inputs():
     layout = ak.TreeLayout.from_paths([[0]], [[2]], [3], 16, DEVICE)
     q, k, v = make_inputs([[0]], 3, 16, 4, 2, 64, torch.float16, 0)
