@@ -658,6 +658,7 @@ def test_merge_states_is_attention_over_union(backend, dtype):
     assert torch.all(lse[3] == float("-inf")) and torch.all(out[3] == 0)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the NaN payloads
 @pytest.mark.parametrize("backend", ["torch"] + KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_merge_states_ignores_the_payload_of_empty_states(backend, dtype):
@@ -686,6 +687,7 @@ def test_merge_states_ignores_the_payload_of_empty_states(backend, dtype):
     torch.testing.assert_close(out[3].float(), want, atol=ATOL[dtype], rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the NaN payloads
 def test_triton_merge_partials_ignores_the_payload_of_empty_rows():
     """The tree kernels' per-sequence merge: a partial row with lse -inf and NaN o adds nothing;
     a sequence whose rows are all empty gets out 0 and lse -inf."""
