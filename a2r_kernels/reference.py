@@ -122,14 +122,17 @@ def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torc
 
     out_* [S, H, D]; lse_* float32 [S, H] ->
     ``lse = logaddexp(lse_a, lse_b)``, ``out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b``
-    (fp32; out 0 and lse -inf where both are empty).
+    (fp32; out 0 and lse -inf where both are empty). An empty state (lse -inf, weight 0)
+    contributes nothing, whatever its ``out`` holds (NaN included).
     """
     lse_a, lse_b = lse_a.float(), lse_b.float()
     lse = torch.logaddexp(lse_a, lse_b)
     safe = torch.where(torch.isfinite(lse), lse, 0.0)
     w_a = torch.exp(lse_a - safe)[..., None]
     w_b = torch.exp(lse_b - safe)[..., None]
-    return w_a * out_a.float() + w_b * out_b.float(), lse
+    # where, not w * out: 0 * NaN is NaN.
+    return (torch.where(w_a > 0, w_a * out_a.float(), 0.0)
+            + torch.where(w_b > 0, w_b * out_b.float(), 0.0)), lse
 
 
 try:  # the denoise reference lives in its own module; re-exported so this file indexes every op
