@@ -352,12 +352,12 @@ phase_bench_explore() {
 
 # ============================================================================ verify (one call)
 # The GPU tests that matter most: every CUDA kernel family (tests/test_cuda.py) and every compiled
-# Triton family (test_attention.py, test_denoise.py with TRITON_INTERPRET=0) against the torch
-# reference, on a few odd shapes per dtype: GQA 1-8, head_dim 40/96/256, block sizes 1/16/32,
-# strided and non-contiguous inputs, empty paths, V = 1 / 50257, ties, forced V splits.
-# tests/test_gpu_session.py checks in CI that every id here is still collected.
-# Issue 12 (TreeAttentionWrapper, CUDA-graph capture) and issue 15 (entropy_bound_step): add the
-# GPU tests of the new ops here, a few ids each, and give the pytest step the seconds they need.
+# Triton family (test_attention.py, test_denoise.py, test_entropy_bound.py with
+# TRITON_INTERPRET=0) against the torch reference, on a few odd shapes per dtype: GQA 1-8,
+# head_dim 40/96/256, block sizes 1/16/32, strided and non-contiguous inputs, empty paths,
+# V = 1 / 50257, ties, forced V splits. tests/test_gpu_session.py checks in CI that every id here
+# is still collected. Issue 12 (TreeAttentionWrapper, CUDA-graph capture): add the GPU tests of
+# the new op here, a few ids, and give the pytest step the seconds they need.
 VERIFY_TESTS=(
   tests/test_cuda.py::test_extension_imports_when_nvcc_was_available
   "tests/test_cuda.py::test_tree_decode_matches_reference[contig-seed3-torch.bfloat16]"
@@ -417,6 +417,14 @@ VERIFY_TESTS=(
   "tests/test_denoise.py::test_all_masked_and_none_masked[triton]"
   "tests/test_denoise.py::test_threshold_rule[triton]"
   "tests/test_denoise.py::test_empty_and_single_position[triton]"
+  "tests/test_entropy_bound.py::test_triton_matches_reference[shape2-inf]"
+  "tests/test_entropy_bound.py::test_triton_matches_reference[shape6-4.0]"
+  "tests/test_entropy_bound.py::test_triton_low_precision_logits[dtype1]"
+  "tests/test_entropy_bound.py::test_triton_several_chunks_and_splits[64-4]"
+  tests/test_entropy_bound.py::test_triton_non_contiguous_inputs
+  "tests/test_entropy_bound.py::test_matches_transformers_sampler[1.0-triton]"
+  "tests/test_entropy_bound.py::test_positions_without_a_distribution[triton]"
+  tests/test_entropy_bound.py::test_cuda_device_checks
 )
 
 # The headline rows' providers. Issue 12: append its a2r-tree-wrapper and CUDA-graph-replay

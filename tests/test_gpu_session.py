@@ -130,7 +130,7 @@ def test_verify_pytest_selection_is_collected():
                          check=True, timeout=60).stdout.split()
     assert len(ids) >= 20 and len(set(ids)) == len(ids)
     families = {i.split("::")[0] for i in ids}
-    assert families == {"tests/test_cuda.py", "tests/test_attention.py", "tests/test_denoise.py"}
+    assert {"tests/test_cuda.py", "tests/test_attention.py", "tests/test_denoise.py"} <= families
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
                              "-p", "no:cacheprovider", *ids], cwd=ROOT, capture_output=True,
