@@ -542,7 +542,25 @@ run_plan() {  # print the plan and its total, refuse a plan over budget, then ru
   return 0
 }
 
+DEVICE_CARRY_LIMIT_MB=64   # the device tool sends at most 64 MiB: checkout + carried paths
+
+carry_report() {  # what the device call sends: the checkout (tracked + untracked, not ignored) + .whl
+  local tree wheels total
+  tree=$(git ls-files -z -co --exclude-standard 2>/dev/null | xargs -0 -r du -cb 2>/dev/null | tail -n 1 | cut -f1)
+  [[ -n "$tree" ]] || { say "# carry: not a git checkout here, sizes not checked"; return 0; }
+  wheels=$(du -cb .whl/*.whl 2>/dev/null | tail -n 1 | cut -f1); wheels=${wheels:-0}
+  total=$((tree + wheels))
+  say "# carry: $(awk -v t="$tree" -v w="$wheels" -v l="$DEVICE_CARRY_LIMIT_MB" 'BEGIN {
+        printf "checkout %.1f MiB + .whl %.1f MiB = %.1f MiB of the device tool'"'"'s %d MiB",
+               t / 2^20, w / 2^20, (t + w) / 2^20, l }') ($(ls .whl 2>/dev/null | tr '\n' ' '))"
+  if (( total > DEVICE_CARRY_LIMIT_MB * 1048576 )); then
+    say "# carry: OVER the limit: the device tool would refuse the call; carry fewer wheels"
+    return 2
+  fi
+}
+
 phase_verify() {
+  if [[ $DRY_RUN == 1 ]]; then carry_report || { FAILED=2; return; }; fi
   if [[ $HAS_GPU == 0 ]]; then
     say "gpu_session.sh: verify needs a CUDA GPU (nvidia-smi -L lists none); the plan: --dry-run --assume-gpu verify"
     FAILED=2; return

@@ -113,6 +113,30 @@ def test_a_budget_raised_past_the_limit_is_refused(tmp_path):
     assert result.returncode == 2 and "DOES NOT FIT" in result.stdout
 
 
+CARRY = re.compile(r"^# carry: checkout ([\d.]+) MiB \+ \.whl ([\d.]+) MiB = ([\d.]+) MiB of the "
+                   r"device tool's 64 MiB", re.M)
+
+
+def test_dry_run_checks_what_the_device_call_carries(tmp_path):
+    """The checkout plus .whl must fit in the device tool's 64 MiB; the dry run says how much
+    travels, and refuses (exit 2) when it would not fit."""
+    sizes = CARRY.search(dry_run(tmp_path).stdout)
+    assert sizes is not None and float(sizes.group(3)) <= 64
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    shutil.copy(SCRIPT, repo / "benchmarks" / "gpu_session.sh")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text("/.whl/\n")   # as in the repository: wheels never committed
+    (repo / ".whl").mkdir()
+    with open(repo / ".whl" / "big-1.0-py3-none-any.whl", "wb") as f:
+        f.truncate(65 * 2**20)   # sparse: 65 MiB apparent size, no disk used
+    result = dry_run(tmp_path, repo / "benchmarks" / "gpu_session.sh")
+    assert result.returncode == 2
+    sizes = CARRY.search(result.stdout)
+    assert sizes is not None and float(sizes.group(2)) == 65.0 and float(sizes.group(1)) < 1
+    assert "OVER the limit" in result.stdout and "=== [verify]" not in result.stdout
+
+
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="checks the no-GPU path")
 def test_verify_without_a_gpu_runs_nothing(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path / "out"))
