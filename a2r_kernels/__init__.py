@@ -9,6 +9,7 @@ from .attention import merge_attention_states, paged_decode_attention, tree_deco
 from .cache import TreeKVCache
 from .denoise import DenoiseResult, denoise_step
 from .layout import TreeLayout, kv_bytes
+from .wrapper import TreeAttentionWrapper
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,7 @@ __all__ = [
     "BackendUnavailable",
     "CacheFullError",
     "DenoiseResult",
+    "TreeAttentionWrapper",
     "TreeKVCache",
     "TreeLayout",
     "denoise_step",
