@@ -31,8 +31,9 @@ import torch
 from . import reference
 from ._backend import resolve_backend
 from .attention import _check_decode_inputs, _default_scale, _unit_last_stride
+from ._vocab import positive_int
 from .layout import (DEFAULT_KV_CHUNK, KV_CHUNK_TOKENS_PER_SEQ, MAX_SEQS_PER_ITEM, WORK_FIELDS,
-                     TreeLayout, _positive_int)
+                     TreeLayout)
 
 # Regions of the plan buffer, in order; the page table last, so that a layout whose page table
 # lives on the device is staged without it (the host-to-device copy stops before that region).
@@ -90,13 +91,13 @@ class TreeAttentionWrapper:
                  max_seqs: int, max_nodes: int, max_blocks: int, dtype: torch.dtype, device,
                  backend: str = "auto", max_work: int | None = None,
                  max_partials: int | None = None, workspace: torch.Tensor | None = None):
-        self.num_q_heads = _positive_int(num_q_heads, "num_q_heads")
-        self.num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
-        self.head_dim = _positive_int(head_dim, "head_dim")
-        self.block_size = _positive_int(block_size, "block_size")
-        self.max_seqs = _positive_int(max_seqs, "max_seqs")
-        self.max_nodes = _positive_int(max_nodes, "max_nodes")
-        self.max_blocks = _positive_int(max_blocks, "max_blocks")
+        self.num_q_heads = positive_int(num_q_heads, "num_q_heads")
+        self.num_kv_heads = positive_int(num_kv_heads, "num_kv_heads")
+        self.head_dim = positive_int(head_dim, "head_dim")
+        self.block_size = positive_int(block_size, "block_size")
+        self.max_seqs = positive_int(max_seqs, "max_seqs")
+        self.max_nodes = positive_int(max_nodes, "max_nodes")
+        self.max_blocks = positive_int(max_blocks, "max_blocks")
         if num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads "
                              f"({num_kv_heads})")
@@ -108,9 +109,9 @@ class TreeAttentionWrapper:
         self.device = torch.empty(0, device=device).device   # normalised ("cuda" -> "cuda:0")
         self.backend = resolve_backend("tree_decode_attention", backend, self.device)
         work, partials = default_capacities(max_seqs, max_nodes, max_blocks, block_size)
-        self.max_work = work if max_work is None else _positive_int(max_work, "max_work")
+        self.max_work = work if max_work is None else positive_int(max_work, "max_work")
         self.max_partials = (partials if max_partials is None
-                             else _positive_int(max_partials, "max_partials"))
+                             else positive_int(max_partials, "max_partials"))
 
         sizes = {"work_info": self.max_work * len(WORK_FIELDS), "row_seq": self.max_seqs,
                  "merge_indptr": self.max_seqs + 1, "merge_rows": self.max_partials,
