@@ -352,12 +352,12 @@ phase_bench_explore() {
 
 # ============================================================================ verify (one call)
 # The GPU tests that matter most: every CUDA kernel family (tests/test_cuda.py) and every compiled
-# Triton family (test_attention.py, test_denoise.py, test_entropy_bound.py with
-# TRITON_INTERPRET=0) against the torch reference, on a few odd shapes per dtype: GQA 1-8,
-# head_dim 40/96/256, block sizes 1/16/32, strided and non-contiguous inputs, empty paths,
-# V = 1 / 50257, ties, forced V splits. tests/test_gpu_session.py checks in CI that every id here
-# is still collected. Issue 12 (TreeAttentionWrapper, CUDA-graph capture): add the GPU tests of
-# the new op here, a few ids, and give the pytest step the seconds they need.
+# Triton family (test_attention.py, test_denoise.py, test_entropy_bound.py, test_wrapper.py with
+# TRITON_INTERPRET=0; the wrapper's CUDA-graph capture and replay) against the torch reference,
+# on a few odd shapes per dtype: GQA 1-8, head_dim 40/96/256, block sizes 1/16/32, strided and
+# non-contiguous inputs, empty paths, V = 1 / 50257, ties, forced V splits.
+# tests/test_gpu_session.py checks in CI that every id here is still collected. A new kernel
+# family or GPU-only test: add a few ids here and give the pytest step the seconds they need.
 VERIFY_TESTS=(
   tests/test_cuda.py::test_extension_imports_when_nvcc_was_available
   "tests/test_cuda.py::test_tree_decode_matches_reference[contig-seed3-torch.bfloat16]"
@@ -425,6 +425,11 @@ VERIFY_TESTS=(
   "tests/test_entropy_bound.py::test_matches_transformers_sampler[1.0-triton]"
   "tests/test_entropy_bound.py::test_positions_without_a_distribution[triton]"
   tests/test_entropy_bound.py::test_cuda_device_checks
+  "tests/test_wrapper.py::test_cuda_graph_capture_replan_replay[triton]"
+  "tests/test_wrapper.py::test_three_trees_through_one_wrapper_and_one_out[bfloat16-8/1-bs32-triton]"
+  "tests/test_wrapper.py::test_three_trees_through_one_wrapper_and_one_out[float16-16/2-bs1-triton]"
+  "tests/test_wrapper.py::test_stale_work_items_of_a_larger_plan_are_cleared[triton]"
+  "tests/test_wrapper.py::test_from_block_tables_matches_paged_decode[1-triton]"
 )
 
 # The headline rows' providers. Issue 12: append its a2r-tree-wrapper and CUDA-graph-replay

@@ -164,18 +164,23 @@ def test_verify_pytest_selection_is_collected():
     assert sorted(collected) == sorted(ids)
 
 
-def test_verify_uses_only_flags_the_scripts_have(tmp_path):
-    """Each benchmarks/<script>.py call in the plan passes only options its argparse defines."""
+def test_verify_uses_only_flags_and_providers_the_scripts_have(tmp_path):
+    """Each benchmarks/<script>.py call in the plan passes only options its argparse defines, and
+    names only providers the script knows (a bench drops an unknown provider silently, and its
+    target would then read MISSING on the GPU)."""
     plan = parse_plan(dry_run(tmp_path).stdout)
-    checked = 0
+    flags = providers = 0
     for name, _, _, command in plan["ran"]:
-        for call in re.findall(r"benchmarks/(\w+\.py)((?:\s+[^;&|]+)?)", command):
-            script, args = call
+        for script, args in re.findall(r"benchmarks/(\w+\.py)((?:\s+[^;&|]+)?)", command):
             source = (ROOT / "benchmarks" / script).read_text()
             for flag in re.findall(r"(?<!\S)(--[a-z][a-z0-9-]*)", args):
                 assert f'"{flag}"' in source, f"{name}: {script} has no {flag}"
-                checked += 1
-    assert checked >= 15
+                flags += 1
+            named = re.search(r"--providers\s+((?:[^-\s][^\s]*\s*)+)", args)
+            for provider in re.split(r"[,\s]+", named.group(1).strip()) if named else []:
+                assert f'"{provider}"' in source, f"{name}: {script} has no provider {provider}"
+                providers += 1
+    assert flags >= 15 and providers >= 8
 
 
 # A GPU machine faked on CPU: nvidia-smi and compute-sanitizer stand-ins on PATH, and PYTHON a
