@@ -42,6 +42,8 @@ from typing import Sequence
 
 import torch
 
+from ._vocab import INT32_MAX, int_list, positive_int
+
 WORK_FIELDS = ("q_start", "q_len", "page_start", "kv_start", "kv_end", "partial_start")
 
 # Split-KV chunk sizing. Every (sequence, q head) a work item covers costs one fp32 partial state,
@@ -58,42 +60,28 @@ KV_CHUNK_TOKENS_PER_SEQ = 16    # adaptive chunk tokens per sequence of the run
 MAX_SEQS_PER_ITEM = 16          # sequences per work item: 64 query rows at group 4 (one MMA tile)
 
 
-def _as_int_list(x, what: str) -> list[int]:
-    if isinstance(x, torch.Tensor):
-        if x.dim() != 1:
-            raise ValueError(f"{what} must be 1-D, got shape {tuple(x.shape)}")
-        x = x.tolist()
-    try:
-        return list(map(int, x))   # C-level loop: tables can hold thousands of block ids
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{what} must be a sequence of ints, got {type(x).__name__}") from exc
-
-
 def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def _positive_int(value, name: str) -> int:
-    try:
-        ok = not isinstance(value, bool) and int(value) == value and value > 0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    return int(value)
+def _rows(x, name: str) -> list:
+    """``x`` (a sequence of sequences, or a 2-D tensor) as a list of its rows."""
+    if x is None or isinstance(x, (str, bytes)) or not hasattr(x, "__iter__"):
+        raise ValueError(f"{name} must be a sequence of int sequences, got {type(x).__name__}")
+    return list(x)
 
 
 def _kv_chunk(kv_chunk_size, block_size: int) -> int | None:
     """A fixed ``kv_chunk_size`` rounded up to a multiple of block_size; ``None`` (adaptive) as is."""
     if kv_chunk_size is None:
         return None
-    return _round_up(_positive_int(kv_chunk_size, "kv_chunk_size"), block_size)
+    return _round_up(positive_int(kv_chunk_size, "kv_chunk_size"), block_size)
 
 
 def _seqs_per_item(max_seqs_per_item) -> int:
     if max_seqs_per_item is None:
         return MAX_SEQS_PER_ITEM
-    return _positive_int(max_seqs_per_item, "max_seqs_per_item")
+    return positive_int(max_seqs_per_item, "max_seqs_per_item")
 
 
 # The plan's int32 tensors are slices of one buffer (one host-to-device copy per step instead of
@@ -159,29 +147,27 @@ class TreeLayout:
             max_seqs_per_item: most sequences one work item covers (default ``MAX_SEQS_PER_ITEM``);
                 longer runs become several work items over the same chunk.
         """
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        block_size = positive_int(block_size, "block_size")
         chunk = _kv_chunk(kv_chunk_size, block_size)
         seqs_per_item = _seqs_per_item(max_seqs_per_item)
 
-        lengths = _as_int_list(node_lengths, "node_lengths")
+        lengths = int_list(node_lengths, "node_lengths", low=0, high=INT32_MAX)
         num_nodes = len(lengths)
-        if len(node_block_tables) != num_nodes:
-            raise ValueError(f"node_block_tables has {len(node_block_tables)} entries but "
+        block_tables = _rows(node_block_tables, "node_block_tables")
+        if len(block_tables) != num_nodes:
+            raise ValueError(f"node_block_tables has {len(block_tables)} entries but "
                              f"node_lengths has {num_nodes}: one per node expected")
-        tables = [_as_int_list(t, f"node_block_tables[{j}]") for j, t in enumerate(node_block_tables)]
+        # Block ids index an int32 page table: beyond INT32_MAX is an error, not an overflow.
+        tables = [int_list(t, f"node_block_tables[{j}]", low=0, high=INT32_MAX)
+                  for j, t in enumerate(block_tables)]
         for j, (table, length) in enumerate(zip(tables, lengths)):
-            if length < 0:
-                raise ValueError(f"node_lengths[{j}] must be >= 0, got {length}")
             if length > len(table) * block_size:
                 raise ValueError(f"node_lengths[{j}]={length} does not fit in its "
                                  f"{len(table)} blocks of block_size={block_size}")
-            if table and min(table) < 0:
-                raise ValueError(f"node_block_tables[{j}] holds a negative block id")
 
         path_lists: list[list[int]] = []
-        for i, path in enumerate(paths):
-            path = _as_int_list(path, f"paths[{i}]")
+        for i, path in enumerate(_rows(paths, "paths")):
+            path = int_list(path, f"paths[{i}]")
             if path and (min(path) < 0 or max(path) >= num_nodes):
                 bad = next(j for j in path if not 0 <= j < num_nodes)
                 raise ValueError(f"paths[{i}] names node {bad}, expected 0 <= node < {num_nodes}")

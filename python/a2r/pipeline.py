@@ -442,6 +442,10 @@ def _position_limit(model) -> int | None:
     return limit if isinstance(limit, int) and limit > 0 else None
 
 
+_REFERENCES_TOO_LONG = ("prompt too long once the references are in (lower answer_max_chars, "
+                        "answer_max_tokens or num_paths)")
+
+
 def _check_fits(role: str, model, prompt_tokens: int, new_tokens: int, what: str) -> None:
     """Raise :class:`PromptTooLongError` when ``prompt_tokens + new_tokens`` positions exceed the
     model's ``max_position_embeddings`` (positions past it are outside what the model was built
@@ -705,10 +709,12 @@ class A2RPipeline:
         return "\n".join(f"[{i}] {ref if ref else '(no answer)'}" for i, ref in
                          enumerate(references, start=1))
 
-    def thinker_prompt(self, question: str, references: Sequence[str]) -> str:
+    def thinker_prompt(self, question: str, references: Sequence[str], tokenizer=None) -> str:
+        """The thinker's prompt, rendered with ``tokenizer`` (default: the thinker's)."""
         message = (f"{question}\n\nReference answers:\n{self._numbered(references)}\n\n"
                    f"{self.config.thinker_instruction}")
-        return _render_prompt(self.thinker_tokenizer, message, "Question: ", "\nTrace:")
+        return _render_prompt(tokenizer or self.thinker_tokenizer, message, "Question: ",
+                              "\nTrace:")
 
     def synthesizer_prompt(self, question: str, references: Sequence[str],
                            trace: str | None = None) -> str:
@@ -719,6 +725,13 @@ class A2RPipeline:
             message += f"Reasoning trace:\n{trace}\n\n"
         message += self.config.synthesizer_instruction
         return _render_prompt(self.synthesizer_tokenizer, message, "Question: ", "\nAnswer:")
+
+    def synthesizer_alone_prompt(self, question: str) -> str:
+        """The control of ``a2r eval``: the synthesizer on the bare question, no references (the
+        explorer's instruction, rendered with the synthesizer's tokenizer)."""
+        return _render_prompt(self.synthesizer_tokenizer,
+                              f"{question}\n{self.config.explorer_instruction}",
+                              "Question: ", "\nAnswer:")
 
     # ---- stages ------------------------------------------------------------------------------
 
@@ -733,6 +746,8 @@ class A2RPipeline:
         device = _model_device(model)
         if input_ids is None:
             input_ids = _encode(tokenizer, prompt, device)
+        # Question-only prompts were checked up front (check_question); this catches the rest.
+        _check_fits(name, model, input_ids.shape[1], max_new_tokens, _REFERENCES_TOO_LONG)
         eos_ids = _eos_ids(model, tokenizer)
         eos_token_id = eos_ids if len(eos_ids) > 1 else (eos_ids[0] if eos_ids else None)
         sampling = dict(temperature=temperature, top_p=cfg.top_p, top_k=cfg.top_k,
@@ -799,7 +814,7 @@ class A2RPipeline:
         device = _model_device(self.thinker)
         input_ids = _encode(tokenizer, prompt, device)
         _check_fits("thinker", self.thinker, input_ids.shape[1], cfg.thinker_gen_length,
-                    "the references made the thinker prompt too long")
+                    _REFERENCES_TOO_LONG)
         generator = None
         if cfg.seed is not None:
             generator = torch.Generator(device=device).manual_seed(cfg.seed + 2)
@@ -818,6 +833,35 @@ class A2RPipeline:
         trace_ids = [int(t) for t in rows[0]]
         trace = _decode(tokenizer, trace_ids, stop_ids).strip()
         return StageReport("thinker", prompt, int(input_ids.shape[1]), [trace], [trace_ids], seconds)
+
+    # ---- single stages (``a2r eval`` re-runs them on one set of explorer samples) -------------
+
+    def answer(self, prompt: str, *, name: str = "synthesizer") -> StageReport:
+        """The synthesizer on a rendered ``prompt`` (its own full prefill; no KV reuse), with the
+        config's synthesizer settings (greedy by default)."""
+        cfg = self.config
+        seed = None if cfg.seed is None else cfg.seed + 1
+        report, _ = self._generate(name, self.synthesizer, self.synthesizer_tokenizer, prompt, 1,
+                                   cfg.synth_max_new_tokens or cfg.max_new_tokens,
+                                   cfg.synth_temperature, seed, cfg)
+        return report
+
+    def think(self, question: str, references: Sequence[str]) -> StageReport:
+        """The diffusion thinker's trace for ``question`` and ``references`` (NAR); needs a thinker."""
+        if self.thinker is None:
+            raise PipelineError("this pipeline has no diffusion thinker")
+        return self._think(question, references, self.config)
+
+    def think_autoregressive(self, model, tokenizer, question: str,
+                             references: Sequence[str]) -> StageReport:
+        """An AR model's trace for the thinker prompt (the AR->AR counterpart of :meth:`think`):
+        greedy, at most ``thinker_gen_length`` tokens, stopped at EOS."""
+        cfg = self.config
+        prompt = self.thinker_prompt(question, references, tokenizer)
+        report, _ = self._generate("ar_thinker", model, tokenizer, prompt, 1,
+                                   cfg.thinker_gen_length, 0.0, cfg.seed, cfg)
+        report.texts = [report.texts[0].strip()]
+        return report
 
     def _config(self, overrides) -> A2RConfig:
         unknown = set(overrides) - set(A2RConfig.__dataclass_fields__)
@@ -911,9 +955,6 @@ class A2RPipeline:
         synth_ids = _encode(self.synthesizer_tokenizer, synth_prompt,
                             _model_device(self.synthesizer))
         synth_max = cfg.synth_max_new_tokens or cfg.max_new_tokens
-        _check_fits("synthesizer", self.synthesizer, synth_ids.shape[1], synth_max,
-                    "the references made the synthesizer prompt too long (lower "
-                    "answer_max_chars or num_paths)")
         reused = 0
         if shared is not None and not shared.continues(synth_ids):
             reuse_note = (f"the synthesizer prompt does not start with the {shared.tokens} "
