@@ -70,12 +70,13 @@ def _mulhilo32(constant: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return torch.bitwise_right_shift(product, 32) & _MASK32, product & _MASK32
 
 
-def philox_uniform(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: int, c3: int = 0
-                   ) -> torch.Tensor:
-    """Uniform fp32 in (0, 1) from Philox-4x32-10 at counters ``(c0, c1, c2, c3)``, key ``seed``.
+def philox_word(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: int, c3: int = 0
+                ) -> torch.Tensor:
+    """First output word ``r`` of Philox-4x32-10 at counters ``(c0, c1, c2, c3)``, key ``seed``.
 
-    ``c0``, ``c1``: integer tensors (broadcastable) with values in ``[0, 2**32)``. Bit-exact with
-    ``tl.philox(seed, c0, c1, c2, c3)[0]`` followed by ``((r >> 9) + 0.5) * 2**-23``.
+    ``c0``, ``c1``: integer tensors (broadcastable) with values in ``[0, 2**32)``. Returns int64
+    holding the uint32 ``r`` (the broadcast shape), bit-exact with
+    ``tl.philox(seed, c0, c1, c2, c3)[0]``.
 
     Cost (it is what sampling costs on the torch backend): counter words keep their own shapes
     until a round mixes them (``c2``, ``c3`` are scalars, ``c0 = [1, V]`` and ``c1 = [P, 1]`` for
@@ -106,8 +107,18 @@ def philox_uniform(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: int, c3: i
         x3, prod_a = prod_a, x3                                                          # lo_a
         k0 = (k0 + _PHILOX_KEY_A) & _MASK32
         k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    bits = torch.bitwise_right_shift(x0.bitwise_and_(_MASK32), 9, out=x1)
-    return bits.to(torch.float32).add_(0.5).mul_(2.0 ** -23)
+    return x0.bitwise_and_(_MASK32)
+
+
+def philox_uniform(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: int, c3: int = 0
+                   ) -> torch.Tensor:
+    """Uniform fp32 in (0, 1) from Philox-4x32-10 at counters ``(c0, c1, c2, c3)``, key ``seed``.
+
+    ``c0``, ``c1``: integer tensors (broadcastable) with values in ``[0, 2**32)``. Bit-exact with
+    ``tl.philox(seed, c0, c1, c2, c3)[0]`` followed by ``((r >> 9) + 0.5) * 2**-23``.
+    """
+    r = philox_word(seed, c0, c1, c2, c3)
+    return torch.bitwise_right_shift(r, 9, out=r).to(torch.float32).add_(0.5).mul_(2.0 ** -23)
 
 
 # Positions per chunk of the torch step: about this many logits, so that the chunk's fp32 and

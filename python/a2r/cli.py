@@ -133,13 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("question", help="the question (quote it)")
 
     ev = sub.add_parser("eval", parents=[_generation_options(256)],
-                        help="accuracy of pass@1, Cons@N and A2R on a JSONL file")
+                        help="accuracy of pass@1, Cons@N, A2R, the synthesizer alone and "
+                        "AR->AR / NAR->AR on a JSONL file (resumable)")
     _model_options(ev)
     ev.add_argument("file", metavar="FILE.jsonl", help="one JSON object per line")
     ev.add_argument("--question-key", default="question", help="(default: %(default)s)")
     ev.add_argument("--answer-key", default="answer", help="(default: %(default)s)")
     ev.add_argument("--limit", type=_positive_int, default=None, help="first K questions only")
-    ev.add_argument("--out", metavar="PATH", help="write the full results as JSON here")
+    ev.add_argument("--out", metavar="FILE.json", help="write the summary and per-question "
+                    "results here; each question's record is appended to FILE.jsonl as soon as it "
+                    "finishes, and a rerun with the same --out skips the recorded questions")
+    ev.add_argument("--plot", metavar="PNG", help="also grade prefixes of the same paths "
+                    "(N = 1, 2, 4, 8 up to -n) and plot accuracy against N here")
+    ev.add_argument("--ar-thinker", metavar="DIR", help="causal LM writing the AR->AR trace "
+                    "(default: the embedded AR thinker with --tiny, else the synthesizer)")
+    ev.add_argument("--check-timeout", type=float, default=5.0, metavar="S",
+                    help="seconds per Math-Verify check (default: %(default)s)")
     ev.add_argument("--no-progress", action="store_true",
                     help="no progress bar (it is shown on stderr when that is a terminal)")
 
@@ -387,69 +396,98 @@ def _read_jsonl(path: str, question_key: str, answer_key: str, limit: int | None
     return items
 
 
+def _ar_thinker(args, pipeline, use_tiny: bool):
+    """(model, tokenizer) writing the AR->AR trace: --ar-thinker DIR, else the embedded AR thinker
+    (--tiny), else the synthesizer itself."""
+    from .pipeline import _load_causal_lm
+
+    path = getattr(args, "ar_thinker", None)
+    if path is None and use_tiny:
+        path = getattr(_tiny_paths(args.home, thinker=True), "ar_thinker", None)
+    if path is None:
+        return (pipeline.synthesizer, pipeline.synthesizer_tokenizer), "synthesizer"
+    device = _resolve_device(args.device)
+    return _load_causal_lm(path, "ar thinker", device, _resolve_dtype(args.dtype, device)), str(path)
+
+
 def cmd_eval(args) -> int:
+    from . import evaluate
+    from .grading import AnswerChecker
+
     items = _read_jsonl(args.file, args.question_key, args.answer_key, args.limit)
+    records_file = None
+    if args.out:
+        try:
+            records_file = evaluate.records_path(args.out)
+        except ValueError as err:
+            raise CLIError(str(err)) from None
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CLIError("--plot needs matplotlib (pip install matplotlib)") from None
     pipeline, models = _load_pipeline(args, use_tiny=args.tiny)
+    ar_thinker = None
+    if pipeline.thinker is not None and pipeline.config.use_thinker:
+        ar_thinker, models["ar_thinker"] = _ar_thinker(args, pipeline, args.tiny)
+    config = asdict(pipeline.config)
+    settings = {"file": str(Path(args.file).resolve()), "question_key": args.question_key,
+                "answer_key": args.answer_key, "config": config, "sweep_n": bool(args.plot),
+                "models": {k: v for k, v in models.items() if k != "device"}}
+    key = evaluate.settings_key(settings)
     from tqdm.auto import tqdm
 
-    stages = ("explorer", "thinker", "synthesizer")
-    methods = ("pass_at_1", "mean_at_1", "cons_at_n", "a2r")
-    totals = {m: 0.0 for m in methods}
-    tokens = {s: 0 for s in stages}
-    seconds = {s: 0.0 for s in stages}
-    kv_saved = 0
-    per_question = []
+    def progress(total, initial):
+        return tqdm(total=total, initial=initial, desc="a2r eval", unit="q", file=sys.stderr,
+                    disable=args.no_progress or None, dynamic_ncols=True)
+
     start = time.perf_counter()
-    progress = tqdm(items, desc="a2r eval", unit="q", file=sys.stderr,
-                    disable=args.no_progress or None)
-    for question, gold in progress:
-        result = pipeline.run(question)
-        grade = result.grade(gold)
-        for m in methods:
-            totals[m] += float(grade[m])
-        for s in stages:
-            stage = getattr(result, s)
-            if stage is not None:
-                tokens[s] += stage.generated_tokens
-                seconds[s] += stage.seconds
-        kv_saved += result.kv_bytes_saved
-        per_question.append({"question": question, "gold": gold,
-                             "pass_at_1_answer": result.pass_at_1_answer,
-                             "cons_answer": result.cons_answer,
-                             "a2r_answer": result.final_answer,
-                             "explorer_answers": result.explorer_answers,
-                             "correct": grade, "result": result.to_dict()})
-        progress.set_postfix(a2r=f"{totals['a2r'] / len(per_question):.2f}")
-    count = len(items)
-    summary = {
-        "file": str(args.file), "num_questions": count, "num_paths": args.num_paths,
-        "accuracy": {m: totals[m] / count for m in methods},
-        "tokens": {s: tokens[s] for s in stages},
-        "tokens_per_question": {s: tokens[s] / count for s in stages},
-        "seconds": {s: seconds[s] for s in stages},
-        "seconds_per_question": {s: seconds[s] / count for s in stages},
-        "kv_bytes_saved": kv_saved, "wall_seconds": time.perf_counter() - start,
-        "models": models, "config": asdict(pipeline.config),
-    }
+    checker = AnswerChecker(timeout_s=args.check_timeout)
+    try:
+        records = evaluate.run_eval(pipeline, items, checker, key=key, records_file=records_file,
+                                    sweep_n=bool(args.plot), ar_thinker=ar_thinker,
+                                    progress=progress)
+    except evaluate.EvalRecordsError as err:
+        raise CLIError(str(err)) from None
+    except KeyboardInterrupt:
+        where = (f"; {records_file} holds the finished questions: rerun the same command to "
+                 "resume" if records_file is not None else "")
+        print(f"a2r: interrupted{where}", file=sys.stderr)
+        return 130
+    finally:
+        checker.close()
+    summary = evaluate.summarize(records, file=str(args.file), models=models, config=config,
+                                 wall_seconds=time.perf_counter() - start)
     if args.out:
         out_path = Path(args.out)
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps({**summary, "per_question": per_question}, indent=2,
+        out_path.write_text(json.dumps({**summary, "per_question": records}, indent=2,
                                        ensure_ascii=False) + "\n", encoding="utf-8")
+    if args.plot:
+        evaluate.plot_accuracy(summary, args.plot)
     if args.json:
         _emit_json(summary)
         return 0
-    n = args.num_paths
+    count, n, acc = summary["num_questions"], summary["num_paths"], summary["accuracy"]
+    names = {"pass_at_1": "pass@1", "mean_at_1": "mean@1", "cons_at_n": f"Cons@{n}",
+             "a2r": "A2R", "synthesizer_alone": "synth-alone", "ar_ar": "AR->AR",
+             "nar_ar": "NAR->AR"}
     print(f"{count} questions, N={n} paths, {models['mode']} set-up")
-    print(f"  accuracy   pass@1 {summary['accuracy']['pass_at_1']:.3f}   "
-          f"mean@1 {summary['accuracy']['mean_at_1']:.3f}   "
-          f"Cons@{n} {summary['accuracy']['cons_at_n']:.3f}   A2R {summary['accuracy']['a2r']:.3f}")
-    for s in stages:
-        print(f"  {s:<12} {tokens[s]:>8} tok  {seconds[s]:8.2f} s  "
-              f"({tokens[s] / count:.1f} tok, {seconds[s] / count:.2f} s per question)")
-    print(f"  KV bytes saved by prompt sharing: {_format_bytes(kv_saved)}")
+    print("  accuracy   " + "   ".join(f"{names[m]} {v:.3f}" for m, v in acc.items()))
+    for k, row in summary.get("accuracy_by_n", {}).items():
+        print(f"  N={k:<3} " + "   ".join(f"{names[m].replace(f'@{n}', f'@{k}')} {v:.3f}"
+                                        for m, v in row.items()))
+    print("  checkers   " + "  ".join(f"{c}: {k}" for c, k in summary["checkers"].items()))
+    for s in evaluate.STAGES:
+        if summary["tokens"][s] or summary["seconds"][s]:
+            print(f"  {s:<18} {summary['tokens'][s]:>8} tok  {summary['seconds'][s]:8.2f} s  "
+                  f"({summary['tokens_per_question'][s]:.1f} tok, "
+                  f"{summary['seconds_per_question'][s]:.2f} s per question)")
+    print(f"  KV bytes saved by prompt sharing: {_format_bytes(summary['kv_bytes_saved'])}")
     if args.out:
-        print(f"  wrote {args.out}")
+        print(f"  wrote {args.out} (records: {records_file})")
+    if args.plot:
+        print(f"  wrote {args.plot}")
     return 0
 
 

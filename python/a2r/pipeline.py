@@ -664,10 +664,12 @@ class A2RPipeline:
         return "\n".join(f"[{i}] {ref if ref else '(no answer)'}" for i, ref in
                          enumerate(references, start=1))
 
-    def thinker_prompt(self, question: str, references: Sequence[str]) -> str:
+    def thinker_prompt(self, question: str, references: Sequence[str], tokenizer=None) -> str:
+        """The thinker's prompt, rendered with ``tokenizer`` (default: the thinker's)."""
         message = (f"{question}\n\nReference answers:\n{self._numbered(references)}\n\n"
                    f"{self.config.thinker_instruction}")
-        return _render_prompt(self.thinker_tokenizer, message, "Question: ", "\nTrace:")
+        return _render_prompt(tokenizer or self.thinker_tokenizer, message, "Question: ",
+                              "\nTrace:")
 
     def synthesizer_prompt(self, question: str, references: Sequence[str],
                            trace: str | None = None) -> str:
@@ -678,6 +680,13 @@ class A2RPipeline:
             message += f"Reasoning trace:\n{trace}\n\n"
         message += self.config.synthesizer_instruction
         return _render_prompt(self.synthesizer_tokenizer, message, "Question: ", "\nAnswer:")
+
+    def synthesizer_alone_prompt(self, question: str) -> str:
+        """The control of ``a2r eval``: the synthesizer on the bare question, no references (the
+        explorer's instruction, rendered with the synthesizer's tokenizer)."""
+        return _render_prompt(self.synthesizer_tokenizer,
+                              f"{question}\n{self.config.explorer_instruction}",
+                              "Question: ", "\nAnswer:")
 
     # ---- stages ------------------------------------------------------------------------------
 
@@ -775,6 +784,35 @@ class A2RPipeline:
         trace_ids = [int(t) for t in rows[0]]
         trace = _decode(tokenizer, trace_ids, stop_ids).strip()
         return StageReport("thinker", prompt, int(input_ids.shape[1]), [trace], [trace_ids], seconds)
+
+    # ---- single stages (``a2r eval`` re-runs them on one set of explorer samples) -------------
+
+    def answer(self, prompt: str, *, name: str = "synthesizer") -> StageReport:
+        """The synthesizer on a rendered ``prompt`` (its own full prefill; no KV reuse), with the
+        config's synthesizer settings (greedy by default)."""
+        cfg = self.config
+        seed = None if cfg.seed is None else cfg.seed + 1
+        report, _ = self._generate(name, self.synthesizer, self.synthesizer_tokenizer, prompt, 1,
+                                   cfg.synth_max_new_tokens or cfg.max_new_tokens,
+                                   cfg.synth_temperature, seed, cfg)
+        return report
+
+    def think(self, question: str, references: Sequence[str]) -> StageReport:
+        """The diffusion thinker's trace for ``question`` and ``references`` (NAR); needs a thinker."""
+        if self.thinker is None:
+            raise PipelineError("this pipeline has no diffusion thinker")
+        return self._think(question, references, self.config)
+
+    def think_autoregressive(self, model, tokenizer, question: str,
+                             references: Sequence[str]) -> StageReport:
+        """An AR model's trace for the thinker prompt (the AR->AR counterpart of :meth:`think`):
+        greedy, at most ``thinker_gen_length`` tokens, stopped at EOS."""
+        cfg = self.config
+        prompt = self.thinker_prompt(question, references, tokenizer)
+        report, _ = self._generate("ar_thinker", model, tokenizer, prompt, 1,
+                                   cfg.thinker_gen_length, 0.0, cfg.seed, cfg)
+        report.texts = [report.texts[0].strip()]
+        return report
 
     def run(self, question: str, **overrides) -> A2RResult:
         """Run explorer -> thinker -> synthesizer on ``question``.
