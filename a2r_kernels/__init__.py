@@ -11,6 +11,7 @@ from .cache import TreeKVCache
 from .denoise import DenoiseResult, denoise_step
 from .entropy_bound import EntropyBoundResult, entropy_bound_step
 from .layout import TreeLayout, kv_bytes
+from .wrapper import TreeAttentionWrapper
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,7 @@ __all__ = [
     "CacheFullError",
     "DenoiseResult",
     "EntropyBoundResult",
+    "TreeAttentionWrapper",
     "TreeKVCache",
     "TreeLayout",
     "denoise_step",

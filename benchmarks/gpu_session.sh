@@ -352,12 +352,12 @@ phase_bench_explore() {
 
 # ============================================================================ verify (one call)
 # The GPU tests that matter most: every CUDA kernel family (tests/test_cuda.py) and every compiled
-# Triton family (test_attention.py, test_denoise.py with TRITON_INTERPRET=0) against the torch
-# reference, on a few odd shapes per dtype: GQA 1-8, head_dim 40/96/256, block sizes 1/16/32,
-# strided and non-contiguous inputs, empty paths, V = 1 / 50257, ties, forced V splits.
-# tests/test_gpu_session.py checks in CI that every id here is still collected.
-# Issue 12 (TreeAttentionWrapper, CUDA-graph capture) and issue 15 (entropy_bound_step): add the
-# GPU tests of the new ops here, a few ids each, and give the pytest step the seconds they need.
+# Triton family (test_attention.py, test_denoise.py, test_entropy_bound.py, test_wrapper.py with
+# TRITON_INTERPRET=0; the wrapper's CUDA-graph capture and replay) against the torch reference,
+# on a few odd shapes per dtype: GQA 1-8, head_dim 40/96/256, block sizes 1/16/32, strided and
+# non-contiguous inputs, empty paths, V = 1 / 50257, ties, forced V splits.
+# tests/test_gpu_session.py checks in CI that every id here is still collected. A new kernel
+# family or GPU-only test: add a few ids here and give the pytest step the seconds they need.
 VERIFY_TESTS=(
   tests/test_cuda.py::test_extension_imports_when_nvcc_was_available
   "tests/test_cuda.py::test_tree_decode_matches_reference[contig-seed3-torch.bfloat16]"
@@ -401,6 +401,9 @@ VERIFY_TESTS=(
   "tests/test_attention.py::test_merge_states_is_attention_over_union[dtype0-triton]"
   "tests/test_attention.py::test_merge_states_is_attention_over_union[dtype1-triton]"
   "tests/test_attention.py::test_merge_states_is_attention_over_union[dtype2-triton]"
+  "tests/test_attention.py::test_merge_states_ignores_the_payload_of_empty_states[dtype0-triton]"
+  tests/test_attention.py::test_triton_merge_partials_ignores_the_payload_of_empty_rows
+  "tests/test_attention.py::test_head_major_transposed_key_pool_is_read_in_place[triton]"
   "tests/test_denoise.py::test_matches_reference[shape0-selection0-0.0-low_confidence-triton]"
   "tests/test_denoise.py::test_matches_reference[shape0-selection1-0.8-margin-triton]"
   "tests/test_denoise.py::test_matches_reference[shape1-selection0-0.0-entropy-triton]"
@@ -414,6 +417,19 @@ VERIFY_TESTS=(
   "tests/test_denoise.py::test_all_masked_and_none_masked[triton]"
   "tests/test_denoise.py::test_threshold_rule[triton]"
   "tests/test_denoise.py::test_empty_and_single_position[triton]"
+  "tests/test_entropy_bound.py::test_triton_matches_reference[shape2-inf]"
+  "tests/test_entropy_bound.py::test_triton_matches_reference[shape6-4.0]"
+  "tests/test_entropy_bound.py::test_triton_low_precision_logits[dtype1]"
+  "tests/test_entropy_bound.py::test_triton_several_chunks_and_splits[64-4]"
+  tests/test_entropy_bound.py::test_triton_non_contiguous_inputs
+  "tests/test_entropy_bound.py::test_matches_transformers_sampler[1.0-triton]"
+  "tests/test_entropy_bound.py::test_positions_without_a_distribution[triton]"
+  tests/test_entropy_bound.py::test_cuda_device_checks
+  "tests/test_wrapper.py::test_cuda_graph_capture_replan_replay[triton]"
+  "tests/test_wrapper.py::test_three_trees_through_one_wrapper_and_one_out[bfloat16-8/1-bs32-triton]"
+  "tests/test_wrapper.py::test_three_trees_through_one_wrapper_and_one_out[float16-16/2-bs1-triton]"
+  "tests/test_wrapper.py::test_stale_work_items_of_a_larger_plan_are_cleared[triton]"
+  "tests/test_wrapper.py::test_from_block_tables_matches_paged_decode[1-triton]"
 )
 
 # The headline rows' providers. Issue 12: append its a2r-tree-wrapper and CUDA-graph-replay
@@ -448,19 +464,20 @@ verify_plan() {
   memcheck="PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SANITIZER --tool memcheck --error-exitcode 86 --print-limit 50 $PY benchmarks/cuda_sanitize.py --small"
   racecheck="$SANITIZER --tool racecheck --error-exitcode 86 --print-limit 50 $PY benchmarks/cuda_sanitize.py --small"
   #         name                  budget min kind  needs      result           command
-  plan_step env                   15     3   must  -          -                "$(env_cmd)"
+  # the carried wheels first, so that the environment report shows what imports
   plan_step wheels                10     5   must  wheels     -                "$WHEELS_CMD"
+  plan_step env                   15     3   must  -          -                "$(env_cmd)"
   # (1) sm_90 only (A2R_CUDA_ARCHS from nvidia-smi), the .cu files compiled in parallel by ninja
-  plan_step build                 60     30  must  -          -                "A2R_BUILD_CUDA=1 A2R_CUDA_ARCHS=${A2R_CUDA_ARCHS:-90} A2R_BUILD_JOBS=\$(nproc) $PY setup.py build_ext --inplace && $PY -c 'import a2r_kernels._C as C; print(\"a2r_kernels._C\", C.__file__, \"CUDA runtime\", C.cuda_runtime_version())' && { ! command -v cuobjdump >/dev/null || cuobjdump --list-elf a2r_kernels/_C*.so; }"
+  plan_step build                 45     25  must  -          -                "A2R_BUILD_CUDA=1 A2R_CUDA_ARCHS=${A2R_CUDA_ARCHS:-90} A2R_BUILD_JOBS=\$(nproc) $PY setup.py build_ext --inplace && $PY -c 'import a2r_kernels._C as C; print(\"a2r_kernels._C\", C.__file__, \"CUDA runtime\", C.cuda_runtime_version())' && { ! command -v cuobjdump >/dev/null || cuobjdump --list-elf a2r_kernels/_C*.so; }"
   # (2) compiled Triton (TRITON_INTERPRET=0) and CUDA against the reference; xdist when present
   plan_step pytest                100    45  must  -          -                "$PY -m pytest -q -rs --durations=10 -p no:cacheprovider \$($PY -c 'import xdist' 2>/dev/null && echo -n -n $workers --dist load) --junitxml=$OUT/pytest-junit.xml $tests"
   # (3) one small case per CUDA kernel under the sanitizer
   plan_step sanitize-memcheck     50     30  must  sanitizer  -                "$memcheck"
-  plan_step sanitize-racecheck    20     15  spare sanitizer  -                "$racecheck"
+  plan_step sanitize-racecheck    30     15  spare sanitizer  -                "$racecheck"
   # (4) the headline rows: tree attention at the issues' two target shapes (one process each,
   # since a benchmark writes its JSON at its end), denoise, explore against hf-generate
   plan_step bench-tree-P8k-N64    30     15  must  -          tree_attention   "$PY benchmarks/bench_tree_attention.py --P 8192 --N 64 --S 128 --heads 32/8 --providers $TREE_PROVIDERS"
-  plan_step bench-tree-P1k-N4     20     10  must  -          tree_attention   "$PY benchmarks/bench_tree_attention.py --P 1024 --N 4 --S 128 --heads 8/1 --providers $TREE_PROVIDERS"
+  plan_step bench-tree-P1k-N4     25     10  must  -          tree_attention   "$PY benchmarks/bench_tree_attention.py --P 1024 --N 4 --S 128 --heads 8/1 --providers $TREE_PROVIDERS"
   # Issue 15: an entropy-bound row (B=8, L=256, V=262144) goes here once bench_denoise.py has it.
   plan_step bench-denoise         35     20  must  -          denoise          "$PY benchmarks/bench_denoise.py --shapes 8x256x126464"
   # Issue 13: eager vs CUDA-graph explore rows go here once bench_explore.py has the flag.
@@ -468,7 +485,7 @@ verify_plan() {
   # FlashInfer's cascade beside a2r-paged, in its own file: its JIT compile (nvcc, minutes on a
   # fresh machine) must not cost the rows above.
   plan_step bench-tree-flashinfer 25     20  extra flashinfer tree_attention_flashinfer "rc=0; for shape in '8192 64 32/8' '1024 4 8/1'; do set -- \$shape; $PY benchmarks/bench_tree_attention.py --P \$1 --N \$2 --S 128 --heads \$3 --providers a2r-paged,flashinfer-cascade --out tree_attention_flashinfer || rc=1; done; exit \$rc"
-  plan_step verdict               10     5   must  -          -                "set -o pipefail; $PY benchmarks/verdict.py --results benchmarks/results --baseline $BASELINE_DIR | tee $VERDICT_FILE"
+  plan_step verdict               5      3   must  -          -                "set -o pipefail; $PY benchmarks/verdict.py --results benchmarks/results --baseline $BASELINE_DIR | tee $VERDICT_FILE"
 }
 
 needs_met() {  # NEEDS WHEN(plan|run): is the step's prerequisite there?
@@ -530,7 +547,25 @@ run_plan() {  # print the plan and its total, refuse a plan over budget, then ru
   return 0
 }
 
+DEVICE_CARRY_LIMIT_MB=64   # the device tool sends at most 64 MiB: checkout + carried paths
+
+carry_report() {  # what the device call sends: the checkout (tracked + untracked, not ignored) + .whl
+  local tree wheels total
+  tree=$(git ls-files -z -co --exclude-standard 2>/dev/null | xargs -0 -r du -cb 2>/dev/null | tail -n 1 | cut -f1)
+  [[ -n "$tree" ]] || { say "# carry: not a git checkout here, sizes not checked"; return 0; }
+  wheels=$(du -cb .whl/*.whl 2>/dev/null | tail -n 1 | cut -f1); wheels=${wheels:-0}
+  total=$((tree + wheels))
+  say "# carry: $(awk -v t="$tree" -v w="$wheels" -v l="$DEVICE_CARRY_LIMIT_MB" 'BEGIN {
+        printf "checkout %.1f MiB + .whl %.1f MiB = %.1f MiB of the device tool'"'"'s %d MiB",
+               t / 2^20, w / 2^20, (t + w) / 2^20, l }') ($(ls .whl 2>/dev/null | tr '\n' ' '))"
+  if (( total > DEVICE_CARRY_LIMIT_MB * 1048576 )); then
+    say "# carry: OVER the limit: the device tool would refuse the call; carry fewer wheels"
+    return 2
+  fi
+}
+
 phase_verify() {
+  if [[ $DRY_RUN == 1 ]]; then carry_report || { FAILED=2; return; }; fi
   if [[ $HAS_GPU == 0 ]]; then
     say "gpu_session.sh: verify needs a CUDA GPU (nvidia-smi -L lists none); the plan: --dry-run --assume-gpu verify"
     FAILED=2; return
