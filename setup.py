@@ -115,7 +115,7 @@ setup(
     packages=find_packages(include=["a2r_kernels", "a2r_kernels.*"]) + ["a2r"],
     package_dir={"a2r": "python/a2r"},
     # A range that any recent torch satisfies: an existing torch is never replaced.
-    install_requires=["torch>=2.5", "numpy", "transformers>=5.0"],
+    install_requires=["torch>=2.5", "numpy", "transformers>=5.0", "math-verify>=0.7"],
     extras_require={
         "triton": ["triton>=3.2"],
         "test": ["pytest", "hypothesis", "triton>=3.2", "matplotlib"],

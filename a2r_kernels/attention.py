@@ -262,7 +262,8 @@ def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torc
     """Merge two attention states over disjoint key sets into the state over their union.
 
     ``lse = logaddexp(lse_a, lse_b)``; ``out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b``
-    (fp32 math; where both are empty, ``out = 0`` and ``lse = -inf``).
+    (fp32 math). An empty state (``lse = -inf``) contributes nothing, whatever its ``out`` holds
+    (NaN included); where both are empty, ``out = 0`` and ``lse = -inf``.
 
     Args:
         out_a, out_b: ``[num_seqs, num_heads, head_dim]``, same dtype (fp16/bf16/fp32).

@@ -54,13 +54,13 @@ Example::
 from __future__ import annotations
 
 import heapq
-import operator
 from collections import OrderedDict
 from typing import Iterable
 
 import torch
 
 from ._errors import CacheFullError
+from ._vocab import as_int, non_negative_int, positive_int
 from .layout import TreeLayout, _kv_chunk, _seqs_per_item
 
 _POOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -90,10 +90,12 @@ class _Node:
         self.token_ids: list[int] = []   # the node's own tokens, kept while chain is not None
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+def _seq_id(seq, what: str) -> int:
+    """``seq`` as an int sequence id (a bool is not one: ``True`` is not sequence 1)."""
+    try:
+        return as_int(seq, what)
+    except ValueError:
+        raise ValueError(f"{what} must be an int sequence id, got {seq!r}") from None
 
 
 class TreeKVCache:
@@ -120,11 +122,11 @@ class TreeKVCache:
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int,
                  block_size: int = 16, dtype: torch.dtype = torch.bfloat16, device="cpu"):
-        self.num_layers = _positive_int(num_layers, "num_layers")
-        self.num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
-        self.head_dim = _positive_int(head_dim, "head_dim")
-        self.num_blocks = _positive_int(num_blocks, "num_blocks")
-        self.block_size = _positive_int(block_size, "block_size")
+        self.num_layers = num_layers = positive_int(num_layers, "num_layers")
+        self.num_kv_heads = num_kv_heads = positive_int(num_kv_heads, "num_kv_heads")
+        self.head_dim = head_dim = positive_int(head_dim, "head_dim")
+        self.num_blocks = num_blocks = positive_int(num_blocks, "num_blocks")
+        self.block_size = block_size = positive_int(block_size, "block_size")
         if dtype not in _POOL_DTYPES:
             raise ValueError(f"dtype must be one of {_POOL_DTYPES}, got {dtype!r}")
         self.dtype = dtype
@@ -200,10 +202,7 @@ class TreeKVCache:
         if node is not None:
             return node
         what = "seq" if index is None else f"seqs[{index}]"
-        try:
-            seq_id = operator.index(seq)
-        except TypeError:
-            raise ValueError(f"{what} must be an int sequence id, got {seq!r}") from None
+        seq_id = _seq_id(seq, what)
         node = self._seq_node.get(seq_id)
         if node is None:
             if 0 <= seq_id < self._next_seq:
@@ -213,18 +212,12 @@ class TreeKVCache:
 
     def _seq_list(self, seqs, what: str = "seqs") -> list[int]:
         if type(seqs) in (list, tuple) and all(type(s) is int for s in seqs):
-            return list(seqs)   # the per-step common case, without per-item operator.index
+            return list(seqs)   # the per-step common case, without per-item checks
         if isinstance(seqs, torch.Tensor):
-            seqs = seqs.tolist()
+            seqs = seqs.tolist() if seqs.dim() == 1 else [seqs]   # a 0-d tensor is one id
         elif not isinstance(seqs, Iterable) or isinstance(seqs, (str, bytes)):
             seqs = [seqs]
-        out = []
-        for i, s in enumerate(seqs):
-            try:
-                out.append(operator.index(s))
-            except TypeError:
-                raise ValueError(f"{what}[{i}] must be an int sequence id, got {s!r}") from None
-        return out
+        return [_seq_id(s, f"{what}[{i}]") for i, s in enumerate(seqs)]
 
     def length(self, seq: int) -> int:
         """Tokens of ``seq``: those of its shared ancestors plus its own."""
@@ -234,7 +227,7 @@ class TreeKVCache:
     def parent(self, seq: int) -> int | None:
         """The sequence ``seq`` was forked from (its id, even if since freed); None for roots."""
         self._node(seq)
-        return self._seq_parent[operator.index(seq)]
+        return self._seq_parent[_seq_id(seq, "seq")]
 
     def is_forked(self, seq: int) -> bool:
         """True once ``seq`` has been forked (it is then read-only)."""
@@ -313,11 +306,10 @@ class TreeKVCache:
         second time adds more children below the same shared node.
         """
         node = self._node(seq)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        n = positive_int(n, "n")
         node.frozen = True
         node.users += n
-        parent_seq = operator.index(seq)
+        parent_seq = _seq_id(seq, "seq")
         kids = [_Node(node) for _ in range(n)]
         # A child's blocks can be keyed only when it starts on a block boundary behind keyed
         # blocks (a child that starts mid-block has no block aligned with a root's).
@@ -330,7 +322,7 @@ class TreeKVCache:
         """Release ``seq``. Blocks return to the pool once no live sequence uses them: a forked
         parent's tokens stay until its last descendant is freed."""
         node = self._node(seq)
-        seq_id = operator.index(seq)
+        seq_id = _seq_id(seq, "seq")
         del self._seq_node[seq_id]
         del self._seq_parent[seq_id]
         while node is not None:
@@ -409,8 +401,7 @@ class TreeKVCache:
             CacheFullError: the free blocks cannot hold every new token. Nothing changes.
             ValueError: unknown / freed / forked / duplicate sequence, bad ``num_tokens``.
         """
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
-            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        num_tokens = non_negative_int(num_tokens, "num_tokens")
         seq_ids = self._seq_list(seqs)
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError(f"seqs has duplicate sequence ids: {seq_ids}")

@@ -15,6 +15,7 @@ import torch
 
 from . import reference_denoise
 from ._backend import resolve_backend
+from ._vocab import as_int, non_negative_int
 
 REMASKING = reference_denoise.REMASKING
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -45,15 +46,9 @@ def _draw_seed(generator: torch.Generator | None) -> int:
 
 def _check_num_transfer(num_transfer, batch: int, device: torch.device) -> torch.Tensor:
     """``num_transfer`` (int or integer tensor ``[B]``) -> contiguous int64 ``[B]`` on ``device``."""
-    if isinstance(num_transfer, bool):
-        raise ValueError(f"num_transfer must be an int or an integer tensor [B], got {num_transfer!r}")
-    if isinstance(num_transfer, numbers.Integral):
-        if num_transfer < 0:
-            raise ValueError(f"num_transfer must be >= 0, got {num_transfer}")
-        return torch.full((batch,), int(num_transfer), dtype=torch.int64, device=device)
     if not isinstance(num_transfer, torch.Tensor):
-        raise ValueError("num_transfer must be an int or an integer tensor [B], got "
-                         f"{type(num_transfer).__name__}")
+        count = non_negative_int(num_transfer, "num_transfer")
+        return torch.full((batch,), count, dtype=torch.int64, device=device)
     if num_transfer.dtype.is_floating_point or num_transfer.dtype.is_complex or \
             num_transfer.dtype == torch.bool:
         raise ValueError(f"num_transfer must have an integer dtype, got {num_transfer.dtype}")
@@ -135,8 +130,8 @@ def denoise_step(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int, *,
         raise ValueError(f"tokens must be int64, got {tokens.dtype}")
     if tokens.device != logits.device:
         raise ValueError(f"tokens must be on the logits' device {logits.device}, got {tokens.device}")
-    if isinstance(mask_id, bool) or not isinstance(mask_id, numbers.Integral) or \
-            not 0 <= mask_id < vocab:
+    mask_id = as_int(mask_id, "mask_id")
+    if not 0 <= mask_id < vocab:
         raise ValueError(f"mask_id must be an int in [0, V) = [0, {vocab}), got {mask_id!r}")
     if (num_transfer is None) == (threshold is None):
         raise ValueError("exactly one of num_transfer and threshold must be given, got "

@@ -5,6 +5,8 @@ Providers:
   a2r-cuda        ak.denoise_step(backend="cuda"), when the extension is built
   a2r-cuda[s=N]   with --cuda-split-sweep: the CUDA step with N CTAs per position over V forced
                   (shapes with B * L <= 256), to tune _cuda_ops.denoise_num_splits
+  a2r-torch       (CPU) ak.denoise_step(backend="torch"), the fp32 reference that "auto" runs on CPU
+  a2r-torch-sample  the same at temperature 1 (Gumbel-max: a Philox draw per logit)
   llada-torch     LLaDA generate.py step: softmax over all positions, argmax, gather, where,
                   per-row topk loop
   fastdllm-torch  Fast-dLLM threshold step (same, with the confidence-threshold rule)
@@ -22,6 +24,7 @@ benchmarks/results/denoise_cpu.json / denoise_cpu.png, never mixed with GPU numb
 
     python benchmarks/bench_denoise.py            # GPU sweep (or the CPU quick mode without one)
     python benchmarks/bench_denoise.py --quick    # small shapes anywhere
+    python benchmarks/bench_denoise.py --shapes 8x256x126464   # given shapes only (GPU: denoise.json)
 """
 
 from __future__ import annotations
@@ -113,6 +116,11 @@ def providers_for(device: torch.device, allow_triton: bool) -> dict:
         providers["a2r-torch"] = (
             lambda logits, tokens, mask_id, quota:
             ak.denoise_step(logits, tokens, mask_id, num_transfer=quota, backend="torch"))
+        # Gumbel-max sampling: the Philox stream of every (position, v), in int64 torch ops
+        providers["a2r-torch-sample"] = (
+            lambda logits, tokens, mask_id, quota:
+            ak.denoise_step(logits, tokens, mask_id, num_transfer=quota, temperature=1.0,
+                            backend="torch", generator=torch.Generator().manual_seed(0)))
     providers["llada-torch"] = (
         lambda logits, tokens, mask_id, quota: llada_step(logits, tokens, mask_id, quota.tolist()))
     providers["fastdllm-torch"] = (
@@ -219,6 +227,8 @@ def main(argv=None):
     parser.add_argument("--cuda-split-sweep", action="store_true",
                         help="add a2r-cuda[s=N] rows (N CTAs per position over V forced) at the "
                         f"shapes with B * L <= {SPLIT_SWEEP_MAX_POSITIONS}")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated BxLxV shapes instead of the sweep, e.g. 8x256x126464")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"
@@ -230,6 +240,13 @@ def main(argv=None):
         shapes = [(b, l, v) for v in (126464, 151936) for b in (1, 8, 32) for l in (32, 256, 1024)]
         suffix = ""
         warmup, rep = args.warmup or 3, args.rep or 20
+    if args.shapes:
+        try:
+            shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
+        except ValueError:
+            shapes = []
+        if not shapes or any(len(shape) != 3 or min(shape) < 1 for shape in shapes):
+            parser.error(f"--shapes: expected BxLxV[,BxLxV...] of positive ints, got {args.shapes!r}")
     run(shapes, device, torch.bfloat16, args.half_masked or quick,
         allow_triton=device.type == "cuda" or ak._backend.triton_interpret(),
         warmup=warmup, rep=rep,

@@ -183,6 +183,63 @@ def test_reference_reads_shared_nodes_once_and_matches_by_path(name, heads, dtyp
     torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
 
 
+def head_major_pool(k, v):
+    """``k, v`` ``[B, N, H, D]`` rewritten in vLLM's CPU cache layout, one ``[B, H, N, 2D]``
+    tensor whose (block, head) tile holds the keys transposed ``[D, N]`` then the values
+    ``[N, D]``; returns the strided ``[B, N, H, D]`` views of its keys and values (no copy)."""
+    num_blocks, block_size, num_kv_heads, head_dim = k.shape
+    cache = torch.empty(num_blocks, num_kv_heads, 2 * block_size * head_dim, dtype=k.dtype,
+                        device=k.device)
+    tiles = cache.view(num_blocks, num_kv_heads, 2 * block_size, head_dim)
+    keys = tiles[:, :, :block_size].view(num_blocks, num_kv_heads, head_dim, block_size)
+    keys.copy_(k.permute(0, 2, 3, 1))
+    tiles[:, :, block_size:].copy_(v.permute(0, 2, 1, 3))
+    return keys.permute(0, 3, 1, 2), tiles[:, :, block_size:].permute(0, 2, 1, 3)
+
+
+class _LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any op returns while active."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for t in result if isinstance(result, (tuple, list)) else [result]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return result
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_head_major_transposed_key_pool_is_read_in_place(backend):
+    """vLLM's CPU KV cache (head-major blocks, key tiles stored transposed: key strides
+    ``(H*2*N*D, 1, 2*N*D, N)``) is a valid pool view: tree and paged decode give the contiguous
+    pool's result, and the torch backend never materialises a pool-sized tensor (reshaping the
+    view to flat slots copied the whole pool per call)."""
+    _backend_or_skip(backend)
+    paths, tables, lengths, num_blocks = REFERENCE_SHAPES["explore"]
+    num_blocks = 40   # a pool much larger than what the step reads
+    q, k, v = make_inputs(paths, num_blocks, 16, 8, 2, 64, torch.float32, seed=3)
+    k_view, v_view = head_major_pool(k, v)
+    assert torch.equal(k_view, k) and torch.equal(v_view, v)
+    assert k_view.stride() == (2 * 16 * 2 * 64, 1, 2 * 16 * 64, 16)
+    layout = ak.TreeLayout.from_paths(paths, tables, lengths, 16, DEVICE)
+    block_tables = torch.tensor([[4, 0, 2, 1], [4, 0, 2, 3], [4, 0, 2, 5]], dtype=torch.int32)
+    seq_lens = torch.tensor([42, 53, 37], dtype=torch.int32)
+    calls = {
+        "tree": lambda kc, vc: ak.tree_decode_attention(q, kc, vc, layout, backend=backend),
+        "paged": lambda kc, vc: ak.paged_decode_attention(
+            q, kc, vc, block_tables.to(DEVICE), seq_lens.to(DEVICE), backend=backend),
+    }
+    for name, call in calls.items():
+        want = call(k, v)
+        with _LargestAllocation() as mode:
+            got = call(k_view, v_view)
+        torch.testing.assert_close(got, want, atol=ATOL[torch.float32], rtol=0, msg=name)
+        if backend == "torch":
+            assert mode.largest < k.numel() // 2, (name, mode.largest, k.numel())
+
+
 # ------------------------------------------------------------------------------- tree kernel
 TREE_CASES = [
     # (seed, leaves, depth, block_size, Hq, Hkv, D, dtype, kv_chunk)
@@ -485,6 +542,45 @@ def test_layout_validation():
         ak.TreeLayout.from_paths([[0]], [[0]], [-1], 16)
 
 
+# Each case differs from the valid call from_paths([[0]], [[0]], [3], 16) in one argument, in a
+# way that used to be truncated (2.7 -> 2, 0.9 -> 0, True -> 1), overflow or raise TypeError.
+@pytest.mark.parametrize("name, paths, tables, lengths, block_size", [
+    ("node_lengths", [[0]], [[0]], [2.7], 16),
+    ("node_lengths", [[0]], [[0]], [True], 16),
+    ("node_lengths", [[0]], [[0]], torch.tensor([3.0]), 16),
+    ("node_lengths", [[0]], [[0]], torch.tensor([True]), 16),
+    ("node_lengths", [[0]], [[0]], None, 16),
+    (r"paths\[0\]", [[0.9]], [[0]], [3], 16),
+    (r"paths\[0\]", [[False]], [[0]], [3], 16),
+    (r"paths\[0\]", [torch.tensor([0.0])], [[0]], [3], 16),
+    ("paths", None, [[0]], [3], 16),
+    ("paths", 7, [[0]], [3], 16),
+    (r"node_block_tables\[0\]", [[0]], [[1.5]], [3], 16),
+    (r"node_block_tables\[0\]", [[0]], [[True]], [3], 16),
+    (r"node_block_tables\[0\]", [[0]], [torch.tensor([1.0])], [3], 16),
+    (r"node_block_tables\[0\]", [[0]], [[2 ** 31]], [3], 16),
+    (r"node_block_tables\[0\]", [[0]], [[-1]], [3], 16),
+    ("node_block_tables", [[0]], None, [3], 16),
+    ("block_size", [[0]], [[0]], [3], 16.0),
+    ("block_size", [[0]], [[0]], [3], True),
+])
+def test_layout_rejects_non_integers(name, paths, tables, lengths, block_size):
+    with pytest.raises(ValueError, match=name):
+        ak.TreeLayout.from_paths(paths, tables, lengths, block_size)
+
+
+def test_layout_accepts_numpy_and_integer_tensors():
+    np = pytest.importorskip("numpy")
+    ref = ak.TreeLayout.from_paths([[0, 1]], [[0], [1]], [3, 2], 16)
+    for ints in (np.array, lambda x: torch.tensor(x, dtype=torch.int32)):
+        layout = ak.TreeLayout.from_paths([ints([0, 1])], [ints([0]), ints([1])], ints([3, 2]),
+                                          np.int64(16))
+        assert layout.paths == [[0, 1]] and layout.node_lengths == [3, 2]
+        assert torch.equal(layout.work_info, ref.work_info)
+    big = ak.TreeLayout.from_paths([[0]], [[2 ** 31 - 1]], [1], 16)   # the largest int32 id
+    assert big.max_block_id == 2 ** 31 - 1
+
+
 def test_tree_attention_bad_inputs():
     layout = ak.TreeLayout.from_paths([[0]], [[2]], [3], 16, DEVICE)
     q, k, v = make_inputs([[0]], 3, 16, 4, 2, 64, torch.float16, 0)
@@ -617,6 +713,64 @@ def test_merge_states_is_attention_over_union(backend, dtype):
     out, lse = ak.merge_attention_states(out_a, lse_a, out_b, lse_b, backend=backend)
     check_close(out, lse, want, want_lse, dtype)
     assert torch.all(lse[3] == float("-inf")) and torch.all(out[3] == 0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the NaN payloads
+@pytest.mark.parametrize("backend", ["torch"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_merge_states_ignores_the_payload_of_empty_states(backend, dtype):
+    """An empty state (lse -inf) contributes nothing, even when its out holds NaN / inf: row 0 a
+    empty, row 1 b empty, row 2 both empty (out 0, lse -inf), row 3 both non-empty."""
+    _backend_or_skip(backend)
+    gen = torch.Generator().manual_seed(5)
+    out_a = torch.randn(4, 3, 7, generator=gen).to(dtype)
+    out_b = torch.randn(4, 3, 7, generator=gen).to(dtype)
+    lse_a = torch.randn(4, 3, generator=gen) * 3
+    lse_b = torch.randn(4, 3, generator=gen) * 3
+    lse_a[[0, 2]] = float("-inf")
+    lse_b[[1, 2]] = float("-inf")
+    out_a[[0, 2]] = float("nan")
+    out_b[1] = float("inf")
+    out_b[2] = float("nan")
+    args = [t.to(DEVICE) for t in (out_a, lse_a, out_b, lse_b)]
+    out, lse = ak.merge_attention_states(*args, backend=backend)
+    out, lse = out.cpu(), lse.cpu()
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert torch.equal(out[0], out_b[0]) and torch.equal(lse[0], lse_b[0])
+    assert torch.equal(out[1], out_a[1]) and torch.equal(lse[1], lse_a[1])
+    assert torch.all(out[2] == 0) and torch.all(lse[2] == float("-inf"))
+    w_a = torch.exp(lse_a[3] - torch.logaddexp(lse_a[3], lse_b[3]))[..., None]
+    want = w_a * out_a[3].float() + (1 - w_a) * out_b[3].float()
+    torch.testing.assert_close(out[3].float(), want, atol=ATOL[dtype], rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the NaN payloads
+def test_triton_merge_partials_ignores_the_payload_of_empty_rows():
+    """The tree kernels' per-sequence merge: a partial row with lse -inf and NaN o adds nothing;
+    a sequence whose rows are all empty gets out 0 and lse -inf."""
+    from a2r_kernels.triton import attention as triton_attention
+    gen = torch.Generator().manual_seed(3)
+    partial_o = torch.randn(6, 2, 16, generator=gen)
+    partial_lse = torch.randn(6, 2, generator=gen)
+    partial_lse[[1, 4, 5]] = float("-inf")
+    partial_o[[1, 4, 5]] = float("nan")
+    indptr = torch.tensor([0, 3, 3, 5, 6], dtype=torch.int32)
+    rows = torch.tensor([0, 4, 2, 3, 1, 5], dtype=torch.int32)   # seq 1: no rows; seq 3: empty only
+    partial_o, partial_lse, indptr, rows = (t.to(DEVICE) for t in (partial_o, partial_lse, indptr,
+                                                                   rows))
+    out = torch.empty(4, 2, 16, dtype=torch.float32, device=DEVICE)
+    lse = torch.empty(4, 2, device=DEVICE)
+    triton_attention.merge_partials(partial_o, partial_lse, indptr, rows, out, lse)
+    out, lse = out.cpu(), lse.cpu()
+    assert not out.isnan().any() and not lse.isnan().any()
+    for seq in (1, 3):
+        assert torch.all(out[seq] == 0) and torch.all(lse[seq] == float("-inf"))
+    for seq, live in ((0, [0, 2]), (2, [3])):
+        want_lse = torch.logsumexp(partial_lse[live].cpu(), dim=0)
+        weights = torch.exp(partial_lse[live].cpu() - want_lse)[..., None]
+        torch.testing.assert_close(lse[seq], want_lse, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[seq], (weights * partial_o[live].cpu()).sum(0), atol=1e-5,
+                                   rtol=0)
 
 
 def test_merge_bad_inputs():

@@ -321,6 +321,42 @@ def test_free_children_first_then_parent():
     assert cache.num_free_blocks == 8
 
 
+@pytest.mark.parametrize("bad", [True, False, 1.0, torch.tensor(1.0), torch.tensor(True), None])
+def test_sequence_ids_reject_bools_and_non_ints(bad):
+    """``True`` used to be sequence 1 (``free(True)`` freed it) and ``1.0`` was looked up as 1."""
+    cache = make_cache()
+    seqs = [cache.new_sequence(), cache.new_sequence()]
+    cache.reserve(seqs, 2)
+    calls = {"free": cache.free, "length": cache.length, "parent": cache.parent,
+             "is_forked": cache.is_forked, "path_slots": cache.path_slots,
+             "gather": lambda s: cache.gather(0, s), "fork": lambda s: cache.fork(s, 2)}
+    for what, call in calls.items():
+        with pytest.raises(ValueError, match="seq must be an int sequence id"):
+            call(bad)
+    for seqs_arg in ([seqs[0], bad], (bad,), bad):
+        with pytest.raises(ValueError, match="must be an int sequence id"):
+            cache.reserve(seqs_arg)
+        with pytest.raises(ValueError, match="must be an int sequence id"):
+            cache.layout(seqs_arg)
+    with pytest.raises(ValueError, match=r"seqs\[0\] must be an int sequence id"):
+        cache.reserve(torch.tensor([False, True]))
+    assert cache.sequences == seqs and [cache.length(s) for s in seqs] == [2, 2]
+    assert cache.num_free_blocks == 14 and not cache.is_forked(1)
+
+
+def test_sequence_ids_accept_numpy_and_integer_tensors():
+    np = pytest.importorskip("numpy")
+    cache = make_cache()
+    a, b = cache.new_sequence(), cache.new_sequence()
+    cache.reserve(np.array([a, b]), 1)
+    cache.reserve(torch.tensor([a, b], dtype=torch.int32), 1)
+    assert cache.length(np.int64(b)) == 2 and cache.length(torch.tensor(a)) == 2
+    kids = cache.fork(np.int32(a), 2)
+    assert cache.parent(kids[0]) == a and cache.is_forked(torch.tensor(a))
+    cache.free(np.int64(b))
+    assert cache.sequences == [a] + kids
+
+
 def test_double_free_and_unknown_free():
     cache = make_cache()
     seq = cache.new_sequence()

@@ -109,16 +109,20 @@ def test_eval_on_tiny_models_writes_results(capsys, tmp_path):
                                                 {"question": "Half of 1?", "answer": "1/2"}])
     out_file = tmp_path / "out" / "results.json"
     code, out, _ = run_cli(capsys, "eval", str(data), "--tiny", *FAST, "--out", str(out_file),
-                           "--json", "--no-progress")
+                           "--mkdir", "--json", "--no-progress")
     assert code == 0
     summary = json.loads(out)
     full = json.loads(out_file.read_text())
     assert summary["num_questions"] == 2 and len(full["per_question"]) == 2
     for method, accuracy in summary["accuracy"].items():
         assert accuracy == sum(q["correct"][method] for q in full["per_question"]) / 2
-    for stage in ("explorer", "thinker", "synthesizer"):
-        assert summary["tokens"][stage] == sum(
-            q["result"]["stages"][stage]["generated_tokens"] for q in full["per_question"])
+    for q in full["per_question"]:
+        for stage in ("explorer", "synthesizer"):
+            assert q["tokens"][stage] == q["result"]["stages"][stage]["generated_tokens"]
+    for stage in ("explorer", "thinker", "ar_thinker", "synthesizer", "synthesizer_alone",
+                  "synthesizer_nar", "synthesizer_ar"):
+        assert summary["tokens"][stage] == sum(q["tokens"][stage] for q in full["per_question"])
+        assert summary["tokens"][stage] > 0
     assert summary["kv_bytes_saved"] == sum(q["result"]["kv_bytes_saved"]
                                             for q in full["per_question"])
 
@@ -132,7 +136,9 @@ def test_eval_accuracy_with_a_scripted_explorer(capsys, tmp_path, monkeypatch):
         from transformers import AutoTokenizer
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(model.name_or_path)
         prompt = tokenizer.decode(input_ids[0].tolist())
-        if n == 1:                                  # synthesizer: right only on question A
+        if n == 1 and "Reference answers" not in prompt:  # synthesizer alone: right on B only
+            texts = ["\\boxed{7}" if "Question B" in prompt else "\\boxed{0}"]
+        elif n == 1:                                # synthesizer: right only on question A
             texts = ["\\boxed{5}" if "Question A" in prompt else "\\boxed{0}"]
         elif "Question A" in prompt:                # explorer A: 5, 4, 5 -> pass@1, Cons right
             texts = ["\\boxed{5}", "4", "</think>\\boxed{5.0}"]
@@ -148,7 +154,7 @@ def test_eval_accuracy_with_a_scripted_explorer(capsys, tmp_path, monkeypatch):
     assert code == 0
     accuracy = json.loads(out)["accuracy"]
     assert accuracy == {"pass_at_1": 1.0, "mean_at_1": pytest.approx((2 / 3 + 1 / 3) / 2),
-                        "cons_at_n": 0.5, "a2r": 0.5}
+                        "cons_at_n": 0.5, "a2r": 0.5, "synthesizer_alone": 0.5}
 
 
 def test_eval_text_and_limit(capsys, tmp_path):

@@ -362,9 +362,13 @@ def test_merge_states_matches_reference(dtype, head_dim):
     lse_b[1, :] = float("-inf")            # b empty
     lse_a[2, :] = float("-inf")            # both empty
     lse_b[2, :] = float("-inf")
+    out_a[0] = float("nan")                # an empty state's payload is never read into out
+    out_b[1] = float("nan")
+    out_a[2] = out_b[2] = float("nan")
     out, lse = ak.merge_attention_states(out_a, lse_a, out_b, lse_b, backend="cuda")
     ref_out, ref_lse = ak.merge_attention_states(out_a, lse_a, out_b, lse_b, backend="torch")
     _check_attention(out, lse, ref_out, ref_lse, dtype)
+    assert not out.isnan().any() and not ref_out.isnan().any()
     assert torch.all(out[2] == 0) and torch.all(lse[2] == float("-inf"))
 
 

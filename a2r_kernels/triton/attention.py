@@ -178,7 +178,8 @@ def _merge_partials_kernel(
         w_old = tl.exp(m - m_ref)
         w_new = tl.exp(lse_r - m_ref)
         l = l * w_old + w_new
-        acc = acc * w_old + o_r * w_new
+        # An empty state (lse -inf, weight 0) adds nothing, whatever its o holds (0 * NaN = NaN).
+        acc = acc * w_old + tl.where(w_new > 0.0, o_r * w_new, 0.0)
         m = m_new
 
     nonempty = l > 0.0
@@ -214,7 +215,8 @@ def _merge_two_states_kernel(
     l = w_a + w_b
     nonempty = l > 0.0
     l_safe = tl.where(nonempty, l, 1.0)
-    out = (o_a * w_a + o_b * w_b) / l_safe
+    # An empty state (lse -inf, weight 0) adds nothing, whatever its out holds (0 * NaN = NaN).
+    out = (tl.where(w_a > 0.0, o_a * w_a, 0.0) + tl.where(w_b > 0.0, o_b * w_b, 0.0)) / l_safe
     lse = tl.where(nonempty, m_ref + tl.log(l_safe), float("-inf"))
     tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_d * stride_od,
              out.to(out_ptr.dtype.element_ty), mask=mask_d)
