@@ -19,9 +19,11 @@ DiffusionGemma (``EntropyBoundSampler``; Lavenant et al., arXiv 2505.24857), for
    token ``(r * V) >> 32`` (``r`` the uint32 Philox word at counter ``(0, pos, 2, 0)``; exactly
    uniform when ``V`` is a power of two, otherwise within ``V / 2**32`` of uniform).
 
-Positions whose logits hold a NaN or ``+inf``, or no finite entry, have no distribution: their
-``entropy`` is ``+inf``, ``sample`` and ``argmax`` are 0, they are never accepted (so always
-renoised), and nothing is NaN. ``-inf`` logits (banned tokens) are ordinary: probability 0.
+Non-finite logits (the rules of ``denoise_step``): a position whose logits hold a NaN, or no
+entry above ``-inf``, has no distribution: its ``entropy`` is ``+inf``, ``sample`` and ``argmax``
+are 0, and it is never accepted (so always renoised). A position holding ``+inf`` (and no NaN) is
+the point mass on its lowest ``+inf`` index: ``sample = argmax =`` that index, ``entropy = 0``.
+``-inf`` logits (banned tokens) are ordinary: probability 0. Nothing is NaN.
 
 The Gumbel-max here skips, exactly, the Philox draws that cannot win (see :func:`gumbel_argmax`).
 """
@@ -71,16 +73,20 @@ def gumbel_argmax(x: torch.Tensor, seed: int, valid: torch.Tensor) -> torch.Tens
     return torch.where(valid & (first < vocab), first, 0)
 
 
-def entropy_and_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(entropy fp32 [N], argmax int64 [N], valid bool [N]) of fp32 ``x [N, V]``.
-
-    ``valid``: the row holds no NaN and no ``+inf`` and at least one finite entry, i.e. its
-    maximum is finite (``max`` propagates NaN). Invalid rows get entropy ``+inf`` and argmax 0.
+def entropy_and_argmax(x: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(entropy fp32 [N], argmax int64 [N], valid bool [N], point_mass bool [N]) of fp32
+    ``x [N, V]``, the rows classified by their max (which propagates NaN): ``valid`` = no NaN and
+    some entry above ``-inf``; ``point_mass`` = valid with a ``+inf`` entry (entropy 0, argmax
+    its first ``+inf``). Invalid rows get entropy ``+inf`` and argmax 0.
     """
     row_max, argmax = x.max(dim=-1)          # first index of the max, as torch.argmax
-    valid = torch.isfinite(row_max)
+    valid = row_max > float("-inf")          # False for NaN too
+    point_mass = row_max == float("inf")
     entropy = torch.special.entr(torch.softmax(x, dim=-1)).sum(dim=-1)   # entr(0) = 0
-    return (torch.where(valid, entropy, float("inf")), torch.where(valid, argmax, 0), valid)
+    entropy = torch.where(point_mass, 0.0, entropy)
+    return (torch.where(valid, entropy, float("inf")), torch.where(valid, argmax, 0), valid,
+            point_mass)
 
 
 def accept(entropy: torch.Tensor, entropy_bound: float) -> torch.Tensor:
@@ -110,8 +116,8 @@ def entropy_bound_step(logits: torch.Tensor, canvas: torch.Tensor, entropy_bound
     """
     batch, length, vocab = logits.shape
     x = logits.float().reshape(batch * length, vocab)
-    entropy, argmax, valid = entropy_and_argmax(x)
-    sample = gumbel_argmax(x, seed, valid)
+    entropy, argmax, valid, point_mass = entropy_and_argmax(x)
+    sample = torch.where(point_mass, argmax, gumbel_argmax(x, seed, valid & ~point_mass))
     entropy = entropy.view(batch, length)
     accepted = accept(entropy, entropy_bound)
     sample = sample.view(batch, length)

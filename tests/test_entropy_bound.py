@@ -259,23 +259,26 @@ def test_entropy_ties_go_to_lower_positions(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_positions_without_a_distribution(backend):
-    """NaN, +inf and all -inf positions: entropy +inf, sample = argmax = 0, never accepted;
-    -inf entries elsewhere are probability-0 tokens."""
+def test_non_finite_logits(backend):
+    """NaN and all -inf positions: entropy +inf, sample = argmax = 0, never accepted. A +inf
+    position: the point mass on its first +inf (entropy 0). -inf entries elsewhere are
+    probability-0 tokens."""
     if backend == "triton":
         _triton_or_skip()
     logits, canvas = _case(2, 5, 40, seed=9)
     logits[..., ::4] = float("-inf")
     logits[0, 1, 3] = float("nan")
-    logits[0, 2, 7] = float("inf")
+    logits[0, 2, [7, 9]] = float("inf")
     logits[1, 0] = float("-inf")
     result, after = _run(backend, logits, canvas, float("inf"))
     bad = torch.zeros(2, 5, dtype=torch.bool, device=DEVICE)
-    bad[0, 1] = bad[0, 2] = bad[1, 0] = True
+    bad[0, 1] = bad[1, 0] = True
     assert bool(torch.isinf(result.entropy[bad]).all())
     assert bool(torch.isfinite(result.entropy[~bad]).all())
     assert torch.equal(result.accepted, ~bad)                  # the bound is inf
     assert bool((result.sample[bad] == 0).all()) and bool((result.argmax[bad] == 0).all())
+    assert (int(result.sample[0, 2]), int(result.argmax[0, 2])) == (7, 7)
+    assert float(result.entropy[0, 2]) == 0.0
     assert bool((result.sample[~bad] % 4 != 0).all())          # never a -inf token
     _check_invariants(result, after, 40)
 
