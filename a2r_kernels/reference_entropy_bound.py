@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference_denoise import GUMBEL_STREAM, philox_uniform, philox_word
+from .reference_denoise import GUMBEL_STREAM, gumbel_noise, philox_uniform, philox_word
 
 RENOISE_STREAM = 2   # Philox counter word c2 of the renoise token (0: Gumbel, 1: random score)
 # An upper bound on every Gumbel draw g = -log(-log u): u <= 1 - 2**-24 gives g <= 16.636 (fp32).
@@ -55,15 +55,20 @@ def gumbel_argmax(x: torch.Tensor, seed: int, valid: torch.Tensor) -> torch.Tens
     Equal to materialising ``x + gumbel_noise`` (the definition; a test holds them equal) but
     draws noise only where it can matter: ``best0`` is the best noisy value among the row's
     ``TOPK_PROBE`` largest logits, and only entries with ``x + GUMBEL_BOUND >= best0`` can reach
-    it. For a peaked (LM-like) distribution that is a few entries per row; for a flat one it is
-    all of V, and this costs what the definition costs.
+    it. For a peaked (LM-like) distribution that is a few entries per row; when more than half
+    of all entries are candidates (flat rows) the dense definition runs instead.
     """
     num_rows, vocab = x.shape
     probe_x, probe_v = x.topk(min(TOPK_PROBE, vocab), dim=-1)
     rows = torch.arange(num_rows, device=x.device)
     best0 = (probe_x + _gumbel(seed, probe_v, rows[:, None])).amax(dim=-1)
     best0 = torch.where(valid, best0, float("inf"))            # invalid rows: no candidates
-    cand_row, cand_v = (x + GUMBEL_BOUND >= best0[:, None]).nonzero(as_tuple=True)
+    candidates = x + GUMBEL_BOUND >= best0[:, None]
+    if 2 * int(candidates.sum()) > candidates.numel():
+        # Mostly flat rows: the definition itself (dense noise, no gather) is cheaper.
+        noisy = x + gumbel_noise(seed, 1, num_rows, vocab, x.device)[0]
+        return torch.where(valid, noisy.argmax(dim=-1), 0)
+    cand_row, cand_v = candidates.nonzero(as_tuple=True)
     noisy = x[cand_row, cand_v] + _gumbel(seed, cand_v, cand_row)
     row_best = torch.full((num_rows,), float("-inf"), device=x.device)
     row_best = row_best.scatter_reduce(0, cand_row, noisy, reduce="amax")

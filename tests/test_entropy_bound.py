@@ -184,23 +184,46 @@ def test_matches_transformers_sampler(backend, entropy_bound):
     assert torch.equal(after[result.accepted], accepted_canvas[result.accepted])
 
 
-def test_gumbel_pruning_equals_definition():
-    """gumbel_argmax draws noise only for candidates; the result equals argmax(x + g) over the
-    whole vocabulary, for flat, peaked, tied and partly -inf rows."""
+def _gumbel_rows_case(scale_low, scale_high):
     gen = torch.Generator().manual_seed(4)
     num_rows, vocab = 64, 3000
-    x = torch.randn(num_rows, vocab, generator=gen) * torch.linspace(0.1, 30, num_rows)[:, None]
+    scale = torch.linspace(scale_low, scale_high, num_rows)[:, None]
+    x = torch.randn(num_rows, vocab, generator=gen) * scale
     x[::5, ::2] = float("-inf")
     x[3] = 1.0                                                 # all tied
     x[7, 100:110] = x[7].max() + 25.0                          # a tied peak far above the rest
     x[9] = float("-inf")
     x[9, 2999] = 0.0                                           # a single live entry, last
+    return x
+
+
+def test_gumbel_pruning_equals_definition(monkeypatch):
+    """On peaked rows gumbel_argmax draws noise only for candidates (it never calls the dense
+    gumbel_noise); the result equals argmax(x + g) over the whole vocabulary, for peaked, tied
+    and partly -inf rows."""
+    x = _gumbel_rows_case(5.0, 30.0)
     seed = 2 ** 33 + 7
-    noisy = x + reference_denoise.gumbel_noise(seed, 1, num_rows, vocab, "cpu")[0]
-    expected = noisy.argmax(dim=-1)
-    valid = torch.ones(num_rows, dtype=torch.bool)
+    expected = (x + reference_denoise.gumbel_noise(seed, 1, x.shape[0], x.shape[1], "cpu")[0]
+                ).argmax(dim=-1)
+
+    def no_dense_noise(*args):
+        raise AssertionError("the sparse path should not draw dense noise here")
+
+    monkeypatch.setattr(reference_entropy_bound, "gumbel_noise", no_dense_noise)
+    valid = torch.ones(x.shape[0], dtype=torch.bool)
     assert torch.equal(reference_entropy_bound.gumbel_argmax(x, seed, valid), expected)
-    assert int(expected[9]) == 2999
+    assert int(expected[9]) == 2999 and 100 <= int(expected[7]) < 110
+
+
+def test_gumbel_flat_rows_take_the_dense_path():
+    x = _gumbel_rows_case(0.1, 1.0)
+    seed = 11
+    expected = (x + reference_denoise.gumbel_noise(seed, 1, x.shape[0], x.shape[1], "cpu")[0]
+                ).argmax(dim=-1)
+    valid = torch.ones(x.shape[0], dtype=torch.bool)
+    valid[5] = False
+    result = reference_entropy_bound.gumbel_argmax(x, seed, valid)
+    assert torch.equal(result[valid], expected[valid]) and int(result[5]) == 0
 
 
 def test_gumbel_bound_bounds_every_draw():
