@@ -38,6 +38,17 @@ class EntropyBoundResult(NamedTuple):
     accepted: torch.Tensor
 
 
+def resolve_entropy_bound_backend(backend: str, device: torch.device) -> str:
+    """The backend ``entropy_bound_step`` runs for ``backend`` on ``device``; raises
+    :class:`BackendUnavailable` (``"cuda"``: no CUDA kernel yet) or ValueError. Callers that run
+    models first use it to fail before any forward."""
+    chosen = resolve_backend("entropy_bound_step", backend, torch.device(device))
+    if chosen == "cuda":
+        raise BackendUnavailable("entropy_bound_step: backend='cuda' is unavailable: the CUDA "
+                                 "extension has no entropy-bound kernel; use 'triton'")
+    return chosen
+
+
 def entropy_bound_step(logits: torch.Tensor, canvas: torch.Tensor, entropy_bound: float, *,
                        generator: torch.Generator | None = None,
                        backend: str = "auto") -> EntropyBoundResult:
@@ -109,10 +120,7 @@ def entropy_bound_step(logits: torch.Tensor, canvas: torch.Tensor, entropy_bound
         raise ValueError(f"entropy_bound must be a float >= 0, got {entropy_bound!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator)}")
-    chosen = resolve_backend("entropy_bound_step", backend, logits.device)
-    if chosen == "cuda":
-        raise BackendUnavailable("entropy_bound_step: backend='cuda' is unavailable: the CUDA "
-                                 "extension has no entropy-bound kernel; use 'triton'")
+    chosen = resolve_entropy_bound_backend(backend, logits.device)
     if logits.stride(-1) != 1 and logits.numel() > 0:
         logits = logits.contiguous()   # the kernels stream each row of V as a unit-stride vector
     seed = _draw_seed(generator)

@@ -35,6 +35,8 @@ Example::
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Sequence
 
 import torch
@@ -50,6 +52,13 @@ ATTN_IMPLEMENTATION = "a2r_tree"
 _STATE_KWARG = "a2r_tree_cache"
 
 _registered = False
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(forward) -> str:
+    """The keyword a model's ``forward`` takes its ``Cache`` under: ``"cache"`` where transformers
+    has renamed it (5.24 does, and warns on the old name), else ``"past_key_values"`` (5.0)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def register() -> str:
@@ -352,8 +361,9 @@ class TreeDecoder:
             self.hf_cache.begin(seqs, past, slots, num_tokens, layout)
             config._attn_implementation = ATTN_IMPLEMENTATION
             out = self.model(input_ids=token_ids.to(self.device, torch.int64),
-                             position_ids=position_ids, past_key_values=self.hf_cache,
-                             use_cache=True, logits_to_keep=1, **{_STATE_KWARG: self.hf_cache})
+                             position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                             **{_cache_kwarg(type(self.model).forward): self.hf_cache,
+                                _STATE_KWARG: self.hf_cache})
         except BaseException:
             # Anything failed after the reserve (e.g. out of memory in the forward): give the
             # tokens back, so the sequences hold no token whose K/V was never (fully) written

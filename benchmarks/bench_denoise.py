@@ -5,6 +5,8 @@ Providers:
   a2r-cuda        ak.denoise_step(backend="cuda"), when the extension is built
   a2r-cuda[s=N]   with --cuda-split-sweep: the CUDA step with N CTAs per position over V forced
                   (shapes with B * L <= 256), to tune _cuda_ops.denoise_num_splits
+  a2r-torch       (CPU) ak.denoise_step(backend="torch"), the fp32 reference that "auto" runs on CPU
+  a2r-torch-sample  the same at temperature 1 (Gumbel-max: a Philox draw per logit)
   llada-torch     LLaDA generate.py step: softmax over all positions, argmax, gather, where,
                   per-row topk loop
   fastdllm-torch  Fast-dLLM threshold step (same, with the confidence-threshold rule)
@@ -114,6 +116,11 @@ def providers_for(device: torch.device, allow_triton: bool) -> dict:
         providers["a2r-torch"] = (
             lambda logits, tokens, mask_id, quota:
             ak.denoise_step(logits, tokens, mask_id, num_transfer=quota, backend="torch"))
+        # Gumbel-max sampling: the Philox stream of every (position, v), in int64 torch ops
+        providers["a2r-torch-sample"] = (
+            lambda logits, tokens, mask_id, quota:
+            ak.denoise_step(logits, tokens, mask_id, num_transfer=quota, temperature=1.0,
+                            backend="torch", generator=torch.Generator().manual_seed(0)))
     providers["llada-torch"] = (
         lambda logits, tokens, mask_id, quota: llada_step(logits, tokens, mask_id, quota.tolist()))
     providers["fastdllm-torch"] = (

@@ -352,12 +352,12 @@ phase_bench_explore() {
 
 # ============================================================================ verify (one call)
 # The GPU tests that matter most: every CUDA kernel family (tests/test_cuda.py) and every compiled
-# Triton family (test_attention.py, test_denoise.py with TRITON_INTERPRET=0) against the torch
-# reference, on a few odd shapes per dtype: GQA 1-8, head_dim 40/96/256, block sizes 1/16/32,
-# strided and non-contiguous inputs, empty paths, V = 1 / 50257, ties, forced V splits.
-# tests/test_gpu_session.py checks in CI that every id here is still collected.
-# Issue 12 (TreeAttentionWrapper, CUDA-graph capture) and issue 15 (entropy_bound_step): add the
-# GPU tests of the new ops here, a few ids each, and give the pytest step the seconds they need.
+# Triton family (test_attention.py, test_denoise.py, test_entropy_bound.py, test_wrapper.py with
+# TRITON_INTERPRET=0; the wrapper's CUDA-graph capture and replay) against the torch reference,
+# on a few odd shapes per dtype: GQA 1-8, head_dim 40/96/256, block sizes 1/16/32, strided and
+# non-contiguous inputs, empty paths, V = 1 / 50257, ties, forced V splits.
+# tests/test_gpu_session.py checks in CI that every id here is still collected. A new kernel
+# family or GPU-only test: add a few ids here and give the pytest step the seconds they need.
 VERIFY_TESTS=(
   tests/test_cuda.py::test_extension_imports_when_nvcc_was_available
   "tests/test_cuda.py::test_tree_decode_matches_reference[contig-seed3-torch.bfloat16]"
@@ -417,6 +417,19 @@ VERIFY_TESTS=(
   "tests/test_denoise.py::test_all_masked_and_none_masked[triton]"
   "tests/test_denoise.py::test_threshold_rule[triton]"
   "tests/test_denoise.py::test_empty_and_single_position[triton]"
+  "tests/test_entropy_bound.py::test_triton_matches_reference[shape2-inf]"
+  "tests/test_entropy_bound.py::test_triton_matches_reference[shape6-4.0]"
+  "tests/test_entropy_bound.py::test_triton_low_precision_logits[dtype1]"
+  "tests/test_entropy_bound.py::test_triton_several_chunks_and_splits[64-4]"
+  tests/test_entropy_bound.py::test_triton_non_contiguous_inputs
+  "tests/test_entropy_bound.py::test_matches_transformers_sampler[1.0-triton]"
+  "tests/test_entropy_bound.py::test_positions_without_a_distribution[triton]"
+  tests/test_entropy_bound.py::test_cuda_device_checks
+  "tests/test_wrapper.py::test_cuda_graph_capture_replan_replay[triton]"
+  "tests/test_wrapper.py::test_three_trees_through_one_wrapper_and_one_out[bfloat16-8/1-bs32-triton]"
+  "tests/test_wrapper.py::test_three_trees_through_one_wrapper_and_one_out[float16-16/2-bs1-triton]"
+  "tests/test_wrapper.py::test_stale_work_items_of_a_larger_plan_are_cleared[triton]"
+  "tests/test_wrapper.py::test_from_block_tables_matches_paged_decode[1-triton]"
 )
 
 # The headline rows' providers. Issue 12: append its a2r-tree-wrapper and CUDA-graph-replay
@@ -534,7 +547,25 @@ run_plan() {  # print the plan and its total, refuse a plan over budget, then ru
   return 0
 }
 
+DEVICE_CARRY_LIMIT_MB=64   # the device tool sends at most 64 MiB: checkout + carried paths
+
+carry_report() {  # what the device call sends: the checkout (tracked + untracked, not ignored) + .whl
+  local tree wheels total
+  tree=$(git ls-files -z -co --exclude-standard 2>/dev/null | xargs -0 -r du -cb 2>/dev/null | tail -n 1 | cut -f1)
+  [[ -n "$tree" ]] || { say "# carry: not a git checkout here, sizes not checked"; return 0; }
+  wheels=$(du -cb .whl/*.whl 2>/dev/null | tail -n 1 | cut -f1); wheels=${wheels:-0}
+  total=$((tree + wheels))
+  say "# carry: $(awk -v t="$tree" -v w="$wheels" -v l="$DEVICE_CARRY_LIMIT_MB" 'BEGIN {
+        printf "checkout %.1f MiB + .whl %.1f MiB = %.1f MiB of the device tool'"'"'s %d MiB",
+               t / 2^20, w / 2^20, (t + w) / 2^20, l }') ($(ls .whl 2>/dev/null | tr '\n' ' '))"
+  if (( total > DEVICE_CARRY_LIMIT_MB * 1048576 )); then
+    say "# carry: OVER the limit: the device tool would refuse the call; carry fewer wheels"
+    return 2
+  fi
+}
+
 phase_verify() {
+  if [[ $DRY_RUN == 1 ]]; then carry_report || { FAILED=2; return; }; fi
   if [[ $HAS_GPU == 0 ]]; then
     say "gpu_session.sh: verify needs a CUDA GPU (nvidia-smi -L lists none); the plan: --dry-run --assume-gpu verify"
     FAILED=2; return

@@ -9,6 +9,7 @@ uses still exists, and check the verdict lines (``benchmarks/verdict.py``) on sy
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -23,8 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 VERIFY_LIMIT_S = 480   # issue 11: verify finishes in 8 minutes of wall time
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import verdict  # noqa: E402
+# benchmarks/ is not a package: load verdict.py by path, leaving sys.path alone
+_spec = importlib.util.spec_from_file_location("a2r_bench_verdict", ROOT / "benchmarks" / "verdict.py")
+verdict = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)   # dataclasses need it
+_spec.loader.exec_module(verdict)
 
 PLAN_ROW = re.compile(r"^#   (\S+)\s+(\d+)s\s+(\d+) ->\s+(\d+)\s+(must|spare|extra)\s+(\S+)$")
 PLAN_TOTAL = re.compile(r"^# verify plan total: (\d+)s of steps \+ (\d+)s reserve = (\d+)s (<=|>) "
@@ -113,6 +116,30 @@ def test_a_budget_raised_past_the_limit_is_refused(tmp_path):
     assert result.returncode == 2 and "DOES NOT FIT" in result.stdout
 
 
+CARRY = re.compile(r"^# carry: checkout ([\d.]+) MiB \+ \.whl ([\d.]+) MiB = ([\d.]+) MiB of the "
+                   r"device tool's 64 MiB", re.M)
+
+
+def test_dry_run_checks_what_the_device_call_carries(tmp_path):
+    """The checkout plus .whl must fit in the device tool's 64 MiB; the dry run says how much
+    travels, and refuses (exit 2) when it would not fit."""
+    sizes = CARRY.search(dry_run(tmp_path).stdout)
+    assert sizes is not None and float(sizes.group(3)) <= 64
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    shutil.copy(SCRIPT, repo / "benchmarks" / "gpu_session.sh")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text("/.whl/\n")   # as in the repository: wheels never committed
+    (repo / ".whl").mkdir()
+    with open(repo / ".whl" / "big-1.0-py3-none-any.whl", "wb") as f:
+        f.truncate(65 * 2**20)   # sparse: 65 MiB apparent size, no disk used
+    result = dry_run(tmp_path, repo / "benchmarks" / "gpu_session.sh")
+    assert result.returncode == 2
+    sizes = CARRY.search(result.stdout)
+    assert sizes is not None and float(sizes.group(2)) == 65.0 and float(sizes.group(1)) < 1
+    assert "OVER the limit" in result.stdout and "=== [verify]" not in result.stdout
+
+
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="checks the no-GPU path")
 def test_verify_without_a_gpu_runs_nothing(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path / "out"))
@@ -130,7 +157,7 @@ def test_verify_pytest_selection_is_collected():
                          check=True, timeout=60).stdout.split()
     assert len(ids) >= 20 and len(set(ids)) == len(ids)
     families = {i.split("::")[0] for i in ids}
-    assert families == {"tests/test_cuda.py", "tests/test_attention.py", "tests/test_denoise.py"}
+    assert {"tests/test_cuda.py", "tests/test_attention.py", "tests/test_denoise.py"} <= families
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
                              "-p", "no:cacheprovider", *ids], cwd=ROOT, capture_output=True,
@@ -140,18 +167,23 @@ def test_verify_pytest_selection_is_collected():
     assert sorted(collected) == sorted(ids)
 
 
-def test_verify_uses_only_flags_the_scripts_have(tmp_path):
-    """Each benchmarks/<script>.py call in the plan passes only options its argparse defines."""
+def test_verify_uses_only_flags_and_providers_the_scripts_have(tmp_path):
+    """Each benchmarks/<script>.py call in the plan passes only options its argparse defines, and
+    names only providers the script knows (a bench drops an unknown provider silently, and its
+    target would then read MISSING on the GPU)."""
     plan = parse_plan(dry_run(tmp_path).stdout)
-    checked = 0
+    flags = providers = 0
     for name, _, _, command in plan["ran"]:
-        for call in re.findall(r"benchmarks/(\w+\.py)((?:\s+[^;&|]+)?)", command):
-            script, args = call
+        for script, args in re.findall(r"benchmarks/(\w+\.py)((?:\s+[^;&|]+)?)", command):
             source = (ROOT / "benchmarks" / script).read_text()
             for flag in re.findall(r"(?<!\S)(--[a-z][a-z0-9-]*)", args):
                 assert f'"{flag}"' in source, f"{name}: {script} has no {flag}"
-                checked += 1
-    assert checked >= 15
+                flags += 1
+            named = re.search(r"--providers\s+((?:[^-\s][^\s]*\s*)+)", args)
+            for provider in re.split(r"[,\s]+", named.group(1).strip()) if named else []:
+                assert f'"{provider}"' in source, f"{name}: {script} has no provider {provider}"
+                providers += 1
+    assert flags >= 15 and providers >= 8
 
 
 # A GPU machine faked on CPU: nvidia-smi and compute-sanitizer stand-ins on PATH, and PYTHON a

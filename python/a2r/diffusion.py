@@ -61,6 +61,7 @@ import torch
 import a2r_kernels as ak
 from a2r_kernels._backend import resolve_backend
 
+from .diffusion_gemma import diffusion_gemma_generate, is_diffusion_gemma
 from .diffusion_model import (A2R_ATTENTION, build_tiny_diffusion_model, is_remote_code_model,
                               load_diffusion_model, uses_a2r_attention)
 
@@ -86,6 +87,8 @@ class DiffusionResult:
         steps_per_block: denoising steps (= forward calls) of each block; 0 for blocks skipped
             because every row had finished.
         prompt_length: ``P``, the padded prompt length (generation starts at column ``P``).
+        encoder_forward_calls: DiffusionGemma only: encoder passes (the prompt once, then one
+            per later canvas); ``num_forward_calls`` then counts decoder passes.
     """
 
     sequences: list[list[int]]
@@ -93,6 +96,7 @@ class DiffusionResult:
     num_forward_calls: int
     steps_per_block: list[int] = field(default_factory=list)
     prompt_length: int = 0
+    encoder_forward_calls: int = 0
 
 
 def get_num_transfer_tokens(num_masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -305,8 +309,9 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
                        pad_token_id: int | None = None,
                        attention_mask: torch.Tensor | None = None, cache: str = "none",
                        generator: torch.Generator | None = None, backend: str = "auto",
-                       return_details: bool = False):
-    """Generate ``gen_length`` tokens per row with a masked-diffusion LM (LLaDA / Fast-dLLM).
+                       num_traces: int = 1, return_details: bool = False):
+    """Generate ``gen_length`` tokens per row with a masked-diffusion LM (LLaDA / Fast-dLLM), or
+    with a DiffusionGemma model (:mod:`a2r.diffusion_gemma`).
 
     Args:
         model: a bidirectional masked-diffusion LM: one from :func:`build_tiny_diffusion_model` /
@@ -333,13 +338,37 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
             module docstring; needs ``A2R_ATTENTION``).
         generator: ``torch.Generator`` on the model's device for sampling / random remasking.
         backend: ``ak.denoise_step`` backend: ``"auto" | "torch" | "triton" | "cuda"``.
+        num_traces: traces per prompt row; outputs are row-major (trace ``j`` of prompt ``b`` is
+            row ``b * num_traces + j``). A masked-diffusion model decodes each trace as its own
+            row (identical at ``temperature=0`` unless ``remasking="random"``); DiffusionGemma
+            encodes the prompt once for all of them.
         return_details: return a :class:`DiffusionResult` instead of the id lists.
+
+    A ``DiffusionGemmaForBlockDiffusion`` model runs :func:`a2r.diffusion_gemma.diffusion_gemma_generate`
+    with ``gen_length``, ``eos_token_id``, ``pad_token_id``, ``attention_mask``, ``generator``,
+    ``backend``, ``num_traces`` and ``return_details``; its schedule comes from its generation
+    config, and the masked-diffusion options above must stay at their defaults (ValueError).
 
     Returns:
         ``list[list[int]]``: per row, the generated ids (through the first EOS if any), or a
         :class:`DiffusionResult` with ``return_details=True``.
     """
+    if is_diffusion_gemma(model):
+        given = {name: value for name, value in (
+            ("block_length", block_length), ("steps", steps), ("threshold", threshold),
+            ("temperature", temperature), ("remasking", remasking), ("cfg_scale", cfg_scale),
+            ("mask_id", mask_id), ("cache", cache))
+            if value != _LLADA_DEFAULTS[name]}
+        if given:
+            raise ValueError(f"{', '.join(sorted(given))}: masked-diffusion options, not used by "
+                             "DiffusionGemma (its schedule comes from its generation config; "
+                             "a2r.diffusion_gemma.diffusion_gemma_generate overrides it)")
+        return diffusion_gemma_generate(
+            model, prompt_ids, gen_length=gen_length, num_traces=num_traces,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, attention_mask=attention_mask,
+            generator=generator, backend=backend, return_details=return_details)
     gen_length = _positive_int(gen_length, "gen_length")
+    num_traces = _positive_int(num_traces, "num_traces")
     block_length = _positive_int(block_length, "block_length")
     if gen_length % block_length:
         raise ValueError(f"gen_length={gen_length} must be a multiple of "
@@ -389,6 +418,9 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
     device = next(model.parameters()).device
     resolve_backend("denoise_step", backend, device)   # BackendUnavailable before any forward
     prompt, prompt_keep = _as_prompt(prompt_ids, attention_mask, pad_token_id, device)
+    if num_traces > 1:
+        prompt = prompt.repeat_interleave(num_traces, dim=0)
+        prompt_keep = prompt_keep.repeat_interleave(num_traces, dim=0)
     batch, prompt_len = prompt.shape
     total_len = prompt_len + gen_length
     max_positions = getattr(model.config, "max_position_embeddings", None)
@@ -503,3 +535,10 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
     return DiffusionResult(sequences=sequences, tokens=x,
                            num_forward_calls=runner.num_forward_calls,
                            steps_per_block=block_steps, prompt_length=prompt_len)
+
+
+# The masked-diffusion options' defaults: a DiffusionGemma call must leave them unset.
+_LLADA_DEFAULTS = {
+    name: param.default for name, param in inspect.signature(diffusion_generate).parameters.items()
+    if name in ("block_length", "steps", "threshold", "temperature", "remasking", "cfg_scale",
+                "mask_id", "cache")}

@@ -8,7 +8,7 @@ blocks go back to the pool.
 Per step the host syncs once: it reads the sampled tokens (``[n_live]``) to check stops and to
 plan the next step. Everything else (forward, warping, sampling) stays on the device.
 
-``sample_parallel`` is the public entry (``shared/API.md`` section 4); :func:`sample_tree` runs
+``sample_parallel`` is the public entry (``docs/API.md`` section 4); :func:`sample_tree` runs
 several levels (sample ``n``, fork each branch into ``m``, ...) through the same loop, and
 :func:`explore` returns the memory statistics with the sequences.
 
