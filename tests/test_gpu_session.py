@@ -245,7 +245,7 @@ def test_verify_live_path_on_a_faked_gpu(tmp_path):
     (repo / ".whl" / "flashinfer_python-0.0-py3-none-any.whl").write_text("")
     fake.mkdir()
     for name, text in (("nvidia-smi", FAKE_NVIDIA_SMI), ("compute-sanitizer", "#!/bin/bash\n"),
-                       ("python-fake", FAKE_PYTHON)):
+                       ("cuobjdump", "#!/bin/bash\n"), ("python-fake", FAKE_PYTHON)):
         (fake / name).write_text(text)
         (fake / name).chmod(0o755)
     (tmp_path / "fake_bench.py").write_text(FAKE_BENCH)
