@@ -41,12 +41,14 @@ Example::
 from __future__ import annotations
 
 import heapq
+import operator
 from typing import Iterable
 
 import torch
 
 from ._errors import CacheFullError
 from ._vocab import as_int, non_negative_int, positive_int
+from .block_tables import NodeBlockTables
 from .layout import TreeLayout, _kv_chunk, _seqs_per_item
 
 _POOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -126,6 +128,9 @@ class TreeKVCache:
         self._seq_node: dict[int, _Node] = {}
         self._seq_parent: dict[int, int | None] = {}
         self._next_seq = 0
+        # Every node's block table on the device, extended as the node grows: layout() plans by
+        # reference into it (O(sequences + nodes) per step, not O(blocks)).
+        self._tables = NodeBlockTables(2 * num_blocks, self.device)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -142,6 +147,13 @@ class TreeKVCache:
     def sequences(self) -> list[int]:
         """Live sequence ids, ascending (forked parents included until freed)."""
         return sorted(self._seq_node)
+
+    @property
+    def block_table_capacity(self) -> int:
+        """Entries of the device block-table arena that ``layout`` plans read by reference: the
+        ``max_blocks`` a :class:`~a2r_kernels.TreeAttentionWrapper` needs for this cache's
+        layouts (``2 * num_blocks``; larger only if blocks came to belong to several nodes)."""
+        return self._tables.capacity
 
     @property
     def nbytes(self) -> int:
@@ -327,6 +339,7 @@ class TreeKVCache:
                 raise ValueError(f"seqs[{i}]: sequence {seq} has no {num_tokens} reserved tokens "
                                  "to give back")
             node.length -= num_tokens
+            self._tables.invalidate(node)   # blocks are popped: its device table is rewritten
             while len(node.blocks) > -(-node.length // bs):
                 block = node.blocks.pop()
                 self._block_refcount[block] = 0
@@ -416,7 +429,7 @@ class TreeKVCache:
         seqs_per_item = _seqs_per_item(max_seqs_per_item)
         seq_ids = self._seq_list(seqs)
         local_id: dict[_Node, int] = {}
-        tables: list[list[int]] = []
+        nodes: list[_Node] = []
         lengths: list[int] = []
         paths: list[list[int]] = []
         for i, seq in enumerate(seq_ids):
@@ -424,12 +437,23 @@ class TreeKVCache:
             for node in self._node(seq, i).path:
                 j = local_id.get(node)
                 if j is None:
-                    j = local_id[node] = len(tables)
-                    tables.append(list(node.blocks))   # a snapshot: the node may grow later
+                    j = local_id[node] = len(nodes)
+                    nodes.append(node)
                     lengths.append(node.length)
                 path.append(j)
             paths.append(path)
+        page_starts, page_table, max_block_id = self._tables.sync(nodes, operator.attrgetter("blocks"))
+        # Host copies of the tables only when asked for (the torch reference, tests). The first
+        # ceil(length / block_size) blocks of a node never change while the step is valid, so
+        # the layout keeps the lists themselves (a snapshot is taken on first access).
+        block_lists = [node.blocks for node in nodes]
+        bs = self.block_size
+
+        def node_tables() -> list[list[int]]:
+            return [blocks[:-(-n // bs)] for blocks, n in zip(block_lists, lengths)]
+
         # The tree guarantees what from_paths would check (ids in range, no repeats, lengths
         # that fit their blocks): plan directly.
-        return TreeLayout._plan(paths, tables, lengths, self.block_size, chunk, self.device,
-                                seqs_per_item)
+        return TreeLayout._plan(paths, None, lengths, self.block_size, chunk, self.device,
+                                seqs_per_item, page_starts=page_starts, page_table=page_table,
+                                node_tables=node_tables, max_block_id=max_block_id)

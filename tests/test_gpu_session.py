@@ -9,6 +9,7 @@ uses still exists, and check the verdict lines (``benchmarks/verdict.py``) on sy
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -23,8 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 VERIFY_LIMIT_S = 480   # issue 11: verify finishes in 8 minutes of wall time
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import verdict  # noqa: E402
+# benchmarks/ is not a package: load verdict.py by path, leaving sys.path alone
+_spec = importlib.util.spec_from_file_location("a2r_bench_verdict", ROOT / "benchmarks" / "verdict.py")
+verdict = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)   # dataclasses need it
+_spec.loader.exec_module(verdict)
 
 PLAN_ROW = re.compile(r"^#   (\S+)\s+(\d+)s\s+(\d+) ->\s+(\d+)\s+(must|spare|extra)\s+(\S+)$")
 PLAN_TOTAL = re.compile(r"^# verify plan total: (\d+)s of steps \+ (\d+)s reserve = (\d+)s (<=|>) "
@@ -242,7 +245,7 @@ def test_verify_live_path_on_a_faked_gpu(tmp_path):
     (repo / ".whl" / "flashinfer_python-0.0-py3-none-any.whl").write_text("")
     fake.mkdir()
     for name, text in (("nvidia-smi", FAKE_NVIDIA_SMI), ("compute-sanitizer", "#!/bin/bash\n"),
-                       ("python-fake", FAKE_PYTHON)):
+                       ("cuobjdump", "#!/bin/bash\n"), ("python-fake", FAKE_PYTHON)):
         (fake / name).write_text(text)
         (fake / name).chmod(0o755)
     (tmp_path / "fake_bench.py").write_text(FAKE_BENCH)
