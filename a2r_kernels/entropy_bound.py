@@ -73,9 +73,12 @@ def entropy_bound_step(logits: torch.Tensor, canvas: torch.Tensor, entropy_bound
     and ``renoise_canvas``) in one pass over V per position, with no ``[B, L, V]`` intermediate
     on the Triton backend. The temperature schedule is the caller's: pass processed logits.
 
-    Non-finite logits: ``-inf`` entries are tokens of probability 0. A position whose logits hold
-    a NaN or ``+inf``, or no finite entry, has no distribution: its ``entropy`` is ``+inf``, its
-    ``sample`` and ``argmax`` are 0, and it is never accepted (always renoised). Nothing is NaN.
+    Non-finite logits (as ``denoise_step``): ``-inf`` entries are tokens of probability 0. A
+    position whose logits hold a NaN, or no entry above ``-inf``, has no distribution: its
+    ``entropy`` is ``+inf``, its ``sample`` and ``argmax`` are 0, and it is never accepted (always
+    renoised). A position holding ``+inf`` (no NaN) is the point mass on its lowest ``+inf``
+    index: ``sample = argmax =`` that index, ``entropy = 0``. Nothing is NaN; no extra pass over
+    the logits is spent on these checks.
 
     Args:
         logits: ``[B, L, V]`` float32 / float16 / bfloat16, any strides (last-dim stride 1 is the

@@ -233,3 +233,35 @@ def test_temperature_schedule_and_self_conditioning(model, monkeypatch):
         torch.testing.assert_close(processed[i], schedule(None, raw[i], cur_step=step))
         if i:
             torch.testing.assert_close(conditioning[i], processed[i - 1])
+
+
+def test_cli_run_with_a_diffusion_gemma_thinker_and_traces(tmp_path, tmp_path_factory, capsys):
+    """`a2r run --thinker DIR` detects DiffusionGemma from config.json; --thinker-traces 2 gives
+    two traces from one encoder pass over the prompt, both handed to the synthesizer."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from a2r.cli import main
+    from a2r.tiny import _model_vocab_size, ensure_tiny_models
+
+    paths = ensure_tiny_models(tmp_path_factory.getbasetemp() / "a2r_home")
+    tokenizer = AutoTokenizer.from_pretrained(paths.explorer)
+    thinker = diffusion_gemma.build_tiny_diffusion_gemma(_model_vocab_size(tokenizer),
+                                                         canvas_length=CANVAS, seed=1)
+    thinker.generation_config.max_denoising_steps = 2
+    thinker.save_pretrained(tmp_path / "dgemma")
+    tokenizer.save_pretrained(tmp_path / "dgemma")
+    code = main(["run", "--explorer", str(paths.explorer), "--synthesizer", str(paths.synthesizer),
+                 "--thinker", str(tmp_path / "dgemma"), "--thinker-traces", "2",
+                 "--thinker-gen-length", "32", "-n", "2", "--max-new-tokens", "4",
+                 "--synth-max-new-tokens", "3", "--backend", "torch", "--json", "What is 2+2?"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    payload = json.loads(out)
+    assert payload["models"]["thinker"]["arch"] == "DiffusionGemmaForBlockDiffusion"
+    thinker_stage = payload["stages"]["thinker"]
+    assert len(thinker_stage["texts"]) == 2
+    prompt = payload["stages"]["synthesizer"]["prompt"]
+    assert "Trace 1:" in prompt and "Trace 2:" in prompt
+    assert payload["trace"].startswith("Trace 1:")

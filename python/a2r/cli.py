@@ -113,6 +113,9 @@ def _generation_options(max_new_tokens_default: int) -> argparse.ArgumentParser:
                    "%(default)s)")
     g.add_argument("--thinker-threshold", type=float, default=None,
                    help="Fast-dLLM confidence threshold instead of a fixed step count")
+    g.add_argument("--thinker-traces", type=_positive_int, default=1,
+                   help="thinker traces from one prompt, all handed to the synthesizer "
+                   "(DiffusionGemma: one encoder pass for all) (default: %(default)s)")
     r = parent.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if "
                    "available, else cpu)")
@@ -274,7 +277,8 @@ def _config_from_args(args):
         answer_max_chars=args.answer_max_chars if args.answer_max_chars >= 0 else None,
         use_thinker=not args.no_thinker, thinker_gen_length=args.thinker_gen_length,
         thinker_block_length=args.thinker_block_length, thinker_steps=args.thinker_steps,
-        thinker_threshold=args.thinker_threshold, backend=args.backend,
+        thinker_threshold=args.thinker_threshold, thinker_traces=args.thinker_traces,
+        backend=args.backend,
         reuse_prefix_kv=not args.no_prefix_reuse)
 
 
@@ -364,9 +368,12 @@ def _print_result(result, models, gold: str | None = None, out=None) -> None:
         p(f"      path {i}: answer={answer!s:<10} | {_short(text)}")
     if result.thinker is not None:
         t = result.thinker
-        p(f"  [thinker]     {models['thinker']['arch']} (masked diffusion): prompt "
+        kind = ("uniform-noise diffusion" if "DiffusionGemma" in models['thinker']['arch']
+                else "masked diffusion")
+        p(f"  [thinker]     {models['thinker']['arch']} ({kind}): prompt "
           f"{t.prompt_tokens} tok, {t.generated_tokens} tok, {t.seconds:.2f} s")
-        p(f"      trace: {_short(t.texts[0])}")
+        for i, text in enumerate(t.texts, start=1):
+            p(f"      trace{f' {i}' if len(t.texts) > 1 else ''}: {_short(text)}")
     else:
         p("  [thinker]     (none)")
     s = result.synthesizer

@@ -47,6 +47,7 @@ neither recomputes nor stores again the shared prefix.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -120,6 +121,14 @@ SYNTHESIZER_INSTRUCTION = (
     "the question using them, and put your final answer within \\boxed{}.")
 
 
+def joined_trace(traces: Sequence[str]) -> str:
+    """The thinker text handed to the synthesizer: the trace itself, or with several traces each
+    headed ``Trace i:`` (blank lines between)."""
+    if len(traces) == 1:
+        return traces[0]
+    return "\n\n".join(f"Trace {i}:\n{t}" for i, t in enumerate(traces, 1))
+
+
 @dataclass
 class A2RConfig:
     """Knobs of one A2R run. Token counts are in each model's own tokens."""
@@ -143,6 +152,8 @@ class A2RConfig:
     thinker_temperature: float = 0.0
     thinker_remasking: str = "low_confidence"
     thinker_cache: str = "none"
+    thinker_traces: int = 1                  # thinker traces from one prompt (one encoder pass
+                                             # with DiffusionGemma); all go to the synthesizer
     # Synthesizer (greedy by default: the synthesis should be reproducible).
     synth_max_new_tokens: int | None = None  # None: max_new_tokens
     synth_temperature: float = 0.0
@@ -191,7 +202,8 @@ class A2RConfig:
                                 f"got {self.thinker_cache!r}")
         if self.backend not in BACKENDS:
             raise PipelineError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        for name in ("thinker_gen_length", "thinker_block_length", "thinker_steps"):
+        for name in ("thinker_gen_length", "thinker_block_length", "thinker_steps",
+                     "thinker_traces"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.thinker_gen_length % self.thinker_block_length:
@@ -273,7 +285,8 @@ class A2RResult:
 
     @property
     def trace(self) -> str | None:
-        return self.thinker.texts[0] if self.thinker is not None else None
+        """The thinker text the synthesizer read (its traces joined, see :func:`joined_trace`)."""
+        return joined_trace(self.thinker.texts) if self.thinker is not None else None
 
     @property
     def kv_bytes_saved(self) -> int:
@@ -536,7 +549,9 @@ def _load_thinker(path, device, dtype):
         raise ModelDirError(f"thinker model directory {directory} has no loadable tokenizer: "
                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
     _check_tokenizer(tokenizer, directory, "thinker")
-    mask_id = getattr(tokenizer, "mask_token_id", None)
+    from .diffusion_gemma import is_diffusion_gemma_config
+    uniform_noise = is_diffusion_gemma_config(json.loads((directory / "config.json").read_text()))
+    mask_id = None if uniform_noise else getattr(tokenizer, "mask_token_id", None)
     try:
         model = load_diffusion_model(str(directory), mask_id=mask_id, device=device,
                                      dtype=parse_dtype(dtype))
@@ -799,7 +814,8 @@ class A2RPipeline:
             reference_tokens = min(reference_tokens, cfg.answer_max_tokens + 2)
         synth_prompt_tokens = (max(p.shape[1] for p in probes) - prefix
                                + cfg.num_paths * reference_tokens
-                               + (cfg.thinker_gen_length + 2 if trace else 0))
+                               + (cfg.thinker_traces * (cfg.thinker_gen_length + 8)
+                                  if trace else 0))
         synth_blocks = tree_blocks_needed(synth_prompt_tokens, [1], [synth_max], _BLOCK_SIZE)
         num_blocks = _ceil_div(prefix, _BLOCK_SIZE) + max(explorer_blocks, synth_blocks)
         return _SharedPrefix(self.explorer, explorer_ids[:, :prefix], num_blocks, cfg.backend), ""
@@ -808,6 +824,7 @@ class A2RPipeline:
         import torch
 
         from .diffusion import diffusion_generate
+        from .diffusion_gemma import is_diffusion_gemma
 
         tokenizer = self.thinker_tokenizer
         prompt = self.thinker_prompt(question, references)
@@ -820,19 +837,24 @@ class A2RPipeline:
             generator = torch.Generator(device=device).manual_seed(cfg.seed + 2)
         stop_ids = [i for i in (tokenizer.eos_token_id, getattr(tokenizer, "mask_token_id", None))
                     if i is not None]
+        if is_diffusion_gemma(self.thinker):   # schedule from its generation config
+            schedule = {}
+        else:
+            schedule = dict(block_length=cfg.thinker_block_length, steps=cfg.thinker_steps,
+                            threshold=cfg.thinker_threshold, temperature=cfg.thinker_temperature,
+                            remasking=cfg.thinker_remasking, cache=cfg.thinker_cache,
+                            mask_id=getattr(tokenizer, "mask_token_id", None))
         _synchronize(device)
         start = time.perf_counter()
         rows = diffusion_generate(
             self.thinker, input_ids, gen_length=cfg.thinker_gen_length,
-            block_length=cfg.thinker_block_length, steps=cfg.thinker_steps,
-            threshold=cfg.thinker_threshold, temperature=cfg.thinker_temperature,
-            remasking=cfg.thinker_remasking, mask_id=getattr(tokenizer, "mask_token_id", None),
-            eos_token_id=tokenizer.eos_token_id, cache=cfg.thinker_cache, generator=generator)
+            eos_token_id=tokenizer.eos_token_id, generator=generator,
+            num_traces=cfg.thinker_traces, **schedule)
         _synchronize(device)
         seconds = time.perf_counter() - start
-        trace_ids = [int(t) for t in rows[0]]
-        trace = _decode(tokenizer, trace_ids, stop_ids).strip()
-        return StageReport("thinker", prompt, int(input_ids.shape[1]), [trace], [trace_ids], seconds)
+        trace_ids = [[int(t) for t in row] for row in rows]
+        traces = [_decode(tokenizer, ids, stop_ids).strip() for ids in trace_ids]
+        return StageReport("thinker", prompt, int(input_ids.shape[1]), traces, trace_ids, seconds)
 
     # ---- single stages (``a2r eval`` re-runs them on one set of explorer samples) -------------
 
@@ -951,7 +973,7 @@ class A2RPipeline:
         #    shared root, when its prompt starts with the root's tokens.
         synth_seed = None if cfg.seed is None else cfg.seed + 1
         synth_prompt = self.synthesizer_prompt(question, references,
-                                               thinker.texts[0] if thinker else None)
+                                               joined_trace(thinker.texts) if thinker else None)
         synth_ids = _encode(self.synthesizer_tokenizer, synth_prompt,
                             _model_device(self.synthesizer))
         synth_max = cfg.synth_max_new_tokens or cfg.max_new_tokens
