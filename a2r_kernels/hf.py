@@ -162,7 +162,10 @@ class TreeCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return max(self._past_lengths, default=0)
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
+        # transformers 5.0 passes cache_position (a [T] tensor) here, later releases the length T.
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
