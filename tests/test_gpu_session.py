@@ -196,6 +196,7 @@ FAKE_PYTHON = """#!/bin/bash
 case "$1" in
   benchmarks/verdict.py) exec "$REAL_PYTHON" "$@" ;;
   benchmarks/bench_*.py) exec "$REAL_PYTHON" "$FAKE_BENCH" "$@" ;;
+  -m) [[ "$*" == *--collect-only* ]] && cat "$FAKE_COLLECTED"; exit 0 ;;
   *) exit 0 ;;
 esac
 """
@@ -233,7 +234,8 @@ def test_verify_live_path_on_a_faked_gpu(tmp_path):
     """The live runner, not the dry run: steps run in order, each result file reaches
     $OUT/results/ when its step ends, committed rows are not judged, the summary ends with the
     verdict, the FlashInfer step (an `extra`) gets the seconds the others saved, and $OUT stays
-    within what the device tool returns (8 files, 2 folders down)."""
+    within what the device tool returns (8 files, 2 folders down). One test id does not collect
+    there: the others still run, and the pytest step says which one is missing."""
     repo, fake = tmp_path / "repo", tmp_path / "bin"
     shutil.copytree(ROOT / "benchmarks", repo / "benchmarks",
                     ignore=shutil.ignore_patterns("results", "__pycache__"))
@@ -249,16 +251,26 @@ def test_verify_live_path_on_a_faked_gpu(tmp_path):
         (fake / name).write_text(text)
         (fake / name).chmod(0o755)
     (tmp_path / "fake_bench.py").write_text(FAKE_BENCH)
+    ids = subprocess.run(["bash", str(SCRIPT), "--list-tests"], capture_output=True, text=True,
+                         check=True).stdout.split()
+    (tmp_path / "collected.txt").write_text("\n".join(ids[1:]) + "\n12 tests collected\n")
     out = tmp_path / "out"
     env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", OUT=str(out),
                TMPDIR=str(tmp_path), PYTHON=str(fake / "python-fake"),
-               REAL_PYTHON=sys.executable, FAKE_BENCH=str(tmp_path / "fake_bench.py"))
+               REAL_PYTHON=sys.executable, FAKE_BENCH=str(tmp_path / "fake_bench.py"),
+               FAKE_COLLECTED=str(tmp_path / "collected.txt"))
     env.pop("A2R_SESSION_BUDGET_S", None)
     result = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_session.sh"), "verify"],
                             capture_output=True, text=True, env=env, timeout=120)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    started = re.findall(r"^=== \[verify\] (\S+) \(limit (\d+)s", result.stdout, re.M)
+    assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-2000:]
+    assert f"verify: {len(ids) - 1} of {len(ids)} test ids collected" in result.stdout
+    assert f"verify: not collected:\n{ids[0]}\n" in result.stdout
+    status = {step: st for st, step in re.findall(r"^(\S+)\s+\d+s / \d+\s+(\S+)",
+                                                  (out / "summary.txt").read_text(), re.M)}
     plan = parse_plan(dry_run(tmp_path / "dry").stdout)
+    assert status.pop("pytest") == "FAIL(1)"
+    assert set(status.values()) == {"ok"} and len(status) == len(plan["names"]) - 1
+    started = re.findall(r"^=== \[verify\] (\S+) \(limit (\d+)s", result.stdout, re.M)
     assert [name for name, _ in started] == plan["names"]
     limits = dict(started)
     budgets = dict(zip(plan["names"], plan["budgets"]))
