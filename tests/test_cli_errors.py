@@ -311,3 +311,17 @@ def test_mask_sizes_take_a_length_or_cache_position():
     assert hf_cache.get_mask_sizes(3, 0) == (8, 0)
     sizes = hf_cache.get_mask_sizes(torch.arange(5, 8), 0)
     assert sizes == (8, 0) and all(type(v) is int for v in sizes)
+
+
+def test_closed_stdout_pipe_is_not_a_traceback(tiny):
+    """``a2r demo | head -1``: the reader leaves early. No traceback, no 'Exception ignored'."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)                                  # every write of the child fails (EPIPE)
+    env = {**os.environ, "A2R_HOME": str(tiny[0]), "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "a2r.cli", "demo", "--no-thinker", *FAST],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, env=env,
+                              timeout=600)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1 and proc.stderr == "", proc.stderr
