@@ -89,7 +89,8 @@ def test_verify_plan_fits_in_8_minutes_in_the_required_order(tmp_path):
     for name in ("bench-tree-P8k-N64", "bench-tree-P1k-N4"):
         assert "a2r-tree,a2r-paged,a2r-cuda" in commands[name]
     assert "flashinfer-cascade" in commands["bench-tree-flashinfer"]
-    assert "--shapes 8x256x126464" in commands["bench-denoise"]
+    assert "--ops denoise --shapes 8x256x126464" in commands["bench-denoise"]
+    assert "--ops entropy-bound" in commands["bench-entropy-bound"]   # issue 15: V=262144
     assert "--prompt-lens 8192 --ns 32" in commands["bench-explore"]
     assert "hf-generate" in commands["bench-explore"]
     assert "--tool memcheck" in commands["sanitize-memcheck"]
@@ -209,7 +210,7 @@ def write_results(path, rows):
     json.dump(old + rows, open(path, "w"))
 script = os.path.basename(sys.argv[1])
 p = argparse.ArgumentParser()
-for flag in ("--P", "--N", "--S", "--heads", "--providers", "--out", "--shapes", "--rep"):
+for flag in ("--P", "--N", "--S", "--heads", "--providers", "--out", "--shapes", "--rep", "--ops"):
     p.add_argument(flag)
 p.add_argument("--prompt-lens"); p.add_argument("--ns")
 args, _ = p.parse_known_args(sys.argv[2:])
@@ -220,6 +221,11 @@ if script == "bench_tree_attention.py":
     rows = [dict(dev, provider=name, **shape, median_us=10.0, gbps=3000.0, speedup_vs_paged=9.0)
             for name in args.providers.split(",")]
     write_results(f"benchmarks/results/{args.out or 'tree_attention'}.json", rows)
+elif script == "bench_denoise.py" and args.ops == "entropy-bound":
+    rows = [dict(dev, op="entropy-bound", provider="a2r-eb-step", B=8, L=256, V=262144,
+                 logits=kind, median_us=5.0, gbps=3000.0, **{"speedup_vs_hf-eb-sampler": 7.0})
+            for kind in ("flat", "lm-like")]
+    write_results("benchmarks/results/entropy_bound.json", rows)
 elif script == "bench_denoise.py":
     b, l, v = map(int, args.shapes.split("x"))
     rows = [dict(dev, provider="a2r-denoise", B=b, L=l, V=v, masked_fraction=1.0, median_us=5.0,
@@ -279,9 +285,9 @@ def test_verify_live_path_on_a_faked_gpu(tmp_path):
     assert int(limits["pytest"]) == budgets["pytest"]
     assert int(limits["bench-tree-flashinfer"]) > 3 * budgets["bench-tree-flashinfer"]
     copied = sorted(p.name for p in (out / "results").iterdir())
-    assert copied == ["denoise.json", "explore.json", "tree_attention.json",
-                      "tree_attention_flashinfer.json"]
-    assert result.stdout.count("-> " + str(out / "results")) == 5   # both tree steps copy
+    assert copied == ["denoise.json", "entropy_bound.json", "explore.json",
+                      "tree_attention.json", "tree_attention_flashinfer.json"]
+    assert result.stdout.count("-> " + str(out / "results")) == 6   # both tree steps copy
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8 and all(len(p.relative_to(out).parts) <= 3 for p in files)
     summary = (out / "summary.txt").read_text().splitlines()
@@ -296,6 +302,8 @@ def test_verify_live_path_on_a_faked_gpu(tmp_path):
     assert any(l.startswith("MISSING #6 a2r-cuda copy_fraction at B=8 L=256 V=126464")
                for l in verdicts)
     assert any(l.startswith("INFO    #2 flashinfer-cascade") for l in verdicts)
+    assert any(l.startswith("PASS    #15 a2r-eb-step speedup_vs_hf-eb-sampler at B=8 L=256 "
+                            "V=262144 lm-like: 7") for l in verdicts)
     assert summary[-1].startswith("# total ")
 
 
