@@ -295,3 +295,33 @@ def test_cache_keyword_follows_the_forward_signature():
 
     assert _cache_kwarg(old_forward) == "past_key_values"   # transformers 5.0
     assert _cache_kwarg(new_forward) == "cache"              # transformers 5.24
+
+
+def test_mask_sizes_take_a_length_or_cache_position():
+    """transformers 5.0 calls ``get_mask_sizes(cache_position, layer_idx)`` with a ``[T]`` tensor;
+    5.24 calls it with the length T. Both must give plain ints (a tensor breaks 5.0's masks)."""
+    import torch
+
+    import a2r_kernels as ak
+    from a2r_kernels.hf import TreeCache
+
+    hf_cache = TreeCache(ak.TreeKVCache(1, 1, 8, 4, block_size=4, dtype=torch.float32),
+                         backend="torch")
+    hf_cache.begin([0, 1], [5, 2], torch.zeros(6, dtype=torch.int64), 3, None)
+    assert hf_cache.get_mask_sizes(3, 0) == (8, 0)
+    sizes = hf_cache.get_mask_sizes(torch.arange(5, 8), 0)
+    assert sizes == (8, 0) and all(type(v) is int for v in sizes)
+
+
+def test_closed_stdout_pipe_is_not_a_traceback(tiny):
+    """``a2r demo | head -1``: the reader leaves early. No traceback, no 'Exception ignored'."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)                                  # every write of the child fails (EPIPE)
+    env = {**os.environ, "A2R_HOME": str(tiny[0]), "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "a2r.cli", "demo", "--no-thinker", *FAST],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, env=env,
+                              timeout=600)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1 and proc.stderr == "", proc.stderr

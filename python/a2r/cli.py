@@ -698,7 +698,9 @@ def main(argv: list[str] | None = None) -> int:
 
         warnings.showwarning = show
         try:
-            return COMMANDS[args.command](args)
+            code = COMMANDS[args.command](args)
+            sys.stdout.flush()   # a closed pipe shows here, not as a traceback at exit
+            return code
         except (CLIError, PipelineError) as err:
             if os.environ.get("A2R_DEBUG"):
                 raise

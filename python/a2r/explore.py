@@ -264,9 +264,13 @@ def explore_from(decoder: TreeDecoder, input_ids: torch.Tensor, widths: Sequence
         owned.discard(seq)
 
     try:
-        root = decoder.new_sequence() if parent is None else decoder.fork(parent, 1)[0]
-        owned.add(root)
-        root_logits = decoder.extend([root], input_ids)
+        if parent is None:   # reuses whatever whole blocks of the prompt the pool caches
+            root, root_logits = decoder.prefill(input_ids)
+            owned.add(root)
+        else:
+            root = decoder.fork(parent, 1)[0]
+            owned.add(root)
+            root_logits = decoder.extend([root], input_ids)
         # Frontier: (tree position, seq, tokens so far, logits row [1, V] for its next token). The
         # tree position (child index per level) orders the leaves: branch order, not finish order.
         frontier = [((), root, [], root_logits)]
