@@ -215,6 +215,7 @@ class TreeAttentionStats:
     """
 
     decode_steps: int = 0           # builder steps with at least one decode request
+    mixed_steps: int = 0            # ... and at least one prefill request
     decode_tokens: int = 0
     tree_attention_calls: int = 0   # one per layer per decode step
     prefill_tokens: int = 0         # tokens handed to the native backend
@@ -369,6 +370,7 @@ class _TreeBuilderMixin:
             step = kv_bytes(layout, *self._tree_kv_shape)
             _record_decode_step(num_decodes, step["shared"] * self._tree_num_layers,
                                 step["unshared"] * self._tree_num_layers)
+            stats.mixed_steps += num_prefills > 0
         return A2RTreeMetadata(num_actual_tokens=common.num_actual_tokens,
                                num_decodes=num_decodes, num_decode_tokens=num_decode_tokens,
                                decode_layout=layout, prefill=prefill)
