@@ -57,12 +57,12 @@ def _mulhilo32(constant: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return mid >> 16, ((mid & 0xFFFF) << 16) | (prod_lo & 0xFFFF)
 
 
-def philox_uniform(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: int, c3: int = 0
-                   ) -> torch.Tensor:
-    """Uniform fp32 in (0, 1) from Philox-4x32-10 at counters ``(c0, c1, c2, c3)``, key ``seed``.
+def philox_word(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: int, c3: int = 0
+                ) -> torch.Tensor:
+    """First output word ``r`` of Philox-4x32-10 at counters ``(c0, c1, c2, c3)``, key ``seed``.
 
-    ``c0``, ``c1``: integer tensors (broadcastable) with values in ``[0, 2**32)``. Bit-exact with
-    ``tl.philox(seed, c0, c1, c2, c3)[0]`` followed by ``((r >> 9) + 0.5) * 2**-23``.
+    ``c0``, ``c1``: integer tensors (broadcastable) with values in ``[0, 2**32)``. Returns int64
+    holding the uint32 ``r``, bit-exact with ``tl.philox(seed, c0, c1, c2, c3)[0]``.
     """
     c0, c1 = torch.broadcast_tensors(c0.to(torch.int64), c1.to(torch.int64))
     c2t = torch.full_like(c0, c2)
@@ -74,7 +74,18 @@ def philox_uniform(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: int, c3: i
         c0, c1, c2t, c3t = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3t ^ k1, lo_a
         k0 = (k0 + _PHILOX_KEY_A) & _MASK32
         k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    return ((c0 >> 9).to(torch.float32) + 0.5) * (2.0 ** -23)
+    return c0
+
+
+def philox_uniform(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: int, c3: int = 0
+                   ) -> torch.Tensor:
+    """Uniform fp32 in (0, 1) from Philox-4x32-10 at counters ``(c0, c1, c2, c3)``, key ``seed``.
+
+    ``c0``, ``c1``: integer tensors (broadcastable) with values in ``[0, 2**32)``. Bit-exact with
+    ``tl.philox(seed, c0, c1, c2, c3)[0]`` followed by ``((r >> 9) + 0.5) * 2**-23``.
+    """
+    r = philox_word(seed, c0, c1, c2, c3)
+    return ((r >> 9).to(torch.float32) + 0.5) * (2.0 ** -23)
 
 
 def gumbel_noise(seed: int, batch: int, length: int, vocab: int, device) -> torch.Tensor:

@@ -22,6 +22,7 @@ benchmarks/results/denoise_cpu.json / denoise_cpu.png, never mixed with GPU numb
 
     python benchmarks/bench_denoise.py            # GPU sweep (or the CPU quick mode without one)
     python benchmarks/bench_denoise.py --quick    # small shapes anywhere
+    python benchmarks/bench_denoise.py --shapes 8x256x126464   # given shapes only (GPU: denoise.json)
 """
 
 from __future__ import annotations
@@ -219,6 +220,8 @@ def main(argv=None):
     parser.add_argument("--cuda-split-sweep", action="store_true",
                         help="add a2r-cuda[s=N] rows (N CTAs per position over V forced) at the "
                         f"shapes with B * L <= {SPLIT_SWEEP_MAX_POSITIONS}")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated BxLxV shapes instead of the sweep, e.g. 8x256x126464")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"
@@ -230,6 +233,13 @@ def main(argv=None):
         shapes = [(b, l, v) for v in (126464, 151936) for b in (1, 8, 32) for l in (32, 256, 1024)]
         suffix = ""
         warmup, rep = args.warmup or 3, args.rep or 20
+    if args.shapes:
+        try:
+            shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
+        except ValueError:
+            shapes = []
+        if not shapes or any(len(shape) != 3 or min(shape) < 1 for shape in shapes):
+            parser.error(f"--shapes: expected BxLxV[,BxLxV...] of positive ints, got {args.shapes!r}")
     run(shapes, device, torch.bfloat16, args.half_masked or quick,
         allow_triton=device.type == "cuda" or ak._backend.triton_interpret(),
         warmup=warmup, rep=rep,

@@ -13,6 +13,10 @@ row long enough for the selection kernel's global-memory path. Each kernel's out
 against the torch reference too, so a wrong result is reported as well as a memory error.
 Exits 0 on success; prints one line per kernel.
 
+``--small`` runs one small case per CUDA kernel instead (tree partials + merge of partials, bf16
+head_dim 128 contiguous and fp16 head_dim 96 strided; paged decode; merge_states; denoise predict
++ combine + select with V split across CTAs, and the selection from global memory): the
+``gpu_session.sh verify`` plan, where every second under the sanitizer counts.
 ``--quick`` (also chosen automatically without a GPU) only checks that the extension imports.
 """
 
@@ -105,6 +109,7 @@ def run_denoise(length: int, vocab: int, dtype: torch.dtype, **kwargs) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only check that _C imports")
+    parser.add_argument("--small", action="store_true", help="one small case per CUDA kernel")
     args = parser.parse_args()
     ext = cuda_extension()
     if ext is None:
@@ -113,6 +118,19 @@ def main() -> int:
     if args.quick or not torch.cuda.is_available():
         print(f"a2r_kernels._C imports (CUDA runtime {ext.cuda_runtime_version()}); "
               f"no GPU run ({'--quick' if args.quick else 'no CUDA device'})")
+        return 0
+    if args.small:
+        run_tree(torch.bfloat16, 128, strided=False)
+        run_tree(torch.float16, 96, strided=True)
+        print("tree_attention_partials + merge_partials: ok (bf16 d=128, fp16 d=96 strided)")
+        run_paged()
+        print("paged decode (empty splits): ok")
+        run_merge()
+        print("merge_states: ok")
+        run_denoise(7, 50257, torch.bfloat16, threshold=0.5)     # predict + combine + select
+        run_denoise(9000, 16, torch.float32, num_transfer=100)   # selection from global memory
+        print("denoise_step (predict, combine, select): ok")
+        torch.cuda.synchronize()
         return 0
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for head_dim in (32, 64, 96, 128, 256):
