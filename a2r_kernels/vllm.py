@@ -315,16 +315,6 @@ def _requests_from(common: CommonAttentionMetadata, first_request: int,
     return common.replace(**changes)
 
 
-def _decode_layout(block_tables, seq_lens, block_size, device) -> TreeLayout:
-    # TRANSITIONAL until TreeLayout.from_block_tables (issue 12) is on main: one node per row.
-    if hasattr(TreeLayout, "from_block_tables"):
-        return TreeLayout.from_block_tables(block_tables, seq_lens, block_size, device)
-    lens = seq_lens.tolist()
-    tables = [row[:-(-n // block_size)] for row, n in zip(block_tables.tolist(), lens)]
-    return TreeLayout.from_paths([[i] for i in range(len(lens))], tables, lens, block_size,
-                                 device)
-
-
 class _TreeBuilderMixin:
     """Put in front of the native metadata builder (see :func:`_builder_cls`)."""
 
@@ -364,9 +354,9 @@ class _TreeBuilderMixin:
             stats.prefill_tokens += num_prefill_tokens
         layout = None
         if num_decodes:
-            layout = _decode_layout(common.block_table_tensor[:num_decodes],
-                                    common.seq_lens[:num_decodes], self._tree_block_size,
-                                    self.device)
+            layout = TreeLayout.from_block_tables(common.block_table_tensor[:num_decodes],
+                                                  common.seq_lens[:num_decodes],
+                                                  self._tree_block_size, self.device)
             step = kv_bytes(layout, *self._tree_kv_shape)
             _record_decode_step(num_decodes, step["shared"] * self._tree_num_layers,
                                 step["unshared"] * self._tree_num_layers)

@@ -16,7 +16,6 @@ seeded-sampling prompts fit in one step's budget (see ``scenarios``).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -67,18 +66,8 @@ def _num_preemptions(llm) -> int:
 
 
 def main(model_dir: str, out_path: str) -> None:
-    log_lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            log_lines.append(record.getMessage())
-
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
-
-    # The backend's own logger, a child of vLLM's "vllm" logger (so it also reaches stdout).
-    # After importing vllm: its logging set-up clears the handlers of "vllm.*" loggers.
-    logging.getLogger("vllm.a2r_tree").addHandler(Collect())
 
     start = time.perf_counter()
     llm = LLM(model_dir, dtype="float32", enforce_eager=True, gpu_memory_utilization=0.1,
@@ -87,9 +76,9 @@ def main(model_dir: str, out_path: str) -> None:
               max_num_seqs=16, disable_log_stats=False)
     load_seconds = time.perf_counter() - start
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    a2r = sys.modules.get("a2r_kernels.vllm")   # imported by the plugin when A2R_VLLM=1
-    results = {"load_seconds": load_seconds, "backend_module_loaded": a2r is not None,
-               "scenarios": {}}
+    # The entry point imports the module in every vLLM process; A2R_VLLM=1 makes vLLM use it.
+    a2r = sys.modules.get("a2r_kernels.vllm")
+    results = {"load_seconds": load_seconds, "plugin_loaded": a2r is not None, "scenarios": {}}
     for name, (prompts, params) in scenarios(tokenizer).items():
         if a2r is not None:
             a2r.stats.reset()
@@ -105,7 +94,6 @@ def main(model_dir: str, out_path: str) -> None:
             "stats": a2r.stats.as_dict() if a2r is not None else None,
             "seconds": time.perf_counter() - start,
         }
-    results["log"] = log_lines
     with open(out_path, "w", encoding="utf-8") as handle:
         json.dump(results, handle)
 
