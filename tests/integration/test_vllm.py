@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+if importlib.util.find_spec("vllm") is None and os.environ.get("A2R_REQUIRE_VLLM") == "1":
+    raise RuntimeError("A2R_REQUIRE_VLLM=1 but vLLM is not importable")   # CI: never skip
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vLLM is not installed (see .ci/run)")
 
@@ -132,3 +134,82 @@ def test_after_preemption_and_recompute(runs):
     _same_tokens(runs, "preemption")
     assert runs["native"]["scenarios"]["preemption"]["num_preemptions"] > 0
     assert runs["a2r"]["scenarios"]["preemption"]["num_preemptions"] > 0
+
+
+# ------------------------------------------------------------------ a2r run / eval --engine vllm
+def _a2r(args, cwd) -> subprocess.CompletedProcess:
+    # A2R_VLLM unset: --engine vllm turns the backend on by itself.
+    env = _vllm_env()
+    env.pop("A2R_VLLM", None)
+    return subprocess.run([sys.executable, "-m", "a2r.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=ENGINE_TIMEOUT_S)
+
+
+def _keys(tree):
+    """The nested key structure of a JSON value (lists by their first element)."""
+    if isinstance(tree, dict):
+        return {k: _keys(v) for k, v in tree.items()}
+    if isinstance(tree, list) and tree:
+        return [_keys(tree[0])]
+    return None
+
+
+GENERATION = ["-n", "3", "--max-new-tokens", "12", "--temperature", "0.8", "--seed", "5"]
+VLLM_OPTIONS = ["--engine", "vllm", "--gpu-memory-utilization", "0.1",
+                "--tensor-parallel-size", "1", "--pipeline-parallel-size", "1"]
+
+
+def test_cli_run_engine_vllm_same_result_format(model_dir, tmp_path):
+    # long enough for whole prompt blocks (vLLM's CPU default is 128 tokens), which the three
+    # paths then share
+    question = "What is 12 * 7? " + "Think about it carefully, then answer. " * 6
+    common = ["run", "--explorer", str(model_dir), "--no-thinker", "--json", *GENERATION]
+    done = _a2r([*common, *VLLM_OPTIONS, question], tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout)        # stdout holds the JSON only (vLLM logs to stderr)
+    assert MODEL_START_LINE in done.stderr
+    assert result["models"]["engine"] == {"name": "vllm", "tensor_parallel_size": 1,
+                                          "pipeline_parallel_size": 1,
+                                          "gpu_memory_utilization": 0.1}
+    assert result["models"]["explorer"]["arch"] == "Qwen3ForCausalLM (vLLM)"
+    explorer = result["stages"]["explorer"]
+    assert len(explorer["texts"]) == 3 and 3 <= explorer["generated_tokens"] <= 36
+    assert result["kv"]["explorer_saved_bytes"] > 0      # the prompt's full blocks, once
+    reference = _a2r([*common, question], tmp_path)       # the transformers engine
+    assert reference.returncode == 0, reference.stderr[-4000:]
+    expected = json.loads(reference.stdout)
+    expected["models"]["engine"] = result["models"]["engine"]
+    assert _keys(result) == _keys(expected)
+
+
+def test_cli_eval_engine_vllm_with_transformers_thinker(model_dir, tmp_path):
+    from a2r.tiny import ensure_tiny_models
+
+    thinker = ensure_tiny_models(tmp_path / "home", thinker=True).thinker
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
+                            for q, a in (("What is 2 + 3?", "5"), ("What is 6 * 7?", "42"))))
+    out = tmp_path / "results.json"
+    done = _a2r(["eval", str(data), "--explorer", str(model_dir), "--thinker", str(thinker),
+                 "--thinker-gen-length", "16", "--thinker-block-length", "16",
+                 "--thinker-steps", "4", "--out", str(out), "--no-progress", *GENERATION,
+                 *VLLM_OPTIONS], tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads(out.read_text())
+    assert summary["num_questions"] == 2
+    assert {"pass_at_1", "mean_at_1", "cons_at_n", "a2r", "synthesizer_alone", "ar_ar",
+            "nar_ar"} <= set(summary["accuracy"])
+    assert MODEL_START_LINE in done.stderr
+
+
+def test_cli_engine_vllm_option_errors(model_dir, tmp_path):
+    """vLLM-only options without --engine vllm, and --backend with it: one error line, exit 2,
+    before any model loads."""
+    for args, message in (
+            (["--tensor-parallel-size", "2"], "--tensor-parallel-size needs --engine vllm"),
+            (["--engine", "vllm", "--backend", "torch"], "--backend selects a2r_kernels"),
+            (["--engine", "vllm", "--gpu-memory-utilization", "1.5"], "must be in (0, 1]")):
+        done = _a2r(["run", "--explorer", str(model_dir), "--no-thinker", *args, "q?"],
+                    tmp_path)
+        assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+        assert "Using A2R_TREE" not in done.stderr and "Initializing a V1 LLM" not in done.stderr
