@@ -36,9 +36,10 @@ decode step that reuses one layout is CUDA-graph friendly.
 
 from __future__ import annotations
 
-from array import array
+from itertools import accumulate, chain
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ._vocab import INT32_MAX, int_list, positive_int
@@ -371,8 +372,14 @@ class TreeLayout:
             for j in paths[seq]:
                 node_positions[j].append(p)
 
+        # Work items: Python ints for the common short items (leaves), numpy blocks for the
+        # runs that split into many (a long shared prefix), so host work grows with the number
+        # of runs, not with their chunks. Partial rows: every (sequence, node) pair is one
+        # arithmetic segment (first, stride, count) of rows, expanded by numpy at the end.
+        work_parts: list = []
         work: list[int] = []   # WORK_FIELDS per item, flattened
-        partial_rows_of_seq: list[list[int]] = [[] for _ in range(num_seqs)]
+        num_work = 0
+        segments: list[list[int]] = [[] for _ in range(num_seqs)]   # (first, stride, count)...
         num_partials = 0
         max_q_len = 0
         table_max = -1
@@ -387,7 +394,8 @@ class TreeLayout:
                                 else max(table[:num_pages]))
             if length <= min_chunk and len(positions) == 1:   # a leaf of one sequence: the common case
                 work += (positions[0], 1, page_starts[j], 0, length, num_partials)
-                partial_rows_of_seq[order[positions[0]]].append(num_partials)
+                num_work += 1
+                segments[order[positions[0]]] += (num_partials, 1, 1)
                 num_partials += 1
                 max_q_len = max_q_len or 1
                 continue
@@ -408,47 +416,81 @@ class TreeLayout:
                     target = max(min_chunk, KV_CHUNK_TOKENS_PER_SEQ * run_len)
                     num_chunks = max(1, length // target)
                     run_chunk = _round_up(-(-length // num_chunks), block_size)
-                for kv_start in range(0, length, run_chunk):
-                    kv_end = min(kv_start + run_chunk, length)
-                    # The run's groups over one chunk are adjacent work items: they run together
-                    # and the chunk comes from DRAM once.
-                    for q_start in range(run_start, run_start + run_len, seqs_per_item):
-                        q_len = min(seqs_per_item, run_start + run_len - q_start)
-                        max_q_len = max(max_q_len, q_len)
-                        work += (q_start, q_len, page_starts[j], kv_start, kv_end, num_partials)
-                        for r, seq in enumerate(order[q_start:q_start + q_len], num_partials):
-                            partial_rows_of_seq[seq].append(r)
-                        num_partials += q_len
+                num_chunks = -(-length // run_chunk)
+                num_groups = -(-run_len // seqs_per_item)
+                # Chunk-major: the run's groups over one chunk are adjacent work items (they run
+                # together and the chunk comes from DRAM once). Item (c, g) writes partial rows
+                # base + c * run_len + (its sequences' offsets in the run).
+                base = num_partials
+                if num_chunks * num_groups <= 4:
+                    for kv_start in range(0, length, run_chunk):
+                        kv_end = min(kv_start + run_chunk, length)
+                        for q_start in range(run_start, run_start + run_len, seqs_per_item):
+                            q_len = min(seqs_per_item, run_start + run_len - q_start)
+                            work += (q_start, q_len, page_starts[j], kv_start, kv_end,
+                                     base + (kv_start // run_chunk) * run_len + q_start - run_start)
+                else:
+                    kv_start = np.arange(num_chunks, dtype=np.int64)[:, None] * run_chunk
+                    offset = np.arange(num_groups, dtype=np.int64)[None, :] * seqs_per_item
+                    items = np.empty((num_chunks, num_groups, len(WORK_FIELDS)), dtype=np.int64)
+                    items[..., 0] = run_start + offset
+                    items[..., 1] = np.minimum(seqs_per_item, run_len - offset)
+                    items[..., 2] = page_starts[j]
+                    items[..., 3] = kv_start
+                    items[..., 4] = np.minimum(kv_start + run_chunk, length)
+                    items[..., 5] = base + (kv_start // run_chunk) * run_len + offset
+                    work_parts += (work, items.reshape(-1))
+                    work = []
+                num_work += num_chunks * num_groups
+                max_q_len = max(max_q_len, min(seqs_per_item, run_len))
+                for r, seq in enumerate(order[run_start:run_start + run_len], base):
+                    segments[seq] += (r, run_len, num_chunks)
+                num_partials += num_chunks * run_len
+        work_parts.append(work)
 
-        indptr = [0]
-        rows: list[int] = []
-        for seq_rows in partial_rows_of_seq:
-            rows += seq_rows
-            indptr.append(len(rows))
+        rows_per_seq = [sum(seq_segments[2::3]) for seq_segments in segments]
+        indptr = [0, *accumulate(rows_per_seq)]
+        flat_segments = np.fromiter(chain.from_iterable(segments), dtype=np.int64)
+        first, stride, count = flat_segments[0::3], flat_segments[1::3], flat_segments[2::3]
+        if count.size and int(count.max()) > 1:   # expand the segments into row ids
+            seg_start = np.repeat(np.cumsum(count) - count, count)
+            rows = np.repeat(first, count) + np.repeat(stride, count) * (
+                np.arange(num_partials, dtype=np.int64) - seg_start)
+        else:
+            rows = first
         seq_lens = [sum(map(lengths.__getitem__, path)) for path in paths]
 
         # One int32 buffer holds every tensor of the plan: one copy to the device.
-        # (A flat Python list converted once is twice as fast as growing an array.)
-        flat: list[int] = []
+        sizes = {"work_info": num_work * len(WORK_FIELDS), "row_seq": num_seqs,
+                 "page_table": page_starts[-1] + len(tables[-1]) if tables else 0,
+                 "merge_indptr": num_seqs + 1, "merge_rows": num_partials, "seq_lens": num_seqs}
         slices = {}
-        for name, values in zip(PLAN_FIELDS, (work, order, None, indptr, rows, seq_lens)):
-            start = len(flat)
-            if values is None:   # page_table: the tables, concatenated
-                if tables is None:
-                    continue
-                for table in tables:
-                    flat += table
-            else:
-                flat += values
-            slices[name] = (start, len(flat))
-            flat += [0] * (-len(flat) % _SLICE_ALIGN)
-        host_plan = torch.frombuffer(array("i", flat), dtype=torch.int32) if flat else \
-            torch.zeros(0, dtype=torch.int32)
+        total = 0
+        for name in PLAN_FIELDS:
+            if name == "page_table" and tables is None:
+                continue
+            slices[name] = (total, total + sizes[name])
+            total += _round_up(sizes[name], _SLICE_ALIGN)
+        host_plan = torch.empty(total, dtype=torch.int32)
+        host = host_plan.numpy()
+        pos = slices["work_info"][0]
+        for part in work_parts:
+            host[pos:pos + len(part)] = part
+            pos += len(part)
+        for name, values in (("row_seq", order), ("merge_indptr", indptr), ("merge_rows", rows),
+                             ("seq_lens", seq_lens)):
+            start, end = slices[name]
+            host[start:end] = values
+        if tables is not None:
+            pos = slices["page_table"][0]
+            for table in tables:
+                host[pos:pos + len(table)] = table
+                pos += len(table)
         return cls(
             paths=paths, node_lengths=lengths, block_size=block_size,
             device=torch.device(device), kv_chunk_size=chunk, max_seqs_per_item=seqs_per_item,
             host_plan=host_plan, slices=slices, page_starts=page_starts, page_table=page_table,
-            node_tables=node_tables, num_work=len(work) // len(WORK_FIELDS),
+            node_tables=node_tables, num_work=num_work,
             num_partials=num_partials,
             max_block_id=table_max if max_block_id is None else max_block_id,
             max_seq_len=max(seq_lens, default=0), max_q_len=max_q_len,

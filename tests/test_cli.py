@@ -110,7 +110,7 @@ def test_eval_on_tiny_models_writes_results(capsys, tmp_path):
                                                 {"question": "Half of 1?", "answer": "1/2"}])
     out_file = tmp_path / "out" / "results.json"
     code, out, _ = run_cli(capsys, "eval", str(data), "--tiny", *FAST, "--out", str(out_file),
-                           "--json", "--no-progress")
+                           "--mkdir", "--json", "--no-progress")
     assert code == 0
     summary = json.loads(out)
     full = json.loads(out_file.read_text())

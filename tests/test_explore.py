@@ -374,6 +374,36 @@ def test_multilevel_sampled_tree_structure(qwen3):
     assert res.peak_blocks_used == tree_blocks_needed(10, [2, 3], [4, 5], 4) == res.num_blocks
 
 
+# ---------------------------------------------------------------------------- prefix reuse
+def test_prefill_reuses_cached_blocks_and_matches_a_fresh_prefill(model):
+    """A prompt sharing 80 of 110 tokens with a live one forwards and stores only its other 30;
+    a just-freed prompt re-prefilled takes at most one new block; logits equal a fresh prefill's
+    and greedy decoding from the reused prompt equals generate."""
+    bs = 16
+    first = _prompt(110, seed=21)
+    second = torch.cat([first[:, :80], _prompt(30, seed=22)], dim=1)
+    dec = akhf.TreeDecoder(model, num_blocks=24, block_size=bs, backend="torch")
+    a, _ = dec.prefill(first)
+    free = dec.cache.num_free_blocks
+    with ForwardLog(model) as log:
+        b, logits = dec.prefill(second)
+    assert log.shapes == [(1, 30)] and dec.reused_tokens == 80
+    assert free - dec.cache.num_free_blocks == math.ceil(30 / bs)
+    fresh = akhf.TreeDecoder(model, num_blocks=24, block_size=bs, backend="torch")
+    torch.testing.assert_close(logits, fresh.prefill(second)[1], atol=1e-5, rtol=1e-5)
+    dec.free(a)
+    dec.free(b)
+    assert dec.cache.blocks_used() == 0
+    with ForwardLog(model) as log:
+        c, logits = dec.prefill(first)
+    # 6 cached blocks reused (no eviction: 24 - 9 blocks were never keyed), one new block.
+    assert log.shapes == [(1, 110 - 96)] and dec.cache.blocks_used() == 7
+    torch.testing.assert_close(logits, fresh.prefill(first)[1], atol=1e-5, rtol=1e-5)
+    dec.free(c)
+    res = explore(model, first, [2], 6, decoder=dec, temperature=0, eos_token_id=[])
+    assert res.sequences == [_generate(model, first, 6)] * 2
+
+
 # ---------------------------------------------------------------------------- parent sequences
 @pytest.mark.parametrize("shared,block_size", [(1, 4), (9, 4), (8, 8), (13, 16)])
 def test_explore_from_parent_equals_generate(model, shared, block_size):

@@ -9,6 +9,7 @@ uses still exists, and check the verdict lines (``benchmarks/verdict.py``) on sy
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -23,8 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 VERIFY_LIMIT_S = 480   # issue 11: verify finishes in 8 minutes of wall time
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import verdict  # noqa: E402
+# benchmarks/ is not a package: load verdict.py by path, leaving sys.path alone
+_spec = importlib.util.spec_from_file_location("a2r_bench_verdict", ROOT / "benchmarks" / "verdict.py")
+verdict = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)   # dataclasses need it
+_spec.loader.exec_module(verdict)
 
 PLAN_ROW = re.compile(r"^#   (\S+)\s+(\d+)s\s+(\d+) ->\s+(\d+)\s+(must|spare|extra)\s+(\S+)$")
 PLAN_TOTAL = re.compile(r"^# verify plan total: (\d+)s of steps \+ (\d+)s reserve = (\d+)s (<=|>) "
@@ -159,23 +162,30 @@ def test_verify_pytest_selection_is_collected():
     result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
                              "-p", "no:cacheprovider", *ids], cwd=ROOT, capture_output=True,
                             text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, ("an id of VERIFY_TESTS in benchmarks/gpu_session.sh no longer "
+                                    "collects: update it to the renamed test\n"
+                                    + result.stdout[-3000:] + result.stderr[-3000:])
     collected = [line for line in result.stdout.splitlines() if "::" in line]
     assert sorted(collected) == sorted(ids)
 
 
-def test_verify_uses_only_flags_the_scripts_have(tmp_path):
-    """Each benchmarks/<script>.py call in the plan passes only options its argparse defines."""
+def test_verify_uses_only_flags_and_providers_the_scripts_have(tmp_path):
+    """Each benchmarks/<script>.py call in the plan passes only options its argparse defines, and
+    names only providers the script knows (a bench drops an unknown provider silently, and its
+    target would then read MISSING on the GPU)."""
     plan = parse_plan(dry_run(tmp_path).stdout)
-    checked = 0
+    flags = providers = 0
     for name, _, _, command in plan["ran"]:
-        for call in re.findall(r"benchmarks/(\w+\.py)((?:\s+[^;&|]+)?)", command):
-            script, args = call
+        for script, args in re.findall(r"benchmarks/(\w+\.py)((?:\s+[^;&|]+)?)", command):
             source = (ROOT / "benchmarks" / script).read_text()
             for flag in re.findall(r"(?<!\S)(--[a-z][a-z0-9-]*)", args):
                 assert f'"{flag}"' in source, f"{name}: {script} has no {flag}"
-                checked += 1
-    assert checked >= 15
+                flags += 1
+            named = re.search(r"--providers\s+((?:[^-\s][^\s]*\s*)+)", args)
+            for provider in re.split(r"[,\s]+", named.group(1).strip()) if named else []:
+                assert f'"{provider}"' in source, f"{name}: {script} has no provider {provider}"
+                providers += 1
+    assert flags >= 15 and providers >= 8
 
 
 # A GPU machine faked on CPU: nvidia-smi and compute-sanitizer stand-ins on PATH, and PYTHON a
@@ -188,6 +198,7 @@ FAKE_PYTHON = """#!/bin/bash
 case "$1" in
   benchmarks/verdict.py) exec "$REAL_PYTHON" "$@" ;;
   benchmarks/bench_*.py) exec "$REAL_PYTHON" "$FAKE_BENCH" "$@" ;;
+  -m) [[ "$*" == *--collect-only* ]] && cat "$FAKE_COLLECTED"; exit 0 ;;
   *) exit 0 ;;
 esac
 """
@@ -225,7 +236,8 @@ def test_verify_live_path_on_a_faked_gpu(tmp_path):
     """The live runner, not the dry run: steps run in order, each result file reaches
     $OUT/results/ when its step ends, committed rows are not judged, the summary ends with the
     verdict, the FlashInfer step (an `extra`) gets the seconds the others saved, and $OUT stays
-    within what the device tool returns (8 files, 2 folders down)."""
+    within what the device tool returns (8 files, 2 folders down). One test id does not collect
+    there: the others still run, and the pytest step says which one is missing."""
     repo, fake = tmp_path / "repo", tmp_path / "bin"
     shutil.copytree(ROOT / "benchmarks", repo / "benchmarks",
                     ignore=shutil.ignore_patterns("results", "__pycache__"))
@@ -237,20 +249,30 @@ def test_verify_live_path_on_a_faked_gpu(tmp_path):
     (repo / ".whl" / "flashinfer_python-0.0-py3-none-any.whl").write_text("")
     fake.mkdir()
     for name, text in (("nvidia-smi", FAKE_NVIDIA_SMI), ("compute-sanitizer", "#!/bin/bash\n"),
-                       ("python-fake", FAKE_PYTHON)):
+                       ("cuobjdump", "#!/bin/bash\n"), ("python-fake", FAKE_PYTHON)):
         (fake / name).write_text(text)
         (fake / name).chmod(0o755)
     (tmp_path / "fake_bench.py").write_text(FAKE_BENCH)
+    ids = subprocess.run(["bash", str(SCRIPT), "--list-tests"], capture_output=True, text=True,
+                         check=True).stdout.split()
+    (tmp_path / "collected.txt").write_text("\n".join(ids[1:]) + "\n12 tests collected\n")
     out = tmp_path / "out"
     env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", OUT=str(out),
                TMPDIR=str(tmp_path), PYTHON=str(fake / "python-fake"),
-               REAL_PYTHON=sys.executable, FAKE_BENCH=str(tmp_path / "fake_bench.py"))
+               REAL_PYTHON=sys.executable, FAKE_BENCH=str(tmp_path / "fake_bench.py"),
+               FAKE_COLLECTED=str(tmp_path / "collected.txt"))
     env.pop("A2R_SESSION_BUDGET_S", None)
     result = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_session.sh"), "verify"],
                             capture_output=True, text=True, env=env, timeout=120)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    started = re.findall(r"^=== \[verify\] (\S+) \(limit (\d+)s", result.stdout, re.M)
+    assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-2000:]
+    assert f"verify: {len(ids) - 1} of {len(ids)} test ids collected" in result.stdout
+    assert f"verify: not collected:\n{ids[0]}\n" in result.stdout
+    status = {step: st for st, step in re.findall(r"^(\S+)\s+\d+s / \d+\s+(\S+)",
+                                                  (out / "summary.txt").read_text(), re.M)}
     plan = parse_plan(dry_run(tmp_path / "dry").stdout)
+    assert status.pop("pytest") == "FAIL(1)"
+    assert set(status.values()) == {"ok"} and len(status) == len(plan["names"]) - 1
+    started = re.findall(r"^=== \[verify\] (\S+) \(limit (\d+)s", result.stdout, re.M)
     assert [name for name, _ in started] == plan["names"]
     limits = dict(started)
     budgets = dict(zip(plan["names"], plan["budgets"]))

@@ -23,7 +23,7 @@ test modules set it at import), one per CPU core, each with a private empty Trit
 run really compiles. Nothing here needs a GPU; without a CUDA-capable Triton build or ptxas the
 module skips with the reason.
 
-    pytest tests/test_triton_compile.py -q            # ~40 s on 2 cores (86 compiles)
+    pytest tests/test_triton_compile.py -q            # ~40 s on 2 cores (74 compiles)
     python tests/test_triton_compile.py --report      # registers / spills / shared per kernel
 """
 
@@ -72,9 +72,6 @@ _PARTIAL = [
 # LSE merges: every output dtype, head_dims 64 / 128 / 40 (BLOCK_D 64 with a mask).
 _MERGE = [("float16", 64, "contiguous"), ("bfloat16", 128, "contiguous"),
           ("float32", 40, "contiguous"), ("bfloat16", 40, "transposed")]
-# Paged decode (the same two kernels with PAGED=True, work items derived in-kernel):
-#   (dtype, head_dim, group, page_size)
-_PAGED = [("bfloat16", 128, 4, 16), ("float16", 64, 8, 32), ("float32", 40, 1, 16)]
 # denoise_step: (dtype, batch, length, vocab, temperature, remasking, mode, seed, logits_layout).
 # Vocabularies hit the three rows of denoise_config (151936 Qwen / 126464 LLaDA -> BLOCK_V 2048,
 # 8 warps; 4000 -> 1024; 100 -> 128), and with the SM counts several V-split counts. The combine
@@ -101,9 +98,6 @@ for _dt, _d, _lay in _MERGE:
     CASES[f"merge_partials-{_dt}-d{_d}"] = dict(op="merge_partials", dtype=_dt, head_dim=_d)
     CASES[f"merge_two_states-{_dt}-d{_d}-{_lay}"] = dict(op="merge_two_states", dtype=_dt,
                                                          head_dim=_d, layout=_lay)
-for _dt, _d, _g, _p in _PAGED:
-    CASES[f"paged-{_dt}-d{_d}-g{_g}-p{_p}"] = dict(op="paged", dtype=_dt, head_dim=_d, group=_g,
-                                                    page_size=_p)
 for _dt, _b, _l, _v, _t, _r, _m, _s, _lay in _DENOISE:
     CASES[f"denoise-{_dt}-B{_b}L{_l}V{_v}-T{_t}-{_r}-{_m}-{_lay}"] = dict(
         op="denoise", dtype=_dt, batch=_b, length=_l, vocab=_v, temperature=_t, remasking=_r,
@@ -144,18 +138,6 @@ def _capture(case: dict, arch: int):
             torch.empty(num_blocks, dtype=torch.int32),
             torch.empty(num_rows, num_q_heads, head_dim), torch.empty(num_rows, num_q_heads),
             head_dim ** -0.5, q_len * group)
-    if case["op"] == "paged":
-        num_kv_heads, num_seqs, num_blocks, max_blocks = 2, 5, 40, 24
-        num_q_heads = num_kv_heads * case["group"]
-        k_cache = torch.empty(num_blocks, case["page_size"], num_kv_heads, case["head_dim"],
-                              dtype=dtype)
-        return _aot.capture_launches(
-            attention, attention.paged_decode,
-            torch.empty(num_seqs, num_q_heads, case["head_dim"], dtype=dtype), k_cache,
-            torch.empty_like(k_cache), torch.empty(num_seqs, max_blocks, dtype=torch.int32),
-            torch.empty(num_seqs, dtype=torch.int32), 256, case["head_dim"] ** -0.5,
-            torch.empty(num_seqs, num_q_heads, case["head_dim"], dtype=dtype),
-            torch.empty(num_seqs, num_q_heads))
     if case["op"] == "merge_partials":
         num_seqs, num_heads, num_rows = 5, 6, 9
         return _aot.capture_launches(
@@ -400,8 +382,6 @@ def _check_kernel(kernel: dict, case: dict, arch: int) -> None:
         f"{name}: the CUDA toolkit's ptxas rejects the PTX Triton accepted:\n"
         f"{kernel['system_ptxas']}")
 
-    if "PAGED" in constexprs:
-        assert constexprs["PAGED"] == (case["op"] == "paged")
     if name == "_tree_attention_partial_kernel":
         fp32 = case["dtype"] == "float32"
         assert constexprs["FP32_DOT"] == fp32, "bf16/fp16 must take the tensor-core dot on a GPU"
@@ -429,7 +409,7 @@ def test_kernel_compiles_for_target(matrix, case_id, arch):
     job = _job(matrix, case_id, arch)
     assert "capture_error" not in job, f"the launcher failed: {job['capture_error']}"
     launches_per_call = {"tree_partials": 1, "merge_partials": 1, "merge_two_states": 1,
-                         "paged": 2, "denoise": 3}
+                         "denoise": 3}
     names = [kernel["name"] for kernel in job["kernels"]]
     assert len(names) == launches_per_call[CASES[case_id]["op"]], names
     for kernel in job["kernels"]:

@@ -382,3 +382,34 @@ def test_from_block_tables_validation():
     assert empty.paths == [[], []] and empty.num_work == 0
     # junk past a row's length is ignored, even negative ids
     assert ak.TreeLayout.from_block_tables([[2, -5]], [3], 4).paths == [[0]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_layouts_step_by_step(backend):
+    """Decode steps of a TreeKVCache tree, each planned into one wrapper (the page table copied
+    from the cache's device block tables), equal the reference."""
+    _backend_or_skip(backend)
+    bs, hq, hkv, d, dtype = 4, 4, 2, 16, torch.float32
+    cache = ak.TreeKVCache(1, hkv, d, num_blocks=64, block_size=bs, dtype=dtype, device=DEVICE)
+    g = torch.Generator().manual_seed(0)
+
+    def append(seqs, n):
+        slots = cache.reserve(seqs, n)
+        kv = torch.randn(2, slots.numel(), hkv, d, generator=g).to(DEVICE)
+        cache.write(0, slots, kv[0], kv[1])
+
+    root = cache.new_sequence()
+    append([root], 9)
+    kids = cache.fork(root, 3)
+    w = _wrapper(backend, hq, hkv, d, bs, dtype, max_blocks=cache.block_table_capacity)
+    for step in range(4):
+        if step == 2:
+            kids = kids[:2] + cache.fork(kids[2], 2)
+        append(kids, 2 if step == 0 else 1)
+        layout = cache.layout(kids)
+        w.plan(layout)
+        q = torch.randn(len(kids), hq, d, generator=g).to(DEVICE)
+        out, lse = w.run(q, cache.k[0], cache.v[0], return_lse=True)
+        ref_out, ref_lse = reference.tree_decode_attention_by_path(q, cache.k[0], cache.v[0],
+                                                                   layout, d ** -0.5)
+        check_close(out, lse, ref_out, ref_lse, dtype)

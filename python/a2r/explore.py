@@ -8,7 +8,7 @@ blocks go back to the pool.
 Per step the host syncs once: it reads the sampled tokens (``[n_live]``) to check stops and to
 plan the next step. Everything else (forward, warping, sampling) stays on the device.
 
-``sample_parallel`` is the public entry (``shared/API.md`` section 4); :func:`sample_tree` runs
+``sample_parallel`` is the public entry (``docs/API.md`` section 4); :func:`sample_tree` runs
 several levels (sample ``n``, fork each branch into ``m``, ...) through the same loop, and
 :func:`explore` returns the memory statistics with the sequences.
 
@@ -264,9 +264,13 @@ def explore_from(decoder: TreeDecoder, input_ids: torch.Tensor, widths: Sequence
         owned.discard(seq)
 
     try:
-        root = decoder.new_sequence() if parent is None else decoder.fork(parent, 1)[0]
-        owned.add(root)
-        root_logits = decoder.extend([root], input_ids)
+        if parent is None:   # reuses whatever whole blocks of the prompt the pool caches
+            root, root_logits = decoder.prefill(input_ids)
+            owned.add(root)
+        else:
+            root = decoder.fork(parent, 1)[0]
+            owned.add(root)
+            root_logits = decoder.extend([root], input_ids)
         # Frontier: (tree position, seq, tokens so far, logits row [1, V] for its next token). The
         # tree position (child index per level) orders the leaves: branch order, not finish order.
         frontier = [((), root, [], root_logits)]

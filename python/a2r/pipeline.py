@@ -50,6 +50,7 @@ vLLM reports cached for the synthesizer.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 import warnings
@@ -72,6 +73,7 @@ __all__ = [
     "KVSharing",
     "ModelDirError",
     "PipelineError",
+    "PromptTooLongError",
     "StageReport",
     "TokenizerMismatchError",
     "UnsupportedArchitectureError",
@@ -102,6 +104,10 @@ class TokenizerMismatchError(PipelineError):
     """Explorer and synthesizer tokenizers disagree where the set-up needs them identical."""
 
 
+class PromptTooLongError(PipelineError):
+    """A stage's prompt plus its new tokens exceed its model's ``max_position_embeddings``."""
+
+
 # --------------------------------------------------------------------------------------------
 # Configuration and results
 # --------------------------------------------------------------------------------------------
@@ -116,6 +122,14 @@ THINKER_INSTRUCTION = "Write a short reasoning trace that reconciles the referen
 SYNTHESIZER_INSTRUCTION = (
     "The reference answers above come from independent attempts and may be wrong. Re-reason about "
     "the question using them, and put your final answer within \\boxed{}.")
+
+
+def joined_trace(traces: Sequence[str]) -> str:
+    """The thinker text handed to the synthesizer: the trace itself, or with several traces each
+    headed ``Trace i:`` (blank lines between)."""
+    if len(traces) == 1:
+        return traces[0]
+    return "\n\n".join(f"Trace {i}:\n{t}" for i, t in enumerate(traces, 1))
 
 
 @dataclass
@@ -141,6 +155,8 @@ class A2RConfig:
     thinker_temperature: float = 0.0
     thinker_remasking: str = "low_confidence"
     thinker_cache: str = "none"
+    thinker_traces: int = 1                  # thinker traces from one prompt (one encoder pass
+                                             # with DiffusionGemma); all go to the synthesizer
     # Synthesizer (greedy by default: the synthesis should be reproducible).
     synth_max_new_tokens: int | None = None  # None: max_new_tokens
     synth_temperature: float = 0.0
@@ -168,6 +184,11 @@ class A2RConfig:
             raise PipelineError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise PipelineError(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}")
+        for name in ("answer_max_chars", "answer_max_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 0):
+                raise PipelineError(f"{name} must be an int >= 0 or None (no cap), got {value!r}")
         if self.answer_mode not in ANSWER_MODES:
             raise PipelineError(f"answer_mode must be one of {ANSWER_MODES}, "
                                 f"got {self.answer_mode!r}")
@@ -184,7 +205,8 @@ class A2RConfig:
                                 f"got {self.thinker_cache!r}")
         if self.backend not in BACKENDS:
             raise PipelineError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        for name in ("thinker_gen_length", "thinker_block_length", "thinker_steps"):
+        for name in ("thinker_gen_length", "thinker_block_length", "thinker_steps",
+                     "thinker_traces"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.thinker_gen_length % self.thinker_block_length:
@@ -266,7 +288,8 @@ class A2RResult:
 
     @property
     def trace(self) -> str | None:
-        return self.thinker.texts[0] if self.thinker is not None else None
+        """The thinker text the synthesizer read (its traces joined, see :func:`joined_trace`)."""
+        return joined_trace(self.thinker.texts) if self.thinker is not None else None
 
     @property
     def kv_bytes_saved(self) -> int:
@@ -334,13 +357,17 @@ def parse_dtype(name):
 
 def _model_device(model):
     device = getattr(model, "device", None)   # PreTrainedModel and VLLMModel have one
-    return device if device is not None and not callable(device) else next(model.parameters()).device
+    if device is not None and not callable(device):
+        return device
+    return next(model.parameters()).device
 
 
 def _model_dtype(model):
     """The dtype of ``model``'s weights (and KV cache)."""
     dtype = getattr(model, "dtype", None)
-    return dtype if dtype is not None and not callable(dtype) else next(model.parameters()).dtype
+    if dtype is not None and not callable(dtype):
+        return dtype
+    return next(model.parameters()).dtype
 
 
 def _is_vllm(model) -> bool:
@@ -433,6 +460,39 @@ def _tokenizer_differences(a, b) -> list[str]:
     return diffs
 
 
+def _check_tokenizer(tokenizer, directory: Path, role: str) -> None:
+    """transformers builds an empty tokenizer from ``config.json`` alone when a directory has no
+    tokenizer files; it encodes every text to no tokens. Refuse it here, naming the directory."""
+    if not tokenizer("0 a", add_special_tokens=False)["input_ids"]:
+        raise ModelDirError(f"{role} model directory {directory} has no tokenizer (it loads as an "
+                            f"empty {type(tokenizer).__name__}); save one there with "
+                            "tokenizer.save_pretrained(DIR)")
+
+
+def _position_limit(model) -> int | None:
+    """The model's ``max_position_embeddings`` (None when its config has none)."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+_REFERENCES_TOO_LONG = ("prompt too long once the references are in (lower answer_max_chars, "
+                        "answer_max_tokens or num_paths)")
+
+
+def _check_fits(role: str, model, prompt_tokens: int, new_tokens: int, what: str) -> None:
+    """Raise :class:`PromptTooLongError` when ``prompt_tokens + new_tokens`` positions exceed the
+    model's ``max_position_embeddings`` (positions past it are outside what the model was built
+    for: RoPE models drift, learned position tables fail)."""
+    limit = _position_limit(model)
+    if limit is not None and prompt_tokens + new_tokens > limit:
+        raise PromptTooLongError(
+            f"{what}: the {role} prompt is {prompt_tokens} tokens, + {new_tokens} new tokens = "
+            f"{prompt_tokens + new_tokens} > max_position_embeddings={limit} of the {role} model "
+            f"({type(model).__name__}, {getattr(model, 'name_or_path', '') or 'in memory'})")
+
+
 def _check_model_dir(path, role: str) -> Path:
     if path is None:
         raise ModelDirError(f"{role} model directory is required")
@@ -486,6 +546,7 @@ def _load_causal_lm(path, role: str, device, dtype):
     except (ValueError, OSError) as err:
         raise ModelDirError(f"{role} model directory {directory} has no loadable tokenizer: "
                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    _check_tokenizer(tokenizer, directory, role)
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=parse_dtype(dtype))
     except OSError as err:  # config.json but no weights, or unreadable weights
@@ -527,7 +588,10 @@ def _load_thinker(path, device, dtype):
     except (ValueError, OSError) as err:
         raise ModelDirError(f"thinker model directory {directory} has no loadable tokenizer: "
                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
-    mask_id = getattr(tokenizer, "mask_token_id", None)
+    _check_tokenizer(tokenizer, directory, "thinker")
+    from .diffusion_gemma import is_diffusion_gemma_config
+    uniform_noise = is_diffusion_gemma_config(json.loads((directory / "config.json").read_text()))
+    mask_id = None if uniform_noise else getattr(tokenizer, "mask_token_id", None)
     try:
         model = load_diffusion_model(str(directory), mask_id=mask_id, device=device,
                                      dtype=parse_dtype(dtype))
@@ -748,6 +812,8 @@ class A2RPipeline:
         device = _model_device(model)
         if input_ids is None:
             input_ids = _encode(tokenizer, prompt, device)
+        # Question-only prompts were checked up front (check_question); this catches the rest.
+        _check_fits(name, model, input_ids.shape[1], max_new_tokens, _REFERENCES_TOO_LONG)
         eos_ids = _eos_ids(model, tokenizer)
         eos_token_id = eos_ids if len(eos_ids) > 1 else (eos_ids[0] if eos_ids else None)
         sampling = dict(temperature=temperature, top_p=cfg.top_p, top_k=cfg.top_k,
@@ -801,7 +867,8 @@ class A2RPipeline:
             reference_tokens = min(reference_tokens, cfg.answer_max_tokens + 2)
         synth_prompt_tokens = (max(p.shape[1] for p in probes) - prefix
                                + cfg.num_paths * reference_tokens
-                               + (cfg.thinker_gen_length + 2 if trace else 0))
+                               + (cfg.thinker_traces * (cfg.thinker_gen_length + 8)
+                                  if trace else 0))
         synth_blocks = tree_blocks_needed(synth_prompt_tokens, [1], [synth_max], _BLOCK_SIZE)
         num_blocks = _ceil_div(prefix, _BLOCK_SIZE) + max(explorer_blocks, synth_blocks)
         return _SharedPrefix(self.explorer, explorer_ids[:, :prefix], num_blocks, cfg.backend), ""
@@ -810,29 +877,37 @@ class A2RPipeline:
         import torch
 
         from .diffusion import diffusion_generate
+        from .diffusion_gemma import is_diffusion_gemma
 
         tokenizer = self.thinker_tokenizer
         prompt = self.thinker_prompt(question, references)
         device = _model_device(self.thinker)
         input_ids = _encode(tokenizer, prompt, device)
+        _check_fits("thinker", self.thinker, input_ids.shape[1], cfg.thinker_gen_length,
+                    _REFERENCES_TOO_LONG)
         generator = None
         if cfg.seed is not None:
             generator = torch.Generator(device=device).manual_seed(cfg.seed + 2)
         stop_ids = [i for i in (tokenizer.eos_token_id, getattr(tokenizer, "mask_token_id", None))
                     if i is not None]
+        if is_diffusion_gemma(self.thinker):   # schedule from its generation config
+            schedule = {}
+        else:
+            schedule = dict(block_length=cfg.thinker_block_length, steps=cfg.thinker_steps,
+                            threshold=cfg.thinker_threshold, temperature=cfg.thinker_temperature,
+                            remasking=cfg.thinker_remasking, cache=cfg.thinker_cache,
+                            mask_id=getattr(tokenizer, "mask_token_id", None))
         _synchronize(device)
         start = time.perf_counter()
         rows = diffusion_generate(
             self.thinker, input_ids, gen_length=cfg.thinker_gen_length,
-            block_length=cfg.thinker_block_length, steps=cfg.thinker_steps,
-            threshold=cfg.thinker_threshold, temperature=cfg.thinker_temperature,
-            remasking=cfg.thinker_remasking, mask_id=getattr(tokenizer, "mask_token_id", None),
-            eos_token_id=tokenizer.eos_token_id, cache=cfg.thinker_cache, generator=generator)
+            eos_token_id=tokenizer.eos_token_id, generator=generator,
+            num_traces=cfg.thinker_traces, **schedule)
         _synchronize(device)
         seconds = time.perf_counter() - start
-        trace_ids = [int(t) for t in rows[0]]
-        trace = _decode(tokenizer, trace_ids, stop_ids).strip()
-        return StageReport("thinker", prompt, int(input_ids.shape[1]), [trace], [trace_ids], seconds)
+        trace_ids = [[int(t) for t in row] for row in rows]
+        traces = [_decode(tokenizer, ids, stop_ids).strip() for ids in trace_ids]
+        return StageReport("thinker", prompt, int(input_ids.shape[1]), traces, trace_ids, seconds)
 
     # ---- single stages (``a2r eval`` re-runs them on one set of explorer samples) -------------
 
@@ -863,19 +938,47 @@ class A2RPipeline:
         report.texts = [report.texts[0].strip()]
         return report
 
+    def _config(self, overrides) -> A2RConfig:
+        unknown = set(overrides) - set(A2RConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown A2RConfig fields: {sorted(unknown)}")
+        cfg = A2RConfig(**{**asdict(self.config), **overrides})
+        cfg.validate()
+        return cfg
+
+    def check_question(self, question: str, **overrides) -> None:
+        """Raise :class:`PipelineError` when :meth:`run` would refuse ``question``, without running
+        any model: it is not a non-blank string, or a stage's prompt (the thinker's and the
+        synthesizer's with empty references: their shortest form) plus that stage's new tokens
+        exceeds its model's ``max_position_embeddings`` (:class:`PromptTooLongError`)."""
+        self._check_question(question, self._config(overrides))
+
+    def _check_question(self, question, cfg: A2RConfig) -> None:
+        if not isinstance(question, str) or not question.strip():
+            raise PipelineError(f"question must be a non-empty string, got {question!r}")
+        what = "question too long"
+        _check_fits("explorer", self.explorer, len(_encode(
+            self.explorer_tokenizer, self.explorer_prompt(question), "cpu")[0]),
+            cfg.max_new_tokens, what)
+        no_references = [""] * cfg.num_paths
+        use_thinker = self.thinker is not None and cfg.use_thinker
+        if use_thinker:
+            _check_fits("thinker", self.thinker, len(_encode(
+                self.thinker_tokenizer, self.thinker_prompt(question, no_references), "cpu")[0]),
+                cfg.thinker_gen_length, what)
+        synth_prompt = self.synthesizer_prompt(question, no_references, "x" if use_thinker else None)
+        _check_fits("synthesizer", self.synthesizer, len(_encode(
+            self.synthesizer_tokenizer, synth_prompt, "cpu")[0]),
+            cfg.synth_max_new_tokens or cfg.max_new_tokens, what)
+
     def run(self, question: str, **overrides) -> A2RResult:
         """Run explorer -> thinker -> synthesizer on ``question``.
 
         ``overrides`` replace fields of :attr:`config` for this call only
         (e.g. ``num_paths=8, max_new_tokens=512``).
         """
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("question must be a non-empty string")
-        unknown = set(overrides) - set(A2RConfig.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown A2RConfig fields: {sorted(unknown)}")
-        cfg = A2RConfig(**{**asdict(self.config), **overrides})
-        cfg.validate()
+        cfg = self._config(overrides)
+        self._check_question(question, cfg)
         run_start = time.perf_counter()
 
         # 1. Explorer: N paths from one prompt; the prompt KV is shared through the tree cache.
@@ -925,7 +1028,7 @@ class A2RPipeline:
         #    shared root, when its prompt starts with the root's tokens.
         synth_seed = None if cfg.seed is None else cfg.seed + 1
         synth_prompt = self.synthesizer_prompt(question, references,
-                                               thinker.texts[0] if thinker else None)
+                                               joined_trace(thinker.texts) if thinker else None)
         synth_ids = _encode(self.synthesizer_tokenizer, synth_prompt,
                             _model_device(self.synthesizer))
         synth_max = cfg.synth_max_new_tokens or cfg.max_new_tokens
