@@ -73,7 +73,7 @@ def tiny(tmp_path_factory):
 
 
 def run_cases(tiny, cases, *, forward_allowed=False):
-    """Run ``{name: (argv, env)}`` through the driver; returns ``{name: (code, stdout, stderr)}``."""
+    """Run ``{name: (argv, env)}`` through the driver -> ``{name: (code, stdout, stderr)}``."""
     env = {**os.environ, "A2R_HOME": str(tiny[0]), "OMP_NUM_THREADS": "1"}
     env.pop("A2R_DEBUG", None)
     payload = json.dumps([[name, [str(a) for a in argv], case_env]
