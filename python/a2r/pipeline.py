@@ -218,6 +218,22 @@ class A2RConfig:
                                 f"number of thinker blocks ({num_blocks}) when no threshold is set")
 
 
+# Masked-diffusion schedule knobs a DiffusionGemma thinker has no use for (its generation config
+# sets its schedule); thinker_block_length stays free: validate() ties it to thinker_gen_length.
+_MASKED_DIFFUSION_ONLY = ("thinker_steps", "thinker_threshold", "thinker_temperature",
+                          "thinker_remasking", "thinker_cache")
+
+
+def _check_uniform_noise_thinker(cfg: A2RConfig) -> None:
+    """PipelineError naming the masked-diffusion knobs set away from their defaults."""
+    defaults = A2RConfig()
+    changed = [name for name in _MASKED_DIFFUSION_ONLY
+               if getattr(cfg, name) != getattr(defaults, name)]
+    if changed:
+        raise PipelineError(f"{', '.join(changed)}: masked-diffusion options, not used by the "
+                            "DiffusionGemma thinker (its generation config sets its schedule)")
+
+
 @dataclass
 class StageReport:
     """One stage's prompt, outputs and cost.
@@ -944,6 +960,10 @@ class A2RPipeline:
             raise ValueError(f"unknown A2RConfig fields: {sorted(unknown)}")
         cfg = A2RConfig(**{**asdict(self.config), **overrides})
         cfg.validate()
+        if self.thinker is not None and cfg.use_thinker:
+            from .diffusion_gemma import is_diffusion_gemma
+            if is_diffusion_gemma(self.thinker):
+                _check_uniform_noise_thinker(cfg)
         return cfg
 
     def check_question(self, question: str, **overrides) -> None:
