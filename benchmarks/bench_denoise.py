@@ -334,7 +334,7 @@ def main(argv=None):
                         f"shapes with B * L <= {SPLIT_SWEEP_MAX_POSITIONS}")
     parser.add_argument("--shapes", default=None,
                         help="comma-separated BxLxV shapes instead of the sweep, e.g. 8x256x126464")
-    parser.add_argument("--ops", default="denoise,entropy-bound",
+    parser.add_argument("--ops", default="denoise",
                         help="comma-separated: denoise (denoise_step rows), entropy-bound "
                         "(entropy_bound_step rows; their --shapes default: 8x256x262144 on GPU, "
                         "2x64x32000 on CPU) (default: %(default)s)")

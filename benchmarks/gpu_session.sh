@@ -44,7 +44,8 @@
 #   <phase>.log      everything the phase printed (verify.log, build-test.log, bench.log, ...)
 #   results/*.json   verify: each step's result file, copied as soon as the step ends
 #   summary.txt      one line per step: status, seconds used, time limit, command
-#   pytest-junit.xml per-test results of the build-test and verify phases
+#   pytest-junit.xml per-test results of the build-test phase (verify: counted in summary.txt,
+#                    the file kept in /tmp, so that its 5 result files fit in the 8 returned)
 #   results.tgz      benchmarks/results/*.json *.png as the benchmarks left them (bench phases);
 #                    unpack in the repository root: tar -xzf results.tgz
 #
@@ -92,6 +93,8 @@ PHASE="${PHASE:-build-test}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO" || exit 2
 OUT="${OUT:-${TMPDIR:-/tmp}/a2r_gpu_session_out}"   # outside the checkout: never sent or committed
+JUNIT="$OUT/pytest-junit.xml"
+[[ $PHASE == verify ]] && JUNIT="${TMPDIR:-/tmp}/a2r_verify_junit.xml"   # $OUT: 8 files at most
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 START_S=$(date +%s)
@@ -466,20 +469,22 @@ verify_plan() {
   #         name                  budget min kind  needs      result           command
   # the carried wheels first, so that the environment report shows what imports
   plan_step wheels                10     5   must  wheels     -                "$WHEELS_CMD"
-  plan_step env                   15     3   must  -          -                "$(env_cmd)"
+  plan_step env                   12     3   must  -          -                "$(env_cmd)"
   # (1) sm_90 only (A2R_CUDA_ARCHS from nvidia-smi), the .cu files compiled in parallel by ninja
   plan_step build                 45     25  must  -          -                "A2R_BUILD_CUDA=1 A2R_CUDA_ARCHS=${A2R_CUDA_ARCHS:-90} A2R_BUILD_JOBS=\$(nproc) $PY setup.py build_ext --inplace && $PY -c 'import a2r_kernels._C as C; print(\"a2r_kernels._C\", C.__file__, \"CUDA runtime\", C.cuda_runtime_version())' && { ! command -v cuobjdump >/dev/null || cuobjdump --list-elf a2r_kernels/_C*.so; }"
   # (2) compiled Triton (TRITON_INTERPRET=0) and CUDA against the reference; xdist when present
-  plan_step pytest                105    45  must  -          -                "A2R_PYTEST_WORKERS=$workers verify_pytest $tests"
+  plan_step pytest                95     45  must  -          -                "A2R_PYTEST_WORKERS=$workers verify_pytest $tests"
   # (3) one small case per CUDA kernel under the sanitizer
-  plan_step sanitize-memcheck     50     30  must  sanitizer  -                "$memcheck"
-  plan_step sanitize-racecheck    30     15  spare sanitizer  -                "$racecheck"
+  plan_step sanitize-memcheck     45     30  must  sanitizer  -                "$memcheck"
+  plan_step sanitize-racecheck    20     15  spare sanitizer  -                "$racecheck"
   # (4) the headline rows: tree attention at the issues' two target shapes (one process each,
   # since a benchmark writes its JSON at its end), denoise, explore against hf-generate
   plan_step bench-tree-P8k-N64    30     15  must  -          tree_attention   "$PY benchmarks/bench_tree_attention.py --P 8192 --N 64 --S 128 --heads 32/8 --providers $TREE_PROVIDERS"
   plan_step bench-tree-P1k-N4     25     10  must  -          tree_attention   "$PY benchmarks/bench_tree_attention.py --P 1024 --N 4 --S 128 --heads 8/1 --providers $TREE_PROVIDERS"
-  # Issue 15: an entropy-bound row (B=8, L=256, V=262144) goes here once bench_denoise.py has it.
-  plan_step bench-denoise         35     20  must  -          denoise          "$PY benchmarks/bench_denoise.py --shapes 8x256x126464"
+  plan_step bench-denoise         35     20  must  -          denoise          "$PY benchmarks/bench_denoise.py --ops denoise --shapes 8x256x126464"
+  # issue 15: the entropy-bound step at its default GPU shape, B=8 L=256 V=262144, flat and
+  # lm-like logits, against transformers' sampler step
+  plan_step bench-entropy-bound   35     20  must  -          entropy_bound    "$PY benchmarks/bench_denoise.py --ops entropy-bound"
   # Issue 13: eager vs CUDA-graph explore rows go here once bench_explore.py has the flag.
   plan_step bench-explore         75     45  must  -          explore          "$PY benchmarks/bench_explore.py --prompt-lens 8192 --ns 32 --providers a2r-explore hf-generate --rep 2"
   # FlashInfer's cascade beside a2r-paged, in its own file: its JIT compile (nvcc, minutes on a
@@ -509,7 +514,7 @@ verify_pytest() {
     fi
     mapfile -t run_ids <<<"$ids"
     "$PY" -m pytest -q -rs --durations=10 -p no:cacheprovider "${xdist[@]}" \
-      --junitxml="$OUT/pytest-junit.xml" "${run_ids[@]}" || rc=$?
+      --junitxml="$JUNIT" "${run_ids[@]}" || rc=$?
   fi
   [[ $found == "$#" || $rc != 0 ]] || rc=1
   return "$rc"
@@ -593,7 +598,7 @@ carry_report() {  # what the device call sends: the checkout (tracked + untracke
 
 phase_verify() {
   if [[ $DRY_RUN == 1 ]]; then carry_report || { FAILED=2; return; }; fi
-  export PY OUT; export -f verify_pytest   # the pytest step's `bash -c` calls it
+  export PY JUNIT; export -f verify_pytest   # the pytest step's `bash -c` calls it
   if [[ $HAS_GPU == 0 ]]; then
     say "gpu_session.sh: verify needs a CUDA GPU (nvidia-smi -L lists none); the plan: --dry-run --assume-gpu verify"
     FAILED=2; return
@@ -613,7 +618,7 @@ phase_verify() {
 
 # ------------------------------------------------------------------------------------- main
 if [[ $LIST_TESTS == 1 ]]; then printf '%s\n' "${VERIFY_TESTS[@]}"; exit 0; fi
-rm -f "$OUT"/{verify,build-test,bench,bench-explore,env}.log "$OUT"/pytest-junit.xml "$OUT"/results.tgz
+rm -f "$OUT"/{verify,build-test,bench,bench-explore,env}.log "$OUT"/pytest-junit.xml "$OUT"/results.tgz "$JUNIT"
 rm -rf "$OUT"/results
 : > "$SUMMARY"
 : > "$LOG"
@@ -632,8 +637,8 @@ case "$MODE" in
     phase_bench ;;
 esac
 
-if [[ -s "$OUT/pytest-junit.xml" && $DRY_RUN == 0 ]]; then
-  $PY - "$OUT/pytest-junit.xml" >> "$SUMMARY" <<'EOF'
+if [[ -s "$JUNIT" && $DRY_RUN == 0 ]]; then
+  $PY - "$JUNIT" >> "$SUMMARY" <<'EOF'
 import sys
 import xml.etree.ElementTree as ET
 root = ET.parse(sys.argv[1]).getroot()

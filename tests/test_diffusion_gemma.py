@@ -265,3 +265,16 @@ def test_cli_run_with_a_diffusion_gemma_thinker_and_traces(tmp_path, tmp_path_fa
     prompt = payload["stages"]["synthesizer"]["prompt"]
     assert "Trace 1:" in prompt and "Trace 2:" in prompt
     assert payload["trace"].startswith("Trace 1:")
+
+
+def test_pipeline_refuses_masked_diffusion_knobs_for_a_diffusion_gemma_thinker(model):
+    from a2r.pipeline import A2RConfig, A2RPipeline, PipelineError
+    from a2r.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    explorer = diffusion_gemma.build_tiny_diffusion_gemma(VOCAB)   # never runs here
+    pipe = A2RPipeline(explorer, tokenizer, thinker=model, thinker_tokenizer=tokenizer,
+                       config=A2RConfig(thinker_steps=8))
+    with pytest.raises(PipelineError, match="thinker_steps"):
+        pipe.check_question("What is 2+2?")
+    pipe.check_question("What is 2+2?", thinker_steps=A2RConfig().thinker_steps)

@@ -40,11 +40,14 @@ KV bytes saved by sharing: the explorer's prompt KV is stored once for N paths i
 ``prompt_tokens * (N - 1) * bytes_per_token`` with
 ``bytes_per_token = 2 (K and V) * num_layers * num_kv_heads * head_dim * dtype size``; plus
 ``reused_prefix_tokens * bytes_per_token``: the synthesizer prompt tokens whose KV came from the
-cache, neither recomputed nor stored again.
+cache, neither recomputed nor stored again. With ``engine="vllm"`` both are vLLM's prefix caching,
+which shares whole blocks: the explorer prompt's full blocks, and the prompt tokens vLLM reports
+cached for the synthesizer.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -214,6 +217,22 @@ class A2RConfig:
                                 f"number of thinker blocks ({num_blocks}) when no threshold is set")
 
 
+# Masked-diffusion schedule knobs a DiffusionGemma thinker has no use for (its generation config
+# sets its schedule); thinker_block_length stays free: validate() ties it to thinker_gen_length.
+_MASKED_DIFFUSION_ONLY = ("thinker_steps", "thinker_threshold", "thinker_temperature",
+                          "thinker_remasking", "thinker_cache")
+
+
+def _check_uniform_noise_thinker(cfg: A2RConfig) -> None:
+    """PipelineError naming the masked-diffusion knobs set away from their defaults."""
+    defaults = A2RConfig()
+    changed = [name for name in _MASKED_DIFFUSION_ONLY
+               if getattr(cfg, name) != getattr(defaults, name)]
+    if changed:
+        raise PipelineError(f"{', '.join(changed)}: masked-diffusion options, not used by the "
+                            "DiffusionGemma thinker (its generation config sets its schedule)")
+
+
 @dataclass
 class StageReport:
     """One stage's prompt, outputs and cost.
@@ -352,7 +371,24 @@ def parse_dtype(name):
 
 
 def _model_device(model):
+    device = getattr(model, "device", None)   # PreTrainedModel and VLLMModel have one
+    if device is not None and not callable(device):
+        return device
     return next(model.parameters()).device
+
+
+def _model_dtype(model):
+    """The dtype of ``model``'s weights (and KV cache)."""
+    dtype = getattr(model, "dtype", None)
+    if dtype is not None and not callable(dtype):
+        return dtype
+    return next(model.parameters()).dtype
+
+
+def _is_vllm(model) -> bool:
+    from .vllm_engine import VLLMModel
+
+    return isinstance(model, VLLMModel)
 
 
 def _synchronize(device) -> None:
@@ -369,7 +405,9 @@ def kv_bytes_per_token(model) -> int:
     num_heads = text_config.num_attention_heads
     num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
-    element_size = next(model.parameters()).element_size()
+    import torch
+
+    element_size = torch.empty((), dtype=_model_dtype(model)).element_size()
     return 2 * text_config.num_hidden_layers * num_kv_heads * head_dim * element_size
 
 
@@ -533,6 +571,24 @@ def _load_causal_lm(path, role: str, device, dtype):
     return model, tokenizer
 
 
+def _load_vllm_model(path, role: str, device, dtype, *, options: dict, seed):
+    """A :class:`~a2r.vllm_engine.VLLMModel` + tokenizer from ``path`` (``device`` unused: vLLM
+    places the engine itself)."""
+    from transformers import AutoTokenizer
+
+    from .vllm_engine import VLLMModel, vllm_available
+
+    if not vllm_available():
+        raise PipelineError("engine 'vllm' needs vLLM installed (pip install vllm)")
+    directory = _check_model_dir(path, role)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (ValueError, OSError) as err:
+        raise ModelDirError(f"{role} model directory {directory} has no loadable tokenizer: "
+                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    return VLLMModel(directory, dtype=parse_dtype(dtype), seed=seed, **options), tokenizer
+
+
 def _load_thinker(path, device, dtype):
     from transformers import AutoTokenizer
 
@@ -624,23 +680,34 @@ class A2RPipeline:
     @classmethod
     def from_pretrained(cls, explorer: str | os.PathLike, synthesizer: str | os.PathLike | None = None,
                         thinker: str | os.PathLike | None = None, *, device="cpu", dtype=None,
-                        config: A2RConfig | None = None) -> "A2RPipeline":
+                        config: A2RConfig | None = None, engine: str = "transformers",
+                        vllm_options: dict | None = None) -> "A2RPipeline":
         """Load the models from ``save_pretrained`` directories (each with its tokenizer).
 
         ``synthesizer=None`` or the explorer's own directory gives the symmetric set-up (the model
         is loaded once). ``dtype``: ``None``/``"auto"`` keeps the checkpoint's, else a name accepted
-        by :func:`parse_dtype`. Raises :class:`ModelDirError`,
+        by :func:`parse_dtype`. ``engine="vllm"`` runs the explorer and the synthesizer as vLLM
+        engines (:class:`a2r.vllm_engine.VLLMModel`, ``vllm_options`` its keyword arguments:
+        ``tensor_parallel_size``, ``pipeline_parallel_size``, ``gpu_memory_utilization``, ...;
+        ``device`` is then the thinker's only). Raises :class:`ModelDirError`,
         :class:`UnsupportedArchitectureError` or :class:`TokenizerMismatchError`.
         """
+        from .vllm_engine import ENGINES
+
+        if engine not in ENGINES:
+            raise PipelineError(f"engine must be one of {ENGINES}, got {engine!r}")
+        load = _load_causal_lm if engine == "transformers" else functools.partial(
+            _load_vllm_model, options=dict(vllm_options or {}),
+            seed=(config or A2RConfig()).seed)
         explorer_dir = _check_model_dir(explorer, "explorer")
         synthesizer_dir = _check_model_dir(synthesizer, "synthesizer") if synthesizer else None
         thinker_dir = _check_model_dir(thinker, "thinker") if thinker else None
         parse_dtype(dtype)  # reject a bad dtype before loading anything
-        explorer_model, explorer_tok = _load_causal_lm(explorer_dir, "explorer", device, dtype)
+        explorer_model, explorer_tok = load(explorer_dir, "explorer", device, dtype)
         synthesizer_model = synthesizer_tok = None
         if synthesizer_dir is not None and synthesizer_dir.resolve() != explorer_dir.resolve():
-            synthesizer_model, synthesizer_tok = _load_causal_lm(synthesizer_dir, "synthesizer",
-                                                                 device, dtype)
+            synthesizer_model, synthesizer_tok = load(synthesizer_dir, "synthesizer", device,
+                                                      dtype)
         thinker_model = thinker_tok = None
         if thinker_dir is not None:
             thinker_model, thinker_tok = _load_thinker(thinker_dir, device, dtype)
@@ -723,9 +790,12 @@ class A2RPipeline:
             reused_before = decoder.reused_tokens
         _synchronize(device)
         start = time.perf_counter()
-        # Looked up on the module at call time, so tests can script the explorer.
-        sequences = explore.sample_parallel(model, input_ids, n, max_new_tokens,
-                                            backend=cfg.backend, **sampling)
+        if _is_vllm(model):
+            sequences = model.sample(input_ids[0].tolist(), n, max_new_tokens, **sampling)
+        else:
+            # Looked up on the module at call time, so tests can script the explorer.
+            sequences = explore.sample_parallel(model, input_ids, n, max_new_tokens,
+                                                backend=cfg.backend, **sampling)
         _synchronize(device)
         seconds = time.perf_counter() - start
         sequences = [list(map(int, s)) for s in sequences]
@@ -828,6 +898,10 @@ class A2RPipeline:
             raise ValueError(f"unknown A2RConfig fields: {sorted(unknown)}")
         cfg = A2RConfig(**{**asdict(self.config), **overrides})
         cfg.validate()
+        if self.thinker is not None and cfg.use_thinker:
+            from .diffusion_gemma import is_diffusion_gemma
+            if is_diffusion_gemma(self.thinker):
+                _check_uniform_noise_thinker(cfg)
         return cfg
 
     def check_question(self, question: str, **overrides) -> None:
@@ -870,7 +944,7 @@ class A2RPipeline:
         explorer_ids = _encode(self.explorer_tokenizer, explorer_prompt,
                                _model_device(self.explorer))
         explorer_decoder = None
-        if cfg.reuse_prefix_kv:
+        if cfg.reuse_prefix_kv and not _is_vllm(self.explorer):
             explorer_decoder, _ = self._decoder(
                 self.explorer, self._explorer_pool_blocks(question, explorer_ids, cfg), cfg)
         explorer, _ = self._generate(
@@ -898,8 +972,13 @@ class A2RPipeline:
         synth_ids = _encode(self.synthesizer_tokenizer, synth_prompt,
                             _model_device(self.synthesizer))
         synth_max = cfg.synth_max_new_tokens or cfg.max_new_tokens
-        synth_decoder, reuse_note = None, "reuse_prefix_kv is off"
-        if cfg.reuse_prefix_kv:
+        synth_decoder = None
+        if _is_vllm(self.synthesizer):   # refined below (symmetric) from vLLM's report
+            reuse_note = ("vLLM prefix caching" if self.symmetric
+                          else "asymmetric set-up: two models, two caches")
+        elif not cfg.reuse_prefix_kv:
+            reuse_note = "reuse_prefix_kv is off"
+        else:
             from .explore import tree_blocks_needed
 
             synth_decoder, reuse_note = self._decoder(
@@ -909,7 +988,7 @@ class A2RPipeline:
             "synthesizer", self.synthesizer, self.synthesizer_tokenizer, synth_prompt, 1,
             synth_max, cfg.synth_temperature, synth_seed, cfg, input_ids=synth_ids,
             decoder=synth_decoder)
-        if cfg.reuse_prefix_kv and not reused and not reuse_note:
+        if synth_decoder is not None and not reused and not reuse_note:
             reuse_note = ("asymmetric set-up: two models, two caches" if not self.symmetric else
                           f"the synthesizer prompt shares no whole {_BLOCK_SIZE}-token block "
                           "with a cached prompt")
@@ -917,10 +996,18 @@ class A2RPipeline:
         bytes_per_token = kv_bytes_per_token(self.explorer)
         shared_prefix = (_common_prefix_length(explorer_ids[0].tolist(), synth_ids[0].tolist())
                          if self.symmetric else 0)
+        explorer_shared = explorer.prompt_tokens
+        if _is_vllm(self.explorer):   # vLLM shares whole blocks (prefix caching)
+            explorer_shared -= explorer_shared % self.explorer.block_size
+            if self.symmetric:
+                reused = min(self.synthesizer.last_cached_tokens, shared_prefix)
+                block = self.explorer.block_size
+                reuse_note = (f"vLLM prefix caching reused {reused} of the {shared_prefix} shared "
+                              f"prefix tokens (whole {block}-token blocks)")
         kv = KVSharing(
             prompt_tokens=explorer.prompt_tokens, num_paths=cfg.num_paths,
             bytes_per_token=bytes_per_token,
-            explorer_saved_bytes=explorer.prompt_tokens * (cfg.num_paths - 1) * bytes_per_token,
+            explorer_saved_bytes=explorer_shared * (cfg.num_paths - 1) * bytes_per_token,
             symmetric=self.symmetric, synthesizer_shared_prefix_tokens=shared_prefix,
             synthesizer_reusable_bytes=shared_prefix * bytes_per_token,
             synthesizer_prefix_reused=reused > 0, reused_prefix_tokens=reused,
