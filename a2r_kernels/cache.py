@@ -620,7 +620,8 @@ class TreeKVCache:
                     lengths.append(node.length)
                 path.append(j)
             paths.append(path)
-        page_starts, page_table, max_block_id = self._tables.sync(nodes, operator.attrgetter("blocks"))
+        page_starts, page_table, max_block_id = self._tables.sync(nodes,
+                                                                  operator.attrgetter("blocks"))
         # Host copies of the tables only when asked for (the torch reference, tests). The first
         # ceil(length / block_size) blocks of a node never change while the step is valid, so
         # the layout keeps the lists themselves (a snapshot is taken on first access).

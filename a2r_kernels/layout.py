@@ -248,87 +248,97 @@ class TreeLayout:
                 when it already is one).
             kv_chunk_size, max_seqs_per_item: as in :meth:`from_paths`.
 
-        Host work is O(table entries), vectorised (one sort of the used entries).
+        Host work is O(table entries + largest block id), vectorised (a sort of the used
+        entries only when a block id is read at two positions or to two lengths).
         ``kv_bytes(layout, ...)["shared"]`` counts each shared block's tokens once.
         """
         block_size = positive_int(block_size, "block_size")
         chunk = _kv_chunk(kv_chunk_size, block_size)
         seqs_per_item = _seqs_per_item(max_seqs_per_item)
         device = torch.device(device)
-        tables = _block_table_tensor(block_tables)                      # int32 [S, B], CPU or device
+        tables = _block_table_tensor(block_tables)                 # int [S, B], CPU or device
         num_seqs, width = tables.shape
         lens = _seq_len_tensor(seq_lens, num_seqs).to(torch.int64)     # int64 [S], CPU
         if num_seqs and (int(lens.min()) < 0 or int(lens.max()) > width * block_size):
             raise ValueError(f"seq_lens must lie in [0, max_blocks * block_size = "
                              f"{width * block_size}], got values in [{int(lens.min())}, "
                              f"{int(lens.max())}]")
-        host_tables = tables.to("cpu", torch.int64)
+        host_tables = tables.cpu().numpy().astype(np.int64)          # [S, B]
+        lens = lens.numpy()
         num_used = (lens + block_size - 1) // block_size                # blocks each row reads
-        used = torch.arange(width)[None, :] < num_used[:, None]
-        rows, cols = used.nonzero(as_tuple=True)                      # row-major: row, then pos
-        blocks = host_tables[rows, cols]
-        if blocks.numel() and int(blocks.min()) < 0:
+        used = np.arange(width)[None, :] < num_used[:, None]
+        blocks = host_tables[used]                                    # row-major: row, then pos
+        num_entries = blocks.size
+        rows = np.repeat(np.arange(num_seqs), num_used)
+        entry = np.arange(num_entries)
+        cols = entry - np.repeat(np.cumsum(num_used) - num_used, num_used)
+        if num_entries and blocks.min() < 0:
             bad = int(rows[blocks < 0][0])
             raise ValueError(f"block_tables[{bad}] holds a negative block id within seq_lens")
-        if blocks.numel() and int(blocks.max()) > INT32_MAX:
+        if num_entries and blocks.max() > INT32_MAX:
             bad = int(rows[blocks > INT32_MAX][0])
             raise ValueError(f"block_tables[{bad}] holds a block id above {INT32_MAX}")
         last = cols == num_used[rows] - 1
-        fill = torch.where(last, lens[rows] - cols * block_size, block_size)
-        max_block_id = int(blocks.max()) if blocks.numel() else -1
+        fill = np.where(last, lens[rows] - cols * block_size, block_size)
+        max_block_id = int(blocks.max()) if num_entries else -1
 
         # Group the used entries by (position, block id, tokens read): one group per shared block.
-        span = (max_block_id + 1) * (block_size + 1)
-        if width * span < 2 ** 62:
-            key = (cols * (max_block_id + 1) + blocks) * (block_size + 1) + fill
-            _, group, counts = torch.unique(key, return_inverse=True, return_counts=True)
-        else:   # ids too large to pack into one int64
-            _, group, counts = torch.unique(torch.stack([cols, blocks, fill], 1), dim=0,
-                                            return_inverse=True, return_counts=True)
-        num_groups = counts.numel()
+        # Without a sort when every block id is read at one position to one length (what paged
+        # engines hand over): an entry's group is the first entry with its block id.
+        first_of_block = np.empty(max_block_id + 1, dtype=np.int64)
+        first_of_block[blocks[::-1]] = entry[::-1]   # repeated ids: the last write (first) wins
+        first = first_of_block[blocks]
+        if np.array_equal(cols[first], cols) and np.array_equal(fill[first], fill):
+            is_first = first == entry
+            group = (np.cumsum(is_first) - 1)[first]
+        else:
+            _, group = np.unique(np.stack([cols, blocks, fill], 1), axis=0, return_inverse=True)
+            group = group.reshape(-1)
+        num_groups = int(group.max()) + 1 if num_entries else 0
+        counts = np.bincount(group, minlength=num_groups)
+        group_first = np.empty(num_groups, dtype=np.int64)      # each group's first entry
+        group_first[group[::-1]] = entry[::-1]
         # A group merges into the next one when all its readers continue into the same group and
         # nobody else reads that one: then both have the same readers, so one node holds both.
-        nxt = torch.full_like(group, -1)
-        if group.numel() > 1:
-            nxt[:-1] = torch.where(last[:-1], -1, group[1:])
-        lo = torch.full((num_groups,), num_groups, dtype=torch.int64).scatter_reduce(
-            0, group, nxt, "amin")
-        hi = torch.full((num_groups,), -1, dtype=torch.int64).scatter_reduce(0, group, nxt, "amax")
-        merges = (lo == hi) & (lo >= 0)
-        merges &= counts == counts[lo.clamp(0, max(num_groups - 1, 0))]
-        head = torch.arange(num_groups)                                # pointer to the chain head
-        head[lo[merges]] = torch.nonzero(merges).flatten()
+        nxt = np.full(num_entries, -1, dtype=np.int64)
+        if num_entries > 1:
+            nxt[:-1] = np.where(last[:-1], -1, group[1:])
+        group_next = nxt[group_first]
+        disagree = np.zeros(num_groups, dtype=bool)
+        disagree[group[nxt != group_next[group]]] = True
+        merges = ~disagree & (group_next >= 0)
+        merges &= counts == counts[np.clip(group_next, 0, None)]
+        head = np.arange(num_groups)                                    # pointer to chain head
+        head[group_next[merges]] = np.nonzero(merges)[0]
         while True:                                                   # pointer jumping
             jumped = head[head]
-            if torch.equal(jumped, head):
+            if np.array_equal(jumped, head):
                 break
             head = jumped
-        is_head = head == torch.arange(num_groups)
-        node_of_group = (torch.cumsum(is_head, 0) - 1)[head]
+        is_head = head == np.arange(num_groups)
+        node_of_group = (np.cumsum(is_head) - 1)[head]
         num_nodes = int(is_head.sum())
         node = node_of_group[group]                                   # [E]
-        group_fill = torch.zeros(num_groups, dtype=torch.int64).scatter_(0, group, fill)
-        node_len = torch.zeros(num_nodes, dtype=torch.int64).index_add_(0, node_of_group,
-                                                                        group_fill)
-        flat_index = rows * width + cols
-        node_start = torch.full((num_nodes,), num_seqs * width, dtype=torch.int64).scatter_reduce(
-            0, node, flat_index, "amin")
+        group_fill = fill[group_first]
+        node_len = np.bincount(node_of_group, weights=group_fill, minlength=num_nodes)
+        # A node's table starts at its head group's first entry (the first reader's row).
+        node_start = (rows * width + cols)[group_first[is_head]]
         # Paths: each row's entries, one per node (consecutive entries of one node collapse).
-        starts = torch.ones_like(node, dtype=torch.bool)
-        if node.numel() > 1:
+        starts = np.ones(num_entries, dtype=bool)
+        if num_entries > 1:
             starts[1:] = (node[1:] != node[:-1]) | (rows[1:] != rows[:-1])
         path_nodes = node[starts].tolist()
-        per_row = torch.bincount(rows[starts], minlength=num_seqs).tolist()
+        per_row = np.bincount(rows[starts], minlength=num_seqs).tolist()
         paths, pos = [], 0
         for count in per_row:
             paths.append(path_nodes[pos:pos + count])
             pos += count
-        lengths = node_len.tolist()
+        lengths = node_len.astype(np.int64).tolist()
         page_starts = node_start.tolist()
 
         def node_tables() -> list[list[int]]:
-            flat = host_tables.flatten().tolist()
-            return [flat[s:s + -(-n // block_size)] for s, n in zip(page_starts, lengths)]
+            flat = host_tables.reshape(-1)
+            return [flat[s:s + -(-n // block_size)].tolist() for s, n in zip(page_starts, lengths)]
 
         pages = tables.to(device, torch.int32).contiguous().view(-1)
         return cls._plan(paths, None, lengths, block_size, chunk, device, seqs_per_item,
@@ -523,7 +533,7 @@ class TreeLayout:
     row_seq = property(lambda self: self._plan_tensor("row_seq"),
                        doc="int32 [num_seqs] on device: kernel position -> sequence index")
     page_table = property(lambda self: self._plan_tensor("page_table"),
-                          doc="int32 [num_pages] on device: block ids, node j's from page_starts[j]")
+                          doc="int32 [num_pages] on device: block ids (node j's at page_starts[j])")
     merge_indptr = property(lambda self: self._plan_tensor("merge_indptr"),
                             doc="int32 [num_seqs + 1] on device: CSR of partial rows per sequence")
     merge_rows = property(lambda self: self._plan_tensor("merge_rows"),

@@ -3,7 +3,8 @@ one ``a2r: error:`` line on stderr, before any model runs.
 
 The cases run end to end in a subprocess (a fresh interpreter, the real ``main``), all of them in
 one interpreter to keep the import cost (torch, transformers) to one: a driver runs ``main(argv)``
-per case with its own environment and returns each exit status, stdout and stderr. "Before any model
+per case with its own environment and returns each exit status and what it wrote to file descriptors
+1 and 2 (so C code and early-bound log handlers are caught too). "Before any model
 runs" is enforced, not assumed: the driver replaces ``torch.nn.Module.__call__`` with one that exits
 with status 1, so a forward of any model fails its case (loading a model or a tokenizer calls no
 module).
@@ -14,14 +15,16 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 
 from a2r.tiny import RANDOM_WEIGHTS_MARKER, ensure_tiny_models
 
 DRIVER = """
-import contextlib, io, json, os, sys, traceback
+import json, os, sys, tempfile, traceback
 import torch
 if sys.argv[1] == "no-forward":
     def _forward_forbidden(self, *args, **kwargs):
@@ -30,22 +33,31 @@ if sys.argv[1] == "no-forward":
 from a2r.cli import main
 results = {}
 base_env = dict(os.environ)
+saved = {fd: os.dup(fd) for fd in (1, 2)}
 for name, argv, env in json.loads(sys.stdin.read()):
     os.environ.clear()
     os.environ.update({**base_env, **env})
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as exit:
-            code = exit.code if isinstance(exit.code, int) else 1
-            if not isinstance(exit.code, int):
-                print(exit.code, file=sys.stderr)
-        except BaseException:
-            code = 1
-            traceback.print_exc()
-    results[name] = [code, out.getvalue(), err.getvalue()]
-sys.__stdout__.write(json.dumps(results))
+    # File-descriptor level: also catches writes of C code and of log handlers bound earlier.
+    captured = {fd: tempfile.TemporaryFile() for fd in (1, 2)}
+    for fd, file in captured.items():
+        os.dup2(file.fileno(), fd)
+    try:
+        code = main(argv)
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+        if not isinstance(exit.code, int):
+            print(exit.code, file=sys.stderr)
+    except BaseException:
+        code = 1
+        traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd in (1, 2):
+        os.dup2(saved[fd], fd)
+        captured[fd].seek(0)
+    results[name] = [code] + [captured[fd].read().decode() for fd in (1, 2)]
+with open(sys.argv[2], "w") as handle:
+    json.dump(results, handle)
 """
 
 FAST = ["-n", "2", "--max-new-tokens", "4", "--synth-max-new-tokens", "3",
@@ -61,16 +73,19 @@ def tiny(tmp_path_factory):
 
 
 def run_cases(tiny, cases, *, forward_allowed=False):
-    """Run ``{name: (argv, env)}`` through the driver; returns ``{name: (code, stdout, stderr)}``."""
+    """Run ``{name: (argv, env)}`` through the driver -> ``{name: (code, stdout, stderr)}``."""
     env = {**os.environ, "A2R_HOME": str(tiny[0]), "OMP_NUM_THREADS": "1"}
     env.pop("A2R_DEBUG", None)
     payload = json.dumps([[name, [str(a) for a in argv], case_env]
                           for name, (argv, case_env) in cases.items()])
-    proc = subprocess.run([sys.executable, "-c", DRIVER,
-                           "forward" if forward_allowed else "no-forward"], input=payload,
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return {name: tuple(result) for name, result in json.loads(proc.stdout).items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        results = Path(tmp) / "results.json"
+        proc = subprocess.run([sys.executable, "-c", DRIVER,
+                               "forward" if forward_allowed else "no-forward", str(results)],
+                              input=payload, capture_output=True, text=True, env=env,
+                              timeout=600)
+        assert proc.returncode == 0 and results.is_file(), proc.stderr
+        return {name: tuple(result) for name, result in json.loads(results.read_text()).items()}
 
 
 def assert_one_line_error(result, *fragments):

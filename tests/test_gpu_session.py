@@ -200,6 +200,7 @@ case "$1" in
   benchmarks/verdict.py) exec "$REAL_PYTHON" "$@" ;;
   benchmarks/bench_*.py) exec "$REAL_PYTHON" "$FAKE_BENCH" "$@" ;;
   -m) [[ "$*" == *--collect-only* ]] && cat "$FAKE_COLLECTED"; exit 0 ;;
+  -c) [[ "$2" != "import flashinfer" || -n "$FAKE_FLASHINFER" ]] ;;
   *) exit 0 ;;
 esac
 """
@@ -238,12 +239,14 @@ else:
 """
 
 
-def test_verify_live_path_on_a_faked_gpu(tmp_path):
+@pytest.mark.parametrize("wheel", [True, False], ids=["flashinfer-carried", "no-wheel"])
+def test_verify_live_path_on_a_faked_gpu(tmp_path, wheel):
     """The live runner, not the dry run: steps run in order, each result file reaches
     $OUT/results/ when its step ends, committed rows are not judged, the summary ends with the
     verdict, the FlashInfer step (an `extra`) gets the seconds the others saved, and $OUT stays
     within what the device tool returns (8 files, 2 folders down). One test id does not collect
-    there: the others still run, and the pytest step says which one is missing."""
+    there: the others still run, and the pytest step says which one is missing. Without the
+    carried wheel, the wheels and FlashInfer steps are skipped and nothing else changes."""
     repo, fake = tmp_path / "repo", tmp_path / "bin"
     shutil.copytree(ROOT / "benchmarks", repo / "benchmarks",
                     ignore=shutil.ignore_patterns("results", "__pycache__"))
@@ -251,8 +254,9 @@ def test_verify_live_path_on_a_faked_gpu(tmp_path):
                         dtype="bfloat16", masked_fraction=1.0, median_us=1.0, gbps=3900.0,
                         copy_gbps=4000.0)
     write(repo / "benchmarks" / "results", "denoise", [old_cuda_row])
-    (repo / ".whl").mkdir()
-    (repo / ".whl" / "flashinfer_python-0.0-py3-none-any.whl").write_text("")
+    if wheel:
+        (repo / ".whl").mkdir()
+        (repo / ".whl" / "flashinfer_python-0.0-py3-none-any.whl").write_text("")
     fake.mkdir()
     for name, text in (("nvidia-smi", FAKE_NVIDIA_SMI), ("compute-sanitizer", "#!/bin/bash\n"),
                        ("cuobjdump", "#!/bin/bash\n"), ("python-fake", FAKE_PYTHON)):
@@ -266,7 +270,8 @@ def test_verify_live_path_on_a_faked_gpu(tmp_path):
     env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", OUT=str(out),
                TMPDIR=str(tmp_path), PYTHON=str(fake / "python-fake"),
                REAL_PYTHON=sys.executable, FAKE_BENCH=str(tmp_path / "fake_bench.py"),
-               FAKE_COLLECTED=str(tmp_path / "collected.txt"))
+               FAKE_COLLECTED=str(tmp_path / "collected.txt"),
+               FAKE_FLASHINFER="1" if wheel else "")
     env.pop("A2R_SESSION_BUDGET_S", None)
     result = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_session.sh"), "verify"],
                             capture_output=True, text=True, env=env, timeout=120)
@@ -277,17 +282,19 @@ def test_verify_live_path_on_a_faked_gpu(tmp_path):
                                                   (out / "summary.txt").read_text(), re.M)}
     plan = parse_plan(dry_run(tmp_path / "dry").stdout)
     assert status.pop("pytest") == "FAIL(1)"
-    assert set(status.values()) == {"ok"} and len(status) == len(plan["names"]) - 1
+    skipped = {"wheels": "SKIPPED", "bench-tree-flashinfer": "SKIPPED"} if not wheel else {}
+    assert status == {name: skipped.get(name, "ok") for name in plan["names"] if name != "pytest"}
     started = re.findall(r"^=== \[verify\] (\S+) \(limit (\d+)s", result.stdout, re.M)
-    assert [name for name, _ in started] == plan["names"]
+    assert [name for name, _ in started] == [n for n in plan["names"] if n not in skipped]
     limits = dict(started)
     budgets = dict(zip(plan["names"], plan["budgets"]))
     assert int(limits["pytest"]) == budgets["pytest"]
-    assert int(limits["bench-tree-flashinfer"]) > 3 * budgets["bench-tree-flashinfer"]
+    if wheel:
+        assert int(limits["bench-tree-flashinfer"]) > 3 * budgets["bench-tree-flashinfer"]
     copied = sorted(p.name for p in (out / "results").iterdir())
     assert copied == ["denoise.json", "entropy_bound.json", "explore.json",
-                      "tree_attention.json", "tree_attention_flashinfer.json"]
-    assert result.stdout.count("-> " + str(out / "results")) == 6   # both tree steps copy
+                      "tree_attention.json"] + ["tree_attention_flashinfer.json"] * wheel
+    assert result.stdout.count("-> " + str(out / "results")) == 5 + wheel  # both tree steps copy
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8 and all(len(p.relative_to(out).parts) <= 3 for p in files)
     summary = (out / "summary.txt").read_text().splitlines()
@@ -301,7 +308,7 @@ def test_verify_live_path_on_a_faked_gpu(tmp_path):
     # the committed a2r-cuda denoise row came with the checkout: not this run's
     assert any(l.startswith("MISSING #6 a2r-cuda copy_fraction at B=8 L=256 V=126464")
                for l in verdicts)
-    assert any(l.startswith("INFO    #2 flashinfer-cascade") for l in verdicts)
+    assert any(l.startswith("INFO    #2 flashinfer-cascade") for l in verdicts) == wheel
     assert any(l.startswith("PASS    #15 a2r-eb-step speedup_vs_hf-eb-sampler at B=8 L=256 "
                             "V=262144 lm-like: 7") for l in verdicts)
     assert summary[-1].startswith("# total ")
