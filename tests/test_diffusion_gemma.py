@@ -298,3 +298,16 @@ def test_left_padded_batch_matches_transformers_generate(model):
     unpadded = diffusion_gemma.diffusion_gemma_generate(
         model, ids, gen_length=CANVAS, generator=torch.Generator().manual_seed(12), **opts)
     assert unpadded[1] != result.sequences[1]      # the mask matters for the padded row
+
+
+def test_a_transformers_without_diffusion_gemma(monkeypatch, tmp_path, model):
+    """What an older transformers sees: nothing is a DiffusionGemma, and loading a DiffusionGemma
+    checkpoint says which transformers it needs (ValueError, before reading any weights)."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "diffusion_gemma"}))
+    monkeypatch.setattr(diffusion_gemma, "_model_class", lambda: None)
+    assert not diffusion_gemma.diffusion_gemma_available()
+    assert not diffusion_gemma.is_diffusion_gemma(model)
+    with pytest.raises(ValueError, match="transformers >= 5.19"):
+        a2r.diffusion.load_diffusion_model(str(tmp_path))
