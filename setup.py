@@ -120,7 +120,11 @@ setup(
         "triton": ["triton>=3.2"],
         "test": ["pytest", "hypothesis", "triton>=3.2", "matplotlib"],
     },
-    entry_points={"console_scripts": ["a2r = a2r.cli:main"]},
+    entry_points={
+        "console_scripts": ["a2r = a2r.cli:main"],
+        # vLLM calls it in every process; A2R_VLLM=1 turns the A2R_TREE backend on.
+        "vllm.general_plugins": ["a2r_tree = a2r_kernels.vllm:register"],
+    },
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

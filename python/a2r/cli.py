@@ -145,6 +145,52 @@ def _generation_options(max_new_tokens_default: int) -> argparse.ArgumentParser:
     return parent
 
 
+def _memory_fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _engine_options(parser: argparse.ArgumentParser) -> None:
+    e = parser.add_argument_group("engine")
+    e.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                   help="run the explorer and synthesizer on transformers (tree-shared KV cache) "
+                   "or as vLLM engines with the A2R_TREE attention backend; the thinker stays on "
+                   "transformers, on --device (default: %(default)s)")
+    e.add_argument("--tensor-parallel-size", type=_positive_int, default=None,
+                   help="vLLM tensor parallelism (--engine vllm)")
+    e.add_argument("--pipeline-parallel-size", type=_positive_int, default=None,
+                   help="vLLM pipeline parallelism (--engine vllm)")
+    e.add_argument("--gpu-memory-utilization", type=_memory_fraction, default=None,
+                   help="fraction of device memory each vLLM engine takes (--engine vllm; "
+                   "default: vLLM's)")
+
+
+VLLM_ONLY_OPTIONS = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization")
+
+
+def _vllm_options(args) -> dict | None:
+    """The vLLM engine arguments of ``args`` (None for --engine transformers, which must not
+    have any)."""
+    given = {k: getattr(args, k) for k in VLLM_ONLY_OPTIONS if getattr(args, k, None) is not None}
+    if getattr(args, "engine", "transformers") != "vllm":
+        if given:
+            flag = "--" + next(iter(given)).replace("_", "-")
+            raise CLIError(f"{flag} needs --engine vllm")
+        return None
+    from .vllm_engine import vllm_available
+
+    if not vllm_available():
+        raise CLIError("--engine vllm needs vLLM installed (pip install vllm)")
+    if args.backend != "auto":
+        raise CLIError("--backend selects a2r_kernels kernels for --engine transformers; with "
+                       "--engine vllm the A2R_TREE backend picks them by device")
+    # vLLM logs to stdout by default; the CLI keeps stdout for its report (and --json).
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    return given
+
+
 def _model_options(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("models (save_pretrained directories, each with its tokenizer)")
     m.add_argument("--explorer", metavar="DIR", help="explorer causal LM")
@@ -177,12 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[_generation_options(256)],
                          help="answer one question with your models")
     _model_options(run)
+    _engine_options(run)
     run.add_argument("question", help="the question (quote it)")
 
     ev = sub.add_parser("eval", parents=[_generation_options(256)],
                         help="accuracy of pass@1, Cons@N, A2R, the synthesizer alone and "
                         "AR->AR / NAR->AR on a JSONL file (resumable)")
     _model_options(ev)
+    _engine_options(ev)
     ev.add_argument("file", metavar="FILE.jsonl", help="one JSON object per line")
     ev.add_argument("--question-key", default="question", help="(default: %(default)s)")
     ev.add_argument("--answer-key", default="answer", help="(default: %(default)s)")
@@ -319,10 +367,11 @@ def _tiny_paths(home, thinker: bool):
 
 def _load_pipeline(args, *, use_tiny: bool):
     """(pipeline, description of the models) from --explorer/--synthesizer/--thinker or --tiny."""
-    from .pipeline import A2RPipeline
+    from .pipeline import A2RPipeline, _model_dtype
 
     config = _config_from_args(args)
     config.validate()   # bad option values fail here, before any model is loaded
+    vllm_options = _vllm_options(args)
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
     _check_backend(args.backend, device)
@@ -337,12 +386,14 @@ def _load_pipeline(args, *, use_tiny: bool):
             raise CLIError("--explorer DIR is required (or --tiny for the embedded models)")
         explorer, synthesizer = args.explorer, args.synthesizer
         thinker = None if args.no_thinker else args.thinker
-    pipeline = A2RPipeline.from_pretrained(explorer, synthesizer, thinker, device=device,
-                                           dtype=dtype, config=config)
+    pipeline = A2RPipeline.from_pretrained(
+        explorer, synthesizer, thinker, device=device, dtype=dtype, config=config,
+        engine="vllm" if vllm_options is not None else "transformers", vllm_options=vllm_options)
     from .tiny import is_random_model
 
     def describe(path, model):
-        return {"path": str(path), "arch": type(model).__name__, "random": is_random_model(path)}
+        arch = getattr(model, "architecture", type(model).__name__)   # VLLMModel: "... (vLLM)"
+        return {"path": str(path), "arch": arch, "random": is_random_model(path)}
 
     models = {
         "explorer": describe(explorer, pipeline.explorer),
@@ -350,8 +401,10 @@ def _load_pipeline(args, *, use_tiny: bool):
         "thinker": (describe(thinker, pipeline.thinker) if pipeline.thinker is not None else None),
         "mode": "symmetric" if pipeline.symmetric else "asymmetric",
         "device": device,
-        "dtype": str(next(pipeline.explorer.parameters()).dtype).replace("torch.", ""),
+        "dtype": str(_model_dtype(pipeline.explorer)).replace("torch.", ""),
     }
+    if vllm_options is not None:
+        models["engine"] = {"name": "vllm", **vllm_options}
     return pipeline, models
 
 

@@ -42,11 +42,14 @@ KV bytes saved by sharing: the explorer's prompt KV is stored once for N paths i
 ``prompt_tokens * (N - 1) * bytes_per_token`` with
 ``bytes_per_token = 2 (K and V) * num_layers * num_kv_heads * head_dim * dtype size``; in the
 symmetric set-up with reuse, ``reused_prefix_tokens * bytes_per_token`` more: the synthesizer
-neither recomputes nor stores again the shared prefix.
+neither recomputes nor stores again the shared prefix. With ``engine="vllm"`` both are vLLM's
+prefix caching, which shares whole blocks: the explorer prompt's full blocks, and the prompt tokens
+vLLM reports cached for the synthesizer.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -370,7 +373,24 @@ def parse_dtype(name):
 
 
 def _model_device(model):
+    device = getattr(model, "device", None)   # PreTrainedModel and VLLMModel have one
+    if device is not None and not callable(device):
+        return device
     return next(model.parameters()).device
+
+
+def _model_dtype(model):
+    """The dtype of ``model``'s weights (and KV cache)."""
+    dtype = getattr(model, "dtype", None)
+    if dtype is not None and not callable(dtype):
+        return dtype
+    return next(model.parameters()).dtype
+
+
+def _is_vllm(model) -> bool:
+    from .vllm_engine import VLLMModel
+
+    return isinstance(model, VLLMModel)
 
 
 def _synchronize(device) -> None:
@@ -387,7 +407,9 @@ def kv_bytes_per_token(model) -> int:
     num_heads = text_config.num_attention_heads
     num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
-    element_size = next(model.parameters()).element_size()
+    import torch
+
+    element_size = torch.empty((), dtype=_model_dtype(model)).element_size()
     return 2 * text_config.num_hidden_layers * num_kv_heads * head_dim * element_size
 
 
@@ -553,6 +575,24 @@ def _load_causal_lm(path, role: str, device, dtype):
     return model, tokenizer
 
 
+def _load_vllm_model(path, role: str, device, dtype, *, options: dict, seed):
+    """A :class:`~a2r.vllm_engine.VLLMModel` + tokenizer from ``path`` (``device`` unused: vLLM
+    places the engine itself)."""
+    from transformers import AutoTokenizer
+
+    from .vllm_engine import VLLMModel, vllm_available
+
+    if not vllm_available():
+        raise PipelineError("engine 'vllm' needs vLLM installed (pip install vllm)")
+    directory = _check_model_dir(path, role)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (ValueError, OSError) as err:
+        raise ModelDirError(f"{role} model directory {directory} has no loadable tokenizer: "
+                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    return VLLMModel(directory, dtype=parse_dtype(dtype), seed=seed, **options), tokenizer
+
+
 def _load_thinker(path, device, dtype):
     from transformers import AutoTokenizer
 
@@ -708,23 +748,34 @@ class A2RPipeline:
     @classmethod
     def from_pretrained(cls, explorer: str | os.PathLike, synthesizer: str | os.PathLike | None = None,
                         thinker: str | os.PathLike | None = None, *, device="cpu", dtype=None,
-                        config: A2RConfig | None = None) -> "A2RPipeline":
+                        config: A2RConfig | None = None, engine: str = "transformers",
+                        vllm_options: dict | None = None) -> "A2RPipeline":
         """Load the models from ``save_pretrained`` directories (each with its tokenizer).
 
         ``synthesizer=None`` or the explorer's own directory gives the symmetric set-up (the model
         is loaded once). ``dtype``: ``None``/``"auto"`` keeps the checkpoint's, else a name accepted
-        by :func:`parse_dtype`. Raises :class:`ModelDirError`,
+        by :func:`parse_dtype`. ``engine="vllm"`` runs the explorer and the synthesizer as vLLM
+        engines (:class:`a2r.vllm_engine.VLLMModel`, ``vllm_options`` its keyword arguments:
+        ``tensor_parallel_size``, ``pipeline_parallel_size``, ``gpu_memory_utilization``, ...;
+        ``device`` is then the thinker's only). Raises :class:`ModelDirError`,
         :class:`UnsupportedArchitectureError` or :class:`TokenizerMismatchError`.
         """
+        from .vllm_engine import ENGINES
+
+        if engine not in ENGINES:
+            raise PipelineError(f"engine must be one of {ENGINES}, got {engine!r}")
+        load = _load_causal_lm if engine == "transformers" else functools.partial(
+            _load_vllm_model, options=dict(vllm_options or {}),
+            seed=(config or A2RConfig()).seed)
         explorer_dir = _check_model_dir(explorer, "explorer")
         synthesizer_dir = _check_model_dir(synthesizer, "synthesizer") if synthesizer else None
         thinker_dir = _check_model_dir(thinker, "thinker") if thinker else None
         parse_dtype(dtype)  # reject a bad dtype before loading anything
-        explorer_model, explorer_tok = _load_causal_lm(explorer_dir, "explorer", device, dtype)
+        explorer_model, explorer_tok = load(explorer_dir, "explorer", device, dtype)
         synthesizer_model = synthesizer_tok = None
         if synthesizer_dir is not None and synthesizer_dir.resolve() != explorer_dir.resolve():
-            synthesizer_model, synthesizer_tok = _load_causal_lm(synthesizer_dir, "synthesizer",
-                                                                 device, dtype)
+            synthesizer_model, synthesizer_tok = load(synthesizer_dir, "synthesizer", device,
+                                                      dtype)
         thinker_model = thinker_tok = None
         if thinker_dir is not None:
             thinker_model, thinker_tok = _load_thinker(thinker_dir, device, dtype)
@@ -788,7 +839,9 @@ class A2RPipeline:
                         eos_token_id=eos_token_id, seed=seed)
         _synchronize(device)
         start = time.perf_counter()
-        if shared is None:
+        if _is_vllm(model):
+            sequences = model.sample(input_ids[0].tolist(), n, max_new_tokens, **sampling)
+        elif shared is None:
             # Looked up on the module at call time, so tests can script the explorer.
             sequences = explore.sample_parallel(model, input_ids, n, max_new_tokens,
                                                 backend=cfg.backend, **sampling)
@@ -958,7 +1011,9 @@ class A2RPipeline:
                                _model_device(self.explorer))
         shared, reuse_note = None, "asymmetric set-up: two models, two caches"
         prefill_seconds = 0.0
-        if self.symmetric:
+        if self.symmetric and _is_vllm(self.explorer):
+            reuse_note = "vLLM prefix caching"   # refined after the synthesizer ran
+        elif self.symmetric:
             _synchronize(_model_device(self.explorer))
             prefill_start = time.perf_counter()
             shared, reuse_note = self._open_shared_prefix(question, explorer_ids, cfg)
@@ -1023,10 +1078,18 @@ class A2RPipeline:
         bytes_per_token = kv_bytes_per_token(self.explorer)
         shared_prefix = (_common_prefix_length(explorer_ids[0].tolist(), synth_ids[0].tolist())
                          if self.symmetric else 0)
+        explorer_shared = explorer.prompt_tokens
+        if _is_vllm(self.explorer):   # vLLM shares whole blocks (prefix caching)
+            explorer_shared -= explorer_shared % self.explorer.block_size
+            if self.symmetric:
+                reused = min(self.synthesizer.last_cached_tokens, shared_prefix)
+                block = self.explorer.block_size
+                reuse_note = (f"vLLM prefix caching reused {reused} of the {shared_prefix} shared "
+                              f"prefix tokens (whole {block}-token blocks)")
         kv = KVSharing(
             prompt_tokens=explorer.prompt_tokens, num_paths=cfg.num_paths,
             bytes_per_token=bytes_per_token,
-            explorer_saved_bytes=explorer.prompt_tokens * (cfg.num_paths - 1) * bytes_per_token,
+            explorer_saved_bytes=explorer_shared * (cfg.num_paths - 1) * bytes_per_token,
             symmetric=self.symmetric, synthesizer_shared_prefix_tokens=shared_prefix,
             synthesizer_reusable_bytes=shared_prefix * bytes_per_token,
             synthesizer_prefix_reused=reused > 0, reused_prefix_tokens=reused,
