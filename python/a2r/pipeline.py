@@ -504,10 +504,12 @@ def _check_fits(role: str, model, prompt_tokens: int, new_tokens: int, hint: str
     for: RoPE models drift, learned position tables fail)."""
     limit = _position_limit(model)
     if limit is not None and prompt_tokens + new_tokens > limit:
+        # transformers models know their directory as name_or_path; a2r.vllm_engine's as path.
+        where = getattr(model, "name_or_path", "") or getattr(model, "path", "") or "in memory"
         raise PromptTooLongError(
             f"the {role} prompt is {prompt_tokens} tokens + {new_tokens} new tokens = "
             f"{prompt_tokens + new_tokens} > max_position_embeddings={limit} of the {role} model "
-            f"({type(model).__name__}, {getattr(model, 'name_or_path', '') or 'in memory'}): "
+            f"({type(model).__name__}, {where}): "
             f"{hint}")
 
 
