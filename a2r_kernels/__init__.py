@@ -1,7 +1,7 @@
 """a2r-kernels: tree-shared KV cache + tree decode attention, the masked denoising step and
 the entropy-bound (uniform-noise) diffusion step.
 
-Public contract: ``shared/API.md``. Every op takes ``backend`` in
+Public contract: ``docs/API.md``. Every op takes ``backend`` in
 ``"auto" | "cuda" | "triton" | "torch"``; see :mod:`a2r_kernels._backend`.
 """
 

@@ -38,6 +38,17 @@ class EntropyBoundResult(NamedTuple):
     accepted: torch.Tensor
 
 
+def resolve_entropy_bound_backend(backend: str, device: torch.device) -> str:
+    """The backend ``entropy_bound_step`` runs for ``backend`` on ``device``; raises
+    :class:`BackendUnavailable` (``"cuda"``: no CUDA kernel yet) or ValueError. Callers that run
+    models first use it to fail before any forward."""
+    chosen = resolve_backend("entropy_bound_step", backend, torch.device(device))
+    if chosen == "cuda":
+        raise BackendUnavailable("entropy_bound_step: backend='cuda' is unavailable: the CUDA "
+                                 "extension has no entropy-bound kernel; use 'triton'")
+    return chosen
+
+
 def entropy_bound_step(logits: torch.Tensor, canvas: torch.Tensor, entropy_bound: float, *,
                        generator: torch.Generator | None = None,
                        backend: str = "auto") -> EntropyBoundResult:
@@ -62,9 +73,12 @@ def entropy_bound_step(logits: torch.Tensor, canvas: torch.Tensor, entropy_bound
     and ``renoise_canvas``) in one pass over V per position, with no ``[B, L, V]`` intermediate
     on the Triton backend. The temperature schedule is the caller's: pass processed logits.
 
-    Non-finite logits: ``-inf`` entries are tokens of probability 0. A position whose logits hold
-    a NaN or ``+inf``, or no finite entry, has no distribution: its ``entropy`` is ``+inf``, its
-    ``sample`` and ``argmax`` are 0, and it is never accepted (always renoised). Nothing is NaN.
+    Non-finite logits (as ``denoise_step``): ``-inf`` entries are tokens of probability 0. A
+    position whose logits hold a NaN, or no entry above ``-inf``, has no distribution: its
+    ``entropy`` is ``+inf``, its ``sample`` and ``argmax`` are 0, and it is never accepted (always
+    renoised). A position holding ``+inf`` (no NaN) is the point mass on its lowest ``+inf``
+    index: ``sample = argmax =`` that index, ``entropy = 0``. Nothing is NaN; no extra pass over
+    the logits is spent on these checks.
 
     Args:
         logits: ``[B, L, V]`` float32 / float16 / bfloat16, any strides (last-dim stride 1 is the
@@ -109,10 +123,7 @@ def entropy_bound_step(logits: torch.Tensor, canvas: torch.Tensor, entropy_bound
         raise ValueError(f"entropy_bound must be a float >= 0, got {entropy_bound!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator)}")
-    chosen = resolve_backend("entropy_bound_step", backend, logits.device)
-    if chosen == "cuda":
-        raise BackendUnavailable("entropy_bound_step: backend='cuda' is unavailable: the CUDA "
-                                 "extension has no entropy-bound kernel; use 'triton'")
+    chosen = resolve_entropy_bound_backend(backend, logits.device)
     if logits.stride(-1) != 1 and logits.numel() > 0:
         logits = logits.contiguous()   # the kernels stream each row of V as a unit-stride vector
     seed = _draw_seed(generator)

@@ -36,9 +36,10 @@ decode step that reuses one layout is CUDA-graph friendly.
 
 from __future__ import annotations
 
-from array import array
+from itertools import accumulate, chain
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ._vocab import INT32_MAX, int_list, positive_int
@@ -247,87 +248,97 @@ class TreeLayout:
                 when it already is one).
             kv_chunk_size, max_seqs_per_item: as in :meth:`from_paths`.
 
-        Host work is O(table entries), vectorised (one sort of the used entries).
+        Host work is O(table entries + largest block id), vectorised (a sort of the used
+        entries only when a block id is read at two positions or to two lengths).
         ``kv_bytes(layout, ...)["shared"]`` counts each shared block's tokens once.
         """
         block_size = positive_int(block_size, "block_size")
         chunk = _kv_chunk(kv_chunk_size, block_size)
         seqs_per_item = _seqs_per_item(max_seqs_per_item)
         device = torch.device(device)
-        tables = _block_table_tensor(block_tables)                      # int32 [S, B], CPU or device
+        tables = _block_table_tensor(block_tables)                 # int [S, B], CPU or device
         num_seqs, width = tables.shape
         lens = _seq_len_tensor(seq_lens, num_seqs).to(torch.int64)     # int64 [S], CPU
         if num_seqs and (int(lens.min()) < 0 or int(lens.max()) > width * block_size):
             raise ValueError(f"seq_lens must lie in [0, max_blocks * block_size = "
                              f"{width * block_size}], got values in [{int(lens.min())}, "
                              f"{int(lens.max())}]")
-        host_tables = tables.to("cpu", torch.int64)
+        host_tables = tables.cpu().numpy().astype(np.int64)          # [S, B]
+        lens = lens.numpy()
         num_used = (lens + block_size - 1) // block_size                # blocks each row reads
-        used = torch.arange(width)[None, :] < num_used[:, None]
-        rows, cols = used.nonzero(as_tuple=True)                      # row-major: row, then pos
-        blocks = host_tables[rows, cols]
-        if blocks.numel() and int(blocks.min()) < 0:
+        used = np.arange(width)[None, :] < num_used[:, None]
+        blocks = host_tables[used]                                    # row-major: row, then pos
+        num_entries = blocks.size
+        rows = np.repeat(np.arange(num_seqs), num_used)
+        entry = np.arange(num_entries)
+        cols = entry - np.repeat(np.cumsum(num_used) - num_used, num_used)
+        if num_entries and blocks.min() < 0:
             bad = int(rows[blocks < 0][0])
             raise ValueError(f"block_tables[{bad}] holds a negative block id within seq_lens")
-        if blocks.numel() and int(blocks.max()) > INT32_MAX:
+        if num_entries and blocks.max() > INT32_MAX:
             bad = int(rows[blocks > INT32_MAX][0])
             raise ValueError(f"block_tables[{bad}] holds a block id above {INT32_MAX}")
         last = cols == num_used[rows] - 1
-        fill = torch.where(last, lens[rows] - cols * block_size, block_size)
-        max_block_id = int(blocks.max()) if blocks.numel() else -1
+        fill = np.where(last, lens[rows] - cols * block_size, block_size)
+        max_block_id = int(blocks.max()) if num_entries else -1
 
         # Group the used entries by (position, block id, tokens read): one group per shared block.
-        span = (max_block_id + 1) * (block_size + 1)
-        if width * span < 2 ** 62:
-            key = (cols * (max_block_id + 1) + blocks) * (block_size + 1) + fill
-            _, group, counts = torch.unique(key, return_inverse=True, return_counts=True)
-        else:   # ids too large to pack into one int64
-            _, group, counts = torch.unique(torch.stack([cols, blocks, fill], 1), dim=0,
-                                            return_inverse=True, return_counts=True)
-        num_groups = counts.numel()
+        # Without a sort when every block id is read at one position to one length (what paged
+        # engines hand over): an entry's group is the first entry with its block id.
+        first_of_block = np.empty(max_block_id + 1, dtype=np.int64)
+        first_of_block[blocks[::-1]] = entry[::-1]   # repeated ids: the last write (first) wins
+        first = first_of_block[blocks]
+        if np.array_equal(cols[first], cols) and np.array_equal(fill[first], fill):
+            is_first = first == entry
+            group = (np.cumsum(is_first) - 1)[first]
+        else:
+            _, group = np.unique(np.stack([cols, blocks, fill], 1), axis=0, return_inverse=True)
+            group = group.reshape(-1)
+        num_groups = int(group.max()) + 1 if num_entries else 0
+        counts = np.bincount(group, minlength=num_groups)
+        group_first = np.empty(num_groups, dtype=np.int64)      # each group's first entry
+        group_first[group[::-1]] = entry[::-1]
         # A group merges into the next one when all its readers continue into the same group and
         # nobody else reads that one: then both have the same readers, so one node holds both.
-        nxt = torch.full_like(group, -1)
-        if group.numel() > 1:
-            nxt[:-1] = torch.where(last[:-1], -1, group[1:])
-        lo = torch.full((num_groups,), num_groups, dtype=torch.int64).scatter_reduce(
-            0, group, nxt, "amin")
-        hi = torch.full((num_groups,), -1, dtype=torch.int64).scatter_reduce(0, group, nxt, "amax")
-        merges = (lo == hi) & (lo >= 0)
-        merges &= counts == counts[lo.clamp(0, max(num_groups - 1, 0))]
-        head = torch.arange(num_groups)                                # pointer to the chain head
-        head[lo[merges]] = torch.nonzero(merges).flatten()
+        nxt = np.full(num_entries, -1, dtype=np.int64)
+        if num_entries > 1:
+            nxt[:-1] = np.where(last[:-1], -1, group[1:])
+        group_next = nxt[group_first]
+        disagree = np.zeros(num_groups, dtype=bool)
+        disagree[group[nxt != group_next[group]]] = True
+        merges = ~disagree & (group_next >= 0)
+        merges &= counts == counts[np.clip(group_next, 0, None)]
+        head = np.arange(num_groups)                                    # pointer to chain head
+        head[group_next[merges]] = np.nonzero(merges)[0]
         while True:                                                   # pointer jumping
             jumped = head[head]
-            if torch.equal(jumped, head):
+            if np.array_equal(jumped, head):
                 break
             head = jumped
-        is_head = head == torch.arange(num_groups)
-        node_of_group = (torch.cumsum(is_head, 0) - 1)[head]
+        is_head = head == np.arange(num_groups)
+        node_of_group = (np.cumsum(is_head) - 1)[head]
         num_nodes = int(is_head.sum())
         node = node_of_group[group]                                   # [E]
-        group_fill = torch.zeros(num_groups, dtype=torch.int64).scatter_(0, group, fill)
-        node_len = torch.zeros(num_nodes, dtype=torch.int64).index_add_(0, node_of_group,
-                                                                        group_fill)
-        flat_index = rows * width + cols
-        node_start = torch.full((num_nodes,), num_seqs * width, dtype=torch.int64).scatter_reduce(
-            0, node, flat_index, "amin")
+        group_fill = fill[group_first]
+        node_len = np.bincount(node_of_group, weights=group_fill, minlength=num_nodes)
+        # A node's table starts at its head group's first entry (the first reader's row).
+        node_start = (rows * width + cols)[group_first[is_head]]
         # Paths: each row's entries, one per node (consecutive entries of one node collapse).
-        starts = torch.ones_like(node, dtype=torch.bool)
-        if node.numel() > 1:
+        starts = np.ones(num_entries, dtype=bool)
+        if num_entries > 1:
             starts[1:] = (node[1:] != node[:-1]) | (rows[1:] != rows[:-1])
         path_nodes = node[starts].tolist()
-        per_row = torch.bincount(rows[starts], minlength=num_seqs).tolist()
+        per_row = np.bincount(rows[starts], minlength=num_seqs).tolist()
         paths, pos = [], 0
         for count in per_row:
             paths.append(path_nodes[pos:pos + count])
             pos += count
-        lengths = node_len.tolist()
+        lengths = node_len.astype(np.int64).tolist()
         page_starts = node_start.tolist()
 
         def node_tables() -> list[list[int]]:
-            flat = host_tables.flatten().tolist()
-            return [flat[s:s + -(-n // block_size)] for s, n in zip(page_starts, lengths)]
+            flat = host_tables.reshape(-1)
+            return [flat[s:s + -(-n // block_size)].tolist() for s, n in zip(page_starts, lengths)]
 
         pages = tables.to(device, torch.int32).contiguous().view(-1)
         return cls._plan(paths, None, lengths, block_size, chunk, device, seqs_per_item,
@@ -371,8 +382,14 @@ class TreeLayout:
             for j in paths[seq]:
                 node_positions[j].append(p)
 
+        # Work items: Python ints for the common short items (leaves), numpy blocks for the
+        # runs that split into many (a long shared prefix), so host work grows with the number
+        # of runs, not with their chunks. Partial rows: every (sequence, node) pair is one
+        # arithmetic segment (first, stride, count) of rows, expanded by numpy at the end.
+        work_parts: list = []
         work: list[int] = []   # WORK_FIELDS per item, flattened
-        partial_rows_of_seq: list[list[int]] = [[] for _ in range(num_seqs)]
+        num_work = 0
+        segments: list[list[int]] = [[] for _ in range(num_seqs)]   # (first, stride, count)...
         num_partials = 0
         max_q_len = 0
         table_max = -1
@@ -387,7 +404,8 @@ class TreeLayout:
                                 else max(table[:num_pages]))
             if length <= min_chunk and len(positions) == 1:   # a leaf of one sequence: the common case
                 work += (positions[0], 1, page_starts[j], 0, length, num_partials)
-                partial_rows_of_seq[order[positions[0]]].append(num_partials)
+                num_work += 1
+                segments[order[positions[0]]] += (num_partials, 1, 1)
                 num_partials += 1
                 max_q_len = max_q_len or 1
                 continue
@@ -408,47 +426,81 @@ class TreeLayout:
                     target = max(min_chunk, KV_CHUNK_TOKENS_PER_SEQ * run_len)
                     num_chunks = max(1, length // target)
                     run_chunk = _round_up(-(-length // num_chunks), block_size)
-                for kv_start in range(0, length, run_chunk):
-                    kv_end = min(kv_start + run_chunk, length)
-                    # The run's groups over one chunk are adjacent work items: they run together
-                    # and the chunk comes from DRAM once.
-                    for q_start in range(run_start, run_start + run_len, seqs_per_item):
-                        q_len = min(seqs_per_item, run_start + run_len - q_start)
-                        max_q_len = max(max_q_len, q_len)
-                        work += (q_start, q_len, page_starts[j], kv_start, kv_end, num_partials)
-                        for r, seq in enumerate(order[q_start:q_start + q_len], num_partials):
-                            partial_rows_of_seq[seq].append(r)
-                        num_partials += q_len
+                num_chunks = -(-length // run_chunk)
+                num_groups = -(-run_len // seqs_per_item)
+                # Chunk-major: the run's groups over one chunk are adjacent work items (they run
+                # together and the chunk comes from DRAM once). Item (c, g) writes partial rows
+                # base + c * run_len + (its sequences' offsets in the run).
+                base = num_partials
+                if num_chunks * num_groups <= 4:
+                    for kv_start in range(0, length, run_chunk):
+                        kv_end = min(kv_start + run_chunk, length)
+                        for q_start in range(run_start, run_start + run_len, seqs_per_item):
+                            q_len = min(seqs_per_item, run_start + run_len - q_start)
+                            work += (q_start, q_len, page_starts[j], kv_start, kv_end,
+                                     base + (kv_start // run_chunk) * run_len + q_start - run_start)
+                else:
+                    kv_start = np.arange(num_chunks, dtype=np.int64)[:, None] * run_chunk
+                    offset = np.arange(num_groups, dtype=np.int64)[None, :] * seqs_per_item
+                    items = np.empty((num_chunks, num_groups, len(WORK_FIELDS)), dtype=np.int64)
+                    items[..., 0] = run_start + offset
+                    items[..., 1] = np.minimum(seqs_per_item, run_len - offset)
+                    items[..., 2] = page_starts[j]
+                    items[..., 3] = kv_start
+                    items[..., 4] = np.minimum(kv_start + run_chunk, length)
+                    items[..., 5] = base + (kv_start // run_chunk) * run_len + offset
+                    work_parts += (work, items.reshape(-1))
+                    work = []
+                num_work += num_chunks * num_groups
+                max_q_len = max(max_q_len, min(seqs_per_item, run_len))
+                for r, seq in enumerate(order[run_start:run_start + run_len], base):
+                    segments[seq] += (r, run_len, num_chunks)
+                num_partials += num_chunks * run_len
+        work_parts.append(work)
 
-        indptr = [0]
-        rows: list[int] = []
-        for seq_rows in partial_rows_of_seq:
-            rows += seq_rows
-            indptr.append(len(rows))
+        rows_per_seq = [sum(seq_segments[2::3]) for seq_segments in segments]
+        indptr = [0, *accumulate(rows_per_seq)]
+        flat_segments = np.fromiter(chain.from_iterable(segments), dtype=np.int64)
+        first, stride, count = flat_segments[0::3], flat_segments[1::3], flat_segments[2::3]
+        if count.size and int(count.max()) > 1:   # expand the segments into row ids
+            seg_start = np.repeat(np.cumsum(count) - count, count)
+            rows = np.repeat(first, count) + np.repeat(stride, count) * (
+                np.arange(num_partials, dtype=np.int64) - seg_start)
+        else:
+            rows = first
         seq_lens = [sum(map(lengths.__getitem__, path)) for path in paths]
 
         # One int32 buffer holds every tensor of the plan: one copy to the device.
-        # (A flat Python list converted once is twice as fast as growing an array.)
-        flat: list[int] = []
+        sizes = {"work_info": num_work * len(WORK_FIELDS), "row_seq": num_seqs,
+                 "page_table": page_starts[-1] + len(tables[-1]) if tables else 0,
+                 "merge_indptr": num_seqs + 1, "merge_rows": num_partials, "seq_lens": num_seqs}
         slices = {}
-        for name, values in zip(PLAN_FIELDS, (work, order, None, indptr, rows, seq_lens)):
-            start = len(flat)
-            if values is None:   # page_table: the tables, concatenated
-                if tables is None:
-                    continue
-                for table in tables:
-                    flat += table
-            else:
-                flat += values
-            slices[name] = (start, len(flat))
-            flat += [0] * (-len(flat) % _SLICE_ALIGN)
-        host_plan = torch.frombuffer(array("i", flat), dtype=torch.int32) if flat else \
-            torch.zeros(0, dtype=torch.int32)
+        total = 0
+        for name in PLAN_FIELDS:
+            if name == "page_table" and tables is None:
+                continue
+            slices[name] = (total, total + sizes[name])
+            total += _round_up(sizes[name], _SLICE_ALIGN)
+        host_plan = torch.empty(total, dtype=torch.int32)
+        host = host_plan.numpy()
+        pos = slices["work_info"][0]
+        for part in work_parts:
+            host[pos:pos + len(part)] = part
+            pos += len(part)
+        for name, values in (("row_seq", order), ("merge_indptr", indptr), ("merge_rows", rows),
+                             ("seq_lens", seq_lens)):
+            start, end = slices[name]
+            host[start:end] = values
+        if tables is not None:
+            pos = slices["page_table"][0]
+            for table in tables:
+                host[pos:pos + len(table)] = table
+                pos += len(table)
         return cls(
             paths=paths, node_lengths=lengths, block_size=block_size,
             device=torch.device(device), kv_chunk_size=chunk, max_seqs_per_item=seqs_per_item,
             host_plan=host_plan, slices=slices, page_starts=page_starts, page_table=page_table,
-            node_tables=node_tables, num_work=len(work) // len(WORK_FIELDS),
+            node_tables=node_tables, num_work=num_work,
             num_partials=num_partials,
             max_block_id=table_max if max_block_id is None else max_block_id,
             max_seq_len=max(seq_lens, default=0), max_q_len=max_q_len,
@@ -481,7 +533,7 @@ class TreeLayout:
     row_seq = property(lambda self: self._plan_tensor("row_seq"),
                        doc="int32 [num_seqs] on device: kernel position -> sequence index")
     page_table = property(lambda self: self._plan_tensor("page_table"),
-                          doc="int32 [num_pages] on device: block ids, node j's from page_starts[j]")
+                          doc="int32 [num_pages] on device: block ids (node j's at page_starts[j])")
     merge_indptr = property(lambda self: self._plan_tensor("merge_indptr"),
                             doc="int32 [num_seqs + 1] on device: CSR of partial rows per sequence")
     merge_rows = property(lambda self: self._plan_tensor("merge_rows"),
@@ -496,6 +548,12 @@ class TreeLayout:
         if callable(self._node_tables):
             self._node_tables = self._node_tables()
         return self._node_tables
+
+    @property
+    def external_page_table(self) -> torch.Tensor | None:
+        """The device page table this layout reads by reference (a ``TreeKVCache``'s block
+        tables, ``from_block_tables``' table), or None when its tables are part of the plan."""
+        return self._external_pages
 
     @property
     def num_page_entries(self) -> int:

@@ -19,9 +19,11 @@ DiffusionGemma (``EntropyBoundSampler``; Lavenant et al., arXiv 2505.24857), for
    token ``(r * V) >> 32`` (``r`` the uint32 Philox word at counter ``(0, pos, 2, 0)``; exactly
    uniform when ``V`` is a power of two, otherwise within ``V / 2**32`` of uniform).
 
-Positions whose logits hold a NaN or ``+inf``, or no finite entry, have no distribution: their
-``entropy`` is ``+inf``, ``sample`` and ``argmax`` are 0, they are never accepted (so always
-renoised), and nothing is NaN. ``-inf`` logits (banned tokens) are ordinary: probability 0.
+Non-finite logits (the rules of ``denoise_step``): a position whose logits hold a NaN, or no
+entry above ``-inf``, has no distribution: its ``entropy`` is ``+inf``, ``sample`` and ``argmax``
+are 0, and it is never accepted (so always renoised). A position holding ``+inf`` (and no NaN) is
+the point mass on its lowest ``+inf`` index: ``sample = argmax =`` that index, ``entropy = 0``.
+``-inf`` logits (banned tokens) are ordinary: probability 0. Nothing is NaN.
 
 The Gumbel-max here skips, exactly, the Philox draws that cannot win (see :func:`gumbel_argmax`).
 """
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference_denoise import GUMBEL_STREAM, philox_uniform, philox_word
+from .reference_denoise import GUMBEL_STREAM, gumbel_noise, philox_uniform, philox_word
 
 RENOISE_STREAM = 2   # Philox counter word c2 of the renoise token (0: Gumbel, 1: random score)
 # An upper bound on every Gumbel draw g = -log(-log u): u <= 1 - 2**-24 gives g <= 16.636 (fp32).
@@ -53,15 +55,20 @@ def gumbel_argmax(x: torch.Tensor, seed: int, valid: torch.Tensor) -> torch.Tens
     Equal to materialising ``x + gumbel_noise`` (the definition; a test holds them equal) but
     draws noise only where it can matter: ``best0`` is the best noisy value among the row's
     ``TOPK_PROBE`` largest logits, and only entries with ``x + GUMBEL_BOUND >= best0`` can reach
-    it. For a peaked (LM-like) distribution that is a few entries per row; for a flat one it is
-    all of V, and this costs what the definition costs.
+    it. For a peaked (LM-like) distribution that is a few entries per row; when more than half
+    of all entries are candidates (flat rows) the dense definition runs instead.
     """
     num_rows, vocab = x.shape
     probe_x, probe_v = x.topk(min(TOPK_PROBE, vocab), dim=-1)
     rows = torch.arange(num_rows, device=x.device)
     best0 = (probe_x + _gumbel(seed, probe_v, rows[:, None])).amax(dim=-1)
     best0 = torch.where(valid, best0, float("inf"))            # invalid rows: no candidates
-    cand_row, cand_v = (x + GUMBEL_BOUND >= best0[:, None]).nonzero(as_tuple=True)
+    candidates = x + GUMBEL_BOUND >= best0[:, None]
+    if 2 * int(candidates.sum()) > candidates.numel():
+        # Mostly flat rows: the definition itself (dense noise, no gather) is cheaper.
+        noisy = x + gumbel_noise(seed, 1, num_rows, vocab, x.device)[0]
+        return torch.where(valid, noisy.argmax(dim=-1), 0)
+    cand_row, cand_v = candidates.nonzero(as_tuple=True)
     noisy = x[cand_row, cand_v] + _gumbel(seed, cand_v, cand_row)
     row_best = torch.full((num_rows,), float("-inf"), device=x.device)
     row_best = row_best.scatter_reduce(0, cand_row, noisy, reduce="amax")
@@ -71,16 +78,26 @@ def gumbel_argmax(x: torch.Tensor, seed: int, valid: torch.Tensor) -> torch.Tens
     return torch.where(valid & (first < vocab), first, 0)
 
 
-def entropy_and_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(entropy fp32 [N], argmax int64 [N], valid bool [N]) of fp32 ``x [N, V]``.
-
-    ``valid``: the row holds no NaN and no ``+inf`` and at least one finite entry, i.e. its
-    maximum is finite (``max`` propagates NaN). Invalid rows get entropy ``+inf`` and argmax 0.
+def entropy_and_argmax(x: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(entropy fp32 [N], argmax int64 [N], valid bool [N], point_mass bool [N]) of fp32
+    ``x [N, V]``, the rows classified by their max (which propagates NaN): ``valid`` = no NaN and
+    some entry above ``-inf``; ``point_mass`` = valid with a ``+inf`` entry (entropy 0, argmax
+    its first ``+inf``). Invalid rows get entropy ``+inf`` and argmax 0.
     """
     row_max, argmax = x.max(dim=-1)          # first index of the max, as torch.argmax
-    valid = torch.isfinite(row_max)
-    entropy = torch.special.entr(torch.softmax(x, dim=-1)).sum(dim=-1)   # entr(0) = 0
-    return (torch.where(valid, entropy, float("inf")), torch.where(valid, argmax, 0), valid)
+    valid = row_max > float("-inf")          # False for NaN too
+    point_mass = row_max == float("inf")
+    # H = log s - a / s with z = x - max, s = sum e^z, a = sum e^z z: one exp per entry and no
+    # log (softmax + entr would take both). A -inf logit's z is clamped to a finite -1e30, whose
+    # weight e^z is exactly 0, so it adds 0 rather than 0 * (-inf).
+    z = (x - row_max[:, None]).clamp_(min=-1e30)
+    weights = z.exp()
+    total = weights.sum(dim=-1)
+    weighted = (weights * z).sum(dim=-1)
+    entropy = torch.where(point_mass, 0.0, total.log() - weighted / total)
+    return (torch.where(valid, entropy, float("inf")), torch.where(valid, argmax, 0), valid,
+            point_mass)
 
 
 def accept(entropy: torch.Tensor, entropy_bound: float) -> torch.Tensor:
@@ -110,8 +127,8 @@ def entropy_bound_step(logits: torch.Tensor, canvas: torch.Tensor, entropy_bound
     """
     batch, length, vocab = logits.shape
     x = logits.float().reshape(batch * length, vocab)
-    entropy, argmax, valid = entropy_and_argmax(x)
-    sample = gumbel_argmax(x, seed, valid)
+    entropy, argmax, valid, point_mass = entropy_and_argmax(x)
+    sample = torch.where(point_mass, argmax, gumbel_argmax(x, seed, valid & ~point_mass))
     entropy = entropy.view(batch, length)
     accepted = accept(entropy, entropy_bound)
     sample = sample.view(batch, length)

@@ -53,7 +53,8 @@ def default_capacities(max_seqs: int, max_nodes: int, max_blocks: int,
     group of a run) and ``n / KV_CHUNK_TOKENS_PER_SEQ + r`` partial rows.
     """
     tokens = max_blocks * block_size
-    max_work = 2 * max_nodes + 2 * -(-tokens // DEFAULT_KV_CHUNK) + -(-2 * max_seqs // MAX_SEQS_PER_ITEM)
+    max_work = (2 * max_nodes + 2 * -(-tokens // DEFAULT_KV_CHUNK)
+                + -(-2 * max_seqs // MAX_SEQS_PER_ITEM))
     max_partials = -(-tokens // KV_CHUNK_TOKENS_PER_SEQ) + 2 * max_seqs + max_nodes
     return max_work, max_partials
 
@@ -142,10 +143,10 @@ class TreeAttentionWrapper:
         elif (not isinstance(workspace, torch.Tensor) or workspace.dtype != torch.float32
               or workspace.device != self.device or not workspace.is_contiguous()
               or workspace.numel() < numel):
+            got = (f"{workspace.dtype} [{workspace.numel()}] on {workspace.device}"
+                   if isinstance(workspace, torch.Tensor) else type(workspace).__name__)
             raise ValueError(f"workspace must be a contiguous float32 tensor of at least {numel} "
-                             f"elements on {self.device}, got "
-                             + (f"{workspace.dtype} [{workspace.numel()}] on {workspace.device}"
-                                if isinstance(workspace, torch.Tensor) else type(workspace).__name__))
+                             f"elements on {self.device}, got {got}")
         self.workspace = workspace
         o_numel = self.max_partials * num_q_heads * head_dim
         lse_numel = self.max_partials * num_q_heads
@@ -226,7 +227,7 @@ class TreeAttentionWrapper:
             self._plan_buffer[:end].copy_(staging[:end], non_blocking=True)
             self._staged.record()
         if host_pages is None:   # a page table on the device, read by reference: d2d
-            pages = layout.page_table
+            pages = layout.external_page_table   # (layout.page_table would upload the plan)
             self.page_table[:pages.numel()].copy_(pages, non_blocking=True)
         self._layout = layout
         self._num_work = layout.num_work

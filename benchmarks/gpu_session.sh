@@ -44,7 +44,8 @@
 #   <phase>.log      everything the phase printed (verify.log, build-test.log, bench.log, ...)
 #   results/*.json   verify: each step's result file, copied as soon as the step ends
 #   summary.txt      one line per step: status, seconds used, time limit, command
-#   pytest-junit.xml per-test results of the build-test and verify phases
+#   pytest-junit.xml per-test results of the build-test phase (verify: counted in summary.txt,
+#                    the file kept in /tmp, so that its 5 result files fit in the 8 returned)
 #   results.tgz      benchmarks/results/*.json *.png as the benchmarks left them (bench phases);
 #                    unpack in the repository root: tar -xzf results.tgz
 #
@@ -92,6 +93,8 @@ PHASE="${PHASE:-build-test}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO" || exit 2
 OUT="${OUT:-${TMPDIR:-/tmp}/a2r_gpu_session_out}"   # outside the checkout: never sent or committed
+JUNIT="$OUT/pytest-junit.xml"
+[[ $PHASE == verify ]] && JUNIT="${TMPDIR:-/tmp}/a2r_verify_junit.xml"   # $OUT: 8 files at most
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 START_S=$(date +%s)
@@ -423,7 +426,7 @@ VERIFY_TESTS=(
   "tests/test_entropy_bound.py::test_triton_several_chunks_and_splits[64-4]"
   tests/test_entropy_bound.py::test_triton_non_contiguous_inputs
   "tests/test_entropy_bound.py::test_matches_transformers_sampler[1.0-triton]"
-  "tests/test_entropy_bound.py::test_positions_without_a_distribution[triton]"
+  "tests/test_entropy_bound.py::test_non_finite_logits[triton]"
   tests/test_entropy_bound.py::test_cuda_device_checks
   "tests/test_wrapper.py::test_cuda_graph_capture_replan_replay[triton]"
   "tests/test_wrapper.py::test_three_trees_through_one_wrapper_and_one_out[bfloat16-8/1-bs32-triton]"
@@ -432,9 +435,9 @@ VERIFY_TESTS=(
   "tests/test_wrapper.py::test_from_block_tables_matches_paged_decode[1-triton]"
 )
 
-# The headline rows' providers. Issue 12: append its a2r-tree-wrapper and CUDA-graph-replay
-# providers here once bench_tree_attention.py has them (their targets go to verdict.py).
-TREE_PROVIDERS="a2r-tree,a2r-paged,a2r-cuda"
+# The headline rows' providers: issue 12's wrapper (planned once, timed on run) and its
+# CUDA-graph replay (target in verdict.py); the host-side plan rows are a CPU target, skipped.
+TREE_PROVIDERS="a2r-tree,a2r-paged,a2r-cuda,a2r-tree-wrapper,a2r-tree-graph"
 
 # plan_step NAME BUDGET_S MIN_S KIND NEEDS RESULT COMMAND -- one row of the verify plan.
 #   BUDGET_S  the most wall seconds the step may take: its timeout, and what the dry run's
@@ -466,26 +469,55 @@ verify_plan() {
   #         name                  budget min kind  needs      result           command
   # the carried wheels first, so that the environment report shows what imports
   plan_step wheels                10     5   must  wheels     -                "$WHEELS_CMD"
-  plan_step env                   15     3   must  -          -                "$(env_cmd)"
+  plan_step env                   12     3   must  -          -                "$(env_cmd)"
   # (1) sm_90 only (A2R_CUDA_ARCHS from nvidia-smi), the .cu files compiled in parallel by ninja
   plan_step build                 45     25  must  -          -                "A2R_BUILD_CUDA=1 A2R_CUDA_ARCHS=${A2R_CUDA_ARCHS:-90} A2R_BUILD_JOBS=\$(nproc) $PY setup.py build_ext --inplace && $PY -c 'import a2r_kernels._C as C; print(\"a2r_kernels._C\", C.__file__, \"CUDA runtime\", C.cuda_runtime_version())' && { ! command -v cuobjdump >/dev/null || cuobjdump --list-elf a2r_kernels/_C*.so; }"
   # (2) compiled Triton (TRITON_INTERPRET=0) and CUDA against the reference; xdist when present
-  plan_step pytest                100    45  must  -          -                "$PY -m pytest -q -rs --durations=10 -p no:cacheprovider \$($PY -c 'import xdist' 2>/dev/null && echo -n -n $workers --dist load) --junitxml=$OUT/pytest-junit.xml $tests"
+  plan_step pytest                95     45  must  -          -                "A2R_PYTEST_WORKERS=$workers verify_pytest $tests"
   # (3) one small case per CUDA kernel under the sanitizer
-  plan_step sanitize-memcheck     50     30  must  sanitizer  -                "$memcheck"
-  plan_step sanitize-racecheck    30     15  spare sanitizer  -                "$racecheck"
+  plan_step sanitize-memcheck     45     30  must  sanitizer  -                "$memcheck"
+  plan_step sanitize-racecheck    20     15  spare sanitizer  -                "$racecheck"
   # (4) the headline rows: tree attention at the issues' two target shapes (one process each,
   # since a benchmark writes its JSON at its end), denoise, explore against hf-generate
-  plan_step bench-tree-P8k-N64    30     15  must  -          tree_attention   "$PY benchmarks/bench_tree_attention.py --P 8192 --N 64 --S 128 --heads 32/8 --providers $TREE_PROVIDERS"
-  plan_step bench-tree-P1k-N4     25     10  must  -          tree_attention   "$PY benchmarks/bench_tree_attention.py --P 1024 --N 4 --S 128 --heads 8/1 --providers $TREE_PROVIDERS"
-  # Issue 15: an entropy-bound row (B=8, L=256, V=262144) goes here once bench_denoise.py has it.
-  plan_step bench-denoise         35     20  must  -          denoise          "$PY benchmarks/bench_denoise.py --shapes 8x256x126464"
+  plan_step bench-tree-P8k-N64    30     15  must  -          tree_attention   "$PY benchmarks/bench_tree_attention.py --P 8192 --N 64 --S 128 --heads 32/8 --providers $TREE_PROVIDERS --no-plan-rows"
+  plan_step bench-tree-P1k-N4     25     10  must  -          tree_attention   "$PY benchmarks/bench_tree_attention.py --P 1024 --N 4 --S 128 --heads 8/1 --providers $TREE_PROVIDERS --no-plan-rows"
+  plan_step bench-denoise         35     20  must  -          denoise          "$PY benchmarks/bench_denoise.py --ops denoise --shapes 8x256x126464"
+  # issue 15: the entropy-bound step at its default GPU shape, B=8 L=256 V=262144, flat and
+  # lm-like logits, against transformers' sampler step
+  plan_step bench-entropy-bound   35     20  must  -          entropy_bound    "$PY benchmarks/bench_denoise.py --ops entropy-bound"
   # Issue 13: eager vs CUDA-graph explore rows go here once bench_explore.py has the flag.
   plan_step bench-explore         75     45  must  -          explore          "$PY benchmarks/bench_explore.py --prompt-lens 8192 --ns 32 --providers a2r-explore hf-generate --rep 2"
   # FlashInfer's cascade beside a2r-paged, in its own file: its JIT compile (nvcc, minutes on a
   # fresh machine) must not cost the rows above.
   plan_step bench-tree-flashinfer 25     20  extra flashinfer tree_attention_flashinfer "rc=0; for shape in '8192 64 32/8' '1024 4 8/1'; do set -- \$shape; $PY benchmarks/bench_tree_attention.py --P \$1 --N \$2 --S 128 --heads \$3 --providers a2r-paged,flashinfer-cascade --out tree_attention_flashinfer || rc=1; done; exit \$rc"
   plan_step verdict               5      3   must  -          -                "set -o pipefail; $PY benchmarks/verdict.py --results benchmarks/results --baseline $BASELINE_DIR | tee $VERDICT_FILE"
+}
+
+# verify_pytest ID...: pytest on the ids that collect, and the list of those that do not. One id
+# pytest cannot find (a renamed test, a module that fails to import on the device's torch or
+# transformers) would otherwise end the whole run before its first test.
+verify_pytest() {
+  local collected ids found rc=0 xdist=() run_ids=()
+  # whole files, not the ids: pytest lists nothing when one id is not found
+  collected="$("$PY" -m pytest --collect-only -q -p no:cacheprovider --continue-on-collection-errors \
+               $(printf '%s\n' "${@%%::*}" | sort -u) 2>&1)"
+  ids="$(grep -xF -- "$(printf '%s\n' "$@")" <<<"$collected")"
+  found=$(grep -c . <<<"$ids")
+  echo "verify: $found of $# test ids collected"
+  if [[ $found != "$#" ]]; then
+    grep -E '^(ERROR|E ) ' <<<"$collected" | head -n 20
+    echo "verify: not collected:"; printf '%s\n' "$@" | grep -vxF -- "$ids"
+  fi
+  if (( found > 0 )); then
+    if [[ ${A2R_PYTEST_WORKERS:-0} != 0 ]] && "$PY" -c "import xdist" 2>/dev/null; then
+      xdist=(-n "$A2R_PYTEST_WORKERS" --dist load)
+    fi
+    mapfile -t run_ids <<<"$ids"
+    "$PY" -m pytest -q -rs --durations=10 -p no:cacheprovider "${xdist[@]}" \
+      --junitxml="$JUNIT" "${run_ids[@]}" || rc=$?
+  fi
+  [[ $found == "$#" || $rc != 0 ]] || rc=1
+  return "$rc"
 }
 
 needs_met() {  # NEEDS WHEN(plan|run): is the step's prerequisite there?
@@ -566,6 +598,7 @@ carry_report() {  # what the device call sends: the checkout (tracked + untracke
 
 phase_verify() {
   if [[ $DRY_RUN == 1 ]]; then carry_report || { FAILED=2; return; }; fi
+  export PY JUNIT; export -f verify_pytest   # the pytest step's `bash -c` calls it
   if [[ $HAS_GPU == 0 ]]; then
     say "gpu_session.sh: verify needs a CUDA GPU (nvidia-smi -L lists none); the plan: --dry-run --assume-gpu verify"
     FAILED=2; return
@@ -585,7 +618,7 @@ phase_verify() {
 
 # ------------------------------------------------------------------------------------- main
 if [[ $LIST_TESTS == 1 ]]; then printf '%s\n' "${VERIFY_TESTS[@]}"; exit 0; fi
-rm -f "$OUT"/{verify,build-test,bench,bench-explore,env}.log "$OUT"/pytest-junit.xml "$OUT"/results.tgz
+rm -f "$OUT"/{verify,build-test,bench,bench-explore,env}.log "$OUT"/pytest-junit.xml "$OUT"/results.tgz "$JUNIT"
 rm -rf "$OUT"/results
 : > "$SUMMARY"
 : > "$LOG"
@@ -604,8 +637,8 @@ case "$MODE" in
     phase_bench ;;
 esac
 
-if [[ -s "$OUT/pytest-junit.xml" && $DRY_RUN == 0 ]]; then
-  $PY - "$OUT/pytest-junit.xml" >> "$SUMMARY" <<'EOF'
+if [[ -s "$JUNIT" && $DRY_RUN == 0 ]]; then
+  $PY - "$JUNIT" >> "$SUMMARY" <<'EOF'
 import sys
 import xml.etree.ElementTree as ET
 root = ET.parse(sys.argv[1]).getroot()

@@ -16,8 +16,9 @@ there is an old row and is ignored (a re-measured row always differs: its times 
 
 Metrics: ``copy_fraction`` is ``gbps / copy_gbps`` (unique bytes per second over the device's
 copy bandwidth measured in the same run); any other metric is the row's field of that name
-(``speedup_vs_paged``, ``speedup_vs_llada-torch``, ``speedup_vs_hf``: baseline time / this
-provider's time, both measured in the same process).
+(``speedup_vs_paged``, ``speedup_vs_wrapper``, ``speedup_vs_llada-torch``, ``speedup_vs_hf``,
+``speedup_vs_hf-eb-sampler``: baseline time / this provider's time, both measured in the same
+process).
 
 Exit status 0 whatever the verdicts (they are measurements, not test results); 2 when a result
 file cannot be read.
@@ -38,6 +39,10 @@ TREE_8K = ("P=8k N=64 S=128 32/8", dict(P=8192, N=64, S=128, Hq=32, Hkv=8, D=128
 TREE_1K = ("P=1k N=4 S=128 8/1", dict(P=1024, N=4, S=128, Hq=8, Hkv=1, D=128, dtype="bfloat16"))
 DENOISE = ("B=8 L=256 V=126464", dict(B=8, L=256, V=126464, dtype="bfloat16", masked_fraction=1.0))
 EXPLORE = ("P=8k n=32 256 new", dict(P=8192, n=32, new_tokens=256, dtype="bfloat16"))
+EB_FLAT, EB_LM = (
+    (f"B=8 L=256 V=262144 {kind}", dict(op="entropy-bound", B=8, L=256, V=262144,
+                                         dtype="bfloat16", logits=kind))
+    for kind in ("flat", "lm-like"))
 
 
 @dataclass(frozen=True)
@@ -52,19 +57,23 @@ class Target:
 
 # The issues' GPU targets. Rows for later issues go here, next to the benchmark rows that
 # gpu_session.sh's verify plan runs for them:
-#   issue 12: the CUDA-graph-replayed tree step within 1.1x of the kernel alone (P=8k, N=64)
 #   issue 13: eager vs graph explore rows, graph decode step within 1.2x of its kernels
-#   issue 15: entropy-bound step >= 70% of copy and >= 5x hf-eb-sampler at B=8, L=256, V=262144
 TARGETS = [
     Target(2, "tree_attention", "a2r-tree", TREE_8K, "copy_fraction", 0.70),
     Target(2, "tree_attention", "a2r-tree", TREE_8K, "speedup_vs_paged", 8.0),
     Target(2, "tree_attention", "a2r-tree", TREE_1K, "speedup_vs_paged", 1.0),
     Target(6, "tree_attention", "a2r-cuda", TREE_8K, "copy_fraction", 0.70),
     Target(6, "tree_attention", "a2r-cuda", TREE_1K, "speedup_vs_paged", None),
+    # graph replay within 1.1x of the kernels run eagerly through the same wrapper
+    Target(12, "tree_attention", "a2r-tree-graph", TREE_8K, "speedup_vs_wrapper", 1 / 1.1),
     Target(3, "denoise", "a2r-denoise", DENOISE, "copy_fraction", 0.70),
     Target(3, "denoise", "a2r-denoise", DENOISE, "speedup_vs_llada-torch", 5.0),
     Target(6, "denoise", "a2r-cuda", DENOISE, "copy_fraction", 0.70),
     Target(4, "explore", "a2r-explore", EXPLORE, "speedup_vs_hf", 3.0),
+    Target(15, "entropy_bound", "a2r-eb-step", EB_FLAT, "copy_fraction", 0.70),
+    Target(15, "entropy_bound", "a2r-eb-step", EB_LM, "copy_fraction", 0.70),
+    Target(15, "entropy_bound", "a2r-eb-step", EB_FLAT, "speedup_vs_hf-eb-sampler", 5.0),
+    Target(15, "entropy_bound", "a2r-eb-step", EB_LM, "speedup_vs_hf-eb-sampler", 5.0),
     Target(2, "tree_attention_flashinfer", "flashinfer-cascade", TREE_8K, "speedup_vs_paged", None),
     Target(2, "tree_attention_flashinfer", "flashinfer-cascade", TREE_1K, "speedup_vs_paged", None),
 ]

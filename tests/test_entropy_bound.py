@@ -184,23 +184,46 @@ def test_matches_transformers_sampler(backend, entropy_bound):
     assert torch.equal(after[result.accepted], accepted_canvas[result.accepted])
 
 
-def test_gumbel_pruning_equals_definition():
-    """gumbel_argmax draws noise only for candidates; the result equals argmax(x + g) over the
-    whole vocabulary, for flat, peaked, tied and partly -inf rows."""
+def _gumbel_rows_case(scale_low, scale_high):
     gen = torch.Generator().manual_seed(4)
     num_rows, vocab = 64, 3000
-    x = torch.randn(num_rows, vocab, generator=gen) * torch.linspace(0.1, 30, num_rows)[:, None]
+    scale = torch.linspace(scale_low, scale_high, num_rows)[:, None]
+    x = torch.randn(num_rows, vocab, generator=gen) * scale
     x[::5, ::2] = float("-inf")
     x[3] = 1.0                                                 # all tied
     x[7, 100:110] = x[7].max() + 25.0                          # a tied peak far above the rest
     x[9] = float("-inf")
     x[9, 2999] = 0.0                                           # a single live entry, last
+    return x
+
+
+def test_gumbel_pruning_equals_definition(monkeypatch):
+    """On peaked rows gumbel_argmax draws noise only for candidates (it never calls the dense
+    gumbel_noise); the result equals argmax(x + g) over the whole vocabulary, for peaked, tied
+    and partly -inf rows."""
+    x = _gumbel_rows_case(5.0, 30.0)
     seed = 2 ** 33 + 7
-    noisy = x + reference_denoise.gumbel_noise(seed, 1, num_rows, vocab, "cpu")[0]
-    expected = noisy.argmax(dim=-1)
-    valid = torch.ones(num_rows, dtype=torch.bool)
+    expected = (x + reference_denoise.gumbel_noise(seed, 1, x.shape[0], x.shape[1], "cpu")[0]
+                ).argmax(dim=-1)
+
+    def no_dense_noise(*args):
+        raise AssertionError("the sparse path should not draw dense noise here")
+
+    monkeypatch.setattr(reference_entropy_bound, "gumbel_noise", no_dense_noise)
+    valid = torch.ones(x.shape[0], dtype=torch.bool)
     assert torch.equal(reference_entropy_bound.gumbel_argmax(x, seed, valid), expected)
-    assert int(expected[9]) == 2999
+    assert int(expected[9]) == 2999 and 100 <= int(expected[7]) < 110
+
+
+def test_gumbel_flat_rows_take_the_dense_path():
+    x = _gumbel_rows_case(0.1, 1.0)
+    seed = 11
+    expected = (x + reference_denoise.gumbel_noise(seed, 1, x.shape[0], x.shape[1], "cpu")[0]
+                ).argmax(dim=-1)
+    valid = torch.ones(x.shape[0], dtype=torch.bool)
+    valid[5] = False
+    result = reference_entropy_bound.gumbel_argmax(x, seed, valid)
+    assert torch.equal(result[valid], expected[valid]) and int(result[5]) == 0
 
 
 def test_gumbel_bound_bounds_every_draw():
@@ -259,23 +282,26 @@ def test_entropy_ties_go_to_lower_positions(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_positions_without_a_distribution(backend):
-    """NaN, +inf and all -inf positions: entropy +inf, sample = argmax = 0, never accepted;
-    -inf entries elsewhere are probability-0 tokens."""
+def test_non_finite_logits(backend):
+    """NaN and all -inf positions: entropy +inf, sample = argmax = 0, never accepted. A +inf
+    position: the point mass on its first +inf (entropy 0). -inf entries elsewhere are
+    probability-0 tokens."""
     if backend == "triton":
         _triton_or_skip()
     logits, canvas = _case(2, 5, 40, seed=9)
     logits[..., ::4] = float("-inf")
     logits[0, 1, 3] = float("nan")
-    logits[0, 2, 7] = float("inf")
+    logits[0, 2, [7, 9]] = float("inf")
     logits[1, 0] = float("-inf")
     result, after = _run(backend, logits, canvas, float("inf"))
     bad = torch.zeros(2, 5, dtype=torch.bool, device=DEVICE)
-    bad[0, 1] = bad[0, 2] = bad[1, 0] = True
+    bad[0, 1] = bad[1, 0] = True
     assert bool(torch.isinf(result.entropy[bad]).all())
     assert bool(torch.isfinite(result.entropy[~bad]).all())
     assert torch.equal(result.accepted, ~bad)                  # the bound is inf
     assert bool((result.sample[bad] == 0).all()) and bool((result.argmax[bad] == 0).all())
+    assert (int(result.sample[0, 2]), int(result.argmax[0, 2])) == (7, 7)
+    assert float(result.entropy[0, 2]) == 0.0
     assert bool((result.sample[~bad] % 4 != 0).all())          # never a -inf token
     _check_invariants(result, after, 40)
 
@@ -347,3 +373,24 @@ def test_cuda_device_checks():
                               backend="cuda")
     assert math.isfinite(float(ak.entropy_bound_step(
         logits, torch.zeros(1, 2, dtype=torch.int64, device="cuda"), 0.1).entropy[0, 0]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["flat", "lm-like"])
+def test_cuda_triton_at_gemma_vocabulary(kind):
+    """The compiled Triton kernels (split V, the chunk skip of the Gumbel draws) against the
+    reference at DiffusionGemma's vocabulary, bf16."""
+    batch, length, vocab = 2, 64, 262144
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    raw = torch.randn(batch, length, vocab, generator=gen, device="cuda")
+    if kind == "lm-like":
+        peaks = torch.randint(0, vocab, (batch, length, 16), generator=gen, device="cuda")
+        raw = raw * 1.5
+        raw.scatter_add_(-1, peaks, torch.full((batch, length, 16), 12.0, device="cuda"))
+        raw = raw / 0.6
+    logits = raw.to(torch.bfloat16)
+    canvas = torch.randint(0, vocab, (batch, length), generator=gen, device="cuda")
+    result, after = _run("triton", logits, canvas, 0.5)
+    expected, expected_after = _run("torch", logits, canvas, 0.5)
+    _assert_same(result, after, expected, expected_after)
+    _check_invariants(result, after, vocab)

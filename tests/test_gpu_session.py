@@ -9,6 +9,7 @@ uses still exists, and check the verdict lines (``benchmarks/verdict.py``) on sy
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -23,8 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 VERIFY_LIMIT_S = 480   # issue 11: verify finishes in 8 minutes of wall time
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import verdict  # noqa: E402
+# benchmarks/ is not a package: load verdict.py by path, leaving sys.path alone
+_spec = importlib.util.spec_from_file_location("a2r_bench_verdict", ROOT / "benchmarks" / "verdict.py")
+verdict = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)   # dataclasses need it
+_spec.loader.exec_module(verdict)
 
 PLAN_ROW = re.compile(r"^#   (\S+)\s+(\d+)s\s+(\d+) ->\s+(\d+)\s+(must|spare|extra)\s+(\S+)$")
 PLAN_TOTAL = re.compile(r"^# verify plan total: (\d+)s of steps \+ (\d+)s reserve = (\d+)s (<=|>) "
@@ -86,7 +89,8 @@ def test_verify_plan_fits_in_8_minutes_in_the_required_order(tmp_path):
     for name in ("bench-tree-P8k-N64", "bench-tree-P1k-N4"):
         assert "a2r-tree,a2r-paged,a2r-cuda" in commands[name]
     assert "flashinfer-cascade" in commands["bench-tree-flashinfer"]
-    assert "--shapes 8x256x126464" in commands["bench-denoise"]
+    assert "--ops denoise --shapes 8x256x126464" in commands["bench-denoise"]
+    assert "--ops entropy-bound" in commands["bench-entropy-bound"]   # issue 15: V=262144
     assert "--prompt-lens 8192 --ns 32" in commands["bench-explore"]
     assert "hf-generate" in commands["bench-explore"]
     assert "--tool memcheck" in commands["sanitize-memcheck"]
@@ -159,7 +163,9 @@ def test_verify_pytest_selection_is_collected():
     result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
                              "-p", "no:cacheprovider", *ids], cwd=ROOT, capture_output=True,
                             text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, ("an id of VERIFY_TESTS in benchmarks/gpu_session.sh no longer "
+                                    "collects: update it to the renamed test\n"
+                                    + result.stdout[-3000:] + result.stderr[-3000:])
     collected = [line for line in result.stdout.splitlines() if "::" in line]
     assert sorted(collected) == sorted(ids)
 
@@ -193,6 +199,8 @@ FAKE_PYTHON = """#!/bin/bash
 case "$1" in
   benchmarks/verdict.py) exec "$REAL_PYTHON" "$@" ;;
   benchmarks/bench_*.py) exec "$REAL_PYTHON" "$FAKE_BENCH" "$@" ;;
+  -m) [[ "$*" == *--collect-only* ]] && cat "$FAKE_COLLECTED"; exit 0 ;;
+  -c) [[ "$2" != "import flashinfer" || -n "$FAKE_FLASHINFER" ]] ;;
   *) exit 0 ;;
 esac
 """
@@ -203,7 +211,7 @@ def write_results(path, rows):
     json.dump(old + rows, open(path, "w"))
 script = os.path.basename(sys.argv[1])
 p = argparse.ArgumentParser()
-for flag in ("--P", "--N", "--S", "--heads", "--providers", "--out", "--shapes", "--rep"):
+for flag in ("--P", "--N", "--S", "--heads", "--providers", "--out", "--shapes", "--rep", "--ops"):
     p.add_argument(flag)
 p.add_argument("--prompt-lens"); p.add_argument("--ns")
 args, _ = p.parse_known_args(sys.argv[2:])
@@ -214,6 +222,11 @@ if script == "bench_tree_attention.py":
     rows = [dict(dev, provider=name, **shape, median_us=10.0, gbps=3000.0, speedup_vs_paged=9.0)
             for name in args.providers.split(",")]
     write_results(f"benchmarks/results/{args.out or 'tree_attention'}.json", rows)
+elif script == "bench_denoise.py" and args.ops == "entropy-bound":
+    rows = [dict(dev, op="entropy-bound", provider="a2r-eb-step", B=8, L=256, V=262144,
+                 logits=kind, median_us=5.0, gbps=3000.0, **{"speedup_vs_hf-eb-sampler": 7.0})
+            for kind in ("flat", "lm-like")]
+    write_results("benchmarks/results/entropy_bound.json", rows)
 elif script == "bench_denoise.py":
     b, l, v = map(int, args.shapes.split("x"))
     rows = [dict(dev, provider="a2r-denoise", B=b, L=l, V=v, masked_fraction=1.0, median_us=5.0,
@@ -226,11 +239,14 @@ else:
 """
 
 
-def test_verify_live_path_on_a_faked_gpu(tmp_path):
+@pytest.mark.parametrize("wheel", [True, False], ids=["flashinfer-carried", "no-wheel"])
+def test_verify_live_path_on_a_faked_gpu(tmp_path, wheel):
     """The live runner, not the dry run: steps run in order, each result file reaches
     $OUT/results/ when its step ends, committed rows are not judged, the summary ends with the
     verdict, the FlashInfer step (an `extra`) gets the seconds the others saved, and $OUT stays
-    within what the device tool returns (8 files, 2 folders down)."""
+    within what the device tool returns (8 files, 2 folders down). One test id does not collect
+    there: the others still run, and the pytest step says which one is missing. Without the
+    carried wheel, the wheels and FlashInfer steps are skipped and nothing else changes."""
     repo, fake = tmp_path / "repo", tmp_path / "bin"
     shutil.copytree(ROOT / "benchmarks", repo / "benchmarks",
                     ignore=shutil.ignore_patterns("results", "__pycache__"))
@@ -238,33 +254,47 @@ def test_verify_live_path_on_a_faked_gpu(tmp_path):
                         dtype="bfloat16", masked_fraction=1.0, median_us=1.0, gbps=3900.0,
                         copy_gbps=4000.0)
     write(repo / "benchmarks" / "results", "denoise", [old_cuda_row])
-    (repo / ".whl").mkdir()
-    (repo / ".whl" / "flashinfer_python-0.0-py3-none-any.whl").write_text("")
+    if wheel:
+        (repo / ".whl").mkdir()
+        (repo / ".whl" / "flashinfer_python-0.0-py3-none-any.whl").write_text("")
     fake.mkdir()
     for name, text in (("nvidia-smi", FAKE_NVIDIA_SMI), ("compute-sanitizer", "#!/bin/bash\n"),
-                       ("python-fake", FAKE_PYTHON)):
+                       ("cuobjdump", "#!/bin/bash\n"), ("python-fake", FAKE_PYTHON)):
         (fake / name).write_text(text)
         (fake / name).chmod(0o755)
     (tmp_path / "fake_bench.py").write_text(FAKE_BENCH)
+    ids = subprocess.run(["bash", str(SCRIPT), "--list-tests"], capture_output=True, text=True,
+                         check=True).stdout.split()
+    (tmp_path / "collected.txt").write_text("\n".join(ids[1:]) + "\n12 tests collected\n")
     out = tmp_path / "out"
     env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", OUT=str(out),
                TMPDIR=str(tmp_path), PYTHON=str(fake / "python-fake"),
-               REAL_PYTHON=sys.executable, FAKE_BENCH=str(tmp_path / "fake_bench.py"))
+               REAL_PYTHON=sys.executable, FAKE_BENCH=str(tmp_path / "fake_bench.py"),
+               FAKE_COLLECTED=str(tmp_path / "collected.txt"),
+               FAKE_FLASHINFER="1" if wheel else "")
     env.pop("A2R_SESSION_BUDGET_S", None)
     result = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_session.sh"), "verify"],
                             capture_output=True, text=True, env=env, timeout=120)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    started = re.findall(r"^=== \[verify\] (\S+) \(limit (\d+)s", result.stdout, re.M)
+    assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-2000:]
+    assert f"verify: {len(ids) - 1} of {len(ids)} test ids collected" in result.stdout
+    assert f"verify: not collected:\n{ids[0]}\n" in result.stdout
+    status = {step: st for st, step in re.findall(r"^(\S+)\s+\d+s / \d+\s+(\S+)",
+                                                  (out / "summary.txt").read_text(), re.M)}
     plan = parse_plan(dry_run(tmp_path / "dry").stdout)
-    assert [name for name, _ in started] == plan["names"]
+    assert status.pop("pytest") == "FAIL(1)"
+    skipped = {"wheels": "SKIPPED", "bench-tree-flashinfer": "SKIPPED"} if not wheel else {}
+    assert status == {name: skipped.get(name, "ok") for name in plan["names"] if name != "pytest"}
+    started = re.findall(r"^=== \[verify\] (\S+) \(limit (\d+)s", result.stdout, re.M)
+    assert [name for name, _ in started] == [n for n in plan["names"] if n not in skipped]
     limits = dict(started)
     budgets = dict(zip(plan["names"], plan["budgets"]))
     assert int(limits["pytest"]) == budgets["pytest"]
-    assert int(limits["bench-tree-flashinfer"]) > 3 * budgets["bench-tree-flashinfer"]
+    if wheel:
+        assert int(limits["bench-tree-flashinfer"]) > 3 * budgets["bench-tree-flashinfer"]
     copied = sorted(p.name for p in (out / "results").iterdir())
-    assert copied == ["denoise.json", "explore.json", "tree_attention.json",
-                      "tree_attention_flashinfer.json"]
-    assert result.stdout.count("-> " + str(out / "results")) == 5   # both tree steps copy
+    assert copied == ["denoise.json", "entropy_bound.json", "explore.json",
+                      "tree_attention.json"] + ["tree_attention_flashinfer.json"] * wheel
+    assert result.stdout.count("-> " + str(out / "results")) == 5 + wheel  # both tree steps copy
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8 and all(len(p.relative_to(out).parts) <= 3 for p in files)
     summary = (out / "summary.txt").read_text().splitlines()
@@ -278,7 +308,9 @@ def test_verify_live_path_on_a_faked_gpu(tmp_path):
     # the committed a2r-cuda denoise row came with the checkout: not this run's
     assert any(l.startswith("MISSING #6 a2r-cuda copy_fraction at B=8 L=256 V=126464")
                for l in verdicts)
-    assert any(l.startswith("INFO    #2 flashinfer-cascade") for l in verdicts)
+    assert any(l.startswith("INFO    #2 flashinfer-cascade") for l in verdicts) == wheel
+    assert any(l.startswith("PASS    #15 a2r-eb-step speedup_vs_hf-eb-sampler at B=8 L=256 "
+                            "V=262144 lm-like: 7") for l in verdicts)
     assert summary[-1].startswith("# total ")
 
 

@@ -8,12 +8,12 @@ Three launches, none of which materialises a ``[B, L, V]`` tensor:
    ``triton/denoise.py``): per lane, max ``m``, ``s = sum e^(x - m)``,
    ``a = sum e^(x - m) (x - m)`` (entropy ``log s - a / s``), the first group holding the max
    (argmax, found at the end by re-reading that group), the Gumbel-max argmax of ``x + g`` with
-   ``g`` from ``denoise_step``'s Philox stream, and a flag for NaN / ``+inf`` logits. The Gumbel
+   ``g`` from ``denoise_step``'s Philox stream, and a flag for NaN logits. The Gumbel
    draws of a chunk are skipped when no logit of it can reach the split's best noisy value
    (``max x + GUMBEL_BOUND < best``), which changes no result (see the reference).
 2. ``_eb_combine_kernel``, grid ``(cdiv(B * L, BLOCK_P),)``: merges the split states of each
    position into ``sample``, ``argmax`` and ``entropy`` (``+inf``, with sample = argmax = 0, at
-   positions without a distribution).
+   positions without a distribution; 0, with sample = argmax, at a ``+inf`` point mass).
 3. ``_eb_select_kernel``, grid ``(B, cdiv(L, BLOCK_I))``: position ``i`` of row ``b`` sums the
    entropies of the positions ahead of it in the stable ascending order,
    ``#{j: e_j < e_i or (e_j == e_i and j < i)}`` (all pairs, ``L^2`` compares per row, cheap next
@@ -34,7 +34,7 @@ from ..reference_entropy_bound import GUMBEL_BOUND, RENOISE_STREAM
 from .denoise import _INT32_MAX, _NEG_HUGE, LOG2E, _uniform_from_philox, _vector_width
 from .denoise import denoise_config as entropy_bound_config
 
-_NUM_STATS = 5      # m, s, a, gumbel_best, bad (fp32) per (pos, split)
+_NUM_STATS = 5      # m, s, a, gumbel_best, has_nan (fp32) per (pos, split)
 _NUM_INDICES = 2    # argmax, gumbel argmax (int32) per (pos, split)
 _GUMBEL_BOUND = tl.constexpr(GUMBEL_BOUND)
 _RENOISE_STREAM = tl.constexpr(RENOISE_STREAM)
@@ -61,12 +61,11 @@ def _eb_partial_kernel(
     within = tl.arange(0, VEC)
     tile = lanes[:, None] * VEC + within[None, :]
     neg_inf = float("-inf")
-    pos_inf = float("inf")
     lane_max = tl.full([LANES], neg_inf, tl.float32)
     lane_sum = tl.zeros([LANES], tl.float32)
     lane_xlogx = tl.zeros([LANES], tl.float32)
     lane_group = tl.zeros([LANES], tl.int32)
-    lane_bad = tl.zeros([LANES], tl.int32)
+    lane_nan = tl.zeros([LANES], tl.int32)
     lane_gumbel = tl.full([LANES], neg_inf, tl.float32)
     lane_gumbel_arg = tl.zeros([LANES], tl.int32)
 
@@ -74,8 +73,7 @@ def _eb_partial_kernel(
         cols = start + tile
         x = tl.load(row_ptr + cols.to(tl.int64) * stride_logits_v, mask=cols < v_end,
                     other=neg_inf).to(tl.float32)
-        # NaN and +inf both fail x < inf (a masked-out entry loads as -inf, which passes).
-        lane_bad = tl.maximum(lane_bad, tl.max((x < pos_inf).to(tl.int32) ^ 1, axis=1))
+        lane_nan = tl.maximum(lane_nan, tl.max((x != x).to(tl.int32), axis=1))
         group_max = tl.max(x, axis=1)
         lane_group = tl.where(group_max > lane_max, start + lanes * VEC, lane_group)
         new_max = tl.maximum(lane_max, group_max)
@@ -122,7 +120,7 @@ def _eb_partial_kernel(
     tl.store(stats + 1, row_sum)
     tl.store(stats + 2, row_xlogx)
     tl.store(stats + 3, gumbel_best)
-    tl.store(stats + 4, tl.max(lane_bad, axis=0).to(tl.float32))
+    tl.store(stats + 4, tl.max(lane_nan, axis=0).to(tl.float32))
     tl.store(indices + 0, argmax)
     tl.store(indices + 1, gumbel_arg)
 
@@ -142,14 +140,16 @@ def _eb_combine_kernel(
     part_sum = tl.load(stats_ptr + slot * 5 + 1, mask=valid, other=0.0)
     part_xlogx = tl.load(stats_ptr + slot * 5 + 2, mask=valid, other=0.0)
     part_gumbel = tl.load(stats_ptr + slot * 5 + 3, mask=valid, other=neg_inf)
-    part_bad = tl.load(stats_ptr + slot * 5 + 4, mask=valid, other=0.0)
+    part_nan = tl.load(stats_ptr + slot * 5 + 4, mask=valid, other=0.0)
     part_argmax = tl.load(indices_ptr + slot * 2 + 0, mask=valid, other=_INT32_MAX)
     part_gumbel_arg = tl.load(indices_ptr + slot * 2 + 1, mask=valid, other=_INT32_MAX)
 
     row_max = tl.max(part_max, axis=1)
     argmax = tl.min(tl.where(part_max == row_max[:, None], part_argmax, _INT32_MAX), axis=1)
-    # A position with a NaN / +inf logit, or no finite one, has no distribution.
-    has_dist = (tl.max(part_bad, axis=1) == 0) & (row_max > neg_inf)
+    # A position with a NaN logit, or none above -inf, has no distribution; one with +inf is
+    # the point mass on its first +inf (its s and a are NaN: overridden below).
+    has_dist = (tl.max(part_nan, axis=1) == 0) & (row_max > neg_inf)
+    point_mass = has_dist & (row_max == float("inf"))
     safe_row_max = tl.where(has_dist, row_max, 0.0)
     live = part_max > neg_inf
     scale = tl.where(live, tl.exp(part_max - safe_row_max[:, None]), 0.0)
@@ -161,6 +161,8 @@ def _eb_combine_kernel(
     gumbel_best = tl.max(part_gumbel, axis=1)
     sample = tl.min(tl.where(part_gumbel == gumbel_best[:, None], part_gumbel_arg, _INT32_MAX),
                     axis=1)
+    entropy = tl.where(point_mass, 0.0, entropy)
+    sample = tl.where(point_mass, argmax, sample)
     tl.store(entropy_ptr + pos, tl.where(has_dist, entropy, float("inf")), mask=pos_valid)
     tl.store(argmax_ptr + pos, tl.where(has_dist, argmax, 0).to(tl.int64), mask=pos_valid)
     tl.store(sample_ptr + pos, tl.where(has_dist, sample, 0).to(tl.int64), mask=pos_valid)
