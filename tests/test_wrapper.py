@@ -201,6 +201,10 @@ def test_wrapper_bad_arguments():
         w.run(torch.zeros(1, 4, 16, device=DEVICE), k, k)
     with pytest.raises(ValueError, match="out must be"):
         w.run(q, k, k, out=torch.zeros(2, 2, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="lse must be"):
+        w.run(q, k, k, lse=torch.zeros(1, 4, device=DEVICE)[:, ::2])
+    with pytest.raises(ValueError, match="lse must be"):
+        w.run(q, k, k, lse=torch.zeros(1, 2, device=DEVICE, dtype=torch.float16))
 
 
 def test_caller_workspace_is_used():
