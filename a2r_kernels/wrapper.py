@@ -30,15 +30,15 @@ import torch
 
 from . import reference
 from ._backend import resolve_backend
-from .attention import _check_decode_inputs, _default_scale, _unit_last_stride
+from .attention import (_DTYPES, _MAX_HEAD_DIM, _check_decode_inputs, _default_scale,
+                        _unit_last_stride)
 from ._vocab import positive_int
 from .layout import (DEFAULT_KV_CHUNK, KV_CHUNK_TOKENS_PER_SEQ, MAX_SEQS_PER_ITEM, WORK_FIELDS,
-                     TreeLayout)
+                     _SLICE_ALIGN, TreeLayout)
 
 # Regions of the plan buffer, in order; the page table last, so that a layout whose page table
 # lives on the device is staged without it (the host-to-device copy stops before that region).
 _REGIONS = ("work_info", "row_seq", "merge_indptr", "merge_rows", "seq_lens", "page_table")
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def default_capacities(max_seqs: int, max_nodes: int, max_blocks: int,
@@ -102,8 +102,8 @@ class TreeAttentionWrapper:
         if num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads "
                              f"({num_kv_heads})")
-        if head_dim > 256:
-            raise ValueError(f"head_dim must be in [1, 256], got {head_dim}")
+        if head_dim > _MAX_HEAD_DIM:
+            raise ValueError(f"head_dim must be in [1, {_MAX_HEAD_DIM}], got {head_dim}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
         self.dtype = dtype
@@ -121,7 +121,7 @@ class TreeAttentionWrapper:
         offset = 0
         for name in _REGIONS:
             self._region[name] = (offset, offset + sizes[name])
-            offset += sizes[name] + (-sizes[name] % 4)   # 16-byte aligned regions
+            offset += sizes[name] + (-sizes[name] % _SLICE_ALIGN)   # 16-byte aligned
         self._plan_buffer = torch.zeros(offset, dtype=torch.int32, device=self.device)
         on_cuda = self.device.type == "cuda"
         # Host staging: pinned on CUDA (so the copy is asynchronous); on the CPU the plan buffer
