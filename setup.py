@@ -118,6 +118,9 @@ setup(
     install_requires=["torch>=2.5", "numpy", "transformers>=5.0", "math-verify>=0.7"],
     extras_require={
         "triton": ["triton>=3.2"],
+        # The DiffusionGemma thinker (a2r.diffusion_gemma) needs transformers >= 5.19; its classes
+        # are imported lazily, so older releases work for everything else (its tests skip).
+        "diffusion-gemma": ["transformers>=5.19"],
         "test": ["pytest", "hypothesis", "triton>=3.2", "matplotlib"],
     },
     entry_points={

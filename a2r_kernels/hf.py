@@ -154,7 +154,9 @@ class TreeCache(Cache):
         dtype = self.tree.dtype
         k = key_states.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads, head_dim)
         v = value_states.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads, head_dim)
-        self.tree.write(layer_idx, self._slots, k.to(dtype), v.to(dtype))
+        # The slots come from this forward's reserve and the shapes were checked above: the
+        # unchecked scatter (write's range check would cost two reductions per layer).
+        self.tree._scatter(layer_idx, self._slots, k.to(dtype), v.to(dtype))
         if self._layout is None and not any(self._past_lengths):
             return key_states, value_states
         return self.tree.k[layer_idx], self.tree.v[layer_idx]

@@ -88,8 +88,14 @@ def entropy_and_argmax(x: torch.Tensor
     row_max, argmax = x.max(dim=-1)          # first index of the max, as torch.argmax
     valid = row_max > float("-inf")          # False for NaN too
     point_mass = row_max == float("inf")
-    entropy = torch.special.entr(torch.softmax(x, dim=-1)).sum(dim=-1)   # entr(0) = 0
-    entropy = torch.where(point_mass, 0.0, entropy)
+    # H = log s - a / s with z = x - max, s = sum e^z, a = sum e^z z: one exp per entry and no
+    # log (softmax + entr would take both). A -inf logit's z is clamped to a finite -1e30, whose
+    # weight e^z is exactly 0, so it adds 0 rather than 0 * (-inf).
+    z = (x - row_max[:, None]).clamp_(min=-1e30)
+    weights = z.exp()
+    total = weights.sum(dim=-1)
+    weighted = (weights * z).sum(dim=-1)
+    entropy = torch.where(point_mass, 0.0, total.log() - weighted / total)
     return (torch.where(valid, entropy, float("inf")), torch.where(valid, argmax, 0), valid,
             point_mass)
 

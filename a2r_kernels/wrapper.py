@@ -227,7 +227,7 @@ class TreeAttentionWrapper:
             self._plan_buffer[:end].copy_(staging[:end], non_blocking=True)
             self._staged.record()
         if host_pages is None:   # a page table on the device, read by reference: d2d
-            pages = layout.page_table
+            pages = layout.external_page_table   # (layout.page_table would upload the plan)
             self.page_table[:pages.numel()].copy_(pages, non_blocking=True)
         self._layout = layout
         self._num_work = layout.num_work

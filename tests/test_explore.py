@@ -23,7 +23,7 @@ import a2r_kernels as ak  # noqa: E402
 import a2r_kernels.hf as akhf  # noqa: E402
 from a2r.explore import explore, explore_from, sample_tree, tree_blocks_needed  # noqa: E402
 from a2r.sampling import sample_tokens, warp_logits  # noqa: E402
-from _helpers import ForwardLog  # noqa: E402
+from _helpers import ForwardLog, HostReads  # noqa: E402
 
 VOCAB = 160
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -402,6 +402,39 @@ def test_prefill_reuses_cached_blocks_and_matches_a_fresh_prefill(model):
     dec.free(c)
     res = explore(model, first, [2], 6, decoder=dec, temperature=0, eos_token_id=[])
     assert res.sequences == [_generate(model, first, 6)] * 2
+
+
+# ---------------------------------------------------------------------------- host syncs
+def _loop_reads(model, ids, n, max_new_tokens, **kwargs) -> tuple[int, int, list[list[int]]]:
+    """Host reads the decode loop (explore.py, sampling.py, hf.py) makes, its decode steps, and
+    its sequences."""
+    import a2r.explore as explore_module
+    import a2r.sampling as sampling_module
+
+    with HostReads(explore_module.__file__, sampling_module.__file__, akhf.__file__) as reads:
+        res = explore(model, ids, [n], max_new_tokens, backend="torch", **kwargs)
+    return reads.count, res.decode_steps, res.sequences
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_no_host_sync_per_step_without_stop_conditions(qwen3, temperature):
+    """max_new_tokens only: the steps read nothing; the tokens come back in one read."""
+    ids = _prompt(11, seed=4)
+    count, steps, seqs = _loop_reads(qwen3, ids, 3, 9, temperature=temperature, seed=1,
+                                     eos_token_id=[])
+    assert steps == 8 and count == 1
+    assert seqs == a2r.sample_parallel(qwen3, ids, 3, 9, temperature=temperature, seed=1,
+                                       eos_token_id=[])
+    if temperature == 0:
+        assert seqs == [_generate(qwen3, ids, 9)] * 3
+
+
+def test_one_host_read_per_step_with_eos(qwen3):
+    ids = _prompt(11, seed=4)
+    eos = _generate(qwen3, ids, 9)[4]   # the greedy path's 5th token: stops every branch there
+    count, steps, seqs = _loop_reads(qwen3, ids, 3, 9, temperature=0, eos_token_id=eos)
+    assert seqs == [_generate(qwen3, ids, 9)[:seqs[0].index(eos) + 1]] * 3
+    assert count <= steps + 1
 
 
 # ---------------------------------------------------------------------------- parent sequences

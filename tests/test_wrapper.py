@@ -247,7 +247,11 @@ def test_cuda_graph_capture_replan_replay(backend):
         w.run(q, k, v, out=out)
     for step, tree in enumerate(trees[1:]):
         layout = layout_of(tree)
-        w.plan(layout)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_stats()["allocation.all.allocated"]
+        w.plan(layout)                          # host staging + one copy: no device allocation
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
         q.copy_(torch.randn(8, hq, d, generator=torch.Generator().manual_seed(step)).to(dtype))
         graph.replay()
         eager = ak.tree_decode_attention(q, k, v, layout, backend=backend)
@@ -413,3 +417,43 @@ def test_cache_layouts_step_by_step(backend):
         ref_out, ref_lse = reference.tree_decode_attention_by_path(q, cache.k[0], cache.v[0],
                                                                    layout, d ** -0.5)
         check_close(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_cuda_graph_over_cache_layouts(backend):
+    """A decode loop as an engine runs it: cache.layout + plan per step outside the graph, one
+    captured run replayed; the page table comes from the cache's device block tables."""
+    _backend_or_skip(backend)
+    bs, hq, hkv, d, dtype = 16, 8, 2, 64, torch.float16
+    cache = ak.TreeKVCache(1, hkv, d, num_blocks=256, block_size=bs, dtype=dtype, device=DEVICE)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def append(seqs, n):
+        slots = cache.reserve(seqs, n)
+        kv = torch.randn(2, slots.numel(), hkv, d, generator=g, device=DEVICE).to(dtype)
+        cache.write(0, slots, kv[0], kv[1])
+
+    root = cache.new_sequence()
+    append([root], 300)
+    kids = cache.fork(root, 6)
+    append(kids, 1)
+    w = ak.TreeAttentionWrapper(hq, hkv, d, bs, max_seqs=6, max_nodes=8,
+                                max_blocks=cache.block_table_capacity, dtype=dtype,
+                                device=DEVICE, backend=backend)
+    q = torch.zeros(6, hq, d, dtype=dtype, device=DEVICE)
+    out = torch.zeros_like(q)
+    w.plan(cache.layout(kids))
+    w.run(q, cache.k[0], cache.v[0], out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w.run(q, cache.k[0], cache.v[0], out=out)
+    for step in range(20):                     # leaves cross block boundaries and move regions
+        append(kids, 1)
+        layout = cache.layout(kids)
+        w.plan(layout)
+        q.copy_(torch.randn(6, hq, d, generator=g, device=DEVICE).to(dtype))
+        graph.replay()
+        ref_out, ref_lse = reference.tree_decode_attention_by_path(q, cache.k[0], cache.v[0],
+                                                                   layout, d ** -0.5)
+        torch.testing.assert_close(out.float(), ref_out, atol=2e-3, rtol=0)

@@ -102,8 +102,9 @@ def _generation_options(max_new_tokens_default: int) -> argparse.ArgumentParser:
                    "(-1: no cap; default: %(default)s)")
     g.add_argument("--no-thinker", action="store_true", help="skip the diffusion thinker")
     g.add_argument("--no-prefix-reuse", action="store_true",
-                   help="symmetric set-up: prefill the synthesizer's whole prompt instead of "
-                   "reusing the explorer's prompt-prefix KV")
+                   help="prefill every stage's whole prompt instead of reusing the cached KV "
+                   "of the whole blocks it shares with earlier prompts (the explorer's, earlier "
+                   "questions')")
     g.add_argument("--thinker-gen-length", type=_positive_int, default=64,
                    help="trace length in tokens (default: %(default)s)")
     g.add_argument("--thinker-block-length", type=_positive_int, default=32,
