@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-_ALIGN = 4      # int32 entries in 16 bytes
+from .layout import _SLICE_ALIGN
 
 
 class NodeBlockTables:
@@ -83,7 +83,7 @@ class NodeBlockTables:
             self._copied.record()
         starts = [self._state[node][1] for node in nodes]
         lo = min(starts, default=0)
-        lo -= lo % _ALIGN   # the slice keeps the arena's 16-byte alignment (Triton specialises)
+        lo -= lo % _SLICE_ALIGN   # the slice keeps the arena's 16-byte alignment
         hi = max((self._state[node][1] + self._state[node][2] for node in nodes), default=0)
         max_id = max((self._state[node][4] for node in nodes), default=-1)
         return [s - lo for s in starts], self.arena[lo:hi], max_id
