@@ -429,6 +429,8 @@ VERIFY_TESTS=(
   "tests/test_entropy_bound.py::test_non_finite_logits[triton]"
   tests/test_entropy_bound.py::test_cuda_device_checks
   "tests/test_wrapper.py::test_cuda_graph_capture_replan_replay[triton]"
+  "tests/test_wrapper.py::test_cuda_graph_over_cache_layouts[triton]"
+  "tests/test_wrapper.py::test_cache_layouts_step_by_step[triton]"
   "tests/test_wrapper.py::test_three_trees_through_one_wrapper_and_one_out[bfloat16-8/1-bs32-triton]"
   "tests/test_wrapper.py::test_three_trees_through_one_wrapper_and_one_out[float16-16/2-bs1-triton]"
   "tests/test_wrapper.py::test_stale_work_items_of_a_larger_plan_are_cleared[triton]"
