@@ -39,6 +39,7 @@ import functools
 import inspect
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
@@ -121,22 +122,41 @@ class _TorchDecodePlan:
     """
 
     def __init__(self, layout):
-        private, shared = layout.shared_node_slots()
-        num_seqs = private.shape[0]
-        self.private = private.clamp_min(0)
-        valid = private >= 0
-        if shared:
-            self.shared = torch.cat([slots for _, slots in shared])
-            readers = torch.zeros(num_seqs, self.shared.shape[0], dtype=torch.bool,
-                                  device=private.device)
-            offset = 0
-            for seqs, slots in shared:
-                readers[seqs, offset:offset + slots.shape[0]] = True
-                offset += slots.shape[0]
-            valid = torch.cat([valid, readers], dim=1)
-        else:
-            self.shared = private.new_empty(0)
-        self.invalid = ~valid[:, None, None, :]
+        # Built on the host from the layout's lists (numpy), then three copies to the device:
+        # O(nodes + tokens) host work, a handful of tensor ops per step whatever the fan-out.
+        bs, lengths, tables = layout.block_size, layout.node_lengths, layout.node_block_tables
+        readers: dict[int, list[int]] = {}
+        for i, path in enumerate(layout.paths):
+            for j in path:
+                if lengths[j]:
+                    readers.setdefault(j, []).append(i)
+
+        def node_slots(j: int) -> np.ndarray:
+            table = np.asarray(tables[j][:-(-lengths[j] // bs)], dtype=np.int64)
+            return (table[:, None] * bs + np.arange(bs)).reshape(-1)[:lengths[j]]
+
+        own = [[j for j in path if len(readers.get(j, ())) == 1] for path in layout.paths]
+        private = np.zeros((len(own), max((sum(lengths[j] for j in p) for p in own), default=0)),
+                           dtype=np.int64)
+        private_valid = np.zeros(private.shape, dtype=bool)
+        for i, nodes in enumerate(own):
+            if nodes:
+                row = np.concatenate([node_slots(j) for j in nodes])
+                private[i, :row.shape[0]] = row
+                private_valid[i, :row.shape[0]] = True
+        shared_nodes = [j for j, seqs in readers.items() if len(seqs) > 1]
+        shared = (np.concatenate([node_slots(j) for j in shared_nodes]) if shared_nodes
+                  else np.zeros(0, dtype=np.int64))
+        shared_valid = np.zeros((len(own), shared.shape[0]), dtype=bool)
+        offset = 0
+        for j in shared_nodes:
+            shared_valid[readers[j], offset:offset + lengths[j]] = True
+            offset += lengths[j]
+        device = layout.device
+        self.private = torch.from_numpy(private).to(device)
+        self.shared = torch.from_numpy(shared).to(device)
+        valid = np.concatenate([private_valid, shared_valid], axis=1)
+        self.invalid = torch.from_numpy(~valid).to(device)[:, None, None, :]
 
     def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                sm_scale: float) -> torch.Tensor:
