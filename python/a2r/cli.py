@@ -28,9 +28,20 @@ DEMO_QUESTIONS = (
     ("What is 12 * 7?", "84"),
     ("A train travels 150 km in 2.5 hours. What is its average speed in km/h?", "60"),
 )
+# The trained embedded models know one task (a2r.task): their demo asks two of its questions.
+TRAINED_DEMO_QUESTIONS = (
+    ("What is 347 + 85 + 912 + 6?", "1350"),
+    ("What is 58 + 904 + 7 + 263 + 91?", "1323"),
+)
 UNTRAINED_NOTE = ("note: the embedded default models are random (untrained) tiny models: their "
                   "answers are noise. The demo shows the pipeline's stages, times, token counts and "
                   "KV sharing, not reasoning quality.")
+TRAINED_NOTE = ("note: the embedded default models are tiny models trained in minutes on a CPU "
+                "(python -m a2r.train) for one synthetic task, sums like 'What is 347 + 85 + 912 + "
+                "6?'; on any other question their answers are noise.")
+# Thinker settings when none are given: the trained thinker writes a trace of this many tokens
+# (a2r.tiny.TRACE_LENGTH), one token per step; other thinkers get LLaDA-style defaults.
+THINKER_DEFAULTS = {"thinker_gen_length": 64, "thinker_block_length": 32, "thinker_steps": 16}
 
 
 class CLIError(Exception):
@@ -78,13 +89,14 @@ def _generation_options(max_new_tokens_default: int) -> argparse.ArgumentParser:
     g.add_argument("--no-prefix-reuse", action="store_true",
                    help="symmetric set-up: prefill the synthesizer's whole prompt instead of "
                    "reusing the explorer's prompt-prefix KV")
-    g.add_argument("--thinker-gen-length", type=_positive_int, default=64,
-                   help="trace length in tokens (default: %(default)s)")
-    g.add_argument("--thinker-block-length", type=_positive_int, default=32,
-                   help="semi-autoregressive block; divides the trace length (default: %(default)s)")
-    g.add_argument("--thinker-steps", type=_positive_int, default=16,
-                   help="denoising steps in all; a multiple of the block count (default: "
-                   "%(default)s)")
+    g.add_argument("--thinker-gen-length", type=_positive_int, default=None,
+                   help="trace length in tokens (default: 64; the trained embedded thinker: 8)")
+    g.add_argument("--thinker-block-length", type=_positive_int, default=None,
+                   help="semi-autoregressive block; divides the trace length (default: 32; the "
+                   "trained embedded thinker: 8)")
+    g.add_argument("--thinker-steps", type=_positive_int, default=None,
+                   help="denoising steps in all; a multiple of the block count (default: 16; the "
+                   "trained embedded thinker: 8)")
     g.add_argument("--thinker-threshold", type=float, default=None,
                    help="Fast-dLLM confidence threshold instead of a fixed step count")
     r = parent.add_argument_group("runtime")
@@ -105,7 +117,10 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
                    help="synthesizer causal LM (default: the explorer: symmetric set-up)")
     m.add_argument("--thinker", metavar="DIR", help="masked-diffusion thinker (optional)")
     m.add_argument("--tiny", action="store_true",
-                   help="use the embedded tiny models (untrained) instead of directories")
+                   help="use the embedded tiny models (trained on the sums task, a2r.task) "
+                   "instead of directories")
+    m.add_argument("--random-models", action="store_true",
+                   help="with --tiny: the random (untrained) embedded models instead")
     m.add_argument("--home", metavar="DIR", help="where the embedded models live "
                    "(default: $A2R_HOME or ~/.cache/a2r)")
 
@@ -120,12 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{demo,run,eval,bench}")
     sub.required = True
 
-    demo = sub.add_parser("demo", parents=[_generation_options(32)],
+    demo = sub.add_parser("demo", parents=[_generation_options(64)],
                           help="run the pipeline on built-in questions with the embedded models",
-                          description="Build (once) and load the embedded tiny models and run "
-                          "A2R on two built-in questions. " + UNTRAINED_NOTE)
+                          description="Load the embedded tiny models and run A2R on two "
+                          "built-in questions. " + TRAINED_NOTE + " --random-models: the random "
+                          "ones (built once).")
     demo.add_argument("--home", metavar="DIR",
-                      help="where the embedded models live (default: $A2R_HOME or ~/.cache/a2r)")
+                      help="where the random embedded models live (default: $A2R_HOME or "
+                      "~/.cache/a2r)")
+    demo.add_argument("--random-models", action="store_true",
+                      help="the random (untrained) embedded models instead of the trained ones")
 
     run = sub.add_parser("run", parents=[_generation_options(256)],
                          help="answer one question with your models")
@@ -147,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(N = 1, 2, 4, 8 up to -n) and plot accuracy against N here")
     ev.add_argument("--ar-thinker", metavar="DIR", help="causal LM writing the AR->AR trace "
                     "(default: the embedded AR thinker with --tiny, else the synthesizer)")
+    ev.add_argument("--shard", metavar="I/K", default=None,
+                    help="evaluate only the questions whose index is I mod K (with --out: K such "
+                    "processes fill one records file; the summary is written once all are done)")
     ev.add_argument("--check-timeout", type=float, default=5.0, metavar="S",
                     help="seconds per Math-Verify check (default: %(default)s)")
     ev.add_argument("--no-progress", action="store_true",
@@ -208,31 +230,43 @@ def _resolve_dtype(name: str, device: str):
     return name
 
 
-def _config_from_args(args):
+def _config_from_args(args, thinker_defaults=None):
     from .pipeline import A2RConfig
 
+    thinker = {name: getattr(args, name) if getattr(args, name) is not None else default
+               for name, default in (thinker_defaults or THINKER_DEFAULTS).items()}
     return A2RConfig(
         num_paths=args.num_paths, max_new_tokens=args.max_new_tokens,
         synth_max_new_tokens=args.synth_max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         answer_max_chars=args.answer_max_chars if args.answer_max_chars >= 0 else None,
-        use_thinker=not args.no_thinker, thinker_gen_length=args.thinker_gen_length,
-        thinker_block_length=args.thinker_block_length, thinker_steps=args.thinker_steps,
+        use_thinker=not args.no_thinker, **thinker,
         thinker_threshold=args.thinker_threshold, backend=args.backend,
         reuse_prefix_kv=not args.no_prefix_reuse)
 
 
-def _tiny_paths(home, thinker: bool):
-    from .tiny import ensure_tiny_models
+def _tiny_paths(args, thinker: bool):
+    """The embedded models: the trained ones, or with --random-models the random ones."""
+    from .tiny import ensure_tiny_models, trained_models
 
-    return ensure_tiny_models(home, thinker=thinker)
+    if getattr(args, "random_models", False):
+        return ensure_tiny_models(args.home, thinker=thinker)
+    try:
+        return trained_models(thinker=thinker)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
 
 
 def _load_pipeline(args, *, use_tiny: bool):
     """(pipeline, description of the models) from --explorer/--synthesizer/--thinker or --tiny."""
     from .pipeline import A2RPipeline
 
-    config = _config_from_args(args)
+    if getattr(args, "random_models", False) and not use_tiny:
+        raise CLIError("--random-models needs --tiny (the embedded models)")
+    trained = use_tiny and not getattr(args, "random_models", False)
+    from .tiny import TRAINED_THINKER_SETTINGS
+
+    config = _config_from_args(args, TRAINED_THINKER_SETTINGS if trained else None)
     config.validate()   # bad option values fail here, before any model is loaded
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
@@ -240,7 +274,7 @@ def _load_pipeline(args, *, use_tiny: bool):
         if getattr(args, "explorer", None) or getattr(args, "synthesizer", None) \
                 or getattr(args, "thinker", None):
             raise CLIError("--tiny cannot be combined with --explorer/--synthesizer/--thinker")
-        paths = _tiny_paths(args.home, thinker=not args.no_thinker)
+        paths = _tiny_paths(args, thinker=not args.no_thinker)
         explorer, synthesizer, thinker = paths.explorer, paths.synthesizer, paths.thinker
     else:
         if not args.explorer:
@@ -258,6 +292,7 @@ def _load_pipeline(args, *, use_tiny: bool):
         "mode": "symmetric" if pipeline.symmetric else "asymmetric",
         "device": device,
         "dtype": str(next(pipeline.explorer.parameters()).dtype).replace("torch.", ""),
+        "trained": paths.trained if use_tiny else None,
     }
     return pipeline, models
 
@@ -337,10 +372,13 @@ def _emit_json(payload) -> None:
 def cmd_demo(args) -> int:
     args.explorer = args.synthesizer = args.thinker = None
     start = time.perf_counter()
+    note = UNTRAINED_NOTE if args.random_models else TRAINED_NOTE
+    questions = DEMO_QUESTIONS if args.random_models else TRAINED_DEMO_QUESTIONS
     if not args.json:
         print("A2R demo: explorer -> diffusion thinker -> synthesizer on the embedded tiny models.")
-        print(UNTRAINED_NOTE)
-        print("Loading (the first run builds them; later runs reuse the saved files)...")
+        print(note)
+        if args.random_models:
+            print("Loading (the first run builds them; later runs reuse the saved files)...")
     pipeline, models = _load_pipeline(args, use_tiny=True)
     if not args.json:
         print(f"explorer={models['explorer']['arch']}  thinker="
@@ -348,17 +386,17 @@ def cmd_demo(args) -> int:
               f"{models['synthesizer']['arch']}  ({models['mode']}, {models['device']}, "
               f"{models['dtype']}) from {Path(models['explorer']['path']).parent}\n")
     results = []
-    for question, gold in DEMO_QUESTIONS:
+    for question, gold in questions:
         result = pipeline.run(question)
         results.append({**result.to_dict(), "gold": gold, "correct": result.grade(gold)})
         if not args.json:
             _print_result(result, models, gold)
             print()
     if args.json:
-        _emit_json({"note": UNTRAINED_NOTE, "models": models, "results": results,
+        _emit_json({"note": note, "models": models, "results": results,
                     "seconds": time.perf_counter() - start})
     else:
-        print(f"demo finished in {time.perf_counter() - start:.1f} s. {UNTRAINED_NOTE}")
+        print(f"demo finished in {time.perf_counter() - start:.1f} s. {note}")
     return 0
 
 
@@ -403,7 +441,7 @@ def _ar_thinker(args, pipeline, use_tiny: bool):
 
     path = getattr(args, "ar_thinker", None)
     if path is None and use_tiny:
-        path = getattr(_tiny_paths(args.home, thinker=True), "ar_thinker", None)
+        path = _tiny_paths(args, thinker=True).ar_thinker
     if path is None:
         return (pipeline.synthesizer, pipeline.synthesizer_tokenizer), "synthesizer"
     device = _resolve_device(args.device)
@@ -415,6 +453,16 @@ def cmd_eval(args) -> int:
     from .grading import AnswerChecker
 
     items = _read_jsonl(args.file, args.question_key, args.answer_key, args.limit)
+    shard = (0, 1)
+    if args.shard is not None:
+        try:
+            shard = tuple(int(x) for x in args.shard.split("/"))
+            if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+                raise ValueError
+        except ValueError:
+            raise CLIError(f"--shard {args.shard}: expected I/K with 0 <= I < K") from None
+        if not args.out:
+            raise CLIError("--shard needs --out (the shards share its records file)")
     records_file = None
     if args.out:
         try:
@@ -446,7 +494,7 @@ def cmd_eval(args) -> int:
     try:
         records = evaluate.run_eval(pipeline, items, checker, key=key, records_file=records_file,
                                     sweep_n=bool(args.plot), ar_thinker=ar_thinker,
-                                    progress=progress)
+                                    progress=progress, shard=shard)
     except evaluate.EvalRecordsError as err:
         raise CLIError(str(err)) from None
     except KeyboardInterrupt:
@@ -456,6 +504,10 @@ def cmd_eval(args) -> int:
         return 130
     finally:
         checker.close()
+    if records is None:
+        print(f"a2r: shard {args.shard} done; {records_file} does not hold every question yet "
+              "(the summary is written by the run that completes it)", file=sys.stderr)
+        return 0
     summary = evaluate.summarize(records, file=str(args.file), models=models, config=config,
                                  wall_seconds=time.perf_counter() - start)
     if args.out:
