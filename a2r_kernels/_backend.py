@@ -27,6 +27,7 @@ AUTO_CUDA_PREFERENCE: dict[str, tuple[str, ...]] = {
     "paged_decode_attention": ("triton", "cuda", "torch"),
     "merge_attention_states": ("triton", "cuda", "torch"),
     "denoise_step": ("triton", "cuda", "torch"),
+    "entropy_bound_step": ("triton", "torch"),   # no CUDA kernel yet
 }
 
 

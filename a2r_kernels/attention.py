@@ -198,6 +198,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            check_bounds: bool = True):
     """Plain paged decode attention (no sharing): ``q[i]`` over its own ``seq_lens[i]`` tokens.
 
+    The same algorithm as :func:`tree_decode_attention`: a plan of one node per sequence (its
+    block-table row, in ``cdiv(max_blocks * block_size, chunk)`` chunks), built on the device
+    without a host sync, run by the tree kernels. To share blocks that rows have in common, plan
+    the tables with :meth:`TreeLayout.from_block_tables` instead.
+
     Args:
         q: ``[num_seqs, num_q_heads, head_dim]``.
         k_cache, v_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``.
@@ -244,11 +249,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                                             seq_lens, sm_scale)
         out.copy_(ref_out)
         lse.copy_(ref_lse)
-    elif backend == "triton":
-        from .triton import attention as kernels
-        kernels.paged_decode(q, k_cache, v_cache, _unit_last_stride(block_tables), seq_lens,
-                             _paged_chunk(block_size), sm_scale, out, lse)
-    elif num_seqs > 0:   # cuda: the tree kernels over work items built on the device
+    elif num_seqs > 0:   # the tree kernels over a plan of one node per sequence
         work_info, row_seq, indptr, rows, num_partials = _paged_work_items(
             block_tables, seq_lens, block_size)
         _run_work_items(backend, q, k_cache, v_cache, work_info, row_seq,

@@ -17,6 +17,19 @@ Bookkeeping is a tree of *nodes*, all host-side Python:
 - A node counts its users: the live sequence whose leaf it is, plus its live child nodes. When
   the count drops to zero its blocks go back to the free list and it releases its parent in turn.
 
+Automatic prefix reuse (vLLM's automatic prefix caching, nano-vllm's hash-chained blocks): when
+``reserve(..., token_ids=...)`` is told the tokens it appends, every *aligned* full block (its first
+token at a position that is a multiple of ``block_size``) is keyed by ``(content id of the previous
+block, its tokens)``: a chain that names the block's tokens and the whole prefix before them. Keys
+are exact (each registered block gets a fresh content id; no lossy hash), so a match is never a
+collision. ``new_sequence(prefix=ids)`` starts a root that already holds the longest run of whole
+cached blocks matching ``ids``, whether a live sequence holds them (the block's refcount grows) or
+a freed one left them behind. Freed keyed blocks stay in the pool, still matchable, until a
+``reserve`` needs a block and no never-keyed block is free: then the least recently freed keyed
+block is evicted (LRU). Free keyed blocks count in ``num_free_blocks``, so ``CacheFullError`` keeps
+its "changes nothing" promise. Decode tokens are not passed (that would be a host sync), so the
+blocks a branch generates are never keyed; ``fork`` is unchanged and zero cost.
+
 Per decode step the model runner calls ``reserve`` (slots of the new tokens), then per layer
 ``write`` (scatter the new K and V) and the attention kernel over ``layout(seqs)`` (the plan of the
 step, built once and reused by every layer: FlashInfer's plan/run split). ``reserve`` and
@@ -41,21 +54,26 @@ Example::
 from __future__ import annotations
 
 import heapq
+import operator
+from collections import OrderedDict
 from typing import Iterable
 
 import torch
 
 from ._errors import CacheFullError
 from ._vocab import as_int, non_negative_int, positive_int
+from .block_tables import NodeBlockTables
 from .layout import TreeLayout, _kv_chunk, _seqs_per_item
 
 _POOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_ROOT_ID = 0   # the content id the first block of every root chains from
 
 
 class _Node:
     """One run of tokens of the tree: its own blocks, behind the tokens of its ancestors."""
 
-    __slots__ = ("parent", "blocks", "length", "prefix_length", "users", "frozen", "path")
+    __slots__ = ("parent", "blocks", "length", "prefix_length", "users", "frozen", "path",
+                 "chain", "token_ids")
 
     def __init__(self, parent: "_Node | None"):
         self.parent = parent
@@ -66,6 +84,12 @@ class _Node:
         self.users = 1                # the sequence that created it (released by free)
         self.frozen = False           # True once forked: read-only from then on
         self.path: tuple[_Node, ...] = (self,) if parent is None else parent.path + (self,)
+        # Prefix-reuse keys: ``chain[0]`` is the content id this node's first block chains from
+        # (``_ROOT_ID`` for a root), then one content id per full block of the node. None: the
+        # node's blocks are never keyed (it starts mid-block, or some of its tokens were
+        # appended without their ids).
+        self.chain: list[int] | None = [_ROOT_ID]
+        self.token_ids: list[int] = []   # the node's own tokens, kept while chain is not None
 
 
 def _seq_id(seq, what: str) -> int:
@@ -120,22 +144,40 @@ class TreeKVCache:
         self._k_slots = self.k_pool.view(slots_shape)
         self._v_slots = self.v_pool.view(slots_shape)
 
-        # Min-heap of free block ids: lowest block first, so runs are reproducible.
+        # Min-heap of free never-keyed block ids: lowest block first, so runs are reproducible.
         self._free_blocks: list[int] = list(range(num_blocks))
+        # Free keyed blocks, least recently freed first: still matchable, evicted in this order
+        # once the heap is empty.
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        # Nodes holding each block: 1 for a node's own block, more when prefix reuse shares it.
         self._block_refcount: list[int] = [0] * num_blocks
+        # Prefix-reuse index: key (previous content id, token ids of the block) -> (block,
+        # content id); the key of each registered block (None: not registered).
+        self._cached: dict[tuple[int, tuple[int, ...]], tuple[int, int]] = {}
+        self._block_key: list[tuple[int, tuple[int, ...]] | None] = [None] * num_blocks
+        self._next_content_id = _ROOT_ID + 1
         self._seq_node: dict[int, _Node] = {}
         self._seq_parent: dict[int, int | None] = {}
         self._next_seq = 0
+        # Every node's block table on the device, extended as the node grows: layout() plans by
+        # reference into it (O(sequences + nodes) per step, not O(blocks)).
+        self._tables = NodeBlockTables(2 * num_blocks, self.device)
 
     # ------------------------------------------------------------------ properties
     @property
     def num_free_blocks(self) -> int:
-        """Blocks on the free list."""
-        return len(self._free_blocks)
+        """Blocks no live sequence uses: never-keyed ones plus cached (evictable) keyed ones."""
+        return len(self._free_blocks) + len(self._evictable)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Free blocks that still hold a freed sequence's keyed KV (reusable until evicted)."""
+        return len(self._evictable)
 
     @property
     def block_refcount(self) -> list[int]:
-        """Per block: 1 while the node that owns it is alive, 0 while it is free (a copy)."""
+        """Per block: the live nodes holding it (a copy): 1 for a node's own block, more while
+        prefix reuse shares it, 0 while it is free."""
         return list(self._block_refcount)
 
     @property
@@ -144,13 +186,20 @@ class TreeKVCache:
         return sorted(self._seq_node)
 
     @property
+    def block_table_capacity(self) -> int:
+        """Entries of the device block-table arena that ``layout`` plans read by reference: the
+        ``max_blocks`` a :class:`~a2r_kernels.TreeAttentionWrapper` needs for this cache's
+        layouts (``2 * num_blocks``; larger only if blocks came to belong to several nodes)."""
+        return self._tables.capacity
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the K and V pools together."""
         return 2 * self.k_pool.numel() * self.k_pool.element_size()
 
     def blocks_used(self) -> int:
-        """Blocks owned by live nodes: ``num_blocks - num_free_blocks``."""
-        return self.num_blocks - len(self._free_blocks)
+        """Blocks held by live nodes: ``num_blocks - num_free_blocks``."""
+        return self.num_blocks - self.num_free_blocks
 
     def __repr__(self) -> str:
         return (f"TreeKVCache(num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, "
@@ -197,9 +246,61 @@ class TreeKVCache:
         return self._node(seq).frozen
 
     # ------------------------------------------------------------------ tree operations
-    def new_sequence(self) -> int:
-        """Start an empty sequence (a new root). Allocates no blocks."""
-        return self._add_sequence(_Node(None), parent_seq=None)
+    def new_sequence(self, prefix=None) -> int:
+        """Start a sequence (a new root). Allocates no blocks.
+
+        Args:
+            prefix: token ids (list of ints or an int tensor ``[L]`` / ``[1, L]``) the caller
+                means to append first, or None. The new sequence then already holds the longest
+                run of whole blocks of ``prefix`` whose KV the pool caches (written by a live or
+                freed sequence through ``reserve(..., token_ids=...)``); ``length(seq)`` says how
+                many tokens (a multiple of ``block_size``, at most ``len(prefix)``). Append the
+                rest of ``prefix`` with ``reserve(..., token_ids=rest)``. Pass at most all but
+                the last prompt token when the forward needs logits.
+        """
+        node = _Node(None)
+        if prefix is not None:
+            self._reuse_prefix(node, self._token_list(prefix, "prefix"))
+        return self._add_sequence(node, parent_seq=None)
+
+    def match_prefix(self, prefix) -> int:
+        """Tokens of ``prefix`` that ``new_sequence(prefix)`` would reuse now (changes nothing)."""
+        return len(self._match(self._token_list(prefix, "prefix"))) * self.block_size
+
+    @staticmethod
+    def _token_list(token_ids, name: str) -> list[int]:
+        if isinstance(token_ids, torch.Tensor):
+            if token_ids.dtype not in (torch.int64, torch.int32) or token_ids.dim() > 2 or (
+                    token_ids.dim() == 2 and token_ids.shape[0] != 1):
+                raise ValueError(f"{name} must be int token ids [L] or [1, L], got "
+                                 f"{token_ids.dtype} {tuple(token_ids.shape)}")
+            return token_ids.reshape(-1).tolist()
+        if not isinstance(token_ids, (list, tuple)) or not all(
+                type(t) is int for t in token_ids):
+            raise ValueError(f"{name} must be a list of int token ids or an int tensor, got "
+                             f"{type(token_ids).__name__}")
+        return list(token_ids)
+
+    def _match(self, prefix: list[int]) -> list[tuple[int, int]]:
+        """(block, content id) of the cached whole blocks that start ``prefix``, in order."""
+        bs, found, prev = self.block_size, [], _ROOT_ID
+        for start in range(0, len(prefix) - bs + 1, bs):
+            hit = self._cached.get((prev, tuple(prefix[start:start + bs])))
+            if hit is None:
+                break
+            found.append(hit)
+            prev = hit[1]
+        return found
+
+    def _reuse_prefix(self, node: _Node, prefix: list[int]) -> None:
+        for block, content_id in self._match(prefix):
+            if self._block_refcount[block] == 0:
+                del self._evictable[block]   # cached and free: live again
+            self._block_refcount[block] += 1
+            node.blocks.append(block)
+            node.chain.append(content_id)
+        node.length = len(node.blocks) * self.block_size
+        node.token_ids = prefix[:node.length]
 
     def _add_sequence(self, node: _Node, parent_seq: int | None) -> int:
         seq = self._next_seq
@@ -221,7 +322,13 @@ class TreeKVCache:
         node.frozen = True
         node.users += n
         parent_seq = _seq_id(seq, "seq")
-        return [self._add_sequence(_Node(node), parent_seq) for _ in range(n)]
+        kids = [_Node(node) for _ in range(n)]
+        # A child's blocks can be keyed only when it starts on a block boundary behind keyed
+        # blocks (a child that starts mid-block has no block aligned with a root's).
+        aligned = node.chain is not None and (node.prefix_length + node.length) % self.block_size == 0
+        for kid in kids:
+            kid.chain = [node.chain[-1]] if aligned else None
+        return [self._add_sequence(kid, parent_seq) for kid in kids]
 
     def free(self, seq: int) -> None:
         """Release ``seq``. Blocks return to the pool once no live sequence uses them: a forked
@@ -235,19 +342,67 @@ class TreeKVCache:
             if node.users > 0:
                 break
             for block in node.blocks:
-                self._block_refcount[block] = 0
-                heapq.heappush(self._free_blocks, block)
+                self._release_block(block)
             node.blocks = []
             node = node.parent
 
+    def _release_block(self, block: int) -> None:
+        """One node fewer holds ``block``; when none does, it is free (cached if keyed)."""
+        self._block_refcount[block] -= 1
+        if self._block_refcount[block]:
+            return
+        if self._block_key[block] is not None:
+            self._evictable[block] = None     # most recently freed: evicted last
+        else:
+            heapq.heappush(self._free_blocks, block)
+
+    def _take_block(self) -> int:
+        """A free block for new tokens: the lowest never-keyed one, else evict the least
+        recently freed keyed one (its KV is about to be overwritten: drop its key)."""
+        if self._free_blocks:
+            block = heapq.heappop(self._free_blocks)
+        else:
+            block, _ = self._evictable.popitem(last=False)
+            self._unregister(block)
+        self._block_refcount[block] = 1
+        return block
+
+    def _unregister(self, block: int) -> None:
+        key = self._block_key[block]
+        if key is not None:
+            del self._cached[key]
+            self._block_key[block] = None
+
+    def _key_new_blocks(self, node: _Node, token_ids: list[int]) -> None:
+        """Record ``token_ids`` (just appended to ``node``) and key the blocks they fill."""
+        bs = self.block_size
+        first_new_full = len(node.chain) - 1
+        node.token_ids += token_ids
+        for index in range(first_new_full, node.length // bs):
+            tokens = tuple(node.token_ids[index * bs:(index + 1) * bs])
+            key = (node.chain[-1], tokens)
+            hit = self._cached.get(key)
+            if hit is None:   # first block with these contents: it becomes the cached one
+                block = node.blocks[index]
+                hit = (block, self._next_content_id)
+                self._next_content_id += 1
+                self._cached[key] = hit
+                self._block_key[block] = key
+            node.chain.append(hit[1])   # a duplicate chains on from the cached copy's id
+
     # ------------------------------------------------------------------ slots and data
-    def reserve(self, seqs, num_tokens: int = 1) -> torch.Tensor:
+    def reserve(self, seqs, num_tokens: int = 1, *, token_ids=None) -> torch.Tensor:
         """Append ``num_tokens`` tokens to each of ``seqs`` and return their slots.
 
         Args:
             seqs: sequence ids (list, tuple, 1-D tensor, or a single int), no duplicates, none of
                 them forked.
             num_tokens: tokens per sequence, >= 0.
+            token_ids: optional, the ids of the appended tokens: an int tensor (read on the
+                host) or nested lists ``[len(seqs), num_tokens]``. Full blocks they complete
+                become reusable by ``new_sequence(prefix=...)``, so the caller must write their
+                KV before the next ``new_sequence``. Without them the sequences' blocks from
+                here on are never keyed.
 
         Returns:
             int64 ``[len(seqs) * num_tokens]`` on the cache's device, seq-major (all tokens of
@@ -262,6 +417,8 @@ class TreeKVCache:
         seq_ids = self._seq_list(seqs)
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError(f"seqs has duplicate sequence ids: {seq_ids}")
+        if token_ids is not None:
+            token_ids = self._token_rows(token_ids, len(seq_ids), num_tokens)
         bs = self.block_size
         nodes = []
         needed = 0
@@ -271,25 +428,26 @@ class TreeKVCache:
                 raise ValueError(f"seqs[{i}]: sequence {seq} was forked; append to its children")
             nodes.append(node)
             needed += -(-(node.length + num_tokens) // bs) - len(node.blocks)
-        if needed > len(self._free_blocks):
+        if needed > self.num_free_blocks:
             raise CacheFullError(
                 f"reserve needs {needed} new blocks for {len(seq_ids)} sequences x {num_tokens} "
-                f"tokens but only {len(self._free_blocks)} of {self.num_blocks} are free")
+                f"tokens but only {self.num_free_blocks} of {self.num_blocks} are free")
 
         if not nodes or num_tokens == 0:
             return torch.empty(0, dtype=torch.int64, device=self.device)
         # Checks done: mutate.
         slots: list[int] = []
-        free_blocks, refcount = self._free_blocks, self._block_refcount
+        if token_ids is None:   # tokens we cannot name: nothing of these nodes is keyed from now
+            for node in nodes:
+                node.chain, node.token_ids = None, []
         if num_tokens == 1:   # the decode step: one slot per sequence, in its last block
             for node in nodes:
                 pos = node.length
                 if pos == len(node.blocks) * bs:
-                    block = heapq.heappop(free_blocks)
-                    refcount[block] = 1
-                    node.blocks.append(block)
+                    node.blocks.append(self._take_block())
                 slots.append(node.blocks[-1] * bs + pos % bs)
                 node.length = pos + 1
+            self._key_rows(nodes, token_ids)
             return torch.tensor(slots, dtype=torch.int64, device=self.device)
         long_runs = num_tokens > 64   # prefill: build slots with tensor ops, not Python ints
         parts: list[torch.Tensor] = []
@@ -297,9 +455,7 @@ class TreeKVCache:
             start, end = node.length, node.length + num_tokens
             first_block = start // bs
             while len(node.blocks) * bs < end:
-                block = heapq.heappop(free_blocks)
-                refcount[block] = 1
-                node.blocks.append(block)
+                node.blocks.append(self._take_block())
             node.length = end
             if long_runs:
                 table = torch.tensor(node.blocks[first_block:], dtype=torch.int64)
@@ -312,9 +468,34 @@ class TreeKVCache:
                 base = node.blocks[pos // bs] * bs - (pos // bs) * bs
                 slots.extend(range(base + pos, base + block_end))
                 pos = block_end
+        self._key_rows(nodes, token_ids)
         if long_runs:
             return torch.cat(parts).to(self.device)
         return torch.tensor(slots, dtype=torch.int64, device=self.device)
+
+    def _key_rows(self, nodes: list[_Node], token_ids: list[list[int]] | None) -> None:
+        if token_ids is not None:
+            for node, row in zip(nodes, token_ids):
+                if node.chain is not None:
+                    self._key_new_blocks(node, row)
+
+    @staticmethod
+    def _token_rows(token_ids, num_seqs: int, num_tokens: int) -> list[list[int]]:
+        """``token_ids`` as ``num_seqs`` host lists of ``num_tokens`` ints, or ValueError."""
+        if isinstance(token_ids, torch.Tensor):
+            if token_ids.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"token_ids must be int64 or int32, got {token_ids.dtype}")
+            rows = token_ids.reshape(num_seqs, -1).tolist() if token_ids.numel() == (
+                num_seqs * num_tokens) else None
+        else:
+            rows = [list(r) for r in token_ids] if isinstance(token_ids, (list, tuple)) else None
+        if rows is None or len(rows) != num_seqs or any(
+                len(r) != num_tokens or not all(type(t) is int for t in r) for r in rows):
+            got = (f"{token_ids.dtype} {tuple(token_ids.shape)}"
+                   if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__)
+            raise ValueError(f"token_ids must be [len(seqs)={num_seqs}, num_tokens={num_tokens}] "
+                             f"ints, got {got}")
+        return rows
 
     def _unreserve(self, seqs, num_tokens: int) -> None:
         """Undo the last ``reserve(seqs, num_tokens)``: drop those tokens and return the blocks
@@ -327,10 +508,20 @@ class TreeKVCache:
                 raise ValueError(f"seqs[{i}]: sequence {seq} has no {num_tokens} reserved tokens "
                                  "to give back")
             node.length -= num_tokens
+            self._tables.invalidate(node)   # blocks are popped: its device table is rewritten
             while len(node.blocks) > -(-node.length // bs):
                 block = node.blocks.pop()
-                self._block_refcount[block] = 0
-                heapq.heappush(self._free_blocks, block)
+                self._unregister(block)   # its KV was never (fully) written
+                self._release_block(block)
+            full = node.length // bs
+            if node.chain is not None and len(node.chain) - 1 > full:
+                # The reserve completed (and keyed) the block that is partial again: unkey it.
+                # It was partial before, so it is this node's own block, held by nobody else.
+                if full < len(node.blocks):
+                    self._unregister(node.blocks[full])
+                del node.chain[full + 1:]
+            if node.chain is not None:
+                del node.token_ids[node.length:]
 
     def _check_layer(self, layer) -> None:
         if type(layer) is not int or not 0 <= layer < self.num_layers:
@@ -375,6 +566,11 @@ class TreeKVCache:
             if lo < 0 or hi >= num_slots:
                 raise ValueError(f"slots must lie in [0, num_blocks * block_size = {num_slots}), "
                                  f"got values in [{lo}, {hi}]")
+        self._scatter(layer, slots, k, v)
+
+    def _scatter(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """:meth:`write` without its checks, for slots that come straight from :meth:`reserve`
+        and K/V of the right shape, dtype and device (the model runner's per-layer call)."""
         self._k_slots[layer].index_copy_(0, slots, k)
         self._v_slots[layer].index_copy_(0, slots, v)
 
@@ -416,7 +612,7 @@ class TreeKVCache:
         seqs_per_item = _seqs_per_item(max_seqs_per_item)
         seq_ids = self._seq_list(seqs)
         local_id: dict[_Node, int] = {}
-        tables: list[list[int]] = []
+        nodes: list[_Node] = []
         lengths: list[int] = []
         paths: list[list[int]] = []
         for i, seq in enumerate(seq_ids):
@@ -424,12 +620,24 @@ class TreeKVCache:
             for node in self._node(seq, i).path:
                 j = local_id.get(node)
                 if j is None:
-                    j = local_id[node] = len(tables)
-                    tables.append(list(node.blocks))   # a snapshot: the node may grow later
+                    j = local_id[node] = len(nodes)
+                    nodes.append(node)
                     lengths.append(node.length)
                 path.append(j)
             paths.append(path)
+        page_starts, page_table, max_block_id = self._tables.sync(nodes,
+                                                                  operator.attrgetter("blocks"))
+        # Host copies of the tables only when asked for (the torch reference, tests). The first
+        # ceil(length / block_size) blocks of a node never change while the step is valid, so
+        # the layout keeps the lists themselves (a snapshot is taken on first access).
+        block_lists = [node.blocks for node in nodes]
+        bs = self.block_size
+
+        def node_tables() -> list[list[int]]:
+            return [blocks[:-(-n // bs)] for blocks, n in zip(block_lists, lengths)]
+
         # The tree guarantees what from_paths would check (ids in range, no repeats, lengths
         # that fit their blocks): plan directly.
-        return TreeLayout._plan(paths, tables, lengths, self.block_size, chunk, self.device,
-                                seqs_per_item)
+        return TreeLayout._plan(paths, None, lengths, self.block_size, chunk, self.device,
+                                seqs_per_item, page_starts=page_starts, page_table=page_table,
+                                node_tables=node_tables, max_block_id=max_block_id)

@@ -35,6 +35,8 @@ Example::
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Sequence
 
 import torch
@@ -50,6 +52,13 @@ ATTN_IMPLEMENTATION = "a2r_tree"
 _STATE_KWARG = "a2r_tree_cache"
 
 _registered = False
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(forward) -> str:
+    """The keyword a model's ``forward`` takes its ``Cache`` under: ``"cache"`` where transformers
+    has renamed it (5.24 does, and warns on the old name), else ``"past_key_values"`` (5.0)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def register() -> str:
@@ -145,7 +154,9 @@ class TreeCache(Cache):
         dtype = self.tree.dtype
         k = key_states.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads, head_dim)
         v = value_states.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads, head_dim)
-        self.tree.write(layer_idx, self._slots, k.to(dtype), v.to(dtype))
+        # The slots come from this forward's reserve and the shapes were checked above: the
+        # unchecked scatter (write's range check would cost two reductions per layer).
+        self.tree._scatter(layer_idx, self._slots, k.to(dtype), v.to(dtype))
         if self._layout is None and not any(self._past_lengths):
             return key_states, value_states
         return self.tree.k[layer_idx], self.tree.v[layer_idx]
@@ -153,7 +164,10 @@ class TreeCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return max(self._past_lengths, default=0)
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
+        # transformers 5.0 passes cache_position (a [T] tensor) here, later releases the length T.
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
@@ -249,6 +263,13 @@ class TreeDecoder:
         cache: the :class:`~a2r_kernels.TreeKVCache` (``cache.blocks_used()``, ``cache.length``).
         peak_blocks_used: most blocks in use at once since construction.
         bytes_per_block: K+V bytes of one block over all layers.
+        forwarded_tokens: tokens run through the model since construction (prompts and steps).
+        reused_tokens: prompt tokens whose KV :meth:`prefill` took from the cache instead.
+
+    Automatic prefix reuse: :meth:`prefill` of a new root keys the prompt's full blocks in the
+    cache, and a later prompt that starts with the same whole blocks (of a live or a freed,
+    not yet evicted sequence) reuses them and forwards only the rest, at least its last token.
+    Prompts appended by :meth:`extend` are keyed too; decode tokens are not.
     """
 
     def __init__(self, model, num_blocks: int, *, block_size: int = 16, backend: str = "auto",
@@ -274,6 +295,8 @@ class TreeDecoder:
         self.backend = self.hf_cache.backend
         self.bytes_per_block = self.cache.nbytes // num_blocks
         self.peak_blocks_used = 0
+        self.forwarded_tokens = 0
+        self.reused_tokens = 0
 
     # ------------------------------------------------------------------ tree bookkeeping
     def new_sequence(self) -> int:
@@ -298,15 +321,30 @@ class TreeDecoder:
 
     # ------------------------------------------------------------------ forwards
     def prefill(self, input_ids: torch.Tensor, seq: int | None = None) -> tuple[int, torch.Tensor]:
-        """Run the prompt ``input_ids`` (``[P]`` or ``[1, P]``, P >= 1) once into ``seq`` (default
-        a new root). Returns ``(seq, logits)``, logits fp32 ``[1, V]`` for the next token."""
+        """Run the prompt ``input_ids`` (``[P]`` or ``[1, P]``, P >= 1) into ``seq`` (default a
+        new root). Returns ``(seq, logits)``, logits fp32 ``[1, V]`` for the next token.
+
+        A new root reuses the cached whole blocks its first ``P - 1`` tokens start with (see the
+        class docstring) and forwards only the other tokens, appended causally after them; the
+        logits equal a full prefill's. ``length(seq)`` is P either way.
+        """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() not in (1, 2) or (
                 input_ids.dim() == 2 and input_ids.shape[0] != 1) or input_ids.shape[-1] == 0:
             got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be [P] or [1, P] with P >= 1, got {got}")
-        if seq is None:
-            seq = self.new_sequence()
-        return seq, self.extend([seq], input_ids.reshape(1, -1))
+        input_ids = input_ids.reshape(1, -1)
+        if seq is not None:
+            return seq, self.extend([seq], input_ids)
+        # The last token is always forwarded: its logits are the result.
+        seq = self.cache.new_sequence(prefix=input_ids[0, :-1])
+        reused = self.cache.length(seq)
+        try:
+            logits = self.extend([seq], input_ids[:, reused:])
+        except BaseException:
+            self.cache.free(seq)   # the reused blocks go back to the cache
+            raise
+        self.reused_tokens += reused
+        return seq, logits
 
     def step(self, seqs: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
         """Append one token per sequence (``token_ids`` ``[B]`` or ``[B, 1]``) as one decode batch.
@@ -335,7 +373,10 @@ class TreeDecoder:
             raise ValueError(f"token_ids must be int64, got {token_ids.dtype}")
         num_tokens = token_ids.shape[1]
         past = [self.cache.length(s) for s in seqs]
-        slots = self.cache.reserve(seqs, num_tokens)    # raises CacheFullError, changes nothing
+        # Prompt tokens are keyed for prefix reuse (read on the host, once per prompt); decode
+        # tokens are not (that would be a host sync per step).
+        slots = self.cache.reserve(seqs, num_tokens,    # raises CacheFullError, changes nothing
+                                   token_ids=token_ids if num_tokens > 1 else None)
         self.peak_blocks_used = max(self.peak_blocks_used, self.cache.blocks_used())
         config = self.model.config
         saved_impl = config._attn_implementation
@@ -352,8 +393,9 @@ class TreeDecoder:
             self.hf_cache.begin(seqs, past, slots, num_tokens, layout)
             config._attn_implementation = ATTN_IMPLEMENTATION
             out = self.model(input_ids=token_ids.to(self.device, torch.int64),
-                             position_ids=position_ids, past_key_values=self.hf_cache,
-                             use_cache=True, logits_to_keep=1, **{_STATE_KWARG: self.hf_cache})
+                             position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                             **{_cache_kwarg(type(self.model).forward): self.hf_cache,
+                                _STATE_KWARG: self.hf_cache})
         except BaseException:
             # Anything failed after the reserve (e.g. out of memory in the forward): give the
             # tokens back, so the sequences hold no token whose K/V was never (fully) written
@@ -363,6 +405,7 @@ class TreeDecoder:
         finally:
             config._attn_implementation = saved_impl
             self.hf_cache.end()
+        self.forwarded_tokens += len(seqs) * num_tokens
         return out.logits[:, -1, :].float()
 
 

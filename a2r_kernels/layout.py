@@ -36,10 +36,10 @@ decode step that reuses one layout is CUDA-graph friendly.
 
 from __future__ import annotations
 
-from array import array
-from dataclasses import dataclass, field
+from itertools import accumulate, chain
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ._vocab import INT32_MAX, int_list, positive_int
@@ -58,6 +58,35 @@ WORK_FIELDS = ("q_start", "q_len", "page_start", "kv_start", "kv_end", "partial_
 DEFAULT_KV_CHUNK = 256          # shortest chunk: one program streams a few pages per row tile
 KV_CHUNK_TOKENS_PER_SEQ = 16    # adaptive chunk tokens per sequence of the run
 MAX_SEQS_PER_ITEM = 16          # sequences per work item: 64 query rows at group 4 (one MMA tile)
+
+
+def _block_table_tensor(block_tables) -> torch.Tensor:
+    """``block_tables`` (int tensor ``[S, B]``, or lists of ints of any lengths) as an int tensor
+    ``[S, B]`` (lists: on the CPU, short rows padded with 0)."""
+    if isinstance(block_tables, torch.Tensor):
+        if block_tables.dim() != 2 or block_tables.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"block_tables must be int32 [num_seqs, max_blocks], got "
+                             f"{block_tables.dtype} {tuple(block_tables.shape)}")
+        return block_tables
+    rows = [int_list(row, f"block_tables[{i}]", high=INT32_MAX)
+            for i, row in enumerate(_rows(block_tables, "block_tables"))]
+    width = max(map(len, rows), default=0)
+    return torch.tensor([row + [0] * (width - len(row)) for row in rows],
+                        dtype=torch.int32).view(len(rows), width)
+
+
+def _seq_len_tensor(seq_lens, num_seqs: int) -> torch.Tensor:
+    """``seq_lens`` (tensor or list) as a CPU int tensor ``[num_seqs]``."""
+    if isinstance(seq_lens, torch.Tensor):
+        if seq_lens.dtype.is_floating_point or seq_lens.dtype == torch.bool:
+            raise ValueError(f"seq_lens must hold ints, got {seq_lens.dtype}")
+        lens = seq_lens.to("cpu")
+    else:
+        lens = torch.tensor(int_list(seq_lens, "seq_lens"), dtype=torch.int64)
+    if lens.shape != (num_seqs,):
+        raise ValueError(f"seq_lens must be [num_seqs={num_seqs}] (one per block_tables row), "
+                         f"got shape {tuple(lens.shape)}")
+    return lens
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -90,38 +119,54 @@ def _seqs_per_item(max_seqs_per_item) -> int:
 _SLICE_ALIGN = 4
 
 
-@dataclass(eq=False)
-class TreeLayout:
-    """Plan of one tree decode step. Build with :meth:`from_paths` (or ``TreeKVCache.layout``).
+# The plan tensors, in the order of the host buffer (the page table is not always part of it:
+# a layout may read an external block-table tensor by reference).
+PLAN_FIELDS = ("work_info", "row_seq", "page_table", "merge_indptr", "merge_rows", "seq_lens")
 
-    Attributes (tensors are int32 on ``device``):
+
+class TreeLayout:
+    """Plan of one tree decode step. Build with :meth:`from_paths`, :meth:`from_block_tables` or
+    ``TreeKVCache.layout``.
+
+    Attributes (tensors are int32 on ``device``, made by one host-to-device copy on first use):
         work_info      : [num_work, 6]  rows ``WORK_FIELDS``, see the module docstring
         row_seq        : [num_seqs]     kernel position -> caller's sequence index
-        page_table     : [num_pages]    the nodes' block tables, concatenated
+        page_table     : [num_pages]    block ids; node ``j``'s table starts at ``page_starts[j]``
+                         (the nodes' tables concatenated, or an external table read by reference:
+                         a ``TreeKVCache``'s device block tables, the ``block_tables`` given to
+                         :meth:`from_block_tables`)
         merge_indptr   : [num_seqs + 1] CSR over partial rows, by caller's sequence index
         merge_rows     : [num_partials] partial row ids
         seq_lens       : [num_seqs]     tokens on each path
+    Host attributes: ``paths``, ``node_lengths``, ``node_block_tables`` (lists of ints; the block
+    tables are materialised on first access), ``page_starts``, ``block_size``, ``device``, and the
+    scalars ``num_partials``, ``max_block_id``, ``max_seq_len``, ``max_q_len``.
     """
 
-    paths: list[list[int]]
-    node_block_tables: list[list[int]]
-    node_lengths: list[int]
-    block_size: int
-    device: torch.device
-    kv_chunk_size: int | None
-    max_seqs_per_item: int
-    work_info: torch.Tensor
-    row_seq: torch.Tensor
-    page_table: torch.Tensor
-    merge_indptr: torch.Tensor
-    merge_rows: torch.Tensor
-    seq_lens: torch.Tensor
-    num_partials: int
-    max_block_id: int
-    max_seq_len: int
-    max_q_len: int
-    _seq_slots: torch.Tensor | None = field(default=None, repr=False)
-    _shared_plan: tuple | None = field(default=None, repr=False)
+    def __init__(self, *, paths, node_lengths, block_size, device, kv_chunk_size,
+                 max_seqs_per_item, host_plan, slices, page_starts, page_table, node_tables,
+                 num_work, num_partials, max_block_id, max_seq_len, max_q_len):
+        self.paths: list[list[int]] = paths
+        self.node_lengths: list[int] = node_lengths
+        self.block_size = block_size
+        self.device = device
+        self.kv_chunk_size = kv_chunk_size
+        self.max_seqs_per_item = max_seqs_per_item
+        self.page_starts: list[int] = page_starts
+        self.num_work = num_work
+        self.num_partials = num_partials
+        self.max_block_id = max_block_id
+        self.max_seq_len = max_seq_len
+        self.max_q_len = max_q_len
+        # int32 CPU buffer of the plan and each field's (start, end) in it ("page_table" absent
+        # when the layout reads an external device table, ``self._external_pages``).
+        self._host_plan = host_plan
+        self._slices = slices
+        self._external_pages = page_table
+        self._node_tables = node_tables      # list of lists, or a callable making it
+        self._device_plan: dict[str, torch.Tensor] | None = None
+        self._seq_slots: torch.Tensor | None = None
+        self._shared_plan: tuple | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -177,12 +222,145 @@ class TreeLayout:
         return cls._plan(path_lists, tables, lengths, block_size, chunk, device, seqs_per_item)
 
     @classmethod
-    def _plan(cls, paths: list[list[int]], tables: list[list[int]], lengths: list[int],
+    def from_block_tables(cls, block_tables, seq_lens, block_size: int, device="cpu", *,
+                          kv_chunk_size: int | None = None,
+                          max_seqs_per_item: int | None = None) -> "TreeLayout":
+        """Plan a paged decode step, discovering the sharing from the block tables.
+
+        Row ``i`` reads tokens ``t < seq_lens[i]`` at ``(block_tables[i, t // block_size],
+        t % block_size)``, as :func:`a2r_kernels.paged_decode_attention` does. Rows that hold the
+        same block id at the same position and read the same number of its tokens share them:
+        every full block, and a partial last block read to the same length. Those tokens become
+        one tree node read once per call (a maximal run of blocks with the same readers is one
+        node). A block that one row reads in part (its last block) and another row reads further
+        is not shared between the two (vLLM never shares a partial block); each reads it as paged
+        decode would, so the result is the same either way.
+
+        Args:
+            block_tables: int32 ``[num_seqs, max_blocks]`` (a tensor on any device, or lists of
+                ints, rows of any lengths). Entries past a row's ``ceil(seq_lens[i] / block_size)``
+                blocks are ignored.
+            seq_lens: ``[num_seqs]`` ints (tensor or list), ``0 <= seq_lens[i] <= max_blocks *
+                block_size``.
+            block_size: tokens per block of the pool.
+            device: where the plan lives; the node tables are read by reference from a
+                contiguous int32 copy of ``block_tables`` on ``device`` (``block_tables`` itself
+                when it already is one).
+            kv_chunk_size, max_seqs_per_item: as in :meth:`from_paths`.
+
+        Host work is O(table entries + largest block id), vectorised (a sort of the used
+        entries only when a block id is read at two positions or to two lengths).
+        ``kv_bytes(layout, ...)["shared"]`` counts each shared block's tokens once.
+        """
+        block_size = positive_int(block_size, "block_size")
+        chunk = _kv_chunk(kv_chunk_size, block_size)
+        seqs_per_item = _seqs_per_item(max_seqs_per_item)
+        device = torch.device(device)
+        tables = _block_table_tensor(block_tables)                 # int [S, B], CPU or device
+        num_seqs, width = tables.shape
+        lens = _seq_len_tensor(seq_lens, num_seqs).to(torch.int64)     # int64 [S], CPU
+        if num_seqs and (int(lens.min()) < 0 or int(lens.max()) > width * block_size):
+            raise ValueError(f"seq_lens must lie in [0, max_blocks * block_size = "
+                             f"{width * block_size}], got values in [{int(lens.min())}, "
+                             f"{int(lens.max())}]")
+        host_tables = tables.cpu().numpy().astype(np.int64)          # [S, B]
+        lens = lens.numpy()
+        num_used = (lens + block_size - 1) // block_size                # blocks each row reads
+        used = np.arange(width)[None, :] < num_used[:, None]
+        blocks = host_tables[used]                                    # row-major: row, then pos
+        num_entries = blocks.size
+        rows = np.repeat(np.arange(num_seqs), num_used)
+        entry = np.arange(num_entries)
+        cols = entry - np.repeat(np.cumsum(num_used) - num_used, num_used)
+        if num_entries and blocks.min() < 0:
+            bad = int(rows[blocks < 0][0])
+            raise ValueError(f"block_tables[{bad}] holds a negative block id within seq_lens")
+        if num_entries and blocks.max() > INT32_MAX:
+            bad = int(rows[blocks > INT32_MAX][0])
+            raise ValueError(f"block_tables[{bad}] holds a block id above {INT32_MAX}")
+        last = cols == num_used[rows] - 1
+        fill = np.where(last, lens[rows] - cols * block_size, block_size)
+        max_block_id = int(blocks.max()) if num_entries else -1
+
+        # Group the used entries by (position, block id, tokens read): one group per shared block.
+        # Without a sort when every block id is read at one position to one length (what paged
+        # engines hand over): an entry's group is the first entry with its block id.
+        first_of_block = np.empty(max_block_id + 1, dtype=np.int64)
+        first_of_block[blocks[::-1]] = entry[::-1]   # repeated ids: the last write (first) wins
+        first = first_of_block[blocks]
+        if np.array_equal(cols[first], cols) and np.array_equal(fill[first], fill):
+            is_first = first == entry
+            group = (np.cumsum(is_first) - 1)[first]
+        else:
+            _, group = np.unique(np.stack([cols, blocks, fill], 1), axis=0, return_inverse=True)
+            group = group.reshape(-1)
+        num_groups = int(group.max()) + 1 if num_entries else 0
+        counts = np.bincount(group, minlength=num_groups)
+        group_first = np.empty(num_groups, dtype=np.int64)      # each group's first entry
+        group_first[group[::-1]] = entry[::-1]
+        # A group merges into the next one when all its readers continue into the same group and
+        # nobody else reads that one: then both have the same readers, so one node holds both.
+        nxt = np.full(num_entries, -1, dtype=np.int64)
+        if num_entries > 1:
+            nxt[:-1] = np.where(last[:-1], -1, group[1:])
+        group_next = nxt[group_first]
+        disagree = np.zeros(num_groups, dtype=bool)
+        disagree[group[nxt != group_next[group]]] = True
+        merges = ~disagree & (group_next >= 0)
+        merges &= counts == counts[np.clip(group_next, 0, None)]
+        head = np.arange(num_groups)                                    # pointer to chain head
+        head[group_next[merges]] = np.nonzero(merges)[0]
+        while True:                                                   # pointer jumping
+            jumped = head[head]
+            if np.array_equal(jumped, head):
+                break
+            head = jumped
+        is_head = head == np.arange(num_groups)
+        node_of_group = (np.cumsum(is_head) - 1)[head]
+        num_nodes = int(is_head.sum())
+        node = node_of_group[group]                                   # [E]
+        group_fill = fill[group_first]
+        node_len = np.bincount(node_of_group, weights=group_fill, minlength=num_nodes)
+        # A node's table starts at its head group's first entry (the first reader's row).
+        node_start = (rows * width + cols)[group_first[is_head]]
+        # Paths: each row's entries, one per node (consecutive entries of one node collapse).
+        starts = np.ones(num_entries, dtype=bool)
+        if num_entries > 1:
+            starts[1:] = (node[1:] != node[:-1]) | (rows[1:] != rows[:-1])
+        path_nodes = node[starts].tolist()
+        per_row = np.bincount(rows[starts], minlength=num_seqs).tolist()
+        paths, pos = [], 0
+        for count in per_row:
+            paths.append(path_nodes[pos:pos + count])
+            pos += count
+        lengths = node_len.astype(np.int64).tolist()
+        page_starts = node_start.tolist()
+
+        def node_tables() -> list[list[int]]:
+            flat = host_tables.reshape(-1)
+            return [flat[s:s + -(-n // block_size)].tolist() for s, n in zip(page_starts, lengths)]
+
+        pages = tables.to(device, torch.int32).contiguous().view(-1)
+        return cls._plan(paths, None, lengths, block_size, chunk, device, seqs_per_item,
+                         page_starts=page_starts, page_table=pages, node_tables=node_tables,
+                         max_block_id=max_block_id)
+
+    @classmethod
+    def _plan(cls, paths: list[list[int]], tables: list[list[int]] | None, lengths: list[int],
               block_size: int, chunk: int | None, device,
-              seqs_per_item: int = MAX_SEQS_PER_ITEM) -> "TreeLayout":
+              seqs_per_item: int = MAX_SEQS_PER_ITEM, *, page_starts: list[int] | None = None,
+              page_table: torch.Tensor | None = None, node_tables=None,
+              max_block_id: int | None = None) -> "TreeLayout":
         """The plan of already validated inputs (what :meth:`from_paths` checks), which it keeps
-        by reference: ``TreeKVCache.layout`` passes fresh lists it guarantees valid. ``chunk`` is
-        a fixed split-KV chunk (a multiple of block_size) or None (adaptive)."""
+        by reference. ``chunk`` is a fixed split-KV chunk (a multiple of block_size) or None
+        (adaptive).
+
+        Either ``tables`` (lists of block ids: the page table is their concatenation, uploaded
+        with the plan), or an external ``page_table`` (int32 1-D on ``device``) with each node's
+        ``page_starts`` in it, its ``node_tables`` (lists, or a callable making them, for the
+        host-side users) and ``max_block_id``: then the plan costs O(sequences + path nodes +
+        work items) host work, whatever the nodes' lengths.
+        """
         min_chunk = chunk if chunk is not None else _round_up(DEFAULT_KV_CHUNK, block_size)
         num_seqs = len(paths)
         num_nodes = len(lengths)
@@ -190,11 +368,13 @@ class TreeLayout:
         # Kernel order: lexicographic by path, so sequences under a node are contiguous.
         order = sorted(range(num_seqs), key=paths.__getitem__)
 
-        page_start: list[int] = []
-        offset = 0
-        for table in tables:
-            page_start.append(offset)
-            offset += len(table)
+        if tables is not None:
+            page_starts = []
+            offset = 0
+            for table in tables:
+                page_starts.append(offset)
+                offset += len(table)
+            node_tables = tables
 
         # Kernel positions of the sequences that read each node, ascending.
         node_positions: list[list[int]] = [[] for _ in range(num_nodes)]
@@ -202,22 +382,30 @@ class TreeLayout:
             for j in paths[seq]:
                 node_positions[j].append(p)
 
+        # Work items: Python ints for the common short items (leaves), numpy blocks for the
+        # runs that split into many (a long shared prefix), so host work grows with the number
+        # of runs, not with their chunks. Partial rows: every (sequence, node) pair is one
+        # arithmetic segment (first, stride, count) of rows, expanded by numpy at the end.
+        work_parts: list = []
         work: list[int] = []   # WORK_FIELDS per item, flattened
-        partial_rows_of_seq: list[list[int]] = [[] for _ in range(num_seqs)]
+        num_work = 0
+        segments: list[list[int]] = [[] for _ in range(num_seqs)]   # (first, stride, count)...
         num_partials = 0
         max_q_len = 0
-        max_block_id = -1
+        table_max = -1
         for j, positions in enumerate(node_positions):
             length = lengths[j]
             if not positions or length == 0:
                 continue
-            table = tables[j]
-            num_pages = -(-length // block_size)
-            max_block_id = max(max_block_id, max(table) if len(table) == num_pages
-                               else max(table[:num_pages]))
+            if tables is not None:
+                table = tables[j]
+                num_pages = -(-length // block_size)
+                table_max = max(table_max, max(table) if len(table) == num_pages
+                                else max(table[:num_pages]))
             if length <= min_chunk and len(positions) == 1:   # a leaf of one sequence: the common case
-                work += (positions[0], 1, page_start[j], 0, length, num_partials)
-                partial_rows_of_seq[order[positions[0]]].append(num_partials)
+                work += (positions[0], 1, page_starts[j], 0, length, num_partials)
+                num_work += 1
+                segments[order[positions[0]]] += (num_partials, 1, 1)
                 num_partials += 1
                 max_q_len = max_q_len or 1
                 continue
@@ -238,52 +426,142 @@ class TreeLayout:
                     target = max(min_chunk, KV_CHUNK_TOKENS_PER_SEQ * run_len)
                     num_chunks = max(1, length // target)
                     run_chunk = _round_up(-(-length // num_chunks), block_size)
-                for kv_start in range(0, length, run_chunk):
-                    kv_end = min(kv_start + run_chunk, length)
-                    # The run's groups over one chunk are adjacent work items: they run together
-                    # and the chunk comes from DRAM once.
-                    for q_start in range(run_start, run_start + run_len, seqs_per_item):
-                        q_len = min(seqs_per_item, run_start + run_len - q_start)
-                        max_q_len = max(max_q_len, q_len)
-                        work += (q_start, q_len, page_start[j], kv_start, kv_end, num_partials)
-                        for r, seq in enumerate(order[q_start:q_start + q_len], num_partials):
-                            partial_rows_of_seq[seq].append(r)
-                        num_partials += q_len
+                num_chunks = -(-length // run_chunk)
+                num_groups = -(-run_len // seqs_per_item)
+                # Chunk-major: the run's groups over one chunk are adjacent work items (they run
+                # together and the chunk comes from DRAM once). Item (c, g) writes partial rows
+                # base + c * run_len + (its sequences' offsets in the run).
+                base = num_partials
+                if num_chunks * num_groups <= 4:
+                    for kv_start in range(0, length, run_chunk):
+                        kv_end = min(kv_start + run_chunk, length)
+                        for q_start in range(run_start, run_start + run_len, seqs_per_item):
+                            q_len = min(seqs_per_item, run_start + run_len - q_start)
+                            work += (q_start, q_len, page_starts[j], kv_start, kv_end,
+                                     base + (kv_start // run_chunk) * run_len + q_start - run_start)
+                else:
+                    kv_start = np.arange(num_chunks, dtype=np.int64)[:, None] * run_chunk
+                    offset = np.arange(num_groups, dtype=np.int64)[None, :] * seqs_per_item
+                    items = np.empty((num_chunks, num_groups, len(WORK_FIELDS)), dtype=np.int64)
+                    items[..., 0] = run_start + offset
+                    items[..., 1] = np.minimum(seqs_per_item, run_len - offset)
+                    items[..., 2] = page_starts[j]
+                    items[..., 3] = kv_start
+                    items[..., 4] = np.minimum(kv_start + run_chunk, length)
+                    items[..., 5] = base + (kv_start // run_chunk) * run_len + offset
+                    work_parts += (work, items.reshape(-1))
+                    work = []
+                num_work += num_chunks * num_groups
+                max_q_len = max(max_q_len, min(seqs_per_item, run_len))
+                for r, seq in enumerate(order[run_start:run_start + run_len], base):
+                    segments[seq] += (r, run_len, num_chunks)
+                num_partials += num_chunks * run_len
+        work_parts.append(work)
 
-        indptr = [0]
-        rows: list[int] = []
-        for seq_rows in partial_rows_of_seq:
-            rows += seq_rows
-            indptr.append(len(rows))
+        rows_per_seq = [sum(seq_segments[2::3]) for seq_segments in segments]
+        indptr = [0, *accumulate(rows_per_seq)]
+        flat_segments = np.fromiter(chain.from_iterable(segments), dtype=np.int64)
+        first, stride, count = flat_segments[0::3], flat_segments[1::3], flat_segments[2::3]
+        if count.size and int(count.max()) > 1:   # expand the segments into row ids
+            seg_start = np.repeat(np.cumsum(count) - count, count)
+            rows = np.repeat(first, count) + np.repeat(stride, count) * (
+                np.arange(num_partials, dtype=np.int64) - seg_start)
+        else:
+            rows = first
         seq_lens = [sum(map(lengths.__getitem__, path)) for path in paths]
 
         # One int32 buffer holds every tensor of the plan: one copy to the device.
-        # (A flat Python list converted once is twice as fast as growing an array.)
-        flat: list[int] = []
-        slices = []
-        for values in (work, order, None, indptr, rows, seq_lens):
-            start = len(flat)
-            if values is None:   # page_table: the tables, concatenated
-                for table in tables:
-                    flat += table
-            else:
-                flat += values
-            slices.append((start, len(flat)))
-            flat += [0] * (-len(flat) % _SLICE_ALIGN)
-        device = torch.device(device)
-        data = torch.frombuffer(array("i", flat), dtype=torch.int32).to(device)
-        work_info, row_seq, page_table, merge_indptr, merge_rows, lens = (
-            data[a:b] for a, b in slices)
-        num_work = len(work) // len(WORK_FIELDS)
+        sizes = {"work_info": num_work * len(WORK_FIELDS), "row_seq": num_seqs,
+                 "page_table": page_starts[-1] + len(tables[-1]) if tables else 0,
+                 "merge_indptr": num_seqs + 1, "merge_rows": num_partials, "seq_lens": num_seqs}
+        slices = {}
+        total = 0
+        for name in PLAN_FIELDS:
+            if name == "page_table" and tables is None:
+                continue
+            slices[name] = (total, total + sizes[name])
+            total += _round_up(sizes[name], _SLICE_ALIGN)
+        host_plan = torch.empty(total, dtype=torch.int32)
+        host = host_plan.numpy()
+        pos = slices["work_info"][0]
+        for part in work_parts:
+            host[pos:pos + len(part)] = part
+            pos += len(part)
+        for name, values in (("row_seq", order), ("merge_indptr", indptr), ("merge_rows", rows),
+                             ("seq_lens", seq_lens)):
+            start, end = slices[name]
+            host[start:end] = values
+        if tables is not None:
+            pos = slices["page_table"][0]
+            for table in tables:
+                host[pos:pos + len(table)] = table
+                pos += len(table)
         return cls(
-            paths=paths, node_block_tables=tables, node_lengths=lengths,
-            block_size=block_size, device=device, kv_chunk_size=chunk,
-            max_seqs_per_item=seqs_per_item,
-            work_info=work_info.view(num_work, len(WORK_FIELDS)), row_seq=row_seq,
-            page_table=page_table, merge_indptr=merge_indptr, merge_rows=merge_rows,
-            seq_lens=lens, num_partials=num_partials, max_block_id=max_block_id,
+            paths=paths, node_lengths=lengths, block_size=block_size,
+            device=torch.device(device), kv_chunk_size=chunk, max_seqs_per_item=seqs_per_item,
+            host_plan=host_plan, slices=slices, page_starts=page_starts, page_table=page_table,
+            node_tables=node_tables, num_work=num_work,
+            num_partials=num_partials,
+            max_block_id=table_max if max_block_id is None else max_block_id,
             max_seq_len=max(seq_lens, default=0), max_q_len=max_q_len,
         )
+
+    # ------------------------------------------------------------------ plan tensors
+    def host_plan(self, name: str) -> torch.Tensor | None:
+        """The int32 CPU view of plan field ``name`` (``PLAN_FIELDS``); None for a page table
+        read by reference (then :attr:`page_table` is that device tensor)."""
+        if name not in self._slices:
+            return None
+        start, end = self._slices[name]
+        view = self._host_plan[start:end]
+        return view.view(-1, len(WORK_FIELDS)) if name == "work_info" else view
+
+    def _plan_tensor(self, name: str) -> torch.Tensor:
+        if self._device_plan is None:   # one host-to-device copy for every field
+            data = self._host_plan.to(self.device)
+            plan = {}
+            for field_name, (start, end) in self._slices.items():
+                plan[field_name] = data[start:end]
+            plan["work_info"] = plan["work_info"].view(self.num_work, len(WORK_FIELDS))
+            if self._external_pages is not None:
+                plan["page_table"] = self._external_pages
+            self._device_plan = plan
+        return self._device_plan[name]
+
+    work_info = property(lambda self: self._plan_tensor("work_info"),
+                         doc="int32 [num_work, 6] on device: the work items (WORK_FIELDS)")
+    row_seq = property(lambda self: self._plan_tensor("row_seq"),
+                       doc="int32 [num_seqs] on device: kernel position -> sequence index")
+    page_table = property(lambda self: self._plan_tensor("page_table"),
+                          doc="int32 [num_pages] on device: block ids (node j's at page_starts[j])")
+    merge_indptr = property(lambda self: self._plan_tensor("merge_indptr"),
+                            doc="int32 [num_seqs + 1] on device: CSR of partial rows per sequence")
+    merge_rows = property(lambda self: self._plan_tensor("merge_rows"),
+                          doc="int32 [num_partials] on device: partial row ids")
+    seq_lens = property(lambda self: self._plan_tensor("seq_lens"),
+                        doc="int32 [num_seqs] on device: tokens on each path")
+
+    @property
+    def node_block_tables(self) -> list[list[int]]:
+        """``node_block_tables[j]``: the block ids of node ``j``, ``ceil(node_lengths[j] /
+        block_size)`` of them or more (lists; made on first access for by-reference layouts)."""
+        if callable(self._node_tables):
+            self._node_tables = self._node_tables()
+        return self._node_tables
+
+    @property
+    def external_page_table(self) -> torch.Tensor | None:
+        """The device page table this layout reads by reference (a ``TreeKVCache``'s block
+        tables, ``from_block_tables``' table), or None when its tables are part of the plan."""
+        return self._external_pages
+
+    @property
+    def num_page_entries(self) -> int:
+        """Entries of :attr:`page_table` (what ``TreeAttentionWrapper(max_blocks=)`` must hold)."""
+        if self._external_pages is not None:
+            return self._external_pages.numel()
+        start, end = self._slices["page_table"]
+        return end - start
 
     # ------------------------------------------------------------------ properties
     @property
@@ -291,8 +569,8 @@ class TreeLayout:
         return len(self.paths)
 
     @property
-    def num_work(self) -> int:
-        return self.work_info.shape[0]
+    def num_nodes(self) -> int:
+        return len(self.node_lengths)
 
     def seq_slots(self) -> torch.Tensor:
         """int64 ``[num_seqs, max_seq_len]``: flat pool slot (``block * block_size + offset``) of

@@ -10,6 +10,14 @@ import torch
 from .layout import TreeLayout
 
 
+def _gather_tokens(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``cache[slot // block_size, slot % block_size]`` for every flat slot id: ``[*slots.shape,
+    num_kv_heads, head_dim]``. Indexes the pool view as it is: a strided view (vLLM's head-major
+    CPU cache, a transposed key tile) is never copied whole, as ``reshape(-1, ...)`` would."""
+    block_size = cache.shape[1]
+    return cache[slots // block_size, slots % block_size]
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
             sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked GQA decode attention in fp32.
@@ -69,12 +77,12 @@ def tree_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     :func:`tree_decode_attention_by_path` is the literal definition; tests hold the two equal.
     """
     private, shared = layout.shared_node_slots()
-    flat_k = k_cache.reshape(-1, *k_cache.shape[2:])
-    flat_v = v_cache.reshape(-1, *v_cache.shape[2:])
     gather = private.clamp_min(0)
-    out, lse = _attend(q, flat_k[gather], flat_v[gather], private >= 0, sm_scale)
+    out, lse = _attend(q, _gather_tokens(k_cache, gather), _gather_tokens(v_cache, gather),
+                       private >= 0, sm_scale)
     for seqs, slots in shared:       # the node's KV is gathered once for all its readers
-        node_out, node_lse = _attend_shared(q[seqs], flat_k[slots], flat_v[slots], sm_scale)
+        node_out, node_lse = _attend_shared(q[seqs], _gather_tokens(k_cache, slots),
+                                            _gather_tokens(v_cache, slots), sm_scale)
         out[seqs], lse[seqs] = merge_attention_states(out[seqs], lse[seqs], node_out, node_lse)
     return out, lse
 
@@ -86,10 +94,9 @@ def tree_decode_attention_by_path(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     path (shared nodes once per sequence) and attends over it in one softmax."""
     slots = layout.seq_slots()                                               # [S, T], -1 pad
     valid = slots >= 0
-    flat_k = k_cache.reshape(-1, *k_cache.shape[2:])
-    flat_v = v_cache.reshape(-1, *v_cache.shape[2:])
     gather = slots.clamp_min(0)
-    return _attend(q, flat_k[gather], flat_v[gather], valid, sm_scale)
+    return _attend(q, _gather_tokens(k_cache, gather), _gather_tokens(v_cache, gather), valid,
+                   sm_scale)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -105,9 +112,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     slots = block_tables.long()[:, t // block_size] * block_size + t % block_size   # [S, T]
     valid = t[None, :] < seq_lens.long()[:, None]
     slots = torch.where(valid, slots, 0)
-    flat_k = k_cache.reshape(-1, *k_cache.shape[2:])
-    flat_v = v_cache.reshape(-1, *v_cache.shape[2:])
-    return _attend(q, flat_k[slots], flat_v[slots], valid, sm_scale)
+    return _attend(q, _gather_tokens(k_cache, slots), _gather_tokens(v_cache, slots), valid,
+                   sm_scale)
 
 
 def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,

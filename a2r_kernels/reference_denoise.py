@@ -17,6 +17,19 @@ One step of masked iterative denoising (LLaDA ``generate.py``; threshold rule of
 4. ``tokens[b, l] = x0[b, l]`` where committed (in place). At unmasked positions ``x0`` is the token
    itself and ``confidence`` is ``-inf``.
 
+Non-finite logits at a masked position (every backend, without an extra pass over the logits:
+the row's running max, which propagates NaN, classifies it):
+
+- A row holding a NaN, or no logit above ``-inf``, has no distribution: ``x0 = mask_id``,
+  ``confidence = NaN`` (whatever the remasking mode), and it is never committed. Step 3 ranks only
+  the committable positions (masked, confidence not NaN): ``num_transfer`` clamps to their count,
+  and the threshold rule's "always the most confident one" means the most confident committable
+  one (none when there is none).
+- A row holding ``+inf`` (and no NaN) is the point mass on its lowest ``+inf`` index: ``x0`` is that
+  index at any temperature; confidence ``1`` (``"low_confidence"``, ``"margin"``), ``0``
+  (``"entropy"``), ``u`` (``"random"``).
+- ``-inf`` logits (banned tokens) are ordinary: ``p = 0`` and ``0 log 0 = 0``.
+
 Random numbers (counter-based, reproducible from ``seed`` alone on any backend)
 ------------------------------------------------------------------------------
 Philox-4x32-10 (Salmon et al. 2011, the generator of ``tl.philox`` / curand), key
@@ -50,11 +63,51 @@ RANDOM_SCORE_STREAM = 1
 
 def _mulhilo32(constant: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(high, low) 32-bit words of ``constant * x`` for a uint32 ``constant`` and int64 ``x`` in
-    ``[0, 2**32)``, without int64 overflow (x is split into 16-bit halves)."""
-    x_hi, x_lo = x >> 16, x & 0xFFFF
-    prod_lo = constant * x_lo                        # < 2**48
-    mid = constant * x_hi + (prod_lo >> 16)          # == (constant * x) >> 16, < 2**49
-    return mid >> 16, ((mid & 0xFFFF) << 16) | (prod_lo & 0xFFFF)
+    ``[0, 2**32)``. The product needs 64 unsigned bits: int64 multiplication wraps modulo 2**64
+    (two's complement), so its bits are the unsigned product's; the arithmetic shift of a
+    wrapped (negative) product sign-extends, which the mask removes."""
+    product = x * constant
+    return torch.bitwise_right_shift(product, 32) & _MASK32, product & _MASK32
+
+
+def philox_word(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: int, c3: int = 0
+                ) -> torch.Tensor:
+    """First output word ``r`` of Philox-4x32-10 at counters ``(c0, c1, c2, c3)``, key ``seed``.
+
+    ``c0``, ``c1``: integer tensors (broadcastable) with values in ``[0, 2**32)``. Returns int64
+    holding the uint32 ``r`` (the broadcast shape), bit-exact with
+    ``tl.philox(seed, c0, c1, c2, c3)[0]``.
+
+    Cost (it is what sampling costs on the torch backend): counter words keep their own shapes
+    until a round mixes them (``c2``, ``c3`` are scalars, ``c0 = [1, V]`` and ``c1 = [P, 1]`` for
+    the Gumbel noise), so the multiplies of the first two rounds are O(P + V). The other rounds
+    run over the full shape in place in six int64 buffers allocated once (fresh multi-MB tensors
+    per op cost more than the arithmetic), 10 ops a round: the words carry garbage above bit 31,
+    which XOR and the low product word never move down, so only the two multiplicands are masked.
+    """
+    shape = torch.broadcast_shapes(c0.shape, c1.shape)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    x0, x1 = c0.to(torch.int64), c1.to(torch.int64)
+    x2 = torch.tensor(c2 & _MASK32, dtype=torch.int64, device=x0.device)
+    x3 = torch.tensor(c3 & _MASK32, dtype=torch.int64, device=x0.device)
+    for _ in range(2):   # small operands: the shapes of c0, c1 and scalars
+        hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, x2)
+        hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, x0)
+        x0, x1, x2, x3 = hi_b ^ x1 ^ k0, lo_b, hi_a ^ x3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    x0, x1, x2, x3 = (torch.broadcast_to(w, shape).clone() for w in (x0, x1, x2, x3))
+    prod_a, prod_b = torch.empty_like(x0), torch.empty_like(x0)
+    for _ in range(2, _PHILOX_ROUNDS):
+        torch.mul(x2.bitwise_and_(_MASK32), _PHILOX_ROUND_B, out=prod_b)
+        torch.mul(x0.bitwise_and_(_MASK32), _PHILOX_ROUND_A, out=prod_a)
+        torch.bitwise_right_shift(prod_b, 32, out=x0).bitwise_xor_(x1).bitwise_xor_(k0)  # hi_b ^ x1 ^ k0
+        torch.bitwise_right_shift(prod_a, 32, out=x2).bitwise_xor_(x3).bitwise_xor_(k1)  # hi_a ^ x3 ^ k1
+        x1, prod_b = prod_b, x1                                                          # lo_b
+        x3, prod_a = prod_a, x3                                                          # lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return x0.bitwise_and_(_MASK32)
 
 
 def philox_uniform(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: int, c3: int = 0
@@ -64,25 +117,28 @@ def philox_uniform(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: int, c3: i
     ``c0``, ``c1``: integer tensors (broadcastable) with values in ``[0, 2**32)``. Bit-exact with
     ``tl.philox(seed, c0, c1, c2, c3)[0]`` followed by ``((r >> 9) + 0.5) * 2**-23``.
     """
-    c0, c1 = torch.broadcast_tensors(c0.to(torch.int64), c1.to(torch.int64))
-    c2t = torch.full_like(c0, c2)
-    c3t = torch.full_like(c0, c3)
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    for _ in range(_PHILOX_ROUNDS):
-        hi_b, lo_b = _mulhilo32(_PHILOX_ROUND_B, c2t)
-        hi_a, lo_a = _mulhilo32(_PHILOX_ROUND_A, c0)
-        c0, c1, c2t, c3t = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3t ^ k1, lo_a
-        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
-        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    return ((c0 >> 9).to(torch.float32) + 0.5) * (2.0 ** -23)
+    r = philox_word(seed, c0, c1, c2, c3)
+    return torch.bitwise_right_shift(r, 9, out=r).to(torch.float32).add_(0.5).mul_(2.0 ** -23)
+
+
+# Positions per chunk of the torch step: about this many logits, so that the chunk's fp32 and
+# int64 temporaries (7 int64 Philox words and buffers when sampling) stay in the CPU's L2 / L3
+# instead of streaming [B, L, V] temporaries through DRAM.
+_CHUNK_LOGITS = 1 << 17
+_NEG_HUGE = -1e30   # the kernels' finite clamp of x - m: exp(-1e30) is 0 and 0 * -1e30 is 0
+
+
+def _gumbel_rows(seed: int, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``g = -log(-log(u))`` fp32 ``[P, vocab]`` at counters ``(v, positions[p], 0, 0)``."""
+    vocab_ids = torch.arange(vocab, device=positions.device).view(1, vocab)
+    u = philox_uniform(seed, vocab_ids, positions.view(-1, 1), GUMBEL_STREAM)
+    return u.log_().neg_().log_().neg_()
 
 
 def gumbel_noise(seed: int, batch: int, length: int, vocab: int, device) -> torch.Tensor:
     """``g = -log(-log(u))`` fp32 ``[batch, length, vocab]`` at counters ``(v, b * length + l, 0, 0)``."""
-    positions = torch.arange(batch * length, device=device).view(batch, length, 1)
-    vocab_ids = torch.arange(vocab, device=device).view(1, 1, vocab)
-    u = philox_uniform(seed, vocab_ids, positions, GUMBEL_STREAM)
-    return -torch.log(-torch.log(u))
+    positions = torch.arange(batch * length, device=device)
+    return _gumbel_rows(seed, positions, vocab).view(batch, length, vocab)
 
 
 def random_scores(seed: int, batch: int, length: int, device) -> torch.Tensor:
@@ -96,24 +152,60 @@ def select_transfer(confidence: torch.Tensor, masked: torch.Tensor,
     """bool ``[B, L]``: the positions each row commits.
 
     confidence fp32 [B, L]; masked bool [B, L]; num_transfer int64 [B] (top-k mode) or None with a
-    float ``threshold``. Order: confidence descending, ties -> lower position (a stable sort).
+    float ``threshold``. Candidates are the committable positions: masked, confidence not NaN
+    (their confidence is finite). Order: confidence descending, ties -> lower position (a stable
+    sort); rank r of a candidate = its place in that order. Top-k: rank < num_transfer[b].
+    Threshold: confidence >= threshold or rank 0. No host sync.
     """
     batch, length = confidence.shape
-    transferred = torch.zeros(batch, length, dtype=torch.bool, device=confidence.device)
-    for b in range(batch):
-        candidates = masked[b].nonzero().flatten()             # ascending positions
-        if candidates.numel() == 0:
-            continue
-        order = torch.sort(confidence[b, candidates], descending=True, stable=True).indices
-        ranked = candidates[order]
-        if num_transfer is not None:
-            take = ranked[:max(0, min(int(num_transfer[b]), ranked.numel()))]
-        else:
-            above = confidence[b, ranked] >= threshold
-            above[0] = True                                    # always the most confident one
-            take = ranked[above]
-        transferred[b, take] = True
-    return transferred
+    committable = masked & ~confidence.isnan()
+    key = torch.where(committable, confidence, float("-inf"))   # candidates first, in order
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(length, device=order.device).expand(batch, length))
+    if num_transfer is not None:
+        return committable & (rank < num_transfer.view(batch, 1))
+    return committable & ((confidence >= threshold) | (rank == 0))
+
+
+def _predict_rows(x: torch.Tensor, positions: torch.Tensor, mask_id: int, temperature: float,
+                  remasking: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 int64 ``[P]`` and confidence fp32 ``[P]`` of masked rows ``x`` fp32 ``[P, V]``
+    (``positions``: their flat indices ``b * L + l``, the Philox counter), the rows classified
+    by their max as in the module docstring. ``x`` is the caller's scratch: overwritten."""
+    row_max = x.amax(dim=-1)                      # propagates NaN: it classifies the row
+    if temperature > 0:
+        noisy = torch.mul(x, 1.0 / temperature).add_(_gumbel_rows(seed, positions, x.shape[1]))
+        x0 = noisy.argmax(dim=-1)                 # lowest index on ties (+inf rows included)
+        del noisy
+        x0_logit = x.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    else:
+        x0 = x.argmax(dim=-1)
+        x0_logit = row_max
+    if remasking == "margin":
+        second = x.topk(2, dim=-1).values[:, 1] if x.shape[1] >= 2 else torch.full_like(
+            row_max, float("-inf"))
+    shifted = x.sub_(row_max.unsqueeze(-1))       # x - m (in place: x is scratch)
+    if remasking == "entropy":
+        shifted.clamp_(min=_NEG_HUGE)
+        weights = shifted.exp()
+        sum_exp = weights.sum(dim=-1)
+        score = weights.mul_(shifted).sum(dim=-1) / sum_exp - sum_exp.log()   # sum p log p
+    else:
+        sum_exp = shifted.exp_().sum(dim=-1)
+        if remasking == "low_confidence":
+            score = torch.exp(x0_logit - row_max) / sum_exp
+        elif remasking == "margin":
+            score = (1.0 - torch.exp(second - row_max)) / sum_exp
+        else:   # random
+            score = philox_uniform(seed, torch.zeros_like(positions), positions,
+                                   RANDOM_SCORE_STREAM)
+    point_mass = row_max == float("inf")
+    if remasking != "random":
+        score = torch.where(point_mass, 1.0 if remasking != "entropy" else 0.0, score)
+    undefined = ~(row_max > float("-inf"))        # NaN, or no logit above -inf
+    return (torch.where(undefined, mask_id, x0),
+            torch.where(undefined, float("nan"), score))
 
 
 def denoise_step(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int,
@@ -126,35 +218,28 @@ def denoise_step(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int,
     num_transfer int64 [B] on any device, or None (then ``threshold`` is a float).
     Returns (x0 int64 [B, L], confidence fp32 [B, L], transferred bool [B, L]).
     Inputs are assumed valid (the public op checks them).
+
+    Only masked rows are read, in chunks of about ``_CHUNK_LOGITS`` logits: per chunk one fp32
+    copy of the rows, then max, argmax (or the Gumbel-max sample), one ``exp`` pass and a sum;
+    p itself (``[B, L, V]`` softmax and log-softmax) is never materialised.
     """
-    batch, length, vocab = logits.shape
-    x = logits.float()
-    masked = tokens == mask_id
-    log_probs = torch.log_softmax(x, dim=-1)
-    probs = log_probs.exp()
-
-    if temperature > 0:
-        noisy = x * (1.0 / temperature) + gumbel_noise(seed, batch, length, vocab, x.device)
-        x0 = noisy.argmax(dim=-1)
-    else:
-        x0 = x.argmax(dim=-1)
-
-    if remasking == "low_confidence":
-        score = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-    elif remasking == "margin":
-        top2 = probs.topk(2, dim=-1).values if vocab >= 2 else torch.cat(
-            [probs, torch.zeros_like(probs)], dim=-1)
-        score = top2[..., 0] - top2[..., 1]
-    elif remasking == "entropy":
-        plogp = torch.where(log_probs == float("-inf"), 0.0, probs * log_probs)
-        score = plogp.sum(dim=-1)
-    elif remasking == "random":
-        score = random_scores(seed, batch, length, x.device)
-    else:
+    if remasking not in REMASKING:
         raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
-
-    x0 = torch.where(masked, x0, tokens)
-    confidence = torch.where(masked, score, float("-inf"))
+    batch, length, vocab = logits.shape
+    masked = tokens == mask_id
+    flat_tokens = tokens.reshape(-1)
+    x0 = flat_tokens.clone()
+    confidence = torch.full((batch * length,), float("-inf"), dtype=torch.float32,
+                            device=logits.device)
+    rows = logits.reshape(batch * length, vocab)
+    positions = masked.reshape(-1).nonzero().squeeze(-1)
+    chunk = max(1, _CHUNK_LOGITS // max(vocab, 1))
+    for start in range(0, positions.numel(), chunk):
+        pos = positions[start:start + chunk]
+        x = rows.index_select(0, pos).float()     # a copy: scratch for _predict_rows
+        x0[pos], confidence[pos] = _predict_rows(x, pos, mask_id, temperature, remasking, seed)
+    x0 = x0.view(batch, length)
+    confidence = confidence.view(batch, length)
     if num_transfer is not None:
         num_transfer = num_transfer.to(confidence.device)
     transferred = select_transfer(confidence, masked, num_transfer, threshold)

@@ -5,9 +5,18 @@ Providers:
   a2r-cuda        ak.denoise_step(backend="cuda"), when the extension is built
   a2r-cuda[s=N]   with --cuda-split-sweep: the CUDA step with N CTAs per position over V forced
                   (shapes with B * L <= 256), to tune _cuda_ops.denoise_num_splits
+  a2r-torch       (CPU) ak.denoise_step(backend="torch"), the fp32 reference that "auto" runs on CPU
+  a2r-torch-sample  the same at temperature 1 (Gumbel-max: a Philox draw per logit)
   llada-torch     LLaDA generate.py step: softmax over all positions, argmax, gather, where,
                   per-row topk loop
   fastdllm-torch  Fast-dLLM threshold step (same, with the confidence-threshold rule)
+
+Entropy-bound rows (``--ops entropy-bound``, results to benchmarks/results/entropy_bound*.json):
+  a2r-eb-step     ak.entropy_bound_step(backend="auto"): Triton on GPU, the torch path on CPU
+  a2r-eb-triton   the Triton backend, named (GPU)
+  hf-eb-sampler   transformers' DiffusionGemma sampler step on the same logits: fp32 softmax,
+                  multinomial, argmax, accept_canvas (Categorical entropy, sort), renoise_canvas
+  at B=8, L=256, V=262144 bf16 on GPU (2x64x32000 on CPU), "flat" and "lm-like" logits.
 
 GPU (default): B in {1, 8, 32}, L in {32, 256, 1024}, V in {126464 (LLaDA), 151936 (Qwen2)},
 bf16 logits, all positions masked (``--half-masked`` adds a variant with every other position
@@ -22,6 +31,7 @@ benchmarks/results/denoise_cpu.json / denoise_cpu.png, never mixed with GPU numb
 
     python benchmarks/bench_denoise.py            # GPU sweep (or the CPU quick mode without one)
     python benchmarks/bench_denoise.py --quick    # small shapes anywhere
+    python benchmarks/bench_denoise.py --shapes 8x256x126464   # given shapes only (GPU: denoise.json)
 """
 
 from __future__ import annotations
@@ -113,6 +123,11 @@ def providers_for(device: torch.device, allow_triton: bool) -> dict:
         providers["a2r-torch"] = (
             lambda logits, tokens, mask_id, quota:
             ak.denoise_step(logits, tokens, mask_id, num_transfer=quota, backend="torch"))
+        # Gumbel-max sampling: the Philox stream of every (position, v), in int64 torch ops
+        providers["a2r-torch-sample"] = (
+            lambda logits, tokens, mask_id, quota:
+            ak.denoise_step(logits, tokens, mask_id, num_transfer=quota, temperature=1.0,
+                            backend="torch", generator=torch.Generator().manual_seed(0)))
     providers["llada-torch"] = (
         lambda logits, tokens, mask_id, quota: llada_step(logits, tokens, mask_id, quota.tolist()))
     providers["fastdllm-torch"] = (
@@ -208,6 +223,104 @@ def run(shapes, device: torch.device, dtype: torch.dtype, half_masked: bool, all
     return rows
 
 
+# --------------------------------------------------------------------------- entropy-bound rows
+# ak.entropy_bound_step against transformers' DiffusionGemma sampler step on the same logits.
+# Two logit kinds: "flat" (randn: every vocabulary entry is a Gumbel-max candidate) and
+# "lm-like" (a few peaked tokens over a randn bulk, divided by a DiffusionGemma temperature:
+# the exact candidate pruning of the Gumbel-max skips most draws).
+ENTROPY_BOUND = 0.1          # DiffusionGemma's default sampler_config
+LM_LIKE_TEMPERATURE = 0.6    # inside DiffusionGemma's default schedule [0.4, 0.8]
+LM_LIKE_PEAKS = 16           # peaked tokens per position
+
+
+def lm_like_logits(batch, length, vocab, device, dtype, generator) -> torch.Tensor:
+    """``(1.5 * randn + peaks) / 0.6`` with 16 random tokens per position raised by 8..16."""
+    raw = torch.randn(batch, length, vocab, generator=generator, device=device) * 1.5
+    peaks = torch.randint(0, vocab, (batch, length, LM_LIKE_PEAKS), generator=generator,
+                          device=device)
+    raw.scatter_add_(-1, peaks, torch.linspace(8.0, 16.0, LM_LIKE_PEAKS, device=device)
+                     .expand(batch, length, -1).contiguous())
+    return (raw / LM_LIKE_TEMPERATURE).to(dtype)
+
+
+def hf_eb_sampler_step(sampler, logits: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
+    """transformers' DiffusionGemma step after the temperature schedule (``_denoising_step``):
+    fp32 softmax, multinomial, argmax, ``accept_canvas`` (Categorical entropy, sort, cumsum),
+    ``renoise_canvas``."""
+    batch, length, vocab = logits.shape
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    sample = torch.multinomial(probs.view(-1, vocab), num_samples=1).view(batch, length)
+    torch.argmax(logits, dim=-1)
+    accepted = sampler.accept_canvas(canvas, sample, logits, 1)
+    return sampler.renoise_canvas(accepted, 1)
+
+
+def entropy_bound_providers(device: torch.device, allow_triton: bool, length: int,
+                            vocab: int) -> dict:
+    """name -> fn(logits, canvas) running one step (canvas updated in place where ours)."""
+    providers = {}
+    backends = [("a2r-eb-step", "auto")]
+    if device.type == "cuda" and allow_triton:
+        backends.append(("a2r-eb-triton", "triton"))
+    for name, backend in backends:
+        providers[name] = (lambda logits, canvas, _b=backend:
+                           ak.entropy_bound_step(logits, canvas, ENTROPY_BOUND, backend=_b))
+    try:
+        from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+            EntropyBoundSampler, EntropyBoundSamplerConfig)
+    except ImportError:
+        print("transformers has no DiffusionGemma: no hf-eb-sampler baseline")
+        return providers
+    sampler = EntropyBoundSampler(EntropyBoundSamplerConfig(entropy_bound=ENTROPY_BOUND), length,
+                                  vocab, max_denoising_steps=1)
+    providers["hf-eb-sampler"] = lambda logits, canvas: hf_eb_sampler_step(sampler, logits, canvas)
+    return providers
+
+
+def run_entropy_bound(shapes, device: torch.device, dtype: torch.dtype, allow_triton: bool,
+                      warmup: int, rep: int, out_json: str) -> list[dict]:
+    """Rows ``op = "entropy-bound"``: median time of one step per provider and logit kind."""
+    name = device_name(device)
+    bandwidth = copy_gbps(device, nbytes=(256 << 20) if device.type == "cuda" else (64 << 20))
+    print(f"entropy-bound step   device: {name}   copy bandwidth: {bandwidth:.1f} GB/s")
+    rows = []
+    for (batch, length, vocab), kind in itertools.product(shapes, ("flat", "lm-like")):
+        gen = torch.Generator(device=device).manual_seed(0)
+        if kind == "flat":
+            logits = torch.randn(batch, length, vocab, generator=gen, device=device, dtype=dtype)
+        else:
+            logits = lm_like_logits(batch, length, vocab, device, dtype, gen)
+        canvas = torch.randint(0, vocab, (batch, length), generator=gen, device=device)
+        logit_bytes = logits.numel() * logits.element_size()
+        times = {}
+        for provider, fn in entropy_bound_providers(device, allow_triton, length, vocab).items():
+            work = canvas.clone()
+            try:
+                seconds = time_fn(lambda: fn(logits, work), warmup=warmup, rep=rep,
+                                  device=device)
+            except torch.cuda.OutOfMemoryError:
+                print(f"B={batch} L={length} V={vocab} {provider}: out of memory, skipped")
+                torch.cuda.empty_cache()
+                continue
+            times[provider] = seconds * 1e6
+            rows.append({"device": name, "op": "entropy-bound", "provider": provider,
+                         "B": batch, "L": length, "V": vocab,
+                         "dtype": str(dtype).replace("torch.", ""), "logits": kind,
+                         "median_us": seconds * 1e6,
+                         "gbps": logit_bytes / seconds / 1e9, "copy_gbps": bandwidth})
+        for row in rows[len(rows) - len(times):]:
+            if "hf-eb-sampler" in times:
+                row["speedup_vs_hf-eb-sampler"] = times["hf-eb-sampler"] / row["median_us"]
+            print(f"B={batch:3d} L={length:5d} V={vocab:6d} {kind:>8s} {row['provider']:>14s}: "
+                  f"{row['median_us']:12.1f} us  {row['gbps']:8.2f} GB/s "
+                  f"({row['gbps'] / bandwidth:6.1%} of copy)  "
+                  f"x{row.get('speedup_vs_hf-eb-sampler', float('nan')):.2f} vs hf-eb-sampler")
+    write_results(out_json, rows, key_fields=("device", "op", "provider", "B", "L", "V", "dtype",
+                                              "logits"))
+    print(f"wrote {out_json}")
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -219,6 +332,12 @@ def main(argv=None):
     parser.add_argument("--cuda-split-sweep", action="store_true",
                         help="add a2r-cuda[s=N] rows (N CTAs per position over V forced) at the "
                         f"shapes with B * L <= {SPLIT_SWEEP_MAX_POSITIONS}")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated BxLxV shapes instead of the sweep, e.g. 8x256x126464")
+    parser.add_argument("--ops", default="denoise",
+                        help="comma-separated: denoise (denoise_step rows), entropy-bound "
+                        "(entropy_bound_step rows; their --shapes default: 8x256x262144 on GPU, "
+                        "2x64x32000 on CPU) (default: %(default)s)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"
@@ -230,12 +349,29 @@ def main(argv=None):
         shapes = [(b, l, v) for v in (126464, 151936) for b in (1, 8, 32) for l in (32, 256, 1024)]
         suffix = ""
         warmup, rep = args.warmup or 3, args.rep or 20
-    run(shapes, device, torch.bfloat16, args.half_masked or quick,
-        allow_triton=device.type == "cuda" or ak._backend.triton_interpret(),
-        warmup=warmup, rep=rep,
-        out_json=os.path.join(RESULTS_DIR, f"denoise{suffix}.json"),
-        out_png=os.path.join(RESULTS_DIR, f"denoise{suffix}.png"),
-        split_sweep=args.cuda_split_sweep)
+    if args.shapes:
+        try:
+            shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
+        except ValueError:
+            shapes = []
+        if not shapes or any(len(shape) != 3 or min(shape) < 1 for shape in shapes):
+            parser.error(f"--shapes: expected BxLxV[,BxLxV...] of positive ints, got {args.shapes!r}")
+    ops = [op for op in args.ops.split(",") if op]
+    if not ops or set(ops) - {"denoise", "entropy-bound"}:
+        parser.error(f"--ops: expected denoise and/or entropy-bound, got {args.ops!r}")
+    if "denoise" in ops:
+        run(shapes, device, torch.bfloat16, args.half_masked or quick,
+            allow_triton=device.type == "cuda" or ak._backend.triton_interpret(),
+            warmup=warmup, rep=rep,
+            out_json=os.path.join(RESULTS_DIR, f"denoise{suffix}.json"),
+            out_png=os.path.join(RESULTS_DIR, f"denoise{suffix}.png"),
+            split_sweep=args.cuda_split_sweep)
+    if "entropy-bound" in ops:
+        eb_shapes = shapes if args.shapes else (
+            [(2, 64, 32000)] if quick else [(8, 256, 262144)])
+        run_entropy_bound(eb_shapes, device, torch.bfloat16,
+                          allow_triton=device.type == "cuda", warmup=warmup, rep=rep,
+                          out_json=os.path.join(RESULTS_DIR, f"entropy_bound{suffix}.json"))
 
 
 if __name__ == "__main__":

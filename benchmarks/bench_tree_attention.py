@@ -4,6 +4,9 @@ Shape: one prefix node of P tokens, N leaf nodes of S tokens each (the explorer'
 sampled tokens). Providers, all measured in the same run on the same pool:
 
 - ``a2r-tree``      ours, Triton: every node's KV read once (cascade / Hydragen style).
+- ``a2r-tree-wrapper`` the same through ``ak.TreeAttentionWrapper``: planned once, timed on
+                    ``run(out=...)`` (fixed buffers, a grid of the plan's capacity).
+- ``a2r-tree-graph`` (GPU) that ``run`` captured in a CUDA graph, timed on ``graph.replay()``.
 - ``a2r-cuda``      ours, the CUDA extension (when built).
 - ``a2r-paged``     ours, Triton paged decode over per-branch block tables (prefix blocks shared
                     in memory but read once per branch, as vLLM-style paged decode does).
@@ -16,6 +19,10 @@ sampled tokens). Providers, all measured in the same run on the same pool:
 ``benchmarks/results/tree_attention.json`` (+ ``tree_attention.png``); on CPU the script runs a
 few tiny shapes with the torch reference and Triton's interpreter and writes
 ``tree_attention_cpu.json`` instead, so CPU numbers never mix with GPU ones.
+
+``plan`` rows (host only, after the kernel rows; ``--no-plan-rows`` skips them) time one decode
+step's planning at N in {64, 256} and P in {512, 32k}: ``cache.layout`` + ``wrapper.plan``, next
+to ``from_paths`` copying the same tables; and ``from_block_tables`` at 256 rows x 512 blocks.
 
 Usage: ``python benchmarks/bench_tree_attention.py [--quick] [--providers a2r-tree,a2r-paged]
 [--P 8192 --N 64 --S 128 --heads 32/8] [--plan-sweep] [--tile-sweep]``. ``--plan-sweep`` adds
@@ -88,7 +95,9 @@ def paged_inputs(k, v, P, S, prefix, leaves, block_size):
 
 def providers_available(device) -> list[str]:
     import a2r_kernels as ak
-    names = ["a2r-tree", "a2r-paged", "torch-sdpa"]
+    names = ["a2r-tree", "a2r-tree-wrapper", "a2r-paged", "torch-sdpa"]
+    if device.type == "cuda":
+        names.insert(2, "a2r-tree-graph")
     if device.type == "cuda" and ak._backend.cuda_extension() is not None:
         names.insert(1, "a2r-cuda")
     for mod, name in (("flashinfer", "flashinfer-cascade"), ("flashinfer", "flashinfer-decode"),
@@ -129,6 +138,23 @@ def make_fn(provider, q, k, v, layout, P, S, prefix, leaves, block_size):
                                          kv_chunk_size=int(opts["c"]),
                                          max_seqs_per_item=int(opts["s"]))
         return lambda: ak.tree_decode_attention(q, k, v, fixed, backend=kernel_backend)
+    if provider in ("a2r-tree-wrapper", "a2r-tree-graph"):   # planned once, timed on run
+        w = ak.TreeAttentionWrapper(Hq, Hkv, D, block_size, max_seqs=N,
+                                    max_nodes=layout.num_nodes, max_blocks=max(
+                                        layout.num_page_entries, 1),
+                                    dtype=q.dtype, device=q.device, backend=kernel_backend)
+        w.plan(layout)
+        out = torch.empty_like(q)
+        if provider == "a2r-tree-wrapper":
+            return lambda: w.run(q, k, v, out=out)
+        if not q.is_cuda:
+            return None
+        w.run(q, k, v, out=out)                 # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            w.run(q, k, v, out=out)
+        return graph.replay
     if provider == "a2r-cuda":
         return lambda: ak.tree_decode_attention(q, k, v, layout, backend="cuda")
     if provider == "a2r-paged":
@@ -186,6 +212,90 @@ def make_external_fn(provider, q, k, v, P, S, prefix, leaves, block_size):  # pr
     return lambda: wrapper.run(q, (k, v))
 
 
+PLAN_SHAPES = dict(N=[64, 256], P=[512, 32768], S=16)
+FROM_BLOCK_TABLES_SHAPE = (256, 512)     # rows x blocks per row
+
+
+def plan_rows(dev_name: str, device: torch.device, block_size: int, reps: int) -> list[dict]:
+    """Host time of planning one decode step (no kernel runs).
+
+    ``plan`` rows: a TreeKVCache tree (a P-token prompt forked into N branches of S tokens),
+    one decode step = ``reserve`` + ``cache.layout`` (plans by reference into the cache's
+    device block tables) + ``TreeAttentionWrapper.plan``, against ``from_paths`` over the same
+    nodes (the node block lists copied into the plan, as ``cache.layout`` did before) timed in
+    the same run. ``from_block_tables`` row: sharing discovered from vLLM-like block tables
+    (FROM_BLOCK_TABLES_SHAPE; groups of 8 rows share a 448-block prompt, 64 private blocks each).
+    """
+    import statistics
+    import time
+
+    import a2r_kernels as ak
+
+    rows = []
+
+    def median_us(fn):
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e6
+
+    S = PLAN_SHAPES["S"]
+    for N, P in itertools.product(PLAN_SHAPES["N"], PLAN_SHAPES["P"]):
+        num_blocks = -(-P // block_size) + N * (-(-(S + 2 * reps + 2) // block_size) + 1)
+        cache = ak.TreeKVCache(1, 1, 8, num_blocks, block_size=block_size, dtype=torch.float16,
+                               device=device)
+        root = cache.new_sequence()
+        cache.reserve([root], P)
+        kids = cache.fork(root, N)
+        cache.reserve(kids, S)
+        w = ak.TreeAttentionWrapper(32, 8, 128, block_size, max_seqs=N, max_nodes=N + 1,
+                                    max_blocks=cache.block_table_capacity, dtype=torch.bfloat16,
+                                    device=device, backend="torch")
+        layouts = []
+
+        def step():
+            cache.reserve(kids, 1)
+            layout = cache.layout(kids)
+            w.plan(layout)
+            layouts.append(layout)
+
+        step_us = median_us(step)
+        layout_us = median_us(lambda: cache.layout(kids))
+        plan_us = median_us(lambda: w.plan(layouts[-1]))
+        last = layouts[-1]
+        tables = last.node_block_tables
+        copied_us = median_us(lambda: ak.TreeLayout.from_paths(
+            last.paths, tables, last.node_lengths, block_size, device))
+        rows.append(dict(device=dev_name, provider="plan", kind="plan", N=N, P=P, S=S,
+                         block_size=block_size, step_us=step_us, layout_us=layout_us,
+                         wrapper_plan_us=plan_us, median_us=layout_us + plan_us,
+                         from_paths_copied_us=copied_us, num_work=last.num_work,
+                         num_partials=last.num_partials,
+                         vs_copied=copied_us / (layout_us + plan_us)))
+        print(f"{'plan':>24} {P:>6} {N:>4} {S:>4}   cache.layout {layout_us:7.1f} us + "
+              f"wrapper.plan {plan_us:6.1f} us (reserve+layout+plan {step_us:7.1f} us); "
+              f"from_paths copying the tables {copied_us:7.1f} us")
+    num_rows, width = FROM_BLOCK_TABLES_SHAPE
+    prompt = width - 64
+    tables = []
+    for i in range(num_rows):
+        group = i // 8
+        tables.append([group * prompt + b for b in range(prompt)]
+                      + [num_rows * prompt + i * 64 + b for b in range(64)])
+    bt = torch.tensor(tables, dtype=torch.int32, device=device)
+    lens = torch.full((num_rows,), width * block_size - 3, dtype=torch.int32, device=device)
+    fbt_us = median_us(lambda: ak.TreeLayout.from_block_tables(bt, lens, block_size, device))
+    layout = ak.TreeLayout.from_block_tables(bt, lens, block_size, device)
+    rows.append(dict(device=dev_name, provider="from_block_tables", kind="plan", N=num_rows,
+                     max_blocks=width, block_size=block_size, median_us=fbt_us,
+                     num_nodes=layout.num_nodes, num_work=layout.num_work))
+    print(f"{'from_block_tables':>24} {num_rows} rows x {width} blocks: {fbt_us:.0f} us "
+          f"({layout.num_nodes} nodes)")
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few small shapes")
@@ -201,6 +311,8 @@ def main(argv=None):
     parser.add_argument("--tile-sweep", action="store_true",
                         help="add a2r-tree rows with the 64-row tile configs of TILE_SWEEP")
     parser.add_argument("--out", default=None, help="results name (default tree_attention)")
+    parser.add_argument("--no-plan-rows", action="store_true",
+                        help="skip the host-side plan rows (plan_rows)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -256,10 +368,14 @@ def main(argv=None):
                 unique_kv_bytes=unique["shared"], unshared_kv_bytes=unique["unshared"],
                 copy_gbps=bw,
                 **({"num_work": layout.num_work, "num_partials": layout.num_partials}
-                   if provider == "a2r-tree" else {})))
+                   if provider.startswith("a2r-tree") else {})))
         paged = next((r["median_us"] for r in shape_rows if r["provider"] == "a2r-paged"), None)
+        eager = next((r["median_us"] for r in shape_rows
+                      if r["provider"] == "a2r-tree-wrapper"), None)
         for r in shape_rows:
             r["speedup_vs_paged"] = paged / r["median_us"] if paged else None
+            if r["provider"] == "a2r-tree-graph" and eager:   # replay against the eager run
+                r["speedup_vs_wrapper"] = eager / r["median_us"]
             print(f"{r['provider']:>24} {P:>6} {N:>4} {S:>4} {Hq:>3}/{Hkv:<3} "
                   f"{r['median_us']:>10.1f} {r['gbps']:>8.1f} {100 * r['gbps'] / bw:>5.0f}% "
                   f"{r['speedup_vs_paged'] or float('nan'):>7.2f}x")
@@ -268,6 +384,9 @@ def main(argv=None):
         if on_gpu:
             torch.cuda.empty_cache()
 
+    if not args.no_plan_rows:
+        rows.extend(plan_rows(dev_name, device, args.block_size, reps=50 if on_gpu else 30))
+
     name = args.out or "tree_attention"
     if not on_gpu:
         name += "_cpu"
@@ -275,7 +394,8 @@ def main(argv=None):
     Hq0, Hkv0 = shapes["heads"][0]
     S0 = shapes["S"][min(1, len(shapes["S"]) - 1)]
     for P in shapes["P"]:
-        sel = [r for r in rows if r["P"] == P and r["S"] == S0 and r["Hq"] == Hq0]
+        sel = [r for r in rows if r.get("kind") != "plan" and r["P"] == P and r["S"] == S0
+               and r["Hq"] == Hq0]
         if sel:
             plot(os.path.join(RESULTS, f"{name}_P{P}.png"), sel, x="N", y="gbps", logx=True,
                  title=f"tree decode, P={P}, S={S0}, Hq/Hkv={Hq0}/{Hkv0}, {dev_name}",

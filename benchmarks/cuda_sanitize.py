@@ -13,6 +13,11 @@ row long enough for the selection kernel's global-memory path. Each kernel's out
 against the torch reference too, so a wrong result is reported as well as a memory error.
 Exits 0 on success; prints one line per kernel.
 
+``--small`` runs one small case per CUDA kernel instead (tree partials + merge of partials, bf16
+head_dim 128 contiguous and fp16 head_dim 96 strided; the same kernels through
+TreeAttentionWrapper's fixed-capacity grid; paged decode; merge_states; denoise predict
++ combine + select with V split across CTAs, and the selection from global memory): the
+``gpu_session.sh verify`` plan, where every second under the sanitizer counts.
 ``--quick`` (also chosen automatically without a GPU) only checks that the extension imports.
 """
 
@@ -56,6 +61,33 @@ def run_tree(dtype: torch.dtype, head_dim: int, strided: bool) -> None:
     tol = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
     _close(f"tree_decode {dtype} d={head_dim}", out, ref, tol)
     _close(f"tree_decode lse {dtype} d={head_dim}", lse, ref_lse, 1e-4)
+
+
+def run_wrapper() -> None:
+    """TreeAttentionWrapper on the CUDA backend: its grid is sized by the capacities (work items
+    past the plan exit at once), q has padding rows past the plan's sequences, and the second,
+    smaller plan must not read the first plan's stale work items."""
+    gen = torch.Generator().manual_seed(7)
+    block_size, num_kv_heads, group, head_dim, dtype = 16, 2, 4, 64, torch.bfloat16
+    k = torch.randn(12, block_size, num_kv_heads, head_dim, generator=gen).to(dtype).cuda()
+    v = torch.randn(12, block_size, num_kv_heads, head_dim, generator=gen).to(dtype).cuda()
+    wrapper = ak.TreeAttentionWrapper(num_kv_heads * group, num_kv_heads, head_dim, block_size,
+                                      max_seqs=6, max_nodes=6, max_blocks=12, dtype=dtype,
+                                      device="cuda", backend="cuda")
+    q = torch.randn(6, num_kv_heads * group, head_dim, generator=gen).to(dtype).cuda()
+    steps = [([[0, 1], [0, 2], [0, 3]], [[0, 1, 2], [3], [4, 5], [6]], [40, 9, 17, 0]),
+             ([[0]], [[7, 8]], [21])]
+    for paths, tables, lengths in steps:
+        layout = ak.TreeLayout.from_paths(paths, tables, lengths, block_size, "cuda")
+        wrapper.plan(layout)
+        out, lse = wrapper.run(q, k, v, return_lse=True)
+        rows = len(paths)
+        ref, ref_lse = ak.tree_decode_attention(q[:rows], k, v, layout, backend="torch",
+                                                return_lse=True)
+        _close(f"wrapper {len(paths)} seqs", out[:rows], ref, 2e-2)
+        _close(f"wrapper lse {len(paths)} seqs", lse[:rows], ref_lse, 1e-4)
+        if out[rows:].abs().max().item() != 0 or not bool((lse[rows:] == float("-inf")).all()):
+            raise SystemExit("wrapper: padding rows past the plan are not 0 / -inf")
 
 
 def run_paged() -> None:
@@ -105,6 +137,7 @@ def run_denoise(length: int, vocab: int, dtype: torch.dtype, **kwargs) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only check that _C imports")
+    parser.add_argument("--small", action="store_true", help="one small case per CUDA kernel")
     args = parser.parse_args()
     ext = cuda_extension()
     if ext is None:
@@ -114,10 +147,27 @@ def main() -> int:
         print(f"a2r_kernels._C imports (CUDA runtime {ext.cuda_runtime_version()}); "
               f"no GPU run ({'--quick' if args.quick else 'no CUDA device'})")
         return 0
+    if args.small:
+        run_tree(torch.bfloat16, 128, strided=False)
+        run_tree(torch.float16, 96, strided=True)
+        print("tree_attention_partials + merge_partials: ok (bf16 d=128, fp16 d=96 strided)")
+        run_wrapper()
+        print("TreeAttentionWrapper (capacity grid, padding rows, re-plan): ok")
+        run_paged()
+        print("paged decode (empty splits): ok")
+        run_merge()
+        print("merge_states: ok")
+        run_denoise(7, 50257, torch.bfloat16, threshold=0.5)     # predict + combine + select
+        run_denoise(9000, 16, torch.float32, num_transfer=100)   # selection from global memory
+        print("denoise_step (predict, combine, select): ok")
+        torch.cuda.synchronize()
+        return 0
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for head_dim in (32, 64, 96, 128, 256):
             run_tree(dtype, head_dim, strided=head_dim == 96)
     print("tree_attention_partials + merge_partials: ok (3 dtypes x 5 head_dim classes)")
+    run_wrapper()
+    print("TreeAttentionWrapper (capacity grid, padding rows, re-plan): ok")
     run_paged()
     print("paged decode (empty splits): ok")
     run_merge()

@@ -183,6 +183,63 @@ def test_reference_reads_shared_nodes_once_and_matches_by_path(name, heads, dtyp
     torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
 
 
+def head_major_pool(k, v):
+    """``k, v`` ``[B, N, H, D]`` rewritten in vLLM's CPU cache layout, one ``[B, H, N, 2D]``
+    tensor whose (block, head) tile holds the keys transposed ``[D, N]`` then the values
+    ``[N, D]``; returns the strided ``[B, N, H, D]`` views of its keys and values (no copy)."""
+    num_blocks, block_size, num_kv_heads, head_dim = k.shape
+    cache = torch.empty(num_blocks, num_kv_heads, 2 * block_size * head_dim, dtype=k.dtype,
+                        device=k.device)
+    tiles = cache.view(num_blocks, num_kv_heads, 2 * block_size, head_dim)
+    keys = tiles[:, :, :block_size].view(num_blocks, num_kv_heads, head_dim, block_size)
+    keys.copy_(k.permute(0, 2, 3, 1))
+    tiles[:, :, block_size:].copy_(v.permute(0, 2, 1, 3))
+    return keys.permute(0, 3, 1, 2), tiles[:, :, block_size:].permute(0, 2, 1, 3)
+
+
+class _LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any op returns while active."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for t in result if isinstance(result, (tuple, list)) else [result]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return result
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_head_major_transposed_key_pool_is_read_in_place(backend):
+    """vLLM's CPU KV cache (head-major blocks, key tiles stored transposed: key strides
+    ``(H*2*N*D, 1, 2*N*D, N)``) is a valid pool view: tree and paged decode give the contiguous
+    pool's result, and the torch backend never materialises a pool-sized tensor (reshaping the
+    view to flat slots copied the whole pool per call)."""
+    _backend_or_skip(backend)
+    paths, tables, lengths, num_blocks = REFERENCE_SHAPES["explore"]
+    num_blocks = 40   # a pool much larger than what the step reads
+    q, k, v = make_inputs(paths, num_blocks, 16, 8, 2, 64, torch.float32, seed=3)
+    k_view, v_view = head_major_pool(k, v)
+    assert torch.equal(k_view, k) and torch.equal(v_view, v)
+    assert k_view.stride() == (2 * 16 * 2 * 64, 1, 2 * 16 * 64, 16)
+    layout = ak.TreeLayout.from_paths(paths, tables, lengths, 16, DEVICE)
+    block_tables = torch.tensor([[4, 0, 2, 1], [4, 0, 2, 3], [4, 0, 2, 5]], dtype=torch.int32)
+    seq_lens = torch.tensor([42, 53, 37], dtype=torch.int32)
+    calls = {
+        "tree": lambda kc, vc: ak.tree_decode_attention(q, kc, vc, layout, backend=backend),
+        "paged": lambda kc, vc: ak.paged_decode_attention(
+            q, kc, vc, block_tables.to(DEVICE), seq_lens.to(DEVICE), backend=backend),
+    }
+    for name, call in calls.items():
+        want = call(k, v)
+        with _LargestAllocation() as mode:
+            got = call(k_view, v_view)
+        torch.testing.assert_close(got, want, atol=ATOL[torch.float32], rtol=0, msg=name)
+        if backend == "torch":
+            assert mode.largest < k.numel() // 2, (name, mode.largest, k.numel())
+
+
 # ------------------------------------------------------------------------------- tree kernel
 TREE_CASES = [
     # (seed, leaves, depth, block_size, Hq, Hkv, D, dtype, kv_chunk)

@@ -1,6 +1,7 @@
 """The ``a2r`` command line end to end on the embedded tiny models (in-process ``main(argv)``, plus
 one subprocess run of the module), its JSON outputs, eval accounting and its one-line errors."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -109,7 +110,7 @@ def test_eval_on_tiny_models_writes_results(capsys, tmp_path):
                                                 {"question": "Half of 1?", "answer": "1/2"}])
     out_file = tmp_path / "out" / "results.json"
     code, out, _ = run_cli(capsys, "eval", str(data), "--tiny", *FAST, "--out", str(out_file),
-                           "--json", "--no-progress")
+                           "--mkdir", "--json", "--no-progress")
     assert code == 0
     summary = json.loads(out)
     full = json.loads(out_file.read_text())
@@ -208,6 +209,13 @@ def test_unsupported_architecture(capsys, tmp_path):
     (["run", "--tiny", "--top-k", "-1", "q"], "top_k must be >= 0"),
     (["demo", "--thinker-threshold", "1.5"], "thinker_threshold must be in (0, 1]"),
     (["run", "--tiny", "--device", "gpu0", "q"], "--device gpu0"),
+    (["run", "--tiny", "--tensor-parallel-size", "2", "q"],
+     "--tensor-parallel-size needs --engine vllm"),
+    (["run", "--tiny", "--gpu-memory-utilization", "0.5", "q"],
+     "--gpu-memory-utilization needs --engine vllm"),
+    pytest.param(["run", "--tiny", "--engine", "vllm", "q"], "--engine vllm needs vLLM installed",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is not None,
+                                          reason="vLLM is installed here")),
 ])
 def test_bad_options(capsys, monkeypatch, argv, fragment):
     # Bad values are reported before any model is loaded (not after the explorer has run).

@@ -493,3 +493,44 @@ def test_mask_token_is_never_committed(model_dir):
         res = diffusion_generate(m, prompt, gen_length=8, block_length=4, return_details=True,
                                  **kwargs)
         check_invariants(res, prompt, 8)
+
+
+# ---------------------------------------------------------------------------------- host syncs
+class _CountLoopSyncs:
+    """Counts device -> host reads (``item``, ``tolist``, ``cpu``, ``bool``) made by the loop's
+    own code in a2r/diffusion.py (reads inside ak.denoise_step are of host tensors there)."""
+
+    METHODS = ("item", "tolist", "cpu", "__bool__")
+
+    def __init__(self, monkeypatch):
+        import sys
+
+        self.count = 0
+        for name in self.METHODS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                if sys._getframe(1).f_code.co_filename == diffusion_mod.__file__:
+                    self.count += 1
+                return _original(tensor, *args, **kwargs)
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize("eos", [False, True])
+def test_fixed_schedule_syncs_once_per_block(model, monkeypatch, eos):
+    prompt = random_prompt(5, 21, batch=2)
+    kwargs = dict(gen_length=12, block_length=4, steps=12, return_details=True,
+                  eos_token_id=[VOCAB + 7] if eos else None)
+    counter = _CountLoopSyncs(monkeypatch)
+    res = diffusion_generate(model, prompt, **kwargs)
+    assert res.steps_per_block == [4, 4, 4]
+    # one per block, plus the padding check at the start and the final read of the tokens
+    assert counter.count <= 3 + 2
+
+
+def test_threshold_mode_syncs_once_per_step(model, monkeypatch):
+    prompt = random_prompt(5, 22)
+    counter = _CountLoopSyncs(monkeypatch)
+    res = diffusion_generate(model, prompt, gen_length=8, block_length=4, threshold=0.9,
+                             eos_token_id=[VOCAB + 7], return_details=True)
+    assert counter.count <= res.num_forward_calls + 2

@@ -112,7 +112,7 @@ def test_resume_after_interrupt_gives_the_same_json(tiny_home, tmp_path, monkeyp
     monkeypatch.setenv("A2R_HOME", str(tiny_home))
     data = _questions(tmp_path / "qa.jsonl")
     full = tmp_path / "full" / "results.json"
-    assert main(["eval", str(data), "--tiny", *FAST, "--out", str(full), "--json"]) == 0
+    assert main(["eval", str(data), "--tiny", *FAST, "--out", str(full), "--mkdir", "--json"]) == 0
 
     real = a2r.evaluate.evaluate_question
     evaluated = []
@@ -125,7 +125,7 @@ def test_resume_after_interrupt_gives_the_same_json(tiny_home, tmp_path, monkeyp
 
     resumed = tmp_path / "resumed" / "results.json"
     monkeypatch.setattr(a2r.evaluate, "evaluate_question", interrupt_at_question_2)
-    assert main(["eval", str(data), "--tiny", *FAST, "--out", str(resumed)]) == 130
+    assert main(["eval", str(data), "--tiny", *FAST, "--out", str(resumed), "--mkdir"]) == 130
     records = resumed.with_suffix(".jsonl")
     assert len(records.read_text().splitlines()) == 2 and not resumed.exists()
     assert "rerun the same command to resume" in capsys.readouterr().err

@@ -23,7 +23,7 @@ import a2r_kernels as ak  # noqa: E402
 import a2r_kernels.hf as akhf  # noqa: E402
 from a2r.explore import explore, explore_from, sample_tree, tree_blocks_needed  # noqa: E402
 from a2r.sampling import sample_tokens, warp_logits  # noqa: E402
-from _helpers import ForwardLog  # noqa: E402
+from _helpers import ForwardLog, HostReads  # noqa: E402
 
 VOCAB = 160
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -372,6 +372,69 @@ def test_multilevel_sampled_tree_structure(qwen3):
         assert len({tuple(s[4:]) for s in group}) == 3          # distinct second level
     assert leaves[0][:4] != leaves[3][:4]
     assert res.peak_blocks_used == tree_blocks_needed(10, [2, 3], [4, 5], 4) == res.num_blocks
+
+
+# ---------------------------------------------------------------------------- prefix reuse
+def test_prefill_reuses_cached_blocks_and_matches_a_fresh_prefill(model):
+    """A prompt sharing 80 of 110 tokens with a live one forwards and stores only its other 30;
+    a just-freed prompt re-prefilled takes at most one new block; logits equal a fresh prefill's
+    and greedy decoding from the reused prompt equals generate."""
+    bs = 16
+    first = _prompt(110, seed=21)
+    second = torch.cat([first[:, :80], _prompt(30, seed=22)], dim=1)
+    dec = akhf.TreeDecoder(model, num_blocks=24, block_size=bs, backend="torch")
+    a, _ = dec.prefill(first)
+    free = dec.cache.num_free_blocks
+    with ForwardLog(model) as log:
+        b, logits = dec.prefill(second)
+    assert log.shapes == [(1, 30)] and dec.reused_tokens == 80
+    assert free - dec.cache.num_free_blocks == math.ceil(30 / bs)
+    fresh = akhf.TreeDecoder(model, num_blocks=24, block_size=bs, backend="torch")
+    torch.testing.assert_close(logits, fresh.prefill(second)[1], atol=1e-5, rtol=1e-5)
+    dec.free(a)
+    dec.free(b)
+    assert dec.cache.blocks_used() == 0
+    with ForwardLog(model) as log:
+        c, logits = dec.prefill(first)
+    # 6 cached blocks reused (no eviction: 24 - 9 blocks were never keyed), one new block.
+    assert log.shapes == [(1, 110 - 96)] and dec.cache.blocks_used() == 7
+    torch.testing.assert_close(logits, fresh.prefill(first)[1], atol=1e-5, rtol=1e-5)
+    dec.free(c)
+    res = explore(model, first, [2], 6, decoder=dec, temperature=0, eos_token_id=[])
+    assert res.sequences == [_generate(model, first, 6)] * 2
+
+
+# ---------------------------------------------------------------------------- host syncs
+def _loop_reads(model, ids, n, max_new_tokens, **kwargs) -> tuple[int, int, list[list[int]]]:
+    """Host reads the decode loop (explore.py, sampling.py, hf.py) makes, its decode steps, and
+    its sequences."""
+    import a2r.explore as explore_module
+    import a2r.sampling as sampling_module
+
+    with HostReads(explore_module.__file__, sampling_module.__file__, akhf.__file__) as reads:
+        res = explore(model, ids, [n], max_new_tokens, backend="torch", **kwargs)
+    return reads.count, res.decode_steps, res.sequences
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_no_host_sync_per_step_without_stop_conditions(qwen3, temperature):
+    """max_new_tokens only: the steps read nothing; the tokens come back in one read."""
+    ids = _prompt(11, seed=4)
+    count, steps, seqs = _loop_reads(qwen3, ids, 3, 9, temperature=temperature, seed=1,
+                                     eos_token_id=[])
+    assert steps == 8 and count == 1
+    assert seqs == a2r.sample_parallel(qwen3, ids, 3, 9, temperature=temperature, seed=1,
+                                       eos_token_id=[])
+    if temperature == 0:
+        assert seqs == [_generate(qwen3, ids, 9)] * 3
+
+
+def test_one_host_read_per_step_with_eos(qwen3):
+    ids = _prompt(11, seed=4)
+    eos = _generate(qwen3, ids, 9)[4]   # the greedy path's 5th token: stops every branch there
+    count, steps, seqs = _loop_reads(qwen3, ids, 3, 9, temperature=0, eos_token_id=eos)
+    assert seqs == [_generate(qwen3, ids, 9)[:seqs[0].index(eos) + 1]] * 3
+    assert count <= steps + 1
 
 
 # ---------------------------------------------------------------------------- parent sequences

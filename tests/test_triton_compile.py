@@ -3,7 +3,7 @@
 The other Triton tests run the kernels in the CPU interpreter, which never lowers them and so
 cannot see compile-only errors (non-constexpr globals, ``tl.dot`` shapes or dtypes the target
 lacks, loop-carried values whose type changes, ...). Here each launcher of
-``a2r_kernels/triton/{attention,denoise}.py`` is called with representative tensors, its launches
+``a2r_kernels/triton/{attention,denoise,entropy_bound}.py`` is called with representative tensors, its launches
 are recorded (the block sizes, warps and constexprs come from the launchers' own tables), and
 every launch is specialised as ``JITFunction.run`` would and compiled by Triton's real pipeline
 (TTIR -> TTGIR -> LLVM IR -> PTX -> cubin with Triton's bundled ptxas) for each target; see
@@ -23,7 +23,7 @@ test modules set it at import), one per CPU core, each with a private empty Trit
 run really compiles. Nothing here needs a GPU; without a CUDA-capable Triton build or ptxas the
 module skips with the reason.
 
-    pytest tests/test_triton_compile.py -q            # ~40 s on 2 cores (86 compiles)
+    pytest tests/test_triton_compile.py -q            # ~40 s on 2 cores (74 compiles)
     python tests/test_triton_compile.py --report      # registers / spills / shared per kernel
 """
 
@@ -72,9 +72,6 @@ _PARTIAL = [
 # LSE merges: every output dtype, head_dims 64 / 128 / 40 (BLOCK_D 64 with a mask).
 _MERGE = [("float16", 64, "contiguous"), ("bfloat16", 128, "contiguous"),
           ("float32", 40, "contiguous"), ("bfloat16", 40, "transposed")]
-# Paged decode (the same two kernels with PAGED=True, work items derived in-kernel):
-#   (dtype, head_dim, group, page_size)
-_PAGED = [("bfloat16", 128, 4, 16), ("float16", 64, 8, 32), ("float32", 40, 1, 16)]
 # denoise_step: (dtype, batch, length, vocab, temperature, remasking, mode, seed, logits_layout).
 # Vocabularies hit the three rows of denoise_config (151936 Qwen / 126464 LLaDA -> BLOCK_V 2048,
 # 8 warps; 4000 -> 1024; 100 -> 128), and with the SM counts several V-split counts. The combine
@@ -92,6 +89,11 @@ _DENOISE = [
     ("float32", 2, 33, 126464, 0.0, "random", "num_transfer", 2**60 + 1, "transposed"),
 ]
 
+# entropy_bound_step: (dtype, batch, length, vocab, seed): DiffusionGemma's target shape (BLOCK_V
+# 2048, 8 warps), a small fp32 one (1024) and length 1 / V 7; both seed types.
+_ENTROPY_BOUND = [("bfloat16", 8, 256, 262144, 2**62 + 5), ("float32", 2, 5, 1000, 12345),
+                  ("float16", 1, 1, 7, 2**40 + 1)]
+
 CASES: dict[str, dict] = {}
 for _dt, _d, _g, _p, _ql, _lay in _PARTIAL:
     CASES[f"tree_partials-{_dt}-d{_d}-g{_g}-p{_p}-rows{_ql * _g}-{_lay}"] = dict(
@@ -101,13 +103,13 @@ for _dt, _d, _lay in _MERGE:
     CASES[f"merge_partials-{_dt}-d{_d}"] = dict(op="merge_partials", dtype=_dt, head_dim=_d)
     CASES[f"merge_two_states-{_dt}-d{_d}-{_lay}"] = dict(op="merge_two_states", dtype=_dt,
                                                          head_dim=_d, layout=_lay)
-for _dt, _d, _g, _p in _PAGED:
-    CASES[f"paged-{_dt}-d{_d}-g{_g}-p{_p}"] = dict(op="paged", dtype=_dt, head_dim=_d, group=_g,
-                                                    page_size=_p)
 for _dt, _b, _l, _v, _t, _r, _m, _s, _lay in _DENOISE:
     CASES[f"denoise-{_dt}-B{_b}L{_l}V{_v}-T{_t}-{_r}-{_m}-{_lay}"] = dict(
         op="denoise", dtype=_dt, batch=_b, length=_l, vocab=_v, temperature=_t, remasking=_r,
         mode=_m, seed=_s, layout=_lay)
+for _dt, _b, _l, _v, _s in _ENTROPY_BOUND:
+    CASES[f"entropy_bound-{_dt}-B{_b}L{_l}V{_v}"] = dict(op="entropy_bound", dtype=_dt, batch=_b,
+                                                         length=_l, vocab=_v, seed=_s)
 CASES = {key.replace("-contiguous", ""): value for key, value in CASES.items()}
 
 # case id -> reason: a kernel of that case is known not to compile (xfail(strict=True), so the
@@ -120,7 +122,7 @@ def _capture(case: dict, arch: int):
     """Run the launcher of ``case`` with representative CPU tensors; return its launches."""
     import torch
 
-    from a2r_kernels.triton import _aot, attention, denoise
+    from a2r_kernels.triton import _aot, attention, denoise, entropy_bound
 
     dtype = getattr(torch, case["dtype"])
     if case["op"] == "tree_partials":
@@ -144,18 +146,6 @@ def _capture(case: dict, arch: int):
             torch.empty(num_blocks, dtype=torch.int32),
             torch.empty(num_rows, num_q_heads, head_dim), torch.empty(num_rows, num_q_heads),
             head_dim ** -0.5, q_len * group)
-    if case["op"] == "paged":
-        num_kv_heads, num_seqs, num_blocks, max_blocks = 2, 5, 40, 24
-        num_q_heads = num_kv_heads * case["group"]
-        k_cache = torch.empty(num_blocks, case["page_size"], num_kv_heads, case["head_dim"],
-                              dtype=dtype)
-        return _aot.capture_launches(
-            attention, attention.paged_decode,
-            torch.empty(num_seqs, num_q_heads, case["head_dim"], dtype=dtype), k_cache,
-            torch.empty_like(k_cache), torch.empty(num_seqs, max_blocks, dtype=torch.int32),
-            torch.empty(num_seqs, dtype=torch.int32), 256, case["head_dim"] ** -0.5,
-            torch.empty(num_seqs, num_q_heads, case["head_dim"], dtype=dtype),
-            torch.empty(num_seqs, num_q_heads))
     if case["op"] == "merge_partials":
         num_seqs, num_heads, num_rows = 5, 6, 9
         return _aot.capture_launches(
@@ -198,6 +188,23 @@ def _capture(case: dict, arch: int):
                 torch.empty(batch, length), torch.empty(batch, length, dtype=torch.bool))
         finally:
             denoise.denoise_config, denoise._num_sms = original_config, original_num_sms
+    if case["op"] == "entropy_bound":
+        batch, length, vocab = case["batch"], case["length"], case["vocab"]
+        original_config, original_num_sms = entropy_bound.entropy_bound_config, denoise._num_sms
+        denoise._num_sms = lambda device_index: SM_COUNT[arch]
+        entropy_bound.entropy_bound_config = lambda num_positions, vocab_, device: \
+            original_config(num_positions, vocab_, torch.device("cuda", 0))
+        shape = (batch, length)
+        try:
+            return _aot.capture_launches(
+                entropy_bound, entropy_bound.entropy_bound_step,
+                torch.empty(batch, length, vocab, dtype=dtype),
+                torch.empty(shape, dtype=torch.int64), 0.1, case["seed"],
+                torch.empty(shape, dtype=torch.int64), torch.empty(shape, dtype=torch.int64),
+                torch.empty(shape), torch.empty(shape, dtype=torch.bool))
+        finally:
+            entropy_bound.entropy_bound_config, denoise._num_sms = (original_config,
+                                                                    original_num_sms)
     raise ValueError(f"unknown op {case['op']!r}")
 
 
@@ -269,11 +276,11 @@ def _worker(jobs_path: str, out_path: str) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.runtime.jit import JITFunction
 
-    from a2r_kernels.triton import _aot, attention, denoise
+    from a2r_kernels.triton import _aot, attention, denoise, entropy_bound
 
     jobs = json.loads(Path(jobs_path).read_text())
     results: dict = {"kernel_modules": {}, "jobs": {}, "probe": {}}
-    for module in (attention, denoise):
+    for module in (attention, denoise, entropy_bound):
         results["kernel_modules"][module.__name__] = {
             name: type(value).__name__ for name, value in vars(module).items()
             if name.endswith("_kernel") and hasattr(value, "fn")}
@@ -400,8 +407,6 @@ def _check_kernel(kernel: dict, case: dict, arch: int) -> None:
         f"{name}: the CUDA toolkit's ptxas rejects the PTX Triton accepted:\n"
         f"{kernel['system_ptxas']}")
 
-    if "PAGED" in constexprs:
-        assert constexprs["PAGED"] == (case["op"] == "paged")
     if name == "_tree_attention_partial_kernel":
         fp32 = case["dtype"] == "float32"
         assert constexprs["FP32_DOT"] == fp32, "bf16/fp16 must take the tensor-core dot on a GPU"
@@ -429,7 +434,7 @@ def test_kernel_compiles_for_target(matrix, case_id, arch):
     job = _job(matrix, case_id, arch)
     assert "capture_error" not in job, f"the launcher failed: {job['capture_error']}"
     launches_per_call = {"tree_partials": 1, "merge_partials": 1, "merge_two_states": 1,
-                         "paged": 2, "denoise": 3}
+                         "denoise": 3, "entropy_bound": 3}
     names = [kernel["name"] for kernel in job["kernels"]]
     assert len(names) == launches_per_call[CASES[case_id]["op"]], names
     for kernel in job["kernels"]:

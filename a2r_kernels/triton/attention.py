@@ -32,27 +32,6 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _work_item(work, work_ptr, seq_lens_ptr, paged_splits, paged_chunk, paged_max_tokens,
-               paged_table_stride, PAGED: tl.constexpr):
-    """(q_start, q_len, page_start, kv_start, kv_end, partial_start) of work item ``work``.
-
-    Tree plans read it from ``work_info``. Paged decode derives it from the program id instead
-    (item = sequence * paged_splits + split, one sequence, a ``paged_chunk``-token chunk of its
-    block-table row, clamped to ``seq_lens`` and to the row's capacity), so a paged call needs
-    no plan tensors and no per-call torch ops to build them.
-    """
-    if PAGED:
-        seq = work // paged_splits
-        kv_start = (work % paged_splits) * paged_chunk
-        kv_end = tl.minimum(tl.minimum(kv_start + paged_chunk, tl.load(seq_lens_ptr + seq)),
-                            paged_max_tokens)
-        return seq, 1, seq * paged_table_stride, kv_start, tl.maximum(kv_end, kv_start), work
-    info = work_ptr + work * 6
-    return (tl.load(info + 0), tl.load(info + 1), tl.load(info + 2), tl.load(info + 3),
-            tl.load(info + 4), tl.load(info + 5))
-
-
-@triton.jit
 def _tree_attention_partial_kernel(
     q_ptr, k_ptr, v_ptr, work_ptr, row_seq_ptr, page_table_ptr, part_o_ptr, part_lse_ptr,
     qk_scale,                                   # sm_scale * log2(e)
@@ -61,16 +40,21 @@ def _tree_attention_partial_kernel(
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_por, stride_poh,                     # partial_o [R, Hq, D], unit stride in D
     stride_plr,                                 # partial_lse [R, Hq], unit stride in Hq
-    seq_lens_ptr, paged_splits, paged_chunk, paged_max_tokens, paged_table_stride,   # PAGED only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    FP32_DOT: tl.constexpr, PAGED: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     work = tl.program_id(0)
     kv_head = tl.program_id(1)
-    q_start, q_len, page_start, kv_start, kv_end, partial_start = _work_item(
-        work, work_ptr, seq_lens_ptr, paged_splits, paged_chunk, paged_max_tokens,
-        paged_table_stride, PAGED)
+    # (q_start, q_len, page_start, kv_start, kv_end, partial_start): layout.WORK_FIELDS. An
+    # unused item of a fixed-capacity plan (TreeAttentionWrapper) has q_len 0: no row tile.
+    info = work_ptr + work * 6
+    q_start = tl.load(info + 0)
+    q_len = tl.load(info + 1)
+    page_start = tl.load(info + 2)
+    kv_start = tl.load(info + 3)
+    kv_end = tl.load(info + 4)
+    partial_start = tl.load(info + 5)
 
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
@@ -85,10 +69,7 @@ def _tree_attention_partial_kernel(
         mask_m = offs_m < num_rows
         local_seq = offs_m // GROUP
         q_head = kv_head * GROUP + offs_m % GROUP
-        if PAGED:   # kernel order is the caller's order
-            seq = (q_start + local_seq).to(tl.int64)
-        else:
-            seq = tl.load(row_seq_ptr + q_start + local_seq, mask=mask_m, other=0).to(tl.int64)
+        seq = tl.load(row_seq_ptr + q_start + local_seq, mask=mask_m, other=0).to(tl.int64)
         q = tl.load(q_ptr + seq[:, None] * stride_qs + q_head[:, None] * stride_qh
                     + offs_d[None, :] * stride_qd,
                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
@@ -148,17 +129,12 @@ def _merge_partials_kernel(
     part_o_ptr, part_lse_ptr, indptr_ptr, rows_ptr, out_ptr, lse_ptr,
     stride_por, stride_poh, stride_plr,
     stride_os, stride_oh, stride_od, stride_ls,
-    paged_splits,                           # PAGED: rows seq * paged_splits + [0, paged_splits)
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)   # int64 offsets: out may be any (strided) view
-    if PAGED:
-        start = seq * paged_splits
-        end = start + paged_splits
-    else:
-        start = tl.load(indptr_ptr + seq)
-        end = tl.load(indptr_ptr + seq + 1)
+    start = tl.load(indptr_ptr + seq)
+    end = tl.load(indptr_ptr + seq + 1)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
 
@@ -166,10 +142,7 @@ def _merge_partials_kernel(
     l = tl.zeros([], tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
     for i in range(start, end):
-        if PAGED:
-            row = tl.zeros([], tl.int64) + i   # i is a Python int under the interpreter
-        else:
-            row = tl.load(rows_ptr + i).to(tl.int64)
+        row = tl.load(rows_ptr + i).to(tl.int64)
         lse_r = tl.load(part_lse_ptr + row * stride_plr + head)
         o_r = tl.load(part_o_ptr + row * stride_por + head * stride_poh + offs_d, mask=mask_d, other=0.0)
         m_new = tl.maximum(m, lse_r)
@@ -260,8 +233,21 @@ def _fp32_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpret())
 
 
-def _launch_partials(q, k_cache, v_cache, work_info, row_seq, page_table, partial_o, partial_lse,
-                     sm_scale, num_work, max_rows, paged_args, paged: bool) -> None:
+def tree_attention_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            work_info: torch.Tensor, row_seq: torch.Tensor, page_table: torch.Tensor,
+                            partial_o: torch.Tensor, partial_lse: torch.Tensor, sm_scale: float,
+                            max_rows: int) -> None:
+    """Launch the partial kernel over every row of ``work_info``. Inputs are checked by the
+    public op (or the TreeAttentionWrapper).
+
+    q [S, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; work_info int32 [W, 6]
+    (rows with q_len 0 do nothing); partial_o fp32 [R, Hq, D] and partial_lse fp32 [R, Hq]
+    (contiguous, written); ``max_rows`` = the most q_len * group of a work item (picks BLOCK_M;
+    more rows loop over row tiles).
+    """
+    num_work = work_info.shape[0]
+    if num_work == 0:
+        return
     _, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     block_m, block_n, num_warps = _tile_config(max_rows, head_dim, q.dtype == torch.float32)
@@ -270,29 +256,11 @@ def _launch_partials(q, k_cache, v_cache, work_info, row_seq, page_table, partia
         sm_scale * LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         partial_o.stride(0), partial_o.stride(1), partial_lse.stride(0),
-        *paged_args,
         HEAD_DIM=head_dim, BLOCK_D=max(triton.next_power_of_2(head_dim), 16),
         GROUP=num_q_heads // num_kv_heads, PAGE_SIZE=k_cache.shape[1],
-        BLOCK_M=block_m, BLOCK_N=block_n, FP32_DOT=_fp32_dot(q.dtype), PAGED=paged,
+        BLOCK_M=block_m, BLOCK_N=block_n, FP32_DOT=_fp32_dot(q.dtype),
         num_warps=num_warps, num_stages=2,
     )
-
-
-def tree_attention_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            work_info: torch.Tensor, row_seq: torch.Tensor, page_table: torch.Tensor,
-                            partial_o: torch.Tensor, partial_lse: torch.Tensor, sm_scale: float,
-                            max_rows: int) -> None:
-    """Launch the partial kernel. Inputs are checked by the public op.
-
-    q [S, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; work_info int32 [W, 6];
-    partial_o fp32 [R, Hq, D] and partial_lse fp32 [R, Hq] (contiguous, written);
-    ``max_rows`` = max q_len * group over the work items (picks BLOCK_M).
-    """
-    num_work = work_info.shape[0]
-    if num_work == 0:
-        return
-    _launch_partials(q, k_cache, v_cache, work_info, row_seq, page_table, partial_o, partial_lse,
-                     sm_scale, num_work, max_rows, (work_info, 1, 1, 0, 0), paged=False)
 
 
 def merge_partials(partial_o: torch.Tensor, partial_lse: torch.Tensor, merge_indptr: torch.Tensor,
@@ -304,39 +272,8 @@ def merge_partials(partial_o: torch.Tensor, partial_lse: torch.Tensor, merge_ind
     _merge_partials_kernel[(num_seqs, num_heads)](
         partial_o, partial_lse, merge_indptr, merge_rows, out, lse,
         partial_o.stride(0), partial_o.stride(1), partial_lse.stride(0),
-        *out.stride(), lse.stride(0), 1,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), PAGED=False, num_warps=1,
-    )
-
-
-def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 block_tables: torch.Tensor, seq_lens: torch.Tensor, chunk: int, sm_scale: float,
-                 out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Paged decode with the same two kernels, work items derived in-kernel (no plan tensors).
-
-    q [S, Hq, D]; block_tables int32 [S, max_blocks] with unit stride in its last dim; seq_lens
-    int32 [S] (checked by the public op, or trusted); ``chunk`` tokens per split (a multiple of
-    the block size). Every sequence gets ``cdiv(max_blocks * block_size, chunk)`` splits; those
-    past its length are empty (``lse = -inf``).
-    """
-    num_seqs, num_q_heads, head_dim = q.shape
-    block_size = k_cache.shape[1]
-    max_tokens = block_tables.shape[1] * block_size
-    if num_seqs == 0:
-        return
-    splits = max(1, triton.cdiv(max_tokens, chunk))
-    partial_o = torch.empty((num_seqs * splits, num_q_heads, head_dim), dtype=torch.float32,
-                            device=q.device)
-    partial_lse = torch.empty((num_seqs * splits, num_q_heads), dtype=torch.float32,
-                              device=q.device)
-    _launch_partials(q, k_cache, v_cache, block_tables, block_tables, block_tables, partial_o,
-                     partial_lse, sm_scale, num_seqs * splits, num_q_heads // k_cache.shape[2],
-                     (seq_lens, splits, chunk, max_tokens, block_tables.stride(0)), paged=True)
-    _merge_partials_kernel[(num_seqs, num_q_heads)](
-        partial_o, partial_lse, block_tables, block_tables, out, lse,
-        partial_o.stride(0), partial_o.stride(1), partial_lse.stride(0),
-        *out.stride(), lse.stride(0), splits,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), PAGED=True, num_warps=1,
+        *out.stride(), lse.stride(0),
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=1,
     )
 
 

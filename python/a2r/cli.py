@@ -5,9 +5,11 @@
     a2r eval FILE.jsonl [--explorer DIR ... | --tiny] [--out results.json]
     a2r bench [--quick] [--only NAME]          runs benchmarks/bench_*.py
 
-Set-up errors (missing model directory, unsupported architecture, tokenizers that must match and
-do not, unreadable eval file, bad option value) print one line ``a2r: error: ...`` on stderr and exit
-with status 2. ``A2R_DEBUG=1`` re-raises them with the traceback instead.
+Set-up errors (missing model directory or tokenizer, unsupported architecture, tokenizers that must
+match and do not, unreadable eval file, blank or too long question, unavailable backend, unusable
+``--home`` or ``--out``, bad option value, usage errors) print one line ``a2r: error: ...`` on
+stderr and exit with status 2, before any model runs. ``A2R_DEBUG=1`` re-raises them with the traceback
+instead.
 """
 
 from __future__ import annotations
@@ -33,9 +35,6 @@ TRAINED_DEMO_QUESTIONS = (
     ("What is 347 + 85 + 912 + 6?", "1350"),
     ("What is 58 + 904 + 7 + 263 + 91?", "1323"),
 )
-UNTRAINED_NOTE = ("note: the embedded default models are random (untrained) tiny models: their "
-                  "answers are noise. The demo shows the pipeline's stages, times, token counts and "
-                  "KV sharing, not reasoning quality.")
 TRAINED_NOTE = ("note: the embedded default models are tiny models trained in minutes on a CPU "
                 "(python -m a2r.train) for one synthetic task, sums like 'What is 347 + 85 + 912 + "
                 "6?'; on any other question their answers are noise.")
@@ -43,9 +42,22 @@ TRAINED_NOTE = ("note: the embedded default models are tiny models trained in mi
 # (a2r.tiny.TRACE_LENGTH), one token per step; other thinkers get LLaDA-style defaults.
 THINKER_DEFAULTS = {"thinker_gen_length": 64, "thinker_block_length": 32, "thinker_steps": 16}
 
+# Printed (and put in the JSON as "note") when a loaded model directory holds random weights
+# (a2r.tiny.is_random_model); {models} names them.
+RANDOM_MODELS_NOTE = ("note: the {models} model(s) are random (untrained) tiny models: their "
+                      "answers and accuracies are noise. They show the pipeline's stages, times, "
+                      "token counts and KV sharing, not reasoning quality.")
+
 
 class CLIError(Exception):
     """A user error the CLI reports on one line with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one ``a2r: error:`` line plus a pointer to ``--help`` (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"a2r: error: {message} (see '{self.prog} --help')\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,10 +65,24 @@ class CLIError(Exception):
 # --------------------------------------------------------------------------------------------
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _reference_cap(text: str) -> int:
+    value = _int(text)
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be >= 0, or -1 for no cap, got {value}")
     return value
 
 
@@ -82,13 +108,14 @@ def _generation_options(max_new_tokens_default: int) -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="explorer nucleus sampling")
     g.add_argument("--top-k", type=int, default=0, help="explorer top-k sampling (0 = off)")
     g.add_argument("--seed", type=int, default=0, help="RNG seed of every stage (default: 0)")
-    g.add_argument("--answer-max-chars", type=int, default=1024,
+    g.add_argument("--answer-max-chars", type=_reference_cap, default=1024,
                    help="cap on each reference handed to the synthesizer, keeping the end "
                    "(-1: no cap; default: %(default)s)")
     g.add_argument("--no-thinker", action="store_true", help="skip the diffusion thinker")
     g.add_argument("--no-prefix-reuse", action="store_true",
-                   help="symmetric set-up: prefill the synthesizer's whole prompt instead of "
-                   "reusing the explorer's prompt-prefix KV")
+                   help="prefill every stage's whole prompt instead of reusing the cached KV "
+                   "of the whole blocks it shares with earlier prompts (the explorer's, earlier "
+                   "questions')")
     g.add_argument("--thinker-gen-length", type=_positive_int, default=None,
                    help="trace length in tokens (default: 64; the trained embedded thinker: 8)")
     g.add_argument("--thinker-block-length", type=_positive_int, default=None,
@@ -99,6 +126,9 @@ def _generation_options(max_new_tokens_default: int) -> argparse.ArgumentParser:
                    "trained embedded thinker: 8)")
     g.add_argument("--thinker-threshold", type=float, default=None,
                    help="Fast-dLLM confidence threshold instead of a fixed step count")
+    g.add_argument("--thinker-traces", type=_positive_int, default=1,
+                   help="thinker traces from one prompt, all handed to the synthesizer "
+                   "(DiffusionGemma: one encoder pass for all) (default: %(default)s)")
     r = parent.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if "
                    "available, else cpu)")
@@ -108,6 +138,52 @@ def _generation_options(max_new_tokens_default: int) -> argparse.ArgumentParser:
                    help="a2r_kernels backend for tree decode attention")
     r.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
     return parent
+
+
+def _memory_fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _engine_options(parser: argparse.ArgumentParser) -> None:
+    e = parser.add_argument_group("engine")
+    e.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                   help="run the explorer and synthesizer on transformers (tree-shared KV cache) "
+                   "or as vLLM engines with the A2R_TREE attention backend; the thinker stays on "
+                   "transformers, on --device (default: %(default)s)")
+    e.add_argument("--tensor-parallel-size", type=_positive_int, default=None,
+                   help="vLLM tensor parallelism (--engine vllm)")
+    e.add_argument("--pipeline-parallel-size", type=_positive_int, default=None,
+                   help="vLLM pipeline parallelism (--engine vllm)")
+    e.add_argument("--gpu-memory-utilization", type=_memory_fraction, default=None,
+                   help="fraction of device memory each vLLM engine takes (--engine vllm; "
+                   "default: vLLM's)")
+
+
+VLLM_ONLY_OPTIONS = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization")
+
+
+def _vllm_options(args) -> dict | None:
+    """The vLLM engine arguments of ``args`` (None for --engine transformers, which must not
+    have any)."""
+    given = {k: getattr(args, k) for k in VLLM_ONLY_OPTIONS if getattr(args, k, None) is not None}
+    if getattr(args, "engine", "transformers") != "vllm":
+        if given:
+            flag = "--" + next(iter(given)).replace("_", "-")
+            raise CLIError(f"{flag} needs --engine vllm")
+        return None
+    from .vllm_engine import vllm_available
+
+    if not vllm_available():
+        raise CLIError("--engine vllm needs vLLM installed (pip install vllm)")
+    if args.backend != "auto":
+        raise CLIError("--backend selects a2r_kernels kernels for --engine transformers; with "
+                       "--engine vllm the A2R_TREE backend picks them by device")
+    # vLLM logs to stdout by default; the CLI keeps stdout for its report (and --json).
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    return given
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
@@ -128,7 +204,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="a2r", description="A2R parallel reasoning: explorer -> diffusion thinker -> "
         "synthesizer over a tree-shared KV cache.")
     parser.add_argument("--version", action="version", version=f"a2r {__version__}")
@@ -149,19 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[_generation_options(256)],
                          help="answer one question with your models")
     _model_options(run)
+    _engine_options(run)
     run.add_argument("question", help="the question (quote it)")
 
     ev = sub.add_parser("eval", parents=[_generation_options(256)],
                         help="accuracy of pass@1, Cons@N, A2R, the synthesizer alone and "
                         "AR->AR / NAR->AR on a JSONL file (resumable)")
     _model_options(ev)
+    _engine_options(ev)
     ev.add_argument("file", metavar="FILE.jsonl", help="one JSON object per line")
     ev.add_argument("--question-key", default="question", help="(default: %(default)s)")
     ev.add_argument("--answer-key", default="answer", help="(default: %(default)s)")
     ev.add_argument("--limit", type=_positive_int, default=None, help="first K questions only")
     ev.add_argument("--out", metavar="FILE.json", help="write the summary and per-question "
                     "results here; each question's record is appended to FILE.jsonl as soon as it "
-                    "finishes, and a rerun with the same --out skips the recorded questions")
+                    "finishes, and a rerun with the same --out skips the recorded questions (its "
+                    "directory must exist, or pass --mkdir)")
     ev.add_argument("--plot", metavar="PNG", help="also grade prefixes of the same paths "
                     "(N = 1, 2, 4, 8 up to -n) and plot accuracy against N here")
     ev.add_argument("--ar-thinker", metavar="DIR", help="causal LM writing the AR->AR trace "
@@ -171,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "processes fill one records file; the summary is written once all are done)")
     ev.add_argument("--check-timeout", type=float, default=5.0, metavar="S",
                     help="seconds per Math-Verify check (default: %(default)s)")
+    ev.add_argument("--mkdir", action="store_true",
+                    help="create the directory of --out (and of --plot) if it is missing: only "
+                    "that directory, its parent must exist")
     ev.add_argument("--no-progress", action="store_true",
                     help="no progress bar (it is shown on stderr when that is a terminal)")
 
@@ -230,6 +312,32 @@ def _resolve_dtype(name: str, device: str):
     return name
 
 
+def _check_backend(backend: str, device: str) -> None:
+    """--backend must run on --device; checked before any model is loaded."""
+    import torch
+
+    from a2r_kernels import BackendUnavailable
+    from a2r_kernels._backend import resolve_backend
+
+    try:
+        resolve_backend("tree_decode_attention", backend, torch.device(device))
+    except BackendUnavailable as err:
+        why = str(err).split("is unavailable: ", 1)[-1]
+        raise CLIError(f"--backend {backend} is unavailable on device {device}: {why}") from None
+
+
+def _check_question_text(question, what: str = "the question") -> None:
+    if not isinstance(question, str) or not question.strip():
+        raise CLIError(f"{what} must be a non-empty string, got {json.dumps(question)}")
+
+
+def _random_models_note(models) -> str | None:
+    """RANDOM_MODELS_NOTE naming the loaded models that are random, or None when none is."""
+    random_roles = [role for role in ("explorer", "thinker", "synthesizer")
+                    if models.get(role) and models[role]["random"]]
+    return RANDOM_MODELS_NOTE.format(models=", ".join(random_roles)) if random_roles else None
+
+
 def _config_from_args(args, thinker_defaults=None):
     from .pipeline import A2RConfig
 
@@ -241,25 +349,38 @@ def _config_from_args(args, thinker_defaults=None):
         top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         answer_max_chars=args.answer_max_chars if args.answer_max_chars >= 0 else None,
         use_thinker=not args.no_thinker, **thinker,
-        thinker_threshold=args.thinker_threshold, backend=args.backend,
+        thinker_threshold=args.thinker_threshold, thinker_traces=args.thinker_traces,
+        backend=args.backend,
         reuse_prefix_kv=not args.no_prefix_reuse)
 
 
 def _tiny_paths(args, thinker: bool):
     """The embedded models: the trained ones, or with --random-models the random ones."""
-    from .tiny import ensure_tiny_models, trained_models
+    from .tiny import ensure_tiny_models, tiny_dir, trained_models
 
-    if getattr(args, "random_models", False):
-        return ensure_tiny_models(args.home, thinker=thinker)
+    home = args.home
+    if not getattr(args, "random_models", False):
+        try:
+            return trained_models(thinker=thinker)
+        except ValueError as err:
+            raise CLIError(str(err)) from None
     try:
-        return trained_models(thinker=thinker)
-    except ValueError as err:
-        raise CLIError(str(err)) from None
+        return ensure_tiny_models(home, thinker=thinker)
+    except OSError as err:
+        if home is not None:
+            where = f"--home {home}"
+        elif os.environ.get("A2R_HOME"):
+            where = f"A2R_HOME={os.environ['A2R_HOME']}"
+        else:
+            where = "the default home (~/.cache/a2r; set --home or A2R_HOME)"
+        reason = f"{err.strerror}: {err.filename}" if err.strerror else str(err)
+        raise CLIError(f"{where}: cannot build the embedded models in {tiny_dir(home)} ({reason})"
+                       ) from None
 
 
 def _load_pipeline(args, *, use_tiny: bool):
     """(pipeline, description of the models) from --explorer/--synthesizer/--thinker or --tiny."""
-    from .pipeline import A2RPipeline
+    from .pipeline import A2RPipeline, _model_dtype
 
     if getattr(args, "random_models", False) and not use_tiny:
         raise CLIError("--random-models needs --tiny (the embedded models)")
@@ -268,8 +389,10 @@ def _load_pipeline(args, *, use_tiny: bool):
 
     config = _config_from_args(args, TRAINED_THINKER_SETTINGS if trained else None)
     config.validate()   # bad option values fail here, before any model is loaded
+    vllm_options = _vllm_options(args)
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
+    _check_backend(args.backend, device)
     if use_tiny:
         if getattr(args, "explorer", None) or getattr(args, "synthesizer", None) \
                 or getattr(args, "thinker", None):
@@ -281,19 +404,26 @@ def _load_pipeline(args, *, use_tiny: bool):
             raise CLIError("--explorer DIR is required (or --tiny for the embedded models)")
         explorer, synthesizer = args.explorer, args.synthesizer
         thinker = None if args.no_thinker else args.thinker
-    pipeline = A2RPipeline.from_pretrained(explorer, synthesizer, thinker, device=device,
-                                           dtype=dtype, config=config)
+    pipeline = A2RPipeline.from_pretrained(
+        explorer, synthesizer, thinker, device=device, dtype=dtype, config=config,
+        engine="vllm" if vllm_options is not None else "transformers", vllm_options=vllm_options)
+    from .tiny import is_random_model
+
+    def describe(path, model):
+        arch = getattr(model, "architecture", type(model).__name__)   # VLLMModel: "... (vLLM)"
+        return {"path": str(path), "arch": arch, "random": is_random_model(path)}
+
     models = {
-        "explorer": {"path": str(explorer), "arch": type(pipeline.explorer).__name__},
-        "synthesizer": {"path": str(synthesizer or explorer),
-                        "arch": type(pipeline.synthesizer).__name__},
-        "thinker": ({"path": str(thinker), "arch": type(pipeline.thinker).__name__}
-                    if pipeline.thinker is not None else None),
+        "explorer": describe(explorer, pipeline.explorer),
+        "synthesizer": describe(synthesizer or explorer, pipeline.synthesizer),
+        "thinker": (describe(thinker, pipeline.thinker) if pipeline.thinker is not None else None),
         "mode": "symmetric" if pipeline.symmetric else "asymmetric",
         "device": device,
-        "dtype": str(next(pipeline.explorer.parameters()).dtype).replace("torch.", ""),
+        "dtype": str(_model_dtype(pipeline.explorer)).replace("torch.", ""),
         "trained": paths.trained if use_tiny else None,
     }
+    if vllm_options is not None:
+        models["engine"] = {"name": "vllm", **vllm_options}
     return pipeline, models
 
 
@@ -328,9 +458,12 @@ def _print_result(result, models, gold: str | None = None, out=None) -> None:
         p(f"      path {i}: answer={answer!s:<10} | {_short(text)}")
     if result.thinker is not None:
         t = result.thinker
-        p(f"  [thinker]     {models['thinker']['arch']} (masked diffusion): prompt "
+        kind = ("uniform-noise diffusion" if "DiffusionGemma" in models['thinker']['arch']
+                else "masked diffusion")
+        p(f"  [thinker]     {models['thinker']['arch']} ({kind}): prompt "
           f"{t.prompt_tokens} tok, {t.generated_tokens} tok, {t.seconds:.2f} s")
-        p(f"      trace: {_short(t.texts[0])}")
+        for i, text in enumerate(t.texts, start=1):
+            p(f"      trace{f' {i}' if len(t.texts) > 1 else ''}: {_short(text)}")
     else:
         p("  [thinker]     (none)")
     s = result.synthesizer
@@ -372,15 +505,16 @@ def _emit_json(payload) -> None:
 def cmd_demo(args) -> int:
     args.explorer = args.synthesizer = args.thinker = None
     start = time.perf_counter()
-    note = UNTRAINED_NOTE if args.random_models else TRAINED_NOTE
     questions = DEMO_QUESTIONS if args.random_models else TRAINED_DEMO_QUESTIONS
     if not args.json:
         print("A2R demo: explorer -> diffusion thinker -> synthesizer on the embedded tiny models.")
-        print(note)
         if args.random_models:
             print("Loading (the first run builds them; later runs reuse the saved files)...")
     pipeline, models = _load_pipeline(args, use_tiny=True)
+    note = _random_models_note(models) or (TRAINED_NOTE if models["trained"] else None)
     if not args.json:
+        if note:
+            print(note)
         print(f"explorer={models['explorer']['arch']}  thinker="
               f"{(models['thinker'] or {}).get('arch', 'none')}  synthesizer="
               f"{models['synthesizer']['arch']}  ({models['mode']}, {models['device']}, "
@@ -396,18 +530,24 @@ def cmd_demo(args) -> int:
         _emit_json({"note": note, "models": models, "results": results,
                     "seconds": time.perf_counter() - start})
     else:
-        print(f"demo finished in {time.perf_counter() - start:.1f} s. {note}")
+        print(f"demo finished in {time.perf_counter() - start:.1f} s."
+              + (f" {note}" if note else ""))
     return 0
 
 
 def cmd_run(args) -> int:
+    _check_question_text(args.question)
     pipeline, models = _load_pipeline(args, use_tiny=args.tiny)
+    pipeline.check_question(args.question)   # too long for a model: before any model runs
+    note = _random_models_note(models)
     result = pipeline.run(args.question)
     if args.json:
-        _emit_json({"models": models, **result.to_dict()})
+        _emit_json({"note": note, "models": models, **result.to_dict()})
     else:
         _print_result(result, models)
         print(f"\nFinal answer (A2R): {result.final_answer}")
+        if note:
+            print(note)
     return 0
 
 
@@ -426,12 +566,43 @@ def _read_jsonl(path: str, question_key: str, answer_key: str, limit: int | None
                 raise CLIError(f"{file}:{line_number}: not valid JSON ({err.msg})") from err
             if not isinstance(record, dict) or question_key not in record or answer_key not in record:
                 raise CLIError(f"{file}:{line_number}: needs keys {question_key!r} and {answer_key!r}")
-            items.append((str(record[question_key]), str(record[answer_key])))
+            question, gold = record[question_key], record[answer_key]
+            _check_question_text(question, f"{file}:{line_number}: {question_key!r}")
+            # A number is a fine gold answer; null, true, lists and blank strings are not.
+            if isinstance(gold, bool) or not isinstance(gold, (str, int, float)) or \
+                    (isinstance(gold, str) and not gold.strip()):
+                raise CLIError(f"{file}:{line_number}: {answer_key!r} must be a non-empty string "
+                               f"or a number, got {json.dumps(gold)}")
+            items.append((question, str(gold)))
             if limit is not None and len(items) == limit:
                 break
     if not items:
         raise CLIError(f"{file}: no questions")
     return items
+
+
+def _check_out_path(option: str, out: str, mkdir: bool) -> None:
+    """The file ``out`` of ``option`` (--out, --plot) must be writable before the run starts; with
+    --mkdir its directory (only that one, never its ancestors) is created here."""
+    path = Path(out)
+    if path.is_dir():
+        raise CLIError(f"{option} {out}: is a directory (give a file name)")
+    directory = path.parent
+    if not directory.is_dir():
+        if directory.exists():
+            raise CLIError(f"{option} {out}: {directory} is not a directory")
+        if not mkdir:
+            raise CLIError(f"{option} {out}: directory {directory} does not exist (create it, or "
+                           "pass --mkdir)")
+        if not directory.parent.is_dir():
+            raise CLIError(f"{option} {out}: --mkdir creates only the file's own directory, and "
+                           f"its parent {directory.parent} does not exist")
+        try:
+            directory.mkdir()
+        except OSError as err:
+            raise CLIError(f"{option} {out}: cannot create {directory} ({err.strerror})") from None
+    if not os.access(directory, os.W_OK):
+        raise CLIError(f"{option} {out}: directory {directory} is not writable")
 
 
 def _ar_thinker(args, pipeline, use_tiny: bool):
@@ -451,7 +622,10 @@ def _ar_thinker(args, pipeline, use_tiny: bool):
 def cmd_eval(args) -> int:
     from . import evaluate
     from .grading import AnswerChecker
+    from .pipeline import PipelineError
 
+    if args.mkdir and not (args.out or args.plot):
+        raise CLIError("--mkdir needs --out or --plot")
     items = _read_jsonl(args.file, args.question_key, args.answer_key, args.limit)
     shard = (0, 1)
     if args.shard is not None:
@@ -469,12 +643,21 @@ def cmd_eval(args) -> int:
             records_file = evaluate.records_path(args.out)
         except ValueError as err:
             raise CLIError(str(err)) from None
+        _check_out_path("--out", args.out, args.mkdir)
+    if args.plot:
+        _check_out_path("--plot", args.plot, args.mkdir)
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise CLIError("--plot needs matplotlib (pip install matplotlib)") from None
     pipeline, models = _load_pipeline(args, use_tiny=args.tiny)
+    for number, (question, _) in enumerate(items, start=1):
+        try:   # every question is checked before any model runs
+            pipeline.check_question(question)
+        except PipelineError as err:
+            raise CLIError(f"{args.file}: question {number}: {err}") from None
+    note = _random_models_note(models)
     ar_thinker = None
     if pipeline.thinker is not None and pipeline.config.use_thinker:
         ar_thinker, models["ar_thinker"] = _ar_thinker(args, pipeline, args.tiny)
@@ -510,11 +693,14 @@ def cmd_eval(args) -> int:
         return 0
     summary = evaluate.summarize(records, file=str(args.file), models=models, config=config,
                                  wall_seconds=time.perf_counter() - start)
+    if note:
+        summary["note"] = note
     if args.out:
-        out_path = Path(args.out)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps({**summary, "per_question": records}, indent=2,
-                                       ensure_ascii=False) + "\n", encoding="utf-8")
+        try:
+            Path(args.out).write_text(json.dumps({**summary, "per_question": records}, indent=2,
+                                                 ensure_ascii=False) + "\n", encoding="utf-8")
+        except OSError as err:
+            raise CLIError(f"--out {args.out}: cannot write ({err.strerror})") from None
     if args.plot:
         evaluate.plot_accuracy(summary, args.plot)
     if args.json:
@@ -540,6 +726,8 @@ def cmd_eval(args) -> int:
         print(f"  wrote {args.out} (records: {records_file})")
     if args.plot:
         print(f"  wrote {args.plot}")
+    if note:
+        print(note)
     return 0
 
 
@@ -586,26 +774,47 @@ def cmd_bench(args) -> int:
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "eval": cmd_eval, "bench": cmd_bench}
 
 
+def _own_package_dirs() -> tuple[str, ...]:
+    """Directories of a2r and a2r_kernels (each ending in a separator)."""
+    import a2r_kernels
+
+    return tuple(str(Path(module.__file__).resolve().parent) + os.sep
+                 for module in (sys.modules[__package__], a2r_kernels))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``a2r`` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)  # usage errors exit 2 (argparse)
+    args = parser.parse_args(argv)  # usage errors exit 2 (one line, _Parser.error)
     _quiet_transformers()
-
-    def one_line_warning(message, category, filename, lineno, file=None, line=None):
-        print(f"a2r: warning: {message}", file=sys.stderr)
 
     from .pipeline import PipelineError
 
+    own_dirs = _own_package_dirs()
     with warnings.catch_warnings():
-        warnings.showwarning = one_line_warning
+        show_third_party = warnings.showwarning
+
+        # Warnings raised in our packages print as one "a2r: warning:" line; any other
+        # (transformers, torch, ...) keeps Python's usual format, which names where it came from.
+        def show(message, category, filename, lineno, file=None, line=None):
+            if str(Path(filename).resolve()).startswith(own_dirs):
+                print(f"a2r: warning: {message}", file=sys.stderr)
+            else:
+                show_third_party(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
         try:
-            return COMMANDS[args.command](args)
+            code = COMMANDS[args.command](args)
+            sys.stdout.flush()   # a closed pipe shows here, not as a traceback at exit
+            return code
         except (CLIError, PipelineError) as err:
             if os.environ.get("A2R_DEBUG"):
                 raise
             print(f"a2r: error: {err}", file=sys.stderr)
             return 2
+        except BrokenPipeError:   # `a2r demo | head`: the reader left early; nothing to report
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -40,7 +40,10 @@ Two caches (``cache``):
 EOS: with ``eos_token_id`` set, a row is *finished* as soon as it holds a committed EOS with no
 [MASK] before it in the generation: nothing after that EOS can reach the returned tokens (they are
 trimmed at the first EOS), so its remaining masked positions are filled with EOS (committed tokens
-are never changed) and it costs no more denoising. Generation stops when every row is finished.
+are never changed) and it costs no more denoising. Generation stops when every row is finished:
+checked at each block start with the fixed schedule (the loop reads the host once per block, so a
+block in which every row finishes runs its remaining steps), after every step in threshold mode
+(which reads the host once per step anyway, to end the block).
 Returned ids end at, and include, the first EOS (as :func:`a2r.sample_parallel`).
 
 Batches are left-padded. Padding keys are masked out of every attention (the model must honour
@@ -61,6 +64,7 @@ import torch
 import a2r_kernels as ak
 from a2r_kernels._backend import resolve_backend
 
+from .diffusion_gemma import diffusion_gemma_generate, is_diffusion_gemma
 from .diffusion_model import (A2R_ATTENTION, build_tiny_diffusion_model, is_remote_code_model,
                               load_diffusion_model, uses_a2r_attention)
 
@@ -86,6 +90,8 @@ class DiffusionResult:
         steps_per_block: denoising steps (= forward calls) of each block; 0 for blocks skipped
             because every row had finished.
         prompt_length: ``P``, the padded prompt length (generation starts at column ``P``).
+        encoder_forward_calls: DiffusionGemma only: encoder passes (the prompt once, then one
+            per later canvas); ``num_forward_calls`` then counts decoder passes.
     """
 
     sequences: list[list[int]]
@@ -93,6 +99,7 @@ class DiffusionResult:
     num_forward_calls: int
     steps_per_block: list[int] = field(default_factory=list)
     prompt_length: int = 0
+    encoder_forward_calls: int = 0
 
 
 def get_num_transfer_tokens(num_masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -296,6 +303,44 @@ def _positive_int(value, name: str) -> int:
     return value
 
 
+# ---------------------------------------------------------------------------------- loop steps
+def _model_rows(x: torch.Tensor, start: int, prompt_len: int,
+                uncond_prompt: torch.Tensor | None) -> torch.Tensor:
+    """Tokens the model sees from column ``start`` on, ``[R, L - start]``: ``x`` (``[B, L]``), and
+    with classifier-free guidance (``uncond_prompt [B, P]``) the unconditional rows below it."""
+    if uncond_prompt is None:
+        return x[:, start:]
+    uncond = x.clone()
+    uncond[:, :prompt_len] = uncond_prompt
+    return torch.cat([x, uncond], dim=0)[:, start:]
+
+
+def _guided(logits: torch.Tensor, batch: int, cfg_scale: float) -> torch.Tensor:
+    """``un + (cfg_scale + 1) (cond - un)`` over the rows of :func:`_model_rows`; identity
+    without guidance."""
+    if float(cfg_scale) <= 0:
+        return logits
+    cond, uncond = logits[:batch], logits[batch:]
+    return uncond + (float(cfg_scale) + 1.0) * (cond - uncond)
+
+
+def _finish_rows(gen: torch.Tensor, finished: torch.Tensor, eos: torch.Tensor,
+                 mask_id: int) -> torch.Tensor:
+    """Rows of ``gen`` (int64 ``[B, G]``, updated in place) holding a committed EOS with no mask
+    before it are finished: their masks after that EOS become ``eos[0]``. Returns the updated
+    ``finished`` (bool ``[B]``). No host sync."""
+    length = gen.shape[1]
+    is_eos = torch.isin(gen, eos)
+    masked = gen == mask_id
+    first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), length)
+    column = torch.arange(length, device=gen.device)
+    masks_before = (masked & (column[None] < first_eos[:, None])).any(1)
+    done = (first_eos < length) & ~masks_before
+    fill = done[:, None] & masked & (column[None] > first_eos[:, None])
+    gen.masked_fill_(fill, eos[0])
+    return finished | done
+
+
 # ---------------------------------------------------------------------------------- the loop
 @torch.no_grad()
 def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length: int = 32,
@@ -305,8 +350,9 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
                        pad_token_id: int | None = None,
                        attention_mask: torch.Tensor | None = None, cache: str = "none",
                        generator: torch.Generator | None = None, backend: str = "auto",
-                       return_details: bool = False):
-    """Generate ``gen_length`` tokens per row with a masked-diffusion LM (LLaDA / Fast-dLLM).
+                       num_traces: int = 1, return_details: bool = False):
+    """Generate ``gen_length`` tokens per row with a masked-diffusion LM (LLaDA / Fast-dLLM), or
+    with a DiffusionGemma model (:mod:`a2r.diffusion_gemma`).
 
     Args:
         model: a bidirectional masked-diffusion LM: one from :func:`build_tiny_diffusion_model` /
@@ -333,13 +379,37 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
             module docstring; needs ``A2R_ATTENTION``).
         generator: ``torch.Generator`` on the model's device for sampling / random remasking.
         backend: ``ak.denoise_step`` backend: ``"auto" | "torch" | "triton" | "cuda"``.
+        num_traces: traces per prompt row; outputs are row-major (trace ``j`` of prompt ``b`` is
+            row ``b * num_traces + j``). A masked-diffusion model decodes each trace as its own
+            row (identical at ``temperature=0`` unless ``remasking="random"``); DiffusionGemma
+            encodes the prompt once for all of them.
         return_details: return a :class:`DiffusionResult` instead of the id lists.
+
+    A ``DiffusionGemmaForBlockDiffusion`` model runs :func:`a2r.diffusion_gemma.diffusion_gemma_generate`
+    with ``gen_length``, ``eos_token_id``, ``pad_token_id``, ``attention_mask``, ``generator``,
+    ``backend``, ``num_traces`` and ``return_details``; its schedule comes from its generation
+    config, and the masked-diffusion options above must stay at their defaults (ValueError).
 
     Returns:
         ``list[list[int]]``: per row, the generated ids (through the first EOS if any), or a
         :class:`DiffusionResult` with ``return_details=True``.
     """
+    if is_diffusion_gemma(model):
+        given = {name: value for name, value in (
+            ("block_length", block_length), ("steps", steps), ("threshold", threshold),
+            ("temperature", temperature), ("remasking", remasking), ("cfg_scale", cfg_scale),
+            ("mask_id", mask_id), ("cache", cache))
+            if value != _LLADA_DEFAULTS[name]}
+        if given:
+            raise ValueError(f"{', '.join(sorted(given))}: masked-diffusion options, not used by "
+                             "DiffusionGemma (its schedule comes from its generation config; "
+                             "a2r.diffusion_gemma.diffusion_gemma_generate overrides it)")
+        return diffusion_gemma_generate(
+            model, prompt_ids, gen_length=gen_length, num_traces=num_traces,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, attention_mask=attention_mask,
+            generator=generator, backend=backend, return_details=return_details)
     gen_length = _positive_int(gen_length, "gen_length")
+    num_traces = _positive_int(num_traces, "num_traces")
     block_length = _positive_int(block_length, "block_length")
     if gen_length % block_length:
         raise ValueError(f"gen_length={gen_length} must be a multiple of "
@@ -389,6 +459,9 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
     device = next(model.parameters()).device
     resolve_backend("denoise_step", backend, device)   # BackendUnavailable before any forward
     prompt, prompt_keep = _as_prompt(prompt_ids, attention_mask, pad_token_id, device)
+    if num_traces > 1:
+        prompt = prompt.repeat_interleave(num_traces, dim=0)
+        prompt_keep = prompt_keep.repeat_interleave(num_traces, dim=0)
     batch, prompt_len = prompt.shape
     total_len = prompt_len + gen_length
     max_positions = getattr(model.config, "max_position_embeddings", None)
@@ -404,7 +477,6 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
     use_cfg = float(cfg_scale) > 0
     if use_cfg:   # rows [0, B): conditional; rows [B, 2B): unconditional (prompt -> [MASK])
         keep, positions = keep.repeat(2, 1), positions.repeat(2, 1)
-        uncond_prompt = torch.where(prompt_keep, mask_id, prompt)
     num_rows = keep.shape[0]
     runner = _ModelRunner(model, keep, positions)
 
@@ -415,40 +487,18 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
         prefix = PrefixKV(num_rows, cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim,
                           total_len - block_length, next(model.parameters()).dtype, device)
 
-    def model_rows(start: int) -> torch.Tensor:
-        """Tokens the model sees from column ``start`` on: ``[R, L - start]``."""
-        if not use_cfg:
-            return x[:, start:]
-        uncond = x.clone()
-        uncond[:, :prompt_len] = uncond_prompt
-        return torch.cat([x, uncond], dim=0)[:, start:]
-
-    def guided(logits: torch.Tensor) -> torch.Tensor:
-        if not use_cfg:
-            return logits
-        cond, uncond = logits[:batch], logits[batch:]
-        return uncond + (float(cfg_scale) + 1.0) * (cond - uncond)
-
     gen = x[:, prompt_len:]                          # view: the generation, [B, gen_length]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     eos_tensor = torch.tensor(eos_ids, dtype=torch.int64, device=device)
+    if generator is not None and generator.device.type != "cpu":
+        # Every step draws its seed from the generator: a CPU generator seeded once from this one
+        # keeps those draws free of host syncs.
+        generator = torch.Generator().manual_seed(int(torch.randint(
+            0, 2 ** 63 - 1, (1,), generator=generator, device=generator.device).item()))
+    uncond_prompt = torch.where(prompt_keep, mask_id, prompt) if use_cfg else None
 
-    def finish_rows() -> bool:
-        """Mark rows with a committed EOS and no mask before it; fill their masks. -> all done."""
-        nonlocal finished
-        if not eos_ids:
-            return False
-        is_eos = torch.isin(gen, eos_tensor)
-        masked = gen == mask_id
-        first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), gen_length)
-        column = torch.arange(gen_length, device=device)
-        masks_before = (masked & (column[None] < first_eos[:, None])).any(1)
-        done = (first_eos < gen_length) & ~masks_before
-        fill = done[:, None] & masked & (column[None] > first_eos[:, None])
-        gen.masked_fill_(fill, eos_ids[0])
-        finished = finished | done
-        return bool(finished.all())
-
+    # Host syncs: fixed schedule, one per block (its schedule and "every row finished" in one
+    # read); threshold mode, one per step ("block done" and "every row finished").
     block_steps = [0] * num_blocks
     all_done = False
     for block in range(num_blocks):
@@ -457,26 +507,28 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
         start = prompt_len + block * block_length
         end = start + block_length
         block_tokens = x[:, start:end]               # view: denoise_step writes through it
-        num_masked = (block_tokens == mask_id).sum(1)
-        schedule = (get_num_transfer_tokens(num_masked, steps_per_block)
-                    if threshold is None else None)
-        # Which steps commit anything in some row: one host read per block, not one per step.
-        step_commits = (schedule.any(0).tolist() if schedule is not None
-                        else [True] * steps_per_block)
+        if threshold is None:
+            num_masked = (block_tokens == mask_id).sum(1)
+            schedule = get_num_transfer_tokens(num_masked, steps_per_block)
+            host = torch.cat([finished.all().view(1).long(), schedule.flatten()]).tolist()
+            if host[0]:
+                break
+            # a host tensor: the per-step num_transfer costs no sync
+            schedule = torch.tensor(host[1:], dtype=torch.int64).view(batch, steps_per_block)
+            step_commits = [any(host[1 + step::steps_per_block]) for step in range(steps_per_block)]
+        else:
+            schedule, step_commits = None, [True] * steps_per_block
         if prefix is not None:
             prefix.start_block(start)
         for step in range(steps_per_block):
-            if not bool((block_tokens == mask_id).any()):
-                break
             if not step_commits[step]:
                 continue   # commits nothing in any row: an identical forward, skip it
-            if prefix is not None and step > 0:
+            extend = prefix is not None and step > 0
+            if extend:
                 prefix.mode = "extend"
-                logits = runner.block_logits(model_rows(start), start, end, prefix)
-            else:
-                logits = runner.block_logits(model_rows(0), start, end, prefix)
+            rows = _model_rows(x, start if extend else 0, prompt_len, uncond_prompt)
+            logits = _guided(runner.block_logits(rows, start, end, prefix), batch, cfg_scale)
             block_steps[block] += 1
-            logits = guided(logits)
             # [MASK] is never a valid prediction (a trained model gives it ~0 probability; an
             # untrained one may not): committing it would leave the position masked forever.
             logits[..., mask_id] = float("-inf")
@@ -484,15 +536,22 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
                             num_transfer=None if schedule is None else schedule[:, step],
                             threshold=threshold, temperature=float(temperature),
                             remasking=remasking, generator=generator, backend=backend)
-            all_done = finish_rows()
-            if all_done:
-                break
-        if bool((block_tokens == mask_id).any()):
+            if eos_ids:
+                finished = _finish_rows(gen, finished, eos_tensor, mask_id)
+            if threshold is not None:
+                block_left, all_done = torch.stack(
+                    [(block_tokens == mask_id).any(), finished.all()]).tolist()
+                if all_done or not block_left:
+                    break
+
+    generated = gen.tolist()
+    for row in generated:
+        if mask_id in row:
+            block = row.index(mask_id) // block_length
             raise RuntimeError(f"block {block} still has masked positions after "
                                f"{block_steps[block]} steps: denoise_step committed too few tokens")
-
     sequences = []
-    for row in gen.tolist():
+    for row in generated:
         for i, token in enumerate(row):
             if token in eos_ids:
                 row = row[:i + 1]
@@ -503,3 +562,10 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
     return DiffusionResult(sequences=sequences, tokens=x,
                            num_forward_calls=runner.num_forward_calls,
                            steps_per_block=block_steps, prompt_length=prompt_len)
+
+
+# The masked-diffusion options' defaults: a DiffusionGemma call must leave them unset.
+_LLADA_DEFAULTS = {
+    name: param.default for name, param in inspect.signature(diffusion_generate).parameters.items()
+    if name in ("block_length", "steps", "threshold", "temperature", "remasking", "cfg_scale",
+                "mask_id", "cache")}

@@ -164,6 +164,9 @@ def load_diffusion_model(path: str, *, mask_id: int | None = None, device="cpu",
       load as ``AutoModelForCausalLM`` with ``A2R_ATTENTION`` (bidirectional; prefix cache works).
     - Checkpoints that ship their own code (LLaDA, Dream: ``auto_map`` in config.json) load with
       ``trust_remote_code=True`` and their own attention (exact mode only).
+    - DiffusionGemma checkpoints (``model_type`` ``"diffusion_gemma"``) load as
+      ``DiffusionGemmaForBlockDiffusion`` with their ``generation_config.json``; they have no mask
+      token (``mask_id`` must be None). ValueError on a transformers without DiffusionGemma.
 
     The mask token id is ``mask_id`` if given, else ``config.mask_token_id``, else the tokenizer's
     ``mask_token``; it is stored as ``model.config.mask_token_id``. ValueError if none is found.
@@ -180,6 +183,13 @@ def load_diffusion_model(path: str, *, mask_id: int | None = None, device="cpu",
     with open(os.path.join(path, "config.json")) as f:
         raw_config = json.load(f)
     kwargs = {} if dtype is None else {"dtype": dtype}
+    from .diffusion_gemma import is_diffusion_gemma_config, require_diffusion_gemma
+    if is_diffusion_gemma_config(raw_config):
+        if mask_id is not None:
+            raise ValueError(f"mask_id: {path} is a DiffusionGemma checkpoint (uniform-noise "
+                             "diffusion), which has no mask token")
+        model = require_diffusion_gemma().from_pretrained(path, **kwargs)
+        return model.to(device).eval()
     auto_map = raw_config.get("auto_map", {})
     if auto_map:
         config = AutoConfig.from_pretrained(path, trust_remote_code=True)

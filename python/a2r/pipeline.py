@@ -18,35 +18,37 @@ Set-ups:
   the tokenizers may differ (a warning says so when their vocabularies do).
 * symmetric — one model explores and synthesizes. Tokenizers must then be identical. The
   synthesizer prompt is built to start with the explorer prompt's question turn, so the two share a
-  token prefix of S tokens, and the synthesizer reuses its KV through one tree cache
+  token prefix, and the synthesizer reuses its KV through automatic prefix reuse
   (``A2RConfig.reuse_prefix_kv``, on by default)::
 
-        root: shared prefix, S tokens, prefilled once
-        ├── explorer prompt rest ──fork──> N paths          (freed after exploring)
-        └── synthesizer prompt rest (references, trace) ──> greedy answer
+        explorer prompt ──prefill──> N paths        (its full blocks stay cached after the run)
+        synthesizer prompt: [whole 16-token blocks shared with a cached prompt][rest] ──> answer
+                             reused, not recomputed                            forwarded
 
-  S is the common prefix *in token space* of the explorer prompt and the synthesizer prompt
-  rendered with placeholder references (the references are known only after exploring; the two
-  prompts part before them), at most ``P_explorer - 1``. After exploring, the real synthesizer
-  prompt must start with those S tokens; then only its ``P_synth - S`` other tokens are forwarded,
-  appended to a fork of the root (causal attention over the gathered prefix, nothing copied).
-  Otherwise (no common token, tokens that part differently, or reuse turned off) the synthesizer
-  prefills its whole prompt and ``KVSharing.reuse_note`` says why.
-  Pool: ``ceil(S / bs)`` blocks for the root plus the larger of the explorer's subtree
-  (:func:`a2r.explore.tree_blocks_needed`) and an estimate of the synthesizer's (references of at
-  most ``max_new_tokens + 2`` tokens each); should the real synthesizer prompt need more, the
-  root's KV is copied once into a pool of the exact size (``reuse_note`` says so; still not
-  recomputed).
+  The pipeline keeps one :class:`~a2r_kernels.hf.TreeDecoder` per model across stages and runs,
+  and its prefill reuses every whole block of a prompt that a live or freed (not yet evicted)
+  sequence holds (``TreeKVCache`` prefix reuse: blocks keyed by their tokens and everything before
+  them). So the synthesizer forwards only what follows the last whole block it shares with the
+  explorer prompt, and ``a2r eval`` over many questions reuses what their prompts share. The
+  explorer's pool is sized for the synthesizer's prompt too (an estimate: the synthesizer prompt
+  with empty references plus ``max_new_tokens + 2`` tokens per reference and the traces), so the
+  explorer's prompt is still cached when the synthesizer runs; a prompt that outgrows the pool gets
+  a larger one, recomputing the prefix (``KVSharing.reuse_note`` says so). With
+  ``reuse_prefix_kv=False`` every stage prefills its whole prompt in a pool of its own.
 
 KV bytes saved by sharing: the explorer's prompt KV is stored once for N paths instead of N times,
 ``prompt_tokens * (N - 1) * bytes_per_token`` with
-``bytes_per_token = 2 (K and V) * num_layers * num_kv_heads * head_dim * dtype size``; in the
-symmetric set-up with reuse, ``reused_prefix_tokens * bytes_per_token`` more: the synthesizer
-neither recomputes nor stores again the shared prefix.
+``bytes_per_token = 2 (K and V) * num_layers * num_kv_heads * head_dim * dtype size``; plus
+``reused_prefix_tokens * bytes_per_token``: the synthesizer prompt tokens whose KV came from the
+cache, neither recomputed nor stored again. With ``engine="vllm"`` both are vLLM's prefix caching,
+which shares whole blocks: the explorer prompt's full blocks, and the prompt tokens vLLM reports
+cached for the synthesizer.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import time
 import warnings
@@ -69,6 +71,7 @@ __all__ = [
     "KVSharing",
     "ModelDirError",
     "PipelineError",
+    "PromptTooLongError",
     "StageReport",
     "TokenizerMismatchError",
     "UnsupportedArchitectureError",
@@ -99,6 +102,10 @@ class TokenizerMismatchError(PipelineError):
     """Explorer and synthesizer tokenizers disagree where the set-up needs them identical."""
 
 
+class PromptTooLongError(PipelineError):
+    """A stage's prompt plus its new tokens exceed its model's ``max_position_embeddings``."""
+
+
 # --------------------------------------------------------------------------------------------
 # Configuration and results
 # --------------------------------------------------------------------------------------------
@@ -113,6 +120,14 @@ THINKER_INSTRUCTION = "Write a short reasoning trace that reconciles the referen
 SYNTHESIZER_INSTRUCTION = (
     "The reference answers above come from independent attempts and may be wrong. Re-reason about "
     "the question using them, and put your final answer within \\boxed{}.")
+
+
+def joined_trace(traces: Sequence[str]) -> str:
+    """The thinker text handed to the synthesizer: the trace itself, or with several traces each
+    headed ``Trace i:`` (blank lines between)."""
+    if len(traces) == 1:
+        return traces[0]
+    return "\n\n".join(f"Trace {i}:\n{t}" for i, t in enumerate(traces, 1))
 
 
 @dataclass
@@ -138,6 +153,8 @@ class A2RConfig:
     thinker_temperature: float = 0.0
     thinker_remasking: str = "low_confidence"
     thinker_cache: str = "none"
+    thinker_traces: int = 1                  # thinker traces from one prompt (one encoder pass
+                                             # with DiffusionGemma); all go to the synthesizer
     # Synthesizer (greedy by default: the synthesis should be reproducible).
     synth_max_new_tokens: int | None = None  # None: max_new_tokens
     synth_temperature: float = 0.0
@@ -145,8 +162,9 @@ class A2RConfig:
     thinker_instruction: str = THINKER_INSTRUCTION
     synthesizer_instruction: str = SYNTHESIZER_INSTRUCTION
     backend: str = "auto"                    # a2r_kernels backend for sample_parallel
-    # Symmetric set-up: the synthesizer reuses the KV of the prompt prefix it shares with the
-    # explorer (one tree cache for both stages). False: it prefills its whole prompt.
+    # Automatic prefix reuse: each model's stages run in one tree cache kept across runs, and a
+    # prefill reuses the whole blocks its prompt shares with cached ones (symmetric: the
+    # synthesizer's with the explorer's). False: every stage prefills its whole prompt.
     reuse_prefix_kv: bool = True
 
     def validate(self) -> None:
@@ -165,6 +183,11 @@ class A2RConfig:
             raise PipelineError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise PipelineError(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}")
+        for name in ("answer_max_chars", "answer_max_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 0):
+                raise PipelineError(f"{name} must be an int >= 0 or None (no cap), got {value!r}")
         if self.answer_mode not in ANSWER_MODES:
             raise PipelineError(f"answer_mode must be one of {ANSWER_MODES}, "
                                 f"got {self.answer_mode!r}")
@@ -181,7 +204,8 @@ class A2RConfig:
                                 f"got {self.thinker_cache!r}")
         if self.backend not in BACKENDS:
             raise PipelineError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        for name in ("thinker_gen_length", "thinker_block_length", "thinker_steps"):
+        for name in ("thinker_gen_length", "thinker_block_length", "thinker_steps",
+                     "thinker_traces"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.thinker_gen_length % self.thinker_block_length:
@@ -191,6 +215,22 @@ class A2RConfig:
         if self.thinker_threshold is None and self.thinker_steps % num_blocks:
             raise PipelineError(f"thinker_steps={self.thinker_steps} must be a multiple of the "
                                 f"number of thinker blocks ({num_blocks}) when no threshold is set")
+
+
+# Masked-diffusion schedule knobs a DiffusionGemma thinker has no use for (its generation config
+# sets its schedule); thinker_block_length stays free: validate() ties it to thinker_gen_length.
+_MASKED_DIFFUSION_ONLY = ("thinker_steps", "thinker_threshold", "thinker_temperature",
+                          "thinker_remasking", "thinker_cache")
+
+
+def _check_uniform_noise_thinker(cfg: A2RConfig) -> None:
+    """PipelineError naming the masked-diffusion knobs set away from their defaults."""
+    defaults = A2RConfig()
+    changed = [name for name in _MASKED_DIFFUSION_ONLY
+               if getattr(cfg, name) != getattr(defaults, name)]
+    if changed:
+        raise PipelineError(f"{', '.join(changed)}: masked-diffusion options, not used by the "
+                            "DiffusionGemma thinker (its generation config sets its schedule)")
 
 
 @dataclass
@@ -233,9 +273,9 @@ class KVSharing:
     symmetric: bool
     synthesizer_shared_prefix_tokens: int  # symmetric only: common token prefix of the two prompts
     synthesizer_reusable_bytes: int  # synthesizer_shared_prefix_tokens * bytes_per_token
-    synthesizer_prefix_reused: bool = False  # the synthesizer read the prefix KV from the explorer
-    # Tokens of the synthesizer prompt whose KV came from the explorer's prefill (0: no reuse);
-    # at most synthesizer_shared_prefix_tokens (and < the explorer prompt, which keeps >= 1 own).
+    synthesizer_prefix_reused: bool = False  # the synthesizer read some prompt KV from the cache
+    # Tokens of the synthesizer prompt whose KV came from the cache (the explorer's prompt, or an
+    # earlier run's): whole blocks, at most the prompt's length - 1 (0: no reuse).
     reused_prefix_tokens: int = 0
     synthesizer_prefill_tokens: int = 0  # synthesizer prompt tokens forwarded: prompt - reused
     synthesizer_saved_bytes: int = 0     # reused_prefix_tokens * bytes_per_token: not recomputed,
@@ -263,7 +303,8 @@ class A2RResult:
 
     @property
     def trace(self) -> str | None:
-        return self.thinker.texts[0] if self.thinker is not None else None
+        """The thinker text the synthesizer read (its traces joined, see :func:`joined_trace`)."""
+        return joined_trace(self.thinker.texts) if self.thinker is not None else None
 
     @property
     def kv_bytes_saved(self) -> int:
@@ -330,7 +371,24 @@ def parse_dtype(name):
 
 
 def _model_device(model):
+    device = getattr(model, "device", None)   # PreTrainedModel and VLLMModel have one
+    if device is not None and not callable(device):
+        return device
     return next(model.parameters()).device
+
+
+def _model_dtype(model):
+    """The dtype of ``model``'s weights (and KV cache)."""
+    dtype = getattr(model, "dtype", None)
+    if dtype is not None and not callable(dtype):
+        return dtype
+    return next(model.parameters()).dtype
+
+
+def _is_vllm(model) -> bool:
+    from .vllm_engine import VLLMModel
+
+    return isinstance(model, VLLMModel)
 
 
 def _synchronize(device) -> None:
@@ -347,7 +405,9 @@ def kv_bytes_per_token(model) -> int:
     num_heads = text_config.num_attention_heads
     num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
-    element_size = next(model.parameters()).element_size()
+    import torch
+
+    element_size = torch.empty((), dtype=_model_dtype(model)).element_size()
     return 2 * text_config.num_hidden_layers * num_kv_heads * head_dim * element_size
 
 
@@ -415,6 +475,39 @@ def _tokenizer_differences(a, b) -> list[str]:
     return diffs
 
 
+def _check_tokenizer(tokenizer, directory: Path, role: str) -> None:
+    """transformers builds an empty tokenizer from ``config.json`` alone when a directory has no
+    tokenizer files; it encodes every text to no tokens. Refuse it here, naming the directory."""
+    if not tokenizer("0 a", add_special_tokens=False)["input_ids"]:
+        raise ModelDirError(f"{role} model directory {directory} has no tokenizer (it loads as an "
+                            f"empty {type(tokenizer).__name__}); save one there with "
+                            "tokenizer.save_pretrained(DIR)")
+
+
+def _position_limit(model) -> int | None:
+    """The model's ``max_position_embeddings`` (None when its config has none)."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+_REFERENCES_TOO_LONG = ("prompt too long once the references are in (lower answer_max_chars, "
+                        "answer_max_tokens or num_paths)")
+
+
+def _check_fits(role: str, model, prompt_tokens: int, new_tokens: int, what: str) -> None:
+    """Raise :class:`PromptTooLongError` when ``prompt_tokens + new_tokens`` positions exceed the
+    model's ``max_position_embeddings`` (positions past it are outside what the model was built
+    for: RoPE models drift, learned position tables fail)."""
+    limit = _position_limit(model)
+    if limit is not None and prompt_tokens + new_tokens > limit:
+        raise PromptTooLongError(
+            f"{what}: the {role} prompt is {prompt_tokens} tokens, + {new_tokens} new tokens = "
+            f"{prompt_tokens + new_tokens} > max_position_embeddings={limit} of the {role} model "
+            f"({type(model).__name__}, {getattr(model, 'name_or_path', '') or 'in memory'})")
+
+
 def _check_model_dir(path, role: str) -> Path:
     if path is None:
         raise ModelDirError(f"{role} model directory is required")
@@ -468,6 +561,7 @@ def _load_causal_lm(path, role: str, device, dtype):
     except (ValueError, OSError) as err:
         raise ModelDirError(f"{role} model directory {directory} has no loadable tokenizer: "
                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    _check_tokenizer(tokenizer, directory, role)
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=parse_dtype(dtype))
     except OSError as err:  # config.json but no weights, or unreadable weights
@@ -475,6 +569,24 @@ def _load_causal_lm(path, role: str, device, dtype):
                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
     model.to(device).eval()
     return model, tokenizer
+
+
+def _load_vllm_model(path, role: str, device, dtype, *, options: dict, seed):
+    """A :class:`~a2r.vllm_engine.VLLMModel` + tokenizer from ``path`` (``device`` unused: vLLM
+    places the engine itself)."""
+    from transformers import AutoTokenizer
+
+    from .vllm_engine import VLLMModel, vllm_available
+
+    if not vllm_available():
+        raise PipelineError("engine 'vllm' needs vLLM installed (pip install vllm)")
+    directory = _check_model_dir(path, role)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (ValueError, OSError) as err:
+        raise ModelDirError(f"{role} model directory {directory} has no loadable tokenizer: "
+                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    return VLLMModel(directory, dtype=parse_dtype(dtype), seed=seed, **options), tokenizer
 
 
 def _load_thinker(path, device, dtype):
@@ -491,7 +603,10 @@ def _load_thinker(path, device, dtype):
     except (ValueError, OSError) as err:
         raise ModelDirError(f"thinker model directory {directory} has no loadable tokenizer: "
                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
-    mask_id = getattr(tokenizer, "mask_token_id", None)
+    _check_tokenizer(tokenizer, directory, "thinker")
+    from .diffusion_gemma import is_diffusion_gemma_config
+    uniform_noise = is_diffusion_gemma_config(json.loads((directory / "config.json").read_text()))
+    mask_id = None if uniform_noise else getattr(tokenizer, "mask_token_id", None)
     try:
         model = load_diffusion_model(str(directory), mask_id=mask_id, device=device,
                                      dtype=parse_dtype(dtype))
@@ -505,75 +620,7 @@ def _load_thinker(path, device, dtype):
     return model, tokenizer
 
 
-# --------------------------------------------------------------------------------------------
-# Symmetric set-up: one tree cache for explorer and synthesizer
-# --------------------------------------------------------------------------------------------
-
-_BLOCK_SIZE = 16   # tokens per KV block (sample_parallel's default)
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-class _SharedPrefix:
-    """The root of the symmetric set-up's tree: the KV of the S prompt tokens the explorer and the
-    synthesizer share, prefilled once in one :class:`~a2r_kernels.hf.TreeDecoder`.
-
-    :meth:`run` forwards only a prompt's tokens after the prefix, on a fork of the root
-    (:func:`a2r.explore.explore_from`), so no stage recomputes or stores the prefix again.
-    """
-
-    def __init__(self, model, prefix_ids, num_blocks: int, backend: str):
-        from a2r_kernels.hf import TreeDecoder
-
-        self.prefix = prefix_ids[0].tolist()                       # the S shared token ids
-        self.decoder = TreeDecoder(model, num_blocks, block_size=_BLOCK_SIZE, backend=backend)
-        self.root, _ = self.decoder.prefill(prefix_ids)
-        self.pool_grown = False
-
-    @property
-    def tokens(self) -> int:
-        return len(self.prefix)
-
-    @property
-    def root_blocks(self) -> int:
-        return _ceil_div(self.tokens, _BLOCK_SIZE)
-
-    def continues(self, input_ids) -> bool:
-        """Whether prompt ``input_ids`` ``[1, P]`` starts with the prefix and goes on after it."""
-        return (input_ids.shape[1] > self.tokens
-                and input_ids[0, :self.tokens].tolist() == self.prefix)
-
-    def reserve_for(self, blocks: int) -> None:
-        """Make room for ``blocks`` more blocks next to the root. If the pool is too small (the
-        synthesizer prompt outgrew its estimate), copy the root's KV once into a pool of exactly
-        ``root_blocks + blocks``: a copy, never a recompute."""
-        old = self.decoder
-        if old.cache.num_free_blocks >= blocks:
-            return
-        from a2r_kernels.hf import TreeDecoder
-
-        new = TreeDecoder(old.model, self.root_blocks + blocks, block_size=_BLOCK_SIZE,
-                          backend=old.backend, dtype=old.cache.dtype)
-        root = new.new_sequence()
-        slots = new.cache.reserve([root], self.tokens)
-        for layer in range(old.cache.num_layers):
-            new.cache.write(layer, slots, *old.cache.gather(layer, self.root))
-        old.free(self.root)
-        self.decoder, self.root, self.pool_grown = new, root, True
-
-    def run(self, input_ids, n: int, max_new_tokens: int, *, keep_root: bool, **sampling):
-        """Explore ``n`` continuations of prompt ``input_ids`` (which :meth:`continues` the
-        prefix), forwarding only its tokens after the prefix. ``keep_root=False`` frees the root."""
-        from .explore import explore_from
-
-        return explore_from(self.decoder, input_ids[:, self.tokens:], [n], max_new_tokens,
-                            parent=self.root, keep_parent=keep_root, **sampling)
-
-    def close(self) -> None:
-        if self.root in self.decoder.cache.sequences:
-            self.decoder.free(self.root)
+_BLOCK_SIZE = 16   # tokens per KV block of the pipeline's decoders (sample_parallel's default)
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,8 +635,9 @@ class A2RPipeline:
         explorer, explorer_tokenizer: causal LM (any device/dtype) sampling the N paths.
         synthesizer, synthesizer_tokenizer: causal LM writing the final answer. ``None`` (or the
             explorer object itself) is the symmetric set-up: one model does both, the
-            tokenizers must be identical, and the synthesizer reuses the KV of the prompt prefix
-            it shares with the explorer (``A2RConfig.reuse_prefix_kv``; module docstring).
+            tokenizers must be identical, and the synthesizer reuses the KV of the whole blocks
+            its prompt shares with the explorer's (``A2RConfig.reuse_prefix_kv``; module
+            docstring).
         thinker, thinker_tokenizer: optional masked-diffusion model (``a2r.diffusion``) writing a
             compact trace from the question and the references; its tokenizer defaults to the
             explorer's.
@@ -613,6 +661,9 @@ class A2RPipeline:
         self.thinker_tokenizer = thinker_tokenizer or explorer_tokenizer
         self.config = config or A2RConfig()
         self.config.validate()
+        # One TreeDecoder per (model, backend), kept across stages and runs: its cache holds the
+        # prompts' blocks for automatic prefix reuse.
+        self._decoders: dict[tuple[int, str], Any] = {}
 
         diffs = _tokenizer_differences(self.explorer_tokenizer, self.synthesizer_tokenizer)
         if diffs and self.symmetric:
@@ -629,23 +680,34 @@ class A2RPipeline:
     @classmethod
     def from_pretrained(cls, explorer: str | os.PathLike, synthesizer: str | os.PathLike | None = None,
                         thinker: str | os.PathLike | None = None, *, device="cpu", dtype=None,
-                        config: A2RConfig | None = None) -> "A2RPipeline":
+                        config: A2RConfig | None = None, engine: str = "transformers",
+                        vllm_options: dict | None = None) -> "A2RPipeline":
         """Load the models from ``save_pretrained`` directories (each with its tokenizer).
 
         ``synthesizer=None`` or the explorer's own directory gives the symmetric set-up (the model
         is loaded once). ``dtype``: ``None``/``"auto"`` keeps the checkpoint's, else a name accepted
-        by :func:`parse_dtype`. Raises :class:`ModelDirError`,
+        by :func:`parse_dtype`. ``engine="vllm"`` runs the explorer and the synthesizer as vLLM
+        engines (:class:`a2r.vllm_engine.VLLMModel`, ``vllm_options`` its keyword arguments:
+        ``tensor_parallel_size``, ``pipeline_parallel_size``, ``gpu_memory_utilization``, ...;
+        ``device`` is then the thinker's only). Raises :class:`ModelDirError`,
         :class:`UnsupportedArchitectureError` or :class:`TokenizerMismatchError`.
         """
+        from .vllm_engine import ENGINES
+
+        if engine not in ENGINES:
+            raise PipelineError(f"engine must be one of {ENGINES}, got {engine!r}")
+        load = _load_causal_lm if engine == "transformers" else functools.partial(
+            _load_vllm_model, options=dict(vllm_options or {}),
+            seed=(config or A2RConfig()).seed)
         explorer_dir = _check_model_dir(explorer, "explorer")
         synthesizer_dir = _check_model_dir(synthesizer, "synthesizer") if synthesizer else None
         thinker_dir = _check_model_dir(thinker, "thinker") if thinker else None
         parse_dtype(dtype)  # reject a bad dtype before loading anything
-        explorer_model, explorer_tok = _load_causal_lm(explorer_dir, "explorer", device, dtype)
+        explorer_model, explorer_tok = load(explorer_dir, "explorer", device, dtype)
         synthesizer_model = synthesizer_tok = None
         if synthesizer_dir is not None and synthesizer_dir.resolve() != explorer_dir.resolve():
-            synthesizer_model, synthesizer_tok = _load_causal_lm(synthesizer_dir, "synthesizer",
-                                                                 device, dtype)
+            synthesizer_model, synthesizer_tok = load(synthesizer_dir, "synthesizer", device,
+                                                      dtype)
         thinker_model = thinker_tok = None
         if thinker_dir is not None:
             thinker_model, thinker_tok = _load_thinker(thinker_dir, device, dtype)
@@ -690,100 +752,116 @@ class A2RPipeline:
 
     # ---- stages ------------------------------------------------------------------------------
 
+    def _decoder(self, model, num_blocks: int, cfg: A2RConfig) -> tuple[Any, str]:
+        """The pipeline's decoder over ``model`` with at least ``num_blocks`` blocks, and ``""``;
+        or, when the kept one is smaller, a new one of ``num_blocks`` (its cached prompts are
+        lost) and a note saying so."""
+        from a2r_kernels.hf import TreeDecoder
+
+        key = (id(model), cfg.backend)
+        decoder = self._decoders.get(key)
+        if decoder is not None and decoder.cache.num_blocks >= num_blocks:
+            return decoder, ""
+        note = "" if decoder is None else (
+            f"the prompt needed {num_blocks} KV blocks, more than the pool's "
+            f"{decoder.cache.num_blocks}: a larger pool was built and cached prompts recomputed")
+        self._decoders[key] = TreeDecoder(model, num_blocks, block_size=_BLOCK_SIZE,
+                                          backend=cfg.backend)
+        return self._decoders[key], note
+
     def _generate(self, name: str, model, tokenizer, prompt: str, n: int, max_new_tokens: int,
                   temperature: float, seed: int | None, cfg: A2RConfig, *, input_ids=None,
-                  shared: _SharedPrefix | None = None, keep_root: bool = False
-                  ) -> tuple[StageReport, Any]:
-        """One sampling stage. With ``shared`` (whose prefix ``input_ids`` continues) only the
-        prompt's tokens after the prefix are forwarded, on a fork of the shared root."""
+                  decoder=None) -> tuple[StageReport, int]:
+        """One sampling stage; returns its report and the prompt tokens whose KV ``decoder`` (the
+        pipeline's, for prefix reuse; None: a pool of the stage's own) took from its cache."""
         from . import explore
 
         device = _model_device(model)
         if input_ids is None:
             input_ids = _encode(tokenizer, prompt, device)
+        # Question-only prompts were checked up front (check_question); this catches the rest.
+        _check_fits(name, model, input_ids.shape[1], max_new_tokens, _REFERENCES_TOO_LONG)
         eos_ids = _eos_ids(model, tokenizer)
         eos_token_id = eos_ids if len(eos_ids) > 1 else (eos_ids[0] if eos_ids else None)
         sampling = dict(temperature=temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                         eos_token_id=eos_token_id, seed=seed)
+        if decoder is not None:
+            sampling["decoder"] = decoder
+            reused_before = decoder.reused_tokens
         _synchronize(device)
         start = time.perf_counter()
-        if shared is None:
+        if _is_vllm(model):
+            sequences = model.sample(input_ids[0].tolist(), n, max_new_tokens, **sampling)
+        else:
             # Looked up on the module at call time, so tests can script the explorer.
             sequences = explore.sample_parallel(model, input_ids, n, max_new_tokens,
                                                 backend=cfg.backend, **sampling)
-        else:
-            sequences = shared.run(input_ids, n, max_new_tokens, keep_root=keep_root,
-                                   **sampling).sequences
         _synchronize(device)
         seconds = time.perf_counter() - start
         sequences = [list(map(int, s)) for s in sequences]
         texts = [_decode(tokenizer, s, eos_ids) for s in sequences]
-        return StageReport(name, prompt, int(input_ids.shape[1]), texts, sequences, seconds), input_ids
+        reused = 0 if decoder is None else decoder.reused_tokens - reused_before
+        return StageReport(name, prompt, int(input_ids.shape[1]), texts, sequences, seconds), reused
 
-    def _open_shared_prefix(self, question: str, explorer_ids, cfg: A2RConfig
-                            ) -> tuple[_SharedPrefix | None, str]:
-        """Symmetric set-up: prefill the token prefix that the explorer prompt shares with the
-        synthesizer prompt once, in a pool sized for both stages. Returns ``(shared, "")``, or
-        ``(None, why not)``."""
+    def _explorer_pool_blocks(self, question: str, explorer_ids, cfg: A2RConfig) -> int:
+        """KV blocks for the explorer stage; symmetric: also enough for the synthesizer's prompt
+        (an estimate, see the module docstring), so the explorer's prompt blocks are still
+        cached when the synthesizer prefills."""
         from .explore import tree_blocks_needed
 
-        if not cfg.reuse_prefix_kv:
-            return None, "reuse_prefix_kv is off"
-        device = _model_device(self.explorer)
-        # The references are known only after exploring. Two renderings with different
-        # placeholders bound where the prompts part: before the references, whatever they are.
-        trace = "x" if self.thinker is not None and cfg.use_thinker else None
-        probes = [_encode(self.synthesizer_tokenizer,
-                          self.synthesizer_prompt(question, [ref] * cfg.num_paths, trace), device)
-                  for ref in ("", "0")]
-        explorer_list = explorer_ids[0].tolist()
-        # The explorer keeps >= 1 token of its own: the fork that starts its paths needs logits.
-        prefix = min([explorer_ids.shape[1] - 1] + [
-            _common_prefix_length(explorer_list, p[0].tolist()) for p in probes])
-        if prefix < 1:
-            return None, "the explorer and synthesizer prompts share no token prefix"
-        synth_max = cfg.synth_max_new_tokens or cfg.max_new_tokens
-        explorer_blocks = tree_blocks_needed(explorer_ids.shape[1] - prefix, [cfg.num_paths],
-                                             [cfg.max_new_tokens], _BLOCK_SIZE)
-        # Synthesizer estimate: the probe plus, per reference, the tokens of the path it is cut
-        # from (+2 for re-tokenisation at the cut) and, with a thinker, its trace.
-        reference_tokens = cfg.max_new_tokens + 2
+        blocks = tree_blocks_needed(explorer_ids.shape[1], [cfg.num_paths], [cfg.max_new_tokens],
+                                    _BLOCK_SIZE)
+        if not self.symmetric:
+            return blocks
+        use_thinker = self.thinker is not None and cfg.use_thinker
+        bare = _encode(self.synthesizer_tokenizer, self.synthesizer_prompt(
+            question, [""] * cfg.num_paths, "x" if use_thinker else None), "cpu").shape[1]
+        reference_tokens = cfg.max_new_tokens + 2   # + 2: re-tokenisation at the cut
         if cfg.answer_max_tokens is not None:
             reference_tokens = min(reference_tokens, cfg.answer_max_tokens + 2)
-        synth_prompt_tokens = (max(p.shape[1] for p in probes) - prefix
-                               + cfg.num_paths * reference_tokens
-                               + (cfg.thinker_gen_length + 2 if trace else 0))
-        synth_blocks = tree_blocks_needed(synth_prompt_tokens, [1], [synth_max], _BLOCK_SIZE)
-        num_blocks = _ceil_div(prefix, _BLOCK_SIZE) + max(explorer_blocks, synth_blocks)
-        return _SharedPrefix(self.explorer, explorer_ids[:, :prefix], num_blocks, cfg.backend), ""
+        synth_tokens = (bare + cfg.num_paths * reference_tokens
+                        + (cfg.thinker_traces * (cfg.thinker_gen_length + 8) if use_thinker
+                           else 0))
+        synth_max = cfg.synth_max_new_tokens or cfg.max_new_tokens
+        # The explorer's prompt blocks stay cached (free) while the synthesizer's need the rest.
+        return max(blocks, tree_blocks_needed(synth_tokens, [1], [synth_max], _BLOCK_SIZE)
+                   + -(-explorer_ids.shape[1] // _BLOCK_SIZE))
 
     def _think(self, question: str, references: Sequence[str], cfg: A2RConfig) -> StageReport:
         import torch
 
         from .diffusion import diffusion_generate
+        from .diffusion_gemma import is_diffusion_gemma
 
         tokenizer = self.thinker_tokenizer
         prompt = self.thinker_prompt(question, references)
         device = _model_device(self.thinker)
         input_ids = _encode(tokenizer, prompt, device)
+        _check_fits("thinker", self.thinker, input_ids.shape[1], cfg.thinker_gen_length,
+                    _REFERENCES_TOO_LONG)
         generator = None
         if cfg.seed is not None:
             generator = torch.Generator(device=device).manual_seed(cfg.seed + 2)
         stop_ids = [i for i in (tokenizer.eos_token_id, getattr(tokenizer, "mask_token_id", None))
                     if i is not None]
+        if is_diffusion_gemma(self.thinker):   # schedule from its generation config
+            schedule = {}
+        else:
+            schedule = dict(block_length=cfg.thinker_block_length, steps=cfg.thinker_steps,
+                            threshold=cfg.thinker_threshold, temperature=cfg.thinker_temperature,
+                            remasking=cfg.thinker_remasking, cache=cfg.thinker_cache,
+                            mask_id=getattr(tokenizer, "mask_token_id", None))
         _synchronize(device)
         start = time.perf_counter()
         rows = diffusion_generate(
             self.thinker, input_ids, gen_length=cfg.thinker_gen_length,
-            block_length=cfg.thinker_block_length, steps=cfg.thinker_steps,
-            threshold=cfg.thinker_threshold, temperature=cfg.thinker_temperature,
-            remasking=cfg.thinker_remasking, mask_id=getattr(tokenizer, "mask_token_id", None),
-            eos_token_id=tokenizer.eos_token_id, cache=cfg.thinker_cache, generator=generator)
+            eos_token_id=tokenizer.eos_token_id, generator=generator,
+            num_traces=cfg.thinker_traces, **schedule)
         _synchronize(device)
         seconds = time.perf_counter() - start
-        trace_ids = [int(t) for t in rows[0]]
-        trace = _decode(tokenizer, trace_ids, stop_ids).strip()
-        return StageReport("thinker", prompt, int(input_ids.shape[1]), [trace], [trace_ids], seconds)
+        trace_ids = [[int(t) for t in row] for row in rows]
+        traces = [_decode(tokenizer, ids, stop_ids).strip() for ids in trace_ids]
+        return StageReport("thinker", prompt, int(input_ids.shape[1]), traces, trace_ids, seconds)
 
     # ---- single stages (``a2r eval`` re-runs them on one set of explorer samples) -------------
 
@@ -814,49 +892,65 @@ class A2RPipeline:
         report.texts = [report.texts[0].strip()]
         return report
 
+    def _config(self, overrides) -> A2RConfig:
+        unknown = set(overrides) - set(A2RConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown A2RConfig fields: {sorted(unknown)}")
+        cfg = A2RConfig(**{**asdict(self.config), **overrides})
+        cfg.validate()
+        if self.thinker is not None and cfg.use_thinker:
+            from .diffusion_gemma import is_diffusion_gemma
+            if is_diffusion_gemma(self.thinker):
+                _check_uniform_noise_thinker(cfg)
+        return cfg
+
+    def check_question(self, question: str, **overrides) -> None:
+        """Raise :class:`PipelineError` when :meth:`run` would refuse ``question``, without running
+        any model: it is not a non-blank string, or a stage's prompt (the thinker's and the
+        synthesizer's with empty references: their shortest form) plus that stage's new tokens
+        exceeds its model's ``max_position_embeddings`` (:class:`PromptTooLongError`)."""
+        self._check_question(question, self._config(overrides))
+
+    def _check_question(self, question, cfg: A2RConfig) -> None:
+        if not isinstance(question, str) or not question.strip():
+            raise PipelineError(f"question must be a non-empty string, got {question!r}")
+        what = "question too long"
+        _check_fits("explorer", self.explorer, len(_encode(
+            self.explorer_tokenizer, self.explorer_prompt(question), "cpu")[0]),
+            cfg.max_new_tokens, what)
+        no_references = [""] * cfg.num_paths
+        use_thinker = self.thinker is not None and cfg.use_thinker
+        if use_thinker:
+            _check_fits("thinker", self.thinker, len(_encode(
+                self.thinker_tokenizer, self.thinker_prompt(question, no_references), "cpu")[0]),
+                cfg.thinker_gen_length, what)
+        synth_prompt = self.synthesizer_prompt(question, no_references, "x" if use_thinker else None)
+        _check_fits("synthesizer", self.synthesizer, len(_encode(
+            self.synthesizer_tokenizer, synth_prompt, "cpu")[0]),
+            cfg.synth_max_new_tokens or cfg.max_new_tokens, what)
+
     def run(self, question: str, **overrides) -> A2RResult:
         """Run explorer -> thinker -> synthesizer on ``question``.
 
         ``overrides`` replace fields of :attr:`config` for this call only
         (e.g. ``num_paths=8, max_new_tokens=512``).
         """
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("question must be a non-empty string")
-        unknown = set(overrides) - set(A2RConfig.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown A2RConfig fields: {sorted(unknown)}")
-        cfg = A2RConfig(**{**asdict(self.config), **overrides})
-        cfg.validate()
+        cfg = self._config(overrides)
+        self._check_question(question, cfg)
         run_start = time.perf_counter()
 
         # 1. Explorer: N paths from one prompt; the prompt KV is shared through the tree cache.
-        #    Symmetric: the prefix it shares with the synthesizer prompt is the tree's root.
         explorer_prompt = self.explorer_prompt(question)
         explorer_ids = _encode(self.explorer_tokenizer, explorer_prompt,
                                _model_device(self.explorer))
-        shared, reuse_note = None, "asymmetric set-up: two models, two caches"
-        prefill_seconds = 0.0
-        if self.symmetric:
-            _synchronize(_model_device(self.explorer))
-            prefill_start = time.perf_counter()
-            shared, reuse_note = self._open_shared_prefix(question, explorer_ids, cfg)
-            _synchronize(_model_device(self.explorer))
-            prefill_seconds = time.perf_counter() - prefill_start
-        try:
-            return self._run_stages(question, cfg, run_start, explorer_prompt, explorer_ids,
-                                    shared, reuse_note, prefill_seconds)
-        finally:
-            if shared is not None:
-                shared.close()
-
-    def _run_stages(self, question: str, cfg: A2RConfig, run_start: float, explorer_prompt: str,
-                    explorer_ids, shared: _SharedPrefix | None, reuse_note: str,
-                    prefill_seconds: float) -> A2RResult:
+        explorer_decoder = None
+        if cfg.reuse_prefix_kv and not _is_vllm(self.explorer):
+            explorer_decoder, _ = self._decoder(
+                self.explorer, self._explorer_pool_blocks(question, explorer_ids, cfg), cfg)
         explorer, _ = self._generate(
             "explorer", self.explorer, self.explorer_tokenizer, explorer_prompt,
             cfg.num_paths, cfg.max_new_tokens, cfg.temperature, cfg.seed, cfg,
-            input_ids=explorer_ids, shared=shared, keep_root=True)
-        explorer.seconds += prefill_seconds   # the shared prefix is the explorer prompt's head
+            input_ids=explorer_ids, decoder=explorer_decoder)
         references = [extract_answer_component(
             text, mode=cfg.answer_mode, max_chars=cfg.answer_max_chars,
             max_tokens=cfg.answer_max_tokens,
@@ -870,41 +964,50 @@ class A2RPipeline:
         if self.thinker is not None and cfg.use_thinker:
             thinker = self._think(question, references, cfg)
 
-        # 3. Synthesizer: greedy by default, one sequence. Symmetric: on a second fork of the
-        #    shared root, when its prompt starts with the root's tokens.
+        # 3. Synthesizer: greedy by default, one sequence. Symmetric: its prefill reuses the
+        #    whole blocks its prompt shares with the explorer's, still cached in the same pool.
         synth_seed = None if cfg.seed is None else cfg.seed + 1
         synth_prompt = self.synthesizer_prompt(question, references,
-                                               thinker.texts[0] if thinker else None)
+                                               joined_trace(thinker.texts) if thinker else None)
         synth_ids = _encode(self.synthesizer_tokenizer, synth_prompt,
                             _model_device(self.synthesizer))
         synth_max = cfg.synth_max_new_tokens or cfg.max_new_tokens
-        reused = 0
-        if shared is not None and not shared.continues(synth_ids):
-            reuse_note = (f"the synthesizer prompt does not start with the {shared.tokens} "
-                          "shared prefix tokens")
-            shared.close()
-            shared = None
-        if shared is not None:
+        synth_decoder = None
+        if _is_vllm(self.synthesizer):   # refined below (symmetric) from vLLM's report
+            reuse_note = ("vLLM prefix caching" if self.symmetric
+                          else "asymmetric set-up: two models, two caches")
+        elif not cfg.reuse_prefix_kv:
+            reuse_note = "reuse_prefix_kv is off"
+        else:
             from .explore import tree_blocks_needed
 
-            shared.reserve_for(tree_blocks_needed(synth_ids.shape[1] - shared.tokens, [1],
-                                                  [synth_max], _BLOCK_SIZE))
-            if shared.pool_grown:
-                reuse_note = ("the synthesizer prompt outgrew the pool estimate: the prefix KV "
-                              "was copied once into a larger pool (not recomputed)")
-            reused = shared.tokens
-        synthesizer, _ = self._generate(
+            synth_decoder, reuse_note = self._decoder(
+                self.synthesizer,
+                tree_blocks_needed(synth_ids.shape[1], [1], [synth_max], _BLOCK_SIZE), cfg)
+        synthesizer, reused = self._generate(
             "synthesizer", self.synthesizer, self.synthesizer_tokenizer, synth_prompt, 1,
             synth_max, cfg.synth_temperature, synth_seed, cfg, input_ids=synth_ids,
-            shared=shared, keep_root=False)
+            decoder=synth_decoder)
+        if synth_decoder is not None and not reused and not reuse_note:
+            reuse_note = ("asymmetric set-up: two models, two caches" if not self.symmetric else
+                          f"the synthesizer prompt shares no whole {_BLOCK_SIZE}-token block "
+                          "with a cached prompt")
 
         bytes_per_token = kv_bytes_per_token(self.explorer)
         shared_prefix = (_common_prefix_length(explorer_ids[0].tolist(), synth_ids[0].tolist())
                          if self.symmetric else 0)
+        explorer_shared = explorer.prompt_tokens
+        if _is_vllm(self.explorer):   # vLLM shares whole blocks (prefix caching)
+            explorer_shared -= explorer_shared % self.explorer.block_size
+            if self.symmetric:
+                reused = min(self.synthesizer.last_cached_tokens, shared_prefix)
+                block = self.explorer.block_size
+                reuse_note = (f"vLLM prefix caching reused {reused} of the {shared_prefix} shared "
+                              f"prefix tokens (whole {block}-token blocks)")
         kv = KVSharing(
             prompt_tokens=explorer.prompt_tokens, num_paths=cfg.num_paths,
             bytes_per_token=bytes_per_token,
-            explorer_saved_bytes=explorer.prompt_tokens * (cfg.num_paths - 1) * bytes_per_token,
+            explorer_saved_bytes=explorer_shared * (cfg.num_paths - 1) * bytes_per_token,
             symmetric=self.symmetric, synthesizer_shared_prefix_tokens=shared_prefix,
             synthesizer_reusable_bytes=shared_prefix * bytes_per_token,
             synthesizer_prefix_reused=reused > 0, reused_prefix_tokens=reused,

@@ -43,6 +43,7 @@ __all__ = [
     "a2r_home",
     "build_tiny_tokenizer",
     "ensure_tiny_models",
+    "is_random_model",
     "tiny_dir",
     "trained_models",
     "trained_models_dir",
@@ -76,12 +77,21 @@ _COMPLETE_MARKER = ".complete"
 TRACE_LENGTH = 8
 TRAINED_THINKER_SETTINGS = {"thinker_gen_length": TRACE_LENGTH,
                             "thinker_block_length": TRACE_LENGTH, "thinker_steps": TRACE_LENGTH}
+# A file in a model directory saying its weights are random (untrained): the CLI then says that its
+# answers are noise. Every model this module builds is random; a trained model has no such file.
+RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"
 
 
 def a2r_home() -> Path:
     """``$A2R_HOME`` when set, else ``~/.cache/a2r``."""
     env = os.environ.get("A2R_HOME")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "a2r"
+
+
+def is_random_model(path: str | os.PathLike) -> bool:
+    """True when the model directory ``path`` holds random (untrained) weights (its
+    :data:`RANDOM_WEIGHTS_MARKER` file exists)."""
+    return (Path(path) / RANDOM_WEIGHTS_MARKER).is_file()
 
 
 def tiny_dir(home: str | os.PathLike | None = None) -> Path:
@@ -224,6 +234,8 @@ def _build_one(name: str, target: Path) -> None:
             model = _BUILDERS[name](tokenizer)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        (staging / RANDOM_WEIGHTS_MARKER).write_text(f"random weights, seed-initialised by "
+                                                     f"a2r.tiny ({TINY_NAME}/{name})\n")
         (staging / _COMPLETE_MARKER).write_text(f"{TINY_NAME}/{name}\n")
         try:
             os.replace(staging, target)
@@ -245,7 +257,9 @@ def ensure_tiny_models(home: str | os.PathLike | None = None, *,
     root = tiny_dir(home)
     paths = {name: root / name for name in _BUILDERS}
     for name in ("explorer", "synthesizer") + (("thinker",) if thinker else ()):
-        if not (paths[name] / _COMPLETE_MARKER).exists():
+        # A directory built before RANDOM_WEIGHTS_MARKER existed is rebuilt (a few seconds), so
+        # that every embedded random model carries it.
+        if not ((paths[name] / _COMPLETE_MARKER).exists() and is_random_model(paths[name])):
             if paths[name].exists():  # a stale, incomplete directory from an interrupted build
                 shutil.rmtree(paths[name], ignore_errors=True)
             _build_one(name, paths[name])

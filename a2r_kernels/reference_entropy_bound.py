@@ -1,0 +1,137 @@
+"""Plain-torch fp32 reference of ``entropy_bound_step``: the spec the Triton kernels match.
+
+One step of uniform-noise diffusion with the entropy-bound sampler of transformers'
+DiffusionGemma (``EntropyBoundSampler``; Lavenant et al., arXiv 2505.24857), for ``B`` rows of
+``L`` positions over a vocabulary of ``V``. ``x = logits`` are already temperature-processed.
+
+1. Per position ``pos = b * L + l``:
+   ``argmax = argmax_v x[v]`` (ties -> lowest ``v``, as ``torch.argmax``);
+   ``sample = argmax_v (x[v] + g[v])``, ``g = -log(-log u)`` the Gumbel noise of ``denoise_step``
+   (Philox counter ``(v, pos, 0, 0)``, :mod:`a2r_kernels.reference_denoise`), i.e. a draw from
+   ``softmax(x)``;
+   ``entropy = -sum_v p_v log p_v`` with ``p = softmax(x)`` (``0 log 0 = 0``), in fp32.
+2. Per row, positions ordered by entropy ascending (a stable sort: ties -> lower position) with
+   sorted entropies ``e_(1) <= e_(2) <= ...``: position ``(k)`` is accepted when
+   ``cumsum(e)_(k) - e_(k) <= entropy_bound``, transformers' rule verbatim (for exact arithmetic
+   that is the longest prefix whose entropies before the last sum to at most the bound: the
+   first position is always accepted).
+3. ``canvas[pos] = sample`` where accepted; elsewhere the position is renoised with the uniform
+   token ``(r * V) >> 32`` (``r`` the uint32 Philox word at counter ``(0, pos, 2, 0)``; exactly
+   uniform when ``V`` is a power of two, otherwise within ``V / 2**32`` of uniform).
+
+Non-finite logits (the rules of ``denoise_step``): a position whose logits hold a NaN, or no
+entry above ``-inf``, has no distribution: its ``entropy`` is ``+inf``, ``sample`` and ``argmax``
+are 0, and it is never accepted (so always renoised). A position holding ``+inf`` (and no NaN) is
+the point mass on its lowest ``+inf`` index: ``sample = argmax =`` that index, ``entropy = 0``.
+``-inf`` logits (banned tokens) are ordinary: probability 0. Nothing is NaN.
+
+The Gumbel-max here skips, exactly, the Philox draws that cannot win (see :func:`gumbel_argmax`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference_denoise import GUMBEL_STREAM, gumbel_noise, philox_uniform, philox_word
+
+RENOISE_STREAM = 2   # Philox counter word c2 of the renoise token (0: Gumbel, 1: random score)
+# An upper bound on every Gumbel draw g = -log(-log u): u <= 1 - 2**-24 gives g <= 16.636 (fp32).
+# A draw at a logit x cannot beat a running best when fl(x + GUMBEL_BOUND) < best, because fl is
+# monotone; the margin over 16.636 covers the log implementations of every backend.
+GUMBEL_BOUND = 17.0
+TOPK_PROBE = 64      # largest logits whose noisy values give the first bound of the Gumbel-max
+
+
+def _gumbel(seed: int, vocab_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """fp32 Gumbel noise at Philox counters ``(vocab_ids, positions, 0, 0)`` (broadcast)."""
+    u = philox_uniform(seed, vocab_ids, positions, GUMBEL_STREAM)
+    return -torch.log(-torch.log(u))
+
+
+def gumbel_argmax(x: torch.Tensor, seed: int, valid: torch.Tensor) -> torch.Tensor:
+    """``argmax_v (x[n, v] + g[n, v])`` for fp32 ``x [N, V]`` (row ``n`` is flat position ``n``);
+    int64 ``[N]``, ties -> lowest ``v``; 0 where ``valid [N]`` (bool) is False.
+
+    Equal to materialising ``x + gumbel_noise`` (the definition; a test holds them equal) but
+    draws noise only where it can matter: ``best0`` is the best noisy value among the row's
+    ``TOPK_PROBE`` largest logits, and only entries with ``x + GUMBEL_BOUND >= best0`` can reach
+    it. For a peaked (LM-like) distribution that is a few entries per row; when more than half
+    of all entries are candidates (flat rows) the dense definition runs instead.
+    """
+    num_rows, vocab = x.shape
+    probe_x, probe_v = x.topk(min(TOPK_PROBE, vocab), dim=-1)
+    rows = torch.arange(num_rows, device=x.device)
+    best0 = (probe_x + _gumbel(seed, probe_v, rows[:, None])).amax(dim=-1)
+    best0 = torch.where(valid, best0, float("inf"))            # invalid rows: no candidates
+    candidates = x + GUMBEL_BOUND >= best0[:, None]
+    if 2 * int(candidates.sum()) > candidates.numel():
+        # Mostly flat rows: the definition itself (dense noise, no gather) is cheaper.
+        noisy = x + gumbel_noise(seed, 1, num_rows, vocab, x.device)[0]
+        return torch.where(valid, noisy.argmax(dim=-1), 0)
+    cand_row, cand_v = candidates.nonzero(as_tuple=True)
+    noisy = x[cand_row, cand_v] + _gumbel(seed, cand_v, cand_row)
+    row_best = torch.full((num_rows,), float("-inf"), device=x.device)
+    row_best = row_best.scatter_reduce(0, cand_row, noisy, reduce="amax")
+    at_best = noisy == row_best[cand_row]                      # lowest index among the best
+    first = torch.full((num_rows,), vocab, dtype=torch.int64, device=x.device)
+    first = first.scatter_reduce(0, cand_row[at_best], cand_v[at_best], reduce="amin")
+    return torch.where(valid & (first < vocab), first, 0)
+
+
+def entropy_and_argmax(x: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(entropy fp32 [N], argmax int64 [N], valid bool [N], point_mass bool [N]) of fp32
+    ``x [N, V]``, the rows classified by their max (which propagates NaN): ``valid`` = no NaN and
+    some entry above ``-inf``; ``point_mass`` = valid with a ``+inf`` entry (entropy 0, argmax
+    its first ``+inf``). Invalid rows get entropy ``+inf`` and argmax 0.
+    """
+    row_max, argmax = x.max(dim=-1)          # first index of the max, as torch.argmax
+    valid = row_max > float("-inf")          # False for NaN too
+    point_mass = row_max == float("inf")
+    # H = log s - a / s with z = x - max, s = sum e^z, a = sum e^z z: one exp per entry and no
+    # log (softmax + entr would take both). A -inf logit's z is clamped to a finite -1e30, whose
+    # weight e^z is exactly 0, so it adds 0 rather than 0 * (-inf).
+    z = (x - row_max[:, None]).clamp_(min=-1e30)
+    weights = z.exp()
+    total = weights.sum(dim=-1)
+    weighted = (weights * z).sum(dim=-1)
+    entropy = torch.where(point_mass, 0.0, total.log() - weighted / total)
+    return (torch.where(valid, entropy, float("inf")), torch.where(valid, argmax, 0), valid,
+            point_mass)
+
+
+def accept(entropy: torch.Tensor, entropy_bound: float) -> torch.Tensor:
+    """bool ``[B, L]``: transformers' entropy-bound acceptance of fp32 ``entropy [B, L]``, with a
+    stable sort (ties -> lower position) and non-finite entropies never accepted."""
+    sorted_entropy, order = torch.sort(entropy, dim=-1, stable=True)
+    cumulative = torch.cumsum(sorted_entropy, dim=-1)
+    selected = (cumulative - sorted_entropy <= entropy_bound) & torch.isfinite(sorted_entropy)
+    return torch.zeros_like(selected).scatter(-1, order, selected)
+
+
+def renoise_tokens(seed: int, batch: int, length: int, vocab: int, device) -> torch.Tensor:
+    """int64 ``[batch, length]`` uniform tokens in ``[0, vocab)``: ``(r * vocab) >> 32`` with
+    ``r`` the Philox word at counter ``(0, b * length + l, RENOISE_STREAM, 0)``."""
+    positions = torch.arange(batch * length, device=device).view(batch, length)
+    r = philox_word(seed, torch.zeros_like(positions), positions, RENOISE_STREAM)
+    return (r * vocab) >> 32
+
+
+def entropy_bound_step(logits: torch.Tensor, canvas: torch.Tensor, entropy_bound: float,
+                       seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fp32 reference step; see the module docstring for the formulas.
+
+    logits [B, L, V] float (any strides); canvas int64 [B, L], updated in place;
+    ``seed`` in ``[0, 2**63)``. Returns (sample int64, argmax int64, entropy fp32,
+    accepted bool), each [B, L]. Inputs are assumed valid (the public op checks them).
+    """
+    batch, length, vocab = logits.shape
+    x = logits.float().reshape(batch * length, vocab)
+    entropy, argmax, valid, point_mass = entropy_and_argmax(x)
+    sample = torch.where(point_mass, argmax, gumbel_argmax(x, seed, valid & ~point_mass))
+    entropy = entropy.view(batch, length)
+    accepted = accept(entropy, entropy_bound)
+    sample = sample.view(batch, length)
+    noise = renoise_tokens(seed, batch, length, vocab, logits.device)
+    canvas.copy_(torch.where(accepted, sample, noise))
+    return sample, argmax.view(batch, length), entropy, accepted

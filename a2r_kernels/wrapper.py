@@ -1,0 +1,313 @@
+"""TreeAttentionWrapper: graph-safe plan / run for tree decode attention (API.md section 5).
+
+FlashInfer's split, with every buffer allocated once at construction:
+
+- ``plan(layout)`` (once per decode step, host side) copies the step's :class:`TreeLayout` into
+  fixed plan buffers: the layout's int32 host plan is copied into a staging buffer (pinned memory
+  on CUDA) and from there to the device in one non-blocking copy; a page table the layout reads
+  by reference (``TreeKVCache.layout``, ``TreeLayout.from_block_tables``) is one device-to-device
+  copy. Work items past the layout's are zeroed (``q_len = 0``): their programs exit at once.
+- ``run(q, k_cache, v_cache)`` (per layer) launches the partial kernel over the *capacity*
+  ``max_work`` work items and the merge over ``q.shape[0]`` sequences, reading only the fixed
+  buffers: no host work beyond argument checks, no allocation when ``out`` is given, the same
+  launches every call. Captured in a CUDA graph, it can be replayed after any later ``plan``.
+
+Buffers (on ``device``):
+
+- plan, int32, one buffer in ``_REGIONS`` order: ``work_info [max_work, 6]``,
+  ``row_seq [max_seqs]``, ``merge_indptr [max_seqs + 1]``, ``merge_rows [max_partials]``,
+  ``seq_lens [max_seqs]``, ``page_table [max_blocks]``. Past the planned sequences,
+  ``merge_indptr`` repeats its last value, so a padded row (``num_seqs <= q.shape[0]``) merges
+  nothing: out 0, lse ``-inf``.
+- workspace, fp32: ``partial_o [max_partials, Hq, D]``, ``partial_lse [max_partials, Hq]``,
+  ``lse [max_seqs, Hq]`` (a caller may pass its own, :meth:`TreeAttentionWrapper.workspace_numel`
+  fp32 elements).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._backend import resolve_backend
+from .attention import _check_decode_inputs, _default_scale, _unit_last_stride
+from ._vocab import positive_int
+from .layout import (DEFAULT_KV_CHUNK, KV_CHUNK_TOKENS_PER_SEQ, MAX_SEQS_PER_ITEM, WORK_FIELDS,
+                     TreeLayout)
+
+# Regions of the plan buffer, in order; the page table last, so that a layout whose page table
+# lives on the device is staged without it (the host-to-device copy stops before that region).
+_REGIONS = ("work_info", "row_seq", "merge_indptr", "merge_rows", "seq_lens", "page_table")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def default_capacities(max_seqs: int, max_nodes: int, max_blocks: int,
+                       block_size: int) -> tuple[int, int]:
+    """``(max_work, max_partials)`` that hold any plan of the default (adaptive) chunking whose
+    nodes have at most ``max_blocks`` blocks together, with up to two non-empty nodes per path
+    on average (a prompt tree, an explorer tree of any fan-out one level deep).
+
+    Adaptive chunks of a node read by ``r`` sequences hold at least ``max(DEFAULT_KV_CHUNK,
+    KV_CHUNK_TOKENS_PER_SEQ * r)`` tokens, in groups of ``MAX_SEQS_PER_ITEM`` sequences, so a
+    node of ``n`` tokens makes at most ``2 * n / DEFAULT_KV_CHUNK + 1`` work items (one more per
+    group of a run) and ``n / KV_CHUNK_TOKENS_PER_SEQ + r`` partial rows.
+    """
+    tokens = max_blocks * block_size
+    max_work = (2 * max_nodes + 2 * -(-tokens // DEFAULT_KV_CHUNK)
+                + -(-2 * max_seqs // MAX_SEQS_PER_ITEM))
+    max_partials = -(-tokens // KV_CHUNK_TOKENS_PER_SEQ) + 2 * max_seqs + max_nodes
+    return max_work, max_partials
+
+
+class TreeAttentionWrapper:
+    """Tree decode attention with a fixed workspace: ``plan`` once per step, ``run`` per layer.
+
+    ``w.plan(layout); out = w.run(q, k_cache, v_cache)`` equals
+    ``ak.tree_decode_attention(q, k_cache, v_cache, layout)`` (see there for the formula).
+
+    Args:
+        num_q_heads, num_kv_heads, head_dim: the attention geometry (``num_q_heads`` a multiple
+            of ``num_kv_heads``, ``head_dim <= 256``); ``q`` is ``[S, num_q_heads, head_dim]``,
+            the pools ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+        block_size: tokens per block of the pool.
+        max_seqs: most sequences of a plan (and rows of ``q``).
+        max_nodes: most nodes of a plan's layout.
+        max_blocks: most page-table entries of a plan (``layout.num_page_entries``: the nodes'
+            blocks for ``from_paths``; the table given to ``from_block_tables``; the cache's
+            device block tables, ``cache.block_table_capacity``, for ``TreeKVCache.layout``).
+        dtype: dtype of q, the pools and the output (fp16 / bf16 / fp32).
+        device: where everything lives.
+        backend: ``"auto" | "cuda" | "triton" | "torch"``; ``"torch"`` runs the reference over
+            the planned layout (it allocates and cannot be captured).
+        max_work, max_partials: work items and partial rows a plan may have (default
+            :func:`default_capacities`).
+        workspace: optional fp32 tensor on ``device`` of at least :meth:`workspace_numel`
+            elements, carved into the partial states and the LSE buffer.
+
+    ``plan`` raises ``ValueError`` naming the capacity a layout exceeds, before it changes
+    anything.
+    """
+
+    def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int, *,
+                 max_seqs: int, max_nodes: int, max_blocks: int, dtype: torch.dtype, device,
+                 backend: str = "auto", max_work: int | None = None,
+                 max_partials: int | None = None, workspace: torch.Tensor | None = None):
+        self.num_q_heads = positive_int(num_q_heads, "num_q_heads")
+        self.num_kv_heads = positive_int(num_kv_heads, "num_kv_heads")
+        self.head_dim = positive_int(head_dim, "head_dim")
+        self.block_size = positive_int(block_size, "block_size")
+        self.max_seqs = positive_int(max_seqs, "max_seqs")
+        self.max_nodes = positive_int(max_nodes, "max_nodes")
+        self.max_blocks = positive_int(max_blocks, "max_blocks")
+        if num_q_heads % num_kv_heads:
+            raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads "
+                             f"({num_kv_heads})")
+        if head_dim > 256:
+            raise ValueError(f"head_dim must be in [1, 256], got {head_dim}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        self.dtype = dtype
+        self.device = torch.empty(0, device=device).device   # normalised ("cuda" -> "cuda:0")
+        self.backend = resolve_backend("tree_decode_attention", backend, self.device)
+        work, partials = default_capacities(max_seqs, max_nodes, max_blocks, block_size)
+        self.max_work = work if max_work is None else positive_int(max_work, "max_work")
+        self.max_partials = (partials if max_partials is None
+                             else positive_int(max_partials, "max_partials"))
+
+        sizes = {"work_info": self.max_work * len(WORK_FIELDS), "row_seq": self.max_seqs,
+                 "merge_indptr": self.max_seqs + 1, "merge_rows": self.max_partials,
+                 "seq_lens": self.max_seqs, "page_table": self.max_blocks}
+        self._region: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name in _REGIONS:
+            self._region[name] = (offset, offset + sizes[name])
+            offset += sizes[name] + (-sizes[name] % 4)   # 16-byte aligned regions
+        self._plan_buffer = torch.zeros(offset, dtype=torch.int32, device=self.device)
+        on_cuda = self.device.type == "cuda"
+        # Host staging: pinned on CUDA (so the copy is asynchronous); on the CPU the plan buffer
+        # itself, written in place.
+        self._staging = (torch.zeros(offset, dtype=torch.int32, pin_memory=True) if on_cuda
+                         else self._plan_buffer)
+        self._staged = torch.cuda.Event() if on_cuda else None   # the last staging copy is done
+        self.work_info = self._view(self._plan_buffer, "work_info").view(self.max_work,
+                                                                         len(WORK_FIELDS))
+        self.row_seq = self._view(self._plan_buffer, "row_seq")
+        self.merge_indptr = self._view(self._plan_buffer, "merge_indptr")
+        self.merge_rows = self._view(self._plan_buffer, "merge_rows")
+        self.seq_lens = self._view(self._plan_buffer, "seq_lens")
+        self.page_table = self._view(self._plan_buffer, "page_table")
+
+        numel = self.workspace_numel(num_q_heads, head_dim, self.max_seqs, self.max_partials)
+        if workspace is None:
+            workspace = torch.empty(numel, dtype=torch.float32, device=self.device)
+        elif (not isinstance(workspace, torch.Tensor) or workspace.dtype != torch.float32
+              or workspace.device != self.device or not workspace.is_contiguous()
+              or workspace.numel() < numel):
+            got = (f"{workspace.dtype} [{workspace.numel()}] on {workspace.device}"
+                   if isinstance(workspace, torch.Tensor) else type(workspace).__name__)
+            raise ValueError(f"workspace must be a contiguous float32 tensor of at least {numel} "
+                             f"elements on {self.device}, got {got}")
+        self.workspace = workspace
+        o_numel = self.max_partials * num_q_heads * head_dim
+        lse_numel = self.max_partials * num_q_heads
+        self.partial_o = workspace[:o_numel].view(self.max_partials, num_q_heads, head_dim)
+        self.partial_lse = workspace[o_numel:o_numel + lse_numel].view(self.max_partials,
+                                                                       num_q_heads)
+        self.lse = workspace[o_numel + lse_numel:numel].view(self.max_seqs, num_q_heads)
+
+        self._layout: TreeLayout | None = None
+        self._num_work = 0           # work rows of the last plan (zeroed by the next one)
+        # BLOCK_M of the Triton kernel from the capacity, not the plan: the same compiled kernel
+        # every call (a run longer than the tile loops over row tiles).
+        group = num_q_heads // num_kv_heads
+        self._max_rows = min(self.max_seqs, MAX_SEQS_PER_ITEM) * group
+
+    @staticmethod
+    def workspace_numel(num_q_heads: int, head_dim: int, max_seqs: int, max_partials: int) -> int:
+        """fp32 elements of the workspace: partial o and lse, and the output lse."""
+        return max_partials * num_q_heads * (head_dim + 1) + max_seqs * num_q_heads
+
+    def _view(self, buffer: torch.Tensor, name: str) -> torch.Tensor:
+        start, end = self._region[name]
+        return buffer[start:end]
+
+    def __repr__(self) -> str:
+        return (f"TreeAttentionWrapper({self.num_q_heads}/{self.num_kv_heads} heads, "
+                f"head_dim={self.head_dim}, block_size={self.block_size}, max_seqs="
+                f"{self.max_seqs}, max_nodes={self.max_nodes}, max_blocks={self.max_blocks}, "
+                f"max_work={self.max_work}, max_partials={self.max_partials}, {self.dtype}, "
+                f"{self.device}, backend={self.backend!r})")
+
+    # ------------------------------------------------------------------ plan
+    def plan(self, layout: TreeLayout) -> None:
+        """Copy ``layout``'s plan into the fixed buffers (host work O(plan size), no device
+        allocation, no host sync on CUDA beyond waiting for the previous plan's staging copy).
+
+        Raises ValueError when ``layout`` is not a TreeLayout of this block size on this device,
+        or exceeds a capacity (the message names it: max_seqs, max_nodes, max_blocks, max_work,
+        max_partials). Nothing changes then.
+        """
+        if not isinstance(layout, TreeLayout):
+            raise ValueError(f"layout must be an ak.TreeLayout, got {type(layout).__name__}")
+        if layout.block_size != self.block_size:
+            raise ValueError(f"layout.block_size {layout.block_size} must equal the wrapper's "
+                             f"block_size {self.block_size}")
+        if layout.device.type != self.device.type or \
+                layout.device.index not in (None, self.device.index):
+            raise ValueError(f"layout is on {layout.device} but the wrapper is on {self.device}")
+        for what, used, capacity in (("max_seqs", layout.num_seqs, self.max_seqs),
+                                     ("max_nodes", layout.num_nodes, self.max_nodes),
+                                     ("max_blocks", layout.num_page_entries, self.max_blocks),
+                                     ("max_work", layout.num_work, self.max_work),
+                                     ("max_partials", layout.num_partials, self.max_partials)):
+            if used > capacity:
+                raise ValueError(f"layout needs {used} but the wrapper was built with "
+                                 f"{what}={capacity}")
+        if self._staged is not None:
+            self._staged.synchronize()   # the previous plan's copy has read the staging buffer
+        staging = self._staging
+        num_seqs = layout.num_seqs
+        for name in ("work_info", "row_seq", "merge_indptr", "merge_rows", "seq_lens"):
+            values = layout.host_plan(name).reshape(-1)
+            start = self._region[name][0]
+            staging[start:start + values.numel()].copy_(values)
+        work_start = self._region["work_info"][0]
+        stale = staging[work_start + layout.num_work * len(WORK_FIELDS):
+                        work_start + self._num_work * len(WORK_FIELDS)]
+        stale.zero_()   # q_len 0: the programs of unused work items exit at once
+        indptr_start, indptr_end = self._region["merge_indptr"]
+        staging[indptr_start + num_seqs + 1:indptr_end].fill_(layout.num_partials)
+        host_pages = layout.host_plan("page_table")
+        if host_pages is not None:
+            start = self._region["page_table"][0]
+            staging[start:start + host_pages.numel()].copy_(host_pages)
+        if staging is not self._plan_buffer:
+            end = (self._region["page_table"][0] + (host_pages.numel() if host_pages is not None
+                                                   else 0))
+            self._plan_buffer[:end].copy_(staging[:end], non_blocking=True)
+            self._staged.record()
+        if host_pages is None:   # a page table on the device, read by reference: d2d
+            pages = layout.external_page_table   # (layout.page_table would upload the plan)
+            self.page_table[:pages.numel()].copy_(pages, non_blocking=True)
+        self._layout = layout
+        self._num_work = layout.num_work
+
+    @property
+    def layout(self) -> TreeLayout | None:
+        """The layout of the last :meth:`plan` (None before the first)."""
+        return self._layout
+
+    # ------------------------------------------------------------------ run
+    def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
+            out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+            return_lse: bool = False, sm_scale: float | None = None):
+        """Tree decode attention of the planned step (formula: :func:`tree_decode_attention`).
+
+        Args:
+            q: ``[S, num_q_heads, head_dim]`` in the wrapper's dtype, any strides (the
+                ``"cuda"`` backend copies a q without unit stride in head_dim), with
+                ``layout.num_seqs <= S <= max_seqs``: rows past the plan's sequences (padding
+                of a captured batch) come out 0 with LSE ``-inf``.
+            k_cache, v_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+            out: optional output ``[S, num_q_heads, head_dim]`` in q's dtype (unit stride in
+                head_dim for the ``"cuda"`` backend); with it, nothing is allocated.
+            lse: optional fp32 ``[S, num_q_heads]`` for the LSE; default a view of the
+                workspace, overwritten by the next call.
+            return_lse: also return the LSE (natural log).
+            sm_scale: softmax scale, default ``head_dim ** -0.5``.
+
+        Returns ``out`` (and ``lse`` with ``return_lse``).
+        """
+        layout = self._layout
+        if layout is None:
+            raise ValueError("run before plan: call plan(layout) first")
+        _check_decode_inputs(q, k_cache, v_cache)
+        num_seqs = q.shape[0]
+        if tuple(q.shape[1:]) != (self.num_q_heads, self.head_dim) or q.dtype != self.dtype \
+                or q.device != self.device:
+            raise ValueError(f"q must be [S, {self.num_q_heads}, {self.head_dim}] {self.dtype} on "
+                             f"{self.device}, got {tuple(q.shape)} {q.dtype} on {q.device}")
+        if not layout.num_seqs <= num_seqs <= self.max_seqs:
+            raise ValueError(f"q has {num_seqs} sequences; the plan has {layout.num_seqs} and "
+                             f"max_seqs is {self.max_seqs}")
+        if tuple(k_cache.shape[1:]) != (self.block_size, self.num_kv_heads, self.head_dim):
+            raise ValueError(f"k_cache must be [num_blocks, {self.block_size}, "
+                             f"{self.num_kv_heads}, {self.head_dim}], got {tuple(k_cache.shape)}")
+        if layout.max_block_id >= k_cache.shape[0]:
+            raise ValueError(f"the plan reads block {layout.max_block_id} but k_cache has only "
+                             f"{k_cache.shape[0]} blocks")
+        sm_scale = _default_scale(sm_scale, self.head_dim)
+        if out is None:
+            out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        if lse is None:
+            lse = self.lse[:num_seqs]
+        elif not isinstance(lse, torch.Tensor) or lse.shape != q.shape[:2] or \
+                lse.dtype != torch.float32 or lse.device != q.device:
+            raise ValueError(f"lse must be float32 {tuple(q.shape[:2])} on {q.device}")
+
+        if self.backend == "torch":
+            ref_out, ref_lse = reference.tree_decode_attention(q[:layout.num_seqs], k_cache,
+                                                               v_cache, layout, sm_scale)
+            out[:layout.num_seqs].copy_(ref_out)
+            lse[:layout.num_seqs].copy_(ref_lse)
+            out[layout.num_seqs:].zero_()
+            lse[layout.num_seqs:].fill_(float("-inf"))
+        elif self.backend == "triton":
+            from .triton import attention as kernels
+            kernels.tree_attention_partials(q, k_cache, v_cache, self.work_info, self.row_seq,
+                                            self.page_table, self.partial_o, self.partial_lse,
+                                            sm_scale, self._max_rows)
+            kernels.merge_partials(self.partial_o, self.partial_lse,
+                                   self.merge_indptr[:num_seqs + 1], self.merge_rows, out, lse)
+        else:  # cuda
+            from . import _cuda_ops
+            _cuda_ops.tree_attention_partials(_unit_last_stride(q), k_cache, v_cache,
+                                              self.work_info, self.row_seq[:num_seqs],
+                                              self.page_table, self.partial_o, self.partial_lse,
+                                              sm_scale)
+            _cuda_ops.merge_partials(self.partial_o, self.partial_lse,
+                                     self.merge_indptr[:num_seqs + 1], self.merge_rows, out, lse)
+        return (out, lse) if return_lse else out

@@ -1,0 +1,459 @@
+"""TreeAttentionWrapper (plan / run over fixed buffers) and TreeLayout.from_block_tables.
+
+Triton kernels run in Triton's CPU interpreter without a GPU (TRITON_INTERPRET=1, set before
+anything imports triton); the CUDA-graph test needs a GPU and skips without one.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+import a2r_kernels as ak  # noqa: E402
+from a2r_kernels import reference  # noqa: E402
+from test_attention import (DEVICE, KERNEL_BACKENDS, _backend_or_skip, check_close,  # noqa: E402
+                            random_tree)
+
+BACKENDS = ["torch"] + KERNEL_BACKENDS
+
+
+def _pool(num_blocks, block_size, num_kv_heads, head_dim, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    return (torch.randn(shape, generator=g).to(dtype).to(DEVICE),
+            torch.randn(shape, generator=g).to(dtype).to(DEVICE))
+
+
+def _wrapper(backend, hq, hkv, d, bs, dtype, **capacity):
+    kw = dict(max_seqs=8, max_nodes=48, max_blocks=512, max_work=48, max_partials=96)
+    kw.update(capacity)
+    return ak.TreeAttentionWrapper(hq, hkv, d, bs, dtype=dtype, device=DEVICE, backend=backend,
+                                   **kw)
+
+
+def _buffers(w):
+    return {name: getattr(w, name).data_ptr() for name in (
+        "work_info", "row_seq", "page_table", "merge_indptr", "merge_rows", "seq_lens",
+        "partial_o", "partial_lse", "lse", "workspace")}
+
+
+# (dtype, (Hq, Hkv), block_size): every dtype, GQA group 1 / 4 / 8 and block size 1 / 16 / 32
+# at least twice each.
+WRAPPER_CASES = [
+    (torch.float32, (4, 4), 1), (torch.float16, (8, 2), 16), (torch.bfloat16, (8, 1), 32),
+    (torch.float32, (8, 2), 32), (torch.bfloat16, (3, 3), 16), (torch.float16, (16, 2), 1),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", WRAPPER_CASES,
+                         ids=lambda c: f"{str(c[0])[6:]}-{c[1][0]}/{c[1][1]}-bs{c[2]}")
+def test_three_trees_through_one_wrapper_and_one_out(backend, case):
+    """Three random trees planned into the same wrapper, run into the same out buffer: each step
+    equals the per-path reference; no buffer is reallocated by a plan."""
+    _backend_or_skip(backend)
+    dtype, (hq, hkv), bs = case
+    d = 40 if dtype == torch.float32 else 64
+    rng = random.Random(WRAPPER_CASES.index(case))
+    trees = [random_tree(rng, rng.randint(3, 8), rng.randint(2, 3), bs,
+                         lengths=(0, 1, 7, 33)) for _ in range(3)]
+    k, v = _pool(max(t[3] for t in trees), bs, hkv, d, dtype, seed=1)
+    w = _wrapper(backend, hq, hkv, d, bs, dtype)
+    before = _buffers(w)
+    out = torch.empty(8, hq, d, dtype=dtype, device=DEVICE)
+    sizes = []
+    for step, (paths, tables, lengths, _) in enumerate(trees):
+        layout = ak.TreeLayout.from_paths(paths, tables, lengths, bs, DEVICE)
+        w.plan(layout)
+        g = torch.Generator().manual_seed(step)
+        q = torch.randn(len(paths), hq, d, generator=g).to(dtype).to(DEVICE)
+        got, lse = w.run(q, k, v, out=out[:len(paths)], return_lse=True)
+        assert got.data_ptr() == out.data_ptr()
+        ref_out, ref_lse = reference.tree_decode_attention_by_path(q, k, v, layout, d ** -0.5)
+        check_close(got, lse, ref_out, ref_lse, dtype)
+        assert _buffers(w) == before
+        sizes.append((layout.num_work, layout.num_partials, layout.num_seqs))
+    assert len(set(sizes)) > 1, "the three steps should have different plans"
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_stale_work_items_of_a_larger_plan_are_cleared(backend):
+    """A big plan then a small one: the small step must not run the big one's leftover items."""
+    _backend_or_skip(backend)
+    bs, hq, hkv, d, dtype = 4, 4, 2, 32, torch.float32
+    k, v = _pool(40, bs, hkv, d, dtype, seed=2)
+    w = _wrapper(backend, hq, hkv, d, bs, dtype)
+    big = ak.TreeLayout.from_paths([[0, i + 1] for i in range(6)],
+                                   [[0, 1, 2]] + [[3 + i] for i in range(6)], [10] + [3] * 6, bs,
+                                   DEVICE, kv_chunk_size=4)
+    small = ak.TreeLayout.from_paths([[0], [1]], [[20, 21], [22]], [5, 4], bs, DEVICE)
+    q = torch.randn(6, hq, d, device=DEVICE)
+    w.plan(big)
+    w.run(q, k, v)
+    w.plan(small)
+    assert big.num_work > small.num_work
+    out, lse = w.run(q[:2], k, v, return_lse=True)
+    ref_out, ref_lse = reference.tree_decode_attention_by_path(q[:2], k, v, small, d ** -0.5)
+    check_close(out, lse, ref_out, ref_lse, dtype)
+    assert not w.work_info[small.num_work:].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_past_the_plan_are_zero_with_neg_inf_lse(backend):
+    """A q padded past the planned sequences (a captured batch size): padding rows merge
+    nothing."""
+    _backend_or_skip(backend)
+    bs, hq, hkv, d, dtype = 16, 4, 2, 32, torch.float16
+    k, v = _pool(8, bs, hkv, d, dtype, seed=3)
+    w = _wrapper(backend, hq, hkv, d, bs, dtype)
+    w.plan(ak.TreeLayout.from_paths([[0, 1], [0, 2], [0, 1, 2], [3], [0, 1, 3], [1]],
+                                    [[0, 1], [2], [3], [4]], [20, 9, 16, 3], bs, DEVICE))
+    w.run(torch.randn(6, hq, d, device=DEVICE).to(dtype), k, v)
+    layout = ak.TreeLayout.from_paths([[0, 1], [0]], [[0, 1], [2]], [20, 9], bs, DEVICE)
+    w.plan(layout)
+    q = torch.randn(5, hq, d, device=DEVICE).to(dtype)
+    out, lse = w.run(q, k, v, return_lse=True)
+    ref_out, ref_lse = reference.tree_decode_attention_by_path(q[:2], k, v, layout, d ** -0.5)
+    check_close(out[:2], lse[:2], ref_out, ref_lse, dtype)
+    assert torch.equal(out[2:].float().cpu(), torch.zeros(3, hq, d))
+    assert torch.isneginf(lse[2:]).all()
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="counts CPU allocations")
+@pytest.mark.parametrize("backend", ["triton"])
+def test_run_with_out_allocates_nothing_on_cpu(backend):
+    """torch's profiler records every CPU allocation: none inside run(out=...)."""
+    _backend_or_skip(backend)
+    bs, hq, hkv, d, dtype = 16, 8, 2, 64, torch.bfloat16
+    k, v = _pool(10, bs, hkv, d, dtype, seed=4)
+    w = _wrapper(backend, hq, hkv, d, bs, dtype)
+    layout = ak.TreeLayout.from_paths([[0, 1], [0, 2], [0]], [[0, 1, 2], [3], [4, 5]],
+                                      [40, 16, 17], bs, DEVICE)
+    w.plan(layout)
+    q = torch.randn(3, hq, d).to(dtype)
+    out = torch.empty_like(q)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _, lse = w.run(q, k, v, out=out, return_lse=True)
+    allocations = [(e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage > 0]
+    assert allocations == []
+    assert w.lse.data_ptr() <= lse.data_ptr() < w.lse.data_ptr() + w.lse.nbytes
+    ref_out, ref_lse = reference.tree_decode_attention_by_path(q, k, v, layout, d ** -0.5)
+    check_close(out, lse, ref_out, ref_lse, dtype)
+
+
+def test_plan_over_capacity_names_the_capacity():
+    bs = 4
+    w = ak.TreeAttentionWrapper(2, 1, 16, bs, max_seqs=2, max_nodes=3, max_blocks=8, max_work=4,
+                                max_partials=5, dtype=torch.float32, device=DEVICE,
+                                backend="torch")
+    ok = ak.TreeLayout.from_paths([[0, 1], [0, 2]], [[0], [1], [2]], [4, 4, 4], bs, DEVICE)
+    assert (ok.num_work, ok.num_partials) == (3, 4)
+    w.plan(ok)
+    over = {
+        "max_seqs": ([[0], [0], [0]], [[0]], [4], {}),
+        "max_nodes": ([[0, 1], [2, 3]], [[0], [1], [2], [3]], [1, 1, 1, 1], {}),
+        "max_blocks": ([[0]], [list(range(9))], [36], {}),
+        "max_work": ([[0]], [list(range(5))], [20], {"kv_chunk_size": 4}),
+        "max_partials": ([[0], [0]], [[0, 1, 2]], [12], {"kv_chunk_size": 4,
+                                                         "max_seqs_per_item": 2}),
+    }
+    for name, (paths, tables, lengths, kw) in over.items():
+        layout = ak.TreeLayout.from_paths(paths, tables, lengths, bs, DEVICE, **kw)
+        with pytest.raises(ValueError, match=name):
+            w.plan(layout)
+        assert w.layout is ok   # nothing changed
+    with pytest.raises(ValueError, match="block_size"):
+        w.plan(ak.TreeLayout.from_paths([[0]], [[0]], [3], 8, DEVICE))
+    with pytest.raises(ValueError, match="layout must be"):
+        w.plan("step")
+
+
+def test_wrapper_bad_arguments():
+    kw = dict(max_seqs=2, max_nodes=2, max_blocks=2, dtype=torch.float32, device=DEVICE)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        ak.TreeAttentionWrapper(3, 2, 16, 4, **kw)
+    with pytest.raises(ValueError, match="max_seqs"):
+        ak.TreeAttentionWrapper(2, 1, 16, 4, **{**kw, "max_seqs": 0})
+    with pytest.raises(ValueError, match="dtype"):
+        ak.TreeAttentionWrapper(2, 1, 16, 4, **{**kw, "dtype": torch.int32})
+    with pytest.raises(ValueError, match="workspace"):
+        ak.TreeAttentionWrapper(2, 1, 16, 4, **kw, workspace=torch.empty(3, device=DEVICE))
+    with pytest.raises(ak.BackendUnavailable):
+        ak.TreeAttentionWrapper(2, 1, 16, 4, **{**kw, "device": "cpu"}, backend="cuda")
+    w = ak.TreeAttentionWrapper(2, 1, 16, 4, **kw, backend="torch")
+    q = torch.zeros(1, 2, 16, device=DEVICE)
+    k = torch.zeros(3, 4, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="run before plan"):
+        w.run(q, k, k)
+    w.plan(ak.TreeLayout.from_paths([[0]], [[2]], [3], 4, DEVICE))
+    with pytest.raises(ValueError, match="k_cache has only"):
+        w.run(q, k[:2], k[:2])
+    with pytest.raises(ValueError, match="q must be"):
+        w.run(q.half(), k.half(), k.half())
+    with pytest.raises(ValueError, match="q must be"):
+        w.run(torch.zeros(1, 4, 16, device=DEVICE), k, k)
+    with pytest.raises(ValueError, match="out must be"):
+        w.run(q, k, k, out=torch.zeros(2, 2, 16, device=DEVICE))
+
+
+def test_caller_workspace_is_used():
+    numel = ak.TreeAttentionWrapper.workspace_numel(4, 16, max_seqs=3, max_partials=10)
+    workspace = torch.empty(numel + 5, device=DEVICE)
+    w = ak.TreeAttentionWrapper(4, 2, 16, 4, max_seqs=3, max_nodes=4, max_blocks=8,
+                                max_partials=10, dtype=torch.float32, device=DEVICE,
+                                backend="torch", workspace=workspace)
+    base, end = workspace.data_ptr(), workspace.data_ptr() + workspace.nbytes
+    for t in (w.partial_o, w.partial_lse, w.lse):
+        assert base <= t.data_ptr() and t.data_ptr() + t.nbytes <= end
+
+
+# ------------------------------------------------------------------------- CUDA graphs (GPU)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_cuda_graph_capture_replan_replay(backend):
+    """run captured once in a torch.cuda.CUDAGraph; three later plans replayed against eager;
+    run allocates no device memory."""
+    _backend_or_skip(backend)
+    bs, hq, hkv, d, dtype = 16, 32, 8, 128, torch.bfloat16
+    rng = random.Random(7)
+    trees = [random_tree(rng, 8, 3, bs, lengths=(0, 1, 17, 100, 300)) for _ in range(4)]
+    k, v = _pool(max(t[3] for t in trees), bs, hkv, d, dtype, seed=5)
+    w = ak.TreeAttentionWrapper(hq, hkv, d, bs, max_seqs=8, max_nodes=64, max_blocks=1024,
+                                dtype=dtype, device=DEVICE, backend=backend)
+    q = torch.zeros(8, hq, d, dtype=dtype, device=DEVICE)
+    out = torch.zeros_like(q)
+
+    def layout_of(tree):
+        paths, tables, lengths, _ = tree
+        paths = (paths + [[]] * 8)[:8]          # the captured batch: 8 rows
+        return ak.TreeLayout.from_paths(paths, tables, lengths, bs, DEVICE)
+
+    w.plan(layout_of(trees[0]))
+    w.run(q, k, v, out=out)                     # warm-up: compile outside the capture
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    w.run(q, k, v, out=out)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w.run(q, k, v, out=out)
+    for step, tree in enumerate(trees[1:]):
+        layout = layout_of(tree)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_stats()["allocation.all.allocated"]
+        w.plan(layout)                          # host staging + one copy: no device allocation
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+        q.copy_(torch.randn(8, hq, d, generator=torch.Generator().manual_seed(step)).to(dtype))
+        graph.replay()
+        eager = ak.tree_decode_attention(q, k, v, layout, backend=backend)
+        torch.testing.assert_close(out, eager, atol=1.6e-2, rtol=0)
+
+
+# ------------------------------------------------------------------------- from_block_tables
+def vllm_like_tables(rng: random.Random, block_size: int):
+    """Block tables as vLLM hands them over: groups of requests (n > 1 samples of one prompt)
+    share the prompt's full blocks, each has private blocks after them (its partial last
+    prompt block recomputed, then its samples), some requests share nothing; rows padded with
+    junk ids past their length."""
+    next_block = [0]
+
+    def fresh(n):
+        ids = list(range(next_block[0], next_block[0] + n))
+        next_block[0] += n
+        return ids
+
+    tables, lens = [], []
+    for _ in range(rng.randint(2, 4)):
+        prompt = rng.randint(0, 5 * block_size)
+        shared = fresh(prompt // block_size)
+        for _ in range(rng.randint(1, 5)):
+            total = prompt + rng.randint(0, 3 * block_size)
+            own = fresh(-(-total // block_size) - len(shared))
+            tables.append(shared + own)
+            lens.append(total)
+    for _ in range(rng.randint(1, 3)):
+        total = rng.randint(0, 4 * block_size)
+        tables.append(fresh(-(-total // block_size)))
+        lens.append(total)
+    order = list(range(len(tables)))
+    rng.shuffle(order)
+    tables, lens = [tables[i] for i in order], [lens[i] for i in order]
+    width = max(map(len, tables)) + 1
+    junk = next_block[0] + 1000
+    return [t + [junk] * (width - len(t)) for t in tables], lens, next_block[0]
+
+
+def unique_kv_tokens(tables, lens, block_size):
+    """Tokens of the distinct blocks read (a block read by several rows counted once)."""
+    read = {}
+    for table, n in zip(tables, lens):
+        for p in range(-(-n // block_size)):
+            read[table[p]] = max(read.get(table[p], 0), min(block_size, n - p * block_size))
+    return sum(read.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", range(4))
+def test_from_block_tables_matches_paged_decode(backend, seed):
+    _backend_or_skip(backend)
+    rng = random.Random(seed)
+    bs = [1, 4, 16, 5][seed]
+    hq, hkv, d, dtype = [(4, 1, 32, torch.float32), (8, 2, 64, torch.bfloat16),
+                         (8, 8, 16, torch.float16), (6, 2, 24, torch.float32)][seed]
+    tables, lens, num_blocks = vllm_like_tables(rng, bs)
+    bt = torch.tensor(tables, dtype=torch.int32, device=DEVICE)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    k, v = _pool(max(num_blocks, 1), bs, hkv, d, dtype, seed)
+    q = torch.randn(len(lens), hq, d, generator=torch.Generator().manual_seed(seed))
+    q = q.to(dtype).to(DEVICE)
+    layout = ak.TreeLayout.from_block_tables(bt, sl, bs, DEVICE)
+    from_lists = ak.TreeLayout.from_block_tables(tables, lens, bs, DEVICE)
+    assert from_lists.paths == layout.paths and from_lists.node_lengths == layout.node_lengths
+    per_token = 2 * hkv * d * torch.empty((), dtype=dtype).element_size()
+    assert ak.kv_bytes(layout, hkv, d, dtype)["shared"] == \
+        unique_kv_tokens(tables, lens, bs) * per_token
+    assert ak.kv_bytes(layout, hkv, d, dtype)["unshared"] == sum(lens) * per_token
+    ref_out, ref_lse = ak.paged_decode_attention(q, k, v, bt, sl, backend="torch",
+                                                 return_lse=True)
+    out, lse = ak.tree_decode_attention(q, k, v, layout, backend=backend, return_lse=True)
+    check_close(out, lse, ref_out.float(), ref_lse, dtype)
+    w = _wrapper(backend, hq, hkv, d, bs, dtype, max_seqs=len(lens), max_blocks=bt.numel(),
+                 max_nodes=64, max_work=64, max_partials=96)
+    w.plan(layout)
+    out, lse = w.run(q, k, v, return_lse=True)
+    check_close(out, lse, ref_out.float(), ref_lse, dtype)
+
+
+def test_from_block_tables_finds_the_tree():
+    """Shared full blocks become one node per run of blocks with the same readers."""
+    bs = 4
+    tables = [[7, 8, 9, 1], [7, 8, 9, 2], [7, 8, 3, 0], [5, 6, 0, 0], [7, 8, 9, 1]]
+    lens = [14, 13, 10, 8, 14]
+    layout = ak.TreeLayout.from_block_tables(tables, lens, bs)
+    nodes = [[(layout.node_block_tables[j][:-(-layout.node_lengths[j] // bs)],
+               layout.node_lengths[j]) for j in path] for path in layout.paths]
+    assert nodes == [
+        [([7, 8], 8), ([9], 4), ([1], 2)],      # rows 0 and 4: identical, partial block shared
+        [([7, 8], 8), ([9], 4), ([2], 1)],
+        [([7, 8], 8), ([3], 2)],
+        [([5, 6], 8)],
+        [([7, 8], 8), ([9], 4), ([1], 2)],
+    ]
+    assert len(layout.node_lengths) == 6
+    assert ak.kv_bytes(layout, 1, 1, torch.float32)["shared"] == (8 + 4 + 2 + 1 + 2 + 8) * 8
+
+
+def test_from_block_tables_partial_block_read_to_different_lengths():
+    """Block 3 is row 0's partial last block (2 tokens) and a full block of row 1: each reads
+    it to its own length (not shared), and the result still equals paged decode."""
+    bs, hq, hkv, d = 4, 2, 1, 8
+    tables, lens = [[1, 3], [1, 3, 4]], [6, 9]
+    layout = ak.TreeLayout.from_block_tables(tables, lens, bs)
+    assert [[layout.node_lengths[j] for j in path] for path in layout.paths] == [[4, 2], [4, 5]]
+    assert ak.kv_bytes(layout, hkv, d, torch.float32)["shared"] == (4 + 2 + 4 + 1) * 2 * hkv * d * 4
+    k, v = _pool(5, bs, hkv, d, torch.float32, seed=0)
+    q = torch.randn(2, hq, d, device=DEVICE)
+    bt = torch.tensor([[1, 3, 0], [1, 3, 4]], dtype=torch.int32, device=DEVICE)
+    ref = ak.paged_decode_attention(q, k, v, bt, torch.tensor(lens, dtype=torch.int32,
+                                                              device=DEVICE), backend="torch")
+    out = ak.tree_decode_attention(q, k, v, layout.to(DEVICE), backend="torch")
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=0)
+
+
+def test_from_block_tables_validation():
+    with pytest.raises(ValueError, match="seq_lens"):
+        ak.TreeLayout.from_block_tables([[0, 1]], [9], 4)
+    with pytest.raises(ValueError, match="seq_lens"):
+        ak.TreeLayout.from_block_tables([[0, 1]], [-1], 4)
+    with pytest.raises(ValueError, match="seq_lens"):
+        ak.TreeLayout.from_block_tables([[0, 1], [2]], [3], 4)
+    with pytest.raises(ValueError, match="negative block id"):
+        ak.TreeLayout.from_block_tables([[0, -1]], [5], 4)
+    with pytest.raises(ValueError, match="block_tables"):
+        ak.TreeLayout.from_block_tables(torch.zeros(2, 2, 2, dtype=torch.int32), [1, 1], 4)
+    with pytest.raises(ValueError, match="block_size"):
+        ak.TreeLayout.from_block_tables([[0]], [1], 0)
+    empty = ak.TreeLayout.from_block_tables([[3], [4]], [0, 0], 4)
+    assert empty.paths == [[], []] and empty.num_work == 0
+    # junk past a row's length is ignored, even negative ids
+    assert ak.TreeLayout.from_block_tables([[2, -5]], [3], 4).paths == [[0]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_layouts_step_by_step(backend):
+    """Decode steps of a TreeKVCache tree, each planned into one wrapper (the page table copied
+    from the cache's device block tables), equal the reference."""
+    _backend_or_skip(backend)
+    bs, hq, hkv, d, dtype = 4, 4, 2, 16, torch.float32
+    cache = ak.TreeKVCache(1, hkv, d, num_blocks=64, block_size=bs, dtype=dtype, device=DEVICE)
+    g = torch.Generator().manual_seed(0)
+
+    def append(seqs, n):
+        slots = cache.reserve(seqs, n)
+        kv = torch.randn(2, slots.numel(), hkv, d, generator=g).to(DEVICE)
+        cache.write(0, slots, kv[0], kv[1])
+
+    root = cache.new_sequence()
+    append([root], 9)
+    kids = cache.fork(root, 3)
+    w = _wrapper(backend, hq, hkv, d, bs, dtype, max_blocks=cache.block_table_capacity)
+    for step in range(4):
+        if step == 2:
+            kids = kids[:2] + cache.fork(kids[2], 2)
+        append(kids, 2 if step == 0 else 1)
+        layout = cache.layout(kids)
+        w.plan(layout)
+        q = torch.randn(len(kids), hq, d, generator=g).to(DEVICE)
+        out, lse = w.run(q, cache.k[0], cache.v[0], return_lse=True)
+        ref_out, ref_lse = reference.tree_decode_attention_by_path(q, cache.k[0], cache.v[0],
+                                                                   layout, d ** -0.5)
+        check_close(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_cuda_graph_over_cache_layouts(backend):
+    """A decode loop as an engine runs it: cache.layout + plan per step outside the graph, one
+    captured run replayed; the page table comes from the cache's device block tables."""
+    _backend_or_skip(backend)
+    bs, hq, hkv, d, dtype = 16, 8, 2, 64, torch.float16
+    cache = ak.TreeKVCache(1, hkv, d, num_blocks=256, block_size=bs, dtype=dtype, device=DEVICE)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def append(seqs, n):
+        slots = cache.reserve(seqs, n)
+        kv = torch.randn(2, slots.numel(), hkv, d, generator=g, device=DEVICE).to(dtype)
+        cache.write(0, slots, kv[0], kv[1])
+
+    root = cache.new_sequence()
+    append([root], 300)
+    kids = cache.fork(root, 6)
+    append(kids, 1)
+    w = ak.TreeAttentionWrapper(hq, hkv, d, bs, max_seqs=6, max_nodes=8,
+                                max_blocks=cache.block_table_capacity, dtype=dtype,
+                                device=DEVICE, backend=backend)
+    q = torch.zeros(6, hq, d, dtype=dtype, device=DEVICE)
+    out = torch.zeros_like(q)
+    w.plan(cache.layout(kids))
+    w.run(q, cache.k[0], cache.v[0], out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w.run(q, cache.k[0], cache.v[0], out=out)
+    for step in range(20):                     # leaves cross block boundaries and move regions
+        append(kids, 1)
+        layout = cache.layout(kids)
+        w.plan(layout)
+        q.copy_(torch.randn(6, hq, d, generator=g, device=DEVICE).to(dtype))
+        graph.replay()
+        ref_out, ref_lse = reference.tree_decode_attention_by_path(q, cache.k[0], cache.v[0],
+                                                                   layout, d ** -0.5)
+        torch.testing.assert_close(out.float(), ref_out, atol=2e-3, rtol=0)
