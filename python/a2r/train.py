@@ -3,29 +3,32 @@
     python -m a2r.train                      # rebuild python/a2r/trained/ (the committed models)
     python -m a2r.train --out DIR --smoke    # a few steps of everything (tests)
 
-Four models, all sharing the embedded character-level tokenizer (:func:`a2r.tiny.build_tiny_tokenizer`),
-each written with ``save_pretrained`` (safetensors) next to its tokenizer:
+Four Qwen3 models of one shape (2 layers, hidden 64), all sharing the embedded character-level
+tokenizer plus whole-phrase tokens (:func:`a2r.tiny.build_tiny_tokenizer`,
+:func:`a2r.tiny.trained_phrases`), each written with ``save_pretrained`` (safetensors) next to its
+tokenizer:
 
-1. ``explorer`` (Qwen3): supervised on ``explorer_prompt(question) -> worked answer``, on purpose
-   for too few steps: sampled at temperature 1 its paths often go wrong, each in its own place.
+1. ``explorer``: supervised on ``explorer_prompt(question) -> worked answer``, on purpose for too
+   few steps: sampled at temperature 1 its paths often go wrong, each in its own place.
 2. The explorer then samples :attr:`TrainConfig.paths` paths for each of a second set of questions;
    those paths become the references of every later stage's training prompts (real explorer
    errors, not simulated ones).
-3. ``synthesizer`` (Llama), trained on exactly what ``A2RPipeline`` renders:
-   ``synthesizer_prompt(question, k references[, trace]) -> worked answer`` for k in 1..paths, and on
-   ``synthesizer_alone_prompt(question)`` (the bare question, a fraction
-   :attr:`TrainConfig.alone_fraction` of its examples, so the control is in its training
-   distribution). It is small and sees few bare questions: alone it is a weak adder; with
-   references it learns to re-derive the chain from them.
-   A trace, when present, is the gold sum with probability :attr:`TrainConfig.trace_gold_fraction`
-   and otherwise a wrong one (a wrong path's answer): the synthesizer learns to weigh a trace against
-   the references, and does not favour the diffusion or the AR thinker.
-4. ``thinker`` (masked-diffusion Llama, bidirectional) and ``ar_thinker`` (causal Llama of the same
-   shape), trained on the same examples for the same steps:
-   ``thinker_prompt(question, references) -> the sum``, the trace the answerer then reads (NAR->AR
-   against AR->AR). The diffusion thinker is trained with LLaDA's objective: the trace, padded
-   with EOS to :data:`TRACE_LENGTH` tokens, masked at a rate ``t ~ U(0, 1]``, cross-entropy on the
-   masked positions weighted by ``1 / t``.
+3. The three other models start from the trained explorer's weights (they know the digits and the
+   format; their own short training teaches them their role):
+
+   * ``synthesizer``, trained on exactly what ``A2RPipeline`` renders:
+     ``synthesizer_prompt(question, k references[, trace]) -> worked answer`` for k in
+     :func:`_reference_counts`, and on ``synthesizer_alone_prompt(question)`` (the bare question,
+     a fraction :attr:`TrainConfig.alone_fraction` of its examples, so the control is in its
+     training distribution). A trace, when present, is the gold sum with probability
+     :attr:`TrainConfig.trace_gold_fraction` and otherwise a wrong one (a wrong path's answer):
+     the synthesizer learns to weigh a trace against the references, and favours neither thinker.
+   * ``thinker`` (masked diffusion: the same network with bidirectional attention) and
+     ``ar_thinker`` (causal), trained on the same examples for the same steps:
+     ``thinker_prompt(question, references) -> the sum``, the trace the answerer then reads
+     (NAR->AR against AR->AR). The diffusion thinker is trained with LLaDA's objective: the trace,
+     padded with EOS to :data:`a2r.tiny.TRACE_LENGTH` tokens, masked at a rate ``t ~ U(0, 1]``,
+     cross-entropy on the masked positions weighted by ``1 / t``.
 
 Determinism: every stage seeds its own ``torch.Generator``; ``torch.set_num_threads`` is fixed by
 :attr:`TrainConfig.threads` (CPU matmul reductions depend on the thread count). The same command on
@@ -68,13 +71,13 @@ class TrainConfig:
     reference_questions: int = 600   # questions the explorer samples paths for (later stages' data)
     paths: int = 4                   # paths per reference question (references k in 1, 2, 4)
     sample_batch: int = 100          # questions per sampling batch
-    synth_steps: int = 300
+    synth_steps: int = 250
     synth_batch: int = 8
     synth_lr: float = 5e-3
     alone_fraction: float = 0.15     # synthesizer examples on the bare question
     trace_fraction: float = 0.3      # synthesizer examples with a trace in the prompt
     trace_gold_fraction: float = 0.6
-    thinker_steps: int = 200
+    thinker_steps: int = 150
     thinker_batch: int = 8
     thinker_lr: float = 5e-3
     threads: int = 1                 # torch threads per process (CPU results depend on it)
@@ -104,29 +107,37 @@ def _causal_config(kind: str, tokenizer, vocab_size: int, *, hidden: int, layers
 
 
 def _build_models(tokenizer, seed: int) -> dict:
-    from transformers import LlamaForCausalLM, Qwen3ForCausalLM
+    """Four Qwen3 models of one shape (2 layers, hidden 64). Only the explorer starts from random
+    weights; the others start from the trained explorer (:func:`_init_from_explorer`), so their
+    short training teaches them their role, not the digits. The thinker runs bidirectional
+    attention (:data:`a2r.diffusion_model.A2R_ATTENTION`, ``is_causal=False``)."""
+    import copy
 
-    from .diffusion_model import build_tiny_diffusion_model
+    from transformers import Qwen3ForCausalLM
+
+    from .diffusion_model import A2R_ATTENTION, register_a2r_attention
     from .tiny import _model_vocab_size
 
-    vocab = _model_vocab_size(tokenizer)
-    torch.manual_seed(seed)
-    explorer = Qwen3ForCausalLM(_causal_config("qwen3", tokenizer, vocab, hidden=64, layers=2,
-                                               heads=4, kv_heads=2))
-    torch.manual_seed(seed + 1)
-    synthesizer = LlamaForCausalLM(_causal_config("llama", tokenizer, vocab, hidden=96, layers=2,
-                                                  heads=6, kv_heads=2))
-    torch.manual_seed(seed + 2)
-    ar_thinker = LlamaForCausalLM(_causal_config("llama", tokenizer, vocab, hidden=64, layers=2,
-                                                 heads=4, kv_heads=2))
-    thinker = build_tiny_diffusion_model(vocab, tokenizer.mask_token_id, seed=seed + 3,
-                                         hidden_size=64, num_layers=2, num_heads=4,
-                                         num_kv_heads=2)
-    thinker.config.initializer_range = 0.02
-    torch.manual_seed(seed + 3)
-    thinker.apply(thinker._init_weights)   # the usual init, not the random demo model's wide one
-    return {"explorer": explorer, "synthesizer": synthesizer, "thinker": thinker,
-            "ar_thinker": ar_thinker}
+    config = _causal_config("qwen3", tokenizer, _model_vocab_size(tokenizer), hidden=64, layers=2,
+                            heads=4, kv_heads=2)
+    models = {}
+    for offset, name in enumerate(MODEL_NAMES):
+        model_config = copy.deepcopy(config)
+        if name == "thinker":
+            register_a2r_attention()
+            model_config.is_causal = False
+            model_config.use_cache = False
+            model_config.mask_token_id = tokenizer.mask_token_id
+            model_config._attn_implementation = A2R_ATTENTION
+        torch.manual_seed(seed + offset)
+        models[name] = Qwen3ForCausalLM(model_config)
+    return models
+
+
+def _init_from_explorer(models: dict) -> None:
+    state = models["explorer"].state_dict()
+    for name in MODEL_NAMES[1:]:
+        models[name].load_state_dict(state)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -281,6 +292,7 @@ def train_all(out_dir: str | os.PathLike, config: TrainConfig = FULL, *, log=pri
             report["loss"]["explorer"] = train_explorer_phase(
                 models["explorer"], examples, config, phase, tokenizer.pad_token_id, log)
     report["seconds"]["explorer"] = time.perf_counter() - stage
+    _init_from_explorer(models)
 
     # 2. The explorer's own paths: the references of every later stage.
     stage = time.perf_counter()
