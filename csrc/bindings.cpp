@@ -228,7 +228,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "denoise_predict_row_host",
       [](uintptr_t row, int64_t vocab, double temperature, int remasking, uint64_t seed,
-         uint32_t pos, int group_width, int num_splits) {
+         uint32_t pos, int64_t mask_id, int group_width, int num_splits) {
         if (vocab < 1) throw std::invalid_argument("denoise_predict_row_host: vocab must be >= 1");
         if (remasking < 0 || remasking > 3) {
           throw std::invalid_argument("denoise_predict_row_host: remasking code must be in [0, 3]");
@@ -238,16 +238,17 @@ PYBIND11_MODULE(_C, m) {
         a2r::denoise_predict_row_host(
             reinterpret_cast<const float*>(row), vocab, static_cast<float>(temperature),
             temperature > 0 ? static_cast<float>(1.0 / temperature) : 0.f,
-            static_cast<a2r::Remasking>(remasking), seed, pos, group_width, num_splits, &x0,
-            &confidence);
+            static_cast<a2r::Remasking>(remasking), seed, pos, mask_id, group_width, num_splits,
+            &x0, &confidence);
         return py::make_tuple(x0, confidence);
       },
       "(x0, confidence) of one masked position from a HOST fp32 row of logits, by the denoise "
       "kernel's per-position code compiled for the CPU (for tests without a GPU); group_width: "
       "logits per 16-byte load of the kernel being emulated (4: fp32, 8: fp16 / bf16); "
-      "num_splits: CTAs per position over V.",
+      "num_splits: CTAs per position over V; mask_id: the x0 of a row without a distribution.",
       py::arg("row"), py::arg("vocab"), py::arg("temperature"), py::arg("remasking"),
-      py::arg("seed"), py::arg("pos"), py::arg("group_width") = 4, py::arg("num_splits") = 1);
+      py::arg("seed"), py::arg("pos"), py::arg("mask_id"), py::arg("group_width") = 4,
+      py::arg("num_splits") = 1);
   m.def("tree_attention_partials", &tree_attention_partials,
         "Partial (o, lse) per tree work item and q head; see csrc/tree_attention.cu.",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("work_info"),

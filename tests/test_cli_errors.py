@@ -120,6 +120,11 @@ USAGE_ERRORS = {
     "no command": ([], "the following arguments are required"),
     "answer cap -7": (["demo", "--answer-max-chars", "-7"],
                       "argument --answer-max-chars: must be >= 0, or -1 for no cap, got -7"),
+    "temperature nan": (["demo", "--temperature", "nan"],
+                        "argument --temperature: must be a finite number, got 'nan'"),
+    "temperature inf": (["demo", "--temperature", "inf"], "must be a finite number"),
+    "check timeout -1": (["eval", "qa.jsonl", "--tiny", "--check-timeout", "-1"],
+                         "argument --check-timeout: must be > 0, got -1.0"),
 }
 
 
@@ -180,10 +185,11 @@ def test_bad_eval_line(errors, name):
 
 
 def test_question_longer_than_the_model_positions(errors):
-    assert_one_line_error(errors["long question"], "question too long", "explorer prompt",
-                          "max_position_embeddings=4096", "Qwen3ForCausalLM")
+    assert_one_line_error(errors["long question"], "the explorer prompt is", "+ 4 new tokens",
+                          "max_position_embeddings=4096", "Qwen3ForCausalLM",
+                          "shorten the question")
     assert_one_line_error(errors["eval long question"], "long.jsonl: question 2: ",
-                          "question too long", "max_position_embeddings=4096")
+                          "max_position_embeddings=4096", "shorten the question")
 
 
 # ------------------------------------------------------------------ options
@@ -204,13 +210,17 @@ def test_usage_errors_are_one_line(errors, name):
     assert_one_line_error(errors[f"usage {name}"], USAGE_ERRORS[name][1], "--help')")
 
 
-def test_config_rejects_negative_answer_caps():
+def test_config_rejects_negative_answer_caps_and_non_finite_temperatures():
     from a2r.pipeline import A2RConfig, PipelineError
 
     for field in ("answer_max_chars", "answer_max_tokens"):
         with pytest.raises(PipelineError, match=field):
             A2RConfig(**{field: -7}).validate()
     A2RConfig(answer_max_chars=None, answer_max_tokens=0).validate()
+    for field in ("temperature", "synth_temperature", "thinker_temperature"):
+        for value in (float("nan"), float("inf"), -1.0):
+            with pytest.raises(PipelineError, match=field):
+                A2RConfig(**{field: value}).validate()
 
 
 # ------------------------------------------------------------------ files and directories

@@ -404,6 +404,38 @@ def test_prefill_reuses_cached_blocks_and_matches_a_fresh_prefill(model):
     assert res.sequences == [_generate(model, first, 6)] * 2
 
 
+# ---------------------------------------------------------------------------- torch decode plan
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tree", ["fork", "two_levels", "duplicate_rows", "empty_root"])
+def test_torch_decode_plan_equals_tree_decode_attention(dtype, tree):
+    """The torch backend's once-per-step plan (one softmax over private + shared keys) equals
+    ak.tree_decode_attention's reference on trees with shared nodes at several depths, a node
+    of no tokens, repeated rows, GQA 6/2 and odd lengths."""
+    g = torch.Generator().manual_seed(3)
+    cache = ak.TreeKVCache(1, 2, 8, 64, block_size=4, dtype=dtype)
+    k = torch.randn(cache.k_pool.shape, generator=g).to(dtype)
+    cache.k_pool.copy_(k)
+    cache.v_pool.copy_(torch.randn(cache.v_pool.shape, generator=g).to(dtype))
+    root = cache.new_sequence()
+    cache.reserve([root], 0 if tree == "empty_root" else 11)
+    kids = cache.fork(root, 3)
+    cache.reserve(kids, 5)
+    seqs = kids
+    if tree == "two_levels":
+        grandkids = cache.fork(kids[1], 2)
+        cache.reserve(grandkids, 3)
+        seqs = [kids[0], kids[2]] + grandkids
+    cache.reserve(seqs, 1)
+    layout = cache.layout(seqs + ([seqs[0]] if tree == "duplicate_rows" else []))
+    q = torch.randn(layout.num_seqs, 6, 8, generator=g).to(dtype)
+    expected = ak.tree_decode_attention(q, cache.k[0], cache.v[0], layout, sm_scale=0.3,
+                                        backend="torch")
+    got = akhf._TorchDecodePlan(layout).attend(q, cache.k[0], cache.v[0], 0.3)
+    assert got.dtype == dtype and got.shape == expected.shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+
+
 # ---------------------------------------------------------------------------- host syncs
 def _loop_reads(model, ids, n, max_new_tokens, **kwargs) -> tuple[int, int, list[list[int]]]:
     """Host reads the decode loop (explore.py, sampling.py, hf.py) makes, its decode steps, and
@@ -544,3 +576,18 @@ def test_model_stays_usable_with_generate(qwen3):
     finally:
         qwen3.config._attn_implementation = akhf.ATTN_IMPLEMENTATION
     assert _generate(qwen3, padded, 6, attention_mask=mask) == sdpa_padded
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_stop_reads_through_the_pinned_buffer(qwen3):
+    """On CUDA the per-step stop check reads the tokens through _TokenReader's pinned buffer:
+    greedy branches with an EOS still equal generate's, cut at the EOS."""
+    model = qwen3.to("cuda")
+    try:
+        ids = _prompt(11, seed=4).cuda()
+        expected = _generate(model, ids, 9)
+        eos = expected[4]
+        seqs = a2r.sample_parallel(model, ids, 3, 9, temperature=0, eos_token_id=eos)
+        assert seqs == [expected[:expected.index(eos) + 1]] * 3
+    finally:
+        qwen3.to("cpu")

@@ -201,6 +201,10 @@ def test_wrapper_bad_arguments():
         w.run(torch.zeros(1, 4, 16, device=DEVICE), k, k)
     with pytest.raises(ValueError, match="out must be"):
         w.run(q, k, k, out=torch.zeros(2, 2, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="lse must be"):
+        w.run(q, k, k, lse=torch.zeros(1, 4, device=DEVICE)[:, ::2])
+    with pytest.raises(ValueError, match="lse must be"):
+        w.run(q, k, k, lse=torch.zeros(1, 2, device=DEVICE, dtype=torch.float16))
 
 
 def test_caller_workspace_is_used():
@@ -457,3 +461,28 @@ def test_cuda_graph_over_cache_layouts(backend):
         ref_out, ref_lse = reference.tree_decode_attention_by_path(q, cache.k[0], cache.v[0],
                                                                    layout, d ** -0.5)
         torch.testing.assert_close(out.float(), ref_out, atol=2e-3, rtol=0)
+
+
+def test_default_capacities_hold_the_plans_they_promise():
+    """default_capacities(max_seqs, max_nodes, max_blocks) holds the default plan of any
+    two-level tree (random trees, explorer trees up to N=1000, P=100k) of that size."""
+    from a2r_kernels.wrapper import default_capacities
+
+    def fits(paths, tables, lengths, bs):
+        layout = ak.TreeLayout.from_paths(paths, tables, lengths, bs)
+        max_work, max_partials = default_capacities(len(paths), len(lengths),
+                                                    sum(map(len, tables)), bs)
+        return layout.num_work <= max_work and layout.num_partials <= max_partials
+
+    for seed in range(100):
+        rng = random.Random(seed)
+        bs = rng.choice([1, 4, 16, 32])
+        paths, tables, lengths, _ = random_tree(rng, rng.randint(1, 64), 2, bs,
+                                                lengths=(0, 1, 17, 300, 5000))
+        assert fits(paths, tables, lengths, bs), seed
+    for n in (1, 4, 16, 64, 256, 1000):
+        for prefix in (0, 15, 512, 8192, 100000):
+            for bs in (1, 16):
+                blocks = -(-prefix // bs)
+                assert fits([[0, 1 + i] for i in range(n)], [list(range(blocks))] + [[0]] * n,
+                            [prefix] + [bs] * n, bs), (n, prefix, bs)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -86,10 +87,27 @@ def _reference_cap(text: str) -> int:
     return value
 
 
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
 
 
@@ -248,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--shard", metavar="I/K", default=None,
                     help="evaluate only the questions whose index is I mod K (with --out: K such "
                     "processes fill one records file; the summary is written once all are done)")
-    ev.add_argument("--check-timeout", type=float, default=5.0, metavar="S",
+    ev.add_argument("--check-timeout", type=_positive_float, default=5.0, metavar="S",
                     help="seconds per Math-Verify check (default: %(default)s)")
     ev.add_argument("--mkdir", action="store_true",
                     help="create the directory of --out (and of --plot) if it is missing: only "

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 import warnings
@@ -175,8 +176,10 @@ class A2RConfig:
             raise PipelineError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.synth_max_new_tokens is not None and self.synth_max_new_tokens < 1:
             raise PipelineError(f"synth_max_new_tokens must be >= 1, got {self.synth_max_new_tokens}")
-        if self.temperature < 0 or self.synth_temperature < 0:
-            raise PipelineError("temperature and synth_temperature must be >= 0")
+        for name in ("temperature", "synth_temperature", "thinker_temperature"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise PipelineError(f"{name} must be a finite number >= 0, got {value!r}")
         # The sampling and thinker knobs are checked here too, so a bad value fails before any
         # model is loaded or run (not after the explorer stage).
         if not 0.0 < self.top_p <= 1.0:
@@ -194,8 +197,6 @@ class A2RConfig:
         if self.thinker_threshold is not None and not 0.0 < self.thinker_threshold <= 1.0:
             raise PipelineError(f"thinker_threshold must be in (0, 1] or None, "
                                 f"got {self.thinker_threshold}")
-        if self.thinker_temperature < 0:
-            raise PipelineError(f"thinker_temperature must be >= 0, got {self.thinker_temperature}")
         if self.thinker_remasking not in THINKER_REMASKING:
             raise PipelineError(f"thinker_remasking must be one of {THINKER_REMASKING}, "
                                 f"got {self.thinker_remasking!r}")
@@ -221,6 +222,16 @@ class A2RConfig:
 # sets its schedule); thinker_block_length stays free: validate() ties it to thinker_gen_length.
 _MASKED_DIFFUSION_ONLY = ("thinker_steps", "thinker_threshold", "thinker_temperature",
                           "thinker_remasking", "thinker_cache")
+
+
+def _thinker_positions(thinker, cfg: A2RConfig) -> int:
+    """Positions the thinker generates: ``thinker_gen_length``, rounded up to whole canvases for
+    DiffusionGemma (it denoises ``canvas_length`` tokens at a time)."""
+    from .diffusion_gemma import is_diffusion_gemma
+    if not is_diffusion_gemma(thinker):
+        return cfg.thinker_gen_length
+    canvas = int(thinker.config.canvas_length)
+    return -(-cfg.thinker_gen_length // canvas) * canvas
 
 
 def _check_uniform_noise_thinker(cfg: A2RConfig) -> None:
@@ -492,20 +503,24 @@ def _position_limit(model) -> int | None:
     return limit if isinstance(limit, int) and limit > 0 else None
 
 
-_REFERENCES_TOO_LONG = ("prompt too long once the references are in (lower answer_max_chars, "
-                        "answer_max_tokens or num_paths)")
+_QUESTION_TOO_LONG = "shorten the question or ask for fewer new tokens"
+_REFERENCES_TOO_LONG = ("the references made it too long: lower answer_max_chars, "
+                        "answer_max_tokens or num_paths")
 
 
-def _check_fits(role: str, model, prompt_tokens: int, new_tokens: int, what: str) -> None:
+def _check_fits(role: str, model, prompt_tokens: int, new_tokens: int, hint: str) -> None:
     """Raise :class:`PromptTooLongError` when ``prompt_tokens + new_tokens`` positions exceed the
     model's ``max_position_embeddings`` (positions past it are outside what the model was built
     for: RoPE models drift, learned position tables fail)."""
     limit = _position_limit(model)
     if limit is not None and prompt_tokens + new_tokens > limit:
+        # transformers models know their directory as name_or_path; a2r.vllm_engine's as path.
+        where = getattr(model, "name_or_path", "") or getattr(model, "path", "") or "in memory"
         raise PromptTooLongError(
-            f"{what}: the {role} prompt is {prompt_tokens} tokens, + {new_tokens} new tokens = "
+            f"the {role} prompt is {prompt_tokens} tokens + {new_tokens} new tokens = "
             f"{prompt_tokens + new_tokens} > max_position_embeddings={limit} of the {role} model "
-            f"({type(model).__name__}, {getattr(model, 'name_or_path', '') or 'in memory'})")
+            f"({type(model).__name__}, {where}): "
+            f"{hint}")
 
 
 def _check_model_dir(path, role: str) -> Path:
@@ -837,8 +852,8 @@ class A2RPipeline:
         prompt = self.thinker_prompt(question, references)
         device = _model_device(self.thinker)
         input_ids = _encode(tokenizer, prompt, device)
-        _check_fits("thinker", self.thinker, input_ids.shape[1], cfg.thinker_gen_length,
-                    _REFERENCES_TOO_LONG)
+        _check_fits("thinker", self.thinker, input_ids.shape[1],
+                    _thinker_positions(self.thinker, cfg), _REFERENCES_TOO_LONG)
         generator = None
         if cfg.seed is not None:
             generator = torch.Generator(device=device).manual_seed(cfg.seed + 2)
@@ -914,20 +929,20 @@ class A2RPipeline:
     def _check_question(self, question, cfg: A2RConfig) -> None:
         if not isinstance(question, str) or not question.strip():
             raise PipelineError(f"question must be a non-empty string, got {question!r}")
-        what = "question too long"
+        hint = _QUESTION_TOO_LONG
         _check_fits("explorer", self.explorer, len(_encode(
             self.explorer_tokenizer, self.explorer_prompt(question), "cpu")[0]),
-            cfg.max_new_tokens, what)
+            cfg.max_new_tokens, hint)
         no_references = [""] * cfg.num_paths
         use_thinker = self.thinker is not None and cfg.use_thinker
         if use_thinker:
             _check_fits("thinker", self.thinker, len(_encode(
                 self.thinker_tokenizer, self.thinker_prompt(question, no_references), "cpu")[0]),
-                cfg.thinker_gen_length, what)
+                _thinker_positions(self.thinker, cfg), hint)
         synth_prompt = self.synthesizer_prompt(question, no_references, "x" if use_thinker else None)
         _check_fits("synthesizer", self.synthesizer, len(_encode(
             self.synthesizer_tokenizer, synth_prompt, "cpu")[0]),
-            cfg.synth_max_new_tokens or cfg.max_new_tokens, what)
+            cfg.synth_max_new_tokens or cfg.max_new_tokens, hint)
 
     def run(self, question: str, **overrides) -> A2RResult:
         """Run explorer -> thinker -> synthesizer on ``question``.
