@@ -297,6 +297,16 @@ def _eos_ids(eos_token_id) -> list[int]:
     return ids
 
 
+def _cut_after_eos(rows: list[list[int]], eos_ids: list[int]) -> list[list[int]]:
+    """Each row up to and including its first token of ``eos_ids`` (the whole row if none)."""
+    eos = set(eos_ids)
+    cut = []
+    for row in rows:
+        end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
+        cut.append(row[:end])
+    return cut
+
+
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -551,13 +561,7 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
             block = row.index(mask_id) // block_length
             raise RuntimeError(f"block {block} still has masked positions after "
                                f"{block_steps[block]} steps: denoise_step committed too few tokens")
-    sequences = []
-    for row in generated:
-        for i, token in enumerate(row):
-            if token in eos_ids:
-                row = row[:i + 1]
-                break
-        sequences.append(row)
+    sequences = _cut_after_eos(generated, eos_ids)
     if not return_details:
         return sequences
     return DiffusionResult(sequences=sequences, tokens=x,
