@@ -118,9 +118,16 @@ setup(
     install_requires=["torch>=2.5", "numpy", "transformers>=5.0", "math-verify>=0.7"],
     extras_require={
         "triton": ["triton>=3.2"],
+        # The DiffusionGemma thinker (a2r.diffusion_gemma) needs transformers >= 5.19; its classes
+        # are imported lazily, so older releases work for everything else (its tests skip).
+        "diffusion-gemma": ["transformers>=5.19"],
         "test": ["pytest", "hypothesis", "triton>=3.2", "matplotlib"],
     },
-    entry_points={"console_scripts": ["a2r = a2r.cli:main"]},
+    entry_points={
+        "console_scripts": ["a2r = a2r.cli:main"],
+        # vLLM calls it in every process; A2R_VLLM=1 turns the A2R_TREE backend on.
+        "vllm.general_plugins": ["a2r_tree = a2r_kernels.vllm:register"],
+    },
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

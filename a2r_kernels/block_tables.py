@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-_ALIGN = 4      # int32 entries in 16 bytes
+from .layout import _SLICE_ALIGN
 
 
 class NodeBlockTables:
@@ -40,19 +40,15 @@ class NodeBlockTables:
         self.device = device
         self.capacity = max(capacity, 1)
         self._state: dict[object, list] = {}   # node -> [list, offset, room, synced, max_id]
-        self._copied = None
         self._new_arena(self.capacity)
 
     def _new_arena(self, capacity: int) -> None:
         on_cuda = self.device.type == "cuda"
-        if self._copied is not None:
-            self._copied.synchronize()
         self.capacity = capacity
         self.host = torch.zeros(capacity, dtype=torch.int32, pin_memory=on_cuda)
         self.arena = (torch.zeros(capacity, dtype=torch.int32, device=self.device) if on_cuda
                       else self.host)
         self._host_np = self.host.numpy()
-        self._copied = torch.cuda.Event() if on_cuda else None
         self._state.clear()
         self.top = 0
 
@@ -65,8 +61,11 @@ class NodeBlockTables:
         max_block_id)`` for a layout over them: ``page_table`` is the arena slice spanning their
         regions, ``page_starts[j]`` node ``j``'s offset in it, ``max_block_id`` the largest block
         id in their tables (-1 if none). ``blocks_of(node)`` is the node's block list."""
-        if self._copied is not None:
-            self._copied.synchronize()   # the last upload has read the host mirror
+        # No wait for the last upload: it may still be queued behind the last step's kernels
+        # and read the mirror late, but every entry written since then lies past what any
+        # earlier layout reads (appends; a node whose blocks change moves to a new region), so a
+        # late read only brings such entries over early. (torch keeps pinned memory a pending
+        # copy reads alive until the copy is done, across _new_arena too.)
         lo_dirty, hi_dirty = self.capacity, 0
         writes = self._place(nodes, blocks_of, compact=False)
         if writes is None:   # out of room: a fresh arena, this plan's nodes packed at its start
@@ -80,10 +79,9 @@ class NodeBlockTables:
             hi_dirty = max(hi_dirty, start + len(values))
         if hi_dirty > lo_dirty and self.arena is not self.host:
             self.arena[lo_dirty:hi_dirty].copy_(self.host[lo_dirty:hi_dirty], non_blocking=True)
-            self._copied.record()
         starts = [self._state[node][1] for node in nodes]
         lo = min(starts, default=0)
-        lo -= lo % _ALIGN   # the slice keeps the arena's 16-byte alignment (Triton specialises)
+        lo -= lo % _SLICE_ALIGN   # the slice keeps the arena's 16-byte alignment
         hi = max((self._state[node][1] + self._state[node][2] for node in nodes), default=0)
         max_id = max((self._state[node][4] for node in nodes), default=-1)
         return [s - lo for s in starts], self.arena[lo:hi], max_id

@@ -566,6 +566,11 @@ class TreeKVCache:
             if lo < 0 or hi >= num_slots:
                 raise ValueError(f"slots must lie in [0, num_blocks * block_size = {num_slots}), "
                                  f"got values in [{lo}, {hi}]")
+        self._scatter(layer, slots, k, v)
+
+    def _scatter(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """:meth:`write` without its checks, for slots that come straight from :meth:`reserve`
+        and K/V of the right shape, dtype and device (the model runner's per-layer call)."""
         self._k_slots[layer].index_copy_(0, slots, k)
         self._v_slots[layer].index_copy_(0, slots, v)
 

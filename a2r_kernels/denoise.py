@@ -64,10 +64,23 @@ def _check_num_transfer(num_transfer, batch: int, device: torch.device) -> torch
     return num_transfer.to(device=device, dtype=torch.int64, non_blocking=True).contiguous()
 
 
+def _check_finite_rows(logits: torch.Tensor, masked: torch.Tensor) -> None:
+    """ValueError naming the first masked position whose row max is not finite: the max
+    propagates NaN, is +inf with a +inf entry and -inf with no entry above -inf."""
+    if logits.numel() == 0:
+        return
+    bad = masked & ~torch.isfinite(logits.amax(dim=-1))
+    if bool(bad.any()):
+        b, l = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"logits[{b}, {l}] (a masked position) holds a NaN or +inf, or no logit "
+                         "above -inf (check_finite=True)")
+
+
 def denoise_step(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int, *,
                  num_transfer: int | torch.Tensor | None = None, threshold: float | None = None,
                  temperature: float = 0.0, remasking: str = "low_confidence",
-                 generator: torch.Generator | None = None, backend: str = "auto") -> DenoiseResult:
+                 generator: torch.Generator | None = None, backend: str = "auto",
+                 check_finite: bool = False) -> DenoiseResult:
     r"""One masked-denoising step: predict every masked position, commit the most confident ones.
 
     For each row ``b`` and position ``l`` (Gumbel noise ``g = -log(-log u)``, ``p = softmax(x)``)::
@@ -86,9 +99,24 @@ def denoise_step(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int, *,
     At ``temperature=0, remasking="low_confidence"`` this is one step of LLaDA's reference sampler
     (``generate.py``) over the given window. Argmax ties go to the lowest index (``torch.argmax``).
 
+    Non-finite logits at a masked position (the same answer on every backend, at no extra pass
+    over the logits; unmasked positions never read their logits):
+
+    - a row holding a NaN, or no logit above ``-inf``, has no distribution: ``x0 = mask_id``,
+      ``confidence = NaN`` and the position is never committed. Only committable positions
+      (masked, confidence not NaN) are ranked: ``num_transfer`` clamps to their count and the
+      threshold rule's "at least one" is the most confident committable position, if any;
+    - a row holding ``+inf`` (and no NaN) is the point mass on its lowest ``+inf`` index: that is
+      ``x0`` at any temperature, with confidence 1 (``"low_confidence"``, ``"margin"``), 0
+      (``"entropy"``) or the uniform score (``"random"``);
+    - ``-inf`` entries are banned tokens: ``p = 0``, ``0 log 0 = 0``.
+
+    ``check_finite=True`` instead raises ``ValueError`` on the first two (one more pass over the
+    masked rows, and a host sync).
+
     Args:
         logits: ``[B, L, V]`` float32 / float16 / bfloat16, any strides (last-dim stride 1 is the
-            fast path). Rows at masked positions must hold at least one finite logit.
+            fast path). NaN and ``+inf`` entries are allowed: see above.
         tokens: ``[B, L]`` int64 on the logits' device, any strides. Updated in place.
         mask_id: the mask token, ``0 <= mask_id < V``.
         num_transfer: int, or integer tensor ``[B]`` (on the logits' device or the CPU): how many
@@ -101,6 +129,8 @@ def denoise_step(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int, *,
             the seed into the same Philox stream (see :mod:`a2r_kernels.reference_denoise`), so a
             seeded step gives the same sample on every backend up to fp32 rounding.
         backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
+        check_finite: raise ``ValueError`` (before anything changes) when a masked position's
+            logits hold a NaN or ``+inf`` or no logit above ``-inf``.
 
     Returns:
         :class:`DenoiseResult` ``(x0 int64 [B, L], confidence float32 [B, L],
@@ -151,6 +181,10 @@ def denoise_step(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int, *,
         raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator)}")
+    if not isinstance(check_finite, bool):
+        raise ValueError(f"check_finite must be a bool, got {check_finite!r}")
+    if check_finite:
+        _check_finite_rows(logits, tokens == mask_id)
     if logits.stride(-1) != 1 and logits.numel() > 0:
         logits = logits.contiguous()   # the kernels stream each row of V as a unit-stride vector
 

@@ -548,6 +548,12 @@ class TreeLayout:
         return self._node_tables
 
     @property
+    def external_page_table(self) -> torch.Tensor | None:
+        """The device page table this layout reads by reference (a ``TreeKVCache``'s block
+        tables, ``from_block_tables``' table), or None when its tables are part of the plan."""
+        return self._external_pages
+
+    @property
     def num_page_entries(self) -> int:
         """Entries of :attr:`page_table` (what ``TreeAttentionWrapper(max_blocks=)`` must hold)."""
         if self._external_pages is not None:

@@ -11,9 +11,10 @@ One step of masked iterative denoising (LLaDA ``generate.py``; threshold rule of
    ``"low_confidence"``: ``p[x0]``; ``"margin"``: ``p_(1) - p_(2)`` (two largest probabilities);
    ``"entropy"``: ``sum_v p_v log p_v`` (negative entropy; ``0 log 0 = 0``);
    ``"random"``: a uniform ``u[b, l]`` in (0, 1).
-3. Per row, among masked positions (``tokens == mask_id``), ordered by confidence descending with
-   ties broken by lower position: commit the first ``min(num_transfer[b], masked count)``; or, in
-   threshold mode, every one with ``confidence >= threshold`` and always the first.
+3. Per row, among committable positions (masked: ``tokens == mask_id``, with a confidence that
+   is not NaN, see below), ordered by confidence descending with ties broken by lower position:
+   commit the first ``min(num_transfer[b], committable count)``; or, in threshold mode, every one
+   with ``confidence >= threshold`` and always the first.
 4. ``tokens[b, l] = x0[b, l]`` where committed (in place). At unmasked positions ``x0`` is the token
    itself and ``confidence`` is ``-inf``.
 

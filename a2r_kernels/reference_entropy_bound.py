@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from .reference_denoise import GUMBEL_STREAM, gumbel_noise, philox_uniform, philox_word
+from .reference_denoise import (_CHUNK_LOGITS, GUMBEL_STREAM, _gumbel_rows, philox_uniform,
+                                philox_word)
 
 RENOISE_STREAM = 2   # Philox counter word c2 of the renoise token (0: Gumbel, 1: random score)
 # An upper bound on every Gumbel draw g = -log(-log u): u <= 1 - 2**-24 gives g <= 16.636 (fp32).
@@ -65,9 +66,14 @@ def gumbel_argmax(x: torch.Tensor, seed: int, valid: torch.Tensor) -> torch.Tens
     best0 = torch.where(valid, best0, float("inf"))            # invalid rows: no candidates
     candidates = x + GUMBEL_BOUND >= best0[:, None]
     if 2 * int(candidates.sum()) > candidates.numel():
-        # Mostly flat rows: the definition itself (dense noise, no gather) is cheaper.
-        noisy = x + gumbel_noise(seed, 1, num_rows, vocab, x.device)[0]
-        return torch.where(valid, noisy.argmax(dim=-1), 0)
+        # Mostly flat rows: the definition itself (dense noise, no gather) is cheaper, in chunks
+        # of rows whose Philox temporaries stay in cache (as denoise_step's torch path).
+        sample = torch.empty(num_rows, dtype=torch.int64, device=x.device)
+        step = max(1, _CHUNK_LOGITS // vocab)
+        for first in range(0, num_rows, step):
+            chunk = slice(first, first + step)
+            sample[chunk] = (x[chunk] + _gumbel_rows(seed, rows[chunk], vocab)).argmax(dim=-1)
+        return torch.where(valid, sample, 0)
     cand_row, cand_v = candidates.nonzero(as_tuple=True)
     noisy = x[cand_row, cand_v] + _gumbel(seed, cand_v, cand_row)
     row_best = torch.full((num_rows,), float("-inf"), device=x.device)
@@ -88,8 +94,14 @@ def entropy_and_argmax(x: torch.Tensor
     row_max, argmax = x.max(dim=-1)          # first index of the max, as torch.argmax
     valid = row_max > float("-inf")          # False for NaN too
     point_mass = row_max == float("inf")
-    entropy = torch.special.entr(torch.softmax(x, dim=-1)).sum(dim=-1)   # entr(0) = 0
-    entropy = torch.where(point_mass, 0.0, entropy)
+    # H = log s - a / s with z = x - max, s = sum e^z, a = sum e^z z: one exp per entry and no
+    # log (softmax + entr would take both). A -inf logit's z is clamped to a finite -1e30, whose
+    # weight e^z is exactly 0, so it adds 0 rather than 0 * (-inf).
+    z = (x - row_max[:, None]).clamp_(min=-1e30)
+    weights = z.exp()
+    total = weights.sum(dim=-1)
+    weighted = (weights * z).sum(dim=-1)
+    entropy = torch.where(point_mass, 0.0, total.log() - weighted / total)
     return (torch.where(valid, entropy, float("inf")), torch.where(valid, argmax, 0), valid,
             point_mass)
 

@@ -30,15 +30,15 @@ import torch
 
 from . import reference
 from ._backend import resolve_backend
-from .attention import _check_decode_inputs, _default_scale, _unit_last_stride
+from .attention import _DTYPES, _check_decode_inputs, _default_scale, _unit_last_stride
 from ._vocab import MAX_HEAD_DIM, positive_int
 from .layout import (DEFAULT_KV_CHUNK, KV_CHUNK_TOKENS_PER_SEQ, MAX_SEQS_PER_ITEM, WORK_FIELDS,
-                     TreeLayout)
+                     _SLICE_ALIGN, TreeLayout)
 
 # Regions of the plan buffer, in order; the page table last, so that a layout whose page table
 # lives on the device is staged without it (the host-to-device copy stops before that region).
 _REGIONS = ("work_info", "row_seq", "merge_indptr", "merge_rows", "seq_lens", "page_table")
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_STAGING_RING = 2   # pinned staging buffers on CUDA (plan t reuses the buffer of plan t - 2)
 
 
 def default_capacities(max_seqs: int, max_nodes: int, max_blocks: int,
@@ -121,14 +121,18 @@ class TreeAttentionWrapper:
         offset = 0
         for name in _REGIONS:
             self._region[name] = (offset, offset + sizes[name])
-            offset += sizes[name] + (-sizes[name] % 4)   # 16-byte aligned regions
+            offset += sizes[name] + (-sizes[name] % _SLICE_ALIGN)   # 16-byte aligned
         self._plan_buffer = torch.zeros(offset, dtype=torch.int32, device=self.device)
         on_cuda = self.device.type == "cuda"
-        # Host staging: pinned on CUDA (so the copy is asynchronous); on the CPU the plan buffer
-        # itself, written in place.
-        self._staging = (torch.zeros(offset, dtype=torch.int32, pin_memory=True) if on_cuda
-                         else self._plan_buffer)
-        self._staged = torch.cuda.Event() if on_cuda else None   # the last staging copy is done
+        # Host staging: on CUDA a ring of pinned buffers, so the copy is asynchronous and plan()
+        # waits only for the copy of the plan before last (the GPU may still run the last step
+        # while the host plans the next); on the CPU the plan buffer itself, written in place.
+        self._stagings = ([torch.zeros(offset, dtype=torch.int32, pin_memory=True)
+                           for _ in range(_STAGING_RING)] if on_cuda else [self._plan_buffer])
+        self._staged = ([torch.cuda.Event() for _ in self._stagings] if on_cuda
+                        else [None])             # each staging buffer's copy has been read
+        self._staged_work = [0] * len(self._stagings)   # work rows each buffer last held
+        self._next_staging = 0
         self.work_info = self._view(self._plan_buffer, "work_info").view(self.max_work,
                                                                          len(WORK_FIELDS))
         self.row_seq = self._view(self._plan_buffer, "row_seq")
@@ -156,7 +160,6 @@ class TreeAttentionWrapper:
         self.lse = workspace[o_numel + lse_numel:numel].view(self.max_seqs, num_q_heads)
 
         self._layout: TreeLayout | None = None
-        self._num_work = 0           # work rows of the last plan (zeroed by the next one)
         # BLOCK_M of the Triton kernel from the capacity, not the plan: the same compiled kernel
         # every call (a run longer than the tile loops over row tiles).
         group = num_q_heads // num_kv_heads
@@ -203,9 +206,11 @@ class TreeAttentionWrapper:
             if used > capacity:
                 raise ValueError(f"layout needs {used} but the wrapper was built with "
                                  f"{what}={capacity}")
-        if self._staged is not None:
-            self._staged.synchronize()   # the previous plan's copy has read the staging buffer
-        staging = self._staging
+        ring = self._next_staging
+        self._next_staging = (ring + 1) % len(self._stagings)
+        staging, staged = self._stagings[ring], self._staged[ring]
+        if staged is not None:
+            staged.synchronize()   # this buffer's last copy (two plans ago) has read it
         num_seqs = layout.num_seqs
         for name in ("work_info", "row_seq", "merge_indptr", "merge_rows", "seq_lens"):
             values = layout.host_plan(name).reshape(-1)
@@ -213,8 +218,9 @@ class TreeAttentionWrapper:
             staging[start:start + values.numel()].copy_(values)
         work_start = self._region["work_info"][0]
         stale = staging[work_start + layout.num_work * len(WORK_FIELDS):
-                        work_start + self._num_work * len(WORK_FIELDS)]
+                        work_start + self._staged_work[ring] * len(WORK_FIELDS)]
         stale.zero_()   # q_len 0: the programs of unused work items exit at once
+        self._staged_work[ring] = layout.num_work
         indptr_start, indptr_end = self._region["merge_indptr"]
         staging[indptr_start + num_seqs + 1:indptr_end].fill_(layout.num_partials)
         host_pages = layout.host_plan("page_table")
@@ -224,13 +230,13 @@ class TreeAttentionWrapper:
         if staging is not self._plan_buffer:
             end = (self._region["page_table"][0] + (host_pages.numel() if host_pages is not None
                                                    else 0))
+            # The whole work region goes over, so rows the last plans used are zero now.
             self._plan_buffer[:end].copy_(staging[:end], non_blocking=True)
-            self._staged.record()
+            staged.record()
         if host_pages is None:   # a page table on the device, read by reference: d2d
-            pages = layout.page_table
+            pages = layout.external_page_table   # (layout.page_table would upload the plan)
             self.page_table[:pages.numel()].copy_(pages, non_blocking=True)
         self._layout = layout
-        self._num_work = layout.num_work
 
     @property
     def layout(self) -> TreeLayout | None:
@@ -249,10 +255,11 @@ class TreeAttentionWrapper:
                 ``layout.num_seqs <= S <= max_seqs``: rows past the plan's sequences (padding
                 of a captured batch) come out 0 with LSE ``-inf``.
             k_cache, v_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``.
-            out: optional output ``[S, num_q_heads, head_dim]`` in q's dtype (unit stride in
-                head_dim for the ``"cuda"`` backend); with it, nothing is allocated.
-            lse: optional fp32 ``[S, num_q_heads]`` for the LSE; default a view of the
-                workspace, overwritten by the next call.
+            out: optional output ``[S, num_q_heads, head_dim]`` in q's dtype; with it, nothing
+                is allocated (the ``"cuda"`` backend writes an ``out`` without unit stride in
+                head_dim through a contiguous copy).
+            lse: optional fp32 ``[S, num_q_heads]`` (unit stride in heads) for the LSE; default
+                a view of the workspace, overwritten by the next call.
             return_lse: also return the LSE (natural log).
             sm_scale: softmax scale, default ``head_dim ** -0.5``.
 
@@ -285,8 +292,10 @@ class TreeAttentionWrapper:
         if lse is None:
             lse = self.lse[:num_seqs]
         elif not isinstance(lse, torch.Tensor) or lse.shape != q.shape[:2] or \
-                lse.dtype != torch.float32 or lse.device != q.device:
-            raise ValueError(f"lse must be float32 {tuple(q.shape[:2])} on {q.device}")
+                lse.dtype != torch.float32 or lse.device != q.device or \
+                (lse.stride(1) != 1 and lse.shape[1] > 1):
+            raise ValueError(f"lse must be float32 {tuple(q.shape[:2])} on {q.device} with unit "
+                             f"stride in heads")
 
         if self.backend == "torch":
             ref_out, ref_lse = reference.tree_decode_attention(q[:layout.num_seqs], k_cache,
@@ -302,12 +311,16 @@ class TreeAttentionWrapper:
                                             sm_scale, self._max_rows)
             kernels.merge_partials(self.partial_o, self.partial_lse,
                                    self.merge_indptr[:num_seqs + 1], self.merge_rows, out, lse)
-        else:  # cuda
+        else:  # cuda: unit stride in head_dim (a q or out without it goes through a copy)
             from . import _cuda_ops
+            target = _unit_last_stride(out)
             _cuda_ops.tree_attention_partials(_unit_last_stride(q), k_cache, v_cache,
                                               self.work_info, self.row_seq[:num_seqs],
                                               self.page_table, self.partial_o, self.partial_lse,
                                               sm_scale)
             _cuda_ops.merge_partials(self.partial_o, self.partial_lse,
-                                     self.merge_indptr[:num_seqs + 1], self.merge_rows, out, lse)
+                                     self.merge_indptr[:num_seqs + 1], self.merge_rows, target,
+                                     lse)
+            if target is not out:
+                out.copy_(target)
         return (out, lse) if return_lse else out

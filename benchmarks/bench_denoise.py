@@ -9,6 +9,7 @@ Providers:
   a2r-torch-sample  the same at temperature 1 (Gumbel-max: a Philox draw per logit)
   llada-torch     LLaDA generate.py step: softmax over all positions, argmax, gather, where,
                   per-row topk loop
+  llada-torch-sample  (CPU) the same at temperature 1 (LLaDA's fp64 add_gumbel_noise)
   fastdllm-torch  Fast-dLLM threshold step (same, with the confidence-threshold rule)
 
 Entropy-bound rows (``--ops entropy-bound``, results to benchmarks/results/entropy_bound*.json):
@@ -54,11 +55,21 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 MASK_ID = 126336   # LLaDA's [MASK]; any id < V works
 
 
+def add_gumbel_noise(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """LLaDA generate.py's add_gumbel_noise (fp64, as LLaDA does)."""
+    if temperature == 0:
+        return logits
+    logits = logits.to(torch.float64)
+    noise = torch.rand_like(logits, dtype=torch.float64)
+    gumbel_noise = (-torch.log(noise)) ** temperature
+    return logits.exp() / gumbel_noise
+
+
 def llada_step(logits: torch.Tensor, x: torch.Tensor, mask_id: int,
-               num_transfer_tokens: torch.Tensor) -> torch.Tensor:
-    """LLaDA generate.py, temperature 0, low_confidence (fp64 softmax as LLaDA does)."""
+               num_transfer_tokens: torch.Tensor, temperature: float = 0.0) -> torch.Tensor:
+    """LLaDA generate.py, low_confidence (fp64 softmax as LLaDA does)."""
     mask_index = x == mask_id
-    x0 = torch.argmax(logits, dim=-1)
+    x0 = torch.argmax(add_gumbel_noise(logits, temperature), dim=-1)
     p = F.softmax(logits.to(torch.float64), dim=-1)
     x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
     x0 = torch.where(mask_index, x0, x)
@@ -130,6 +141,10 @@ def providers_for(device: torch.device, allow_triton: bool) -> dict:
                             backend="torch", generator=torch.Generator().manual_seed(0)))
     providers["llada-torch"] = (
         lambda logits, tokens, mask_id, quota: llada_step(logits, tokens, mask_id, quota.tolist()))
+    if device.type == "cpu":   # the like-for-like baseline of a2r-torch-sample
+        providers["llada-torch-sample"] = (
+            lambda logits, tokens, mask_id, quota:
+            llada_step(logits, tokens, mask_id, quota.tolist(), temperature=1.0))
     providers["fastdllm-torch"] = (
         lambda logits, tokens, mask_id, quota: fastdllm_step(logits, tokens, mask_id, threshold))
     return providers
@@ -207,7 +222,7 @@ def run(shapes, device: torch.device, dtype: torch.dtype, half_masked: bool, all
                 "copy_gbps": bandwidth,
             })
         for row in rows[len(rows) - len(baseline_us):]:
-            for base in ("llada-torch", "fastdllm-torch"):
+            for base in ("llada-torch", "llada-torch-sample", "fastdllm-torch"):
                 if base in baseline_us:
                     row[f"speedup_vs_{base}"] = baseline_us[base] / row["median_us"]
             print(f"B={batch:3d} L={length:5d} V={vocab:6d} masked={masked_fraction:.1f} "

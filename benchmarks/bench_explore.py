@@ -17,7 +17,15 @@ meaningless; throughput and memory do not depend on them.
 Rows (``benchmarks/results/explore.json``; quick / CPU runs go to ``explore_cpu.json``): device, provider, P, n, new_tokens, median_s,
 tokens_per_s (n * new_tokens / median_s), peak_kv_bytes (KV held at the peak, from the block
 pool for ours, computed for DynamicCache), peak_mem_bytes (CUDA allocator peak during the run,
-weights included; 0 on CPU), copy_gbps, and speedup vs hf-generate.
+weights included; 0 on CPU), copy_gbps, and speedup vs hf-generate. The providers' repetitions
+are interleaved (rep 1 of each, then rep 2, ...), so a shared machine's drift hits all alike.
+
+Per-step rows (``a2r-explore`` and ``hf-generate`` only): ``step_us``, the median wall time of
+one decode step of the n branches (forward + sampling; ours: ``TreeDecoder.step``, theirs: one
+``model(...)`` over a ``DynamicCache``), and ``host_us_per_step``, the part of it spent on the
+host before the step's work is queued (on CUDA: the time until the call returns without a
+synchronise; on the CPU every op runs inline, so it equals ``step_us``); ``aten_ops_per_layer``,
+the aten ops one decode step dispatches (``TorchDispatchMode``) divided by the layer count.
 
 Run:  python benchmarks/bench_explore.py            (CUDA: full grid P in {2k, 8k}, n in {8, 32})
       python benchmarks/bench_explore.py --quick    (tiny model and shapes; the default on CPU.
@@ -107,24 +115,91 @@ def run_hf(model, ids, n, new_tokens, block_size) -> int:
 PROVIDERS = {"a2r-explore": run_ours, "a2r-noshare": run_noshare, "hf-generate": run_hf}
 
 
-def measure(fn, device, warmup: int, rep: int) -> tuple[float, int, int]:
-    """(median seconds, fn's return value, CUDA allocator peak bytes)."""
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@torch.inference_mode()
+def decode_step_stats(provider: str, model, ids, n: int, block_size: int, device,
+                      steps: int = 8) -> dict:
+    """``step_us``, ``host_us_per_step`` and ``aten_ops_per_layer`` of one decode step of n
+    branches after a prompt ``ids`` (see the module docstring)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    if provider == "a2r-explore":
+        dec = akhf.TreeDecoder(model, math.ceil(ids.shape[1] / block_size)
+                               + n * (math.ceil((steps + 4) / block_size) + 1),
+                               block_size=block_size)
+        root, logits = dec.prefill(ids)
+        seqs = dec.fork(root, n)
+        logits = logits.expand(n, -1)
+
+        def step(logits):
+            tokens = sample_tokens(logits, **SAMPLING, generator=generator)
+            return dec.step(seqs, tokens)
+    else:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        out = model(input_ids=ids.expand(n, -1), past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        logits = out.logits[:, -1].float()
+        position = [ids.shape[1]]
+
+        def step(logits):
+            tokens = sample_tokens(logits, **SAMPLING, generator=generator)
+            pos = torch.full((n, 1), position[0], dtype=torch.long, device=device)
+            position[0] += 1
+            return model(input_ids=tokens[:, None], position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1).logits[:, -1].float()
+
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times, value = [], 0
-    for _ in range(rep):
+    logits = step(logits)   # warm-up
+    walls, hosts = [], []
+    for _ in range(steps):
         sync()
         start = time.perf_counter()
-        value = fn()
+        logits = step(logits)
+        hosts.append(time.perf_counter() - start)
         sync()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return statistics.median(times), value, peak
+        walls.append(time.perf_counter() - start)
+    with _CountOps() as ops:
+        step(logits)
+    return dict(step_us=1e6 * statistics.median(walls), host_us_per_step=1e6 * statistics.median(hosts),
+                aten_ops_per_layer=ops.count / model.config.num_hidden_layers)
+
+
+def measure_interleaved(runs: dict, device, warmup: int, rep: int) -> dict:
+    """Per name: (median seconds, the run's return value, CUDA allocator peak bytes), with the
+    runs' repetitions interleaved."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in runs}
+    values, peaks = {}, {}
+    for _ in range(rep):
+        for name, fn in runs.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync()
+            start = time.perf_counter()
+            values[name] = fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+            peaks[name] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return {name: (statistics.median(times[name]), values[name], peaks[name]) for name in runs}
 
 
 def main() -> None:
@@ -159,7 +234,7 @@ def main() -> None:
     gbps = copy_gbps(device, nbytes=(16 if quick else 256) * 1024 * 1024)
     print(f"# {name}  copy {gbps:.1f} GB/s  model {'tiny' if quick else 'Qwen3-0.6B shape'} {dtype}")
     print(f"{'provider':>12} {'P':>6} {'n':>4} {'new':>4} {'median_s':>9} {'tok/s':>9} "
-          f"{'peak_kv_MB':>11} {'peak_mem_MB':>12}")
+          f"{'peak_kv_MB':>11} {'peak_mem_MB':>12} {'step_us':>9} {'host_us':>9} {'ops/layer':>8}")
 
     rows = []
     for prompt_len in prompt_lens:
@@ -167,18 +242,24 @@ def main() -> None:
                             generator=torch.Generator(device=device).manual_seed(prompt_len))
         for n in ns:
             group = []
+            runs = {provider: (lambda fn=PROVIDERS[provider]: fn(model, ids, n, new_tokens,
+                                                                 args.block_size))
+                    for provider in args.providers}
+            timed = measure_interleaved(runs, device, warmup=1, rep=rep)
             for provider in args.providers:
-                fn = PROVIDERS[provider]
-                seconds, kv_bytes, peak = measure(
-                    lambda: fn(model, ids, n, new_tokens, args.block_size), device, 1, rep)
+                seconds, kv_bytes, peak = timed[provider]
                 row = dict(device=name, provider=provider, P=prompt_len, n=n, new_tokens=new_tokens,
                            median_s=seconds, tokens_per_s=n * new_tokens / seconds,
                            peak_kv_bytes=int(kv_bytes), peak_mem_bytes=int(peak),
                            copy_gbps=gbps, dtype=str(dtype).replace("torch.", ""),
                            block_size=args.block_size)
+                if provider in ("a2r-explore", "hf-generate"):
+                    row.update(decode_step_stats(provider, model, ids, n, args.block_size, device))
                 group.append(row)
                 print(f"{provider:>12} {prompt_len:>6} {n:>4} {new_tokens:>4} {seconds:>9.3f} "
-                      f"{row['tokens_per_s']:>9.1f} {kv_bytes / 2**20:>11.1f} {peak / 2**20:>12.1f}",
+                      f"{row['tokens_per_s']:>9.1f} {kv_bytes / 2**20:>11.1f} {peak / 2**20:>12.1f}"
+                      + (f" {row['step_us']:>9.0f} {row['host_us_per_step']:>9.0f} "
+                         f"{row['aten_ops_per_layer']:>8.1f}" if "step_us" in row else ""),
                       flush=True)
             base = next((r for r in group if r["provider"] == "hf-generate"), None)
             for row in group:

@@ -382,8 +382,12 @@ def main(argv=None):
                 **({"num_work": layout.num_work, "num_partials": layout.num_partials}
                    if provider.startswith("a2r-tree") else {})))
         paged = next((r["median_us"] for r in shape_rows if r["provider"] == "a2r-paged"), None)
+        eager = next((r["median_us"] for r in shape_rows
+                      if r["provider"] == "a2r-tree-wrapper"), None)
         for r in shape_rows:
             r["speedup_vs_paged"] = paged / r["median_us"] if paged else None
+            if r["provider"] == "a2r-tree-graph" and eager:   # replay against the eager run
+                r["speedup_vs_wrapper"] = eager / r["median_us"]
             print(f"{r['provider']:>24} {P:>6} {N:>4} {S:>4} {Hq:>3}/{Hkv:<3} "
                   f"{r['median_us']:>10.1f} {r['gbps']:>8.1f} {100 * r['gbps'] / bw:>5.0f}% "
                   f"{r['speedup_vs_paged'] or float('nan'):>7.2f}x")

@@ -435,9 +435,9 @@ VERIFY_TESTS=(
   "tests/test_wrapper.py::test_from_block_tables_matches_paged_decode[1-triton]"
 )
 
-# The headline rows' providers. Issue 12: append its a2r-tree-wrapper and CUDA-graph-replay
-# providers here once bench_tree_attention.py has them (their targets go to verdict.py).
-TREE_PROVIDERS="a2r-tree,a2r-paged,a2r-cuda"
+# The headline rows' providers: issue 12's wrapper (planned once, timed on run) and its
+# CUDA-graph replay (target in verdict.py); the host-side plan rows are a CPU target, skipped.
+TREE_PROVIDERS="a2r-tree,a2r-paged,a2r-cuda,a2r-tree-wrapper,a2r-tree-graph"
 
 # plan_step NAME BUDGET_S MIN_S KIND NEEDS RESULT COMMAND -- one row of the verify plan.
 #   BUDGET_S  the most wall seconds the step may take: its timeout, and what the dry run's
@@ -479,8 +479,8 @@ verify_plan() {
   plan_step sanitize-racecheck    20     15  spare sanitizer  -                "$racecheck"
   # (4) the headline rows: tree attention at the issues' two target shapes (one process each,
   # since a benchmark writes its JSON at its end), denoise, explore against hf-generate
-  plan_step bench-tree-P8k-N64    30     15  must  -          tree_attention   "$PY benchmarks/bench_tree_attention.py --P 8192 --N 64 --S 128 --heads 32/8 --providers $TREE_PROVIDERS"
-  plan_step bench-tree-P1k-N4     25     10  must  -          tree_attention   "$PY benchmarks/bench_tree_attention.py --P 1024 --N 4 --S 128 --heads 8/1 --providers $TREE_PROVIDERS"
+  plan_step bench-tree-P8k-N64    30     15  must  -          tree_attention   "$PY benchmarks/bench_tree_attention.py --P 8192 --N 64 --S 128 --heads 32/8 --providers $TREE_PROVIDERS --no-plan-rows"
+  plan_step bench-tree-P1k-N4     25     10  must  -          tree_attention   "$PY benchmarks/bench_tree_attention.py --P 1024 --N 4 --S 128 --heads 8/1 --providers $TREE_PROVIDERS --no-plan-rows"
   plan_step bench-denoise         35     20  must  -          denoise          "$PY benchmarks/bench_denoise.py --ops denoise --shapes 8x256x126464"
   # issue 15: the entropy-bound step at its default GPU shape, B=8 L=256 V=262144, flat and
   # lm-like logits, against transformers' sampler step

@@ -14,7 +14,11 @@
 //                   p1 - p2 = (1 - exp(x_(2) - m)) / Z            ("margin")
 //                   -H(p) = Zx / Z - log Z                        ("entropy")
 //                   u ~ U(0, 1)                                   ("random")
-//    from the untempered softmax p = softmax(x). Thread t streams 16-byte groups (8 fp16 / bf16
+//    from the untempered softmax p = softmax(x). Non-finite logits (the rule of
+//    a2r_kernels/reference_denoise.py) are classified by the row's max m, which propagates NaN
+//    (max_nan), so no extra pass is needed: m NaN (a NaN logit) or m = -inf (no logit above -inf)
+//    -> x0 = mask_id, confidence NaN, never committed; m = +inf -> the point mass on the lowest
+//    +inf index: confidence 1 (p(x0), margin) or 0 (entropy). Thread t streams 16-byte groups (8 fp16 / bf16
 //    or 4 fp32 logits) t, t + 256, ... and folds each whole group into its statistics: one
 //    rescale per group and one exp2 per logit, with only the statistics its remasking mode needs
 //    (a template parameter). That keeps the loop at 7.5 SASS instructions per bf16 logit for
@@ -28,6 +32,7 @@
 //    confidence_i >= threshold or rank_i == 0 (threshold mode: at least the most confident one),
 //    where rank_i = #{masked j : c_j > c_i or (c_j == c_i and j < i)} (ties -> lower position).
 //    transferred[b, i] is written for every position and tokens[b, i] = x0[b, i] where committed.
+//    Only committable positions (masked, confidence not NaN) are ranked or committed.
 //
 // Random numbers (the layout of a2r_kernels/reference_denoise.py and the Triton backend, so a
 // seeded step samples the same tokens on every backend up to fp32 rounding): Philox4x32-10
@@ -119,6 +124,19 @@ A2R_HD float uniform_open01(uint32_t bits) {
 enum class Extra : int { kNone = 0, kSecond = 1, kEntropy = 2 };
 
 constexpr float kNegHuge = -1e30f;  // a finite shift whose exp2 underflows to exactly 0
+constexpr float kPosInf = __builtin_huge_valf();
+
+// max(a, b), NaN if either is NaN (fmaxf drops a NaN): the row max that classifies a row holding
+// a NaN logit. One FMNMX.NAN on sm_80+, as cheap as fmaxf.
+A2R_HD float max_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float d;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+#else
+  return (a > b || a != a) ? a : b;  // b when b is NaN (a > NaN is false)
+#endif
+}
 
 // exp2 as one MUFU.EX2 (ex2.approx.ftz: 2 ulp; exp2(-inf) = +0); exp2f on the host.
 A2R_HD float fast_exp2(float x) {
@@ -169,13 +187,13 @@ A2R_HD void fold_group(LaneStats& st, const float (&x)[kGroup], int col0, const 
 #pragma unroll
   for (int e = 1; e < kGroup; ++e) {
     if constexpr (kExtra == Extra::kSecond) group_second = fmaxf(group_second, fminf(group_max, x[e]));
-    group_max = fmaxf(group_max, x[e]);
+    group_max = max_nan(group_max, x[e]);
   }
   if constexpr (kExtra == Extra::kSecond) {
     st.second = fmaxf(fmaxf(st.second, group_second), fminf(st.max, group_max));
   }
   if (group_max > st.max) st.max_at = col0;  // strict: an earlier group keeps a tie
-  const float new_max = fmaxf(st.max, group_max);
+  const float new_max = max_nan(st.max, group_max);
   const float shift = new_max > kNegInf ? new_max : 0.f;    // never (-inf) - (-inf)
   const float alpha = fast_exp2((st.max - shift) * kLog2e);  // 0 while st.max is -inf
   if constexpr (kExtra == Extra::kEntropy) {
@@ -223,7 +241,7 @@ A2R_HD void fold_group(LaneStats& st, const float (&x)[kGroup], int col0, const 
 // values up to fp32 rounding; indices are exact).
 template <Extra kExtra, bool kSample>
 A2R_HD void merge_lane_stats(LaneStats& a, const LaneStats& b) {
-  const float m = fmaxf(a.max, b.max);
+  const float m = max_nan(a.max, b.max);
   const float shift = m > kNegInf ? m : 0.f;
   const float scale_a = fast_exp2((a.max - shift) * kLog2e);
   const float scale_b = fast_exp2((b.max - shift) * kLog2e);
@@ -263,10 +281,15 @@ A2R_HD int first_column_of(const float (&x)[kGroup], int col0, float max) {
 }
 
 // x0 and confidence of one masked position from its merged statistics, argmax resolved (see the
-// header comment).
+// header comment); `no_prediction` (the mask id) is the x0 of a row without a distribution.
 template <Extra kExtra, bool kSample>
 A2R_HD void finish_position(const LaneStats& st, Remasking remasking, const GumbelKey& key,
-                            int& x0, float& confidence) {
+                            int no_prediction, int& x0, float& confidence) {
+  if (!(st.max > kNegInf)) {  // a NaN logit (the max propagates it) or no logit above -inf
+    x0 = no_prediction;
+    confidence = __builtin_nanf("");
+    return;
+  }
   const bool sampled = kSample && st.gumbel_idx != INT_MAX;
   // A row without a finite logit reports 0, as torch.argmax does for an all -inf row.
   x0 = sampled ? st.gumbel_idx : (st.max_at != INT_MAX ? st.max_at : 0);
@@ -292,6 +315,11 @@ A2R_HD void finish_position(const LaneStats& st, Remasking remasking, const Gumb
     default:  // p(x0)
       confidence = x0_logit > kNegInf ? fast_exp(x0_logit - st.max) * inv_sum : 0.f;
       break;
+  }
+  // A +inf logit: the point mass on the lowest +inf index, which is x0 at any temperature (x / T
+  // + g is +inf there too); its statistics above are inf - inf = NaN.
+  if (st.max == kPosInf && remasking != Remasking::kRandom) {
+    confidence = remasking == Remasking::kEntropy ? 0.f : 1.f;
   }
 }
 
@@ -457,7 +485,8 @@ denoise_predict_kernel(const DenoiseArgs args, bool aligned) {
   }
   int x0;
   float confidence;
-  finish_position<kExtra, kSample>(st, args.remasking, key, x0, confidence);
+  finish_position<kExtra, kSample>(st, args.remasking, key, static_cast<int>(args.mask_id), x0,
+                                   confidence);
   *x0_out = x0;
   *conf_out = confidence;
 }
@@ -487,7 +516,8 @@ __global__ void __launch_bounds__(kCombineThreads) denoise_combine_kernel(const 
                       static_cast<uint32_t>(pos), args.inv_temperature};
   int x0;
   float confidence;
-  finish_position<kExtra, kSample>(st, args.remasking, key, x0, confidence);
+  finish_position<kExtra, kSample>(st, args.remasking, key, static_cast<int>(args.mask_id), x0,
+                                   confidence);
   *x0_out = x0;
   *conf_out = confidence;
 }
@@ -517,9 +547,12 @@ __global__ void __launch_bounds__(kSelectThreads) denoise_select_kernel(const De
   const float* conf_row = args.confidence + b * args.conf_stride_b;
   bool* transferred_row = args.transferred + b * args.transferred_stride_b;
 
+  // Committable: masked with a confidence that is not NaN (a NaN row is never committed).
+  auto committable = [&](bool masked, float conf) { return masked && conf == conf; };
   auto is_masked = [&](int j) -> bool {
     if constexpr (kStageInSmem) return sm_masked[j] != 0;
-    else return tokens_row[j * args.tokens_stride_l] == args.mask_id;
+    else return committable(tokens_row[j * args.tokens_stride_l] == args.mask_id,
+                            conf_row[j * args.conf_stride_l]);
   };
   auto conf_of = [&](int j) -> float {
     if constexpr (kStageInSmem) return sm_conf[j];
@@ -530,8 +563,8 @@ __global__ void __launch_bounds__(kSelectThreads) denoise_select_kernel(const De
   for (int i = threadIdx.x; i < length; i += kSelectThreads) {
     const bool masked = tokens_row[i * args.tokens_stride_l] == args.mask_id;
     if constexpr (kStageInSmem) {
-      sm_masked[i] = masked;
       sm_conf[i] = conf_row[i * args.conf_stride_l];
+      sm_masked[i] = committable(masked, sm_conf[i]);
     }
     count += masked;
   }
@@ -598,7 +631,7 @@ void launch_predict(const DenoiseArgs& args, cudaStream_t stream) {
 
 template <int kGroup, Extra kExtra, bool kSample>
 void predict_row_host(const float* row, int vocab, int num_splits, Remasking remasking,
-                      const GumbelKey& key, int64_t* x0, float* confidence) {
+                      const GumbelKey& key, int no_prediction, int64_t* x0, float* confidence) {
   // The kernels' work split and merge order: split s covers groups [begin, end); its thread t
   // folds groups begin + t, begin + t + kPredictThreads, ... and the row's partial tail group goes
   // to the thread next in turn; a split's thread states are merged as the kernel merges them
@@ -648,7 +681,7 @@ void predict_row_host(const float* row, int vocab, int num_splits, Remasking rem
     merge_lane_stats<kExtra, kSample>(total, split_stats);
   }
   int token;
-  finish_position<kExtra, kSample>(total, remasking, key, token, *confidence);
+  finish_position<kExtra, kSample>(total, remasking, key, no_prediction, token, *confidence);
   *x0 = token;
 }
 
@@ -757,24 +790,28 @@ void denoise_step(const TensorView& logits, const TensorView& tokens,
 
 void denoise_predict_row_host(const float* row, int64_t vocab, float temperature,
                               float inv_temperature, Remasking remasking, uint64_t seed,
-                              uint32_t pos, int group_width, int num_splits, int64_t* x0,
-                              float* confidence) {
+                              uint32_t pos, int64_t mask_id, int group_width, int num_splits,
+                              int64_t* x0, float* confidence) {
   require(vocab >= 1 && vocab < (int64_t{1} << 31) - 16,
           "denoise_predict_row_host: vocab must be in [1, 2^31 - 16)");
   require(num_splits >= 1 && num_splits <= 65535,
           "denoise_predict_row_host: num_splits must be in [1, 65535]");
   const GumbelKey key{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), pos,
                       inv_temperature};
+  require(mask_id >= 0 && mask_id < vocab, "denoise_predict_row_host: mask_id must be in [0, vocab)");
   const int v = static_cast<int>(vocab);
+  const int no_prediction = static_cast<int>(mask_id);
   with_predict_variant(remasking, temperature > 0.f, [&](auto extra, auto sample) {
     constexpr Extra kExtra = decltype(extra)::value;
     constexpr bool kSample = decltype(sample)::value;
     switch (group_width) {  // 16 bytes of fp32 (4) or of fp16 / bf16 (8)
       case 4:
-        predict_row_host<4, kExtra, kSample>(row, v, num_splits, remasking, key, x0, confidence);
+        predict_row_host<4, kExtra, kSample>(row, v, num_splits, remasking, key, no_prediction, x0,
+                                             confidence);
         break;
       case 8:
-        predict_row_host<8, kExtra, kSample>(row, v, num_splits, remasking, key, x0, confidence);
+        predict_row_host<8, kExtra, kSample>(row, v, num_splits, remasking, key, no_prediction, x0,
+                                             confidence);
         break;
       default: throw std::invalid_argument("denoise_predict_row_host: group_width must be 4 or 8");
     }

@@ -166,11 +166,12 @@ float philox_uniform_host(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, 
 // The per-position part of denoise_step (x0, confidence of one masked position pos = b * L + l
 // whose fp32 logits are the host array row[vocab]), by the kernel's own code compiled for the
 // host, with the kernels' work split: groups of `group_width` logits (4: the fp32 kernel, 8: the
-// fp16 / bf16 kernels) and `num_splits` splits of V. For tests on machines without a GPU.
+// fp16 / bf16 kernels) and `num_splits` splits of V; x0 = mask_id for a row without a
+// distribution (a NaN logit, or none above -inf). For tests on machines without a GPU.
 void denoise_predict_row_host(const float* row, int64_t vocab, float temperature,
                               float inv_temperature, Remasking remasking, uint64_t seed,
-                              uint32_t pos, int group_width, int num_splits, int64_t* x0,
-                              float* confidence);
+                              uint32_t pos, int64_t mask_id, int group_width, int num_splits,
+                              int64_t* x0, float* confidence);
 
 // Diagnostics for the Python side and the tests.
 int cuda_runtime_version();

@@ -24,7 +24,7 @@ PYBIND11_MODULE(_C_testing, m) {
   m.def(
       "denoise_predict_row_host",
       [](uintptr_t row, int64_t vocab, double temperature, int remasking, uint64_t seed,
-         uint32_t pos, int group_width, int num_splits) {
+         uint32_t pos, int64_t mask_id, int group_width, int num_splits) {
         if (remasking < 0 || remasking > static_cast<int>(a2r::Remasking::kRandom)) {
           throw std::invalid_argument("denoise_predict_row_host: remasking code must be in [0, " +
                                       std::to_string(static_cast<int>(a2r::Remasking::kRandom)) +
@@ -35,14 +35,15 @@ PYBIND11_MODULE(_C_testing, m) {
         a2r::denoise_predict_row_host(
             reinterpret_cast<const float*>(row), vocab, static_cast<float>(temperature),
             temperature > 0 ? static_cast<float>(1.0 / temperature) : 0.f,
-            static_cast<a2r::Remasking>(remasking), seed, pos, group_width, num_splits, &x0,
-            &confidence);
+            static_cast<a2r::Remasking>(remasking), seed, pos, mask_id, group_width, num_splits,
+            &x0, &confidence);
         return py::make_tuple(x0, confidence);
       },
       "(x0, confidence) of one masked position from a HOST fp32 row of logits (address of "
       "row[vocab]), by the denoise kernel's per-position code compiled for the CPU; group_width: "
       "logits per 16-byte load of the kernel being emulated (4: fp32, 8: fp16 / bf16); "
-      "num_splits: CTAs per position over V.",
+      "num_splits: CTAs per position over V; mask_id: the x0 of a row without a distribution.",
       py::arg("row"), py::arg("vocab"), py::arg("temperature"), py::arg("remasking"),
-      py::arg("seed"), py::arg("pos"), py::arg("group_width") = 4, py::arg("num_splits") = 1);
+      py::arg("seed"), py::arg("pos"), py::arg("mask_id"), py::arg("group_width") = 4,
+      py::arg("num_splits") = 1);
 }

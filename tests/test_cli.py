@@ -1,6 +1,7 @@
 """The ``a2r`` command line end to end on the embedded tiny models (in-process ``main(argv)``, plus
 one subprocess run of the module), its JSON outputs, eval accounting and its one-line errors."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -208,6 +209,13 @@ def test_unsupported_architecture(capsys, tmp_path):
     (["run", "--tiny", "--top-k", "-1", "q"], "top_k must be >= 0"),
     (["demo", "--thinker-threshold", "1.5"], "thinker_threshold must be in (0, 1]"),
     (["run", "--tiny", "--device", "gpu0", "q"], "--device gpu0"),
+    (["run", "--tiny", "--tensor-parallel-size", "2", "q"],
+     "--tensor-parallel-size needs --engine vllm"),
+    (["run", "--tiny", "--gpu-memory-utilization", "0.5", "q"],
+     "--gpu-memory-utilization needs --engine vllm"),
+    pytest.param(["run", "--tiny", "--engine", "vllm", "q"], "--engine vllm needs vLLM installed",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is not None,
+                                          reason="vLLM is installed here")),
 ])
 def test_bad_options(capsys, monkeypatch, argv, fragment):
     # Bad values are reported before any model is loaded (not after the explorer has run).

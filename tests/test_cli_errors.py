@@ -3,7 +3,8 @@ one ``a2r: error:`` line on stderr, before any model runs.
 
 The cases run end to end in a subprocess (a fresh interpreter, the real ``main``), all of them in
 one interpreter to keep the import cost (torch, transformers) to one: a driver runs ``main(argv)``
-per case with its own environment and returns each exit status, stdout and stderr. "Before any model
+per case with its own environment and returns each exit status and what it wrote to file descriptors
+1 and 2 (so C code and early-bound log handlers are caught too). "Before any model
 runs" is enforced, not assumed: the driver replaces ``torch.nn.Module.__call__`` with one that exits
 with status 1, so a forward of any model fails its case (loading a model or a tokenizer calls no
 module).
@@ -14,14 +15,16 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 
 from a2r.tiny import RANDOM_WEIGHTS_MARKER, ensure_tiny_models
 
 DRIVER = """
-import contextlib, io, json, os, sys, traceback
+import json, os, sys, tempfile, traceback
 import torch
 if sys.argv[1] == "no-forward":
     def _forward_forbidden(self, *args, **kwargs):
@@ -30,22 +33,31 @@ if sys.argv[1] == "no-forward":
 from a2r.cli import main
 results = {}
 base_env = dict(os.environ)
+saved = {fd: os.dup(fd) for fd in (1, 2)}
 for name, argv, env in json.loads(sys.stdin.read()):
     os.environ.clear()
     os.environ.update({**base_env, **env})
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as exit:
-            code = exit.code if isinstance(exit.code, int) else 1
-            if not isinstance(exit.code, int):
-                print(exit.code, file=sys.stderr)
-        except BaseException:
-            code = 1
-            traceback.print_exc()
-    results[name] = [code, out.getvalue(), err.getvalue()]
-sys.__stdout__.write(json.dumps(results))
+    # File-descriptor level: also catches writes of C code and of log handlers bound earlier.
+    captured = {fd: tempfile.TemporaryFile() for fd in (1, 2)}
+    for fd, file in captured.items():
+        os.dup2(file.fileno(), fd)
+    try:
+        code = main(argv)
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+        if not isinstance(exit.code, int):
+            print(exit.code, file=sys.stderr)
+    except BaseException:
+        code = 1
+        traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd in (1, 2):
+        os.dup2(saved[fd], fd)
+        captured[fd].seek(0)
+    results[name] = [code] + [captured[fd].read().decode() for fd in (1, 2)]
+with open(sys.argv[2], "w") as handle:
+    json.dump(results, handle)
 """
 
 FAST = ["-n", "2", "--max-new-tokens", "4", "--synth-max-new-tokens", "3",
@@ -61,16 +73,19 @@ def tiny(tmp_path_factory):
 
 
 def run_cases(tiny, cases, *, forward_allowed=False):
-    """Run ``{name: (argv, env)}`` through the driver; returns ``{name: (code, stdout, stderr)}``."""
+    """Run ``{name: (argv, env)}`` through the driver -> ``{name: (code, stdout, stderr)}``."""
     env = {**os.environ, "A2R_HOME": str(tiny[0]), "OMP_NUM_THREADS": "1"}
     env.pop("A2R_DEBUG", None)
     payload = json.dumps([[name, [str(a) for a in argv], case_env]
                           for name, (argv, case_env) in cases.items()])
-    proc = subprocess.run([sys.executable, "-c", DRIVER,
-                           "forward" if forward_allowed else "no-forward"], input=payload,
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return {name: tuple(result) for name, result in json.loads(proc.stdout).items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        results = Path(tmp) / "results.json"
+        proc = subprocess.run([sys.executable, "-c", DRIVER,
+                               "forward" if forward_allowed else "no-forward", str(results)],
+                              input=payload, capture_output=True, text=True, env=env,
+                              timeout=600)
+        assert proc.returncode == 0 and results.is_file(), proc.stderr
+        return {name: tuple(result) for name, result in json.loads(results.read_text()).items()}
 
 
 def assert_one_line_error(result, *fragments):
@@ -105,6 +120,11 @@ USAGE_ERRORS = {
     "no command": ([], "the following arguments are required"),
     "answer cap -7": (["demo", "--answer-max-chars", "-7"],
                       "argument --answer-max-chars: must be >= 0, or -1 for no cap, got -7"),
+    "temperature nan": (["demo", "--temperature", "nan"],
+                        "argument --temperature: must be a finite number, got 'nan'"),
+    "temperature inf": (["demo", "--temperature", "inf"], "must be a finite number"),
+    "check timeout -1": (["eval", "qa.jsonl", "--tiny", "--check-timeout", "-1"],
+                         "argument --check-timeout: must be > 0, got -1.0"),
 }
 
 
@@ -165,10 +185,11 @@ def test_bad_eval_line(errors, name):
 
 
 def test_question_longer_than_the_model_positions(errors):
-    assert_one_line_error(errors["long question"], "question too long", "explorer prompt",
-                          "max_position_embeddings=4096", "Qwen3ForCausalLM")
+    assert_one_line_error(errors["long question"], "the explorer prompt is", "+ 4 new tokens",
+                          "max_position_embeddings=4096", "Qwen3ForCausalLM",
+                          "shorten the question")
     assert_one_line_error(errors["eval long question"], "long.jsonl: question 2: ",
-                          "question too long", "max_position_embeddings=4096")
+                          "max_position_embeddings=4096", "shorten the question")
 
 
 # ------------------------------------------------------------------ options
@@ -189,13 +210,17 @@ def test_usage_errors_are_one_line(errors, name):
     assert_one_line_error(errors[f"usage {name}"], USAGE_ERRORS[name][1], "--help')")
 
 
-def test_config_rejects_negative_answer_caps():
+def test_config_rejects_negative_answer_caps_and_non_finite_temperatures():
     from a2r.pipeline import A2RConfig, PipelineError
 
     for field in ("answer_max_chars", "answer_max_tokens"):
         with pytest.raises(PipelineError, match=field):
             A2RConfig(**{field: -7}).validate()
     A2RConfig(answer_max_chars=None, answer_max_tokens=0).validate()
+    for field in ("temperature", "synth_temperature", "thinker_temperature"):
+        for value in (float("nan"), float("inf"), -1.0):
+            with pytest.raises(PipelineError, match=field):
+                A2RConfig(**{field: value}).validate()
 
 
 # ------------------------------------------------------------------ files and directories

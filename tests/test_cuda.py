@@ -10,6 +10,7 @@ inputs; denoise: V 1000/50257, L=1, all/none masked, ties, thresholds).
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
@@ -180,11 +181,11 @@ def test_philox_stream_is_bitwise_the_reference_stream():
 
 
 def _host_predict(row: torch.Tensor, temperature: float, remasking: str, seed: int, pos: int,
-                  group_width: int, num_splits: int):
+                  group_width: int, num_splits: int, mask_id: int = 0):
     row = row.float().contiguous()
     return TESTING.denoise_predict_row_host(row.data_ptr(), row.numel(), temperature,
                                             _vocab.REMASKING_CODES[remasking], seed, pos,
-                                            group_width, num_splits)
+                                            mask_id, group_width, num_splits)
 
 
 @pytest.mark.skipif(TESTING is None, reason="tests/_C_testing not built")
@@ -245,6 +246,51 @@ def test_denoise_position_math_host_build_matches_reference(remasking, temperatu
                 assert got_conf == pytest.approx(float(conf[0, pos]), rel=1e-4, abs=2e-5), \
                     (vocab, pos, remasking)
     assert agree >= total - 1  # a Gumbel key may differ in its last bit (log implementations)
+
+
+@pytest.mark.skipif(TESTING is None, reason="tests/_C_testing not built")
+@pytest.mark.parametrize("remasking", ["low_confidence", "margin", "entropy", "random"])
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+@pytest.mark.parametrize("group_width,num_splits", [(4, 1), (8, 3), (4, 7)])
+def test_denoise_non_finite_rows_host_build_matches_reference(remasking, temperature, group_width,
+                                                              num_splits):
+    """The CUDA per-position code (host build) on NaN / +inf / all -inf rows: the reference's
+    semantics (x0 = mask_id and NaN confidence without a distribution; the lowest +inf index as
+    a point mass), with the NaN in another thread, group or split than the max."""
+    nan, inf = float("nan"), float("inf")
+    gen = torch.Generator().manual_seed(11)
+    vocab = 5003
+    rows = []
+    for spots, value in (([4000], nan), ([17, 2065], inf), ([], None), ([9], None),
+                         ([4999, 3], inf)):
+        row = torch.randn(vocab, generator=gen) * 3
+        row[spots] = value if value is not None else row[spots]
+        rows.append(row)
+    rows[2][:] = -inf                          # no logit above -inf
+    rows[3][:] = -inf
+    rows[3][9] = nan                           # NaN among -inf
+    both = torch.randn(vocab, generator=gen)
+    both[[100, 4500]] = inf
+    both[2] = nan                              # +inf and NaN: NaN wins
+    rows.append(both)
+    mask_id = vocab                            # the extra column, as in the test above
+    logits = torch.stack(rows).unsqueeze(0)
+    logits = torch.cat([logits, torch.full((1, len(rows), 1), -inf)], dim=-1)
+    tokens = torch.full((1, len(rows)), mask_id, dtype=torch.int64)
+    seed = 24680
+    x0, conf, _ = reference_denoise.denoise_step(logits, tokens.clone(), mask_id,
+                                                 torch.tensor([1]), None, temperature, remasking,
+                                                 seed)
+    assert x0[0].tolist()[:2] == [mask_id, 17] and x0[0, 4] == 3
+    assert conf[0, [0, 2, 3, 5]].isnan().all()
+    for pos in range(len(rows)):
+        got_x0, got_conf = _host_predict(logits[0, pos], temperature, remasking, seed, pos,
+                                         group_width, num_splits, mask_id)
+        assert got_x0 == int(x0[0, pos]), (pos, got_x0)
+        if math.isnan(float(conf[0, pos])):
+            assert math.isnan(got_conf), (pos, got_conf)
+        else:
+            assert got_conf == pytest.approx(float(conf[0, pos]), rel=1e-5, abs=1e-6), pos
 
 
 @pytest.mark.skipif(EXT is None, reason="a2r_kernels._C not built")

@@ -394,6 +394,127 @@ def test_masked_out_vocabulary_entries(backend):
         assert int(result.x0[1, 2]) == 1
 
 
+def _non_finite_case(vocab=50):
+    """Logits [3, 6, vocab] whose masked rows hold NaN, +inf and all -inf, and what each position
+    must give: ``undefined`` (x0 = mask_id, confidence NaN, never committed) or the index of a
+    point mass (x0 = the lowest +inf index), else None (an ordinary row)."""
+    nan, inf = float("nan"), float("inf")
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 6, vocab, generator=gen) * 2
+    tokens = torch.full((3, 6), MASK_ID)
+    expect = [[None] * 6 for _ in range(3)]
+    logits[0, 0, 5] = nan;                                   expect[0][0] = "undefined"
+    logits[0, 1, [20, 7]] = inf;                             expect[0][1] = 7
+    logits[0, 2, :] = -inf;                                  expect[0][2] = "undefined"
+    logits[0, 3, 3] = inf; logits[0, 3, vocab - 1] = nan;    expect[0][3] = "undefined"
+    logits[0, 5, :] = nan; tokens[0, 5] = 11                 # unmasked: its logits are unread
+    logits[1, 0, 0] = nan;                                   expect[1][0] = "undefined"
+    logits[1, 1, vocab - 1] = nan;                           expect[1][1] = "undefined"
+    logits[1, 3, :] = nan;                                   expect[1][3] = "undefined"
+    logits[1, 4, :] = -inf;                                  expect[1][4] = "undefined"
+    logits[1, 5, vocab - 6] = inf;                           expect[1][5] = vocab - 6
+    logits[2, :, 1] = nan;                                   # row 2: nothing committable
+    expect[2] = ["undefined"] * 6
+    tokens[2, 0] = 3
+    expect[2][0] = None
+    return logits, tokens, expect
+
+
+POINT_MASS_CONFIDENCE = {"low_confidence": 1.0, "margin": 1.0, "entropy": 0.0}
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # NaN arithmetic in the interpreter
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("remasking", REMASKING)
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("selection", [{"num_transfer": 3}, {"threshold": 0.5}])
+def test_non_finite_logits(backend, remasking, temperature, selection):
+    """NaN / +inf / all -inf rows: the documented semantics, the same on every backend (the
+    Triton kernel also over several V splits and chunks): a NaN row is never committed, whatever
+    its confidence would sort as, and a +inf row is the point mass on its lowest +inf index."""
+    _backend_or_skip(backend)
+    logits, tokens, expect = _non_finite_case()
+    logits = logits.to(DEVICE)
+    tokens = tokens.to(DEVICE)
+    result, after = _run(backend, logits, tokens, temperature=temperature, remasking=remasking,
+                         **selection)
+    x0, conf = result.x0.cpu(), result.confidence.cpu()
+    transferred, after = result.transferred.cpu(), after.cpu()
+    for b in range(3):
+        for l in range(6):
+            want = expect[b][l]
+            if tokens[b, l] != MASK_ID:
+                assert x0[b, l] == tokens[b, l] and conf[b, l] == float("-inf")
+                assert not transferred[b, l]
+            elif want == "undefined":
+                assert x0[b, l] == MASK_ID and bool(conf[b, l].isnan()), (b, l)
+                assert not transferred[b, l] and after[b, l] == MASK_ID, (b, l)
+            else:
+                assert not bool(conf[b, l].isnan()), (b, l)
+                if want is not None:
+                    assert x0[b, l] == want, (b, l)
+                    if remasking != "random":
+                        assert conf[b, l] == POINT_MASS_CONFIDENCE[remasking], (b, l)
+    # rows 0 and 1 have two committable positions each (a point mass and an ordinary row):
+    # num_transfer=3 clamps to them; the threshold rule takes at least one, row 2 none
+    committed = transferred.sum(dim=1).tolist()
+    if "num_transfer" in selection:
+        assert committed == [2, 2, 0]
+    else:
+        assert committed[0] >= 1 and committed[1] >= 1 and committed[2] == 0
+    if backend != "torch":
+        expected, expected_after = _run("torch", logits, tokens, temperature=temperature,
+                                        remasking=remasking, **selection)
+        torch.testing.assert_close(result.confidence, expected.confidence, rtol=CONF_RTOL,
+                                   atol=CONF_ATOL[remasking], equal_nan=True)
+        assert torch.equal(result.x0, expected.x0)
+        assert torch.equal(result.transferred, expected.transferred)
+        assert torch.equal(after.to(DEVICE), expected_after)
+    if backend == "triton":   # the split merge and the lane merge of the classification
+        for config in ({"block_v": 16, "num_splits": 3, "num_warps": 4},):
+            updated = tokens.clone()
+            out = (torch.empty_like(tokens), torch.empty(tokens.shape, device=DEVICE),
+                   torch.empty(tokens.shape, dtype=torch.bool, device=DEVICE))
+            quota = torch.full((3,), 3, device=DEVICE) if "num_transfer" in selection else None
+            triton_denoise.denoise_step(logits, updated, MASK_ID, quota,
+                                        selection.get("threshold"), temperature, remasking,
+                                        4321, *out, config=config)
+            split_result = ak.DenoiseResult(*out)
+            expected_tokens = tokens.clone()
+            expected = reference_denoise.denoise_step(
+                logits, expected_tokens, MASK_ID, quota, selection.get("threshold"),
+                temperature, remasking, 4321)
+            torch.testing.assert_close(split_result.confidence, expected[1], rtol=CONF_RTOL,
+                                       atol=CONF_ATOL[remasking], equal_nan=True)
+            assert torch.equal(split_result.x0, expected[0])
+            assert torch.equal(split_result.transferred, expected[2])
+            assert torch.equal(updated, expected_tokens)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_check_finite_raises_before_anything_changes(backend):
+    _backend_or_skip(backend)
+    logits, tokens, expect = _non_finite_case()
+    for b, l in ((0, 0), (0, 1), (0, 2)):   # NaN, +inf, all -inf
+        rows = torch.zeros_like(logits)
+        rows[b, l] = logits[b, l]
+        work = tokens.to(DEVICE)
+        with pytest.raises(ValueError, match=rf"logits\[{b}, {l}\].*check_finite"):
+            ak.denoise_step(rows.to(DEVICE), work, MASK_ID, num_transfer=2, backend=backend,
+                            check_finite=True)
+        assert torch.equal(work.cpu(), tokens)
+    unmasked_nan = torch.zeros_like(logits)
+    unmasked_nan[0, 5] = float("nan")         # an unmasked position: never read, never an error
+    unmasked_nan[1, 2, :] = float("-inf")
+    unmasked_nan[1, 2, 4] = 0.0               # one live entry is enough
+    result = ak.denoise_step(unmasked_nan.to(DEVICE), tokens.to(DEVICE), MASK_ID, num_transfer=1,
+                             backend=backend, check_finite=True)
+    assert not bool(result.confidence.isnan().any())
+    with pytest.raises(ValueError, match="check_finite"):
+        ak.denoise_step(logits.to(DEVICE), tokens.to(DEVICE), MASK_ID, num_transfer=1,
+                        backend=backend, check_finite=1)
+
+
 # --------------------------------------------------------------------------------------------
 # Against an independent LLaDA / Fast-dLLM style step
 # --------------------------------------------------------------------------------------------

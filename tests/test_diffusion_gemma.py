@@ -278,3 +278,36 @@ def test_pipeline_refuses_masked_diffusion_knobs_for_a_diffusion_gemma_thinker(m
     with pytest.raises(PipelineError, match="thinker_steps"):
         pipe.check_question("What is 2+2?")
     pipe.check_question("What is 2+2?", thinker_steps=A2RConfig().thinker_steps)
+
+
+def test_left_padded_batch_matches_transformers_generate(model):
+    """A ragged batch (left padding through attention_mask) over two canvases: the same tokens
+    as transformers' generate given the same starting canvases, greedy-like."""
+    ids = _prompt(2, 6, seed=8)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ids[1, :3] = 0
+    opts = dict(max_denoising_steps=3, **GREEDY_LIKE)
+    result = diffusion_gemma.diffusion_gemma_generate(
+        model, ids, attention_mask=mask, gen_length=CANVAS,
+        generator=torch.Generator().manual_seed(12), return_details=True, **opts)
+    canvas0 = torch.randint(0, VOCAB, (2, CANVAS), generator=torch.Generator().manual_seed(12))
+    expected = model.generate(ids, attention_mask=mask, decoder_input_ids=canvas0,
+                              max_new_tokens=CANVAS, **opts)
+    assert torch.equal(result.tokens, expected.sequences)
+    unpadded = diffusion_gemma.diffusion_gemma_generate(
+        model, ids, gen_length=CANVAS, generator=torch.Generator().manual_seed(12), **opts)
+    assert unpadded[1] != result.sequences[1]      # the mask matters for the padded row
+
+
+def test_a_transformers_without_diffusion_gemma(monkeypatch, tmp_path, model):
+    """What an older transformers sees: nothing is a DiffusionGemma, and loading a DiffusionGemma
+    checkpoint says which transformers it needs (ValueError, before reading any weights)."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "diffusion_gemma"}))
+    monkeypatch.setattr(diffusion_gemma, "_model_class", lambda: None)
+    assert not diffusion_gemma.diffusion_gemma_available()
+    assert not diffusion_gemma.is_diffusion_gemma(model)
+    with pytest.raises(ValueError, match="transformers >= 5.19"):
+        a2r.diffusion.load_diffusion_model(str(tmp_path))

@@ -23,7 +23,7 @@ import a2r_kernels as ak  # noqa: E402
 import a2r_kernels.hf as akhf  # noqa: E402
 from a2r.explore import explore, explore_from, sample_tree, tree_blocks_needed  # noqa: E402
 from a2r.sampling import sample_tokens, warp_logits  # noqa: E402
-from _helpers import ForwardLog  # noqa: E402
+from _helpers import ForwardLog, HostReads  # noqa: E402
 
 VOCAB = 160
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -402,6 +402,71 @@ def test_prefill_reuses_cached_blocks_and_matches_a_fresh_prefill(model):
     dec.free(c)
     res = explore(model, first, [2], 6, decoder=dec, temperature=0, eos_token_id=[])
     assert res.sequences == [_generate(model, first, 6)] * 2
+
+
+# ---------------------------------------------------------------------------- torch decode plan
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tree", ["fork", "two_levels", "duplicate_rows", "empty_root"])
+def test_torch_decode_plan_equals_tree_decode_attention(dtype, tree):
+    """The torch backend's once-per-step plan (one softmax over private + shared keys) equals
+    ak.tree_decode_attention's reference on trees with shared nodes at several depths, a node
+    of no tokens, repeated rows, GQA 6/2 and odd lengths."""
+    g = torch.Generator().manual_seed(3)
+    cache = ak.TreeKVCache(1, 2, 8, 64, block_size=4, dtype=dtype)
+    k = torch.randn(cache.k_pool.shape, generator=g).to(dtype)
+    cache.k_pool.copy_(k)
+    cache.v_pool.copy_(torch.randn(cache.v_pool.shape, generator=g).to(dtype))
+    root = cache.new_sequence()
+    cache.reserve([root], 0 if tree == "empty_root" else 11)
+    kids = cache.fork(root, 3)
+    cache.reserve(kids, 5)
+    seqs = kids
+    if tree == "two_levels":
+        grandkids = cache.fork(kids[1], 2)
+        cache.reserve(grandkids, 3)
+        seqs = [kids[0], kids[2]] + grandkids
+    cache.reserve(seqs, 1)
+    layout = cache.layout(seqs + ([seqs[0]] if tree == "duplicate_rows" else []))
+    q = torch.randn(layout.num_seqs, 6, 8, generator=g).to(dtype)
+    expected = ak.tree_decode_attention(q, cache.k[0], cache.v[0], layout, sm_scale=0.3,
+                                        backend="torch")
+    got = akhf._TorchDecodePlan(layout).attend(q, cache.k[0], cache.v[0], 0.3)
+    assert got.dtype == dtype and got.shape == expected.shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+
+
+# ---------------------------------------------------------------------------- host syncs
+def _loop_reads(model, ids, n, max_new_tokens, **kwargs) -> tuple[int, int, list[list[int]]]:
+    """Host reads the decode loop (explore.py, sampling.py, hf.py) makes, its decode steps, and
+    its sequences."""
+    import a2r.explore as explore_module
+    import a2r.sampling as sampling_module
+
+    with HostReads(explore_module.__file__, sampling_module.__file__, akhf.__file__) as reads:
+        res = explore(model, ids, [n], max_new_tokens, backend="torch", **kwargs)
+    return reads.count, res.decode_steps, res.sequences
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_no_host_sync_per_step_without_stop_conditions(qwen3, temperature):
+    """max_new_tokens only: the steps read nothing; the tokens come back in one read."""
+    ids = _prompt(11, seed=4)
+    count, steps, seqs = _loop_reads(qwen3, ids, 3, 9, temperature=temperature, seed=1,
+                                     eos_token_id=[])
+    assert steps == 8 and count == 1
+    assert seqs == a2r.sample_parallel(qwen3, ids, 3, 9, temperature=temperature, seed=1,
+                                       eos_token_id=[])
+    if temperature == 0:
+        assert seqs == [_generate(qwen3, ids, 9)] * 3
+
+
+def test_one_host_read_per_step_with_eos(qwen3):
+    ids = _prompt(11, seed=4)
+    eos = _generate(qwen3, ids, 9)[4]   # the greedy path's 5th token: stops every branch there
+    count, steps, seqs = _loop_reads(qwen3, ids, 3, 9, temperature=0, eos_token_id=eos)
+    assert seqs == [_generate(qwen3, ids, 9)[:seqs[0].index(eos) + 1]] * 3
+    assert count <= steps + 1
 
 
 # ---------------------------------------------------------------------------- parent sequences

@@ -55,8 +55,8 @@ def test_plain_import_reaches_the_submodules(tmp_path):
 
 def test_ci_runs_the_readme_test_command():
     test_command, = [b.strip() for b in blocks(SET_UP, "bash") if "pytest" in b]
-    ci_lines = (ROOT / ".ci" / "run").read_text().strip().splitlines()
-    assert ci_lines[-1] == test_command
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert test_command in ci_lines
 
 
 def test_demo_command_installs_what_the_demo_needs_only(tmp_path_factory):

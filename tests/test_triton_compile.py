@@ -3,7 +3,7 @@
 The other Triton tests run the kernels in the CPU interpreter, which never lowers them and so
 cannot see compile-only errors (non-constexpr globals, ``tl.dot`` shapes or dtypes the target
 lacks, loop-carried values whose type changes, ...). Here each launcher of
-``a2r_kernels/triton/{attention,denoise}.py`` is called with representative tensors, its launches
+``a2r_kernels/triton/{attention,denoise,entropy_bound}.py`` is called with representative tensors, its launches
 are recorded (the block sizes, warps and constexprs come from the launchers' own tables), and
 every launch is specialised as ``JITFunction.run`` would and compiled by Triton's real pipeline
 (TTIR -> TTGIR -> LLVM IR -> PTX -> cubin with Triton's bundled ptxas) for each target; see
@@ -89,6 +89,11 @@ _DENOISE = [
     ("float32", 2, 33, 126464, 0.0, "random", "num_transfer", 2**60 + 1, "transposed"),
 ]
 
+# entropy_bound_step: (dtype, batch, length, vocab, seed): DiffusionGemma's target shape (BLOCK_V
+# 2048, 8 warps), a small fp32 one (1024) and length 1 / V 7; both seed types.
+_ENTROPY_BOUND = [("bfloat16", 8, 256, 262144, 2**62 + 5), ("float32", 2, 5, 1000, 12345),
+                  ("float16", 1, 1, 7, 2**40 + 1)]
+
 CASES: dict[str, dict] = {}
 for _dt, _d, _g, _p, _ql, _lay in _PARTIAL:
     CASES[f"tree_partials-{_dt}-d{_d}-g{_g}-p{_p}-rows{_ql * _g}-{_lay}"] = dict(
@@ -102,6 +107,9 @@ for _dt, _b, _l, _v, _t, _r, _m, _s, _lay in _DENOISE:
     CASES[f"denoise-{_dt}-B{_b}L{_l}V{_v}-T{_t}-{_r}-{_m}-{_lay}"] = dict(
         op="denoise", dtype=_dt, batch=_b, length=_l, vocab=_v, temperature=_t, remasking=_r,
         mode=_m, seed=_s, layout=_lay)
+for _dt, _b, _l, _v, _s in _ENTROPY_BOUND:
+    CASES[f"entropy_bound-{_dt}-B{_b}L{_l}V{_v}"] = dict(op="entropy_bound", dtype=_dt, batch=_b,
+                                                         length=_l, vocab=_v, seed=_s)
 CASES = {key.replace("-contiguous", ""): value for key, value in CASES.items()}
 
 # case id -> reason: a kernel of that case is known not to compile (xfail(strict=True), so the
@@ -115,7 +123,7 @@ def _capture(case: dict, arch: int):
     import torch
 
     import _triton_aot as _aot
-    from a2r_kernels.triton import attention, denoise
+    from a2r_kernels.triton import attention, denoise, entropy_bound
 
     dtype = getattr(torch, case["dtype"])
     if case["op"] == "tree_partials":
@@ -181,6 +189,23 @@ def _capture(case: dict, arch: int):
                 torch.empty(batch, length), torch.empty(batch, length, dtype=torch.bool))
         finally:
             denoise.denoise_config, denoise._num_sms = original_config, original_num_sms
+    if case["op"] == "entropy_bound":
+        batch, length, vocab = case["batch"], case["length"], case["vocab"]
+        original_config, original_num_sms = entropy_bound.entropy_bound_config, denoise._num_sms
+        denoise._num_sms = lambda device_index: SM_COUNT[arch]
+        entropy_bound.entropy_bound_config = lambda num_positions, vocab_, device: \
+            original_config(num_positions, vocab_, torch.device("cuda", 0))
+        shape = (batch, length)
+        try:
+            return _aot.capture_launches(
+                entropy_bound, entropy_bound.entropy_bound_step,
+                torch.empty(batch, length, vocab, dtype=dtype),
+                torch.empty(shape, dtype=torch.int64), 0.1, case["seed"],
+                torch.empty(shape, dtype=torch.int64), torch.empty(shape, dtype=torch.int64),
+                torch.empty(shape), torch.empty(shape, dtype=torch.bool))
+        finally:
+            entropy_bound.entropy_bound_config, denoise._num_sms = (original_config,
+                                                                    original_num_sms)
     raise ValueError(f"unknown op {case['op']!r}")
 
 
@@ -253,11 +278,11 @@ def _worker(jobs_path: str, out_path: str) -> None:
     from triton.runtime.jit import JITFunction
 
     import _triton_aot as _aot
-    from a2r_kernels.triton import attention, denoise
+    from a2r_kernels.triton import attention, denoise, entropy_bound
 
     jobs = json.loads(Path(jobs_path).read_text())
     results: dict = {"kernel_modules": {}, "jobs": {}, "probe": {}}
-    for module in (attention, denoise):
+    for module in (attention, denoise, entropy_bound):
         results["kernel_modules"][module.__name__] = {
             name: type(value).__name__ for name, value in vars(module).items()
             if name.endswith("_kernel") and hasattr(value, "fn")}
@@ -411,7 +436,7 @@ def test_kernel_compiles_for_target(matrix, case_id, arch):
     job = _job(matrix, case_id, arch)
     assert "capture_error" not in job, f"the launcher failed: {job['capture_error']}"
     launches_per_call = {"tree_partials": 1, "merge_partials": 1, "merge_two_states": 1,
-                         "denoise": 3}
+                         "denoise": 3, "entropy_bound": 3}
     names = [kernel["name"] for kernel in job["kernels"]]
     assert len(names) == launches_per_call[CASES[case_id]["op"]], names
     for kernel in job["kernels"]:

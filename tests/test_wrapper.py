@@ -201,6 +201,10 @@ def test_wrapper_bad_arguments():
         w.run(torch.zeros(1, 4, 16, device=DEVICE), k, k)
     with pytest.raises(ValueError, match="out must be"):
         w.run(q, k, k, out=torch.zeros(2, 2, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="lse must be"):
+        w.run(q, k, k, lse=torch.zeros(1, 4, device=DEVICE)[:, ::2])
+    with pytest.raises(ValueError, match="lse must be"):
+        w.run(q, k, k, lse=torch.zeros(1, 2, device=DEVICE, dtype=torch.float16))
 
 
 def test_caller_workspace_is_used():
@@ -247,7 +251,11 @@ def test_cuda_graph_capture_replan_replay(backend):
         w.run(q, k, v, out=out)
     for step, tree in enumerate(trees[1:]):
         layout = layout_of(tree)
-        w.plan(layout)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_stats()["allocation.all.allocated"]
+        w.plan(layout)                          # host staging + one copy: no device allocation
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
         q.copy_(torch.randn(8, hq, d, generator=torch.Generator().manual_seed(step)).to(dtype))
         graph.replay()
         eager = ak.tree_decode_attention(q, k, v, layout, backend=backend)
@@ -413,3 +421,68 @@ def test_cache_layouts_step_by_step(backend):
         ref_out, ref_lse = reference.tree_decode_attention_by_path(q, cache.k[0], cache.v[0],
                                                                    layout, d ** -0.5)
         check_close(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_cuda_graph_over_cache_layouts(backend):
+    """A decode loop as an engine runs it: cache.layout + plan per step outside the graph, one
+    captured run replayed; the page table comes from the cache's device block tables."""
+    _backend_or_skip(backend)
+    bs, hq, hkv, d, dtype = 16, 8, 2, 64, torch.float16
+    cache = ak.TreeKVCache(1, hkv, d, num_blocks=256, block_size=bs, dtype=dtype, device=DEVICE)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+
+    def append(seqs, n):
+        slots = cache.reserve(seqs, n)
+        kv = torch.randn(2, slots.numel(), hkv, d, generator=g, device=DEVICE).to(dtype)
+        cache.write(0, slots, kv[0], kv[1])
+
+    root = cache.new_sequence()
+    append([root], 300)
+    kids = cache.fork(root, 6)
+    append(kids, 1)
+    w = ak.TreeAttentionWrapper(hq, hkv, d, bs, max_seqs=6, max_nodes=8,
+                                max_blocks=cache.block_table_capacity, dtype=dtype,
+                                device=DEVICE, backend=backend)
+    q = torch.zeros(6, hq, d, dtype=dtype, device=DEVICE)
+    out = torch.zeros_like(q)
+    w.plan(cache.layout(kids))
+    w.run(q, cache.k[0], cache.v[0], out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w.run(q, cache.k[0], cache.v[0], out=out)
+    for step in range(20):                     # leaves cross block boundaries and move regions
+        append(kids, 1)
+        layout = cache.layout(kids)
+        w.plan(layout)
+        q.copy_(torch.randn(6, hq, d, generator=g, device=DEVICE).to(dtype))
+        graph.replay()
+        ref_out, ref_lse = reference.tree_decode_attention_by_path(q, cache.k[0], cache.v[0],
+                                                                   layout, d ** -0.5)
+        torch.testing.assert_close(out.float(), ref_out, atol=2e-3, rtol=0)
+
+
+def test_default_capacities_hold_the_plans_they_promise():
+    """default_capacities(max_seqs, max_nodes, max_blocks) holds the default plan of any
+    two-level tree (random trees, explorer trees up to N=1000, P=100k) of that size."""
+    from a2r_kernels.wrapper import default_capacities
+
+    def fits(paths, tables, lengths, bs):
+        layout = ak.TreeLayout.from_paths(paths, tables, lengths, bs)
+        max_work, max_partials = default_capacities(len(paths), len(lengths),
+                                                    sum(map(len, tables)), bs)
+        return layout.num_work <= max_work and layout.num_partials <= max_partials
+
+    for seed in range(100):
+        rng = random.Random(seed)
+        bs = rng.choice([1, 4, 16, 32])
+        paths, tables, lengths, _ = random_tree(rng, rng.randint(1, 64), 2, bs,
+                                                lengths=(0, 1, 17, 300, 5000))
+        assert fits(paths, tables, lengths, bs), seed
+    for n in (1, 4, 16, 64, 256, 1000):
+        for prefix in (0, 15, 512, 8192, 100000):
+            for bs in (1, 16):
+                blocks = -(-prefix // bs)
+                assert fits([[0, 1 + i] for i in range(n)], [list(range(blocks))] + [[0]] * n,
+                            [prefix] + [bs] * n, bs), (n, prefix, bs)

@@ -16,14 +16,18 @@ Three launches, none of which materialises a ``[B, L, V]`` tensor:
    row of a 150k vocabulary is 300 KB of bf16).
 2. ``_denoise_combine_kernel``, grid ``(cdiv(B * L, BLOCK_P),)``: merges the split states of each
    position (the same rescaling) into ``x0`` and ``confidence`` (``-inf`` at unmasked positions,
-   where ``x0`` is the token).
+   where ``x0`` is the token). Non-finite logits (the rule of :mod:`a2r_kernels.reference_denoise`)
+   are classified by the row max, which every max above propagates NaN through (``_max_nan``), so
+   they cost no extra pass: max NaN or ``-inf`` -> ``x0 = mask_id``, confidence NaN; max ``+inf`` ->
+   confidence 1 (p(x0), margin) or 0 (entropy), x0 the lowest ``+inf`` index.
 3. ``_denoise_select_kernel``, grid ``(B, cdiv(L, BLOCK_I))``: position ``i`` of row ``b`` gets its
    rank ``#{j masked: c_j > c_i or (c_j == c_i and j < i)}`` (an all-pairs count, ``L^2`` compares
    per row, cheap next to ``L * V`` logits); it is committed when ``rank < num_transfer[b]``
    (which clamps ``num_transfer`` to the masked count by itself), or in threshold mode when
    ``c_i >= threshold or rank == 0``. Committed positions get ``tokens[b, i] = x0[b, i]``. Masked
    positions are recognised by ``confidence > -inf``, not by ``tokens``, because this kernel is
-   rewriting ``tokens`` while other programs of the same row read it.
+   rewriting ``tokens`` while other programs of the same row read it; that test is also false for
+   a NaN confidence, so a NaN position is neither ranked nor committed.
 
 Random numbers: ``tl.philox(seed, c0, c1, c2, c3)[0]`` with counter ``(v, pos, 0, 0)`` for the Gumbel
 noise of vocabulary entry ``v`` and ``(0, pos, 1, 0)`` for the ``"random"`` score; the uint32 ``r``
@@ -51,9 +55,17 @@ _NEG_HUGE = tl.constexpr(-1e30)   # a finite shift whose exp2 underflows to exac
 
 
 @triton.jit
+def _max_nan(a, b):
+    """max(a, b), NaN if either is (tl.max / tl.maximum drop a NaN): the row max that classifies a
+    row holding a NaN logit. max.NaN.f32 on sm_80+, as cheap as max.f32."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _top2_combine(first_a, second_a, first_b, second_b):
-    """(largest, second largest) of the union of two (largest, second largest) pairs."""
-    return (tl.maximum(first_a, first_b),
+    """(largest, second largest) of the union of two (largest, second largest) pairs; the largest
+    propagates NaN."""
+    return (_max_nan(first_a, first_b),
             tl.maximum(tl.minimum(first_a, first_b), tl.maximum(second_a, second_b)))
 
 
@@ -117,10 +129,10 @@ def _denoise_partial_kernel(
             lane_second = tl.maximum(tl.maximum(lane_second, group_second),
                                      tl.minimum(lane_max, group_max))
         else:
-            group_max = tl.max(x, axis=1)
+            group_max = tl.reduce(x, 1, _max_nan)
         # Chunks come in increasing order, so a strict > keeps a lane's first group of a tie.
         lane_group = tl.where(group_max > lane_max, start + lanes * VEC, lane_group)
-        new_max = tl.maximum(lane_max, group_max)
+        new_max = _max_nan(lane_max, group_max)
         # Shift by 0 for a lane that has seen only -inf: exp2(-inf) = 0, never (-inf) - (-inf).
         safe_max = tl.where(new_max > neg_inf, new_max, 0.0)
         alpha = tl.exp2((lane_max - safe_max) * LOG2E)
@@ -148,7 +160,7 @@ def _denoise_partial_kernel(
             lane_gumbel_arg = tl.where(better, start + lanes * VEC + best_at, lane_gumbel_arg)
             lane_gumbel_logit = tl.where(better, best_logit, lane_gumbel_logit)
 
-    row_max = tl.max(lane_max, axis=0)
+    row_max = tl.reduce(lane_max, 0, _max_nan)
     safe_row_max = tl.where(row_max > neg_inf, row_max, 0.0)
     lane_live = lane_max > neg_inf
     scale = tl.exp(lane_max - safe_row_max)
@@ -205,7 +217,10 @@ def _denoise_combine_kernel(
     part_sum = tl.load(stats_ptr + slot * 6 + 1, mask=valid, other=0.0)
     part_argmax = tl.load(indices_ptr + slot * 2 + 0, mask=valid, other=_INT32_MAX)
 
-    row_max = tl.max(part_max, axis=1)
+    row_max = tl.reduce(part_max, 1, _max_nan)
+    # NaN (a NaN logit) or -inf (no logit above -inf): no distribution; +inf: a point mass.
+    undefined = ~(row_max > neg_inf)
+    point_mass = row_max == float("inf")
     is_max = part_max == row_max[:, None]
     # Unmasked positions have no live split: shift by 0 and divide by 1 to keep their
     # (discarded) score free of NaN.
@@ -243,13 +258,20 @@ def _denoise_combine_kernel(
         score = xlogx / row_sum - tl.log(row_sum)
     else:                   # random
         score = _uniform_from_philox(seed, (pos * 0).to(tl.uint32), pos.to(tl.uint32), 1)
+    # the point mass: p(x0) = p1 = 1, p2 = 0, entropy 0 ("random" keeps its uniform score)
+    if REMASKING == 2:
+        score = tl.where(point_mass, 0.0, score)
+    elif REMASKING != 3:
+        score = tl.where(point_mass, 1.0, score)
+    score = tl.where(undefined, float("nan"), score)
 
     b = (pos // length).to(tl.int64)
     l = (pos % length).to(tl.int64)
     token = tl.load(tokens_ptr + b * stride_tokens_b + l * stride_tokens_l, mask=pos_valid,
                     other=0)
     masked = token == mask_id
-    tl.store(x0_ptr + pos, tl.where(masked, x0.to(tl.int64), token), mask=pos_valid)
+    x0 = tl.where(undefined, token, x0.to(tl.int64))   # token == mask_id where masked
+    tl.store(x0_ptr + pos, tl.where(masked, x0, token), mask=pos_valid)
     tl.store(confidence_ptr + pos, tl.where(masked, score, neg_inf), mask=pos_valid)
 
 

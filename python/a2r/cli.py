@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -75,10 +76,27 @@ def _reference_cap(text: str) -> int:
     return value
 
 
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
 
 
@@ -102,8 +120,9 @@ def _generation_options(max_new_tokens_default: int) -> argparse.ArgumentParser:
                    "(-1: no cap; default: %(default)s)")
     g.add_argument("--no-thinker", action="store_true", help="skip the diffusion thinker")
     g.add_argument("--no-prefix-reuse", action="store_true",
-                   help="symmetric set-up: prefill the synthesizer's whole prompt instead of "
-                   "reusing the explorer's prompt-prefix KV")
+                   help="prefill every stage's whole prompt instead of reusing the cached KV "
+                   "of the whole blocks it shares with earlier prompts (the explorer's, earlier "
+                   "questions')")
     g.add_argument("--thinker-gen-length", type=_positive_int, default=64,
                    help="trace length in tokens (default: %(default)s)")
     g.add_argument("--thinker-block-length", type=_positive_int, default=32,
@@ -125,6 +144,52 @@ def _generation_options(max_new_tokens_default: int) -> argparse.ArgumentParser:
                    help="a2r_kernels backend for tree decode attention")
     r.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
     return parent
+
+
+def _memory_fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _engine_options(parser: argparse.ArgumentParser) -> None:
+    e = parser.add_argument_group("engine")
+    e.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                   help="run the explorer and synthesizer on transformers (tree-shared KV cache) "
+                   "or as vLLM engines with the A2R_TREE attention backend; the thinker stays on "
+                   "transformers, on --device (default: %(default)s)")
+    e.add_argument("--tensor-parallel-size", type=_positive_int, default=None,
+                   help="vLLM tensor parallelism (--engine vllm)")
+    e.add_argument("--pipeline-parallel-size", type=_positive_int, default=None,
+                   help="vLLM pipeline parallelism (--engine vllm)")
+    e.add_argument("--gpu-memory-utilization", type=_memory_fraction, default=None,
+                   help="fraction of device memory each vLLM engine takes (--engine vllm; "
+                   "default: vLLM's)")
+
+
+VLLM_ONLY_OPTIONS = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization")
+
+
+def _vllm_options(args) -> dict | None:
+    """The vLLM engine arguments of ``args`` (None for --engine transformers, which must not
+    have any)."""
+    given = {k: getattr(args, k) for k in VLLM_ONLY_OPTIONS if getattr(args, k, None) is not None}
+    if getattr(args, "engine", "transformers") != "vllm":
+        if given:
+            flag = "--" + next(iter(given)).replace("_", "-")
+            raise CLIError(f"{flag} needs --engine vllm")
+        return None
+    from .vllm_engine import vllm_available
+
+    if not vllm_available():
+        raise CLIError("--engine vllm needs vLLM installed (pip install vllm)")
+    if args.backend != "auto":
+        raise CLIError("--backend selects a2r_kernels kernels for --engine transformers; with "
+                       "--engine vllm the A2R_TREE backend picks them by device")
+    # vLLM logs to stdout by default; the CLI keeps stdout for its report (and --json).
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    return given
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
@@ -159,12 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[_generation_options(256)],
                          help="answer one question with your models")
     _model_options(run)
+    _engine_options(run)
     run.add_argument("question", help="the question (quote it)")
 
     ev = sub.add_parser("eval", parents=[_generation_options(256)],
                         help="accuracy of pass@1, Cons@N, A2R, the synthesizer alone and "
                         "AR->AR / NAR->AR on a JSONL file (resumable)")
     _model_options(ev)
+    _engine_options(ev)
     ev.add_argument("file", metavar="FILE.jsonl", help="one JSON object per line")
     ev.add_argument("--question-key", default="question", help="(default: %(default)s)")
     ev.add_argument("--answer-key", default="answer", help="(default: %(default)s)")
@@ -177,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(N = 1, 2, 4, 8 up to -n) and plot accuracy against N here")
     ev.add_argument("--ar-thinker", metavar="DIR", help="causal LM writing the AR->AR trace "
                     "(default: the embedded AR thinker with --tiny, else the synthesizer)")
-    ev.add_argument("--check-timeout", type=float, default=5.0, metavar="S",
+    ev.add_argument("--check-timeout", type=_positive_float, default=5.0, metavar="S",
                     help="seconds per Math-Verify check (default: %(default)s)")
     ev.add_argument("--mkdir", action="store_true",
                     help="create the directory of --out (and of --plot) if it is missing: only "
@@ -301,10 +368,11 @@ def _tiny_paths(home, thinker: bool):
 
 def _load_pipeline(args, *, use_tiny: bool):
     """(pipeline, description of the models) from --explorer/--synthesizer/--thinker or --tiny."""
-    from .pipeline import A2RPipeline
+    from .pipeline import A2RPipeline, _model_dtype
 
     config = _config_from_args(args)
     config.validate()   # bad option values fail here, before any model is loaded
+    vllm_options = _vllm_options(args)
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
     _check_backend(args.backend, device)
@@ -319,12 +387,14 @@ def _load_pipeline(args, *, use_tiny: bool):
             raise CLIError("--explorer DIR is required (or --tiny for the embedded models)")
         explorer, synthesizer = args.explorer, args.synthesizer
         thinker = None if args.no_thinker else args.thinker
-    pipeline = A2RPipeline.from_pretrained(explorer, synthesizer, thinker, device=device,
-                                           dtype=dtype, config=config)
+    pipeline = A2RPipeline.from_pretrained(
+        explorer, synthesizer, thinker, device=device, dtype=dtype, config=config,
+        engine="vllm" if vllm_options is not None else "transformers", vllm_options=vllm_options)
     from .tiny import is_random_model
 
     def describe(path, model):
-        return {"path": str(path), "arch": type(model).__name__, "random": is_random_model(path)}
+        arch = getattr(model, "architecture", type(model).__name__)   # VLLMModel: "... (vLLM)"
+        return {"path": str(path), "arch": arch, "random": is_random_model(path)}
 
     models = {
         "explorer": describe(explorer, pipeline.explorer),
@@ -332,8 +402,10 @@ def _load_pipeline(args, *, use_tiny: bool):
         "thinker": (describe(thinker, pipeline.thinker) if pipeline.thinker is not None else None),
         "mode": "symmetric" if pipeline.symmetric else "asymmetric",
         "device": device,
-        "dtype": str(next(pipeline.explorer.parameters()).dtype).replace("torch.", ""),
+        "dtype": str(_model_dtype(pipeline.explorer)).replace("torch.", ""),
     }
+    if vllm_options is not None:
+        models["engine"] = {"name": "vllm", **vllm_options}
     return pipeline, models
 
 

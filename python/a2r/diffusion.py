@@ -364,10 +364,11 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
             encodes the prompt once for all of them.
         return_details: return a :class:`DiffusionResult` instead of the id lists.
 
-    A ``DiffusionGemmaForBlockDiffusion`` model runs :func:`a2r.diffusion_gemma.diffusion_gemma_generate`
-    with ``gen_length``, ``eos_token_id``, ``pad_token_id``, ``attention_mask``, ``generator``,
-    ``backend``, ``num_traces`` and ``return_details``; its schedule comes from its generation
-    config, and the masked-diffusion options above must stay at their defaults (ValueError).
+    A ``DiffusionGemmaForBlockDiffusion`` model runs
+    :func:`a2r.diffusion_gemma.diffusion_gemma_generate` with ``gen_length``, ``eos_token_id``,
+    ``pad_token_id``, ``attention_mask``, ``generator``, ``backend``, ``num_traces`` and
+    ``return_details``; its schedule comes from its generation config, and the masked-diffusion
+    options above must stay at their defaults (ValueError).
 
     Returns:
         ``list[list[int]]``: per row, the generated ids (through the first EOS if any), or a

@@ -1,4 +1,5 @@
-"""The DiffusionGemma thinker loop: transformers' block diffusion with :func:`ak.entropy_bound_step`.
+"""The DiffusionGemma thinker loop: transformers' block diffusion, :func:`ak.entropy_bound_step`
+as its sampler.
 
 ``DiffusionGemmaForBlockDiffusion`` (transformers >= 5.19) is an encoder-decoder diffusion LM: an
 encoder runs causal attention over the prompt and fills a KV cache; a decoder denoises a
@@ -24,8 +25,9 @@ Per canvas, as transformers' ``DiffusionGemmaGenerationMixin.generate``:
 
 Defaults for ``max_denoising_steps``, ``entropy_bound`` (``sampler_config``), ``t_min``,
 ``t_max``, ``stability_threshold``, ``confidence_threshold``, ``eos_token_id`` and
-``pad_token_id`` come from the checkpoint's ``generation_config.json`` (``model.generation_config``),
-then transformers' global defaults, exactly as ``model.generate`` resolves them.
+``pad_token_id`` come from the checkpoint's ``generation_config.json``
+(``model.generation_config``), then transformers' global defaults, exactly as ``model.generate``
+resolves them.
 
 N traces per prompt (``num_traces``): the prompt is encoded once; its cache rows are expanded to
 the ``B * N`` canvases as views (no copy for a single prompt), so all traces' first canvases
@@ -211,7 +213,8 @@ def _denoise_canvas(model, cache, canvas: torch.Tensor, mask_mapping, position_i
                        decoder_position_ids=position_ids).logits
         calls += 1
         if scheduled:
-            logits = logits / (settings.t_min + (settings.t_max - settings.t_min) * step / num_steps)
+            span = settings.t_max - settings.t_min
+            logits = logits / (settings.t_min + span * step / num_steps)
         previous = canvas.clone() if any_finished else None
         res = ak.entropy_bound_step(logits, canvas, bound, generator=generator, backend=backend)
         new_argmax = res.argmax

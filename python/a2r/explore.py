@@ -5,8 +5,11 @@ zero copy). Each decode step runs all live branches as one ``[n_live, 1]`` batch
 model with :func:`a2r_kernels.tree_decode_attention`; a branch that stops leaves the batch and its
 blocks go back to the pool.
 
-Per step the host syncs once: it reads the sampled tokens (``[n_live]``) to check stops and to
-plan the next step. Everything else (forward, warping, sampling) stays on the device.
+Host syncs: when a branch can stop early (EOS ids or stop strings), each step reads the sampled
+tokens ``[n_live]`` once (a non-blocking copy into a pinned buffer) to check stops; when none can
+(``max_new_tokens`` only), the steps read nothing and a level's tokens come back in one read at its
+end. Everything else (forward, warping, sampling) stays on the device. Each branch is one
+:class:`_Branch` (its tree position, sequence and tokens).
 
 ``sample_parallel`` is the public entry (``docs/API.md`` section 4); :func:`sample_tree` runs
 several levels (sample ``n``, fork each branch into ``m``, ...) through the same loop, and
@@ -16,13 +19,15 @@ several levels (sample ``n``, fork each branch into ``m``, ...) through the same
 :class:`~a2r_kernels.hf.TreeDecoder` and can continue a caller's *parent* sequence, whose tokens are
 already in the cache: the prompt tokens are appended to a fork of the parent (one causal
 ``extend`` over the gathered path) instead of prefilled from empty, and the parent stays alive for
-other forks. The symmetric A2R pipeline uses it so the synthesizer reuses the KV of the prefix its
-prompt shares with the explorer's::
+other forks::
 
     dec = TreeDecoder(model, num_blocks)
     root, _ = dec.prefill(shared_ids)                             # [1, S], once
     paths = explore_from(dec, explorer_rest, [8], 256, parent=root, keep_parent=True)
     answer = explore_from(dec, synth_rest, [1], 256, parent=root, temperature=0)
+
+A plain ``sample_parallel(..., decoder=dec)`` gets the same reuse without a parent: the decoder's
+prefill reuses every whole block of the prompt its cache holds (automatic prefix reuse).
 """
 
 from __future__ import annotations
@@ -96,6 +101,34 @@ class _StopCriteria:
         text = self.tokenizer.decode(tail)
         before = len(self.tokenizer.decode(tail[:-1]))
         return any(text.find(s, max(0, before - len(s) + 1)) != -1 for s in self.stop_strings)
+
+
+@dataclass
+class _Branch:
+    """One branch of an exploration: where it sits in the tree, its sequence, its tokens."""
+
+    key: tuple[int, ...]   # child index per level, root first: the leaves' (tree) order
+    seq: int               # its sequence in the decoder
+    tokens: list[int]      # generated below the prompt, all levels so far
+    index: int = 0         # its row among the level's branches (its sampling-noise row)
+    stopped: bool = False  # ended at a stop token (else at the token budget)
+
+
+class _TokenReader:
+    """Brings one step's sampled tokens ``[n]`` to the host: a non-blocking copy into a pinned
+    buffer and one wait for it (the step's one host sync). On the CPU they are already there."""
+
+    def __init__(self, capacity: int, device: torch.device):
+        self.on_cuda = device.type == "cuda"
+        self.buffer = torch.empty(capacity, dtype=torch.int64, pin_memory=self.on_cuda)
+
+    def read(self, token_ids: torch.Tensor) -> list[int]:
+        if not self.on_cuda:
+            return token_ids.tolist()
+        host = self.buffer[:token_ids.shape[0]]
+        host.copy_(token_ids, non_blocking=True)
+        torch.cuda.current_stream(token_ids.device).synchronize()
+        return host.tolist()
 
 
 def _eos_ids(model, eos_token_id) -> set[int]:
@@ -236,28 +269,35 @@ def explore_from(decoder: TreeDecoder, input_ids: torch.Tensor, widths: Sequence
     if seed is not None and temperature > 0:
         generator = torch.Generator(device=decoder.device)
         generator.manual_seed(seed)
-    stop = _StopCriteria(_eos_ids(model, eos_token_id), stop_strings, tokenizer,
-                         input_ids[0].tolist())
+    eos_ids = _eos_ids(model, eos_token_id)
+    stop = _StopCriteria(eos_ids, stop_strings, tokenizer,
+                         input_ids[0].tolist() if stop_strings else [])
+    # Can a branch end before its budget? If not, the loop never needs a token on the host.
+    can_stop = bool(eos_ids) or bool(stop.stop_strings)
 
-    def sample(logits: torch.Tensor, live: list[int], width: int) -> torch.Tensor:
-        """Tokens for the live branches (indices into the level's ``width`` branches)."""
+    def sample(logits: torch.Tensor, live: list[_Branch], level_size: int) -> torch.Tensor:
+        """Tokens ``[len(live)]`` (on the device) for the live branches of a level."""
         noise = None
         if temperature > 0:
             # Draw for every branch of the level, live or not, then keep the live rows: a
             # branch's draws stay the same whichever other branches have stopped.
-            noise = torch.empty((width, logits.shape[-1]), dtype=torch.float32,
+            noise = torch.empty((level_size, logits.shape[-1]), dtype=torch.float32,
                                 device=logits.device).exponential_(1.0, generator=generator)
-            if len(live) < width:
-                noise = noise[torch.tensor(live, dtype=torch.long, device=logits.device)]
+            if len(live) < level_size:
+                noise = noise[torch.tensor([b.index for b in live], dtype=torch.long,
+                                           device=logits.device)]
         return sample_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                              noise=noise)
 
     owned: set[int] = set()   # live sequences this call created: freed on the way out
 
-    def free(seq: int) -> None:
-        decoder.free(seq)
-        owned.discard(seq)
+    def finish(branch: _Branch) -> None:
+        leaves.append(branch)
+        decoder.free(branch.seq)
+        owned.discard(branch.seq)
 
+    leaves: list[_Branch] = []
+    decode_steps = 0
     try:
         if parent is None:   # reuses whatever whole blocks of the prompt the pool caches
             root, root_logits = decoder.prefill(input_ids)
@@ -266,67 +306,62 @@ def explore_from(decoder: TreeDecoder, input_ids: torch.Tensor, widths: Sequence
             root = decoder.fork(parent, 1)[0]
             owned.add(root)
             root_logits = decoder.extend([root], input_ids)
-        # Frontier: (tree position, seq, tokens so far, logits row [1, V] for its next token). The
-        # tree position (child index per level) orders the leaves: branch order, not finish order.
-        frontier = [((), root, [], root_logits)]
-        leaves: list[tuple[tuple[int, ...], list[int], bool]] = []
-        decode_steps = 0
+        frontier = [(_Branch((), root, []), root_logits)]   # (branch, logits [1, V] of its next)
+        reader = _TokenReader(math.prod(widths), decoder.device) if can_stop else None
         for level, (width, budget) in enumerate(zip(widths, budgets)):
             last_level = level == len(widths) - 1
-            seqs, tokens, rows, keys = [], [], [], []
-            for key, seq, prefix, logits in frontier:
-                kids = decoder.fork(seq, width)
+            live: list[_Branch] = []
+            rows = []
+            for branch, row in frontier:
+                kids = decoder.fork(branch.seq, width)
                 owned.update(kids)
-                free(seq)   # the kids hold the shared blocks from now on
-                seqs += kids
-                keys += [key + (c,) for c in range(width)]
-                tokens += [list(prefix) for _ in kids]
-                rows += [logits] * width
+                decoder.free(branch.seq)   # the kids hold the shared blocks from now on
+                owned.discard(branch.seq)
+                live += [_Branch(branch.key + (c,), kid, list(branch.tokens), index=len(live) + c)
+                         for c, kid in enumerate(kids)]
+                rows += [row] * width
+            level_size = len(live)
             logits = torch.cat(rows, dim=0) if rows else None
-            frontier = []
-            generated = [0] * len(seqs)
-            live = list(range(len(seqs)))     # indices into seqs / tokens
-            while live and budget > 0:
-                next_ids = sample(logits, live, len(seqs))        # [n_live] on the device
-                host_ids = next_ids.tolist()                      # the one host sync of the step
-                feed, feed_rows = [], []
-                for row, (i, token) in enumerate(zip(live, host_ids)):
-                    tokens[i].append(token)
-                    generated[i] += 1
-                    stopped = stop(tokens[i])
-                    if stopped or (generated[i] == budget and last_level):
-                        leaves.append((keys[i], tokens[i], stopped))
-                        free(seqs[i])
-                    else:   # below budget, or at budget on a fork level: feed it for its logits
-                        feed.append(i)
-                        feed_rows.append(row)
-                if not feed:
+            unread: list[torch.Tensor] = []   # [len(live)] tokens per step, read at level end
+            for step in range(budget):
+                next_ids = sample(logits, live, level_size)        # [len(live)] on the device
+                # Fed for its logits unless it is the last token of the last level.
+                feed = step < budget - 1 or not last_level
+                if can_stop:
+                    keep = []
+                    for row, (branch, token) in enumerate(zip(live, reader.read(next_ids))):
+                        branch.tokens.append(token)
+                        branch.stopped = stop(branch.tokens)
+                        if branch.stopped or not feed:
+                            finish(branch)
+                        else:
+                            keep.append(row)
+                    if len(keep) < len(live):
+                        live = [live[row] for row in keep]
+                        next_ids = next_ids[torch.tensor(keep, dtype=torch.long,
+                                                         device=next_ids.device)]
+                else:
+                    unread.append(next_ids)
+                if not live or not feed:
                     break
-                if len(feed_rows) < len(host_ids):
-                    next_ids = next_ids[torch.tensor(feed_rows, dtype=torch.long,
-                                                     device=next_ids.device)]
-                logits = decoder.step([seqs[i] for i in feed], next_ids)
+                logits = decoder.step([b.seq for b in live], next_ids)
                 decode_steps += 1
-                live = []
-                for row, i in enumerate(feed):
-                    if generated[i] == budget:   # fork level done for this branch
-                        frontier.append((keys[i], seqs[i], tokens[i], logits[row:row + 1]))
-                    else:
-                        live.append(i)
-                if len(live) < len(feed):
-                    keep = [row for row, i in enumerate(feed) if generated[i] < budget]
-                    logits = logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
-            if budget == 0:   # nothing to generate at this (last) level
-                for i, seq in enumerate(seqs):
-                    leaves.append((keys[i], tokens[i], False))
-                    free(seq)
+            if unread:   # no stop could fire: the level's tokens in one read
+                for branch, tokens in zip(live, torch.stack(unread, dim=1).tolist()):
+                    branch.tokens += tokens
+            if last_level:
+                for branch in list(live):
+                    finish(branch)
+                frontier = []
+            else:
+                frontier = [(branch, logits[row:row + 1]) for row, branch in enumerate(live)]
     finally:
         for seq in sorted(owned):
             decoder.free(seq)
         if parent is not None and not keep_parent:
             decoder.free(parent)
-    leaves.sort(key=lambda leaf: leaf[0])
-    return ExploreResult(sequences=[t for _, t, _ in leaves], stopped=[s for _, _, s in leaves],
+    leaves.sort(key=lambda branch: branch.key)
+    return ExploreResult(sequences=[b.tokens for b in leaves], stopped=[b.stopped for b in leaves],
                          prompt_len=input_ids.shape[1], num_blocks=decoder.cache.num_blocks,
                          block_size=decoder.cache.block_size,
                          peak_blocks_used=decoder.peak_blocks_used,
@@ -360,7 +395,8 @@ def sample_parallel(model, input_ids: torch.Tensor, n: int, max_new_tokens: int,
                     eos_token_id=None, seed: int | None = None,
                     stop_strings: Sequence[str] | None = None, tokenizer=None,
                     backend: str = "auto", block_size: int = 16,
-                    num_blocks: int | None = None) -> list[list[int]]:
+                    num_blocks: int | None = None,
+                    decoder: TreeDecoder | None = None) -> list[list[int]]:
     """Sample ``n`` continuations of one prompt whose KV is computed once and shared.
 
     Args:
@@ -381,6 +417,10 @@ def sample_parallel(model, input_ids: torch.Tensor, n: int, max_new_tokens: int,
         block_size: tokens per KV block.
         num_blocks: KV pool size; default exactly what the prompt (once) and ``n`` full branches
             need: ``ceil(P / bs) + n * ceil((max_new_tokens - 1) / bs)``.
+        decoder: run in this :class:`~a2r_kernels.hf.TreeDecoder` over ``model`` instead of a
+            pool of this call's own (``backend``, ``block_size``, ``num_blocks`` are then the
+            decoder's): its cache keeps the prompt's blocks after the call, so a later prompt
+            that starts with the same whole blocks reuses their KV (automatic prefix reuse).
 
     Returns:
         ``n`` lists of generated token ids, in branch order; a list ends at and includes the EOS
@@ -393,5 +433,5 @@ def sample_parallel(model, input_ids: torch.Tensor, n: int, max_new_tokens: int,
     result = explore(model, input_ids, [n], max_new_tokens, temperature=temperature, top_p=top_p,
                      top_k=top_k, eos_token_id=eos_token_id, seed=seed,
                      stop_strings=stop_strings, tokenizer=tokenizer, backend=backend,
-                     block_size=block_size, num_blocks=num_blocks)
+                     block_size=block_size, num_blocks=num_blocks, decoder=decoder)
     return result.sequences

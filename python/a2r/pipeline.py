@@ -18,44 +18,44 @@ Set-ups:
   the tokenizers may differ (a warning says so when their vocabularies do).
 * symmetric — one model explores and synthesizes. Tokenizers must then be identical. The
   synthesizer prompt is built to start with the explorer prompt's question turn, so the two share a
-  token prefix of S tokens, and the synthesizer reuses its KV through one tree cache
+  token prefix, and the synthesizer reuses its KV through automatic prefix reuse
   (``A2RConfig.reuse_prefix_kv``, on by default)::
 
-        root: shared prefix, S tokens, prefilled once
-        ├── explorer prompt rest ──fork──> N paths          (freed after exploring)
-        └── synthesizer prompt rest (references, trace) ──> greedy answer
+        explorer prompt ──prefill──> N paths        (its full blocks stay cached after the run)
+        synthesizer prompt: [whole 16-token blocks shared with a cached prompt][rest] ──> answer
+                             reused, not recomputed                            forwarded
 
-  S is the common prefix *in token space* of the explorer prompt and the synthesizer prompt
-  rendered with placeholder references (the references are known only after exploring; the two
-  prompts part before them), at most ``P_explorer - 1``. After exploring, the real synthesizer
-  prompt must start with those S tokens; then only its ``P_synth - S`` other tokens are forwarded,
-  appended to a fork of the root (causal attention over the gathered prefix, nothing copied).
-  Otherwise (no common token, tokens that part differently, or reuse turned off) the synthesizer
-  prefills its whole prompt and ``KVSharing.reuse_note`` says why.
-  Pool: ``ceil(S / bs)`` blocks for the root plus the larger of the explorer's subtree
-  (:func:`a2r.explore.tree_blocks_needed`) and an estimate of the synthesizer's (references of at
-  most ``max_new_tokens + 2`` tokens each); should the real synthesizer prompt need more, the
-  root's KV is copied once into a pool of the exact size (``reuse_note`` says so; still not
-  recomputed).
+  The pipeline keeps one :class:`~a2r_kernels.hf.TreeDecoder` per model across stages and runs,
+  and its prefill reuses every whole block of a prompt that a live or freed (not yet evicted)
+  sequence holds (``TreeKVCache`` prefix reuse: blocks keyed by their tokens and everything before
+  them). So the synthesizer forwards only what follows the last whole block it shares with the
+  explorer prompt, and ``a2r eval`` over many questions reuses what their prompts share. The
+  explorer's pool is sized for the synthesizer's prompt too (an estimate: the synthesizer prompt
+  with empty references plus ``max_new_tokens + 2`` tokens per reference and the traces), so the
+  explorer's prompt is still cached when the synthesizer runs; a prompt that outgrows the pool gets
+  a larger one, recomputing the prefix (``KVSharing.reuse_note`` says so). With
+  ``reuse_prefix_kv=False`` every stage prefills its whole prompt in a pool of its own.
 
 KV bytes saved by sharing: the explorer's prompt KV is stored once for N paths instead of N times,
 ``prompt_tokens * (N - 1) * bytes_per_token`` with
-``bytes_per_token = 2 (K and V) * num_layers * num_kv_heads * head_dim * dtype size``; in the
-symmetric set-up with reuse, ``reused_prefix_tokens * bytes_per_token`` more: the synthesizer
-neither recomputes nor stores again the shared prefix.
+``bytes_per_token = 2 (K and V) * num_layers * num_kv_heads * head_dim * dtype size``; plus
+``reused_prefix_tokens * bytes_per_token``: the synthesizer prompt tokens whose KV came from the
+cache, neither recomputed nor stored again. With ``engine="vllm"`` both are vLLM's prefix caching,
+which shares whole blocks: the explorer prompt's full blocks, and the prompt tokens vLLM reports
+cached for the synthesizer.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
-
-from a2r_kernels._vocab import BACKENDS, REMASKING, attention_geometry, eos_ids
 
 from .extract import (
     ANSWER_MODES,
@@ -111,9 +111,11 @@ class PromptTooLongError(PipelineError):
 # Configuration and results
 # --------------------------------------------------------------------------------------------
 
-# What a2r.diffusion and a2r_kernels accept (kept here so validating a config imports no torch).
-THINKER_REMASKING = REMASKING
+# What a2r.diffusion and a2r_kernels accept (kept here so validating a config imports no torch;
+# tests/test_vocab.py holds them equal to a2r_kernels/_vocab.py's).
+THINKER_REMASKING = ("low_confidence", "margin", "entropy", "random")
 THINKER_CACHE_MODES = ("none", "prefix")
+BACKENDS = ("auto", "torch", "triton", "cuda")
 
 EXPLORER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 THINKER_INSTRUCTION = "Write a short reasoning trace that reconciles the reference answers."
@@ -162,8 +164,9 @@ class A2RConfig:
     thinker_instruction: str = THINKER_INSTRUCTION
     synthesizer_instruction: str = SYNTHESIZER_INSTRUCTION
     backend: str = "auto"                    # a2r_kernels backend for sample_parallel
-    # Symmetric set-up: the synthesizer reuses the KV of the prompt prefix it shares with the
-    # explorer (one tree cache for both stages). False: it prefills its whole prompt.
+    # Automatic prefix reuse: each model's stages run in one tree cache kept across runs, and a
+    # prefill reuses the whole blocks its prompt shares with cached ones (symmetric: the
+    # synthesizer's with the explorer's). False: every stage prefills its whole prompt.
     reuse_prefix_kv: bool = True
 
     def validate(self) -> None:
@@ -174,8 +177,10 @@ class A2RConfig:
             raise PipelineError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.synth_max_new_tokens is not None and self.synth_max_new_tokens < 1:
             raise PipelineError(f"synth_max_new_tokens must be >= 1, got {self.synth_max_new_tokens}")
-        if self.temperature < 0 or self.synth_temperature < 0:
-            raise PipelineError("temperature and synth_temperature must be >= 0")
+        for name in ("temperature", "synth_temperature", "thinker_temperature"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise PipelineError(f"{name} must be a finite number >= 0, got {value!r}")
         # The sampling and thinker knobs are checked here too, so a bad value fails before any
         # model is loaded or run (not after the explorer stage).
         if not 0.0 < self.top_p <= 1.0:
@@ -193,8 +198,6 @@ class A2RConfig:
         if self.thinker_threshold is not None and not 0.0 < self.thinker_threshold <= 1.0:
             raise PipelineError(f"thinker_threshold must be in (0, 1] or None, "
                                 f"got {self.thinker_threshold}")
-        if self.thinker_temperature < 0:
-            raise PipelineError(f"thinker_temperature must be >= 0, got {self.thinker_temperature}")
         if self.thinker_remasking not in THINKER_REMASKING:
             raise PipelineError(f"thinker_remasking must be one of {THINKER_REMASKING}, "
                                 f"got {self.thinker_remasking!r}")
@@ -272,9 +275,9 @@ class KVSharing:
     symmetric: bool
     synthesizer_shared_prefix_tokens: int  # symmetric only: common token prefix of the two prompts
     synthesizer_reusable_bytes: int  # synthesizer_shared_prefix_tokens * bytes_per_token
-    synthesizer_prefix_reused: bool = False  # the synthesizer read the prefix KV from the explorer
-    # Tokens of the synthesizer prompt whose KV came from the explorer's prefill (0: no reuse);
-    # at most synthesizer_shared_prefix_tokens (and < the explorer prompt, which keeps >= 1 own).
+    synthesizer_prefix_reused: bool = False  # the synthesizer read some prompt KV from the cache
+    # Tokens of the synthesizer prompt whose KV came from the cache (the explorer's prompt, or an
+    # earlier run's): whole blocks, at most the prompt's length - 1 (0: no reuse).
     reused_prefix_tokens: int = 0
     synthesizer_prefill_tokens: int = 0  # synthesizer prompt tokens forwarded: prompt - reused
     synthesizer_saved_bytes: int = 0     # reused_prefix_tokens * bytes_per_token: not recomputed,
@@ -370,7 +373,24 @@ def parse_dtype(name):
 
 
 def _model_device(model):
+    device = getattr(model, "device", None)   # PreTrainedModel and VLLMModel have one
+    if device is not None and not callable(device):
+        return device
     return next(model.parameters()).device
+
+
+def _model_dtype(model):
+    """The dtype of ``model``'s weights (and KV cache)."""
+    dtype = getattr(model, "dtype", None)
+    if dtype is not None and not callable(dtype):
+        return dtype
+    return next(model.parameters()).dtype
+
+
+def _is_vllm(model) -> bool:
+    from .vllm_engine import VLLMModel
+
+    return isinstance(model, VLLMModel)
 
 
 def _synchronize(device) -> None:
@@ -384,13 +404,20 @@ def kv_bytes_per_token(model) -> int:
     """KV-cache bytes one token occupies in ``model``: ``2 * layers * kv_heads * head_dim * size``."""
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    import torch
+
+    from a2r_kernels._vocab import attention_geometry
+
     _, num_kv_heads, head_dim = attention_geometry(text_config)
-    element_size = next(model.parameters()).element_size()
+
+    element_size = torch.empty((), dtype=_model_dtype(model)).element_size()
     return 2 * text_config.num_hidden_layers * num_kv_heads * head_dim * element_size
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
     """Every id that ends generation: the generation config's eos ids plus the tokenizer's."""
+    from a2r_kernels._vocab import eos_ids
+
     generation_config = getattr(model, "generation_config", None)
     configured = getattr(generation_config, "eos_token_id", None)
     if configured is None:
@@ -464,20 +491,24 @@ def _position_limit(model) -> int | None:
     return limit if isinstance(limit, int) and limit > 0 else None
 
 
-_REFERENCES_TOO_LONG = ("prompt too long once the references are in (lower answer_max_chars, "
-                        "answer_max_tokens or num_paths)")
+_QUESTION_TOO_LONG = "shorten the question or ask for fewer new tokens"
+_REFERENCES_TOO_LONG = ("the references made it too long: lower answer_max_chars, "
+                        "answer_max_tokens or num_paths")
 
 
-def _check_fits(role: str, model, prompt_tokens: int, new_tokens: int, what: str) -> None:
+def _check_fits(role: str, model, prompt_tokens: int, new_tokens: int, hint: str) -> None:
     """Raise :class:`PromptTooLongError` when ``prompt_tokens + new_tokens`` positions exceed the
     model's ``max_position_embeddings`` (positions past it are outside what the model was built
     for: RoPE models drift, learned position tables fail)."""
     limit = _position_limit(model)
     if limit is not None and prompt_tokens + new_tokens > limit:
+        # transformers models know their directory as name_or_path; a2r.vllm_engine's as path.
+        where = getattr(model, "name_or_path", "") or getattr(model, "path", "") or "in memory"
         raise PromptTooLongError(
-            f"{what}: the {role} prompt is {prompt_tokens} tokens, + {new_tokens} new tokens = "
+            f"the {role} prompt is {prompt_tokens} tokens + {new_tokens} new tokens = "
             f"{prompt_tokens + new_tokens} > max_position_embeddings={limit} of the {role} model "
-            f"({type(model).__name__}, {getattr(model, 'name_or_path', '') or 'in memory'})")
+            f"({type(model).__name__}, {where}): "
+            f"{hint}")
 
 
 def _check_model_dir(path, role: str) -> Path:
@@ -543,6 +574,24 @@ def _load_causal_lm(path, role: str, device, dtype):
     return model, tokenizer
 
 
+def _load_vllm_model(path, role: str, device, dtype, *, options: dict, seed):
+    """A :class:`~a2r.vllm_engine.VLLMModel` + tokenizer from ``path`` (``device`` unused: vLLM
+    places the engine itself)."""
+    from transformers import AutoTokenizer
+
+    from .vllm_engine import VLLMModel, vllm_available
+
+    if not vllm_available():
+        raise PipelineError("engine 'vllm' needs vLLM installed (pip install vllm)")
+    directory = _check_model_dir(path, role)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (ValueError, OSError) as err:
+        raise ModelDirError(f"{role} model directory {directory} has no loadable tokenizer: "
+                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+    return VLLMModel(directory, dtype=parse_dtype(dtype), seed=seed, **options), tokenizer
+
+
 def _load_thinker(path, device, dtype):
     from transformers import AutoTokenizer
 
@@ -574,75 +623,7 @@ def _load_thinker(path, device, dtype):
     return model, tokenizer
 
 
-# --------------------------------------------------------------------------------------------
-# Symmetric set-up: one tree cache for explorer and synthesizer
-# --------------------------------------------------------------------------------------------
-
-_BLOCK_SIZE = 16   # tokens per KV block (sample_parallel's default)
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-class _SharedPrefix:
-    """The root of the symmetric set-up's tree: the KV of the S prompt tokens the explorer and the
-    synthesizer share, prefilled once in one :class:`~a2r_kernels.hf.TreeDecoder`.
-
-    :meth:`run` forwards only a prompt's tokens after the prefix, on a fork of the root
-    (:func:`a2r.explore.explore_from`), so no stage recomputes or stores the prefix again.
-    """
-
-    def __init__(self, model, prefix_ids, num_blocks: int, backend: str):
-        from a2r_kernels.hf import TreeDecoder
-
-        self.prefix = prefix_ids[0].tolist()                       # the S shared token ids
-        self.decoder = TreeDecoder(model, num_blocks, block_size=_BLOCK_SIZE, backend=backend)
-        self.root, _ = self.decoder.prefill(prefix_ids)
-        self.pool_grown = False
-
-    @property
-    def tokens(self) -> int:
-        return len(self.prefix)
-
-    @property
-    def root_blocks(self) -> int:
-        return _ceil_div(self.tokens, _BLOCK_SIZE)
-
-    def continues(self, input_ids) -> bool:
-        """Whether prompt ``input_ids`` ``[1, P]`` starts with the prefix and goes on after it."""
-        return (input_ids.shape[1] > self.tokens
-                and input_ids[0, :self.tokens].tolist() == self.prefix)
-
-    def reserve_for(self, blocks: int) -> None:
-        """Make room for ``blocks`` more blocks next to the root. If the pool is too small (the
-        synthesizer prompt outgrew its estimate), copy the root's KV once into a pool of exactly
-        ``root_blocks + blocks``: a copy, never a recompute."""
-        old = self.decoder
-        if old.cache.num_free_blocks >= blocks:
-            return
-        from a2r_kernels.hf import TreeDecoder
-
-        new = TreeDecoder(old.model, self.root_blocks + blocks, block_size=_BLOCK_SIZE,
-                          backend=old.backend, dtype=old.cache.dtype)
-        root = new.new_sequence()
-        slots = new.cache.reserve([root], self.tokens)
-        for layer in range(old.cache.num_layers):
-            new.cache.write(layer, slots, *old.cache.gather(layer, self.root))
-        old.free(self.root)
-        self.decoder, self.root, self.pool_grown = new, root, True
-
-    def run(self, input_ids, n: int, max_new_tokens: int, *, keep_root: bool, **sampling):
-        """Explore ``n`` continuations of prompt ``input_ids`` (which :meth:`continues` the
-        prefix), forwarding only its tokens after the prefix. ``keep_root=False`` frees the root."""
-        from .explore import explore_from
-
-        return explore_from(self.decoder, input_ids[:, self.tokens:], [n], max_new_tokens,
-                            parent=self.root, keep_parent=keep_root, **sampling)
-
-    def close(self) -> None:
-        if self.root in self.decoder.cache.sequences:
-            self.decoder.free(self.root)
+_BLOCK_SIZE = 16   # tokens per KV block of the pipeline's decoders (sample_parallel's default)
 
 
 # --------------------------------------------------------------------------------------------
@@ -657,8 +638,9 @@ class A2RPipeline:
         explorer, explorer_tokenizer: causal LM (any device/dtype) sampling the N paths.
         synthesizer, synthesizer_tokenizer: causal LM writing the final answer. ``None`` (or the
             explorer object itself) is the symmetric set-up: one model does both, the
-            tokenizers must be identical, and the synthesizer reuses the KV of the prompt prefix
-            it shares with the explorer (``A2RConfig.reuse_prefix_kv``; module docstring).
+            tokenizers must be identical, and the synthesizer reuses the KV of the whole blocks
+            its prompt shares with the explorer's (``A2RConfig.reuse_prefix_kv``; module
+            docstring).
         thinker, thinker_tokenizer: optional masked-diffusion model (``a2r.diffusion``) writing a
             compact trace from the question and the references; its tokenizer defaults to the
             explorer's.
@@ -682,6 +664,9 @@ class A2RPipeline:
         self.thinker_tokenizer = thinker_tokenizer or explorer_tokenizer
         self.config = config or A2RConfig()
         self.config.validate()
+        # One TreeDecoder per (model, backend), kept across stages and runs: its cache holds the
+        # prompts' blocks for automatic prefix reuse.
+        self._decoders: dict[tuple[int, str], Any] = {}
 
         diffs = _tokenizer_differences(self.explorer_tokenizer, self.synthesizer_tokenizer)
         if diffs and self.symmetric:
@@ -698,23 +683,34 @@ class A2RPipeline:
     @classmethod
     def from_pretrained(cls, explorer: str | os.PathLike, synthesizer: str | os.PathLike | None = None,
                         thinker: str | os.PathLike | None = None, *, device="cpu", dtype=None,
-                        config: A2RConfig | None = None) -> "A2RPipeline":
+                        config: A2RConfig | None = None, engine: str = "transformers",
+                        vllm_options: dict | None = None) -> "A2RPipeline":
         """Load the models from ``save_pretrained`` directories (each with its tokenizer).
 
         ``synthesizer=None`` or the explorer's own directory gives the symmetric set-up (the model
         is loaded once). ``dtype``: ``None``/``"auto"`` keeps the checkpoint's, else a name accepted
-        by :func:`parse_dtype`. Raises :class:`ModelDirError`,
+        by :func:`parse_dtype`. ``engine="vllm"`` runs the explorer and the synthesizer as vLLM
+        engines (:class:`a2r.vllm_engine.VLLMModel`, ``vllm_options`` its keyword arguments:
+        ``tensor_parallel_size``, ``pipeline_parallel_size``, ``gpu_memory_utilization``, ...;
+        ``device`` is then the thinker's only). Raises :class:`ModelDirError`,
         :class:`UnsupportedArchitectureError` or :class:`TokenizerMismatchError`.
         """
+        from .vllm_engine import ENGINES
+
+        if engine not in ENGINES:
+            raise PipelineError(f"engine must be one of {ENGINES}, got {engine!r}")
+        load = _load_causal_lm if engine == "transformers" else functools.partial(
+            _load_vllm_model, options=dict(vllm_options or {}),
+            seed=(config or A2RConfig()).seed)
         explorer_dir = _check_model_dir(explorer, "explorer")
         synthesizer_dir = _check_model_dir(synthesizer, "synthesizer") if synthesizer else None
         thinker_dir = _check_model_dir(thinker, "thinker") if thinker else None
         parse_dtype(dtype)  # reject a bad dtype before loading anything
-        explorer_model, explorer_tok = _load_causal_lm(explorer_dir, "explorer", device, dtype)
+        explorer_model, explorer_tok = load(explorer_dir, "explorer", device, dtype)
         synthesizer_model = synthesizer_tok = None
         if synthesizer_dir is not None and synthesizer_dir.resolve() != explorer_dir.resolve():
-            synthesizer_model, synthesizer_tok = _load_causal_lm(synthesizer_dir, "synthesizer",
-                                                                 device, dtype)
+            synthesizer_model, synthesizer_tok = load(synthesizer_dir, "synthesizer", device,
+                                                      dtype)
         thinker_model = thinker_tok = None
         if thinker_dir is not None:
             thinker_model, thinker_tok = _load_thinker(thinker_dir, device, dtype)
@@ -759,12 +755,28 @@ class A2RPipeline:
 
     # ---- stages ------------------------------------------------------------------------------
 
+    def _decoder(self, model, num_blocks: int, cfg: A2RConfig) -> tuple[Any, str]:
+        """The pipeline's decoder over ``model`` with at least ``num_blocks`` blocks, and ``""``;
+        or, when the kept one is smaller, a new one of ``num_blocks`` (its cached prompts are
+        lost) and a note saying so."""
+        from a2r_kernels.hf import TreeDecoder
+
+        key = (id(model), cfg.backend)
+        decoder = self._decoders.get(key)
+        if decoder is not None and decoder.cache.num_blocks >= num_blocks:
+            return decoder, ""
+        note = "" if decoder is None else (
+            f"the prompt needed {num_blocks} KV blocks, more than the pool's "
+            f"{decoder.cache.num_blocks}: a larger pool was built and cached prompts recomputed")
+        self._decoders[key] = TreeDecoder(model, num_blocks, block_size=_BLOCK_SIZE,
+                                          backend=cfg.backend)
+        return self._decoders[key], note
+
     def _generate(self, name: str, model, tokenizer, prompt: str, n: int, max_new_tokens: int,
                   temperature: float, seed: int | None, cfg: A2RConfig, *, input_ids=None,
-                  shared: _SharedPrefix | None = None, keep_root: bool = False
-                  ) -> tuple[StageReport, Any]:
-        """One sampling stage. With ``shared`` (whose prefix ``input_ids`` continues) only the
-        prompt's tokens after the prefix are forwarded, on a fork of the shared root."""
+                  decoder=None) -> tuple[StageReport, int]:
+        """One sampling stage; returns its report and the prompt tokens whose KV ``decoder`` (the
+        pipeline's, for prefix reuse; None: a pool of the stage's own) took from its cache."""
         from . import explore
 
         device = _model_device(model)
@@ -776,58 +788,47 @@ class A2RPipeline:
         eos_token_id = eos_ids if len(eos_ids) > 1 else (eos_ids[0] if eos_ids else None)
         sampling = dict(temperature=temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                         eos_token_id=eos_token_id, seed=seed)
+        if decoder is not None:
+            sampling["decoder"] = decoder
+            reused_before = decoder.reused_tokens
         _synchronize(device)
         start = time.perf_counter()
-        if shared is None:
+        if _is_vllm(model):
+            sequences = model.sample(input_ids[0].tolist(), n, max_new_tokens, **sampling)
+        else:
             # Looked up on the module at call time, so tests can script the explorer.
             sequences = explore.sample_parallel(model, input_ids, n, max_new_tokens,
                                                 backend=cfg.backend, **sampling)
-        else:
-            sequences = shared.run(input_ids, n, max_new_tokens, keep_root=keep_root,
-                                   **sampling).sequences
         _synchronize(device)
         seconds = time.perf_counter() - start
         sequences = [list(map(int, s)) for s in sequences]
         texts = [_decode(tokenizer, s, eos_ids) for s in sequences]
-        return StageReport(name, prompt, int(input_ids.shape[1]), texts, sequences, seconds), input_ids
+        reused = 0 if decoder is None else decoder.reused_tokens - reused_before
+        return StageReport(name, prompt, int(input_ids.shape[1]), texts, sequences, seconds), reused
 
-    def _open_shared_prefix(self, question: str, explorer_ids, cfg: A2RConfig
-                            ) -> tuple[_SharedPrefix | None, str]:
-        """Symmetric set-up: prefill the token prefix that the explorer prompt shares with the
-        synthesizer prompt once, in a pool sized for both stages. Returns ``(shared, "")``, or
-        ``(None, why not)``."""
+    def _explorer_pool_blocks(self, question: str, explorer_ids, cfg: A2RConfig) -> int:
+        """KV blocks for the explorer stage; symmetric: also enough for the synthesizer's prompt
+        (an estimate, see the module docstring), so the explorer's prompt blocks are still
+        cached when the synthesizer prefills."""
         from .explore import tree_blocks_needed
 
-        if not cfg.reuse_prefix_kv:
-            return None, "reuse_prefix_kv is off"
-        device = _model_device(self.explorer)
-        # The references are known only after exploring. Two renderings with different
-        # placeholders bound where the prompts part: before the references, whatever they are.
-        trace = "x" if self.thinker is not None and cfg.use_thinker else None
-        probes = [_encode(self.synthesizer_tokenizer,
-                          self.synthesizer_prompt(question, [ref] * cfg.num_paths, trace), device)
-                  for ref in ("", "0")]
-        explorer_list = explorer_ids[0].tolist()
-        # The explorer keeps >= 1 token of its own: the fork that starts its paths needs logits.
-        prefix = min([explorer_ids.shape[1] - 1] + [
-            _common_prefix_length(explorer_list, p[0].tolist()) for p in probes])
-        if prefix < 1:
-            return None, "the explorer and synthesizer prompts share no token prefix"
-        synth_max = cfg.synth_max_new_tokens or cfg.max_new_tokens
-        explorer_blocks = tree_blocks_needed(explorer_ids.shape[1] - prefix, [cfg.num_paths],
-                                             [cfg.max_new_tokens], _BLOCK_SIZE)
-        # Synthesizer estimate: the probe plus, per reference, the tokens of the path it is cut
-        # from (+2 for re-tokenisation at the cut) and, with a thinker, its trace.
-        reference_tokens = cfg.max_new_tokens + 2
+        blocks = tree_blocks_needed(explorer_ids.shape[1], [cfg.num_paths], [cfg.max_new_tokens],
+                                    _BLOCK_SIZE)
+        if not self.symmetric:
+            return blocks
+        use_thinker = self.thinker is not None and cfg.use_thinker
+        bare = _encode(self.synthesizer_tokenizer, self.synthesizer_prompt(
+            question, [""] * cfg.num_paths, "x" if use_thinker else None), "cpu").shape[1]
+        reference_tokens = cfg.max_new_tokens + 2   # + 2: re-tokenisation at the cut
         if cfg.answer_max_tokens is not None:
             reference_tokens = min(reference_tokens, cfg.answer_max_tokens + 2)
-        synth_prompt_tokens = (max(p.shape[1] for p in probes) - prefix
-                               + cfg.num_paths * reference_tokens
-                               + (cfg.thinker_traces * (cfg.thinker_gen_length + 8)
-                                  if trace else 0))
-        synth_blocks = tree_blocks_needed(synth_prompt_tokens, [1], [synth_max], _BLOCK_SIZE)
-        num_blocks = _ceil_div(prefix, _BLOCK_SIZE) + max(explorer_blocks, synth_blocks)
-        return _SharedPrefix(self.explorer, explorer_ids[:, :prefix], num_blocks, cfg.backend), ""
+        synth_tokens = (bare + cfg.num_paths * reference_tokens
+                        + (cfg.thinker_traces * (cfg.thinker_gen_length + 8) if use_thinker
+                           else 0))
+        synth_max = cfg.synth_max_new_tokens or cfg.max_new_tokens
+        # The explorer's prompt blocks stay cached (free) while the synthesizer's need the rest.
+        return max(blocks, tree_blocks_needed(synth_tokens, [1], [synth_max], _BLOCK_SIZE)
+                   + -(-explorer_ids.shape[1] // _BLOCK_SIZE))
 
     def _think(self, question: str, references: Sequence[str], cfg: A2RConfig) -> StageReport:
         import torch
@@ -916,20 +917,20 @@ class A2RPipeline:
     def _check_question(self, question, cfg: A2RConfig) -> None:
         if not isinstance(question, str) or not question.strip():
             raise PipelineError(f"question must be a non-empty string, got {question!r}")
-        what = "question too long"
+        hint = _QUESTION_TOO_LONG
         _check_fits("explorer", self.explorer, len(_encode(
             self.explorer_tokenizer, self.explorer_prompt(question), "cpu")[0]),
-            cfg.max_new_tokens, what)
+            cfg.max_new_tokens, hint)
         no_references = [""] * cfg.num_paths
         use_thinker = self.thinker is not None and cfg.use_thinker
         if use_thinker:
             _check_fits("thinker", self.thinker, len(_encode(
                 self.thinker_tokenizer, self.thinker_prompt(question, no_references), "cpu")[0]),
-                cfg.thinker_gen_length, what)
+                cfg.thinker_gen_length, hint)
         synth_prompt = self.synthesizer_prompt(question, no_references, "x" if use_thinker else None)
         _check_fits("synthesizer", self.synthesizer, len(_encode(
             self.synthesizer_tokenizer, synth_prompt, "cpu")[0]),
-            cfg.synth_max_new_tokens or cfg.max_new_tokens, what)
+            cfg.synth_max_new_tokens or cfg.max_new_tokens, hint)
 
     def run(self, question: str, **overrides) -> A2RResult:
         """Run explorer -> thinker -> synthesizer on ``question``.
@@ -942,33 +943,17 @@ class A2RPipeline:
         run_start = time.perf_counter()
 
         # 1. Explorer: N paths from one prompt; the prompt KV is shared through the tree cache.
-        #    Symmetric: the prefix it shares with the synthesizer prompt is the tree's root.
         explorer_prompt = self.explorer_prompt(question)
         explorer_ids = _encode(self.explorer_tokenizer, explorer_prompt,
                                _model_device(self.explorer))
-        shared, reuse_note = None, "asymmetric set-up: two models, two caches"
-        prefill_seconds = 0.0
-        if self.symmetric:
-            _synchronize(_model_device(self.explorer))
-            prefill_start = time.perf_counter()
-            shared, reuse_note = self._open_shared_prefix(question, explorer_ids, cfg)
-            _synchronize(_model_device(self.explorer))
-            prefill_seconds = time.perf_counter() - prefill_start
-        try:
-            return self._run_stages(question, cfg, run_start, explorer_prompt, explorer_ids,
-                                    shared, reuse_note, prefill_seconds)
-        finally:
-            if shared is not None:
-                shared.close()
-
-    def _run_stages(self, question: str, cfg: A2RConfig, run_start: float, explorer_prompt: str,
-                    explorer_ids, shared: _SharedPrefix | None, reuse_note: str,
-                    prefill_seconds: float) -> A2RResult:
+        explorer_decoder = None
+        if cfg.reuse_prefix_kv and not _is_vllm(self.explorer):
+            explorer_decoder, _ = self._decoder(
+                self.explorer, self._explorer_pool_blocks(question, explorer_ids, cfg), cfg)
         explorer, _ = self._generate(
             "explorer", self.explorer, self.explorer_tokenizer, explorer_prompt,
             cfg.num_paths, cfg.max_new_tokens, cfg.temperature, cfg.seed, cfg,
-            input_ids=explorer_ids, shared=shared, keep_root=True)
-        explorer.seconds += prefill_seconds   # the shared prefix is the explorer prompt's head
+            input_ids=explorer_ids, decoder=explorer_decoder)
         references = [extract_answer_component(
             text, mode=cfg.answer_mode, max_chars=cfg.answer_max_chars,
             max_tokens=cfg.answer_max_tokens,
@@ -982,41 +967,50 @@ class A2RPipeline:
         if self.thinker is not None and cfg.use_thinker:
             thinker = self._think(question, references, cfg)
 
-        # 3. Synthesizer: greedy by default, one sequence. Symmetric: on a second fork of the
-        #    shared root, when its prompt starts with the root's tokens.
+        # 3. Synthesizer: greedy by default, one sequence. Symmetric: its prefill reuses the
+        #    whole blocks its prompt shares with the explorer's, still cached in the same pool.
         synth_seed = None if cfg.seed is None else cfg.seed + 1
         synth_prompt = self.synthesizer_prompt(question, references,
                                                joined_trace(thinker.texts) if thinker else None)
         synth_ids = _encode(self.synthesizer_tokenizer, synth_prompt,
                             _model_device(self.synthesizer))
         synth_max = cfg.synth_max_new_tokens or cfg.max_new_tokens
-        reused = 0
-        if shared is not None and not shared.continues(synth_ids):
-            reuse_note = (f"the synthesizer prompt does not start with the {shared.tokens} "
-                          "shared prefix tokens")
-            shared.close()
-            shared = None
-        if shared is not None:
+        synth_decoder = None
+        if _is_vllm(self.synthesizer):   # refined below (symmetric) from vLLM's report
+            reuse_note = ("vLLM prefix caching" if self.symmetric
+                          else "asymmetric set-up: two models, two caches")
+        elif not cfg.reuse_prefix_kv:
+            reuse_note = "reuse_prefix_kv is off"
+        else:
             from .explore import tree_blocks_needed
 
-            shared.reserve_for(tree_blocks_needed(synth_ids.shape[1] - shared.tokens, [1],
-                                                  [synth_max], _BLOCK_SIZE))
-            if shared.pool_grown:
-                reuse_note = ("the synthesizer prompt outgrew the pool estimate: the prefix KV "
-                              "was copied once into a larger pool (not recomputed)")
-            reused = shared.tokens
-        synthesizer, _ = self._generate(
+            synth_decoder, reuse_note = self._decoder(
+                self.synthesizer,
+                tree_blocks_needed(synth_ids.shape[1], [1], [synth_max], _BLOCK_SIZE), cfg)
+        synthesizer, reused = self._generate(
             "synthesizer", self.synthesizer, self.synthesizer_tokenizer, synth_prompt, 1,
             synth_max, cfg.synth_temperature, synth_seed, cfg, input_ids=synth_ids,
-            shared=shared, keep_root=False)
+            decoder=synth_decoder)
+        if synth_decoder is not None and not reused and not reuse_note:
+            reuse_note = ("asymmetric set-up: two models, two caches" if not self.symmetric else
+                          f"the synthesizer prompt shares no whole {_BLOCK_SIZE}-token block "
+                          "with a cached prompt")
 
         bytes_per_token = kv_bytes_per_token(self.explorer)
         shared_prefix = (_common_prefix_length(explorer_ids[0].tolist(), synth_ids[0].tolist())
                          if self.symmetric else 0)
+        explorer_shared = explorer.prompt_tokens
+        if _is_vllm(self.explorer):   # vLLM shares whole blocks (prefix caching)
+            explorer_shared -= explorer_shared % self.explorer.block_size
+            if self.symmetric:
+                reused = min(self.synthesizer.last_cached_tokens, shared_prefix)
+                block = self.explorer.block_size
+                reuse_note = (f"vLLM prefix caching reused {reused} of the {shared_prefix} shared "
+                              f"prefix tokens (whole {block}-token blocks)")
         kv = KVSharing(
             prompt_tokens=explorer.prompt_tokens, num_paths=cfg.num_paths,
             bytes_per_token=bytes_per_token,
-            explorer_saved_bytes=explorer.prompt_tokens * (cfg.num_paths - 1) * bytes_per_token,
+            explorer_saved_bytes=explorer_shared * (cfg.num_paths - 1) * bytes_per_token,
             symmetric=self.symmetric, synthesizer_shared_prefix_tokens=shared_prefix,
             synthesizer_reusable_bytes=shared_prefix * bytes_per_token,
             synthesizer_prefix_reused=reused > 0, reused_prefix_tokens=reused,
