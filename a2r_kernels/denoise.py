@@ -19,6 +19,8 @@ from ._vocab import REMASKING, as_int, non_negative_int
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SEED_BOUND = 2 ** 63 - 1
+# (r * V) >> 32 of a uint32 r must fit int64, and vocabulary ids int32 inside the kernels.
+_MAX_VOCAB = 2 ** 31 - 1
 
 
 class DenoiseResult(NamedTuple):
@@ -41,6 +43,29 @@ def _draw_seed(generator: torch.Generator | None) -> int:
     """
     device = generator.device if generator is not None else torch.device("cpu")
     return int(torch.randint(0, _SEED_BOUND, (1,), generator=generator, device=device).item())
+
+
+def _check_logits_and_tokens(logits, tokens, tokens_name: str) -> tuple[int, int, int]:
+    """Checks of a diffusion step's ``logits [B, L, V]`` (fp32/fp16/bf16, ``1 <= V <=
+    _MAX_VOCAB``) and its int64 ``[B, L]`` token state on the logits' device (called
+    ``tokens_name`` in the errors); returns ``(B, L, V)``."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise ValueError("logits must be a tensor [B, L, V], got "
+                         f"{list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)}")
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise ValueError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    batch, length, vocab = logits.shape
+    if not 1 <= vocab <= _MAX_VOCAB:
+        raise ValueError(f"logits must have 1 <= V <= {_MAX_VOCAB} (shape [B, L, V]), got V = {vocab}")
+    if not isinstance(tokens, torch.Tensor) or tuple(tokens.shape) != (batch, length):
+        raise ValueError(f"{tokens_name} must be a tensor [B, L] = [{batch}, {length}], got "
+                         f"{list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens)}")
+    if tokens.dtype != torch.int64:
+        raise ValueError(f"{tokens_name} must be int64, got {tokens.dtype}")
+    if tokens.device != logits.device:
+        raise ValueError(f"{tokens_name} must be on the logits' device {logits.device}, "
+                         f"got {tokens.device}")
+    return batch, length, vocab
 
 
 def _check_num_transfer(num_transfer, batch: int, device: torch.device) -> torch.Tensor:
@@ -144,21 +169,7 @@ def denoise_step(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int, *,
         >>> int(res.transferred.sum()), bool((tokens != 999).sum() == 4)
         (4, True)
     """
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-        raise ValueError("logits must be a tensor [B, L, V], got "
-                         f"{list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)}")
-    if logits.dtype not in _LOGIT_DTYPES:
-        raise ValueError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
-    batch, length, vocab = logits.shape
-    if vocab == 0:
-        raise ValueError("logits must have V >= 1 (shape [B, L, V]), got V = 0")
-    if not isinstance(tokens, torch.Tensor) or tuple(tokens.shape) != (batch, length):
-        raise ValueError(f"tokens must be a tensor [B, L] = [{batch}, {length}], got "
-                         f"{list(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens)}")
-    if tokens.dtype != torch.int64:
-        raise ValueError(f"tokens must be int64, got {tokens.dtype}")
-    if tokens.device != logits.device:
-        raise ValueError(f"tokens must be on the logits' device {logits.device}, got {tokens.device}")
+    batch, length, vocab = _check_logits_and_tokens(logits, tokens, "tokens")
     mask_id = as_int(mask_id, "mask_id")
     if not 0 <= mask_id < vocab:
         raise ValueError(f"mask_id must be an int in [0, V) = [0, {vocab}), got {mask_id!r}")

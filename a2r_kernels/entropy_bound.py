@@ -16,10 +16,7 @@ import torch
 from . import reference_entropy_bound
 from ._backend import resolve_backend
 from ._errors import BackendUnavailable
-from .denoise import _LOGIT_DTYPES, _draw_seed
-
-# (r * V) >> 32 of a uint32 r must fit int64, and vocabulary ids int32 inside the kernels.
-_MAX_VOCAB = 2 ** 31 - 1
+from .denoise import _check_logits_and_tokens, _draw_seed
 
 
 class EntropyBoundResult(NamedTuple):
@@ -103,21 +100,7 @@ def entropy_bound_step(logits: torch.Tensor, canvas: torch.Tensor, entropy_bound
         >>> bool((canvas[res.accepted] == res.sample[res.accepted]).all())
         True
     """
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-        raise ValueError("logits must be a tensor [B, L, V], got "
-                         f"{list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)}")
-    if logits.dtype not in _LOGIT_DTYPES:
-        raise ValueError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
-    batch, length, vocab = logits.shape
-    if not 1 <= vocab <= _MAX_VOCAB:
-        raise ValueError(f"logits must have 1 <= V <= {_MAX_VOCAB} (shape [B, L, V]), got V = {vocab}")
-    if not isinstance(canvas, torch.Tensor) or tuple(canvas.shape) != (batch, length):
-        raise ValueError(f"canvas must be a tensor [B, L] = [{batch}, {length}], got "
-                         f"{list(canvas.shape) if isinstance(canvas, torch.Tensor) else type(canvas)}")
-    if canvas.dtype != torch.int64:
-        raise ValueError(f"canvas must be int64, got {canvas.dtype}")
-    if canvas.device != logits.device:
-        raise ValueError(f"canvas must be on the logits' device {logits.device}, got {canvas.device}")
+    batch, length, vocab = _check_logits_and_tokens(logits, canvas, "canvas")
     if isinstance(entropy_bound, bool) or not isinstance(entropy_bound, numbers.Real) or \
             math.isnan(entropy_bound) or entropy_bound < 0:
         raise ValueError(f"entropy_bound must be a float >= 0, got {entropy_bound!r}")

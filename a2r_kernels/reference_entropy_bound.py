@@ -32,58 +32,9 @@ from __future__ import annotations
 
 import torch
 
-from .reference_denoise import (_CHUNK_LOGITS, GUMBEL_STREAM, _gumbel_rows, philox_uniform,
-                                philox_word)
+from .reference_denoise import GUMBEL_BOUND, TOPK_PROBE, gumbel_argmax, philox_word  # noqa: F401
 
 RENOISE_STREAM = 2   # Philox counter word c2 of the renoise token (0: Gumbel, 1: random score)
-# An upper bound on every Gumbel draw g = -log(-log u): u <= 1 - 2**-24 gives g <= 16.636 (fp32).
-# A draw at a logit x cannot beat a running best when fl(x + GUMBEL_BOUND) < best, because fl is
-# monotone; the margin over 16.636 covers the log implementations of every backend.
-GUMBEL_BOUND = 17.0
-TOPK_PROBE = 64      # largest logits whose noisy values give the first bound of the Gumbel-max
-
-
-def _gumbel(seed: int, vocab_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """fp32 Gumbel noise at Philox counters ``(vocab_ids, positions, 0, 0)`` (broadcast)."""
-    u = philox_uniform(seed, vocab_ids, positions, GUMBEL_STREAM)
-    return -torch.log(-torch.log(u))
-
-
-def gumbel_argmax(x: torch.Tensor, seed: int, valid: torch.Tensor) -> torch.Tensor:
-    """``argmax_v (x[n, v] + g[n, v])`` for fp32 ``x [N, V]`` (row ``n`` is flat position ``n``);
-    int64 ``[N]``, ties -> lowest ``v``; 0 where ``valid [N]`` (bool) is False.
-
-    Equal to materialising ``x + gumbel_noise`` (the definition; a test holds them equal) but
-    draws noise only where it can matter: ``best0`` is the best noisy value among the row's
-    ``TOPK_PROBE`` largest logits, and only entries with ``x + GUMBEL_BOUND >= best0`` can reach
-    it. For a peaked (LM-like) distribution that is a few entries per row; when more than half
-    of all entries are candidates (flat rows) the dense definition runs instead.
-    """
-    num_rows, vocab = x.shape
-    probe_x, probe_v = x.topk(min(TOPK_PROBE, vocab), dim=-1)
-    rows = torch.arange(num_rows, device=x.device)
-    best0 = (probe_x + _gumbel(seed, probe_v, rows[:, None])).amax(dim=-1)
-    best0 = torch.where(valid, best0, float("inf"))            # invalid rows: no candidates
-    candidates = x + GUMBEL_BOUND >= best0[:, None]
-    if 2 * int(candidates.sum()) > candidates.numel():
-        # Mostly flat rows: the definition itself (dense noise, no gather) is cheaper, in chunks
-        # of rows whose Philox temporaries stay in cache (as denoise_step's torch path).
-        sample = torch.empty(num_rows, dtype=torch.int64, device=x.device)
-        step = max(1, _CHUNK_LOGITS // vocab)
-        for first in range(0, num_rows, step):
-            chunk = slice(first, first + step)
-            sample[chunk] = (x[chunk] + _gumbel_rows(seed, rows[chunk], vocab)).argmax(dim=-1)
-        return torch.where(valid, sample, 0)
-    cand_row, cand_v = candidates.nonzero(as_tuple=True)
-    noisy = x[cand_row, cand_v] + _gumbel(seed, cand_v, cand_row)
-    row_best = torch.full((num_rows,), float("-inf"), device=x.device)
-    row_best = row_best.scatter_reduce(0, cand_row, noisy, reduce="amax")
-    at_best = noisy == row_best[cand_row]                      # lowest index among the best
-    first = torch.full((num_rows,), vocab, dtype=torch.int64, device=x.device)
-    first = first.scatter_reduce(0, cand_row[at_best], cand_v[at_best], reduce="amin")
-    return torch.where(valid & (first < vocab), first, 0)
-
-
 def entropy_and_argmax(x: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(entropy fp32 [N], argmax int64 [N], valid bool [N], point_mass bool [N]) of fp32

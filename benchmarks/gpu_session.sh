@@ -359,8 +359,10 @@ phase_bench_explore() {
 # TRITON_INTERPRET=0; the wrapper's CUDA-graph capture and replay) against the torch reference,
 # on a few odd shapes per dtype: GQA 1-8, head_dim 40/96/256, block sizes 1/16/32, strided and
 # non-contiguous inputs, empty paths, V = 1 / 50257, ties, forced V splits.
-# tests/test_gpu_session.py checks in CI that every id here is still collected. A new kernel
-# family or GPU-only test: add a few ids here and give the pytest step the seconds they need.
+# tests/test_gpu_session.py checks in CI that every id here is still collected (a [cuda] backend
+# parameter exists only with a GPU: without one such an id must name a test that collects for
+# triton). A new kernel family or GPU-only test: add a few ids here and give the pytest step the
+# seconds they need.
 VERIFY_TESTS=(
   tests/test_cuda.py::test_extension_imports_when_nvcc_was_available
   "tests/test_cuda.py::test_tree_decode_matches_reference[contig-seed3-torch.bfloat16]"
@@ -428,7 +430,13 @@ VERIFY_TESTS=(
   "tests/test_entropy_bound.py::test_matches_transformers_sampler[1.0-triton]"
   "tests/test_entropy_bound.py::test_non_finite_logits[triton]"
   tests/test_entropy_bound.py::test_cuda_device_checks
+  "tests/test_entropy_bound.py::test_cuda_triton_at_gemma_vocabulary[flat]"
+  "tests/test_entropy_bound.py::test_cuda_triton_at_gemma_vocabulary[lm-like]"
   "tests/test_wrapper.py::test_cuda_graph_capture_replan_replay[triton]"
+  "tests/test_wrapper.py::test_cuda_graph_over_cache_layouts[triton]"
+  "tests/test_wrapper.py::test_cuda_graph_capture_replan_replay[cuda]"
+  "tests/test_wrapper.py::test_cuda_graph_over_cache_layouts[cuda]"
+  "tests/test_wrapper.py::test_cache_layouts_step_by_step[triton]"
   "tests/test_wrapper.py::test_three_trees_through_one_wrapper_and_one_out[bfloat16-8/1-bs32-triton]"
   "tests/test_wrapper.py::test_three_trees_through_one_wrapper_and_one_out[float16-16/2-bs1-triton]"
   "tests/test_wrapper.py::test_stale_work_items_of_a_larger_plan_are_cleared[triton]"

@@ -691,6 +691,8 @@ def _bad_calls():
         ("logits", lambda: ak.denoise_step(logits[0], tokens, 1, **ok)),
         ("logits", lambda: ak.denoise_step(logits.double(), tokens, 1, **ok)),
         ("logits", lambda: ak.denoise_step(logits[..., :0], tokens, 0, **ok)),
+        ("logits", lambda: ak.denoise_step(logits[..., :1].expand(2, 3, 2 ** 31), tokens, 1,
+                                           **ok)),   # V past the kernels' int32 ids (no copy)
         ("tokens", lambda: ak.denoise_step(logits, tokens[:, :2], 1, **ok)),
         ("tokens", lambda: ak.denoise_step(logits, tokens.int(), 1, **ok)),
         ("mask_id", lambda: ak.denoise_step(logits, tokens, 10, **ok)),

@@ -311,3 +311,28 @@ def test_a_transformers_without_diffusion_gemma(monkeypatch, tmp_path, model):
     assert not diffusion_gemma.is_diffusion_gemma(model)
     with pytest.raises(ValueError, match="transformers >= 5.19"):
         a2r.diffusion.load_diffusion_model(str(tmp_path))
+
+
+def test_pipeline_counts_whole_canvases_against_the_position_limit(model):
+    """A thinker_gen_length that fits but whose canvases do not is refused before any model
+    runs (DiffusionGemma generates whole canvases)."""
+    from a2r.pipeline import A2RConfig, A2RPipeline, PromptTooLongError
+    from a2r.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    limit = model.config.text_config.max_position_embeddings
+    pipe = A2RPipeline(model, tokenizer, thinker=model, thinker_tokenizer=tokenizer,
+                       config=A2RConfig(thinker_gen_length=32, thinker_block_length=32))
+    from a2r.pipeline import _encode
+
+    question = "What is 2+2?"
+    no_references = [""] * pipe.config.num_paths
+    prompt_tokens = len(_encode(tokenizer, pipe.thinker_prompt(question, no_references), "cpu")[0])
+    gen_length = limit - prompt_tokens - 1            # fits as tokens, not as whole canvases
+    assert gen_length % CANVAS
+    with pytest.raises(PromptTooLongError, match="the thinker prompt"):
+        pipe.check_question(question, thinker_gen_length=gen_length,
+                            thinker_block_length=gen_length)
+    pipe.check_question(question, thinker_gen_length=gen_length - CANVAS,      # whole canvases fit
+                        thinker_block_length=gen_length - CANVAS, thinker_traces=1,
+                        max_new_tokens=1, synth_max_new_tokens=1, answer_max_chars=1)

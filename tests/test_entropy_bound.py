@@ -209,7 +209,7 @@ def test_gumbel_pruning_equals_definition(monkeypatch):
     def no_dense_noise(*args):
         raise AssertionError("the sparse path should not draw dense noise here")
 
-    monkeypatch.setattr(reference_entropy_bound, "_gumbel_rows", no_dense_noise)
+    monkeypatch.setattr(reference_denoise, "_gumbel_rows", no_dense_noise)
     valid = torch.ones(x.shape[0], dtype=torch.bool)
     assert torch.equal(reference_entropy_bound.gumbel_argmax(x, seed, valid), expected)
     assert int(expected[9]) == 2999 and 100 <= int(expected[7]) < 110

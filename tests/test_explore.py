@@ -576,3 +576,18 @@ def test_model_stays_usable_with_generate(qwen3):
     finally:
         qwen3.config._attn_implementation = akhf.ATTN_IMPLEMENTATION
     assert _generate(qwen3, padded, 6, attention_mask=mask) == sdpa_padded
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_stop_reads_through_the_pinned_buffer(qwen3):
+    """On CUDA the per-step stop check reads the tokens through _TokenReader's pinned buffer:
+    greedy branches with an EOS still equal generate's, cut at the EOS."""
+    model = qwen3.to("cuda")
+    try:
+        ids = _prompt(11, seed=4).cuda()
+        expected = _generate(model, ids, 9)
+        eos = expected[4]
+        seqs = a2r.sample_parallel(model, ids, 3, 9, temperature=0, eos_token_id=eos)
+        assert seqs == [expected[:expected.index(eos) + 1]] * 3
+    finally:
+        qwen3.to("cpu")

@@ -63,7 +63,8 @@ import torch
 
 import a2r_kernels as ak
 from a2r_kernels._backend import resolve_backend
-from a2r_kernels._vocab import REMASKING, attention_geometry, eos_ids as _eos_ids, positive_int as _positive_int
+from a2r_kernels._vocab import (REMASKING, attention_geometry, eos_ids as _eos_ids,
+                                positive_int as _positive_int)
 
 from .diffusion_gemma import diffusion_gemma_generate, is_diffusion_gemma
 from .diffusion_model import (A2R_ATTENTION, build_tiny_diffusion_model, is_remote_code_model,
@@ -280,6 +281,16 @@ def _as_prompt(prompt_ids, attention_mask, pad_token_id,
     keep = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows],
                         dtype=torch.bool).reshape(len(rows), width)
     return prompt.reshape(len(rows), width).to(device), keep.to(device)
+
+
+def _cut_after_eos(rows: list[list[int]], eos_ids: list[int]) -> list[list[int]]:
+    """Each row up to and including its first token of ``eos_ids`` (the whole row if none)."""
+    eos = set(eos_ids)
+    cut = []
+    for row in rows:
+        end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
+        cut.append(row[:end])
+    return cut
 
 
 # ---------------------------------------------------------------------------------- loop steps
@@ -530,13 +541,7 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
             block = row.index(mask_id) // block_length
             raise RuntimeError(f"block {block} still has masked positions after "
                                f"{block_steps[block]} steps: denoise_step committed too few tokens")
-    sequences = []
-    for row in generated:
-        for i, token in enumerate(row):
-            if token in eos_ids:
-                row = row[:i + 1]
-                break
-        sequences.append(row)
+    sequences = _cut_after_eos(generated, eos_ids)
     if not return_details:
         return sequences
     return DiffusionResult(sequences=sequences, tokens=x,

@@ -286,7 +286,8 @@ def diffusion_gemma_generate(model, prompt_ids, *, gen_length: int = 256, num_tr
         ``encoder_forward_calls`` encoder passes and ``steps_per_block`` the decoder passes of
         each canvas.
     """
-    from .diffusion import DiffusionResult, _as_prompt, _eos_ids, _positive_int
+    from .diffusion import (DiffusionResult, _as_prompt, _cut_after_eos, _eos_ids,
+                            _positive_int)
 
     if not is_diffusion_gemma(model):
         raise ValueError(f"model must be a DiffusionGemmaForBlockDiffusion, got "
@@ -384,14 +385,7 @@ def diffusion_gemma_generate(model, prompt_ids, *, gen_length: int = 256, num_tr
         if eos_ids and bool(finished.all()):
             break
 
-    generated = tokens[:, prompt_len:prompt_len + gen_length]
-    sequences = []
-    for row in generated.tolist():
-        for i, token in enumerate(row):
-            if token in eos_ids:
-                row = row[:i + 1]
-                break
-        sequences.append(row)
+    sequences = _cut_after_eos(tokens[:, prompt_len:prompt_len + gen_length].tolist(), eos_ids)
     if not return_details:
         return sequences
     return DiffusionResult(sequences=sequences, tokens=tokens[:, :prompt_len + gen_length],

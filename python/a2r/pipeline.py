@@ -225,6 +225,16 @@ _MASKED_DIFFUSION_ONLY = ("thinker_steps", "thinker_threshold", "thinker_tempera
                           "thinker_remasking", "thinker_cache")
 
 
+def _thinker_positions(thinker, cfg: A2RConfig) -> int:
+    """Positions the thinker generates: ``thinker_gen_length``, rounded up to whole canvases for
+    DiffusionGemma (it denoises ``canvas_length`` tokens at a time)."""
+    from .diffusion_gemma import is_diffusion_gemma
+    if not is_diffusion_gemma(thinker):
+        return cfg.thinker_gen_length
+    canvas = int(thinker.config.canvas_length)
+    return -(-cfg.thinker_gen_length // canvas) * canvas
+
+
 def _check_uniform_noise_thinker(cfg: A2RConfig) -> None:
     """PipelineError naming the masked-diffusion knobs set away from their defaults."""
     defaults = A2RConfig()
@@ -840,8 +850,8 @@ class A2RPipeline:
         prompt = self.thinker_prompt(question, references)
         device = _model_device(self.thinker)
         input_ids = _encode(tokenizer, prompt, device)
-        _check_fits("thinker", self.thinker, input_ids.shape[1], cfg.thinker_gen_length,
-                    _REFERENCES_TOO_LONG)
+        _check_fits("thinker", self.thinker, input_ids.shape[1],
+                    _thinker_positions(self.thinker, cfg), _REFERENCES_TOO_LONG)
         generator = None
         if cfg.seed is not None:
             generator = torch.Generator(device=device).manual_seed(cfg.seed + 2)
@@ -926,7 +936,7 @@ class A2RPipeline:
         if use_thinker:
             _check_fits("thinker", self.thinker, len(_encode(
                 self.thinker_tokenizer, self.thinker_prompt(question, no_references), "cpu")[0]),
-                cfg.thinker_gen_length, hint)
+                _thinker_positions(self.thinker, cfg), hint)
         synth_prompt = self.synthesizer_prompt(question, no_references, "x" if use_thinker else None)
         _check_fits("synthesizer", self.synthesizer, len(_encode(
             self.synthesizer_tokenizer, synth_prompt, "cpu")[0]),

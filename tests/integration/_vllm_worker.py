@@ -69,8 +69,12 @@ def main(model_dir: str, out_path: str) -> None:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
+    import torch
+
+    # fp32 on CPU; on CUDA fp16, which vLLM's FLASH_ATTN (whose slot A2R_TREE takes) supports
+    dtype = "float16" if torch.cuda.is_available() else "float32"
     start = time.perf_counter()
-    llm = LLM(model_dir, dtype="float32", enforce_eager=True, gpu_memory_utilization=0.1,
+    llm = LLM(model_dir, dtype=dtype, enforce_eager=True, gpu_memory_utilization=0.1,
               seed=0, block_size=BLOCK_SIZE, max_num_batched_tokens=MAX_BATCHED_TOKENS,
               num_gpu_blocks_override=NUM_BLOCKS, max_model_len=MAX_MODEL_LEN,
               max_num_seqs=16, disable_log_stats=False)

@@ -7,7 +7,8 @@ One engine per backend, each in its own process (``_vllm_worker.py``; vLLM picks
 once per process): the native one with ``A2R_VLLM=0``, ours with ``A2R_VLLM=1`` through the
 installed ``vllm.general_plugins`` entry point, the way a user turns it on. Both run the same
 scenarios on a tiny random Qwen3 (fp32, head_dim 64: vLLM's CPU attention rejects 16), and the
-tests compare the tokens and check what each scenario exercised.
+tests compare the tokens and check what each scenario exercised. On a CUDA machine with vLLM's
+CUDA build the same file is the GPU test: A2R_TREE then takes FLASH_ATTN's slot, in fp16.
 """
 
 from __future__ import annotations
@@ -145,6 +146,12 @@ def _a2r(args, cwd) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=ENGINE_TIMEOUT_S)
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _keys(tree):
     """The nested key structure of a JSON value (lists by their first element)."""
     if isinstance(tree, dict):
@@ -157,13 +164,16 @@ def _keys(tree):
 GENERATION = ["-n", "3", "--max-new-tokens", "12", "--temperature", "0.8", "--seed", "5"]
 VLLM_OPTIONS = ["--engine", "vllm", "--gpu-memory-utilization", "0.1",
                 "--tensor-parallel-size", "1", "--pipeline-parallel-size", "1"]
+# On CUDA the model runs in fp16: vLLM's FLASH_ATTN, whose slot A2R_TREE takes, has no fp32.
+DTYPE = ["--dtype", "float16"] if _cuda() else []
 
 
 def test_cli_run_engine_vllm_same_result_format(model_dir, tmp_path):
     # long enough for whole prompt blocks (vLLM's CPU default is 128 tokens), which the three
     # paths then share
     question = "What is 12 * 7? " + "Think about it carefully, then answer. " * 6
-    common = ["run", "--explorer", str(model_dir), "--no-thinker", "--json", *GENERATION]
+    common = ["run", "--explorer", str(model_dir), "--no-thinker", "--json", *GENERATION,
+              *DTYPE]
     done = _a2r([*common, *VLLM_OPTIONS, question], tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout)        # stdout holds the JSON only (vLLM logs to stderr)
@@ -193,7 +203,7 @@ def test_cli_eval_engine_vllm_with_transformers_thinker(model_dir, tmp_path):
     done = _a2r(["eval", str(data), "--explorer", str(model_dir), "--thinker", str(thinker),
                  "--thinker-gen-length", "16", "--thinker-block-length", "16",
                  "--thinker-steps", "4", "--out", str(out), "--no-progress", *GENERATION,
-                 *VLLM_OPTIONS], tmp_path)
+                 *DTYPE, *VLLM_OPTIONS], tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads(out.read_text())
     assert summary["num_questions"] == 2
