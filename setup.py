@@ -114,6 +114,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["a2r_kernels", "a2r_kernels.*"]) + ["a2r"],
     package_dir={"a2r": "python/a2r"},
+    # The trained embedded models (python -m a2r.train): weights, tokenizers, held-out file and
+    # the recorded eval ship inside the package.
+    package_data={"a2r": ["trained/*.json", "trained/*.jsonl", "trained/*.png",
+                          "trained/*/*.json", "trained/*/*.jinja", "trained/*/*.safetensors"]},
     # A range that any recent torch satisfies: an existing torch is never replaced.
     install_requires=["torch>=2.5", "numpy", "transformers>=5.0", "math-verify>=0.7"],
     extras_require={

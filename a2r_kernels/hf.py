@@ -200,6 +200,13 @@ class TreeCache(Cache):
         self._query_length = 0
         self._path_slots: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._torch_plan: _TorchDecodePlan | None = None
+        self._static: _StaticDecode | None = None
+
+    def begin_static(self, static: "_StaticDecode", layout) -> None:
+        """Begin a forward of a padded decode batch over ``static``'s buffers (its slots, its
+        row map for the K/V writes, its attention)."""
+        self.begin([], [], static.slots[:static.batch], 1)
+        self._layout, self._static = layout, static
 
     # ---------------------------------------------------------------- per-forward state
     def begin(self, seqs: Sequence[int], past_lengths: Sequence[int], slots: torch.Tensor,
@@ -216,7 +223,7 @@ class TreeCache(Cache):
 
     def end(self) -> None:
         self._seqs, self._past_lengths, self._slots, self._layout = [], [], None, None
-        self._path_slots = self._torch_plan = None
+        self._path_slots = self._torch_plan = self._static = None
 
     # ---------------------------------------------------------------- transformers Cache API
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
@@ -235,6 +242,9 @@ class TreeCache(Cache):
         dtype = self.tree.dtype
         k = key_states.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads, head_dim)
         v = value_states.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads, head_dim)
+        if self._static is not None:   # padding rows write row 0's K/V into row 0's slot
+            rows = self._static.row_source[:batch]
+            k, v = k.index_select(0, rows), v.index_select(0, rows)
         # The slots come from this forward's reserve and the shapes were checked above: the
         # unchecked scatter (write's range check would cost two reductions per layer).
         self.tree._scatter(layer_idx, self._slots, k.to(dtype), v.to(dtype))
@@ -259,6 +269,9 @@ class TreeCache(Cache):
                scaling: float) -> torch.Tensor:
         """Attention of this forward's queries ``[B, Hq, T, D]`` -> ``[B, T, Hq, D]``."""
         layer = module.layer_idx
+        if self._static is not None:     # padded decode batch: the step's wrapper plan
+            return self._static.attend(layer, query[:, :, 0, :].to(key.dtype), key, value,
+                                       scaling).to(query.dtype).unsqueeze(1)
         if self._torch_plan is not None:   # decode on the torch backend: the step's plan
             return self._torch_plan.attend(query[:, :, 0, :].to(key.dtype), key, value,
                                            scaling).to(query.dtype).unsqueeze(1)
@@ -327,6 +340,141 @@ def _text_config(model):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def _batch_bucket(batch: int) -> int:
+    """The padded size of a decode batch of ``batch >= 1`` rows: the next power of two (1, 2, 4,
+    8, ...), so a run whose batch shrinks as branches finish uses a handful of graphs."""
+    return 1 << (batch - 1).bit_length()
+
+
+class _StaticDecode:
+    """:meth:`TreeDecoder.step` over fixed buffers, padded to a batch bucket (as in gpt-fast and
+    nano-vllm's ``capture_cudagraph``), with CUDA graphs when ``use_graphs``.
+
+    A step of ``n`` sequences runs ``B = _batch_bucket(n)`` rows. Buffers, on the decoder's
+    device, of ``capacity`` rows (a bucket; a larger batch regrows them and drops the graphs):
+
+    - ``input_ids``, ``positions`` int64 ``[capacity, 1]``: rows ``>= n`` keep stale values;
+    - ``slots`` int64 ``[capacity]`` and ``row_source`` int64 ``[capacity]``: row ``b < n`` writes
+      its own K/V into its reserved slot; a padding row writes row 0's K/V into row 0's slot
+      (identical bytes, so the duplicate write is deterministic and no other slot changes);
+    - ``attn_out`` ``[num_layers, capacity, Hq, D]`` in the pool's dtype: each layer's attention.
+
+    Attention: one :class:`~a2r_kernels.TreeAttentionWrapper` planned once per step (outside the
+    graph) and run by every layer; its padding rows come out 0. The ``"torch"`` backend (never
+    captured) runs the step's :class:`_TorchDecodePlan` over the live rows instead, since the
+    wrapper's torch backend is the node-by-node reference with about 3x the ops.
+
+    With graphs, the first step of a bucket runs eagerly (compiling the kernels), then the
+    bucket's whole forward, all layers, is captured into a ``torch.cuda.CUDAGraph`` (one memory
+    pool for all buckets) and replayed for every later step of that bucket.
+    """
+
+    def __init__(self, decoder: "TreeDecoder", use_graphs: bool):
+        self.decoder = decoder
+        self.use_graphs = use_graphs
+        self.capacity = 0
+        self.wrapper = None
+        self.torch_plan: _TorchDecodePlan | None = None
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self.num_live = self.batch = 0
+
+    def _drop_graphs(self) -> None:
+        # Captured graphs read the buffers they were captured with: new buffers, new graphs.
+        self.graphs.clear()
+        self.pool = None
+
+    def _grow(self, batch: int) -> None:
+        cache, device = self.decoder.cache, self.decoder.device
+        capacity = _batch_bucket(batch)
+        self.input_ids = torch.zeros(capacity, 1, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(capacity, 1, dtype=torch.int64, device=device)
+        self.slots = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.row_source = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self._rows = torch.arange(capacity, dtype=torch.int64, device=device)
+        self.attn_out = torch.empty(cache.num_layers, capacity, self.decoder.num_q_heads,
+                                    cache.head_dim, dtype=cache.dtype, device=device)
+        self.capacity, self.wrapper = capacity, None
+        self._drop_graphs()
+
+    def _plan(self, layout) -> None:
+        dec = self.decoder
+        if dec.backend == "torch":
+            self.torch_plan = _TorchDecodePlan(layout)
+            return
+        from .wrapper import TreeAttentionWrapper, default_capacities
+
+        w = self.wrapper
+        if w is None or not (layout.num_nodes <= w.max_nodes
+                             and layout.num_page_entries <= w.max_blocks
+                             and layout.num_work <= w.max_work
+                             and layout.num_partials <= w.max_partials):
+            # Twice what this layout needs (and at least the old capacities), so a tree that
+            # keeps growing regrows (and recaptures) a logarithmic number of times.
+            old = (w.max_nodes, w.max_blocks, w.max_work, w.max_partials) if w else (0, 0, 0, 0)
+            nodes = max(2 * layout.num_nodes, old[0])
+            blocks = max(2 * layout.num_page_entries, old[1])
+            work, partials = default_capacities(self.capacity, nodes, blocks,
+                                                dec.cache.block_size)
+            self.wrapper = TreeAttentionWrapper(
+                dec.num_q_heads, dec.cache.num_kv_heads, dec.cache.head_dim,
+                dec.cache.block_size, max_seqs=self.capacity, max_nodes=nodes,
+                max_blocks=blocks, dtype=dec.cache.dtype, device=dec.device,
+                backend=dec.backend, max_work=max(work, 2 * layout.num_work, old[2]),
+                max_partials=max(partials, 2 * layout.num_partials, old[3]))
+            self._drop_graphs()
+        self.wrapper.plan(layout)
+
+    def attend(self, layer: int, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        """q ``[B, Hq, D]`` in the pool's dtype -> ``[B, Hq, D]`` (padding rows 0)."""
+        out = self.attn_out[layer, :q.shape[0]]
+        if self.torch_plan is None:
+            return self.wrapper.run(q, k_pool, v_pool, out=out, sm_scale=scaling)
+        n = self.num_live
+        out[:n] = self.torch_plan.attend(q[:n], k_pool, v_pool, scaling)
+        out[n:].zero_()
+        return out
+
+    def _forward(self, layout) -> torch.Tensor:
+        dec = self.decoder
+        dec.hf_cache.begin_static(self, layout)
+        try:
+            return dec._model_logits(self.input_ids[:self.batch], self.positions[:self.batch])
+        finally:
+            dec.hf_cache.end()
+
+    def run(self, token_ids: torch.Tensor, slots: torch.Tensor, layout) -> torch.Tensor:
+        """One decode step of ``layout``'s ``n`` sequences (their tokens reserved: ``slots``
+        int64 ``[n]``; ``token_ids`` ``[n]``). Returns fp32 logits ``[n, V]`` (a fresh tensor)."""
+        n = layout.num_seqs
+        if n > self.capacity:
+            self._grow(n)
+        batch = _batch_bucket(n)
+        self.num_live, self.batch = n, batch
+        self._plan(layout)
+        self.input_ids[:n].copy_(token_ids.reshape(n, 1), non_blocking=True)
+        # seq_lens counts the reserved token: position = seq_lens - 1, on the device.
+        self.positions[:n, 0].copy_(layout.seq_lens - 1)
+        self.slots[:n].copy_(slots)
+        self.slots[n:batch].copy_(slots[:1].expand(batch - n))
+        self.row_source[:n].copy_(self._rows[:n])
+        self.row_source[n:batch].zero_()
+        if not self.use_graphs:
+            return self._forward(layout)[:n, -1, :].float()
+        if batch not in self.graphs:
+            self._forward(layout)   # warm-up: compiles the kernels outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self._forward(layout)
+            self.pool = graph.pool()
+            self.graphs[batch] = (graph, logits)
+        graph, logits = self.graphs[batch]
+        graph.replay()
+        # A copy: the graphs' pool reuses the output's memory.
+        return logits[:n, -1, :].to(torch.float32, copy=True)
+
+
 class TreeDecoder:
     """Drive one transformers causal LM over a tree-shared paged KV cache.
 
@@ -342,6 +490,13 @@ class TreeDecoder:
         block_size: tokens per block.
         backend: ``tree_decode_attention`` backend (``"auto" | "cuda" | "triton" | "torch"``).
         dtype: pool dtype, default the model's dtype.
+        cuda_graphs: capture :meth:`step`'s forward in CUDA graphs, one per batch bucket
+            (``None``: on CUDA unless ``backend`` is ``"torch"``). ``False`` runs the same
+            padded static-buffer step eagerly; ``True`` off CUDA or with the torch backend is a
+            ValueError.
+
+    :meth:`step` pads the batch to a power of two and runs it through fixed buffers
+    (:class:`_StaticDecode`); :meth:`extend` with ``T == 1`` is the same step unpadded.
 
     Attributes:
         cache: the :class:`~a2r_kernels.TreeKVCache` (``cache.blocks_used()``, ``cache.length``).
@@ -357,7 +512,7 @@ class TreeDecoder:
     """
 
     def __init__(self, model, num_blocks: int, *, block_size: int = 16, backend: str = "auto",
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, cuda_graphs: bool | None = None):
         register()
         config = _text_config(model)
         if getattr(config, "is_encoder_decoder", False):
@@ -375,6 +530,20 @@ class TreeDecoder:
                                  device=self.device)
         self.hf_cache = TreeCache(self.cache, backend)
         self.backend = self.hf_cache.backend
+        self.num_q_heads = num_heads
+        on_cuda = self.device.type == "cuda"
+        if cuda_graphs is None:
+            cuda_graphs = on_cuda and self.backend != "torch"
+        elif not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
+        elif cuda_graphs and not on_cuda:
+            raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, got "
+                             f"{self.device}; pass cuda_graphs=False")
+        elif cuda_graphs and self.backend == "torch":
+            raise ValueError("cuda_graphs=True cannot capture backend='torch' (it allocates per "
+                             "step); pass backend='triton' or 'cuda', or cuda_graphs=False")
+        self.cuda_graphs = cuda_graphs
+        self._static = _StaticDecode(self, cuda_graphs)
         self.bytes_per_block = self.cache.nbytes // num_blocks
         self.peak_blocks_used = 0
         self.forwarded_tokens = 0
@@ -435,7 +604,37 @@ class TreeDecoder:
                 token_ids.dim() not in (1, 2)):
             got = tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__
             raise ValueError(f"token_ids must be [B={len(seqs)}] or [B, 1], got {got}")
-        return self.extend(seqs, token_ids.reshape(len(seqs), 1))
+        if token_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"token_ids must be int64, got {token_ids.dtype}")
+        if len(seqs) == 0:
+            raise ValueError("seqs must name at least one sequence")
+        return self._padded_step(list(seqs), token_ids)
+
+    @torch.inference_mode()
+    def _padded_step(self, seqs: list[int], token_ids: torch.Tensor) -> torch.Tensor:
+        slots = self.cache.reserve(seqs, 1)   # raises CacheFullError, changes nothing
+        self.peak_blocks_used = max(self.peak_blocks_used, self.cache.blocks_used())
+        try:
+            logits = self._static.run(token_ids, slots, self.cache.layout(seqs))
+        except BaseException:   # as in extend: the sequences keep no unwritten token
+            self.cache._unreserve(seqs, 1)
+            raise
+        self.forwarded_tokens += len(seqs)
+        return logits
+
+    def _model_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The model's forward over :attr:`hf_cache` (already begun): logits ``[B, 1, V]``."""
+        config = self.model.config
+        saved_impl = config._attn_implementation
+        try:
+            config._attn_implementation = ATTN_IMPLEMENTATION
+            out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,
+                             logits_to_keep=1,
+                             **{_cache_kwarg(type(self.model).forward): self.hf_cache,
+                                _STATE_KWARG: self.hf_cache})
+        finally:
+            config._attn_implementation = saved_impl
+        return out.logits
 
     @torch.inference_mode()
     def extend(self, seqs: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
@@ -460,8 +659,6 @@ class TreeDecoder:
         slots = self.cache.reserve(seqs, num_tokens,    # raises CacheFullError, changes nothing
                                    token_ids=token_ids if num_tokens > 1 else None)
         self.peak_blocks_used = max(self.peak_blocks_used, self.cache.blocks_used())
-        config = self.model.config
-        saved_impl = config._attn_implementation
         try:
             if num_tokens == 1:   # decode: the plan of the step, built once for every layer
                 layout = self.cache.layout(seqs)
@@ -473,11 +670,7 @@ class TreeDecoder:
                                 + torch.arange(num_tokens, dtype=torch.int64)[None, :]
                                 ).to(self.device)
             self.hf_cache.begin(seqs, past, slots, num_tokens, layout)
-            config._attn_implementation = ATTN_IMPLEMENTATION
-            out = self.model(input_ids=token_ids.to(self.device, torch.int64),
-                             position_ids=position_ids, use_cache=True, logits_to_keep=1,
-                             **{_cache_kwarg(type(self.model).forward): self.hf_cache,
-                                _STATE_KWARG: self.hf_cache})
+            logits = self._model_logits(token_ids.to(self.device, torch.int64), position_ids)
         except BaseException:
             # Anything failed after the reserve (e.g. out of memory in the forward): give the
             # tokens back, so the sequences hold no token whose K/V was never (fully) written
@@ -485,10 +678,9 @@ class TreeDecoder:
             self.cache._unreserve(seqs, num_tokens)
             raise
         finally:
-            config._attn_implementation = saved_impl
             self.hf_cache.end()
         self.forwarded_tokens += len(seqs) * num_tokens
-        return out.logits[:, -1, :].float()
+        return logits[:, -1, :].float()
 
 
 register()

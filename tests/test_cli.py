@@ -44,7 +44,7 @@ def run_cli(capsys, *argv):
 
 
 def test_demo_json(capsys):
-    code, out, _ = run_cli(capsys, "demo", *FAST, "--json")
+    code, out, _ = run_cli(capsys, "demo", *FAST, "--random-models", "--json")
     assert code == 0
     payload = json.loads(out)
     assert "untrained" in payload["note"] and "noise" in payload["note"]
@@ -64,7 +64,7 @@ def test_demo_json(capsys):
 
 
 def test_demo_text_shows_every_stage(capsys):
-    code, out, _ = run_cli(capsys, "demo", *FAST, "--no-thinker")
+    code, out, _ = run_cli(capsys, "demo", *FAST, "--random-models", "--no-thinker")
     assert code == 0
     assert "untrained" in out and "noise" in out
     assert out.count("[explorer]") == 2 and out.count("[synthesizer]") == 2

@@ -17,7 +17,7 @@ from a2r.tiny import ensure_tiny_models  # noqa: E402
 
 FAST = ["-n", "2", "--max-new-tokens", "4", "--synth-max-new-tokens", "3",
         "--thinker-gen-length", "8", "--thinker-block-length", "8", "--thinker-steps", "2",
-        "--backend", "torch", "--no-progress"]
+        "--backend", "torch", "--no-progress", "--random-models"]
 
 
 @pytest.fixture(scope="module")

@@ -342,6 +342,14 @@ def denoise_config(num_positions: int, vocab: int, device: torch.device) -> dict
     return {"block_v": block_v, "num_warps": num_warps, "num_splits": num_splits}
 
 
+def _vocab_split(vocab: int, block_v: int, num_splits: int) -> tuple[int, int]:
+    """``(num_splits, split_size)`` of a split-V launch: at most ``num_splits`` splits of whole
+    ``block_v`` chunks, none of them empty."""
+    num_splits = min(num_splits, triton.cdiv(vocab, block_v))
+    split_size = triton.cdiv(triton.cdiv(vocab, num_splits), block_v) * block_v
+    return triton.cdiv(vocab, split_size), split_size
+
+
 def denoise_step(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int,
                  num_transfer: torch.Tensor | None, threshold: float | None,
                  temperature: float, remasking: str, seed: int,
@@ -362,9 +370,7 @@ def denoise_step(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int,
         return
     config = {**denoise_config(num_positions, vocab, logits.device), **(config or {})}
     block_v = config["block_v"]
-    num_splits = min(config["num_splits"], triton.cdiv(vocab, block_v))
-    split_size = triton.cdiv(triton.cdiv(vocab, num_splits), block_v) * block_v
-    num_splits = triton.cdiv(vocab, split_size)
+    num_splits, split_size = _vocab_split(vocab, block_v, config["num_splits"])
     sample = temperature > 0
     code = REMASKING_CODES[remasking]
 

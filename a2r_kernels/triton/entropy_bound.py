@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from ..reference_entropy_bound import GUMBEL_BOUND, RENOISE_STREAM
-from .denoise import _INT32_MAX, _NEG_HUGE, LOG2E, _uniform_from_philox, _vector_width
+from .denoise import (_INT32_MAX, _NEG_HUGE, LOG2E, _uniform_from_philox, _vector_width,
+                      _vocab_split)
 from .denoise import denoise_config as entropy_bound_config
 
 _NUM_STATS = 5      # m, s, a, gumbel_best, has_nan (fp32) per (pos, split)
@@ -215,9 +216,7 @@ def entropy_bound_step(logits: torch.Tensor, canvas: torch.Tensor, entropy_bound
         return
     config = {**entropy_bound_config(num_positions, vocab, logits.device), **(config or {})}
     block_v = config["block_v"]
-    num_splits = min(config["num_splits"], triton.cdiv(vocab, block_v))
-    split_size = triton.cdiv(triton.cdiv(vocab, num_splits), block_v) * block_v
-    num_splits = triton.cdiv(vocab, split_size)
+    num_splits, split_size = _vocab_split(vocab, block_v, config["num_splits"])
     stats = torch.empty(num_positions, num_splits, _NUM_STATS, dtype=torch.float32,
                         device=logits.device)
     indices = torch.empty(num_positions, num_splits, _NUM_INDICES, dtype=torch.int32,

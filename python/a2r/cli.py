@@ -31,6 +31,17 @@ DEMO_QUESTIONS = (
     ("What is 12 * 7?", "84"),
     ("A train travels 150 km in 2.5 hours. What is its average speed in km/h?", "60"),
 )
+# The trained embedded models know one task (a2r.task): their demo asks two of its questions.
+TRAINED_DEMO_QUESTIONS = (
+    ("What is 347 + 85 + 912 + 6?", "1350"),
+    ("What is 58 + 904 + 7 + 263 + 91?", "1323"),
+)
+TRAINED_NOTE = ("note: the embedded default models are tiny models trained in minutes on a CPU "
+                "(python -m a2r.train) for one synthetic task, sums like 'What is 347 + 85 + 912 + "
+                "6?'; on any other question their answers are noise.")
+# Thinker settings when none are given: the trained thinker writes a trace of this many tokens
+# (a2r.tiny.TRACE_LENGTH), one token per step; other thinkers get LLaDA-style defaults.
+THINKER_DEFAULTS = {"thinker_gen_length": 64, "thinker_block_length": 32, "thinker_steps": 16}
 
 # Printed (and put in the JSON as "note") when a loaded model directory holds random weights
 # (a2r.tiny.is_random_model); {models} names them.
@@ -123,13 +134,14 @@ def _generation_options(max_new_tokens_default: int) -> argparse.ArgumentParser:
                    help="prefill every stage's whole prompt instead of reusing the cached KV "
                    "of the whole blocks it shares with earlier prompts (the explorer's, earlier "
                    "questions')")
-    g.add_argument("--thinker-gen-length", type=_positive_int, default=64,
-                   help="trace length in tokens (default: %(default)s)")
-    g.add_argument("--thinker-block-length", type=_positive_int, default=32,
-                   help="semi-autoregressive block; divides the trace length (default: %(default)s)")
-    g.add_argument("--thinker-steps", type=_positive_int, default=16,
-                   help="denoising steps in all; a multiple of the block count (default: "
-                   "%(default)s)")
+    g.add_argument("--thinker-gen-length", type=_positive_int, default=None,
+                   help="trace length in tokens (default: 64; the trained embedded thinker: 8)")
+    g.add_argument("--thinker-block-length", type=_positive_int, default=None,
+                   help="semi-autoregressive block; divides the trace length (default: 32; the "
+                   "trained embedded thinker: 8)")
+    g.add_argument("--thinker-steps", type=_positive_int, default=None,
+                   help="denoising steps in all; a multiple of the block count (default: 16; the "
+                   "trained embedded thinker: 8)")
     g.add_argument("--thinker-threshold", type=float, default=None,
                    help="Fast-dLLM confidence threshold instead of a fixed step count")
     g.add_argument("--thinker-traces", type=_positive_int, default=1,
@@ -199,7 +211,10 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
                    help="synthesizer causal LM (default: the explorer: symmetric set-up)")
     m.add_argument("--thinker", metavar="DIR", help="masked-diffusion thinker (optional)")
     m.add_argument("--tiny", action="store_true",
-                   help="use the embedded tiny models instead of directories")
+                   help="use the embedded tiny models (trained on the sums task, a2r.task) "
+                   "instead of directories")
+    m.add_argument("--random-models", action="store_true",
+                   help="with --tiny: the random (untrained) embedded models instead")
     m.add_argument("--home", metavar="DIR", help="where the embedded models live "
                    "(default: $A2R_HOME or ~/.cache/a2r)")
 
@@ -214,12 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{demo,run,eval,bench}")
     sub.required = True
 
-    demo = sub.add_parser("demo", parents=[_generation_options(32)],
+    demo = sub.add_parser("demo", parents=[_generation_options(64)],
                           help="run the pipeline on built-in questions with the embedded models",
-                          description="Build (once) and load the embedded tiny models and run "
-                          "A2R on two built-in questions.")
+                          description="Load the embedded tiny models and run A2R on two "
+                          "built-in questions. " + TRAINED_NOTE + " --random-models: the random "
+                          "ones (built once).")
     demo.add_argument("--home", metavar="DIR",
-                      help="where the embedded models live (default: $A2R_HOME or ~/.cache/a2r)")
+                      help="where the random embedded models live (default: $A2R_HOME or "
+                      "~/.cache/a2r)")
+    demo.add_argument("--random-models", action="store_true",
+                      help="the random (untrained) embedded models instead of the trained ones")
 
     run = sub.add_parser("run", parents=[_generation_options(256)],
                          help="answer one question with your models")
@@ -244,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(N = 1, 2, 4, 8 up to -n) and plot accuracy against N here")
     ev.add_argument("--ar-thinker", metavar="DIR", help="causal LM writing the AR->AR trace "
                     "(default: the embedded AR thinker with --tiny, else the synthesizer)")
+    ev.add_argument("--shard", metavar="I/K", default=None,
+                    help="evaluate only the questions whose index is I mod K (with --out: K such "
+                    "processes fill one records file; the summary is written once all are done)")
     ev.add_argument("--check-timeout", type=_positive_float, default=5.0, metavar="S",
                     help="seconds per Math-Verify check (default: %(default)s)")
     ev.add_argument("--mkdir", action="store_true",
@@ -334,24 +356,32 @@ def _random_models_note(models) -> str | None:
     return RANDOM_MODELS_NOTE.format(models=", ".join(random_roles)) if random_roles else None
 
 
-def _config_from_args(args):
+def _config_from_args(args, thinker_defaults=None):
     from .pipeline import A2RConfig
 
+    thinker = {name: getattr(args, name) if getattr(args, name) is not None else default
+               for name, default in (thinker_defaults or THINKER_DEFAULTS).items()}
     return A2RConfig(
         num_paths=args.num_paths, max_new_tokens=args.max_new_tokens,
         synth_max_new_tokens=args.synth_max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         answer_max_chars=args.answer_max_chars if args.answer_max_chars >= 0 else None,
-        use_thinker=not args.no_thinker, thinker_gen_length=args.thinker_gen_length,
-        thinker_block_length=args.thinker_block_length, thinker_steps=args.thinker_steps,
+        use_thinker=not args.no_thinker, **thinker,
         thinker_threshold=args.thinker_threshold, thinker_traces=args.thinker_traces,
         backend=args.backend,
         reuse_prefix_kv=not args.no_prefix_reuse)
 
 
-def _tiny_paths(home, thinker: bool):
-    from .tiny import ensure_tiny_models, tiny_dir
+def _tiny_paths(args, thinker: bool):
+    """The embedded models: the trained ones, or with --random-models the random ones."""
+    from .tiny import ensure_tiny_models, tiny_dir, trained_models
 
+    home = args.home
+    if not getattr(args, "random_models", False):
+        try:
+            return trained_models(thinker=thinker)
+        except ValueError as err:
+            raise CLIError(str(err)) from None
     try:
         return ensure_tiny_models(home, thinker=thinker)
     except OSError as err:
@@ -370,7 +400,12 @@ def _load_pipeline(args, *, use_tiny: bool):
     """(pipeline, description of the models) from --explorer/--synthesizer/--thinker or --tiny."""
     from .pipeline import A2RPipeline, _model_dtype
 
-    config = _config_from_args(args)
+    if getattr(args, "random_models", False) and not use_tiny:
+        raise CLIError("--random-models needs --tiny (the embedded models)")
+    trained = use_tiny and not getattr(args, "random_models", False)
+    from .tiny import TRAINED_THINKER_SETTINGS
+
+    config = _config_from_args(args, TRAINED_THINKER_SETTINGS if trained else None)
     config.validate()   # bad option values fail here, before any model is loaded
     vllm_options = _vllm_options(args)
     device = _resolve_device(args.device)
@@ -380,7 +415,7 @@ def _load_pipeline(args, *, use_tiny: bool):
         if getattr(args, "explorer", None) or getattr(args, "synthesizer", None) \
                 or getattr(args, "thinker", None):
             raise CLIError("--tiny cannot be combined with --explorer/--synthesizer/--thinker")
-        paths = _tiny_paths(args.home, thinker=not args.no_thinker)
+        paths = _tiny_paths(args, thinker=not args.no_thinker)
         explorer, synthesizer, thinker = paths.explorer, paths.synthesizer, paths.thinker
     else:
         if not args.explorer:
@@ -403,6 +438,7 @@ def _load_pipeline(args, *, use_tiny: bool):
         "mode": "symmetric" if pipeline.symmetric else "asymmetric",
         "device": device,
         "dtype": str(_model_dtype(pipeline.explorer)).replace("torch.", ""),
+        "trained": paths.trained if use_tiny else None,
     }
     if vllm_options is not None:
         models["engine"] = {"name": "vllm", **vllm_options}
@@ -487,11 +523,13 @@ def _emit_json(payload) -> None:
 def cmd_demo(args) -> int:
     args.explorer = args.synthesizer = args.thinker = None
     start = time.perf_counter()
+    questions = DEMO_QUESTIONS if args.random_models else TRAINED_DEMO_QUESTIONS
     if not args.json:
         print("A2R demo: explorer -> diffusion thinker -> synthesizer on the embedded tiny models.")
-        print("Loading (the first run builds them; later runs reuse the saved files)...")
+        if args.random_models:
+            print("Loading (the first run builds them; later runs reuse the saved files)...")
     pipeline, models = _load_pipeline(args, use_tiny=True)
-    note = _random_models_note(models)
+    note = _random_models_note(models) or (TRAINED_NOTE if models["trained"] else None)
     if not args.json:
         if note:
             print(note)
@@ -500,7 +538,7 @@ def cmd_demo(args) -> int:
               f"{models['synthesizer']['arch']}  ({models['mode']}, {models['device']}, "
               f"{models['dtype']}) from {Path(models['explorer']['path']).parent}\n")
     results = []
-    for question, gold in DEMO_QUESTIONS:
+    for question, gold in questions:
         result = pipeline.run(question)
         results.append({**result.to_dict(), "gold": gold, "correct": result.grade(gold)})
         if not args.json:
@@ -592,7 +630,7 @@ def _ar_thinker(args, pipeline, use_tiny: bool):
 
     path = getattr(args, "ar_thinker", None)
     if path is None and use_tiny:
-        path = getattr(_tiny_paths(args.home, thinker=True), "ar_thinker", None)
+        path = _tiny_paths(args, thinker=True).ar_thinker
     if path is None:
         return (pipeline.synthesizer, pipeline.synthesizer_tokenizer), "synthesizer"
     device = _resolve_device(args.device)
@@ -607,6 +645,16 @@ def cmd_eval(args) -> int:
     if args.mkdir and not (args.out or args.plot):
         raise CLIError("--mkdir needs --out or --plot")
     items = _read_jsonl(args.file, args.question_key, args.answer_key, args.limit)
+    shard = (0, 1)
+    if args.shard is not None:
+        try:
+            shard = tuple(int(x) for x in args.shard.split("/"))
+            if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+                raise ValueError
+        except ValueError:
+            raise CLIError(f"--shard {args.shard}: expected I/K with 0 <= I < K") from None
+        if not args.out:
+            raise CLIError("--shard needs --out (the shards share its records file)")
     records_file = None
     if args.out:
         try:
@@ -647,7 +695,7 @@ def cmd_eval(args) -> int:
     try:
         records = evaluate.run_eval(pipeline, items, checker, key=key, records_file=records_file,
                                     sweep_n=bool(args.plot), ar_thinker=ar_thinker,
-                                    progress=progress)
+                                    progress=progress, shard=shard)
     except evaluate.EvalRecordsError as err:
         raise CLIError(str(err)) from None
     except KeyboardInterrupt:
@@ -657,6 +705,10 @@ def cmd_eval(args) -> int:
         return 130
     finally:
         checker.close()
+    if records is None:
+        print(f"a2r: shard {args.shard} done; {records_file} does not hold every question yet "
+              "(the summary is written by the run that completes it)", file=sys.stderr)
+        return 0
     summary = evaluate.summarize(records, file=str(args.file), models=models, config=config,
                                  wall_seconds=time.perf_counter() - start)
     if note:

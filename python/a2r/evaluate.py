@@ -236,19 +236,26 @@ def plot_accuracy(summary: dict[str, Any], png: str | os.PathLike) -> Path:
 
 def run_eval(pipeline, items: Sequence[tuple[str, str]], checker, *, key: str,
              records_file: Path | None, sweep_n: bool, ar_thinker,
-             progress: Callable[..., Any]) -> list[dict]:
+             progress: Callable[..., Any], shard: tuple[int, int] = (0, 1)) -> list[dict] | None:
     """Evaluate ``items`` (question, gold), appending each record to ``records_file`` as it
     finishes and skipping those already there; returns all records in index order.
-    ``progress(total=, initial=)`` returns a tqdm-like bar (``update``, ``set_postfix``, ``close``)."""
+    ``progress(total=, initial=)`` returns a tqdm-like bar (``update``, ``set_postfix``, ``close``).
+
+    ``shard=(i, k)``: evaluate only the questions whose index is ``i`` mod ``k`` (``k`` processes
+    can fill one records file side by side: each record is appended by a single ``write``); returns
+    ``None`` unless every question then has a record."""
     done = load_records(records_file, key) if records_file is not None else {}
     done = {i: r for i, r in done.items() if i < len(items)}
-    bar = progress(total=len(items), initial=len(done))
-    handle = None
+    index_of, count = shard
+    mine = [i for i in range(len(items)) if i % count == index_of]
+    bar = progress(total=len(mine), initial=sum(i in done for i in mine))
+    fd = None
     if records_file is not None:
         records_file.parent.mkdir(parents=True, exist_ok=True)
-        handle = records_file.open("a", encoding="utf-8")
+        fd = os.open(records_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        for index, (question, gold) in enumerate(items):
+        for index in mine:
+            question, gold = items[index]
             if index in done:
                 if done[index]["question"] != question:
                     raise EvalRecordsError(f"{records_file}: record {index} is for another question; "
@@ -257,16 +264,19 @@ def run_eval(pipeline, items: Sequence[tuple[str, str]], checker, *, key: str,
             record = evaluate_question(pipeline, index, question, gold, checker, key=key,
                                        sweep_n=sweep_n, ar_thinker=ar_thinker)
             done[index] = record
-            if handle is not None:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
+            if fd is not None:
+                os.write(fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+                os.fsync(fd)
             bar.update(1)
             bar.set_postfix(a2r=f"{sum(r['correct']['a2r'] for r in done.values()) / len(done):.2f}")
     finally:
         bar.close()
-        if handle is not None:
-            handle.close()
+        if fd is not None:
+            os.close(fd)
+    if count > 1 and records_file is not None:   # the other shards may have finished meanwhile
+        done = {**load_records(records_file, key), **done}
+    if any(i not in done for i in range(len(items))):
+        return None
     return [done[i] for i in range(len(items))]
 
 

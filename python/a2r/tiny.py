@@ -13,7 +13,12 @@ module builds them from configs:
   tokenizer and its mask token.
 
 All weights are random (fixed seeds): the models are untrained and their answers are noise. They
-exist to exercise the whole pipeline end to end on a CPU in seconds.
+exist to exercise the whole pipeline end to end on a CPU in seconds (``--random-models``).
+
+The embedded *default* models are trained ones, shipped inside the package under ``a2r/trained``
+(:func:`trained_models`; built by ``python -m a2r.train``, :mod:`a2r.train`) for one synthetic task
+(:mod:`a2r.task`). Their tokenizer is this one plus a few whole-phrase tokens
+(:func:`trained_phrases`).
 
 Files go to ``$A2R_HOME/tiny-v1`` (default ``~/.cache/a2r/tiny-v1``), one sub-directory per model,
 each with its tokenizer, written by ``save_pretrained`` and read back by ``from_pretrained``. A build
@@ -32,12 +37,17 @@ from pathlib import Path
 
 __all__ = [
     "TINY_NAME",
+    "TRACE_LENGTH",
+    "TRAINED_THINKER_SETTINGS",
     "TinyModelPaths",
     "a2r_home",
     "build_tiny_tokenizer",
     "ensure_tiny_models",
     "is_random_model",
     "tiny_dir",
+    "trained_models",
+    "trained_models_dir",
+    "trained_phrases",
 ]
 
 TINY_NAME = "tiny-v1"
@@ -62,6 +72,11 @@ EXPLORER_SEED, SYNTHESIZER_SEED, THINKER_SEED = 1234, 2345, 3456
 # float rounding (the same token whichever attention kernel ran) and samples are not near-uniform.
 INIT_RANGE = 0.1
 _COMPLETE_MARKER = ".complete"
+# The trained diffusion thinker's canvas (a2r.train): the longest sum of the task has 4 digits,
+# the rest is EOS padding. It decodes one token per step.
+TRACE_LENGTH = 8
+TRAINED_THINKER_SETTINGS = {"thinker_gen_length": TRACE_LENGTH,
+                            "thinker_block_length": TRACE_LENGTH, "thinker_steps": TRACE_LENGTH}
 # A file in a model directory saying its weights are random (untrained): the CLI then says that its
 # answers are noise. Every model this module builds is random; a trained model has no such file.
 RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"
@@ -86,18 +101,56 @@ def tiny_dir(home: str | os.PathLike | None = None) -> Path:
 
 @dataclass(frozen=True)
 class TinyModelPaths:
-    """Directories of the embedded models (each loadable with ``from_pretrained``)."""
+    """Directories of the embedded models (each loadable with ``from_pretrained``).
+
+    ``trained``: the committed trained models (:func:`trained_models`), which also have an
+    ``ar_thinker`` (the AR counterpart of the diffusion thinker); else the random ones.
+    """
 
     explorer: Path
     synthesizer: Path
     thinker: Path | None
+    ar_thinker: Path | None = None
+    trained: bool = False
 
 
-def build_tiny_tokenizer():
+def trained_models_dir() -> Path:
+    """The trained embedded models, shipped inside the package (``a2r/trained``); rebuilt by
+    ``python -m a2r.train``."""
+    return Path(__file__).resolve().parent / "trained"
+
+
+def trained_models(*, thinker: bool = True) -> TinyModelPaths:
+    """Paths of the committed trained models (:mod:`a2r.train`). ValueError when they are missing
+    (an install without the package data): never a silent switch to the random ones."""
+    root = trained_models_dir()
+    names = ("explorer", "synthesizer") + (("thinker", "ar_thinker") if thinker else ())
+    missing = [n for n in names if not (root / n / "model.safetensors").is_file()]
+    if missing:
+        raise ValueError(f"the trained embedded models are missing from {root} ({', '.join(missing)}):"
+                         " rebuild them with `python -m a2r.train`, or use --random-models")
+    return TinyModelPaths(root / "explorer", root / "synthesizer",
+                          root / "thinker" if thinker else None,
+                          root / "ar_thinker" if thinker else None, trained=True)
+
+
+def trained_phrases() -> tuple[str, ...]:
+    """Whole phrases that are one token each in the trained models' tokenizer: the pipeline's
+    fixed prompt texts (the default instructions, the section headers) and ``\\boxed{``. A
+    character-level model would otherwise spend most of every prompt on them (the synthesizer's
+    instruction alone is 165 characters), and training time grows with prompt length."""
+    from .pipeline import EXPLORER_INSTRUCTION, SYNTHESIZER_INSTRUCTION, THINKER_INSTRUCTION
+
+    return (EXPLORER_INSTRUCTION, SYNTHESIZER_INSTRUCTION, THINKER_INSTRUCTION,
+            "Reference answers:", "Reasoning trace:", "What is ", "\\boxed{")
+
+
+def build_tiny_tokenizer(phrases=()):
     """The embedded character-level tokenizer (``PreTrainedTokenizerFast``), built in memory.
 
     Vocabulary, in id order: the five special tokens, the three chat-role tokens, the printable
-    ASCII characters, a few math symbols (``MATH_SYMBOLS``), then ``<think>`` and ``</think>``.
+    ASCII characters, a few math symbols (``MATH_SYMBOLS``), then ``<think>`` and ``</think>``,
+    then ``phrases`` (each one token; the trained models use :func:`trained_phrases`).
     Any other character encodes as ``<unk>`` (deliberately no byte fallback: with 256 byte tokens a
     random model would mostly emit invalid UTF-8, and the demo output would be unreadable).
     """
@@ -112,6 +165,7 @@ def build_tiny_tokenizer():
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in phrases])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer

@@ -1,0 +1,97 @@
+"""The synthetic reasoning task of the trained embedded models: sums of a few small integers.
+
+A question is ``What is 347 + 85 + 912 + 6?``: :data:`MIN_TERMS` to :data:`MAX_TERMS` terms of 1 to
+:data:`MAX_DIGITS` digits; the gold answer is the integer sum. The worked answer (what the explorer
+learns to write, and the synthesizer to re-derive) keeps a running sum, one addition per line, every
+number written with :data:`WIDTH` digits (leading zeros), and ends with the boxed result::
+
+    0347+0085=0432
+    0432+0912=1344
+    1344+0006=1350
+    \\boxed{1350}
+
+The fixed width puts each digit of a sum at a fixed distance from the digits it is computed from
+(and the running sum at a fixed distance from the line above), which a tiny transformer learns in
+far fewer steps than variable-length alignment.
+
+Every line is a place a path can go wrong (a wrong digit or a dropped carry), and every later line
+carries that error on, so paths sampled at temperature 1 from an under-trained explorer fail in
+different places: the correct fragments are spread across paths.
+
+Questions are drawn from ``random.Random(seed)`` (Python's Mersenne Twister: the same on every
+platform). Training draws use :data:`TRAIN_SEED` and its offsets; the committed held-out file uses
+:data:`HELDOUT_SEED`, never used in training.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["HELDOUT_SEED", "MAX_DIGITS", "MAX_TERMS", "MIN_TERMS", "Problem", "TRAIN_SEED", "WIDTH",
+           "draw_problems", "worked_answer", "write_jsonl"]
+
+MIN_TERMS, MAX_TERMS, MAX_DIGITS = 3, 5, 3
+WIDTH = 4   # digits of every number in the working: the largest sum, 5 * 999, has 4
+TRAIN_SEED = 16_000
+HELDOUT_SEED = 99_991
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One question: its ``terms``, the ``question`` text and the ``gold`` answer (a string)."""
+
+    terms: tuple[int, ...]
+
+    @property
+    def question(self) -> str:
+        return "What is " + " + ".join(map(str, self.terms)) + "?"
+
+    @property
+    def gold(self) -> str:
+        return str(sum(self.terms))
+
+    def to_dict(self) -> dict:
+        return {"question": self.question, "answer": self.gold}
+
+
+def draw_problems(count: int, seed: int) -> list[Problem]:
+    """``count`` problems from ``random.Random(seed)``: the number of terms uniform in
+    ``[MIN_TERMS, MAX_TERMS]``, each term's digit count uniform in ``[1, MAX_DIGITS]`` and its value
+    uniform among numbers with that many digits (so short and long terms are equally common)."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    rng = random.Random(seed)
+    problems = []
+    for _ in range(count):
+        terms = []
+        for _ in range(rng.randint(MIN_TERMS, MAX_TERMS)):
+            digits = rng.randint(1, MAX_DIGITS)
+            terms.append(rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1))
+        problems.append(Problem(tuple(terms)))
+    return problems
+
+
+def worked_answer(terms) -> str:
+    """The chain of thought for ``terms``: one ``running+term=new`` line per term after the first
+    (numbers zero-padded to :data:`WIDTH` digits), then ``\\boxed{sum}``."""
+    terms = list(terms)
+    if len(terms) < 2:
+        raise ValueError(f"terms must hold at least 2 numbers, got {terms}")
+    if any(not 0 <= t < 10 ** WIDTH for t in terms) or not sum(terms) < 10 ** WIDTH:
+        raise ValueError(f"terms and their sum must have at most {WIDTH} digits, got {terms}")
+    lines, running = [], terms[0]
+    for term in terms[1:]:
+        lines.append(f"{running:0{WIDTH}d}+{term:0{WIDTH}d}={running + term:0{WIDTH}d}")
+        running += term
+    return "\n".join(lines) + f"\n\\boxed{{{running}}}"
+
+
+def write_jsonl(path: str | Path, problems) -> Path:
+    """Write ``{"question", "answer"}`` lines (the format ``a2r eval`` reads)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in problems), encoding="utf-8")
+    return path

@@ -1,0 +1,512 @@
+"""Train the embedded tiny models on the sums task (:mod:`a2r.task`), deterministically, on a CPU.
+
+    python -m a2r.train                      # rebuild python/a2r/trained/ (the committed models)
+    python -m a2r.train --out DIR --smoke    # a few steps of everything (tests)
+
+Four Qwen3 models of one shape (2 layers, hidden 64), all sharing the embedded character-level
+tokenizer plus whole-phrase tokens (:func:`a2r.tiny.build_tiny_tokenizer`,
+:func:`a2r.tiny.trained_phrases`), each written with ``save_pretrained`` (safetensors) next to its
+tokenizer:
+
+1. ``explorer``: supervised on ``explorer_prompt(question) -> worked answer``, on purpose for too
+   few steps: sampled at temperature 1 its paths often go wrong, each in its own place.
+2. The explorer then samples :attr:`TrainConfig.paths` paths for each of a second set of questions;
+   those paths become the references of every later stage's training prompts (real explorer
+   errors, not simulated ones).
+3. The three other models start from the trained explorer's weights (they know the digits and the
+   format; their own short training teaches them their role):
+
+   * ``synthesizer``, trained on exactly what ``A2RPipeline`` renders:
+     ``synthesizer_prompt(question, k references[, trace]) -> worked answer`` for k in
+     :func:`_reference_counts`, and on ``synthesizer_alone_prompt(question)`` (the bare question,
+     a fraction :attr:`TrainConfig.alone_fraction` of its examples, so the control is in its
+     training distribution). A trace, when present, is the gold sum with probability
+     :attr:`TrainConfig.trace_gold_fraction` and otherwise a wrong one (a wrong path's answer):
+     the synthesizer learns to weigh a trace against the references, and favours neither thinker.
+   * ``thinker`` (masked diffusion: the same network with bidirectional attention) and
+     ``ar_thinker`` (causal), trained on the same examples for the same steps:
+     ``thinker_prompt(question, references) -> the sum``, the trace the answerer then reads
+     (NAR->AR against AR->AR). The diffusion thinker is trained with LLaDA's objective: the trace,
+     padded with EOS to :data:`a2r.tiny.TRACE_LENGTH` tokens, masked at a rate ``t ~ U(0, 1]``,
+     cross-entropy on the masked positions weighted by ``1 / t``.
+
+Determinism: every stage seeds its own ``torch.Generator``; ``torch.set_num_threads`` is fixed by
+:attr:`TrainConfig.threads` (CPU matmul reductions depend on the thread count). The same command on
+the same machine writes the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .task import TRAIN_SEED, draw_problems, worked_answer
+from .tiny import TRACE_LENGTH, trained_models_dir
+
+__all__ = ["FULL", "SMOKE", "TRACE_LENGTH", "TrainConfig", "train_all"]
+
+MODEL_NAMES = ("explorer", "synthesizer", "thinker", "ar_thinker")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Sizes, data and steps of one training run (:data:`FULL` is what is committed)."""
+
+    explorer_questions: int = 20000  # supervised explorer data
+    # (steps, peak lr) of each phase: a fresh optimizer and warm-up/cosine schedule per phase, so
+    # a run can be extended by a phase without changing the ones before it.
+    explorer_phases: tuple[tuple[int, float], ...] = ((800, 1e-2), (1200, 5e-3))
+    explorer_batch: int = 32
+    reference_questions: int = 600   # questions the explorer samples paths for (later stages' data)
+    paths: int = 4                   # paths per reference question (references k in 1, 2, 4)
+    sample_batch: int = 100          # questions per sampling batch
+    synth_steps: int = 250
+    synth_batch: int = 8
+    synth_lr: float = 5e-3
+    alone_fraction: float = 0.15     # synthesizer examples on the bare question
+    trace_fraction: float = 0.3      # synthesizer examples with a trace in the prompt
+    trace_gold_fraction: float = 0.6
+    thinker_steps: int = 150
+    thinker_batch: int = 8
+    thinker_lr: float = 5e-3
+    threads: int = 1                 # torch threads per process (CPU results depend on it)
+    workers: int = 3                 # processes training synthesizer and thinkers side by side
+    seed: int = TRAIN_SEED
+
+
+FULL = TrainConfig()
+SMOKE = TrainConfig(explorer_questions=64, explorer_phases=((2, 1e-2), (1, 5e-3)), explorer_batch=4,
+                    reference_questions=8, paths=2, sample_batch=8, synth_steps=3, synth_batch=4,
+                    thinker_steps=3, thinker_batch=4, workers=1)
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+def _causal_config(kind: str, tokenizer, vocab_size: int, *, hidden: int, layers: int,
+                   heads: int, kv_heads: int):
+    from transformers import LlamaConfig, Qwen3Config
+
+    cls = {"qwen3": Qwen3Config, "llama": LlamaConfig}[kind]
+    return cls(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=3 * hidden,
+               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+               head_dim=hidden // heads, max_position_embeddings=2048, tie_word_embeddings=True,
+               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+
+
+def _build_models(tokenizer, seed: int) -> dict:
+    """Four Qwen3 models of one shape (2 layers, hidden 64). Only the explorer starts from random
+    weights; the others start from the trained explorer (:func:`_init_from_explorer`), so their
+    short training teaches them their role, not the digits. The thinker runs bidirectional
+    attention (:data:`a2r.diffusion_model.A2R_ATTENTION`, ``is_causal=False``)."""
+    import copy
+
+    from transformers import Qwen3ForCausalLM
+
+    from .diffusion_model import A2R_ATTENTION, register_a2r_attention
+    from .tiny import _model_vocab_size
+
+    config = _causal_config("qwen3", tokenizer, _model_vocab_size(tokenizer), hidden=64, layers=2,
+                            heads=4, kv_heads=2)
+    models = {}
+    for offset, name in enumerate(MODEL_NAMES):
+        model_config = copy.deepcopy(config)
+        if name == "thinker":
+            register_a2r_attention()
+            model_config.is_causal = False
+            model_config.use_cache = False
+            model_config.mask_token_id = tokenizer.mask_token_id
+            model_config._attn_implementation = A2R_ATTENTION
+        torch.manual_seed(seed + offset)
+        models[name] = Qwen3ForCausalLM(model_config)
+    return models
+
+
+def _init_from_explorer(models: dict) -> None:
+    state = models["explorer"].state_dict()
+    for name in MODEL_NAMES[1:]:
+        models[name].load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def _lr_at(step: int, steps: int, lr: float) -> float:
+    """Linear warm-up over the first 5% of steps, then cosine decay to 10%."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def _train(model, examples: list[tuple[list[int], list[int]]], *, steps: int, batch: int,
+           lr: float, seed: int, pad_id: int, mask_id: int | None, log, name: str) -> float:
+    """Train ``model`` on ``(prompt ids, target ids)`` pairs; loss on the target tokens only.
+
+    ``mask_id=None``: causal LM loss (next token). Else masked diffusion (LLaDA): each row's
+    target positions are replaced by ``mask_id`` with probability ``t ~ U(0, 1]`` (at least one),
+    and the loss is the cross-entropy at masked positions weighted by ``1 / t``, over the target
+    length. Returns the mean loss of the last 10% of steps.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    model.train()
+    tail = []
+    start = time.perf_counter()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, steps, lr)
+        pick = torch.randint(len(examples), (batch,), generator=generator).tolist()
+        prompts = [examples[i][0] for i in pick]
+        targets = [examples[i][1] for i in pick]
+        ids = _pad([p + t for p, t in zip(prompts, targets)], pad_id)
+        attention = _pad([[1] * (len(p) + len(t)) for p, t in zip(prompts, targets)], 0)
+        is_target = _pad([[0] * len(p) + [1] * len(t) for p, t in zip(prompts, targets)], 0).bool()
+        if mask_id is None:
+            labels = ids.masked_fill(~is_target, -100)
+            loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        else:
+            t = torch.rand(batch, 1, generator=generator).clamp_min(1e-3)
+            masked = (torch.rand(ids.shape, generator=generator) < t) & is_target
+            # at least one masked target position per row: the first one
+            first = is_target & (is_target.cumsum(1) == 1)
+            masked |= first & ~masked.any(1, keepdim=True)
+            noisy = ids.masked_fill(masked, mask_id)
+            logits = model(input_ids=noisy, attention_mask=attention).logits
+            token_loss = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
+            loss = ((token_loss * masked / t).sum(1) / is_target.sum(1)).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= steps - max(1, steps // 10):
+            tail.append(loss.item())
+        if step % max(1, steps // 10) == 0 or step == steps - 1:
+            log(f"  {name} step {step + 1}/{steps} loss {loss.item():.3f} "
+                f"({time.perf_counter() - start:.0f} s)")
+    model.eval()
+    return sum(tail) / len(tail)
+
+
+@torch.no_grad()
+def _sample_paths(model, tokenizer, prompts: list[str], paths: int, max_new_tokens: int,
+                  batch: int, seed: int) -> list[list[str]]:
+    """``paths`` samples (temperature 1) of ``model`` for each rendered prompt, decoded text."""
+    tokenizer.padding_side = "left"
+    out: list[list[str]] = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+        torch.manual_seed(seed + start)
+        generated = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                   max_new_tokens=max_new_tokens, num_return_sequences=paths,
+                                   pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id)
+        texts = tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1]:],
+                                       skip_special_tokens=True)
+        out.extend(texts[i * paths:(i + 1) * paths] for i in range(len(chunk)))
+    tokenizer.padding_side = "right"
+    return out
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+def train_explorer_phase(model, examples, config: TrainConfig, phase: int, pad_id: int,
+                         log=None) -> float:
+    """Phase ``phase`` of the explorer's training (:attr:`TrainConfig.explorer_phases`)."""
+    steps, lr = config.explorer_phases[phase]
+    return _train(model, examples, steps=steps, batch=config.explorer_batch, lr=lr,
+                  seed=config.seed + 10 * phase, pad_id=pad_id, mask_id=None, log=log,
+                  name=f"explorer phase {phase + 1}")
+
+
+def _reference_counts(paths: int) -> list[int]:
+    """Reference counts k of the training prompts, drawn uniformly: the N of ``a2r eval``'s
+    accuracy-against-N sweep (1, 2, 4, 8) up to ``paths``, and ``paths``."""
+    from .evaluate import sweep_sizes
+
+    return sweep_sizes(paths)
+
+
+def _max_answer_tokens() -> int:
+    longest = worked_answer([999] * 5)
+    return len(longest) + 8
+
+
+def train_all(out_dir: str | os.PathLike, config: TrainConfig = FULL, *, log=print,
+              explorer_from: str | os.PathLike | None = None) -> dict:
+    """Train the four models and write them (with tokenizers) under ``out_dir``; returns a report
+    (config, losses, seconds per stage).
+
+    ``explorer_from``: the ``explorer`` directory of an earlier run of the same config; its weights
+    replace stage 1 (the later stages then run exactly as they would after training it)."""
+    from .extract import extract_answer_component, extract_final_answer
+    from .pipeline import A2RPipeline
+    from .tiny import build_tiny_tokenizer, trained_phrases
+
+    torch.set_num_threads(config.threads)
+    log = log or (lambda message: None)
+    out_dir = Path(out_dir)
+    report = {"config": asdict(config), "loss": {}, "seconds": {}}
+    tokenizer = build_tiny_tokenizer(trained_phrases())
+    eos = [tokenizer.eos_token_id]
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    models = _build_models(tokenizer, config.seed)
+    # Prompts exactly as the pipeline renders them (default A2RConfig instructions).
+    pipe = A2RPipeline(models["explorer"], tokenizer, models["synthesizer"], tokenizer,
+                       models["thinker"], tokenizer)
+    started = time.perf_counter()
+
+    # 1. Explorer.
+    stage = time.perf_counter()
+    problems = draw_problems(config.explorer_questions, config.seed)
+    examples = [(encode(pipe.explorer_prompt(p.question)), encode(worked_answer(p.terms)) + eos)
+                for p in problems]
+    if explorer_from is not None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(explorer_from) / "model.safetensors"))
+        models["explorer"].load_state_dict(state, strict=False)   # lm_head is tied: not saved
+        report["explorer_from"] = str(explorer_from)
+    else:
+        for phase in range(len(config.explorer_phases)):
+            report["loss"]["explorer"] = train_explorer_phase(
+                models["explorer"], examples, config, phase, tokenizer.pad_token_id, log)
+    report["seconds"]["explorer"] = time.perf_counter() - stage
+    _init_from_explorer(models)
+
+    # 2. The explorer's own paths: the references of every later stage.
+    stage = time.perf_counter()
+    ref_problems = draw_problems(config.reference_questions, config.seed + 1)
+    sampled = _sample_paths(models["explorer"], tokenizer,
+                            [pipe.explorer_prompt(p.question) for p in ref_problems],
+                            config.paths, _max_answer_tokens(), config.sample_batch,
+                            config.seed + 2)
+    references = [[extract_answer_component(text) for text in texts] for texts in sampled]
+    answers = [[extract_final_answer(text) for text in texts] for texts in sampled]
+    correct = [[a == p.gold for a in row] for row, p in zip(answers, ref_problems)]
+    report["explorer_sample_accuracy"] = sum(map(sum, correct)) / max(1, sum(map(len, correct)))
+    log(f"  explorer paths: {report['explorer_sample_accuracy']:.3f} correct at temperature 1")
+    report["seconds"]["sampling"] = time.perf_counter() - stage
+
+    # 3. Synthesizer data.
+    rng = random.Random(config.seed + 3)
+    synth_examples = []
+    for problem, refs, row in zip(ref_problems, references, answers):
+        target = encode(worked_answer(problem.terms)) + eos
+        for _ in range(3):
+            draw = rng.random()
+            if draw < config.alone_fraction:
+                prompt = pipe.synthesizer_alone_prompt(problem.question)
+            else:
+                k = rng.choice(_reference_counts(config.paths))
+                chosen = rng.sample(range(config.paths), k)
+                trace = None
+                if rng.random() < config.trace_fraction:
+                    wrong = [a for a in row if a and a != problem.gold]
+                    trace = (problem.gold if rng.random() < config.trace_gold_fraction or not wrong
+                             else rng.choice(wrong))
+                prompt = pipe.synthesizer_prompt(problem.question, [refs[i] for i in chosen],
+                                                 trace)
+            synth_examples.append((encode(prompt), target))
+    # 4. Thinkers: the same examples, the same steps; NAR (masked diffusion) and AR.
+    thinker_examples = []
+    for problem, refs in zip(ref_problems, references):
+        k = rng.choice(_reference_counts(config.paths))
+        chosen = rng.sample(range(config.paths), k)
+        thinker_examples.append((encode(pipe.thinker_prompt(problem.question,
+                                                             [refs[i] for i in chosen])),
+                                 encode(problem.gold)))
+    pad = tokenizer.pad_token_id
+    jobs = {
+        "synthesizer": dict(examples=synth_examples, steps=config.synth_steps,
+                            batch=config.synth_batch, lr=config.synth_lr, seed=config.seed + 4,
+                            pad_id=pad, mask_id=None),
+        "thinker": dict(examples=[(p, t + eos * (TRACE_LENGTH - len(t)))
+                                  for p, t in thinker_examples],
+                        steps=config.thinker_steps, batch=config.thinker_batch,
+                        lr=config.thinker_lr, seed=config.seed + 5, pad_id=pad,
+                        mask_id=tokenizer.mask_token_id),
+        "ar_thinker": dict(examples=[(p, t + eos) for p, t in thinker_examples],
+                           steps=config.thinker_steps, batch=config.thinker_batch,
+                           lr=config.thinker_lr, seed=config.seed + 5, pad_id=pad, mask_id=None),
+    }
+
+    # 5. Train them (side by side in forked workers when config.workers > 1; each job's result
+    #    depends on its own seed only) and save everything into a staging directory, then rename:
+    #    a reader never sees half a model set.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.with_name(out_dir.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+
+    def save(name: str) -> None:
+        models[name].generation_config.pad_token_id = tokenizer.pad_token_id
+        models[name].save_pretrained(staging / name)
+        tokenizer.save_pretrained(staging / name)
+
+    def run_job(name: str) -> None:
+        job_start = time.perf_counter()
+        loss = _train(models[name], **jobs[name], log=log, name=name)
+        save(name)
+        (staging / name / "loss.json").write_text(json.dumps(
+            {"loss": loss, "seconds": time.perf_counter() - job_start}))
+
+    save("explorer")
+    stage = time.perf_counter()
+    if config.workers > 1:
+        import multiprocessing
+
+        context = multiprocessing.get_context("fork")
+        workers = [context.Process(target=run_job, args=(name,), name=f"a2r-train-{name}")
+                   for name in jobs]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        failed = [w.name for w in workers if w.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"training workers failed: {failed}")
+    else:
+        for name in jobs:
+            run_job(name)
+    for name in jobs:
+        result = json.loads((staging / name / "loss.json").read_text())
+        (staging / name / "loss.json").unlink()
+        report["loss"][name] = result["loss"]
+        report["seconds"][name] = result["seconds"]
+    report["seconds"]["parallel_stage"] = time.perf_counter() - stage
+    report["seconds"]["total"] = time.perf_counter() - started
+    import resource
+
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    report["cpu_seconds"] = sum(u.ru_utime + u.ru_stime for u in usage)
+    (staging / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    for name in MODEL_NAMES:
+        target = out_dir / name
+        shutil.rmtree(target, ignore_errors=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / name, target)
+    os.replace(staging / "train_report.json", out_dir / "train_report.json")
+    shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+# ------------------------------------------------------------------------------------ recorded eval
+
+HELDOUT_QUESTIONS = 200
+SUBSET_QUESTIONS = 8     # the slice CI re-evaluates (tests/test_train.py)
+EVAL_ARGS = ("--tiny", "-n", "4", "--max-new-tokens", str(_max_answer_tokens()), "--backend",
+             "torch")
+
+
+def record_eval(directory: Path, *, shards: int = 1, log=print) -> dict:
+    """Write the held-out file (:data:`a2r.task.HELDOUT_SEED`) into ``directory`` and record
+    ``a2r eval`` of the committed models on it (``eval_heldout.json``, ``accuracy_vs_n.png``) and on
+    its first :data:`SUBSET_QUESTIONS` questions (``eval_subset.json``, what CI reproduces).
+    ``shards > 1``: the held-out questions are shared by that many ``a2r eval --shard`` processes
+    (the same records as one process; only wall time differs)."""
+    import subprocess
+
+    from .cli import main as cli_main
+    from .task import HELDOUT_SEED, write_jsonl
+
+    heldout = write_jsonl(directory / "heldout.jsonl", draw_problems(HELDOUT_QUESTIONS, HELDOUT_SEED))
+    work = directory / ".eval"
+    work.mkdir(parents=True, exist_ok=True)
+
+    def command(name: str, limit: int | None) -> tuple[list[str], list[str], Path]:
+        argv = list(EVAL_ARGS) + (["--limit", str(limit)] if limit else [])
+        plot = directory / "accuracy_vs_n.png" if not limit else work / f"{name}.png"
+        out = work / f"{name}.json"
+        return argv, ["eval", str(heldout), *argv, "--out", str(out), "--plot", str(plot)], out
+
+    # The held-out shards run in the background while the subset is evaluated here.
+    _, heldout_full, _ = command("eval_heldout", None)
+    workers = [subprocess.Popen([sys.executable, "-m", "a2r.cli", *heldout_full, "--no-progress",
+                                 "--shard", f"{i}/{shards}"]) for i in range(shards)] \
+        if shards > 1 else []
+    recorded = {}
+    for name, limit in (("eval_subset", SUBSET_QUESTIONS), ("eval_heldout", None)):
+        argv, full, out = command(name, limit)
+        if not limit and any(w.wait() != 0 for w in workers):
+            raise RuntimeError("an eval shard failed")
+        if cli_main(full + ["--no-progress"]) != 0:
+            raise RuntimeError(f"a2r {' '.join(full)} failed")
+        summary = json.loads(out.read_text())
+        entry = {"argv": argv,
+                 "command": "a2r eval python/a2r/trained/heldout.jsonl " + " ".join(argv)
+                 + " --out results.json --plot accuracy_vs_n.png",
+                 "num_questions": summary["num_questions"], "accuracy": summary["accuracy"],
+                 "accuracy_by_n": summary["accuracy_by_n"], "checkers": summary["checkers"],
+                 "seconds_per_question": summary["seconds_per_question"]}
+        if limit:
+            entry["answers"] = [r["answers"] for r in summary["per_question"]]
+        (directory / f"{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
+        recorded[name] = entry
+        log(json.dumps({k: entry[k] for k in ("num_questions", "accuracy", "accuracy_by_n")}))
+    shutil.rmtree(work, ignore_errors=True)
+    return recorded
+
+
+def readme_table(recorded: dict) -> str:
+    """README's table of a recorded held-out eval (``eval_heldout.json``), in percent."""
+    lines = ["| method | accuracy (%) |", "|---|---|"]
+    lines += [f"| `{m}` | {100 * v:.1f} |" for m, v in recorded["accuracy"].items()]
+    lines += ["", "| prefix of the same paths | mean@1 | Cons@N | A2R |", "|---|---|---|---|"]
+    lines += [f"| N = {k} | " + " | ".join(f"{100 * row[m]:.1f}" for m in
+                                           ("mean_at_1", "cons_at_n", "a2r")) + " |"
+              for k, row in recorded["accuracy_by_n"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m a2r.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(trained_models_dir()),
+                        help="output directory (default: the package's a2r/trained)")
+    parser.add_argument("--smoke", action="store_true", help="a few steps of every stage (tests)")
+    parser.add_argument("--record-eval", action="store_true",
+                        help="after training the committed models, evaluate them on the held-out "
+                        "file and record the results (what README's table shows)")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="only record the eval of the models already in the package")
+    parser.add_argument("--explorer-from", metavar="DIR",
+                        help="reuse the explorer of an earlier run of the same config (skips its "
+                        "training)")
+    parser.add_argument("--eval-shards", type=int, default=1, metavar="K",
+                        help="processes sharing the held-out eval (default: 1)")
+    args = parser.parse_args(argv)
+    config = SMOKE if args.smoke else FULL
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    if not args.eval_only:
+        report = train_all(args.out, config, log=log, explorer_from=args.explorer_from)
+        log(f"wrote {args.out} in {report['seconds']['total']:.0f} s wall, "
+            f"{report['cpu_seconds']:.0f} s CPU (all processes)")
+    if args.record_eval or args.eval_only:
+        if Path(args.out).resolve() != trained_models_dir():
+            parser.error("--record-eval / --eval-only record the package's models: drop --out")
+        recorded = record_eval(trained_models_dir(), shards=args.eval_shards, log=log)
+        print(readme_table(recorded["eval_heldout"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The training module (smoke configuration) and the committed trained models' recorded results."""
+
+import json
+import os
+import re
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from a2r import task  # noqa: E402
+from a2r.cli import main  # noqa: E402
+from a2r.tiny import trained_models, trained_models_dir  # noqa: E402
+
+TRAINED = trained_models_dir()
+README = TRAINED.parents[2] / "README.md"
+
+
+# ------------------------------------------------------------------ task
+
+
+def test_task_questions_and_worked_answers():
+    problems = task.draw_problems(500, seed=3)
+    assert problems == task.draw_problems(500, seed=3)          # deterministic
+    assert problems != task.draw_problems(500, seed=4)
+    for p in problems:
+        assert task.MIN_TERMS <= len(p.terms) <= task.MAX_TERMS
+        assert all(0 <= t < 10 ** task.MAX_DIGITS for t in p.terms)
+        assert p.gold == str(sum(p.terms))
+    assert {len(p.terms) for p in problems} == {3, 4, 5}
+    assert {len(str(t)) for p in problems for t in p.terms} == {1, 2, 3}
+    assert task.Problem((347, 85, 912, 6)).question == "What is 347 + 85 + 912 + 6?"
+    assert task.worked_answer((347, 85, 912, 6)) == (
+        "0347+0085=0432\n0432+0912=1344\n1344+0006=1350\n\\boxed{1350}")
+    with pytest.raises(ValueError, match="terms"):
+        task.worked_answer([5])
+
+
+def test_heldout_file_is_drawn_with_the_heldout_seed():
+    rows = [json.loads(line) for line in (TRAINED / "heldout.jsonl").read_text().splitlines()]
+    assert len(rows) >= 200
+    assert rows == [p.to_dict() for p in task.draw_problems(len(rows), task.HELDOUT_SEED)]
+    assert task.HELDOUT_SEED != task.TRAIN_SEED
+    train_questions = {p.question for seed in range(task.TRAIN_SEED, task.TRAIN_SEED + 3)
+                       for p in task.draw_problems(2000, seed)}
+    overlap = sum(r["question"] in train_questions for r in rows)
+    assert overlap <= len(rows) // 20   # the same question can be drawn twice by chance, rarely
+
+
+# ------------------------------------------------------------------ training module
+
+
+def test_smoke_training_builds_loadable_deterministic_models(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from a2r.pipeline import A2RPipeline
+    from a2r.train import SMOKE, train_all
+
+    report = train_all(tmp_path / "a", SMOKE, log=None)
+    assert set(report["loss"]) == {"explorer", "synthesizer", "thinker", "ar_thinker"}
+    pipe = A2RPipeline.from_pretrained(tmp_path / "a" / "explorer", tmp_path / "a" / "synthesizer",
+                                       tmp_path / "a" / "thinker")
+    result = pipe.run("What is 1 + 2 + 3?", num_paths=2, max_new_tokens=4, thinker_gen_length=8,
+                      thinker_block_length=8, thinker_steps=8, backend="torch")
+    assert len(result.explorer.texts) == 2
+    assert pipe.thinker_tokenizer.mask_token == "<|mask|>"
+    AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "ar_thinker")
+    # Deterministic: a second run writes the same weights, byte for byte.
+    train_all(tmp_path / "b", SMOKE, log=None)
+    for name in ("explorer", "synthesizer", "thinker", "ar_thinker"):
+        assert ((tmp_path / "a" / name / "model.safetensors").read_bytes()
+                == (tmp_path / "b" / name / "model.safetensors").read_bytes()), name
+
+
+# ------------------------------------------------------------------ committed models
+
+
+def test_committed_models_are_small_safetensors():
+    paths = trained_models()
+    total = 0
+    for name in ("explorer", "synthesizer", "thinker", "ar_thinker"):
+        directory = getattr(paths, name)
+        assert (directory / "model.safetensors").is_file()
+        assert not list(directory.glob("*.bin"))
+        total += sum(f.stat().st_size for f in directory.iterdir())
+    assert total <= 20 * 2 ** 20
+
+
+def _recorded(name):
+    return json.loads((TRAINED / name).read_text())
+
+
+def test_committed_models_reproduce_the_recorded_subset_exactly(tmp_path, capsys):
+    """The CI-sized slice of the held-out eval: same command, same numbers, every record."""
+    recorded = _recorded("eval_subset.json")
+    out = tmp_path / "subset.json"
+    argv = ["eval", str(TRAINED / "heldout.jsonl"), *recorded["argv"], "--out", str(out),
+            "--plot", str(tmp_path / "acc.png"), "--no-progress", "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["accuracy"] == recorded["accuracy"]
+    assert summary["accuracy_by_n"] == recorded["accuracy_by_n"]
+    records = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [r["answers"] for r in records] == recorded["answers"]
+
+
+def test_readme_table_matches_the_recorded_heldout_eval():
+    recorded = _recorded("eval_heldout.json")
+    text = README.read_text()
+    assert recorded["command"] in text
+    for method, value in recorded["accuracy"].items():
+        assert f"| `{method}` | {100 * value:.1f} |" in text, method
+    for k, row in recorded["accuracy_by_n"].items():
+        cells = " | ".join(f"{100 * row[m]:.1f}" for m in ("mean_at_1", "cons_at_n", "a2r"))
+        assert re.search(rf"\| N = {k} \| {re.escape(cells)} \|", text), k
+
+
+def test_demo_and_tiny_use_the_trained_models(capsys):
+    fast = ["-n", "2", "--max-new-tokens", "4", "--synth-max-new-tokens", "3", "--backend",
+            "torch", "--json"]
+    assert main(["demo", *fast]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["models"]["trained"] is True
+    assert "python -m a2r.train" in payload["note"]
+    assert payload["models"]["explorer"]["path"] == str(TRAINED / "explorer")
+    assert [r["question"] for r in payload["results"]][0].startswith("What is ")
+    # --random-models is a choice among the embedded models: without --tiny it is an error.
+    assert main(["run", "--random-models", "--explorer", str(TRAINED / "explorer"), "q"]) == 2
+    assert "--random-models needs --tiny" in capsys.readouterr().err
