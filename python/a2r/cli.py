@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{demo,run,eval,bench}")
     sub.required = True
 
-    demo = sub.add_parser("demo", parents=[_generation_options(64)],
+    demo = sub.add_parser("demo", parents=[_generation_options(80)],
                           help="run the pipeline on built-in questions with the embedded models",
                           description="Load the embedded tiny models and run A2R on two "
                           "built-in questions. " + TRAINED_NOTE + " --random-models: the random "
