@@ -30,9 +30,8 @@ import torch
 
 from . import reference
 from ._backend import resolve_backend
-from .attention import (_DTYPES, _MAX_HEAD_DIM, _check_decode_inputs, _default_scale,
-                        _unit_last_stride)
-from ._vocab import positive_int
+from .attention import _DTYPES, _check_decode_inputs, _default_scale, _unit_last_stride
+from ._vocab import MAX_HEAD_DIM, positive_int
 from .layout import (DEFAULT_KV_CHUNK, KV_CHUNK_TOKENS_PER_SEQ, MAX_SEQS_PER_ITEM, PLAN_FIELDS,
                      WORK_FIELDS, _SLICE_ALIGN, TreeLayout)
 
@@ -69,7 +68,7 @@ class TreeAttentionWrapper:
 
     Args:
         num_q_heads, num_kv_heads, head_dim: the attention geometry (``num_q_heads`` a multiple
-            of ``num_kv_heads``, ``head_dim <= 256``); ``q`` is ``[S, num_q_heads, head_dim]``,
+            of ``num_kv_heads``, ``head_dim <= MAX_HEAD_DIM``); ``q`` is ``[S, num_q_heads, head_dim]``,
             the pools ``[num_blocks, block_size, num_kv_heads, head_dim]``.
         block_size: tokens per block of the pool.
         max_seqs: most sequences of a plan (and rows of ``q``).
@@ -104,8 +103,8 @@ class TreeAttentionWrapper:
         if num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads "
                              f"({num_kv_heads})")
-        if head_dim > _MAX_HEAD_DIM:
-            raise ValueError(f"head_dim must be in [1, {_MAX_HEAD_DIM}], got {head_dim}")
+        if head_dim > MAX_HEAD_DIM:
+            raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
         self.dtype = dtype
