@@ -32,12 +32,13 @@ from . import reference
 from ._backend import resolve_backend
 from .attention import _DTYPES, _check_decode_inputs, _default_scale, _unit_last_stride
 from ._vocab import MAX_HEAD_DIM, positive_int
-from .layout import (DEFAULT_KV_CHUNK, KV_CHUNK_TOKENS_PER_SEQ, MAX_SEQS_PER_ITEM, WORK_FIELDS,
-                     _SLICE_ALIGN, TreeLayout)
+from .layout import (DEFAULT_KV_CHUNK, KV_CHUNK_TOKENS_PER_SEQ, MAX_SEQS_PER_ITEM, PLAN_FIELDS,
+                     WORK_FIELDS, _SLICE_ALIGN, TreeLayout)
 
-# Regions of the plan buffer, in order; the page table last, so that a layout whose page table
-# lives on the device is staged without it (the host-to-device copy stops before that region).
-_REGIONS = ("work_info", "row_seq", "merge_indptr", "merge_rows", "seq_lens", "page_table")
+# Regions of the plan buffer (the layout's PLAN_FIELDS), in order; the page table last, so that a
+# layout whose page table lives on the device is staged without it (the host-to-device copy
+# stops before that region).
+_REGIONS = tuple(name for name in PLAN_FIELDS if name != "page_table") + ("page_table",)
 _STAGING_RING = 2   # pinned staging buffers on CUDA (plan t reuses the buffer of plan t - 2)
 
 
