@@ -242,7 +242,8 @@ class TreeCache(Cache):
         dtype = self.tree.dtype
         k = key_states.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads, head_dim)
         v = value_states.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads, head_dim)
-        if self._static is not None:   # padding rows write row 0's K/V into row 0's slot
+        if self._static is not None and self._static.padded:
+            # Padding rows write row 0's K/V into row 0's slot.
             rows = self._static.row_source[:batch]
             k, v = k.index_select(0, rows), v.index_select(0, rows)
         # The slots come from this forward's reserve and the shapes were checked above: the
@@ -378,6 +379,7 @@ class _StaticDecode:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.num_live = self.batch = 0
+        self.padded = False
 
     def _drop_graphs(self) -> None:
         # Captured graphs read the buffers they were captured with: new buffers, new graphs.
@@ -432,6 +434,8 @@ class _StaticDecode:
         if self.torch_plan is None:
             return self.wrapper.run(q, k_pool, v_pool, out=out, sm_scale=scaling)
         n = self.num_live
+        if not self.padded:
+            return self.torch_plan.attend(q, k_pool, v_pool, scaling)
         out[:n] = self.torch_plan.attend(q[:n], k_pool, v_pool, scaling)
         out[n:].zero_()
         return out
@@ -452,6 +456,8 @@ class _StaticDecode:
             self._grow(n)
         batch = _batch_bucket(n)
         self.num_live, self.batch = n, batch
+        # Eager steps of a full bucket skip the padding ops; a graph serves every n of its bucket.
+        self.padded = self.use_graphs or batch > n
         self._plan(layout)
         self.input_ids[:n].copy_(token_ids.reshape(n, 1), non_blocking=True)
         # seq_lens counts the reserved token: position = seq_lens - 1, on the device.
