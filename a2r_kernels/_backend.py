@@ -17,8 +17,7 @@ import os
 import torch
 
 from ._errors import BackendUnavailable
-
-BACKENDS = ("auto", "cuda", "triton", "torch")
+from ._vocab import BACKENDS
 
 # Per op, the order "auto" tries on a CUDA device. Until the CUDA kernels are measured on a GPU
 # (issue 6), Triton comes first: it is the backend whose numbers are committed.

@@ -1,6 +1,10 @@
-"""Shared vocabulary of the package: the integer rules every op checks its arguments by.
+"""Shared vocabulary of the package, each name defined once: the integer rules every op checks
+its arguments by, the backend names, the remasking modes and their kernel codes, the kernels'
+limits, end-of-sequence ids and the attention geometry of a model config.
 
-Torch-free on purpose (imported by host-side bookkeeping and by the CLI alike).
+Torch-free on purpose (imported by host-side bookkeeping and by the CLI alike). The values that
+the compiled extension also knows (``MAX_HEAD_DIM``, ``WORK_INFO_COLUMNS``, ``REMASKING_CODES``)
+are exported by ``a2r_kernels._C`` from ``csrc/ops.h``; tests/test_cuda.py holds the two equal.
 
 An *int* here is a Python ``int``, a numpy integer or a 0-d integer array / tensor. ``bool`` is
 never an int (``True`` is not sequence 1, block 1 or length 1), and neither is a float, even an
@@ -13,6 +17,23 @@ from __future__ import annotations
 import numbers
 
 INT32_MAX = 2 ** 31 - 1   # largest id / count the int32 plans and kernels index with
+
+# ``backend=`` of every public op (see a2r_kernels._backend for what each one means).
+BACKENDS = ("auto", "cuda", "triton", "torch")
+
+# ``remasking=`` of denoise_step, in the order of their kernel codes (csrc/ops.h a2r::Remasking,
+# the REMASKING constexpr of a2r_kernels/triton/denoise.py): the code of a mode is its index.
+REMASKING = ("low_confidence", "margin", "entropy", "random")
+REMASKING_CODES = {name: code for code, name in enumerate(REMASKING)}
+
+# Largest head_dim the attention kernels are compiled for (csrc/ops.h kMaxHeadDim; the Triton
+# kernels hold a head_dim row of q, K and V per tile, and share the limit).
+MAX_HEAD_DIM = 256
+
+# One row of a TreeLayout's int32 ``work_info [num_work, WORK_INFO_COLUMNS]`` plan: the fields of
+# one work item, in column order (a2r_kernels/layout.py explains each; csrc/ops.h kWorkInfoColumns).
+WORK_FIELDS = ("q_start", "q_len", "page_start", "kv_start", "kv_end", "partial_start")
+WORK_INFO_COLUMNS = len(WORK_FIELDS)
 
 
 def as_int(value, name: str) -> int:
@@ -73,3 +94,38 @@ def _element(value, name: str, index: int) -> int:
     except ValueError:
         raise ValueError(f"{name} must be a sequence of ints, but {name}[{index}] is "
                          f"{value!r}") from None
+
+
+def eos_ids(value, name: str = "eos_token_id") -> list[int]:
+    """The end-of-sequence ids a generation stops at, from an ``eos_token_id`` setting.
+
+    One meaning everywhere: a row stops at (and keeps) the first token that is one of the ids;
+    an empty result means no EOS, the row runs to its length limit. ``None`` and ``[]`` -> ``[]``;
+    an int -> ``[it]``; a sequence or 1-D integer array / tensor -> its ids in order, duplicates
+    dropped. Every id must be ``>= 0``; bools, floats and strings raise ``ValueError`` naming
+    ``name``. (Whether ``None`` first falls back to a model's configured ids is the caller's
+    choice: ``sample_parallel`` reads the model's generation config, ``diffusion_generate`` not.)
+    """
+    if value is None:
+        return []
+    if getattr(value, "ndim", None) == 0 or isinstance(value, (numbers.Integral, float, str)):
+        ids = [as_int(value, name)]
+    else:
+        ids = int_list(value, name)
+    if ids and min(ids) < 0:
+        raise ValueError(f"{name} must hold ids >= 0, got {value!r}")
+    return list(dict.fromkeys(ids))
+
+
+def attention_geometry(config) -> tuple[int, int, int]:
+    """``(num_attention_heads, num_key_value_heads, head_dim)`` of a transformers text config.
+
+    A config without ``num_key_value_heads`` (or with it ``None``) has one kv head per query head
+    (multi-head attention, as transformers' attention modules assume); a config without
+    ``head_dim`` (or with it ``None``) has ``hidden_size // num_attention_heads``.
+    """
+    num_heads = positive_int(config.num_attention_heads, "config.num_attention_heads")
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return (num_heads, positive_int(num_kv_heads, "config.num_key_value_heads"),
+            positive_int(head_dim, "config.head_dim"))

@@ -10,10 +10,10 @@ import torch
 
 from . import reference
 from ._backend import resolve_backend
+from ._vocab import MAX_HEAD_DIM
 from .layout import DEFAULT_KV_CHUNK, TreeLayout
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HEAD_DIM = 256
 
 
 def _check_decode_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -40,8 +40,8 @@ def _check_decode_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
         raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads "
                          f"({num_kv_heads}) in k_cache [num_blocks, block_size, num_kv_heads, head_dim]")
-    if not 0 < head_dim <= _MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be in [1, {_MAX_HEAD_DIM}], got {head_dim}")
+    if not 0 < head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
 
 
 def _alloc_outputs(q: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

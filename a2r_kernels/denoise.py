@@ -15,9 +15,8 @@ import torch
 
 from . import reference_denoise
 from ._backend import resolve_backend
-from ._vocab import as_int, non_negative_int
+from ._vocab import REMASKING, as_int, non_negative_int
 
-REMASKING = reference_denoise.REMASKING
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SEED_BOUND = 2 ** 63 - 1
 # (r * V) >> 32 of a uint32 r must fit int64, and vocabulary ids int32 inside the kernels.

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
 from ._backend import resolve_backend
+from ._vocab import attention_geometry
 from .cache import TreeKVCache
 
 ATTN_IMPLEMENTATION = "a2r_tree"
@@ -520,9 +521,7 @@ class TreeDecoder:
         if any(t != "full_attention" for t in layer_types):
             raise ValueError("model's layer_types must all be 'full_attention', got "
                              f"{sorted(set(layer_types))}")
-        num_heads = config.num_attention_heads
-        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        num_heads, num_kv_heads, head_dim = attention_geometry(config)
         param = next(model.parameters())
         self.model = model
         self.device = param.device

@@ -30,15 +30,15 @@ import torch
 
 from . import reference
 from ._backend import resolve_backend
-from .attention import (_DTYPES, _MAX_HEAD_DIM, _check_decode_inputs, _default_scale,
-                        _unit_last_stride)
-from ._vocab import positive_int
-from .layout import (DEFAULT_KV_CHUNK, KV_CHUNK_TOKENS_PER_SEQ, MAX_SEQS_PER_ITEM, WORK_FIELDS,
-                     _SLICE_ALIGN, TreeLayout)
+from .attention import _DTYPES, _check_decode_inputs, _default_scale, _unit_last_stride
+from ._vocab import MAX_HEAD_DIM, positive_int
+from .layout import (DEFAULT_KV_CHUNK, KV_CHUNK_TOKENS_PER_SEQ, MAX_SEQS_PER_ITEM, PLAN_FIELDS,
+                     WORK_FIELDS, _SLICE_ALIGN, TreeLayout)
 
-# Regions of the plan buffer, in order; the page table last, so that a layout whose page table
-# lives on the device is staged without it (the host-to-device copy stops before that region).
-_REGIONS = ("work_info", "row_seq", "merge_indptr", "merge_rows", "seq_lens", "page_table")
+# Regions of the plan buffer (the layout's PLAN_FIELDS), in order; the page table last, so that a
+# layout whose page table lives on the device is staged without it (the host-to-device copy
+# stops before that region).
+_REGIONS = tuple(name for name in PLAN_FIELDS if name != "page_table") + ("page_table",)
 _STAGING_RING = 2   # pinned staging buffers on CUDA (plan t reuses the buffer of plan t - 2)
 
 
@@ -68,7 +68,7 @@ class TreeAttentionWrapper:
 
     Args:
         num_q_heads, num_kv_heads, head_dim: the attention geometry (``num_q_heads`` a multiple
-            of ``num_kv_heads``, ``head_dim <= 256``); ``q`` is ``[S, num_q_heads, head_dim]``,
+            of ``num_kv_heads``, ``head_dim <= MAX_HEAD_DIM``); ``q`` is ``[S, num_q_heads, head_dim]``,
             the pools ``[num_blocks, block_size, num_kv_heads, head_dim]``.
         block_size: tokens per block of the pool.
         max_seqs: most sequences of a plan (and rows of ``q``).
@@ -103,8 +103,8 @@ class TreeAttentionWrapper:
         if num_q_heads % num_kv_heads:
             raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads "
                              f"({num_kv_heads})")
-        if head_dim > _MAX_HEAD_DIM:
-            raise ValueError(f"head_dim must be in [1, {_MAX_HEAD_DIM}], got {head_dim}")
+        if head_dim > MAX_HEAD_DIM:
+            raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
         self.dtype = dtype

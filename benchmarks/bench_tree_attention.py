@@ -124,12 +124,24 @@ def make_fn(provider, q, k, v, layout, P, S, prefix, leaves, block_size):
         opts = dict(kv.split("=") for kv in provider[len("a2r-tree("):-1].split(","))
         tile = (int(opts["n"]), int(opts["w"]))
 
+        if kernel_backend != "triton":
+            return None
+        # The Triton launchers straight, with the tile as their argument (the public op always
+        # takes the table's tile); buffers sized as tree_decode_attention sizes them.
+        out = torch.empty_like(q)
+        lse = torch.empty(N, Hq, dtype=torch.float32, device=q.device)
+        partial_o = torch.empty(max(layout.num_partials, 1), Hq, D, dtype=torch.float32,
+                                device=q.device)
+        partial_lse = torch.empty(partial_o.shape[:2], dtype=torch.float32, device=q.device)
+        max_rows = layout.max_q_len * (Hq // Hkv)
+
         def with_tile():
-            saved, kernels.TILE_OVERRIDE = kernels.TILE_OVERRIDE, tile
-            try:
-                return ak.tree_decode_attention(q, k, v, layout, backend=kernel_backend)
-            finally:
-                kernels.TILE_OVERRIDE = saved
+            kernels.tree_attention_partials(q, k, v, layout.work_info, layout.row_seq,
+                                            layout.page_table, partial_o, partial_lse, D ** -0.5,
+                                            max_rows, tile=tile)
+            kernels.merge_partials(partial_o, partial_lse, layout.merge_indptr,
+                                   layout.merge_rows, out, lse)
+            return out
         return with_tile
     if provider.startswith("a2r-tree["):   # a2r-tree[c=1024,s=16]: a fixed plan
         opts = dict(kv.split("=") for kv in provider[len("a2r-tree["):-1].split(","))

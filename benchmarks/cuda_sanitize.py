@@ -30,6 +30,7 @@ import torch
 
 import a2r_kernels as ak
 from a2r_kernels._backend import cuda_extension
+from a2r_kernels._vocab import REMASKING
 
 
 def _close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
@@ -168,7 +169,7 @@ def main() -> int:
         print("denoise_step (predict, combine, select): ok")
         torch.cuda.synchronize()
         return 0
-    for remasking in ("low_confidence", "margin", "entropy", "random"):
+    for remasking in REMASKING:
         run_denoise(33, 1000, torch.float32, num_transfer=5, remasking=remasking)
     run_denoise(7, 50257, torch.bfloat16, threshold=0.5)   # V split across CTAs (4 splits)
     run_denoise(3, 126464, torch.bfloat16, num_transfer=2, remasking="entropy", temperature=0.7)

@@ -1,7 +1,7 @@
 """Static instruction budget of the hot loops, from the compiled SASS (no GPU needed).
 
 The Triton kernels are compiled for sm_90 exactly as their launchers would launch them on an H100
-(``a2r_kernels.triton._aot``), disassembled with Triton's bundled ``cuobjdump``, and each kernel's
+(``tests/_triton_aot.py``), disassembled with Triton's bundled ``cuobjdump``, and each kernel's
 innermost streaming loop is summarised: SASS instructions and MUFU (exp2/log2) per iteration,
 warp-instructions per element streamed, and the bandwidth at which instruction issue would
 saturate (an H100 SM issues 4 warp-instructions and 16 MUFU results per clock). This says whether
@@ -30,6 +30,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The AOT compile harness is a test tool (tests/_triton_aot.py), not part of the package.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 os.environ.pop("TRITON_INTERPRET", None)   # must be off when triton is first imported
 
 import torch  # noqa: E402
@@ -44,7 +46,8 @@ CUDA_DENOISE_THREADS = 256   # kPredictThreads
 
 
 def _denoise_launch(remasking: str, num_sms: int):
-    from a2r_kernels.triton import _aot, denoise
+    import _triton_aot as _aot
+    from a2r_kernels.triton import denoise
 
     batch, length, vocab = 8, 256, 126464
     logits = torch.empty(batch, length, vocab, dtype=torch.bfloat16)   # never touched
@@ -69,7 +72,8 @@ def _denoise_launch(remasking: str, num_sms: int):
 
 
 def _tree_launch(rows: int):
-    from a2r_kernels.triton import _aot, attention
+    import _triton_aot as _aot
+    from a2r_kernels.triton import attention
 
     num_q_heads, num_kv_heads, head_dim, num_blocks = 32, 8, 128, 64
     q = torch.empty(64, num_q_heads, head_dim, dtype=torch.bfloat16)
@@ -92,7 +96,7 @@ def _cuda_denoise_cases(arch: int) -> tuple[list[tuple], str | None]:
     logits per iteration, shape)."""
     from triton import knobs
 
-    from a2r_kernels.triton import _aot
+    import _triton_aot as _aot
 
     nvcc, cxxfilt = shutil.which("nvcc"), shutil.which("c++filt")
     if nvcc is None or cxxfilt is None:
@@ -143,13 +147,13 @@ def main(argv=None):
 
     from triton.backends.compiler import GPUTarget
 
-    from a2r_kernels.triton import _aot
+    import _triton_aot as _aot
 
     blocker = _aot.compile_blocker()
     if blocker is not None:
         sys.exit(f"sass_report: cannot compile here: {blocker}")
     target = GPUTarget("cuda", args.arch, 32)
-    cases = [_denoise_launch(r, args.num_sms) for r in ("low_confidence", "margin", "entropy")]
+    cases = [_denoise_launch(r, args.num_sms) for r in CUDA_DENOISE_EXTRA]
     cases += [_tree_launch(64), _tree_launch(4)]
     rows = []
     print(f"# sm_{args.arch}, static SASS of each streaming loop. Per element streamed by the CTA: "

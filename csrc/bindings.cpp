@@ -1,19 +1,19 @@
-// pybind11 module a2r_kernels._C: the CUDA kernels behind raw device addresses and strides.
+// pybind11 module a2r_kernels._C: the CUDA kernels, with tensors crossing as DLPack capsules.
 //
-// No libtorch: tensors cross as (data_ptr, strides) integers, the stream as the integer handle of
-// torch.cuda.current_stream().cuda_stream. Call these through a2r_kernels/_cuda_ops.py, which
-// checks devices, dtypes, shapes and strides first. std::invalid_argument surfaces as ValueError,
-// CUDA errors as RuntimeError.
+// No libtorch: a2r_kernels/_cuda_ops.py hands each tensor over as torch.utils.dlpack.to_dlpack(t)
+// (no copy, no stream sync) and the stream as the integer handle of
+// torch.cuda.current_stream().cuda_stream. Each capsule becomes an a2r::TensorView that borrows
+// the tensor for the call; the entry points (ops.h) check the views next to their launch and
+// throw std::invalid_argument (ValueError in Python) naming the argument; CUDA errors surface as
+// RuntimeError.
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <array>
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
 #include <string>
-#include <vector>
 
 #include "ops.h"
 
@@ -21,262 +21,146 @@ namespace py = pybind11;
 
 namespace {
 
-using a2r::DType;
-
-DType to_dtype(int code, const char* name) {
-  if (code < 0 || code > 2) {
-    throw std::invalid_argument(std::string(name) + ": dtype code must be 0 (float32), 1 (float16) "
-                                "or 2 (bfloat16), got " + std::to_string(code));
+// The DLTensor inside a DLPack capsule ("dltensor" or "dltensor_versioned"), named `name` in
+// errors. The capsule is only read, never consumed: it keeps its name, and its deleter runs when
+// Python drops it, after the call.
+a2r::TensorView view(const py::handle& obj, const char* name) {
+  PyObject* capsule = obj.ptr();
+  if (PyCapsule_CheckExact(capsule)) {
+    if (PyCapsule_IsValid(capsule, "dltensor")) {
+      auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
+      return a2r::TensorView(managed->dl_tensor, name);
+    }
+    if (PyCapsule_IsValid(capsule, "dltensor_versioned")) {
+      auto* managed = static_cast<DLManagedTensorVersioned*>(
+          PyCapsule_GetPointer(capsule, "dltensor_versioned"));
+      if (managed->version.major != DLPACK_MAJOR_VERSION) {
+        throw std::invalid_argument(std::string(name) + " is a DLPack " +
+                                    std::to_string(managed->version.major) + ".x tensor; _C " +
+                                    "reads DLPack " + std::to_string(DLPACK_MAJOR_VERSION) + ".x");
+      }
+      return a2r::TensorView(managed->dl_tensor, name);
+    }
   }
-  return static_cast<DType>(code);
+  throw std::invalid_argument(std::string(name) + " must be a tensor (a DLPack capsule, "
+                              "torch.utils.dlpack.to_dlpack(t)), got " +
+                              std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
 }
 
-template <typename T>
-T* ptr(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
-
-std::vector<int64_t> check_strides(const std::vector<int64_t>& strides, size_t rank,
-                                   const char* name) {
-  if (strides.size() != rank) {
-    throw std::invalid_argument(std::string(name) + ": expected " + std::to_string(rank) +
-                                " strides, got " + std::to_string(strides.size()));
-  }
-  return strides;
-}
-
-void tree_attention_partials(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache,
-                             uintptr_t work_info, uintptr_t row_seq, uintptr_t page_table,
-                             uintptr_t partial_o, uintptr_t partial_lse,
-                             const std::vector<int64_t>& q_strides,
-                             const std::vector<int64_t>& k_strides,
-                             const std::vector<int64_t>& v_strides,
-                             const std::vector<int64_t>& po_strides,
-                             const std::vector<int64_t>& plse_strides, int64_t num_work,
-                             int64_t num_seqs, int64_t num_q_heads, int64_t num_kv_heads,
-                             int64_t head_dim, int64_t block_size, double sm_scale, int dtype,
-                             int device, uintptr_t stream) {
-  auto qs = check_strides(q_strides, 2, "q_strides");
-  auto ks = check_strides(k_strides, 3, "k_strides");
-  auto vs = check_strides(v_strides, 3, "v_strides");
-  auto pos = check_strides(po_strides, 2, "po_strides");
-  auto pls = check_strides(plse_strides, 2, "plse_strides");
-  a2r::TreePartialsArgs args{};
-  args.q = ptr<const void>(q);
-  args.k_cache = ptr<const void>(k_cache);
-  args.v_cache = ptr<const void>(v_cache);
-  args.work_info = ptr<const int32_t>(work_info);
-  args.row_seq = ptr<const int32_t>(row_seq);
-  args.page_table = ptr<const int32_t>(page_table);
-  args.partial_o = ptr<float>(partial_o);
-  args.partial_lse = ptr<float>(partial_lse);
-  args.q_stride = {qs[0], qs[1]};
-  args.k_stride = {ks[0], ks[1], ks[2]};
-  args.v_stride = {vs[0], vs[1], vs[2]};
-  args.po_stride = {pos[0], pos[1]};
-  args.plse_stride = {pls[0], pls[1]};
-  args.num_work = num_work;
-  args.num_seqs = num_seqs;
-  args.num_q_heads = num_q_heads;
-  args.num_kv_heads = num_kv_heads;
-  args.head_dim = head_dim;
-  args.block_size = block_size;
-  args.sm_scale = static_cast<float>(sm_scale);
-  args.dtype = to_dtype(dtype, "tree_attention_partials");
-  py::gil_scoped_release release;
-  a2r::tree_attention_partials(args, device, stream);
-}
-
-void merge_partials(uintptr_t partial_o, uintptr_t partial_lse, uintptr_t merge_indptr,
-                    uintptr_t merge_rows, uintptr_t out, uintptr_t lse,
-                    const std::vector<int64_t>& po_strides, const std::vector<int64_t>& plse_strides,
-                    const std::vector<int64_t>& out_strides, const std::vector<int64_t>& lse_strides,
-                    int64_t num_seqs, int64_t num_heads, int64_t head_dim, int out_dtype,
-                    int device, uintptr_t stream) {
-  auto pos = check_strides(po_strides, 2, "po_strides");
-  auto pls = check_strides(plse_strides, 2, "plse_strides");
-  auto os = check_strides(out_strides, 2, "out_strides");
-  auto ls = check_strides(lse_strides, 2, "lse_strides");
-  a2r::MergePartialsArgs args{};
-  args.partial_o = ptr<const float>(partial_o);
-  args.partial_lse = ptr<const float>(partial_lse);
-  args.merge_indptr = ptr<const int32_t>(merge_indptr);
-  args.merge_rows = ptr<const int32_t>(merge_rows);
-  args.out = ptr<void>(out);
-  args.lse = ptr<float>(lse);
-  args.po_stride = {pos[0], pos[1]};
-  args.plse_stride = {pls[0], pls[1]};
-  args.out_stride = {os[0], os[1]};
-  args.lse_stride = {ls[0], ls[1]};
-  args.num_seqs = num_seqs;
-  args.num_heads = num_heads;
-  args.head_dim = head_dim;
-  args.out_dtype = to_dtype(out_dtype, "merge_partials");
-  py::gil_scoped_release release;
-  a2r::merge_partials(args, device, stream);
-}
-
-void merge_states(uintptr_t out_a, uintptr_t lse_a, uintptr_t out_b, uintptr_t lse_b,
-                  uintptr_t out, uintptr_t lse, const std::vector<int64_t>& a_strides,
-                  const std::vector<int64_t>& lse_a_strides, const std::vector<int64_t>& b_strides,
-                  const std::vector<int64_t>& lse_b_strides,
-                  const std::vector<int64_t>& out_strides, const std::vector<int64_t>& lse_strides,
-                  int64_t num_seqs, int64_t num_heads, int64_t head_dim, int in_dtype,
-                  int out_dtype, int device, uintptr_t stream) {
-  auto as = check_strides(a_strides, 2, "a_strides");
-  auto las = check_strides(lse_a_strides, 2, "lse_a_strides");
-  auto bs = check_strides(b_strides, 2, "b_strides");
-  auto lbs = check_strides(lse_b_strides, 2, "lse_b_strides");
-  auto os = check_strides(out_strides, 2, "out_strides");
-  auto ls = check_strides(lse_strides, 2, "lse_strides");
-  a2r::MergeStatesArgs args{};
-  args.out_a = ptr<const void>(out_a);
-  args.lse_a = ptr<const float>(lse_a);
-  args.out_b = ptr<const void>(out_b);
-  args.lse_b = ptr<const float>(lse_b);
-  args.out = ptr<void>(out);
-  args.lse = ptr<float>(lse);
-  args.a_stride = {as[0], as[1]};
-  args.b_stride = {bs[0], bs[1]};
-  args.out_stride = {os[0], os[1]};
-  args.lse_a_stride = {las[0], las[1]};
-  args.lse_b_stride = {lbs[0], lbs[1]};
-  args.lse_stride = {ls[0], ls[1]};
-  args.num_seqs = num_seqs;
-  args.num_heads = num_heads;
-  args.head_dim = head_dim;
-  args.in_dtype = to_dtype(in_dtype, "merge_states (out_a)");
-  args.out_dtype = to_dtype(out_dtype, "merge_states (out)");
-  py::gil_scoped_release release;
-  a2r::merge_states(args, device, stream);
-}
-
-void denoise_step(uintptr_t logits, uintptr_t tokens, std::optional<uintptr_t> num_transfer,
-                  uintptr_t x0, uintptr_t confidence, uintptr_t transferred,
-                  const std::vector<int64_t>& logits_strides,
-                  const std::vector<int64_t>& tokens_strides, int64_t num_transfer_stride,
-                  const std::vector<int64_t>& x0_strides, const std::vector<int64_t>& conf_strides,
-                  const std::vector<int64_t>& transferred_strides, int64_t batch, int64_t length,
-                  int64_t vocab, int64_t mask_id, std::optional<double> threshold,
-                  double temperature, int remasking, uint64_t seed, int dtype, int device,
-                  uintptr_t stream, int64_t num_splits, std::optional<uintptr_t> split_stats) {
-  if (num_transfer.has_value() == threshold.has_value()) {
-    throw std::invalid_argument("denoise_step: give exactly one of num_transfer and threshold");
-  }
-  if (remasking < 0 || remasking > 3) {
-    throw std::invalid_argument("denoise_step: remasking code must be in [0, 3], got " +
-                                std::to_string(remasking));
-  }
-  auto lgs = check_strides(logits_strides, 2, "logits_strides");
-  auto ts = check_strides(tokens_strides, 2, "tokens_strides");
-  auto xs = check_strides(x0_strides, 2, "x0_strides");
-  auto cs = check_strides(conf_strides, 2, "conf_strides");
-  auto trs = check_strides(transferred_strides, 2, "transferred_strides");
-  a2r::DenoiseArgs args{};
-  args.logits = ptr<const void>(logits);
-  args.tokens = ptr<int64_t>(tokens);
-  args.num_transfer = num_transfer ? ptr<const int64_t>(*num_transfer) : nullptr;
-  args.x0 = ptr<int64_t>(x0);
-  args.confidence = ptr<float>(confidence);
-  args.transferred = ptr<bool>(transferred);
-  args.logits_stride_b = lgs[0];
-  args.logits_stride_l = lgs[1];
-  args.tokens_stride_b = ts[0];
-  args.tokens_stride_l = ts[1];
-  args.num_transfer_stride = num_transfer_stride;
-  args.x0_stride_b = xs[0];
-  args.x0_stride_l = xs[1];
-  args.conf_stride_b = cs[0];
-  args.conf_stride_l = cs[1];
-  args.transferred_stride_b = trs[0];
-  args.transferred_stride_l = trs[1];
-  args.batch = batch;
-  args.length = length;
-  args.vocab = vocab;
-  args.mask_id = mask_id;
-  args.threshold = threshold ? static_cast<float>(*threshold) : 0.f;
-  args.temperature = static_cast<float>(temperature);
-  args.inv_temperature = temperature > 0 ? static_cast<float>(1.0 / temperature) : 0.f;
-  args.seed = seed;
-  args.remasking = static_cast<a2r::Remasking>(remasking);
-  args.dtype = to_dtype(dtype, "denoise_step (logits)");
-  args.num_splits = num_splits;
-  args.split_stats = split_stats ? ptr<float>(*split_stats) : nullptr;
-  py::gil_scoped_release release;
-  a2r::denoise_step(args, device, stream);
+std::optional<a2r::TensorView> optional_view(const py::handle& obj, const char* name) {
+  if (obj.is_none()) return std::nullopt;
+  return view(obj, name);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() =
-      "a2r-kernels CUDA backend (no libtorch). Call through a2r_kernels._cuda_ops, which checks "
-      "the tensors; these functions take raw device addresses, element strides (all but the unit "
-      "last one) and a CUDA stream handle.";
+      "a2r-kernels CUDA backend (no libtorch). Call through a2r_kernels._cuda_ops: tensors cross "
+      "as DLPack capsules and are checked next to the launch; the last argument is a CUDA stream "
+      "handle.";
   // Public ops (a2r_kernels) that this extension implements, for backend selection.
   m.attr("PUBLIC_OPS") = py::make_tuple("tree_decode_attention", "paged_decode_attention",
                                         "merge_attention_states", "denoise_step");
+  // The constants the Python side shares with the kernels (a2r_kernels/_vocab.py holds the same
+  // values for machines without the extension; tests/test_cuda.py holds the two equal).
   m.attr("MAX_HEAD_DIM") = a2r::kMaxHeadDim;
+  m.attr("WORK_INFO_COLUMNS") = a2r::kWorkInfoColumns;
+  py::dict remasking_codes;
+  remasking_codes["low_confidence"] = static_cast<int>(a2r::Remasking::kLowConfidence);
+  remasking_codes["margin"] = static_cast<int>(a2r::Remasking::kMargin);
+  remasking_codes["entropy"] = static_cast<int>(a2r::Remasking::kEntropy);
+  remasking_codes["random"] = static_cast<int>(a2r::Remasking::kRandom);
+  m.attr("REMASKING_CODES") = remasking_codes;
   m.def("cuda_runtime_version", &a2r::cuda_runtime_version,
         "CUDA runtime version the extension was linked with (e.g. 13000).");
   m.def("device_count", &a2r::cuda_device_count,
         "CUDA devices visible to the extension's runtime; 0 without a driver or GPU.");
-  m.def("philox_uniform", &a2r::philox_uniform_host,
-        "u = ((r >> 9) + 0.5) * 2^-23 of the first Philox4x32-10 word at counter (c0..c3), key "
-        "seed: the denoise kernels' random stream, computed on the host.",
-        py::arg("seed"), py::arg("c0"), py::arg("c1"), py::arg("c2"), py::arg("c3") = 0);
+
   m.def(
-      "denoise_predict_row_host",
-      [](uintptr_t row, int64_t vocab, double temperature, int remasking, uint64_t seed,
-         uint32_t pos, int64_t mask_id, int group_width, int num_splits) {
-        if (vocab < 1) throw std::invalid_argument("denoise_predict_row_host: vocab must be >= 1");
-        if (remasking < 0 || remasking > 3) {
-          throw std::invalid_argument("denoise_predict_row_host: remasking code must be in [0, 3]");
-        }
-        int64_t x0 = 0;
-        float confidence = 0.f;
-        a2r::denoise_predict_row_host(
-            reinterpret_cast<const float*>(row), vocab, static_cast<float>(temperature),
-            temperature > 0 ? static_cast<float>(1.0 / temperature) : 0.f,
-            static_cast<a2r::Remasking>(remasking), seed, pos, mask_id, group_width, num_splits,
-            &x0, &confidence);
-        return py::make_tuple(x0, confidence);
+      "tree_attention_partials",
+      [](py::handle q, py::handle k_cache, py::handle v_cache, py::handle work_info,
+         py::handle row_seq, py::handle page_table, py::handle partial_o, py::handle partial_lse,
+         double sm_scale, uintptr_t stream) {
+        // One statement per view: arguments are converted (and rejected) in their order.
+        const a2r::TensorView q_view = view(q, "q");
+        const a2r::TensorView k_view = view(k_cache, "k_cache");
+        const a2r::TensorView v_view = view(v_cache, "v_cache");
+        const a2r::TensorView work_view = view(work_info, "work_info");
+        const a2r::TensorView row_seq_view = view(row_seq, "row_seq");
+        const a2r::TensorView page_view = view(page_table, "page_table");
+        const a2r::TensorView po_view = view(partial_o, "partial_o");
+        const a2r::TensorView plse_view = view(partial_lse, "partial_lse");
+        py::gil_scoped_release release;
+        a2r::tree_attention_partials(q_view, k_view, v_view, work_view, row_seq_view, page_view,
+                                     po_view, plse_view, static_cast<float>(sm_scale), stream);
       },
-      "(x0, confidence) of one masked position from a HOST fp32 row of logits, by the denoise "
-      "kernel's per-position code compiled for the CPU (for tests without a GPU); group_width: "
-      "logits per 16-byte load of the kernel being emulated (4: fp32, 8: fp16 / bf16); "
-      "num_splits: CTAs per position over V; mask_id: the x0 of a row without a distribution.",
-      py::arg("row"), py::arg("vocab"), py::arg("temperature"), py::arg("remasking"),
-      py::arg("seed"), py::arg("pos"), py::arg("mask_id"), py::arg("group_width") = 4,
-      py::arg("num_splits") = 1);
-  m.def("tree_attention_partials", &tree_attention_partials,
-        "Partial (o, lse) per tree work item and q head; see csrc/tree_attention.cu.",
-        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("work_info"),
-        py::arg("row_seq"), py::arg("page_table"), py::arg("partial_o"), py::arg("partial_lse"),
-        py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"), py::arg("po_strides"),
-        py::arg("plse_strides"), py::arg("num_work"), py::arg("num_seqs"), py::arg("num_q_heads"),
-        py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("block_size"), py::arg("sm_scale"),
-        py::arg("dtype"), py::arg("device"), py::arg("stream"));
-  m.def("merge_partials", &merge_partials,
-        "Per sequence, the LSE merge of its partial rows into out / lse.", py::arg("partial_o"),
-        py::arg("partial_lse"), py::arg("merge_indptr"), py::arg("merge_rows"), py::arg("out"),
-        py::arg("lse"), py::arg("po_strides"), py::arg("plse_strides"), py::arg("out_strides"),
-        py::arg("lse_strides"), py::arg("num_seqs"), py::arg("num_heads"), py::arg("head_dim"),
-        py::arg("out_dtype"), py::arg("device"), py::arg("stream"));
-  m.def("merge_states", &merge_states, "LSE merge of two attention states.", py::arg("out_a"),
-        py::arg("lse_a"), py::arg("out_b"), py::arg("lse_b"), py::arg("out"), py::arg("lse"),
-        py::arg("a_strides"), py::arg("lse_a_strides"), py::arg("b_strides"),
-        py::arg("lse_b_strides"), py::arg("out_strides"), py::arg("lse_strides"),
-        py::arg("num_seqs"), py::arg("num_heads"), py::arg("head_dim"), py::arg("in_dtype"),
-        py::arg("out_dtype"), py::arg("device"), py::arg("stream"));
-  m.def("denoise_step", &denoise_step,
-        "One masked-diffusion denoising step (predict + select + commit in place).",
-        py::arg("logits"), py::arg("tokens"), py::arg("num_transfer"), py::arg("x0"),
-        py::arg("confidence"), py::arg("transferred"), py::arg("logits_strides"),
-        py::arg("tokens_strides"), py::arg("num_transfer_stride"), py::arg("x0_strides"),
-        py::arg("conf_strides"), py::arg("transferred_strides"), py::arg("batch"),
-        py::arg("length"), py::arg("vocab"), py::arg("mask_id"), py::arg("threshold"),
-        py::arg("temperature"), py::arg("remasking"), py::arg("seed"), py::arg("dtype"),
-        py::arg("device"), py::arg("stream"), py::arg("num_splits") = 1,
-        py::arg("split_stats") = py::none());
+      "Partial (o, lse) per tree work item and q head; see csrc/ops.h and tree_attention.cu.",
+      py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("work_info"),
+      py::arg("row_seq"), py::arg("page_table"), py::arg("partial_o"), py::arg("partial_lse"),
+      py::arg("sm_scale"), py::arg("stream"));
+  m.def(
+      "merge_partials",
+      [](py::handle partial_o, py::handle partial_lse, py::handle merge_indptr,
+         py::handle merge_rows, py::handle out, py::handle lse, uintptr_t stream) {
+        const a2r::TensorView po_view = view(partial_o, "partial_o");
+        const a2r::TensorView plse_view = view(partial_lse, "partial_lse");
+        const a2r::TensorView indptr_view = view(merge_indptr, "merge_indptr");
+        const a2r::TensorView rows_view = view(merge_rows, "merge_rows");
+        const a2r::TensorView out_view = view(out, "out");
+        const a2r::TensorView lse_view = view(lse, "lse");
+        py::gil_scoped_release release;
+        a2r::merge_partials(po_view, plse_view, indptr_view, rows_view, out_view, lse_view,
+                            stream);
+      },
+      "Per sequence, the LSE merge of its partial rows into out / lse.", py::arg("partial_o"),
+      py::arg("partial_lse"), py::arg("merge_indptr"), py::arg("merge_rows"), py::arg("out"),
+      py::arg("lse"), py::arg("stream"));
+  m.def(
+      "merge_states",
+      [](py::handle out_a, py::handle lse_a, py::handle out_b, py::handle lse_b, py::handle out,
+         py::handle lse, uintptr_t stream) {
+        const a2r::TensorView a_view = view(out_a, "out_a");
+        const a2r::TensorView lse_a_view = view(lse_a, "lse_a");
+        const a2r::TensorView b_view = view(out_b, "out_b");
+        const a2r::TensorView lse_b_view = view(lse_b, "lse_b");
+        const a2r::TensorView out_view = view(out, "out");
+        const a2r::TensorView lse_view = view(lse, "lse");
+        py::gil_scoped_release release;
+        a2r::merge_states(a_view, lse_a_view, b_view, lse_b_view, out_view, lse_view, stream);
+      },
+      "LSE merge of two attention states.", py::arg("out_a"), py::arg("lse_a"), py::arg("out_b"),
+      py::arg("lse_b"), py::arg("out"), py::arg("lse"), py::arg("stream"));
+  m.def(
+      "denoise_step",
+      [](py::handle logits, py::handle tokens, py::handle num_transfer, py::handle x0,
+         py::handle confidence, py::handle transferred, py::handle split_stats, int64_t mask_id,
+         std::optional<double> threshold, double temperature, int remasking, uint64_t seed,
+         int64_t num_splits, uintptr_t stream) {
+        const a2r::TensorView logits_view = view(logits, "logits");
+        const a2r::TensorView tokens_view = view(tokens, "tokens");
+        const auto num_transfer_view = optional_view(num_transfer, "num_transfer");
+        const a2r::TensorView x0_view = view(x0, "x0");
+        const a2r::TensorView confidence_view = view(confidence, "confidence");
+        const a2r::TensorView transferred_view = view(transferred, "transferred");
+        const auto split_stats_view = optional_view(split_stats, "split_stats");
+        a2r::DenoiseOptions options{};
+        options.mask_id = mask_id;
+        options.has_threshold = threshold.has_value();
+        options.threshold = threshold ? static_cast<float>(*threshold) : 0.f;
+        options.temperature = temperature;
+        options.remasking = static_cast<a2r::Remasking>(remasking);
+        options.seed = seed;
+        options.num_splits = num_splits;
+        py::gil_scoped_release release;
+        a2r::denoise_step(logits_view, tokens_view,
+                          num_transfer_view ? &*num_transfer_view : nullptr, x0_view,
+                          confidence_view, transferred_view,
+                          split_stats_view ? &*split_stats_view : nullptr, options, stream);
+      },
+      "One masked-diffusion denoising step (predict + select + commit in place).",
+      py::arg("logits"), py::arg("tokens"), py::arg("num_transfer"), py::arg("x0"),
+      py::arg("confidence"), py::arg("transferred"), py::arg("split_stats"), py::arg("mask_id"),
+      py::arg("threshold"), py::arg("temperature"), py::arg("remasking"), py::arg("seed"),
+      py::arg("num_splits"), py::arg("stream"));
 }

@@ -45,6 +45,7 @@
 #include <algorithm>
 #include <climits>
 #include <type_traits>
+#include <utility>
 #include <string>
 
 #include "common.cuh"
@@ -686,23 +687,94 @@ void predict_row_host(const float* row, int vocab, int num_splits, Remasking rem
 
 }  // namespace
 
-void denoise_step(const DenoiseArgs& args, int device, uintptr_t stream_handle) {
-  require(args.batch >= 0 && args.length >= 0, "denoise_step: batch and length must be >= 0");
-  require(args.batch * args.length < (int64_t{1} << 31),
-          "denoise_step: logits must have fewer than 2^31 positions (B * L)");
-  require(args.batch < (int64_t{1} << 31), "denoise_step: batch must be < 2^31");
-  require(args.length < (int64_t{1} << 30), "denoise_step: length must be < 2^30");
-  require(args.vocab >= 1 && args.vocab < (int64_t{1} << 31) - 16,
-          "denoise_step: vocab (logits.shape[2]) must be in [1, 2^31 - 16)");
-  require(args.temperature >= 0.f, "denoise_step: temperature must be >= 0");
-  require(args.num_splits >= 1 && args.num_splits <= 65535,
-          "denoise_step: num_splits must be in [1, 65535]");
-  require(args.num_splits == 1 || args.split_stats != nullptr,
+void denoise_step(const TensorView& logits, const TensorView& tokens,
+                  const TensorView* num_transfer, const TensorView& x0,
+                  const TensorView& confidence, const TensorView& transferred,
+                  const TensorView* split_stats, const DenoiseOptions& options,
+                  uintptr_t stream_handle) {
+  logits.expect(3, "[B, L, V]").expect_float().expect_unit_last_stride();
+  const int64_t batch = logits.size(0), length = logits.size(1), vocab = logits.size(2);
+  const std::pair<const TensorView*, DType> outputs[] = {
+      {&tokens, DType::kInt64}, {&x0, DType::kInt64}, {&confidence, DType::kFloat32},
+      {&transferred, DType::kBool}};
+  for (const auto& [t, dtype] : outputs) {
+    t->expect(2, "[B, L]").expect_dtype(dtype).expect_same_device(logits)
+        .expect_size(0, batch, "logits' B").expect_size(1, length, "logits' L");
+  }
+  if (options.has_threshold == (num_transfer != nullptr)) {
+    throw std::invalid_argument("denoise_step: give exactly one of num_transfer and threshold");
+  }
+  if (num_transfer != nullptr) {
+    num_transfer->expect(1, "int64 [B]").expect_dtype(DType::kInt64).expect_same_device(logits)
+        .expect_size(0, batch, "logits' B");
+  }
+  // The kernels index positions, tokens and splits in 32-bit: these bounds keep them in range.
+  if (batch * length >= (int64_t{1} << 31) || length >= (int64_t{1} << 30)) {
+    logits.fail("must have B * L < 2^31 and L < 2^30, got " + logits.shape_string());
+  }
+  if (vocab < 1 || vocab >= (int64_t{1} << 31) - 16) {
+    logits.fail("must have V (shape[2]) in [1, 2^31 - 16), got " + std::to_string(vocab));
+  }
+  const int remasking = static_cast<int>(options.remasking);
+  if (remasking < 0 || remasking > static_cast<int>(Remasking::kRandom)) {
+    throw std::invalid_argument("denoise_step: remasking code must be in [0, " +
+                                std::to_string(static_cast<int>(Remasking::kRandom)) + "], got " +
+                                std::to_string(remasking));
+  }
+  if (options.num_splits < 1 || options.num_splits > 65535) {
+    throw std::invalid_argument("denoise_step: num_splits must be in [1, 65535], got " +
+                                std::to_string(options.num_splits));
+  }
+  if (options.num_splits > 1) {
+    if (split_stats == nullptr) {
+      throw std::invalid_argument(
           "denoise_step: num_splits > 1 needs split_stats (B * L * num_splits * 8 fp32 words)");
-  require(reinterpret_cast<uintptr_t>(args.split_stats) % 16 == 0,
-          "denoise_step: split_stats must be 16-byte aligned");
-  if (args.batch == 0 || args.length == 0) return;
-  set_device(device);
+    }
+    const int64_t words = batch * length * options.num_splits * kPartialWords;
+    split_stats->expect(1, "fp32 [B * L * num_splits * 8]").expect_dtype(DType::kFloat32)
+        .expect_same_device(logits).expect_contiguous();
+    if (split_stats->size(0) < words) {
+      split_stats->fail("must hold at least B * L * num_splits * 8 = " + std::to_string(words) +
+                        " elements, got " + std::to_string(split_stats->size(0)));
+    }
+    if (reinterpret_cast<uintptr_t>(split_stats->data()) % 16 != 0) {
+      split_stats->fail("must be 16-byte aligned");
+    }
+  }
+
+  DenoiseArgs args{};
+  args.logits = logits.data();
+  args.tokens = tokens.data_as<int64_t>();
+  args.num_transfer = num_transfer ? num_transfer->data_as<const int64_t>() : nullptr;
+  args.x0 = x0.data_as<int64_t>();
+  args.confidence = confidence.data_as<float>();
+  args.transferred = transferred.data_as<bool>();
+  args.logits_stride_b = logits.stride(0);
+  args.logits_stride_l = logits.stride(1);
+  args.tokens_stride_b = tokens.stride(0);
+  args.tokens_stride_l = tokens.stride(1);
+  args.num_transfer_stride = num_transfer ? num_transfer->stride(0) : 0;
+  args.x0_stride_b = x0.stride(0);
+  args.x0_stride_l = x0.stride(1);
+  args.conf_stride_b = confidence.stride(0);
+  args.conf_stride_l = confidence.stride(1);
+  args.transferred_stride_b = transferred.stride(0);
+  args.transferred_stride_l = transferred.stride(1);
+  args.batch = batch;
+  args.length = length;
+  args.vocab = vocab;
+  args.mask_id = options.mask_id;
+  args.threshold = options.has_threshold ? options.threshold : 0.f;
+  args.temperature = static_cast<float>(options.temperature);
+  args.inv_temperature =
+      options.temperature > 0 ? static_cast<float>(1.0 / options.temperature) : 0.f;
+  args.seed = options.seed;
+  args.remasking = options.remasking;
+  args.dtype = logits.dtype();
+  args.num_splits = options.num_splits;
+  args.split_stats = options.num_splits > 1 ? split_stats->data_as<float>() : nullptr;
+  if (batch == 0 || length == 0) return;
+  set_device(logits.device_index());
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   A2R_DISPATCH_FLOAT(args.dtype, "denoise_step (logits)", T, launch_predict<T>(args, stream));
 

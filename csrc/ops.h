@@ -1,19 +1,71 @@
 // Host entry points of the a2r-kernels CUDA backend.
 //
 // Plain C++ (no CUDA, no torch headers): bindings.cpp is compiled by the host compiler and talks
-// to the kernels only through these functions. Tensors arrive as raw device addresses plus
-// element strides; every launch goes to `stream` on `device`. The Python side
-// (a2r_kernels/_cuda_ops.py) checks shapes, dtypes and devices before calling; these functions
-// re-check what a wrong value would turn into an out-of-bounds access and throw
-// std::invalid_argument (ValueError in Python) naming the argument.
+// to the kernels only through these functions. Tensors arrive as TensorViews (DLPack, see
+// tensor_view.h); every launch goes to `stream` on the tensors' device. The public ops
+// (a2r_kernels/attention.py, denoise.py, wrapper.py) check their inputs once; these functions
+// check, next to the launch, what a wrong value would turn into an out-of-bounds access and
+// throw std::invalid_argument (ValueError in Python) naming the argument.
 #pragma once
 
 #include <cstdint>
 
+#include "tensor_view.h"
+
 namespace a2r {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// ------------------------------------------------------------------------------ entry points
+// Shapes: S sequences, Hq / Hkv query / kv heads, D head_dim, W work items, R partial rows.
 
+// One partial (o, lse) per (work item, q head) of a TreeLayout plan (csrc/tree_attention.cu):
+// q [S, Hq, D] float; k_cache, v_cache [num_blocks, block_size, Hkv, D] in q's dtype; work_info
+// int32 [W, kWorkInfoColumns], row_seq int32 [S], page_table int32 [P], all contiguous;
+// partial_o fp32 [R, Hq, D], partial_lse fp32 [R, Hq] (written). Unit stride in D everywhere.
+void tree_attention_partials(const TensorView& q, const TensorView& k_cache,
+                             const TensorView& v_cache, const TensorView& work_info,
+                             const TensorView& row_seq, const TensorView& page_table,
+                             const TensorView& partial_o, const TensorView& partial_lse,
+                             float sm_scale, uintptr_t stream);
+
+// Per sequence, the LSE merge of its partial rows: partial_o fp32 [R, H, D], partial_lse fp32
+// [R, H], merge_indptr int32 [S + 1], merge_rows int32 [M] (contiguous) -> out [S, H, D] float,
+// lse fp32 [S, H].
+void merge_partials(const TensorView& partial_o, const TensorView& partial_lse,
+                    const TensorView& merge_indptr, const TensorView& merge_rows,
+                    const TensorView& out, const TensorView& lse, uintptr_t stream);
+
+// LSE merge of two states: out_a, out_b [S, H, D] (one float dtype), lse_a, lse_b fp32 [S, H]
+// -> out [S, H, D] float, lse fp32 [S, H].
+void merge_states(const TensorView& out_a, const TensorView& lse_a, const TensorView& out_b,
+                  const TensorView& lse_b, const TensorView& out, const TensorView& lse,
+                  uintptr_t stream);
+
+// Remasking modes of denoise_step; the code of a mode is its index in a2r_kernels/_vocab.py
+// REMASKING (exported as _C.REMASKING_CODES, which tests hold equal to the vocabulary's).
+enum class Remasking : int { kLowConfidence = 0, kMargin = 1, kEntropy = 2, kRandom = 3 };
+
+struct DenoiseOptions {
+  int64_t mask_id;
+  bool has_threshold;  // threshold mode (num_transfer absent) or top-k mode
+  float threshold;
+  double temperature;  // >= 0
+  Remasking remasking;
+  uint64_t seed;
+  int64_t num_splits;  // CTAs per position over V (1: no combine step)
+};
+
+// One masked-denoising step (csrc/denoise.cu): logits [B, L, V] float, unit stride in V;
+// tokens int64 [B, L] (updated in place); num_transfer int64 [B] (top-k mode) or null
+// (threshold mode); x0 int64, confidence fp32, transferred bool, all [B, L] (written);
+// split_stats fp32 scratch of at least B * L * num_splits * 8 elements, 16-byte aligned, or null
+// when num_splits == 1.
+void denoise_step(const TensorView& logits, const TensorView& tokens,
+                  const TensorView* num_transfer, const TensorView& x0,
+                  const TensorView& confidence, const TensorView& transferred,
+                  const TensorView* split_stats, const DenoiseOptions& options, uintptr_t stream);
+
+// ------------------------------------------------------------- kernel parameter blocks
+// Filled by the entry points above from the checked views; passed to the kernels by value.
 // Element strides of a [d0, d1, d2, d3] tensor (the last one must be 1).
 struct Strides4 {
   int64_t s0, s1, s2;
@@ -29,11 +81,15 @@ struct Strides2 {
 // instantiation of the next multiple of 32 (32, 64, 96, 128, or 256 for 129..256).
 constexpr int kMaxHeadDim = 256;
 
+// int32 columns of one work item of a TreeLayout plan: (q_start, q_len, page_start, kv_start,
+// kv_end, partial_start), a2r_kernels/_vocab.py WORK_FIELDS.
+constexpr int kWorkInfoColumns = 6;
+
 struct TreePartialsArgs {
   const void* q;        // [S, Hq, D]
   const void* k_cache;  // [num_blocks, block_size, Hkv, D]
   const void* v_cache;  // [num_blocks, block_size, Hkv, D]
-  const int32_t* work_info;   // [W, 6] contiguous
+  const int32_t* work_info;   // [W, kWorkInfoColumns] contiguous
   const int32_t* row_seq;     // [S]
   const int32_t* page_table;  // [P]
   float* partial_o;           // [R, Hq, D]
@@ -46,7 +102,6 @@ struct TreePartialsArgs {
   float sm_scale;
   DType dtype;
 };
-void tree_attention_partials(const TreePartialsArgs& args, int device, uintptr_t stream);
 
 struct MergePartialsArgs {
   const float* partial_o;     // [R, Hq, D]
@@ -62,7 +117,6 @@ struct MergePartialsArgs {
   int64_t num_seqs, num_heads, head_dim;
   DType out_dtype;
 };
-void merge_partials(const MergePartialsArgs& args, int device, uintptr_t stream);
 
 struct MergeStatesArgs {
   const void* out_a;  // [S, H, D] in in_dtype
@@ -76,9 +130,6 @@ struct MergeStatesArgs {
   int64_t num_seqs, num_heads, head_dim;
   DType in_dtype, out_dtype;
 };
-void merge_states(const MergeStatesArgs& args, int device, uintptr_t stream);
-
-enum class Remasking : int { kLowConfidence = 0, kMargin = 1, kEntropy = 2, kRandom = 3 };
 
 struct DenoiseArgs {
   const void* logits;  // [B, L, V]
@@ -104,7 +155,9 @@ struct DenoiseArgs {
   int64_t num_splits;  // CTAs per position over V (1: no combine step)
   float* split_stats;  // [B * L, num_splits, 8] fp32 scratch, 16-byte aligned; when num_splits > 1
 };
-void denoise_step(const DenoiseArgs& args, int device, uintptr_t stream);
+
+// ------------------------------------------------------------- host builds, for the tests
+// Exposed only by the test-only module tests/_C_testing (csrc/testing_bindings.cpp), never by _C.
 
 // The uniform the denoise kernels draw at Philox counter (c0, c1, c2, c3) with key `seed`, computed
 // on the host by the same code (tests compare it with a2r_kernels.reference_denoise).

@@ -125,7 +125,7 @@ tree_attention_partials_kernel(const TreePartialsArgs args, float qk_scale_log2,
   const T* __restrict__ k_cache = static_cast<const T*>(args.k_cache);
   const T* __restrict__ v_cache = static_cast<const T*>(args.v_cache);
 
-  const int32_t* info = args.work_info + static_cast<int64_t>(blockIdx.x) * 6;
+  const int32_t* info = args.work_info + static_cast<int64_t>(blockIdx.x) * kWorkInfoColumns;
   const int q_start = info[0];
   const int q_len = info[1];
   const int page_start = info[2];
@@ -316,9 +316,6 @@ __global__ void __launch_bounds__(kThreads) merge_states_kernel(const MergeState
 }
 
 // ------------------------------------------------------------------------------------ host
-void require(bool ok, const std::string& message) {
-  if (!ok) throw std::invalid_argument(message);
-}
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
@@ -367,43 +364,171 @@ void launch_merge_states(const MergeStatesArgs& args, cudaStream_t stream) {
   check_launch("merge_states_kernel launch");
 }
 
+// A float tensor [d0, d1, D] with unit stride in D, on `device`.
+void expect_rows(const TensorView& t, const char* shape_doc, const TensorView& device) {
+  t.expect(3, shape_doc).expect_float().expect_same_device(device).expect_unit_last_stride();
+}
+
+// An fp32 [d0, d1] tensor on `device`.
+void expect_lse(const TensorView& t, const char* shape_doc, const TensorView& device) {
+  t.expect(2, shape_doc).expect_dtype(DType::kFloat32).expect_same_device(device);
+}
+
+// A contiguous int32 tensor of rank `ndim` on `device`.
+void expect_plan(const TensorView& t, int ndim, const char* shape_doc, const TensorView& device) {
+  t.expect(ndim, shape_doc).expect_dtype(DType::kInt32).expect_same_device(device)
+      .expect_contiguous();
+}
+
+Strides3 strides3(const TensorView& t) { return {t.stride(0), t.stride(1)}; }
+Strides2 strides2(const TensorView& t) { return {t.stride(0), t.stride(1)}; }
+
 }  // namespace
 
-void tree_attention_partials(const TreePartialsArgs& args, int device, uintptr_t stream_handle) {
-  require(args.head_dim >= 1 && args.head_dim <= kMaxHeadDim,
-          "tree_attention_partials: head_dim must be in [1, 256], got " +
-              std::to_string(args.head_dim));
-  require(args.num_kv_heads >= 1 && args.num_kv_heads <= 65535,
-          "tree_attention_partials: num_kv_heads must be in [1, 65535]");
-  require(args.num_q_heads % args.num_kv_heads == 0,
-          "tree_attention_partials: num_q_heads must be a multiple of num_kv_heads");
-  require(args.block_size >= 1, "tree_attention_partials: block_size must be >= 1");
-  require(args.num_work >= 0 && args.num_work < (int64_t{1} << 31),
-          "tree_attention_partials: work_info must have fewer than 2^31 rows");
-  if (args.num_work == 0) return;
-  set_device(device);
+void tree_attention_partials(const TensorView& q, const TensorView& k_cache,
+                             const TensorView& v_cache, const TensorView& work_info,
+                             const TensorView& row_seq, const TensorView& page_table,
+                             const TensorView& partial_o, const TensorView& partial_lse,
+                             float sm_scale, uintptr_t stream_handle) {
+  expect_rows(q, "[S, Hq, D]", q);
+  const int64_t num_seqs = q.size(0), num_q_heads = q.size(1), head_dim = q.size(2);
+  // The kernels are instantiated for head_dim up to kMaxHeadDim: a longer row overruns the tiles.
+  if (head_dim < 1 || head_dim > kMaxHeadDim) {
+    q.fail("must have head_dim (shape[2]) in [1, " + std::to_string(kMaxHeadDim) + "], got " +
+           std::to_string(head_dim));
+  }
+  k_cache.expect(4, "[num_blocks, block_size, Hkv, D]").expect_dtype(q.dtype())
+      .expect_same_device(q).expect_unit_last_stride().expect_size(3, head_dim, "q's head_dim");
+  v_cache.expect(4, "[num_blocks, block_size, Hkv, D]").expect_dtype(q.dtype())
+      .expect_same_device(q).expect_unit_last_stride();
+  for (int d = 0; d < 4; ++d) v_cache.expect_size(d, k_cache.size(d), "k_cache's");
+  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  if (block_size < 1) k_cache.fail("must have block_size (shape[1]) >= 1");
+  // Hkv is the grid's y dimension. (That Hq is a multiple of Hkv is the public op's check: any
+  // ratio stays in bounds, q head h * (Hq / Hkv) + g < Hq.)
+  if (num_kv_heads < 1 || num_kv_heads > 65535) {
+    k_cache.fail("must have Hkv (shape[2]) in [1, 65535], got " + std::to_string(num_kv_heads));
+  }
+  expect_plan(work_info, 2, "int32 [W, kWorkInfoColumns]", q);
+  work_info.expect_size(1, kWorkInfoColumns, "kWorkInfoColumns");
+  if (work_info.size(0) >= (int64_t{1} << 31)) work_info.fail("must have fewer than 2^31 rows");
+  expect_plan(row_seq, 1, "int32 [S]", q);
+  row_seq.expect_size(0, num_seqs, "q's S");
+  expect_plan(page_table, 1, "int32 [P]", q);
+  expect_rows(partial_o, "fp32 [R, Hq, D]", q);
+  partial_o.expect_dtype(DType::kFloat32).expect_size(1, num_q_heads, "Hq")
+      .expect_size(2, head_dim, "D");
+  expect_lse(partial_lse, "fp32 [R, Hq]", q);
+  partial_lse.expect_size(0, partial_o.size(0), "partial_o's R").expect_size(1, num_q_heads, "Hq");
+  if (work_info.size(0) == 0) return;
+
+  TreePartialsArgs args{};
+  args.q = q.data();
+  args.k_cache = k_cache.data();
+  args.v_cache = v_cache.data();
+  args.work_info = work_info.data_as<const int32_t>();
+  args.row_seq = row_seq.data_as<const int32_t>();
+  args.page_table = page_table.data_as<const int32_t>();
+  args.partial_o = partial_o.data_as<float>();
+  args.partial_lse = partial_lse.data_as<float>();
+  args.q_stride = strides3(q);
+  args.k_stride = {k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
+  args.v_stride = {v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)};
+  args.po_stride = strides3(partial_o);
+  args.plse_stride = strides2(partial_lse);
+  args.num_work = work_info.size(0);
+  args.num_seqs = num_seqs;
+  args.num_q_heads = num_q_heads;
+  args.num_kv_heads = num_kv_heads;
+  args.head_dim = head_dim;
+  args.block_size = block_size;
+  args.sm_scale = sm_scale;
+  args.dtype = q.dtype();
+  set_device(q.device_index());
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   A2R_DISPATCH_FLOAT(args.dtype, "tree_attention_partials", T,
                      dispatch_head_dim<T>(args, stream));
 }
 
-void merge_partials(const MergePartialsArgs& args, int device, uintptr_t stream_handle) {
-  require(args.head_dim >= 0, "merge_partials: head_dim must be >= 0");
-  const int64_t pairs = args.num_seqs * args.num_heads;
-  require(pairs / kWarps < (int64_t{1} << 31), "merge_partials: too many (seq, head) pairs");
+void merge_partials(const TensorView& partial_o, const TensorView& partial_lse,
+                    const TensorView& merge_indptr, const TensorView& merge_rows,
+                    const TensorView& out, const TensorView& lse, uintptr_t stream_handle) {
+  expect_rows(out, "[S, H, D]", out);
+  const int64_t num_seqs = out.size(0), num_heads = out.size(1), head_dim = out.size(2);
+  expect_rows(partial_o, "fp32 [R, H, D]", out);
+  partial_o.expect_dtype(DType::kFloat32).expect_size(1, num_heads, "out's H")
+      .expect_size(2, head_dim, "out's D");
+  expect_lse(partial_lse, "fp32 [R, H]", out);
+  partial_lse.expect_size(0, partial_o.size(0), "partial_o's R").expect_size(1, num_heads, "H");
+  expect_plan(merge_indptr, 1, "int32 [S + 1]", out);
+  merge_indptr.expect_size(0, num_seqs + 1, "S + 1");
+  expect_plan(merge_rows, 1, "int32 [M]", out);
+  expect_lse(lse, "fp32 [S, H]", out);
+  lse.expect_size(0, num_seqs, "S").expect_size(1, num_heads, "H");
+  const int64_t pairs = num_seqs * num_heads;
+  if (pairs / kWarps >= (int64_t{1} << 31)) out.fail("has too many (sequence, head) pairs");
   if (pairs == 0) return;
-  set_device(device);
+
+  MergePartialsArgs args{};
+  args.partial_o = partial_o.data_as<const float>();
+  args.partial_lse = partial_lse.data_as<const float>();
+  args.merge_indptr = merge_indptr.data_as<const int32_t>();
+  args.merge_rows = merge_rows.data_as<const int32_t>();
+  args.out = out.data();
+  args.lse = lse.data_as<float>();
+  args.po_stride = strides3(partial_o);
+  args.plse_stride = strides2(partial_lse);
+  args.out_stride = strides3(out);
+  args.lse_stride = strides2(lse);
+  args.num_seqs = num_seqs;
+  args.num_heads = num_heads;
+  args.head_dim = head_dim;
+  args.out_dtype = out.dtype();
+  set_device(out.device_index());
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   A2R_DISPATCH_FLOAT(args.out_dtype, "merge_partials (out)", TOut,
                      launch_merge_partials<TOut>(args, stream));
 }
 
-void merge_states(const MergeStatesArgs& args, int device, uintptr_t stream_handle) {
-  require(args.head_dim >= 0, "merge_states: head_dim must be >= 0");
-  const int64_t pairs = args.num_seqs * args.num_heads;
-  require(pairs / kWarps < (int64_t{1} << 31), "merge_states: too many (seq, head) pairs");
+void merge_states(const TensorView& out_a, const TensorView& lse_a, const TensorView& out_b,
+                  const TensorView& lse_b, const TensorView& out, const TensorView& lse,
+                  uintptr_t stream_handle) {
+  expect_rows(out_a, "[S, H, D]", out_a);
+  const int64_t num_seqs = out_a.size(0), num_heads = out_a.size(1), head_dim = out_a.size(2);
+  expect_rows(out_b, "[S, H, D]", out_a);
+  out_b.expect_dtype(out_a.dtype());
+  expect_rows(out, "[S, H, D]", out_a);
+  for (int d = 0; d < 3; ++d) {
+    out_b.expect_size(d, out_a.size(d), "out_a's");
+    out.expect_size(d, out_a.size(d), "out_a's");
+  }
+  for (const TensorView* t : {&lse_a, &lse_b, &lse}) {
+    expect_lse(*t, "fp32 [S, H]", out_a);
+    t->expect_size(0, num_seqs, "S").expect_size(1, num_heads, "H");
+  }
+  const int64_t pairs = num_seqs * num_heads;
+  if (pairs / kWarps >= (int64_t{1} << 31)) out_a.fail("has too many (sequence, head) pairs");
   if (pairs == 0) return;
-  set_device(device);
+
+  MergeStatesArgs args{};
+  args.out_a = out_a.data();
+  args.lse_a = lse_a.data_as<const float>();
+  args.out_b = out_b.data();
+  args.lse_b = lse_b.data_as<const float>();
+  args.out = out.data();
+  args.lse = lse.data_as<float>();
+  args.a_stride = strides3(out_a);
+  args.b_stride = strides3(out_b);
+  args.out_stride = strides3(out);
+  args.lse_a_stride = strides2(lse_a);
+  args.lse_b_stride = strides2(lse_b);
+  args.lse_stride = strides2(lse);
+  args.num_seqs = num_seqs;
+  args.num_heads = num_heads;
+  args.head_dim = head_dim;
+  args.in_dtype = out_a.dtype();
+  args.out_dtype = out.dtype();
+  set_device(out_a.device_index());
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   A2R_DISPATCH_FLOAT(args.in_dtype, "merge_states (out_a)", TIn, {
     A2R_DISPATCH_FLOAT(args.out_dtype, "merge_states (out)", TOut,

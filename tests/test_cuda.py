@@ -17,10 +17,18 @@ import shutil
 
 import pytest
 import torch
+from torch.utils.dlpack import to_dlpack
 
 import a2r_kernels as ak
-from a2r_kernels import _cuda_ops, reference_denoise
+from a2r_kernels import _cuda_ops, _vocab, reference_denoise
 from a2r_kernels._backend import cuda_extension
+
+from _fake_dlpack import fake_cuda
+
+try:   # host builds of the kernels' code (csrc/testing_bindings.cpp), written next to the tests
+    import _C_testing as TESTING
+except ImportError:
+    TESTING = None
 
 HAS_GPU = torch.cuda.is_available()
 EXT = cuda_extension()
@@ -44,53 +52,120 @@ def test_extension_imports_when_nvcc_was_available():
     assert set(ext.PUBLIC_OPS) == {"tree_decode_attention", "paged_decode_attention",
                                    "merge_attention_states", "denoise_step"}
     assert ext.MAX_HEAD_DIM == _cuda_ops.MAX_HEAD_DIM
+    import _C_testing  # noqa: F401  (the test-only host build comes with it)
+
+
+@pytest.mark.skipif(EXT is None, reason="a2r_kernels._C not built")
+def test_extension_constants_equal_the_vocabulary():
+    """csrc/ops.h defines the kernels' constants once and _C exports them; the Python side reads
+    a2r_kernels/_vocab.py (also without the extension): the two must agree."""
+    assert EXT.MAX_HEAD_DIM == _vocab.MAX_HEAD_DIM
+    assert EXT.WORK_INFO_COLUMNS == _vocab.WORK_INFO_COLUMNS
+    assert dict(EXT.REMASKING_CODES) == _vocab.REMASKING_CODES
+
+
+@pytest.mark.skipif(EXT is None, reason="a2r_kernels._C not built")
+def test_extension_exposes_no_test_entry_points():
+    """Host builds of kernel code for the tests live in tests/_C_testing, not in the package."""
+    assert not {"philox_uniform", "denoise_predict_row_host"} & set(dir(EXT))
 
 
 @pytest.mark.skipif(EXT is None, reason="a2r_kernels._C not built")
 def test_extension_without_device_fails_cleanly():
-    """Static cudart: importing needs no driver; calling without a device raises RuntimeError."""
+    """Static cudart: importing needs no driver; calling without a device raises RuntimeError
+    (valid CUDA-looking views get past the boundary's checks to the runtime, which fails)."""
     count = EXT.device_count()
     assert isinstance(count, int) and count >= 0
     if count > 0:
         pytest.skip("a device is present")
+    rows, lse = (lambda: fake_cuda([2, 3, 8])), (lambda: fake_cuda([2, 3]))
     with pytest.raises(RuntimeError, match="cuda"):
-        EXT.merge_states(0, 0, 0, 0, 0, 0, [1, 1], [1, 1], [1, 1], [1, 1], [1, 1], [1, 1],
-                         1, 1, 1, 0, 0, 0, 0)
+        EXT.merge_states(rows(), lse(), rows(), lse(), rows(), lse(), 0)
+
+
+def _partials_args(**changes):
+    """Valid tree_attention_partials arguments (S=3, Hq=4, Hkv=2, D=64, 5 blocks of 16, W=2,
+    R=6), as fake CUDA DLPack capsules, with ``changes`` (name -> capsule) applied."""
+    args = dict(q=fake_cuda([3, 4, 64], "float16"), k_cache=fake_cuda([5, 16, 2, 64], "float16"),
+                v_cache=fake_cuda([5, 16, 2, 64], "float16"),
+                work_info=fake_cuda([2, _vocab.WORK_INFO_COLUMNS], "int32"),
+                row_seq=fake_cuda([3], "int32"), page_table=fake_cuda([5], "int32"),
+                partial_o=fake_cuda([6, 4, 64]), partial_lse=fake_cuda([6, 4]),
+                sm_scale=0.125, stream=0)
+    return {**args, **changes}
+
+
+PARTIALS_REJECTED = [
+    (dict(q=None), "q must be a tensor"),
+    (dict(q=to_dlpack(torch.zeros(3, 4, 64, dtype=torch.float16))), "q must be a CUDA tensor"),
+    (dict(q=torch.zeros(3, 4, 64, dtype=torch.float16)), "q must be a tensor"),
+    (dict(q=torch.zeros(3, 4, 64).__dlpack__(max_version=(1, 0))), "q must be a CUDA tensor"),
+    (dict(q=fake_cuda([3, 4, 300], "float16"), k_cache=fake_cuda([5, 16, 2, 300], "float16"),
+          v_cache=fake_cuda([5, 16, 2, 300], "float16"), partial_o=fake_cuda([6, 4, 300])),
+     rf"q must have head_dim \(shape\[2\]\) in \[1, {_vocab.MAX_HEAD_DIM}\]"),
+    (dict(q=fake_cuda([3, 4, 64], "float64")), "q must have dtype float32, float16 or bfloat16"),
+    (dict(q=fake_cuda([3, 4, 64], "float16", strides=[512, 128, 2])), "q must have unit stride"),
+    (dict(k_cache=fake_cuda([5, 16, 2, 64])), "k_cache must have dtype float16"),
+    (dict(k_cache=fake_cuda([5, 16, 128], "float16")), r"k_cache must be \[num_blocks"),
+    (dict(k_cache=fake_cuda([5, 16, 2, 64], "float16", strides=[4096, 256, 128, 2])),
+     "k_cache must have unit stride in its last dimension"),
+    (dict(k_cache=fake_cuda([5, 16, 2, 64], "float16", device=1)),
+     "k_cache is on cuda:1 but q is on cuda:0"),
+    (dict(v_cache=fake_cuda([4, 16, 2, 64], "float16")), r"v_cache must have shape\[0\]"),
+    (dict(work_info=fake_cuda([2, 5], "int32")), "work_info must have shape\\[1\\]"),
+    (dict(work_info=fake_cuda([2, 6], "int64")), "work_info must have dtype int32"),
+    (dict(work_info=fake_cuda([2, 6], "int32", strides=[12, 2])), "work_info must be contiguous"),
+    (dict(row_seq=fake_cuda([4], "int32")), r"row_seq must have shape\[0\] = q's S = 3"),
+    (dict(partial_o=fake_cuda([6, 4, 32])), r"partial_o must have shape\[2\]"),
+    (dict(partial_lse=fake_cuda([5, 4])), r"partial_lse must have shape\[0\] = partial_o's R"),
+]
 
 
 @pytest.mark.skipif(EXT is None, reason="a2r_kernels._C not built")
-def test_extension_rejects_bad_sizes_before_touching_memory():
-    """C++-side checks name the argument (std::invalid_argument -> ValueError) with null pointers."""
-    args = dict(q=0, k_cache=0, v_cache=0, work_info=0, row_seq=0, page_table=0, partial_o=0,
-                partial_lse=0, q_strides=[1, 1], k_strides=[1, 1, 1], v_strides=[1, 1, 1],
-                po_strides=[1, 1], plse_strides=[1, 1], num_work=1, num_seqs=1, num_q_heads=2,
-                num_kv_heads=1, head_dim=64, block_size=16, sm_scale=1.0, dtype=0, device=0,
-                stream=0)
-    with pytest.raises(ValueError, match="head_dim"):
-        EXT.tree_attention_partials(**{**args, "head_dim": 300})
-    with pytest.raises(ValueError, match="num_q_heads"):
-        EXT.tree_attention_partials(**{**args, "num_q_heads": 3, "num_kv_heads": 2})
-    with pytest.raises(ValueError, match="dtype"):
-        EXT.tree_attention_partials(**{**args, "dtype": 7})
-    with pytest.raises(ValueError, match="k_strides"):
-        EXT.tree_attention_partials(**{**args, "k_strides": [1, 1]})
-    with pytest.raises(ValueError, match="exactly one"):
-        EXT.denoise_step(0, 0, None, 0, 0, 0, [1, 1], [1, 1], 0, [1, 1], [1, 1], [1, 1], 1, 1, 10,
-                         0, None, 0.0, 0, 0, 0, 0, 0)
-    with pytest.raises(ValueError, match="vocab"):
-        EXT.denoise_step(0, 0, None, 0, 0, 0, [1, 1], [1, 1], 0, [1, 1], [1, 1], [1, 1], 1, 1, 0,
-                         0, 0.5, 0.0, 0, 0, 0, 0, 0)
-    denoise = (0, 0, None, 0, 0, 0, [1, 1], [1, 1], 0, [1, 1], [1, 1], [1, 1], 1, 1, 10, 0, 0.5,
-               0.0, 0, 0, 0, 0, 0)
-    with pytest.raises(ValueError, match="num_splits"):
-        EXT.denoise_step(*denoise, num_splits=0)
-    with pytest.raises(ValueError, match="split_stats"):
-        EXT.denoise_step(*denoise, num_splits=2)                  # no scratch for the splits
-    with pytest.raises(ValueError, match="16-byte aligned"):
-        EXT.denoise_step(*denoise, num_splits=2, split_stats=8)
+@pytest.mark.parametrize("changes,match", PARTIALS_REJECTED,
+                         ids=[f"{i}-{'-'.join(c)}" for i, (c, _) in enumerate(PARTIALS_REJECTED)])
+def test_extension_rejects_bad_tensors_by_name(changes, match):
+    """Tensors cross as DLPack views; what would send a kernel out of bounds (or reinterpret
+    memory) is rejected next to the launch, naming the argument, before any memory or the CUDA
+    runtime is touched (the fake views' data pointers are null)."""
+    with pytest.raises(ValueError, match=match):
+        EXT.tree_attention_partials(**_partials_args(**changes))
+
+
+def _denoise_args(**changes):
+    """Valid denoise_step arguments (B=2, L=3, V=10, top-k mode), fake CUDA capsules."""
+    args = dict(logits=fake_cuda([2, 3, 10]), tokens=fake_cuda([2, 3], "int64"),
+                num_transfer=fake_cuda([2], "int64"), x0=fake_cuda([2, 3], "int64"),
+                confidence=fake_cuda([2, 3]), transferred=fake_cuda([2, 3], "bool"),
+                split_stats=None, mask_id=0, threshold=None, temperature=0.0, remasking=0, seed=0,
+                num_splits=1, stream=0)
+    return {**args, **changes}
+
+
+DENOISE_REJECTED = [
+    (dict(threshold=0.5), "exactly one"),
+    (dict(num_transfer=None), "exactly one"),
+    (dict(logits=fake_cuda([2, 3, 0])), r"logits must have V \(shape\[2\]\) in \[1"),
+    (dict(transferred=fake_cuda([2, 3], "int64")), "transferred must have dtype bool"),
+    (dict(x0=fake_cuda([2, 4], "int64")), r"x0 must have shape\[1\] = logits' L"),
+    (dict(num_transfer=fake_cuda([3], "int64")), r"num_transfer must have shape\[0\]"),
+    (dict(remasking=4), "remasking code"),
+    (dict(num_splits=0), "num_splits"),
+    (dict(num_splits=2), "needs split_stats"),                   # no scratch for the splits
+    (dict(num_splits=2, split_stats=fake_cuda([2 * 3 * 2 * 8 - 1])), "split_stats must hold"),
+    (dict(num_splits=2, split_stats=fake_cuda([96], data=8)), "16-byte aligned"),
+]
 
 
 @pytest.mark.skipif(EXT is None, reason="a2r_kernels._C not built")
+@pytest.mark.parametrize("changes,match", DENOISE_REJECTED,
+                         ids=[f"{i}-{'-'.join(c)}" for i, (c, _) in enumerate(DENOISE_REJECTED)])
+def test_extension_rejects_bad_denoise_tensors_by_name(changes, match):
+    with pytest.raises(ValueError, match=match):
+        EXT.denoise_step(**_denoise_args(**changes))
+
+
+@pytest.mark.skipif(TESTING is None, reason="tests/_C_testing not built")
 def test_philox_stream_is_bitwise_the_reference_stream():
     """The kernels' Philox4x32-10 (host build of the same code) against reference_denoise."""
     rng = random.Random(0)
@@ -100,7 +175,7 @@ def test_philox_stream_is_bitwise_the_reference_stream():
         for stream in (0, 1):
             want = reference_denoise.philox_uniform(seed, torch.tensor(c0), torch.tensor(c1),
                                                     stream)
-            got = torch.tensor([EXT.philox_uniform(seed, a, b, stream) for a, b in zip(c0, c1)])
+            got = torch.tensor([TESTING.philox_uniform(seed, a, b, stream) for a, b in zip(c0, c1)])
             assert torch.equal(got, want), (seed, stream)
             assert bool(((got > 0) & (got < 1)).all())
 
@@ -108,12 +183,12 @@ def test_philox_stream_is_bitwise_the_reference_stream():
 def _host_predict(row: torch.Tensor, temperature: float, remasking: str, seed: int, pos: int,
                   group_width: int, num_splits: int, mask_id: int = 0):
     row = row.float().contiguous()
-    return EXT.denoise_predict_row_host(row.data_ptr(), row.numel(), temperature,
-                                        _cuda_ops.REMASKING_CODES[remasking], seed, pos,
-                                        mask_id, group_width, num_splits)
+    return TESTING.denoise_predict_row_host(row.data_ptr(), row.numel(), temperature,
+                                            _vocab.REMASKING_CODES[remasking], seed, pos,
+                                            mask_id, group_width, num_splits)
 
 
-@pytest.mark.skipif(EXT is None, reason="a2r_kernels._C not built")
+@pytest.mark.skipif(TESTING is None, reason="tests/_C_testing not built")
 @pytest.mark.parametrize("remasking", ["low_confidence", "margin", "entropy", "random"])
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 @pytest.mark.parametrize("group_width", [4, 8])
@@ -173,7 +248,7 @@ def test_denoise_position_math_host_build_matches_reference(remasking, temperatu
     assert agree >= total - 1  # a Gumbel key may differ in its last bit (log implementations)
 
 
-@pytest.mark.skipif(EXT is None, reason="a2r_kernels._C not built")
+@pytest.mark.skipif(TESTING is None, reason="tests/_C_testing not built")
 @pytest.mark.parametrize("remasking", ["low_confidence", "margin", "entropy", "random"])
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 @pytest.mark.parametrize("group_width,num_splits", [(4, 1), (8, 3), (4, 7)])
@@ -218,20 +293,23 @@ def test_denoise_non_finite_rows_host_build_matches_reference(remasking, tempera
             assert got_conf == pytest.approx(float(conf[0, pos]), rel=1e-5, abs=1e-6), pos
 
 
+@pytest.mark.skipif(EXT is None, reason="a2r_kernels._C not built")
 def test_wrappers_reject_cpu_tensors_naming_the_argument():
+    """Real torch tensors through the DLPack boundary: CPU ones are rejected by name."""
     q = torch.zeros(2, 4, 64)
     cache = torch.zeros(3, 16, 2, 64)
     i32 = torch.zeros(1, 6, dtype=torch.int32)
-    with pytest.raises(ValueError, match="q must be on a CUDA device"):
+    with pytest.raises(ValueError, match="q must be a CUDA tensor"):
         _cuda_ops.tree_attention_partials(q, cache, cache, i32, i32[0, :2], i32[0], q, q[..., 0],
                                           0.125)
-    with pytest.raises(ValueError, match="out must be on a CUDA device"):
+    with pytest.raises(ValueError, match="out must be a CUDA tensor"):
         _cuda_ops.merge_partials(q, q[..., 0], i32[0, :3], i32[0], q, q[..., 0])
-    with pytest.raises(ValueError, match="out_a"):
+    with pytest.raises(ValueError, match="out_a must be a tensor"):
         _cuda_ops.merge_states(None, None, None, None, None, None)
-    with pytest.raises(ValueError, match="logits"):
-        _cuda_ops.denoise_step(torch.zeros(1, 2, 10), torch.zeros(1, 2, dtype=torch.int64), 0,
-                               None, 0.5, 0.0, "low_confidence", 0, None, None, None)
+    tokens = torch.zeros(1, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="logits must be a CUDA tensor"):
+        _cuda_ops.denoise_step(torch.zeros(1, 2, 10), tokens, 0, None, 0.5, 0.0, "low_confidence",
+                               0, tokens.clone(), torch.zeros(1, 2), tokens.bool())
 
 
 def test_cuda_backend_on_cpu_is_unavailable_not_a_fallback():

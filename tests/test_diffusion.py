@@ -438,7 +438,7 @@ def test_causal_transformers_model_is_rejected():
     (dict(mask_id=VOCAB), "mask_id"),
     (dict(attention_mask=torch.ones(1, 3)), "attention_mask"),
     (dict(attention_mask=torch.tensor([[1, 1, 1, 0, 1]])), "left-padded"),
-    (dict(eos_token_id=[]), "eos_token_id"),
+    (dict(eos_token_id=[1.5]), "eos_token_id"),
     (dict(gen_length=4096, block_length=4096, steps=1), "max_position_embeddings"),
     (dict(backend="cuda_graphs"), "backend"),
 ])

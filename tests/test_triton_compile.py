@@ -7,7 +7,7 @@ lacks, loop-carried values whose type changes, ...). Here each launcher of
 are recorded (the block sizes, warps and constexprs come from the launchers' own tables), and
 every launch is specialised as ``JITFunction.run`` would and compiled by Triton's real pipeline
 (TTIR -> TTGIR -> LLVM IR -> PTX -> cubin with Triton's bundled ptxas) for each target; see
-:mod:`a2r_kernels.triton._aot`. Per compiled kernel the test checks:
+``tests/_triton_aot.py``. Per compiled kernel the test checks:
 
 * it compiles, for the target asked (``.target sm_80`` / ``sm_90a``), with a non-empty cubin;
 * it can launch: shared memory <= the target's per-block limit, registers <= 255 and
@@ -122,7 +122,8 @@ def _capture(case: dict, arch: int):
     """Run the launcher of ``case`` with representative CPU tensors; return its launches."""
     import torch
 
-    from a2r_kernels.triton import _aot, attention, denoise, entropy_bound
+    import _triton_aot as _aot
+    from a2r_kernels.triton import attention, denoise, entropy_bound
 
     dtype = getattr(torch, case["dtype"])
     if case["op"] == "tree_partials":
@@ -240,7 +241,7 @@ def _system_ptxas_check(ptx: str, arch: int, system) -> str:
 
 
 def _compile_one(launch, target, usage_memo, system) -> dict:
-    from a2r_kernels.triton import _aot
+    import _triton_aot as _aot
 
     arch = target.arch
     record = {"name": launch.name, "constexprs": launch.constexprs,
@@ -276,7 +277,8 @@ def _worker(jobs_path: str, out_path: str) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.runtime.jit import JITFunction
 
-    from a2r_kernels.triton import _aot, attention, denoise, entropy_bound
+    import _triton_aot as _aot
+    from a2r_kernels.triton import attention, denoise, entropy_bound
 
     jobs = json.loads(Path(jobs_path).read_text())
     results: dict = {"kernel_modules": {}, "jobs": {}, "probe": {}}
@@ -387,7 +389,7 @@ def _params():
 
 
 def _check_kernel(kernel: dict, case: dict, arch: int) -> None:
-    from a2r_kernels.triton._aot import TARGET_LIMITS
+    from _triton_aot import TARGET_LIMITS
 
     name, constexprs = kernel["name"], kernel["constexprs"]
     assert kernel["ok"], f"{name} does not compile for sm_{arch}:\n{kernel.get('error')}"

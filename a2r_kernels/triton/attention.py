@@ -26,9 +26,11 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpret
+from .._vocab import WORK_INFO_COLUMNS
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+_WORK_INFO_COLUMNS = tl.constexpr(WORK_INFO_COLUMNS)   # a constexpr: jit functions read only those
 
 
 @triton.jit
@@ -48,7 +50,7 @@ def _tree_attention_partial_kernel(
     kv_head = tl.program_id(1)
     # (q_start, q_len, page_start, kv_start, kv_end, partial_start): layout.WORK_FIELDS. An
     # unused item of a fixed-capacity plan (TreeAttentionWrapper) has q_len 0: no row tile.
-    info = work_ptr + work * 6
+    info = work_ptr + work * _WORK_INFO_COLUMNS
     q_start = tl.load(info + 0)
     q_len = tl.load(info + 1)
     page_start = tl.load(info + 2)
@@ -197,13 +199,11 @@ def _merge_two_states_kernel(
 
 
 # ---------------------------------------------------------------------------------- launchers
-# (BLOCK_N, num_warps) for fp16/bf16 tiles of BLOCK_M = 64 rows, when set: a tuning hook for
-# benchmarks (bench_tree_attention.py --tile-sweep), never set by the library itself.
-TILE_OVERRIDE: tuple[int, int] | None = None
-
-
-def _tile_config(num_rows: int, head_dim: int, fp32_dot: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) from a small table instead of blind autotuning.
+def _tile_config(num_rows: int, head_dim: int, fp32_dot: bool,
+                 tile: tuple[int, int] | None = None) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) from a small table instead of blind autotuning; ``tile``
+    = (BLOCK_N, num_warps) replaces the table's choice for fp16/bf16 tiles of BLOCK_M = 64 rows
+    (the tile sweep of bench_tree_attention.py passes it; the ops never do).
 
     BLOCK_M covers the rows of a typical work item (q_len * group, at least 16 for tl.dot).
     Small row tiles (leaves: a few rows against their own KV) keep BLOCK_N at 32 for head_dim
@@ -218,8 +218,8 @@ def _tile_config(num_rows: int, head_dim: int, fp32_dot: bool) -> tuple[int, int
     block_m = min(max(triton.next_power_of_2(max(num_rows, 1)), 16), 64)
     if fp32_dot:
         return block_m, 16, 8
-    if block_m == 64 and TILE_OVERRIDE is not None:
-        return (block_m, *TILE_OVERRIDE)
+    if block_m == 64 and tile is not None:
+        return (block_m, *tile)
     if block_m == 64 and head_dim <= 128:
         return block_m, 64, 8
     block_n = 64 if head_dim <= 64 else 32
@@ -236,21 +236,21 @@ def _fp32_dot(dtype: torch.dtype) -> bool:
 def tree_attention_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             work_info: torch.Tensor, row_seq: torch.Tensor, page_table: torch.Tensor,
                             partial_o: torch.Tensor, partial_lse: torch.Tensor, sm_scale: float,
-                            max_rows: int) -> None:
+                            max_rows: int, tile: tuple[int, int] | None = None) -> None:
     """Launch the partial kernel over every row of ``work_info``. Inputs are checked by the
     public op (or the TreeAttentionWrapper).
 
-    q [S, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; work_info int32 [W, 6]
+    q [S, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; work_info int32 [W, WORK_INFO_COLUMNS]
     (rows with q_len 0 do nothing); partial_o fp32 [R, Hq, D] and partial_lse fp32 [R, Hq]
     (contiguous, written); ``max_rows`` = the most q_len * group of a work item (picks BLOCK_M;
-    more rows loop over row tiles).
+    more rows loop over row tiles); ``tile``: see :func:`_tile_config`.
     """
     num_work = work_info.shape[0]
     if num_work == 0:
         return
     _, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    block_m, block_n, num_warps = _tile_config(max_rows, head_dim, q.dtype == torch.float32)
+    block_m, block_n, num_warps = _tile_config(max_rows, head_dim, q.dtype == torch.float32, tile)
     _tree_attention_partial_kernel[(num_work, num_kv_heads)](
         q, k_cache, v_cache, work_info, row_seq, page_table, partial_o, partial_lse,
         sm_scale * LOG2E,

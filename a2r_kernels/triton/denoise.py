@@ -45,9 +45,8 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpret
+from .._vocab import REMASKING_CODES
 
-# remasking name -> the code selected by the REMASKING constexpr.
-REMASKING_CODES = {"low_confidence": 0, "margin": 1, "entropy": 2, "random": 3}
 _NUM_STATS = 6      # m, s, a, second, gumbel_best, gumbel_logit (fp32) per (pos, split)
 _NUM_INDICES = 2    # argmax, gumbel argmax (int32) per (pos, split)
 _INT32_MAX = tl.constexpr(2147483647)  # a constexpr: jit functions may read only those

@@ -63,6 +63,8 @@ import torch
 
 import a2r_kernels as ak
 from a2r_kernels._backend import resolve_backend
+from a2r_kernels._vocab import (REMASKING, attention_geometry, eos_ids as _eos_ids,
+                                positive_int as _positive_int)
 
 from .diffusion_gemma import diffusion_gemma_generate, is_diffusion_gemma
 from .diffusion_model import (A2R_ATTENTION, build_tiny_diffusion_model, is_remote_code_model,
@@ -72,7 +74,6 @@ __all__ = ["DiffusionResult", "build_tiny_diffusion_model", "diffusion_generate"
            "get_num_transfer_tokens", "load_diffusion_model"]
 
 CACHE_MODES = ("none", "prefix")
-REMASKING = ("low_confidence", "margin", "entropy", "random")
 # Tokens per block of the prefix KV pool. Any value works; 16 is the pool's default.
 PREFIX_KV_BLOCK_SIZE = 16
 
@@ -282,21 +283,6 @@ def _as_prompt(prompt_ids, attention_mask, pad_token_id,
     return prompt.reshape(len(rows), width).to(device), keep.to(device)
 
 
-def _eos_ids(eos_token_id) -> list[int]:
-    if eos_token_id is None:
-        return []
-    if isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool):
-        return [eos_token_id]
-    try:
-        ids = [int(e) for e in eos_token_id]
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"eos_token_id must be an int or a list of ints, "
-                         f"got {eos_token_id!r}") from exc
-    if not ids:
-        raise ValueError("eos_token_id must not be an empty list")
-    return ids
-
-
 def _cut_after_eos(rows: list[list[int]], eos_ids: list[int]) -> list[list[int]]:
     """Each row up to and including its first token of ``eos_ids`` (the whole row if none)."""
     eos = set(eos_ids)
@@ -305,12 +291,6 @@ def _cut_after_eos(rows: list[list[int]], eos_ids: list[int]) -> list[list[int]]
         end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
         cut.append(row[:end])
     return cut
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 # ---------------------------------------------------------------------------------- loop steps
@@ -494,8 +474,8 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
     prefix = None
     if cache == "prefix":
         cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        prefix = PrefixKV(num_rows, cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim,
+        _, num_kv_heads, head_dim = attention_geometry(cfg)
+        prefix = PrefixKV(num_rows, cfg.num_hidden_layers, num_kv_heads, head_dim,
                           total_len - block_length, next(model.parameters()).dtype, device)
 
     gen = x[:, prompt_len:]                          # view: the generation, [B, gen_length]

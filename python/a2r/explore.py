@@ -38,6 +38,7 @@ from typing import Sequence
 
 import torch
 
+from a2r_kernels._vocab import eos_ids
 from a2r_kernels.hf import TreeDecoder
 
 from .sampling import check_sampling_args, sample_tokens
@@ -136,13 +137,7 @@ def _eos_ids(model, eos_token_id) -> set[int]:
         eos_token_id = getattr(config, "eos_token_id", None)
         if eos_token_id is None:
             eos_token_id = getattr(model.config, "eos_token_id", None)
-    if eos_token_id is None:
-        return set()
-    if isinstance(eos_token_id, torch.Tensor):
-        eos_token_id = eos_token_id.reshape(-1).tolist()
-    if isinstance(eos_token_id, int):
-        return {eos_token_id}
-    return {int(t) for t in eos_token_id}
+    return set(eos_ids(eos_token_id))
 
 
 def _as_level_list(value, num_levels: int, name: str) -> list[int]:

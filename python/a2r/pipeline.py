@@ -111,7 +111,8 @@ class PromptTooLongError(PipelineError):
 # Configuration and results
 # --------------------------------------------------------------------------------------------
 
-# What a2r.diffusion and a2r_kernels accept (kept here so validating a config imports no torch).
+# What a2r.diffusion and a2r_kernels accept (kept here so validating a config imports no torch;
+# tests/test_vocab.py holds them equal to a2r_kernels/_vocab.py's).
 THINKER_REMASKING = ("low_confidence", "margin", "entropy", "random")
 THINKER_CACHE_MODES = ("none", "prefix")
 BACKENDS = ("auto", "torch", "triton", "cuda")
@@ -413,10 +414,11 @@ def kv_bytes_per_token(model) -> int:
     """KV-cache bytes one token occupies in ``model``: ``2 * layers * kv_heads * head_dim * size``."""
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    num_heads = text_config.num_attention_heads
-    num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
     import torch
+
+    from a2r_kernels._vocab import attention_geometry
+
+    _, num_kv_heads, head_dim = attention_geometry(text_config)
 
     element_size = torch.empty((), dtype=_model_dtype(model)).element_size()
     return 2 * text_config.num_hidden_layers * num_kv_heads * head_dim * element_size
@@ -424,17 +426,13 @@ def kv_bytes_per_token(model) -> int:
 
 def _eos_ids(model, tokenizer) -> list[int]:
     """Every id that ends generation: the generation config's eos ids plus the tokenizer's."""
-    ids: list[int] = []
+    from a2r_kernels._vocab import eos_ids
+
     generation_config = getattr(model, "generation_config", None)
     configured = getattr(generation_config, "eos_token_id", None)
     if configured is None:
         configured = getattr(model.config, "eos_token_id", None)
-    for value in (configured if isinstance(configured, (list, tuple)) else [configured]):
-        if value is not None and value not in ids:
-            ids.append(int(value))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(int(tokenizer.eos_token_id))
-    return ids
+    return eos_ids([*eos_ids(configured), *eos_ids(tokenizer.eos_token_id)])
 
 
 def _render_prompt(tokenizer, user_message: str, plain_prefix: str, plain_suffix: str) -> str:

@@ -22,7 +22,7 @@ nothing here restates them.
 :func:`compile_blocker`): the interpreter replaces Triton's own standard library, not only our
 kernels. Tests therefore compile in a fresh subprocess (``tests/test_triton_compile.py``).
 
-Only for tests and reports; nothing on the op path imports this module. It uses two private
+A test tool (tests/test_triton_compile.py, benchmarks/sass_report.py), kept out of the package. It uses two private
 helpers of ``triton.runtime.jit`` (the binder and ``_pack_args``), checked on Triton 3.9.
 """
 
@@ -298,7 +298,7 @@ def probe(target: GPUTarget) -> str | None:
     if reason is not None:
         return reason
     if not isinstance(_probe_copy_kernel, JITFunction):
-        return "a2r_kernels.triton._aot was imported with TRITON_INTERPRET=1"
+        return "tests/_triton_aot.py was imported with TRITON_INTERPRET=1"
     try:
         backend = make_backend(target)
         with compiler_mode():

@@ -1,0 +1,93 @@
+"""The shared vocabulary (a2r_kernels/_vocab.py): each name is defined once and every module that
+uses it reads that one definition; the end-of-sequence and model-geometry rules."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from a2r_kernels import _vocab
+
+# (module, attribute, the _vocab name it must be): a module that makes its own copy again fails.
+SHARED = [
+    ("a2r_kernels._backend", "BACKENDS", "BACKENDS"),
+    ("a2r_kernels.reference_denoise", "REMASKING", "REMASKING"),
+    ("a2r_kernels.denoise", "REMASKING", "REMASKING"),
+    ("a2r_kernels._cuda_ops", "REMASKING_CODES", "REMASKING_CODES"),
+    ("a2r_kernels.triton.denoise", "REMASKING_CODES", "REMASKING_CODES"),
+    ("a2r_kernels._cuda_ops", "MAX_HEAD_DIM", "MAX_HEAD_DIM"),
+    ("a2r_kernels.attention", "MAX_HEAD_DIM", "MAX_HEAD_DIM"),
+    ("a2r_kernels.wrapper", "MAX_HEAD_DIM", "MAX_HEAD_DIM"),
+    ("a2r_kernels._cuda_ops", "WORK_INFO_COLUMNS", "WORK_INFO_COLUMNS"),
+    ("a2r_kernels.triton.attention", "WORK_INFO_COLUMNS", "WORK_INFO_COLUMNS"),
+    ("a2r_kernels.layout", "WORK_FIELDS", "WORK_FIELDS"),
+    ("a2r.diffusion", "REMASKING", "REMASKING"),
+]
+
+
+@pytest.mark.parametrize("module,attr,name", SHARED, ids=lambda x: str(x))
+def test_each_module_reads_the_one_definition(module, attr, name):
+    assert getattr(importlib.import_module(module), attr) is getattr(_vocab, name)
+
+
+# Copies kept on purpose where importing a2r_kernels (and torch with it) is too early: the CLI
+# validates an A2RConfig before it imports torch. Held equal (as sets: order is for messages).
+TORCH_FREE_COPIES = [("a2r.pipeline", "THINKER_REMASKING", "REMASKING"),
+                     ("a2r.pipeline", "BACKENDS", "BACKENDS")]
+
+
+@pytest.mark.parametrize("module,attr,name", TORCH_FREE_COPIES, ids=lambda x: str(x))
+def test_torch_free_copies_equal_the_vocabulary(module, attr, name):
+    assert set(getattr(importlib.import_module(module), attr)) == set(getattr(_vocab, name))
+
+
+def test_remasking_codes_are_the_mode_indices():
+    assert _vocab.REMASKING == ("low_confidence", "margin", "entropy", "random")
+    assert [_vocab.REMASKING_CODES[m] for m in _vocab.REMASKING] == [0, 1, 2, 3]
+    assert _vocab.WORK_INFO_COLUMNS == len(_vocab.WORK_FIELDS) == 6
+
+
+@pytest.mark.parametrize("value,ids", [
+    (None, []), ([], []), (3, [3]), ([5, 2, 5], [5, 2]), ((7,), [7]),
+    (torch.tensor([4, 1]), [4, 1]), (torch.tensor(9), [9]),
+])
+def test_eos_ids_one_meaning(value, ids):
+    assert _vocab.eos_ids(value) == ids
+
+
+@pytest.mark.parametrize("value", [True, 1.5, [2.0], ["a"], "2", [-1], torch.tensor([0.5]),
+                                   [[1]]])
+def test_eos_ids_rejects_non_ids_naming_the_argument(value):
+    with pytest.raises(ValueError, match="eos_token_id"):
+        _vocab.eos_ids(value)
+
+
+class _Config:
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+@pytest.mark.parametrize("fields,geometry", [
+    (dict(num_attention_heads=8, num_key_value_heads=2, head_dim=40, hidden_size=64), (8, 2, 40)),
+    (dict(num_attention_heads=4, hidden_size=64), (4, 4, 16)),              # MHA, no head_dim
+    (dict(num_attention_heads=4, num_key_value_heads=None, head_dim=None, hidden_size=64),
+     (4, 4, 16)),
+])
+def test_attention_geometry(fields, geometry):
+    assert _vocab.attention_geometry(_Config(**fields)) == geometry
+
+
+def test_diffusion_prefix_cache_without_num_key_value_heads():
+    """diffusion.py sizes its prefix KV pool by the shared geometry rule: a config whose
+    num_key_value_heads is unset (multi-head attention) works, as it does in hf.py."""
+    from a2r.diffusion import diffusion_generate
+    from a2r.diffusion_model import build_tiny_diffusion_model
+
+    model = build_tiny_diffusion_model(32, 31, seed=1, num_layers=1, num_heads=4, num_kv_heads=4)
+    prompt = torch.randint(0, 30, (1, 5), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(gen_length=8, block_length=4, steps=4)
+    want = diffusion_generate(model, prompt, cache="prefix", **kwargs)
+    model.config.num_key_value_heads = None
+    assert diffusion_generate(model, prompt, cache="prefix", **kwargs) == want
