@@ -3,7 +3,10 @@
 Providers:
 - ``a2r-explore``: :func:`a2r.explore.explore` -- the prompt is prefilled once and its KV blocks
   are shared by the n branches (TreeKVCache fork); one ``[n_live, 1]`` decode batch per step with
-  ``tree_decode_attention``.
+  ``tree_decode_attention``; each step padded to a power-of-two batch and, on CUDA, replayed
+  from a CUDA graph per batch bucket (``TreeDecoder(cuda_graphs=None)``).
+- ``a2r-explore-eager`` (CUDA only): the same with ``cuda_graphs=False`` (the padded step run
+  eagerly, as ``a2r-explore`` does on the CPU).
 - ``a2r-noshare``: the same loop and kernels, but each branch prefills its own copy of the prompt
   (n roots, no fork): the prompt's KV is computed and stored n times.
 - ``hf-generate``: ``model.generate(do_sample=True, num_return_sequences=n)`` with the same
@@ -20,7 +23,8 @@ pool for ours, computed for DynamicCache), peak_mem_bytes (CUDA allocator peak d
 weights included; 0 on CPU), copy_gbps, and speedup vs hf-generate. The providers' repetitions
 are interleaved (rep 1 of each, then rep 2, ...), so a shared machine's drift hits all alike.
 
-Per-step rows (``a2r-explore`` and ``hf-generate`` only): ``step_us``, the median wall time of
+Per-step rows (``a2r-explore``, ``a2r-explore-eager`` and ``hf-generate``; a replayed graph
+dispatches no aten ops, so ours counts only the ops outside it): ``step_us``, the median wall time of
 one decode step of the n branches (forward + sampling; ours: ``TreeDecoder.step``, theirs: one
 ``model(...)`` over a ``DynamicCache``), and ``host_us_per_step``, the part of it spent on the
 host before the step's work is queued (on CUDA: the time until the call returns without a
@@ -35,6 +39,7 @@ Run:  python benchmarks/bench_explore.py            (CUDA: full grid P in {2k, 8
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import statistics
@@ -49,7 +54,7 @@ from common import copy_gbps, device_name, plot, write_results  # noqa: E402
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
 import a2r_kernels.hf as akhf  # noqa: E402
-from a2r.explore import explore  # noqa: E402
+from a2r.explore import explore, tree_blocks_needed  # noqa: E402
 from a2r.sampling import sample_tokens  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -72,9 +77,11 @@ def build_model(config: dict, dtype: torch.dtype, device: torch.device):
     return model
 
 
-def run_ours(model, ids, n, new_tokens, block_size) -> int:
-    res = explore(model, ids, [n], new_tokens, **SAMPLING, seed=0, eos_token_id=[],
-                  block_size=block_size)
+def run_ours(model, ids, n, new_tokens, block_size, cuda_graphs=None) -> int:
+    """The explorer; ``cuda_graphs`` as in ``TreeDecoder`` (None: captured on CUDA)."""
+    blocks = max(tree_blocks_needed(ids.shape[1], [n], [new_tokens], block_size), 1)
+    dec = akhf.TreeDecoder(model, blocks, block_size=block_size, cuda_graphs=cuda_graphs)
+    res = explore(model, ids, [n], new_tokens, **SAMPLING, seed=0, eos_token_id=[], decoder=dec)
     assert all(len(s) == new_tokens for s in res.sequences)
     return res.peak_kv_bytes
 
@@ -112,7 +119,10 @@ def run_hf(model, ids, n, new_tokens, block_size) -> int:
     return 2 * cfg.num_hidden_layers * n * stored * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
-PROVIDERS = {"a2r-explore": run_ours, "a2r-noshare": run_noshare, "hf-generate": run_hf}
+PROVIDERS = {"a2r-explore": run_ours, "a2r-noshare": run_noshare, "hf-generate": run_hf,
+             # The same padded static-buffer step without CUDA graphs (on CPU it is a2r-explore).
+             "a2r-explore-eager": functools.partial(run_ours, cuda_graphs=False)}
+GPU_ONLY_PROVIDERS = ("a2r-explore-eager",)
 
 
 class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
@@ -133,10 +143,11 @@ def decode_step_stats(provider: str, model, ids, n: int, block_size: int, device
     """``step_us``, ``host_us_per_step`` and ``aten_ops_per_layer`` of one decode step of n
     branches after a prompt ``ids`` (see the module docstring)."""
     generator = torch.Generator(device=device).manual_seed(0)
-    if provider == "a2r-explore":
+    if provider in ("a2r-explore", "a2r-explore-eager"):
         dec = akhf.TreeDecoder(model, math.ceil(ids.shape[1] / block_size)
                                + n * (math.ceil((steps + 4) / block_size) + 1),
-                               block_size=block_size)
+                               block_size=block_size,
+                               cuda_graphs=False if provider == "a2r-explore-eager" else None)
         root, logits = dec.prefill(ids)
         seqs = dec.fork(root, n)
         logits = logits.expand(n, -1)
@@ -208,7 +219,8 @@ def main() -> None:
     parser.add_argument("--prompt-lens", type=int, nargs="*")
     parser.add_argument("--ns", type=int, nargs="*")
     parser.add_argument("--new-tokens", type=int)
-    parser.add_argument("--providers", nargs="*", default=list(PROVIDERS))
+    parser.add_argument("--providers", nargs="*", choices=list(PROVIDERS),
+                        help="default: all (a2r-explore-eager only on CUDA)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--rep", type=int, default=3)
     parser.add_argument("--out", default=None,
@@ -218,6 +230,9 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type != "cuda"
+    if args.providers is None:
+        args.providers = [p for p in PROVIDERS
+                          if device.type == "cuda" or p not in GPU_ONLY_PROVIDERS]
     if quick:
         config, dtype = TINY, torch.float32
         prompt_lens, ns, new_tokens = args.prompt_lens or [64, 256], args.ns or [2, 4], args.new_tokens or 16
@@ -253,7 +268,7 @@ def main() -> None:
                            peak_kv_bytes=int(kv_bytes), peak_mem_bytes=int(peak),
                            copy_gbps=gbps, dtype=str(dtype).replace("torch.", ""),
                            block_size=args.block_size)
-                if provider in ("a2r-explore", "hf-generate"):
+                if provider in ("a2r-explore", "a2r-explore-eager", "hf-generate"):
                     row.update(decode_step_stats(provider, model, ids, n, args.block_size, device))
                 group.append(row)
                 print(f"{provider:>12} {prompt_len:>6} {n:>4} {new_tokens:>4} {seconds:>9.3f} "

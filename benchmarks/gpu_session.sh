@@ -441,6 +441,8 @@ VERIFY_TESTS=(
   "tests/test_wrapper.py::test_three_trees_through_one_wrapper_and_one_out[float16-16/2-bs1-triton]"
   "tests/test_wrapper.py::test_stale_work_items_of_a_larger_plan_are_cleared[triton]"
   "tests/test_wrapper.py::test_from_block_tables_matches_paged_decode[1-triton]"
+  "tests/test_decode_graphs.py::test_cuda_graph_replay_equals_eager[triton]"
+  "tests/test_decode_graphs.py::test_cuda_graph_replay_equals_eager[cuda]"
 )
 
 # The headline rows' providers: issue 12's wrapper (planned once, timed on run) and its
@@ -493,8 +495,8 @@ verify_plan() {
   # issue 15: the entropy-bound step at its default GPU shape, B=8 L=256 V=262144, flat and
   # lm-like logits, against transformers' sampler step
   plan_step bench-entropy-bound   35     20  must  -          entropy_bound    "$PY benchmarks/bench_denoise.py --ops entropy-bound"
-  # Issue 13: eager vs CUDA-graph explore rows go here once bench_explore.py has the flag.
-  plan_step bench-explore         75     45  must  -          explore          "$PY benchmarks/bench_explore.py --prompt-lens 8192 --ns 32 --providers a2r-explore hf-generate --rep 2"
+  # Issue 13: CUDA-graph (a2r-explore) and eager (a2r-explore-eager) explore rows side by side.
+  plan_step bench-explore         75     45  must  -          explore          "$PY benchmarks/bench_explore.py --prompt-lens 8192 --ns 32 --providers a2r-explore a2r-explore-eager hf-generate --rep 2"
   # FlashInfer's cascade beside a2r-paged, in its own file: its JIT compile (nvcc, minutes on a
   # fresh machine) must not cost the rows above.
   plan_step bench-tree-flashinfer 25     20  extra flashinfer tree_attention_flashinfer "rc=0; for shape in '8192 64 32/8' '1024 4 8/1'; do set -- \$shape; $PY benchmarks/bench_tree_attention.py --P \$1 --N \$2 --S 128 --heads \$3 --providers a2r-paged,flashinfer-cascade --out tree_attention_flashinfer || rc=1; done; exit \$rc"
