@@ -35,8 +35,8 @@ from .denoise import (_INT32_MAX, _NEG_HUGE, LOG2E, _uniform_from_philox, _vecto
                       _vocab_split)
 from .denoise import denoise_config as entropy_bound_config
 
-_NUM_STATS = 5      # m, s, a, gumbel_best, has_nan (fp32) per (pos, split)
-_NUM_INDICES = 2    # argmax, gumbel argmax (int32) per (pos, split)
+_NUM_STATS = tl.constexpr(5)     # m, s, a, gumbel_best, has_nan (fp32) per (pos, split)
+_NUM_INDICES = tl.constexpr(2)   # argmax, gumbel argmax (int32) per (pos, split)
 _GUMBEL_BOUND = tl.constexpr(GUMBEL_BOUND)
 _RENOISE_STREAM = tl.constexpr(RENOISE_STREAM)
 
@@ -115,8 +115,8 @@ def _eb_partial_kernel(
     gumbel_best = tl.max(lane_gumbel, axis=0)
     gumbel_arg = tl.min(tl.where(lane_gumbel == gumbel_best, lane_gumbel_arg, _INT32_MAX), axis=0)
 
-    stats = stats_ptr + (pos * NUM_SPLITS + split) * 5
-    indices = indices_ptr + (pos * NUM_SPLITS + split) * 2
+    stats = stats_ptr + (pos * NUM_SPLITS + split) * _NUM_STATS
+    indices = indices_ptr + (pos * NUM_SPLITS + split) * _NUM_INDICES
     tl.store(stats + 0, row_max)
     tl.store(stats + 1, row_sum)
     tl.store(stats + 2, row_xlogx)
@@ -137,13 +137,13 @@ def _eb_combine_kernel(
     pos_valid = pos < num_positions
     valid = pos_valid[:, None] & (splits[None, :] < NUM_SPLITS)
     slot = pos[:, None] * NUM_SPLITS + splits[None, :]
-    part_max = tl.load(stats_ptr + slot * 5 + 0, mask=valid, other=neg_inf)
-    part_sum = tl.load(stats_ptr + slot * 5 + 1, mask=valid, other=0.0)
-    part_xlogx = tl.load(stats_ptr + slot * 5 + 2, mask=valid, other=0.0)
-    part_gumbel = tl.load(stats_ptr + slot * 5 + 3, mask=valid, other=neg_inf)
-    part_nan = tl.load(stats_ptr + slot * 5 + 4, mask=valid, other=0.0)
-    part_argmax = tl.load(indices_ptr + slot * 2 + 0, mask=valid, other=_INT32_MAX)
-    part_gumbel_arg = tl.load(indices_ptr + slot * 2 + 1, mask=valid, other=_INT32_MAX)
+    part_max = tl.load(stats_ptr + slot * _NUM_STATS + 0, mask=valid, other=neg_inf)
+    part_sum = tl.load(stats_ptr + slot * _NUM_STATS + 1, mask=valid, other=0.0)
+    part_xlogx = tl.load(stats_ptr + slot * _NUM_STATS + 2, mask=valid, other=0.0)
+    part_gumbel = tl.load(stats_ptr + slot * _NUM_STATS + 3, mask=valid, other=neg_inf)
+    part_nan = tl.load(stats_ptr + slot * _NUM_STATS + 4, mask=valid, other=0.0)
+    part_argmax = tl.load(indices_ptr + slot * _NUM_INDICES + 0, mask=valid, other=_INT32_MAX)
+    part_gumbel_arg = tl.load(indices_ptr + slot * _NUM_INDICES + 1, mask=valid, other=_INT32_MAX)
 
     row_max = tl.max(part_max, axis=1)
     argmax = tl.min(tl.where(part_max == row_max[:, None], part_argmax, _INT32_MAX), axis=1)
@@ -217,9 +217,9 @@ def entropy_bound_step(logits: torch.Tensor, canvas: torch.Tensor, entropy_bound
     config = {**entropy_bound_config(num_positions, vocab, logits.device), **(config or {})}
     block_v = config["block_v"]
     num_splits, split_size = _vocab_split(vocab, block_v, config["num_splits"])
-    stats = torch.empty(num_positions, num_splits, _NUM_STATS, dtype=torch.float32,
+    stats = torch.empty(num_positions, num_splits, _NUM_STATS.value, dtype=torch.float32,
                         device=logits.device)
-    indices = torch.empty(num_positions, num_splits, _NUM_INDICES, dtype=torch.int32,
+    indices = torch.empty(num_positions, num_splits, _NUM_INDICES.value, dtype=torch.int32,
                           device=logits.device)
     _eb_partial_kernel[(num_positions, num_splits)](
         logits, stats, indices, length, vocab, split_size,
