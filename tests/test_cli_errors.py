@@ -154,11 +154,12 @@ def errors(tiny, tmp_path_factory):
     cases["no tokenizer"] = (["run", "--explorer", bare, *FAST, "q"], {})
     blocker = tmp / "a_file"
     blocker.write_text("")
-    cases["home under a file"] = (["demo", *FAST, "--home", blocker / "home"], {})
-    cases["A2R_HOME under a file"] = (["run", "--tiny", *FAST, "q"],
+    cases["home under a file"] = (["demo", "--random-models", *FAST, "--home", blocker / "home"],
+                                  {})
+    cases["A2R_HOME under a file"] = (["run", "--tiny", "--random-models", *FAST, "q"],
                                       {"A2R_HOME": str(blocker / "home")})
     if sys.platform.startswith("linux") and os.path.isdir("/proc"):
-        cases["home in /proc"] = (["demo", *FAST, "--home", "/proc/nope"], {})
+        cases["home in /proc"] = (["demo", "--random-models", *FAST, "--home", "/proc/nope"], {})
     data = write_jsonl(tmp / "qa.jsonl", [{"question": "1+1?", "answer": 2}])
     cases["out dir missing"] = (["eval", data, "--tiny", *FAST, "--out", tmp / "missing/x.json"],
                                 {})
@@ -185,11 +186,15 @@ def test_bad_eval_line(errors, name):
 
 
 def test_question_longer_than_the_model_positions(errors):
+    # --tiny is the trained explorer (a2r/trained): the limit is read from its config.
+    from a2r.tiny import trained_models
+
+    config = json.loads((trained_models().explorer / "config.json").read_text())
+    limit = f"max_position_embeddings={config['max_position_embeddings']}"
     assert_one_line_error(errors["long question"], "the explorer prompt is", "+ 4 new tokens",
-                          "max_position_embeddings=4096", "Qwen3ForCausalLM",
+                          limit, "Qwen3ForCausalLM", "shorten the question")
+    assert_one_line_error(errors["eval long question"], "long.jsonl: question 2: ", limit,
                           "shorten the question")
-    assert_one_line_error(errors["eval long question"], "long.jsonl: question 2: ",
-                          "max_position_embeddings=4096", "shorten the question")
 
 
 # ------------------------------------------------------------------ options
@@ -264,8 +269,9 @@ def test_a_run_prints_no_warnings_and_says_when_the_models_are_random(tiny, tmp_
     shutil.copytree(tiny[1].explorer, trained_looking)
     (trained_looking / RANDOM_WEIGHTS_MARKER).unlink(missing_ok=True)
     results = run_cases(tiny, {
-        "run": (["run", "--tiny", *FAST, "2+2?"], {}),
-        "eval": (["eval", data, "--tiny", "--no-thinker", *FAST, "--no-progress"], {}),
+        "run": (["run", "--tiny", "--random-models", *FAST, "2+2?"], {}),
+        "eval": (["eval", data, "--tiny", "--random-models", "--no-thinker", *FAST, "--no-progress"],
+                 {}),
         "trained": (["run", "--explorer", trained_looking, *FAST, "--json", "2+2?"], {}),
     }, forward_allowed=True)
     for code, _, err in results.values():
