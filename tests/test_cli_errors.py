@@ -160,6 +160,8 @@ def errors(tiny, tmp_path_factory):
                                       {"A2R_HOME": str(blocker / "home")})
     if sys.platform.startswith("linux") and os.path.isdir("/proc"):
         cases["home in /proc"] = (["demo", "--random-models", *FAST, "--home", "/proc/nope"], {})
+    # The issue's own example: with the trained defaults --home does nothing, so it is refused.
+    cases["home without random models"] = (["demo", *FAST, "--home", "/proc/nope"], {})
     data = write_jsonl(tmp / "qa.jsonl", [{"question": "1+1?", "answer": 2}])
     cases["out dir missing"] = (["eval", data, "--tiny", *FAST, "--out", tmp / "missing/x.json"],
                                 {})
@@ -245,6 +247,8 @@ def test_unusable_home(errors):
     if "home in /proc" in errors:
         assert_one_line_error(errors["home in /proc"],
                               "--home /proc/nope: cannot build the embedded models")
+    assert_one_line_error(errors["home without random models"],
+                          "--home /proc/nope: only --random-models builds models under --home")
 
 
 def test_out_directory_is_created_only_when_asked(errors):

@@ -378,6 +378,9 @@ def _tiny_paths(args, thinker: bool):
 
     home = args.home
     if not getattr(args, "random_models", False):
+        if home is not None:   # an option that would do nothing is an error, not ignored
+            raise CLIError(f"--home {home}: only --random-models builds models under --home "
+                           "(the trained embedded models ship inside the package)")
         try:
             return trained_models(thinker=thinker)
         except ValueError as err:
