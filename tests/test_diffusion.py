@@ -534,3 +534,63 @@ def test_threshold_mode_syncs_once_per_step(model, monkeypatch):
     res = diffusion_generate(model, prompt, gen_length=8, block_length=4, threshold=0.9,
                              eos_token_id=[VOCAB + 7], return_details=True)
     assert counter.count <= res.num_forward_calls + 2
+
+
+# ---------------------------------------------------------------------------------- prefix-causal
+@pytest.fixture(scope="module")
+def causal_prompt_model(tmp_path_factory):
+    """The 2-layer test model with CAUSAL_PROMPT set, saved and loaded back (the flag is config)."""
+    from a2r.diffusion_model import CAUSAL_PROMPT
+
+    model = build_tiny_diffusion_model(VOCAB, MASK_ID, seed=3, num_layers=2)
+    setattr(model.config, CAUSAL_PROMPT, True)
+    path = tmp_path_factory.mktemp("tiny_diffusion_causal_prompt")
+    model.save_pretrained(path)
+    return load_diffusion_model(str(path))
+
+
+def test_causal_prompt_rows_ignore_the_canvas_and_match_a_causal_model(causal_prompt_model):
+    from a2r.diffusion_model import is_causal_prompt_model
+
+    model = causal_prompt_model
+    assert is_causal_prompt_model(model)
+    prompt = random_prompt(7, 11)
+    a = torch.cat([prompt, torch.full((1, 5), MASK_ID)], 1)
+    b = torch.cat([prompt, random_prompt(5, 12)], 1)
+    with torch.no_grad():
+        la = model(a, a2r_prompt_len=7).logits
+        lb = model(b, a2r_prompt_len=7).logits
+        full = model(a).logits   # no prompt length: fully bidirectional
+        model.config._attn_implementation = "sdpa"     # the same weights, causal
+        model.config.is_causal = True
+        try:
+            causal = model(prompt).logits
+        finally:
+            model.config._attn_implementation = A2R_ATTENTION
+            model.config.is_causal = False
+    torch.testing.assert_close(la[:, :7], lb[:, :7], rtol=0, atol=0)   # prompt rows: canvas-blind
+    torch.testing.assert_close(la[:, :7], causal, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(la[:, 7:], lb[:, 7:])                    # canvas rows see the canvas
+    assert not torch.allclose(la[:, :7], full[:, :7])                  # the flag changes the prompt
+
+
+def test_causal_prompt_prefix_cache_is_exact_for_one_block(causal_prompt_model):
+    """Its prompt K/V do not depend on the canvas: the prefix cache of one block is exact at any
+    depth (for the fully bidirectional model it is exact only with one layer)."""
+    prompt = random_prompt(9, 4, batch=2)
+    kwargs = dict(gen_length=10, block_length=10, steps=10, return_details=True)
+    exact = diffusion_generate(causal_prompt_model, prompt, cache="none", **kwargs)
+    cached = diffusion_generate(causal_prompt_model, prompt, cache="prefix", **kwargs)
+    assert torch.equal(exact.tokens, cached.tokens)
+
+
+def test_causal_prompt_mask_needs_a_full_forward():
+    from a2r.diffusion_model import _with_causal_prompt
+
+    with pytest.raises(ValueError, match="a2r_prompt_len"):
+        _with_causal_prompt(None, 3, 4, 9)
+    mask = _with_causal_prompt(None, torch.tensor([2, 0]), 4, 4)
+    assert mask.shape == (2, 1, 4, 4)
+    assert mask[0, 0].tolist() == [[True, False, False, False], [True, True, False, False],
+                                    [True, True, True, True], [True, True, True, True]]
+    assert bool(mask[1].all())

@@ -67,8 +67,8 @@ from a2r_kernels._vocab import (REMASKING, attention_geometry, eos_ids as _eos_i
                                 positive_int as _positive_int)
 
 from .diffusion_gemma import diffusion_gemma_generate, is_diffusion_gemma
-from .diffusion_model import (A2R_ATTENTION, build_tiny_diffusion_model, is_remote_code_model,
-                              load_diffusion_model, uses_a2r_attention)
+from .diffusion_model import (A2R_ATTENTION, build_tiny_diffusion_model, is_causal_prompt_model,
+                              is_remote_code_model, load_diffusion_model, uses_a2r_attention)
 
 __all__ = ["DiffusionResult", "build_tiny_diffusion_model", "diffusion_generate",
            "get_num_transfer_tokens", "load_diffusion_model"]
@@ -188,12 +188,14 @@ class _ModelRunner:
     one: position ``i`` is predicted by the output at ``i - 1``).
     """
 
-    def __init__(self, model, row_mask: torch.Tensor, positions: torch.Tensor):
+    def __init__(self, model, row_mask: torch.Tensor, positions: torch.Tensor, prompt_len: int):
         self.model = model
         self.row_mask = row_mask            # bool [R, L], False at left padding
         self.positions = positions          # int64 [R, L]
         self.has_padding = not bool(row_mask.all())
         self.ours = uses_a2r_attention(model)
+        # A prefix-causal model's forward is told where the prompt ends (diffusion_model docs).
+        self.prompt_len = prompt_len if self.ours and is_causal_prompt_model(model) else None
         self.dream = getattr(model.config, "model_type", "").lower() == "dream"
         params = inspect.signature(model.forward).parameters
         self.takes_positions = "position_ids" in params
@@ -221,6 +223,8 @@ class _ModelRunner:
                           position_ids=self.positions[:, offset:], use_cache=False)
             if prefix is not None:
                 kwargs["a2r_prefix"] = prefix
+            if self.prompt_len is not None:
+                kwargs["a2r_prompt_len"] = self.prompt_len
             if self.takes_logits_to_keep:
                 kwargs["logits_to_keep"] = keep
                 return self.model(tokens, **kwargs).logits
@@ -469,7 +473,7 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
     if use_cfg:   # rows [0, B): conditional; rows [B, 2B): unconditional (prompt -> [MASK])
         keep, positions = keep.repeat(2, 1), positions.repeat(2, 1)
     num_rows = keep.shape[0]
-    runner = _ModelRunner(model, keep, positions)
+    runner = _ModelRunner(model, keep, positions, prompt_len)
 
     prefix = None
     if cache == "prefix":

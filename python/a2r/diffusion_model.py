@@ -14,6 +14,14 @@ attention modules keep ``module.is_causal = True``, and transformers' sdpa path 
 ``is_causal=True`` whenever the mask was skipped (no padding), silently making the model causal.
 Our function never applies a causal mask.
 
+A model whose config sets :data:`CAUSAL_PROMPT` (``config.a2r_causal_prompt = True``) is a
+*prefix-causal* masked-diffusion LM: the prompt attends causally, exactly as in the autoregressive
+model it was adapted from, and the generated positions attend to the whole prompt and to each
+other (block diffusion with one block, as in Fast-dLLM v2 and BD3-LMs). Adapted from an AR
+checkpoint, it keeps that checkpoint's prompt representations, so a short fine-tune teaches it
+only the denoising; and its prompt K/V do not depend on the canvas, so the prefix cache of a
+single block is exact. Its forward takes ``a2r_prompt_len`` (the prompt's column count).
+
 The same function implements the Fast-dLLM prefix cache (``a2r.diffusion``): when the forward is
 given ``a2r_prefix=<PrefixKV>`` it either records the K/V of the prefix positions (``capture``) or
 prepends the cached prefix K/V to the current keys and values (``extend``).
@@ -27,12 +35,14 @@ import torch
 import torch.nn.functional as F
 
 A2R_ATTENTION = "a2r_bidirectional"
+CAUSAL_PROMPT = "a2r_causal_prompt"   # config flag: the prompt attends causally (module docstring)
 
 
 def a2r_bidirectional_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                                 value: torch.Tensor, attention_mask: torch.Tensor | None,
                                 scaling: float | None = None, dropout: float = 0.0,
-                                a2r_prefix=None, **kwargs) -> tuple[torch.Tensor, None]:
+                                a2r_prefix=None, a2r_prompt_len=None,
+                                **kwargs) -> tuple[torch.Tensor, None]:
     """Full (non-causal) attention, optionally over ``[cached prefix K/V ; current K/V]``.
 
     ``out[b, i, h] = sum_j softmax_j(scaling * q[b, h, i] . k[b, h // G, j] + mask[b, 0, i, j])
@@ -45,13 +55,21 @@ def a2r_bidirectional_attention(module: torch.nn.Module, query: torch.Tensor, ke
             or additive float of that shape; ``P`` is the cached prefix length (0 without one).
         a2r_prefix: None, or the loop's ``PrefixKV`` (``a2r.diffusion``): ``capture`` mode stores
             ``key/value[:, :, :P]``; ``extend`` mode returns ``cat([prefix_k, key], dim=2)``.
+        a2r_prompt_len: None (every query attends every key), or, for a prefix-causal model, an
+            int or int64 ``[B]``: query ``i < a2r_prompt_len[b]`` attends only keys ``j <= i``
+            (the prompt is causal); the others attend every key. An ``extend`` step's queries are
+            all past the prompt, so it needs no restriction.
 
     Returns:
         ``(out [B, Lq, Hq, D] in query's dtype, None)``, what transformers' attention modules
         expect.
     """
+    extending = a2r_prefix is not None and a2r_prefix.mode == "extend"
     if a2r_prefix is not None:
         key, value = a2r_prefix.attend_layer(module.layer_idx, key, value)
+    if a2r_prompt_len is not None and not extending:
+        attention_mask = _with_causal_prompt(attention_mask, a2r_prompt_len, query.shape[2],
+                                             key.shape[2])
     if attention_mask is not None and attention_mask.shape[-1] != key.shape[2]:
         raise ValueError(f"attention mask covers {attention_mask.shape[-1]} keys but attention has "
                          f"{key.shape[2]} (cached prefix + current tokens): the 2-D mask passed to "
@@ -64,6 +82,29 @@ def a2r_bidirectional_attention(module: torch.nn.Module, query: torch.Tensor, ke
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                          dropout_p=dropout, scale=scaling, is_causal=False)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _with_causal_prompt(mask: torch.Tensor | None, prompt_len, q_len: int,
+                        k_len: int) -> torch.Tensor:
+    """``mask`` (None, bool or additive ``[B, 1, q_len, k_len]``) AND ``j <= i or i >= prompt_len``
+    (bool where ``mask`` is None or bool, additive otherwise)."""
+    if q_len != k_len:
+        raise ValueError(f"a2r_prompt_len needs a full forward (queries = keys), got {q_len} "
+                         f"queries and {k_len} keys")
+    device = mask.device if mask is not None else None
+    row = torch.arange(q_len, device=device)[:, None]
+    allowed = (torch.arange(k_len, device=device)[None, :] <= row) | (
+        row >= torch.as_tensor(prompt_len, device=device).reshape(-1, 1, 1, 1))
+    if mask is None:
+        return allowed
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    return mask.masked_fill(~allowed, float("-inf"))
+
+
+def is_causal_prompt_model(model) -> bool:
+    """True for a prefix-causal masked-diffusion model (:data:`CAUSAL_PROMPT` set)."""
+    return bool(getattr(getattr(model, "config", None), CAUSAL_PROMPT, False))
 
 
 def register_a2r_attention() -> str:

@@ -2,21 +2,26 @@
 
 A question is ``What is 347 + 85 + 912 + 6?``: :data:`MIN_TERMS` to :data:`MAX_TERMS` terms of 1 to
 :data:`MAX_DIGITS` digits; the gold answer is the integer sum. The worked answer (what the explorer
-learns to write, and the synthesizer to re-derive) keeps a running sum, one addition per line, every
-number written with :data:`WIDTH` digits (leading zeros), and ends with the boxed result::
+learns to write, and the synthesizer to re-derive) keeps a running sum, one addition per line, then
+the boxed result. Every number in the working is written with :data:`WIDTH` digits, least
+significant digit first (347 is ``7430``)::
 
-    0347+0085=0432
-    0432+0912=1344
-    1344+0006=1350
+    7430+5800=2340        (0347 + 0085 = 0432)
+    2340+2190=4431        (0432 + 0912 = 1344)
+    4431+6000=0531        (1344 + 0006 = 1350)
     \\boxed{1350}
 
-The fixed width puts each digit of a sum at a fixed distance from the digits it is computed from
-(and the running sum at a fixed distance from the line above), which a tiny transformer learns in
-far fewer steps than variable-length alignment.
+Written least significant digit first, each digit of a sum depends only on digits already written
+(the carry comes from the left, as in column addition), which a causal model can learn, where most
+significant first needs the carry from digits it has not written yet; small transformers learn
+reversed addition in far fewer steps (Lee et al., 2023, "Teaching Arithmetic to Small
+Transformers"). The fixed width puts each digit at a fixed distance from the digits it is computed
+from. The box holds the answer in the usual order.
 
-Every line is a place a path can go wrong (a wrong digit or a dropped carry), and every later line
-carries that error on, so paths sampled at temperature 1 from an under-trained explorer fail in
-different places: the correct fragments are spread across paths.
+Every line is a place a path can go wrong (a term mis-copied out of the question, a wrong digit,
+a dropped carry), and every later line carries that error on, so paths sampled at temperature 1
+from an under-trained explorer fail in different places: the correct fragments are spread across
+paths.
 
 Questions are drawn from ``random.Random(seed)`` (Python's Mersenne Twister: the same on every
 platform). Training draws use :data:`TRAIN_SEED` and its offsets; the committed held-out file uses
@@ -31,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["HELDOUT_SEED", "MAX_DIGITS", "MAX_TERMS", "MIN_TERMS", "Problem", "TRAIN_SEED", "WIDTH",
-           "draw_problems", "worked_answer", "write_jsonl"]
+           "draw_problems", "reversed_digits", "worked_answer", "write_jsonl"]
 
 MIN_TERMS, MAX_TERMS, MAX_DIGITS = 3, 5, 3
 WIDTH = 4   # digits of every number in the working: the largest sum, 5 * 999, has 4
@@ -74,9 +79,15 @@ def draw_problems(count: int, seed: int) -> list[Problem]:
     return problems
 
 
+def reversed_digits(number: int) -> str:
+    """``number`` as :data:`WIDTH` digits, least significant first: ``reversed_digits(85) ==
+    "5800"``."""
+    return f"{number:0{WIDTH}d}"[::-1]
+
+
 def worked_answer(terms) -> str:
     """The chain of thought for ``terms``: one ``running+term=new`` line per term after the first
-    (numbers zero-padded to :data:`WIDTH` digits), then ``\\boxed{sum}``."""
+    (numbers as :func:`reversed_digits`), then ``\\boxed{sum}`` (usual digit order)."""
     terms = list(terms)
     if len(terms) < 2:
         raise ValueError(f"terms must hold at least 2 numbers, got {terms}")
@@ -84,7 +95,8 @@ def worked_answer(terms) -> str:
         raise ValueError(f"terms and their sum must have at most {WIDTH} digits, got {terms}")
     lines, running = [], terms[0]
     for term in terms[1:]:
-        lines.append(f"{running:0{WIDTH}d}+{term:0{WIDTH}d}={running + term:0{WIDTH}d}")
+        lines.append(f"{reversed_digits(running)}+{reversed_digits(term)}="
+                     f"{reversed_digits(running + term)}")
         running += term
     return "\n".join(lines) + f"\n\\boxed{{{running}}}"
 
