@@ -30,8 +30,9 @@ def test_task_questions_and_worked_answers():
     assert {len(p.terms) for p in problems} == {3, 4, 5}
     assert {len(str(t)) for p in problems for t in p.terms} == {1, 2, 3}
     assert task.Problem((347, 85, 912, 6)).question == "What is 347 + 85 + 912 + 6?"
+    assert task.reversed_digits(85) == "5800" and task.reversed_digits(1350) == "0531"
     assert task.worked_answer((347, 85, 912, 6)) == (
-        "0347+0085=0432\n0432+0912=1344\n1344+0006=1350\n\\boxed{1350}")
+        "7430+5800=2340\n2340+2190=4431\n4431+6000=0531\n\\boxed{1350}")
     with pytest.raises(ValueError, match="terms"):
         task.worked_answer([5])
 
@@ -64,6 +65,8 @@ def test_smoke_training_builds_loadable_deterministic_models(tmp_path):
                       thinker_block_length=8, thinker_steps=8, backend="torch")
     assert len(result.explorer.texts) == 2
     assert pipe.thinker_tokenizer.mask_token == "<|mask|>"
+    from a2r.diffusion_model import is_causal_prompt_model
+    assert is_causal_prompt_model(pipe.thinker)   # saved in its config: prefix-causal
     AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "ar_thinker")
     # Deterministic: a second run writes the same weights, byte for byte.
     train_all(tmp_path / "b", SMOKE, log=None)
@@ -113,6 +116,8 @@ def test_readme_table_matches_the_recorded_heldout_eval():
     for k, row in recorded["accuracy_by_n"].items():
         cells = " | ".join(f"{100 * row[m]:.1f}" for m in ("mean_at_1", "cons_at_n", "a2r"))
         assert re.search(rf"\| N = {k} \| {re.escape(cells)} \|", text), k
+    from a2r.train import targets_line
+    assert targets_line(recorded) in text
 
 
 def test_demo_and_tiny_use_the_trained_models(capsys):

@@ -172,7 +172,7 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
 
 def _train(model, examples: list[tuple[list[int], list[int]]], *, steps: int, batch: int,
            lr: float, seed: int, pad_id: int, mask_id: int | None, log, name: str,
-           schedule_steps: int | None = None) -> float:
+           schedule_steps: int | None = None, groups: list[list[int]] | None = None) -> float:
     """Train ``model`` on ``(prompt ids, target ids)`` pairs; loss on the target tokens only.
 
     ``mask_id=None``: causal LM loss (next token). Else masked diffusion: each row's target
@@ -186,6 +186,9 @@ def _train(model, examples: list[tuple[list[int], list[int]]], *, steps: int, ba
     from .diffusion_model import is_causal_prompt_model
 
     generator = torch.Generator().manual_seed(seed)
+    if groups is not None:
+        groups = [g for g in groups if g]
+        group_sizes = torch.tensor([len(g) for g in groups], dtype=torch.float64)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     model.train()
     tail = []
@@ -193,7 +196,11 @@ def _train(model, examples: list[tuple[list[int], list[int]]], *, steps: int, ba
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, schedule_steps or steps, lr)
-        pick = torch.randint(len(examples), (batch,), generator=generator).tolist()
+        if groups is None:
+            pick = torch.randint(len(examples), (batch,), generator=generator).tolist()
+        else:
+            members = groups[int(torch.multinomial(group_sizes, 1, generator=generator))]
+            pick = [members[i] for i in torch.randint(len(members), (batch,), generator=generator)]
         prompts = [examples[i][0] for i in pick]
         targets = [examples[i][1] for i in pick]
         ids = _pad([p + t for p, t in zip(prompts, targets)], pad_id)
@@ -328,12 +335,13 @@ def train_all(out_dir: str | os.PathLike, config: TrainConfig = FULL, *, log=pri
 
     # 3. Synthesizer data.
     rng = random.Random(config.seed + 3)
-    synth_examples = []
+    synth_examples, synth_groups = [], {}    # groups: example indices by reference count
     for problem, refs, row in zip(ref_problems, references, answers):
         target = encode(worked_answer(problem.terms)) + eos
         for _ in range(config.examples_per_question):
             draw = rng.random()
             if draw < config.alone_fraction:
+                k = 0
                 prompt = pipe.synthesizer_alone_prompt(problem.question)
             else:
                 k = rng.choice(_reference_counts(config.paths))
@@ -345,13 +353,15 @@ def train_all(out_dir: str | os.PathLike, config: TrainConfig = FULL, *, log=pri
                              else rng.choice(wrong))
                 prompt = pipe.synthesizer_prompt(problem.question, [refs[i] for i in chosen],
                                                  trace)
+            synth_groups.setdefault(k, []).append(len(synth_examples))
             synth_examples.append((encode(prompt), target))
     # 4. Thinkers: the same examples, the same steps; NAR (masked diffusion) and AR.
-    thinker_examples = []
+    thinker_examples, thinker_groups = [], {}
     for problem, refs in zip(ref_problems, references):
         for _ in range(config.examples_per_question):
             k = rng.choice(_reference_counts(config.paths))
             chosen = rng.sample(range(config.paths), k)
+            thinker_groups.setdefault(k, []).append(len(thinker_examples))
             thinker_examples.append((encode(pipe.thinker_prompt(problem.question,
                                                                  [refs[i] for i in chosen])),
                                      encode(problem.gold)))
@@ -359,15 +369,16 @@ def train_all(out_dir: str | os.PathLike, config: TrainConfig = FULL, *, log=pri
     jobs = {
         "synthesizer": dict(examples=synth_examples, steps=config.synth_steps,
                             batch=config.synth_batch, lr=config.synth_lr, seed=config.seed + 4,
-                            pad_id=pad, mask_id=None),
+                            pad_id=pad, mask_id=None, groups=list(synth_groups.values())),
         "thinker": dict(examples=[(p, t + eos * (TRACE_LENGTH - len(t)))
                                   for p, t in thinker_examples],
                         steps=config.thinker_steps, batch=config.thinker_batch,
                         lr=config.thinker_lr, seed=config.seed + 5, pad_id=pad,
-                        mask_id=tokenizer.mask_token_id),
+                        mask_id=tokenizer.mask_token_id, groups=list(thinker_groups.values())),
         "ar_thinker": dict(examples=[(p, t + eos) for p, t in thinker_examples],
                            steps=config.thinker_steps, batch=config.thinker_batch,
-                           lr=config.thinker_lr, seed=config.seed + 5, pad_id=pad, mask_id=None),
+                           lr=config.thinker_lr, seed=config.seed + 5, pad_id=pad, mask_id=None,
+                           groups=list(thinker_groups.values())),
     }
 
     # 5. Train them (side by side in forked workers when config.workers > 1; each job's result
@@ -474,7 +485,8 @@ def record_eval(directory: Path, *, shards: int = 1, log=print) -> dict:
         entry = {"argv": argv,
                  "command": "a2r eval python/a2r/trained/heldout.jsonl " + " ".join(argv)
                  + " --out results.json --plot accuracy_vs_n.png",
-                 "num_questions": summary["num_questions"], "accuracy": summary["accuracy"],
+                 "num_questions": summary["num_questions"], "num_paths": summary["num_paths"],
+                 "accuracy": summary["accuracy"],
                  "accuracy_by_n": summary["accuracy_by_n"], "checkers": summary["checkers"],
                  "seconds_per_question": summary["seconds_per_question"]}
         if limit:
@@ -494,7 +506,18 @@ def readme_table(recorded: dict) -> str:
     lines += [f"| N = {k} | " + " | ".join(f"{100 * row[m]:.1f}" for m in
                                            ("mean_at_1", "cons_at_n", "a2r")) + " |"
               for k, row in recorded["accuracy_by_n"].items()]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + targets_line(recorded)
+
+
+def targets_line(recorded: dict) -> str:
+    """The issue's targets, as measured by a recorded held-out eval (points = percent)."""
+    acc, at4 = recorded["accuracy"], recorded["accuracy_by_n"]["4"]
+    points = lambda a, b: f"{100 * (a - b):+.1f}"   # noqa: E731
+    return (f"Targets: A2R - Cons@4 = {points(at4['a2r'], at4['cons_at_n'])} points at N = 4 "
+            f"(target >= +5; {points(acc['a2r'], acc['cons_at_n'])} at N = {recorded['num_paths']}), "
+            f"A2R - synthesizer alone = {points(acc['a2r'], acc['synthesizer_alone'])} points "
+            f"(target >= +5), NAR->AR - AR->AR = {points(acc['nar_ar'], acc['ar_ar'])} points "
+            "(target > 0).")
 
 
 def main(argv: list[str] | None = None) -> int:
