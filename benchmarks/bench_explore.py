@@ -81,7 +81,7 @@ def run_ours(model, ids, n, new_tokens, block_size, cuda_graphs=None) -> int:
     """The explorer; ``cuda_graphs`` as in ``TreeDecoder`` (None: captured on CUDA)."""
     blocks = max(tree_blocks_needed(ids.shape[1], [n], [new_tokens], block_size), 1)
     dec = akhf.TreeDecoder(model, blocks, block_size=block_size, cuda_graphs=cuda_graphs)
-    res = explore(model, ids, [n], new_tokens, **SAMPLING, seed=0, eos_token_id=[], decoder=dec)
+    res = explore(dec, ids, [n], new_tokens, **SAMPLING, seed=0, eos_token_id=[])
     assert all(len(s) == new_tokens for s in res.sequences)
     return res.peak_kv_bytes
 

@@ -21,7 +21,7 @@ from transformers.generation.logits_process import (TemperatureLogitsWarper,  # 
 import a2r  # noqa: E402
 import a2r_kernels as ak  # noqa: E402
 import a2r_kernels.hf as akhf  # noqa: E402
-from a2r.explore import explore, explore_from, sample_tree, tree_blocks_needed  # noqa: E402
+from a2r.explore import explore, tree_blocks_needed  # noqa: E402
 from a2r.sampling import sample_tokens, warp_logits  # noqa: E402
 from _helpers import ForwardLog, HostReads  # noqa: E402
 
@@ -357,7 +357,8 @@ def test_default_pool_is_exact_and_peak_matches_formula(qwen3):
 def test_multilevel_greedy_leaves_equal_generate(model):
     ids = _prompt(10, seed=5)
     expected = _generate(model, ids, 9)
-    leaves = sample_tree(model, ids, [2, 3], [4, 5], temperature=0, eos_token_id=[], block_size=4)
+    leaves = explore(model, ids, [2, 3], [4, 5], temperature=0, eos_token_id=[],
+                     block_size=4).sequences
     assert leaves == [expected] * 6
 
 
@@ -400,7 +401,7 @@ def test_prefill_reuses_cached_blocks_and_matches_a_fresh_prefill(model):
     assert log.shapes == [(1, 110 - 96)] and dec.cache.blocks_used() == 7
     torch.testing.assert_close(logits, fresh.prefill(first)[1], atol=1e-5, rtol=1e-5)
     dec.free(c)
-    res = explore(model, first, [2], 6, decoder=dec, temperature=0, eos_token_id=[])
+    res = explore(dec, first, [2], 6, temperature=0, eos_token_id=[])
     assert res.sequences == [_generate(model, first, 6)] * 2
 
 
@@ -472,7 +473,7 @@ def test_one_host_read_per_step_with_eos(qwen3):
 
 # ---------------------------------------------------------------------------- parent sequences
 @pytest.mark.parametrize("shared,block_size", [(1, 4), (9, 4), (8, 8), (13, 16)])
-def test_explore_from_parent_equals_generate(model, shared, block_size):
+def test_explore_below_a_parent_equals_generate(model, shared, block_size):
     """Two prompts that share a prefix: the prefix is prefilled once as a parent, each prompt's
     rest is appended to a fork of it, and greedy branches equal generate on the whole prompt.
     Only the rest is forwarded; the pool holds exactly the parent + one exploration at a time."""
@@ -484,59 +485,72 @@ def test_explore_from_parent_equals_generate(model, shared, block_size):
     dec = akhf.TreeDecoder(model, parent_blocks + need, block_size=block_size, backend="torch")
     parent, _ = dec.prefill(first[:, :shared])
     with ForwardLog(model) as log:
-        res = explore_from(dec, first[:, shared:], [3], 8, parent=parent, keep_parent=True,
-                           temperature=0, eos_token_id=[])
+        res = explore(dec, first[:, shared:], [3], 8, parent=parent, keep_parent=True,
+                      temperature=0, eos_token_id=[])
     assert res.sequences == [_generate(model, first, 8)] * 3
     assert log.shapes[0] == (1, 21 - shared) and all(t == 1 for _, t in log.shapes[1:])
     assert res.reused_prefix_tokens == shared and res.prompt_len == 21 - shared
     assert res.peak_blocks_used <= parent_blocks + need == res.num_blocks
     assert dec.cache.sequences == [parent] and dec.cache.blocks_used() == parent_blocks
-    res = explore(model, second[:, shared:], [2], 8, decoder=dec, parent=parent,
-                  temperature=0, eos_token_id=[])                  # keep_parent=False: freed
+    res = explore(dec, second[:, shared:], [2], 8, parent=parent, temperature=0,
+                  eos_token_id=[])                  # keep_parent=False: freed
     assert res.sequences == [_generate(model, second, 8)] * 2
     assert dec.cache.sequences == [] and dec.cache.blocks_used() == 0
 
 
-def test_explore_from_parent_samples_like_a_fresh_prefill(qwen3):
+def test_explore_below_a_parent_samples_like_a_fresh_prefill(qwen3):
     ids = _prompt(19, seed=12)
     fresh = a2r.sample_parallel(qwen3, ids, 4, 9, temperature=1.0, seed=3, eos_token_id=[])
     dec = akhf.TreeDecoder(qwen3, 32, block_size=4, backend="torch")
     parent, _ = dec.prefill(ids[:, :7])
-    res = explore_from(dec, ids[:, 7:], [4], 9, parent=parent, temperature=1.0, seed=3,
-                       eos_token_id=[])
+    res = explore(dec, ids[:, 7:], [4], 9, parent=parent, temperature=1.0, seed=3,
+                  eos_token_id=[])
     assert res.sequences == fresh and len({tuple(s) for s in fresh}) > 1
 
 
 @pytest.mark.parametrize("keep_parent", [True, False])
-def test_explore_from_frees_its_sequences_when_the_pool_is_full(qwen3, keep_parent):
+def test_explore_frees_its_sequences_when_the_pool_is_full(qwen3, keep_parent):
     ids = _prompt(15, seed=13)
     need = math.ceil(6 / 4) + tree_blocks_needed(9, [3], [10], 4)
     dec = akhf.TreeDecoder(qwen3, need - 1, block_size=4, backend="torch")
     parent, _ = dec.prefill(ids[:, :6])
     with pytest.raises(ak.CacheFullError):
-        explore_from(dec, ids[:, 6:], [3], 10, parent=parent, keep_parent=keep_parent,
-                     temperature=0, eos_token_id=[])
+        explore(dec, ids[:, 6:], [3], 10, parent=parent, keep_parent=keep_parent,
+                temperature=0, eos_token_id=[])
     assert dec.cache.sequences == ([parent] if keep_parent else [])
     assert dec.cache.blocks_used() == (2 if keep_parent else 0)
 
 
-def test_explore_from_bad_input(qwen3):
+def test_explore_in_a_decoder_bad_input(qwen3):
     ids = _prompt(6)
     dec = akhf.TreeDecoder(qwen3, 16, block_size=4, backend="torch")
     parent, _ = dec.prefill(ids)
-    with pytest.raises(ValueError, match="parent needs decoder"):
+    with pytest.raises(ValueError, match="parent needs a TreeDecoder"):
         explore(qwen3, ids, [2], 3, parent=parent)
     with pytest.raises(ValueError, match="keep_parent=True needs parent"):
-        explore_from(dec, ids, [2], 3, keep_parent=True)
-    with pytest.raises(ValueError, match="decoder must be a TreeDecoder over model"):
-        explore(torch.nn.Linear(2, 2), ids, [2], 3, decoder=dec)
-    with pytest.raises(ValueError, match="decoder must be an a2r_kernels.hf.TreeDecoder"):
-        explore_from(qwen3, ids, [2], 3)
+        explore(dec, ids, [2], 3, keep_parent=True)
+    # A decoder's pool, block size and backend are its own: giving one is an error, not ignored.
+    for name, value in (("num_blocks", 64), ("block_size", 8), ("backend", "torch")):
+        with pytest.raises(ValueError, match=f"{name} must not be given with a TreeDecoder"):
+            explore(dec, ids, [2], 3, **{name: value})
+        with pytest.raises(ValueError, match=f"{name} must not be given with a TreeDecoder"):
+            a2r.sample_parallel(qwen3, ids, 2, 3, decoder=dec, **{name: value})
+    with pytest.raises(ValueError, match="decoder must be an a2r_kernels.hf.TreeDecoder over model"):
+        a2r.sample_parallel(torch.nn.Linear(2, 2), ids, 2, 3, decoder=dec)
+    with pytest.raises(ValueError, match="decoder must be an a2r_kernels.hf.TreeDecoder over model"):
+        a2r.sample_parallel(qwen3, ids, 2, 3, decoder=qwen3)
     with pytest.raises(ValueError, match="input_ids"):
-        explore_from(dec, ids[:, :0], [2], 3, parent=parent, keep_parent=True)
+        explore(dec, ids[:, :0], [2], 3, parent=parent, keep_parent=True)
+    with pytest.raises(ValueError, match="widths"):
+        explore(dec, ids, [2, 0], 3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        explore(dec, ids, [2, 2], [3])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        explore(dec, ids, [2, 2], [0, 3])
+    assert dec.cache.sequences == [parent]
     dec.free(parent)
-    with pytest.raises(ValueError, match="parent must be a live sequence of decoder.*freed"):
-        explore_from(dec, ids, [2], 3, parent=parent)
+    with pytest.raises(ValueError, match="parent must be a live sequence of the decoder.*freed"):
+        explore(dec, ids, [2], 3, parent=parent)
     assert dec.cache.blocks_used() == 0
 
 
