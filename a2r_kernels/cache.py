@@ -139,10 +139,11 @@ class TreeKVCache:
         self.device = self.k_pool.device   # normalised ("cuda" -> "cuda:0")
         self.k = [self.k_pool[layer] for layer in range(num_layers)]
         self.v = [self.v_pool[layer] for layer in range(num_layers)]
-        # [num_layers, num_slots, num_kv_heads, head_dim]: what write() scatters into.
+        # Per layer, a view [num_slots, num_kv_heads, head_dim]: what write() scatters into (a
+        # list, so the per-layer write indexes no tensor).
         slots_shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
-        self._k_slots = self.k_pool.view(slots_shape)
-        self._v_slots = self.v_pool.view(slots_shape)
+        self._k_slots = list(self.k_pool.view(slots_shape))
+        self._v_slots = list(self.v_pool.view(slots_shape))
 
         # Min-heap of free never-keyed block ids: lowest block first, so runs are reproducible.
         self._free_blocks: list[int] = list(range(num_blocks))
@@ -598,6 +599,25 @@ class TreeKVCache:
         return (self._k_slots[layer].index_select(0, slots),
                 self._v_slots[layer].index_select(0, slots))
 
+    def _step_tree(self, seqs) -> tuple[list[_Node], list[list[int]]]:
+        """The tree of one decode step of ``seqs`` without its kernel plan: the nodes on their
+        paths, numbered 0..M-1 in order of first appearance (each has ``.length`` tokens in
+        ``.blocks``), and each seq's path as those numbers, root first. :meth:`layout` plans it;
+        the torch backend's model runner reads it directly. Valid until the next mutation."""
+        local_id: dict[_Node, int] = {}
+        nodes: list[_Node] = []
+        paths: list[list[int]] = []
+        for i, seq in enumerate(self._seq_list(seqs)):
+            path = []
+            for node in self._node(seq, i).path:
+                j = local_id.get(node)
+                if j is None:
+                    j = local_id[node] = len(nodes)
+                    nodes.append(node)
+                path.append(j)
+            paths.append(path)
+        return nodes, paths
+
     def layout(self, seqs, kv_chunk_size: int | None = None,
                max_seqs_per_item: int | None = None) -> TreeLayout:
         """The :class:`TreeLayout` of one decode step of ``seqs`` (in that order) over this cache.
@@ -611,21 +631,8 @@ class TreeKVCache:
         """
         chunk = _kv_chunk(kv_chunk_size, self.block_size)
         seqs_per_item = _seqs_per_item(max_seqs_per_item)
-        seq_ids = self._seq_list(seqs)
-        local_id: dict[_Node, int] = {}
-        nodes: list[_Node] = []
-        lengths: list[int] = []
-        paths: list[list[int]] = []
-        for i, seq in enumerate(seq_ids):
-            path = []
-            for node in self._node(seq, i).path:
-                j = local_id.get(node)
-                if j is None:
-                    j = local_id[node] = len(nodes)
-                    nodes.append(node)
-                    lengths.append(node.length)
-                path.append(j)
-            paths.append(path)
+        nodes, paths = self._step_tree(seqs)
+        lengths = [node.length for node in nodes]
         page_starts, page_table, max_block_id = self._tables.sync(nodes,
                                                                   operator.attrgetter("blocks"))
         # Host copies of the tables only when asked for (the torch reference, tests). The first

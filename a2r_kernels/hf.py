@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from itertools import chain
 from typing import Sequence
 
 import numpy as np
@@ -109,75 +110,66 @@ class _TorchDecodePlan:
     """The ``"torch"`` backend's tree decode attention for one step, planned once for all layers.
 
     For sequence ``i`` of the step, ``out[i] = sum_t softmax_t(sm_scale * q_i . k_t) v_t`` over
-    the tokens of its path (API.md section 2), in fp32, as one softmax over two key sets:
+    the tokens of its path (API.md section 2), as one ``scaled_dot_product_attention`` per layer
+    over the step's whole tree:
 
-    - *private*: the tokens of the nodes only ``i`` reads, gathered per sequence:
-      ``private`` int64 ``[S, Tp]`` flat pool slots (padding -> slot 0, masked);
-    - *shared*: the tokens of every node two or more sequences read, concatenated and gathered
-      once per layer for all of them: ``shared`` int64 ``[Ts]``, each node's KV read once;
-    - ``invalid`` bool ``[S, 1, 1, Tp + Ts]``: padding, and shared tokens of nodes ``i`` does not
-      read. Every row has a valid key (the step's own token, reserved before the plan).
+    - ``slots`` int64 ``[T]``: the flat pool slot of every token of the nodes on the step's paths,
+      each node once: a prompt shared by every branch is gathered once per layer;
+    - ``mask`` ``[S, T]`` in the pool's dtype: 0 where row ``i``'s path holds token ``t``, ``-inf``
+      elsewhere (the other branches' tokens). Every row has a key (its own reserved token);
+    - ``positions`` int64 ``[S]``: each row's path length minus one, its new token's position.
 
-    Per layer that is about 25 aten ops, against about 80 for the node-by-node reference with its
-    LSE merges (:func:`a2r_kernels.reference.tree_decode_attention`), which it equals up to fp32
-    rounding.
+    The ``S`` queries are the rows of one batch, ``[1, Hq, S, D]``, against the keys ``[1, Hkv,
+    T, D]`` (GQA by SDPA's ``enable_gqa``): a handful of aten ops per layer, where attending row
+    by row needs each shared token gathered once per row. The price is the masked scores, ``S * T``
+    instead of each row's own path length: a compute choice of this backend, which grows with the
+    siblings' tokens. The cache still stores every token once; the Triton and CUDA kernels read
+    each row's path only.
     """
 
-    def __init__(self, layout):
-        # Built on the host from the layout's lists (numpy), then three copies to the device:
-        # O(nodes + tokens) host work, a handful of tensor ops per step whatever the fan-out.
-        bs, lengths, tables = layout.block_size, layout.node_lengths, layout.node_block_tables
-        readers: dict[int, list[int]] = {}
-        for i, path in enumerate(layout.paths):
-            for j in path:
-                if lengths[j]:
-                    readers.setdefault(j, []).append(i)
+    def __init__(self, paths: list[list[int]], node_lengths: list[int],
+                 node_block_tables: list[list[int]], block_size: int, dtype: torch.dtype,
+                 device):
+        # Host work in numpy, a few array ops whatever the tree: O(blocks + S * T) per step.
+        lengths = np.asarray(node_lengths, dtype=np.int64)                     # [M]
+        num_blocks = -(-lengths // block_size)
+        blocks = np.fromiter(chain.from_iterable(
+            table[:count] for table, count in zip(node_block_tables, num_blocks.tolist())),
+            dtype=np.int64, count=int(num_blocks.sum()))
+        slots = (blocks[:, None] * block_size + np.arange(block_size)).reshape(-1)
+        # Each node's token t sits at slot t of its run of blocks: drop its last block's tail.
+        offset = np.arange(slots.shape[0]) - np.repeat(
+            (np.cumsum(num_blocks) - num_blocks) * block_size, num_blocks * block_size)
+        slots = slots[offset < np.repeat(lengths, num_blocks * block_size)]
+        # reads[i, j]: row i's path holds node j; expanded to the nodes' tokens, in slot order.
+        reads = np.zeros((len(paths), lengths.shape[0]), dtype=bool)
+        reads[np.repeat(np.arange(len(paths)), [len(path) for path in paths]),
+              np.fromiter(chain.from_iterable(paths), dtype=np.int64)] = True
+        self.slots = torch.from_numpy(slots).to(device)
+        self.mask = torch.zeros(len(paths), slots.shape[0], dtype=dtype).masked_fill_(
+            torch.from_numpy(~np.repeat(reads, lengths, axis=1)), float("-inf")).to(device)
+        self.positions = torch.from_numpy(reads @ lengths - 1).to(device)
 
-        def node_slots(j: int) -> np.ndarray:
-            table = np.asarray(tables[j][:-(-lengths[j] // bs)], dtype=np.int64)
-            return (table[:, None] * bs + np.arange(bs)).reshape(-1)[:lengths[j]]
+    @classmethod
+    def from_layout(cls, layout, dtype: torch.dtype) -> "_TorchDecodePlan":
+        return cls(layout.paths, layout.node_lengths, layout.node_block_tables,
+                   layout.block_size, dtype, layout.device)
 
-        own = [[j for j in path if len(readers.get(j, ())) == 1] for path in layout.paths]
-        private = np.zeros((len(own), max((sum(lengths[j] for j in p) for p in own), default=0)),
-                           dtype=np.int64)
-        private_valid = np.zeros(private.shape, dtype=bool)
-        for i, nodes in enumerate(own):
-            if nodes:
-                row = np.concatenate([node_slots(j) for j in nodes])
-                private[i, :row.shape[0]] = row
-                private_valid[i, :row.shape[0]] = True
-        shared_nodes = [j for j, seqs in readers.items() if len(seqs) > 1]
-        shared = (np.concatenate([node_slots(j) for j in shared_nodes]) if shared_nodes
-                  else np.zeros(0, dtype=np.int64))
-        shared_valid = np.zeros((len(own), shared.shape[0]), dtype=bool)
-        offset = 0
-        for j in shared_nodes:
-            shared_valid[readers[j], offset:offset + lengths[j]] = True
-            offset += lengths[j]
-        device = layout.device
-        self.private = torch.from_numpy(private).to(device)
-        self.shared = torch.from_numpy(shared).to(device)
-        valid = np.concatenate([private_valid, shared_valid], axis=1)
-        self.invalid = torch.from_numpy(~valid).to(device)[:, None, None, :]
-
-    def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                sm_scale: float) -> torch.Tensor:
-        """q ``[S, Hq, D]``; pools ``[num_blocks, block_size, Hkv, D]`` (contiguous) -> out
-        ``[S, Hq, D]`` in q's dtype."""
-        num_seqs, num_q_heads, head_dim = q.shape
-        num_kv_heads = k_pool.shape[2]
-        k_flat = k_pool.view(-1, num_kv_heads, head_dim)
-        v_flat = v_pool.view(-1, num_kv_heads, head_dim)
-        qf = q.float().reshape(num_seqs, num_kv_heads, -1, head_dim) * sm_scale
-        k_private, v_private = k_flat[self.private].float(), v_flat[self.private].float()
-        k_shared, v_shared = k_flat[self.shared].float(), v_flat[self.shared].float()
-        scores = torch.cat([torch.einsum("shgd,sthd->shgt", qf, k_private),
-                            torch.einsum("shgd,thd->shgt", qf, k_shared)], dim=-1)
-        probs = scores.masked_fill_(self.invalid, float("-inf")).softmax(dim=-1)
-        num_private = self.private.shape[1]
-        out = (torch.einsum("shgt,sthd->shgd", probs[..., :num_private], v_private)
-               + torch.einsum("shgt,thd->shgd", probs[..., num_private:], v_shared))
-        return out.reshape(num_seqs, num_q_heads, head_dim).to(q.dtype)
+        """query ``[S, Hq, 1, D]`` (the model's, any float dtype); keys, values: a layer's pools
+        viewed as ``[num_blocks * block_size, Hkv, D]`` (the flat slots) -> ``[S, 1, Hq, D]`` in
+        query's dtype (softmax in the pool's dtype, as SDPA computes it)."""
+        q = query.transpose(0, 2)   # [1, Hq, S, D]
+        if q.dtype != keys.dtype:   # a pool narrower than the model (dtype=), or autocast
+            q = q.to(keys.dtype)
+        # Gather along the contiguous slot dim (several times faster than along a strided one).
+        k = keys.index_select(0, self.slots).transpose(0, 1).unsqueeze(0)   # [1, Hkv, T, D]
+        v = values.index_select(0, self.slots).transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=sm_scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        out = out.permute(2, 0, 1, 3)   # [S, 1, Hq, D]
+        return out if out.dtype == query.dtype else out.to(query.dtype)
 
 
 class TreeCache(Cache):
@@ -202,12 +194,16 @@ class TreeCache(Cache):
         self._path_slots: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._torch_plan: _TorchDecodePlan | None = None
         self._static: _StaticDecode | None = None
+        # Per layer, the pools' flat slot views [num_slots, Hkv, D] the torch plan gathers from.
+        self._flat_pools = [(k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:]))
+                            for k, v in zip(tree.k, tree.v)]
 
     def begin_static(self, static: "_StaticDecode", layout) -> None:
         """Begin a forward of a padded decode batch over ``static``'s buffers (its slots, its
-        row map for the K/V writes, its attention)."""
+        row map for the K/V writes, its attention: the wrapper planned for ``layout``, or the
+        torch backend's plan)."""
         self.begin([], [], static.slots[:static.batch], 1)
-        self._layout, self._static = layout, static
+        self._layout, self._static, self._torch_plan = layout, static, static.torch_plan
 
     # ---------------------------------------------------------------- per-forward state
     def begin(self, seqs: Sequence[int], past_lengths: Sequence[int], slots: torch.Tensor,
@@ -219,8 +215,8 @@ class TreeCache(Cache):
         self._layout = layout
         self._path_slots = None   # extend with past: per-row slots and masks, built on layer 0
         # The torch backend's attention plan, once per step (not per layer).
-        self._torch_plan = (_TorchDecodePlan(layout) if layout is not None
-                            and self.backend == "torch" else None)
+        self._torch_plan = (_TorchDecodePlan.from_layout(layout, self.tree.dtype)
+                            if layout is not None and self.backend == "torch" else None)
 
     def end(self) -> None:
         self._seqs, self._past_lengths, self._slots, self._layout = [], [], None, None
@@ -247,9 +243,13 @@ class TreeCache(Cache):
             # Padding rows write row 0's K/V into row 0's slot.
             rows = self._static.row_source[:batch]
             k, v = k.index_select(0, rows), v.index_select(0, rows)
+        if k.dtype != dtype:
+            k, v = k.to(dtype), v.to(dtype)
         # The slots come from this forward's reserve and the shapes were checked above: the
         # unchecked scatter (write's range check would cost two reductions per layer).
-        self.tree._scatter(layer_idx, self._slots, k.to(dtype), v.to(dtype))
+        self.tree._scatter(layer_idx, self._slots, k, v)
+        if self._torch_plan is not None:
+            return self._flat_pools[layer_idx]
         if self._layout is None and not any(self._past_lengths):
             return key_states, value_states
         return self.tree.k[layer_idx], self.tree.v[layer_idx]
@@ -271,12 +271,11 @@ class TreeCache(Cache):
                scaling: float) -> torch.Tensor:
         """Attention of this forward's queries ``[B, Hq, T, D]`` -> ``[B, T, Hq, D]``."""
         layer = module.layer_idx
+        if self._torch_plan is not None:   # decode on the torch backend: the step's plan
+            return self._torch_plan.attend(query, key, value, scaling)   # the flat pool views
         if self._static is not None:     # padded decode batch: the step's wrapper plan
             return self._static.attend(layer, query[:, :, 0, :].to(key.dtype), key, value,
                                        scaling).to(query.dtype).unsqueeze(1)
-        if self._torch_plan is not None:   # decode on the torch backend: the step's plan
-            return self._torch_plan.attend(query[:, :, 0, :].to(key.dtype), key, value,
-                                           scaling).to(query.dtype).unsqueeze(1)
         if self._layout is not None:     # decode: one token per sequence, tree attention
             from .attention import tree_decode_attention
 
@@ -373,8 +372,10 @@ class _StaticDecode:
 
     Attention: one :class:`~a2r_kernels.TreeAttentionWrapper` planned once per step (outside the
     graph) and run by every layer; its padding rows come out 0. The ``"torch"`` backend (never
-    captured) runs the step's :class:`_TorchDecodePlan` over the live rows instead, since the
-    wrapper's torch backend is the node-by-node reference with about 3x the ops.
+    captured) runs the step's :class:`_TorchDecodePlan` instead, planned from the cache's tree
+    without a :class:`~a2r_kernels.TreeLayout` (whose kernel plan it does not read), a padding row
+    attending over row 0's path; the wrapper's torch backend is the node-by-node reference with
+    several times the ops.
 
     With graphs, the first step of a bucket runs eagerly (compiling the kernels), then the
     bucket's whole forward, all layers, is captured into a ``torch.cuda.CUDAGraph`` (one memory
@@ -411,11 +412,20 @@ class _StaticDecode:
         self.capacity, self.wrapper = capacity, None
         self._drop_graphs()
 
-    def _plan(self, layout) -> None:
+    def _plan(self, seqs: list[int]):
+        """Plan the step's attention; returns its layout (None for the torch backend) and the
+        rows' positions, int64 ``[n]`` or more on the device."""
         dec = self.decoder
         if dec.backend == "torch":
-            self.torch_plan = _TorchDecodePlan(layout)
-            return
+            nodes, paths = dec.cache._step_tree(seqs)
+            paths += [paths[0]] * (self.batch - len(paths) if self.padded else 0)
+            self.torch_plan = _TorchDecodePlan(
+                paths, [node.length for node in nodes], [node.blocks for node in nodes],
+                dec.cache.block_size, dec.cache.dtype, dec.device)
+            return None, self.torch_plan.positions
+        layout = dec.cache.layout(seqs)
+        # seq_lens counts the reserved token: position = seq_lens - 1, on the device.
+        positions = layout.seq_lens - 1
         from .wrapper import TreeAttentionWrapper, default_capacities
 
         w = self.wrapper
@@ -438,19 +448,14 @@ class _StaticDecode:
                 max_partials=max(partials, 2 * layout.num_partials, old[3]))
             self._drop_graphs()
         self.wrapper.plan(layout)
+        return layout, positions
 
     def attend(self, layer: int, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                scaling: float) -> torch.Tensor:
-        """q ``[B, Hq, D]`` in the pool's dtype -> ``[B, Hq, D]`` (padding rows 0)."""
+        """The wrapper's attention: q ``[B, Hq, D]`` in the pool's dtype -> ``[B, Hq, D]``
+        (padding rows 0)."""
         out = self.attn_out[layer, :q.shape[0]]
-        if self.torch_plan is None:
-            return self.wrapper.run(q, k_pool, v_pool, out=out, sm_scale=scaling)
-        n = self.num_live
-        if not self.padded:
-            return self.torch_plan.attend(q, k_pool, v_pool, scaling)
-        out[:n] = self.torch_plan.attend(q[:n], k_pool, v_pool, scaling)
-        out[n:].zero_()
-        return out
+        return self.wrapper.run(q, k_pool, v_pool, out=out, sm_scale=scaling)
 
     def _forward(self, layout) -> torch.Tensor:
         dec = self.decoder
@@ -460,26 +465,25 @@ class _StaticDecode:
         finally:
             dec.hf_cache.end()
 
-    def prepare(self, slots: torch.Tensor, layout) -> None:
-        """Plan the decode step of ``layout``'s ``n`` sequences, whose tokens are reserved
+    def prepare(self, slots: torch.Tensor, seqs: list[int]) -> None:
+        """Plan the decode step of the ``n`` sequences ``seqs``, whose tokens are reserved
         (``slots`` int64 ``[n]``): the attention plan and every static buffer but the input ids.
         Host work and copies in stream order only, so it may run while the last step is still on
         the GPU; :meth:`launch` runs the step."""
-        n = layout.num_seqs
+        n = len(seqs)
         if n > self.capacity:
             self._grow(n)
         batch = _batch_bucket(n)
         self.num_live, self.batch = n, batch
         # Eager steps of a full bucket skip the padding ops; a graph serves every n of its bucket.
         self.padded = self.use_graphs or batch > n
-        self._plan(layout)
-        self.layout = layout
-        # seq_lens counts the reserved token: position = seq_lens - 1, on the device.
-        self.positions[:n, 0].copy_(layout.seq_lens - 1)
+        self.layout, positions = self._plan(seqs)
+        self.positions[:n, 0].copy_(positions[:n])
         self.slots[:n].copy_(slots)
-        self.slots[n:batch].copy_(slots[:1].expand(batch - n))
-        self.row_source[:n].copy_(self._rows[:n])
-        self.row_source[n:batch].zero_()
+        if self.padded:
+            self.slots[n:batch].copy_(slots[:1].expand(batch - n))
+            self.row_source[:n].copy_(self._rows[:n])
+            self.row_source[n:batch].zero_()
 
     def launch(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Run the step :meth:`prepare` planned on ``token_ids`` ``[n]`` (on the device). Returns
@@ -659,7 +663,7 @@ class TreeDecoder:
 
     def _prepare(self, seqs: list[int], slots: torch.Tensor) -> None:
         try:
-            self._static.prepare(slots, self.cache.layout(seqs))
+            self._static.prepare(slots, seqs)
         except BaseException:   # as in extend: the sequences keep no unwritten token
             self.cache._unreserve(seqs, 1)
             raise

@@ -409,7 +409,7 @@ def test_prefill_reuses_cached_blocks_and_matches_a_fresh_prefill(model):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tree", ["fork", "two_levels", "duplicate_rows", "empty_root"])
 def test_torch_decode_plan_equals_tree_decode_attention(dtype, tree):
-    """The torch backend's once-per-step plan (one softmax over private + shared keys) equals
+    """The torch backend's once-per-step plan (one SDPA over the step's tokens, masked) equals
     ak.tree_decode_attention's reference on trees with shared nodes at several depths, a node
     of no tokens, repeated rows, GQA 6/2 and odd lengths."""
     g = torch.Generator().manual_seed(3)
@@ -431,7 +431,8 @@ def test_torch_decode_plan_equals_tree_decode_attention(dtype, tree):
     q = torch.randn(layout.num_seqs, 6, 8, generator=g).to(dtype)
     expected = ak.tree_decode_attention(q, cache.k[0], cache.v[0], layout, sm_scale=0.3,
                                         backend="torch")
-    got = akhf._TorchDecodePlan(layout).attend(q, cache.k[0], cache.v[0], 0.3)
+    plan = akhf._TorchDecodePlan.from_layout(layout, dtype)
+    got = plan.attend(q[:, :, None], cache.k[0].flatten(0, 1), cache.v[0].flatten(0, 1), 0.3)[:, 0]
     assert got.dtype == dtype and got.shape == expected.shape
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
