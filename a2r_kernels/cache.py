@@ -63,7 +63,7 @@ import torch
 from ._errors import CacheFullError
 from ._vocab import as_int, non_negative_int, positive_int
 from .block_tables import NodeBlockTables
-from .layout import TreeLayout, _kv_chunk, _seqs_per_item
+from .layout import TreeLayout, _kv_chunk, _seqs_per_item, host_to_device
 
 _POOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ROOT_ID = 0   # the content id the first block of every root chains from
@@ -449,7 +449,8 @@ class TreeKVCache:
                 slots.append(node.blocks[-1] * bs + pos % bs)
                 node.length = pos + 1
             self._key_rows(nodes, token_ids)
-            return torch.tensor(slots, dtype=torch.int64, device=self.device)
+            # No host sync on CUDA: the next step is reserved while the last one runs.
+            return host_to_device(torch.tensor(slots, dtype=torch.int64), self.device)
         long_runs = num_tokens > 64   # prefill: build slots with tensor ops, not Python ints
         parts: list[torch.Tensor] = []
         for node in nodes:

@@ -48,6 +48,7 @@ from transformers.cache_utils import Cache
 from ._backend import resolve_backend
 from ._vocab import attention_geometry
 from .cache import TreeKVCache
+from .layout import host_to_device
 
 ATTN_IMPLEMENTATION = "a2r_tree"
 # Name of the forward kwarg that carries the TreeCache down to the attention function
@@ -387,6 +388,16 @@ def _text_config(model):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def _check_step_tokens(token_ids, num_seqs: int) -> None:
+    """A decode step's ``token_ids``: int ``[num_seqs]`` or ``[num_seqs, 1]``, else ValueError."""
+    if not isinstance(token_ids, torch.Tensor) or token_ids.numel() != num_seqs or (
+            token_ids.dim() not in (1, 2)):
+        got = tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__
+        raise ValueError(f"token_ids must be [B={num_seqs}] or [B, 1], got {got}")
+    if token_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"token_ids must be int64, got {token_ids.dtype}")
+
+
 def _batch_bucket(batch: int) -> int:
     """The padded size of a decode batch of ``batch >= 1`` rows: the next power of two (1, 2, 4,
     8, ...), so a run whose batch shrinks as branches finish uses a handful of graphs."""
@@ -428,6 +439,7 @@ class _StaticDecode:
         self.pool = None
         self.num_live = self.batch = 0
         self.padded = False
+        self.layout = None   # of the step prepare() planned
 
     def _drop_graphs(self) -> None:
         # Captured graphs read the buffers they were captured with: new buffers, new graphs.
@@ -498,9 +510,11 @@ class _StaticDecode:
         finally:
             dec.hf_cache.end()
 
-    def run(self, token_ids: torch.Tensor, slots: torch.Tensor, seqs: list[int]) -> torch.Tensor:
-        """One decode step of the ``n`` sequences ``seqs`` (their tokens reserved: ``slots``
-        int64 ``[n]``; ``token_ids`` ``[n]``). Returns fp32 logits ``[n, V]`` (a fresh tensor)."""
+    def prepare(self, slots: torch.Tensor, seqs: list[int]) -> None:
+        """Plan the decode step of the ``n`` sequences ``seqs``, whose tokens are reserved
+        (``slots`` int64 ``[n]``): the attention plan and every static buffer but the input ids.
+        Host work and copies in stream order only, so it may run while the last step is still on
+        the GPU; :meth:`launch` runs the step."""
         n = len(seqs)
         if n > self.capacity:
             self._grow(n)
@@ -508,14 +522,19 @@ class _StaticDecode:
         self.num_live, self.batch = n, batch
         # Eager steps of a full bucket skip the padding ops; a graph serves every n of its bucket.
         self.padded = self.use_graphs or batch > n
-        layout, positions = self._plan(seqs, slots)
-        self.input_ids[:n].copy_(token_ids.reshape(n, 1), non_blocking=True)
+        self.layout, positions = self._plan(seqs, slots)
         self.positions[:n, 0].copy_(positions[:n])
         self.slots[:n].copy_(slots)
         if self.padded:
             self.slots[n:batch].copy_(slots[:1].expand(batch - n))
             self.row_source[:n].copy_(self._rows[:n])
             self.row_source[n:batch].zero_()
+
+    def launch(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Run the step :meth:`prepare` planned on ``token_ids`` ``[n]`` (on the device). Returns
+        fp32 logits ``[n, V]`` (a fresh tensor)."""
+        n, batch, layout = self.num_live, self.batch, self.layout
+        self.input_ids[:n].copy_(token_ids.reshape(n, 1), non_blocking=True)
         if not self.use_graphs:
             return self._forward(layout)[:n, -1, :].float()
         if batch not in self.graphs:
@@ -600,6 +619,7 @@ class TreeDecoder:
                              "step); pass backend='triton' or 'cuda', or cuda_graphs=False")
         self.cuda_graphs = cuda_graphs
         self._static = _StaticDecode(self, cuda_graphs)
+        self._planned: tuple[list[int], torch.Tensor] | None = None   # (seqs, slots) of plan_step
         self.bytes_per_block = self.cache.nbytes // num_blocks
         self.peak_blocks_used = 0
         self.forwarded_tokens = 0
@@ -612,11 +632,19 @@ class TreeDecoder:
 
     def fork(self, seq: int, n: int) -> list[int]:
         """``n`` children of ``seq`` sharing all its tokens (no copy); ``seq`` becomes read-only."""
+        self._check_not_planned([seq])
         return self.cache.fork(seq, n)
 
     def free(self, seq: int) -> None:
         """Release ``seq``; its blocks return to the pool when no descendant uses them."""
+        self._check_not_planned([seq])
         self.cache.free(seq)
+
+    def _check_not_planned(self, seqs) -> None:
+        # A planned sequence holds a reserved slot that run_step will write.
+        if self._planned is not None and not set(self._planned[0]).isdisjoint(seqs):
+            raise ValueError("a sequence of the planned decode step cannot be forked, freed or "
+                             "extended: run_step, drop_from_step or cancel_step first")
 
     def length(self, seq: int) -> int:
         return self.cache.length(seq)
@@ -656,22 +684,73 @@ class TreeDecoder:
     def step(self, seqs: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
         """Append one token per sequence (``token_ids`` ``[B]`` or ``[B, 1]``) as one decode batch.
         Returns fp32 logits ``[B, V]`` for each sequence's next token."""
-        if not isinstance(token_ids, torch.Tensor) or token_ids.numel() != len(seqs) or (
-                token_ids.dim() not in (1, 2)):
-            got = tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__
-            raise ValueError(f"token_ids must be [B={len(seqs)}] or [B, 1], got {got}")
-        if token_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"token_ids must be int64, got {token_ids.dtype}")
+        _check_step_tokens(token_ids, len(seqs))
+        self.plan_step(seqs)
+        return self._run_planned(token_ids)
+
+    # A decode step in two halves, so that the host plans step t + 1 while step t runs on the
+    # GPU: plan_step (slots and attention plan, host work) and run_step (the forward).
+    @torch.inference_mode()
+    def plan_step(self, seqs: Sequence[int]) -> None:
+        """Reserve the next token's slot of each of ``seqs`` and plan that decode step, without a
+        host sync: on CUDA this can run while the previous step is still on the GPU.
+        :meth:`run_step` runs it; until then only :meth:`drop_from_step` (or :meth:`cancel_step`)
+        may touch these sequences. Raises CacheFullError / ValueError and changes nothing."""
+        seqs = list(seqs)
         if len(seqs) == 0:
             raise ValueError("seqs must name at least one sequence")
-        return self._padded_step(list(seqs), token_ids)
+        if self._planned is not None:
+            raise ValueError(f"a step of {len(self._planned[0])} sequences is already planned: "
+                             "run_step or cancel_step first")
+        slots = self.cache.reserve(seqs, 1)   # raises CacheFullError, changes nothing
+        self._prepare(seqs, slots)
+        self.peak_blocks_used = max(self.peak_blocks_used, self.cache.blocks_used())
+
+    def _prepare(self, seqs: list[int], slots: torch.Tensor) -> None:
+        try:
+            self._static.prepare(slots, seqs)
+        except BaseException:   # as in extend: the sequences keep no unwritten token
+            self.cache._unreserve(seqs, 1)
+            raise
+        self._planned = (seqs, slots)
 
     @torch.inference_mode()
-    def _padded_step(self, seqs: list[int], token_ids: torch.Tensor) -> torch.Tensor:
-        slots = self.cache.reserve(seqs, 1)   # raises CacheFullError, changes nothing
-        self.peak_blocks_used = max(self.peak_blocks_used, self.cache.blocks_used())
+    def drop_from_step(self, seqs: Sequence[int]) -> None:
+        """Take ``seqs`` (e.g. branches that just finished) out of the planned step: their slots
+        go back to the pool (block accounting as if never reserved) and the step is re-planned
+        for the others (none left: nothing planned)."""
+        planned, slots = self._planned if self._planned is not None else ([], None)
+        drop = set(seqs)
+        if not drop <= set(planned):
+            raise ValueError(f"seqs {sorted(drop - set(planned))} are not in the planned step")
+        keep = [row for row, seq in enumerate(planned) if seq not in drop]
+        self.cache._unreserve([seq for seq in planned if seq in drop], 1)
+        self._planned = None
+        if keep:
+            rows = host_to_device(torch.tensor(keep, dtype=torch.int64), self.device)
+            self._prepare([planned[row] for row in keep], slots.index_select(0, rows))
+
+    def cancel_step(self) -> None:
+        """Give back the planned step's slots, if a step is planned (e.g. on an error)."""
+        if self._planned is not None:
+            self.cache._unreserve(self._planned[0], 1)
+            self._planned = None
+
+    @torch.inference_mode()
+    def run_step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Run the step :meth:`plan_step` planned: one token per planned sequence (``token_ids``
+        ``[B]`` or ``[B, 1]``, in their order, on the device). Returns fp32 logits ``[B, V]``."""
+        if self._planned is None:
+            raise ValueError("no decode step is planned: call plan_step(seqs) first")
+        _check_step_tokens(token_ids, len(self._planned[0]))
+        return self._run_planned(token_ids)
+
+    @torch.inference_mode()
+    def _run_planned(self, token_ids: torch.Tensor) -> torch.Tensor:
+        seqs = self._planned[0]
+        self._planned = None
         try:
-            logits = self._static.run(token_ids, slots, seqs)
+            logits = self._static.launch(token_ids)
         except BaseException:   # as in extend: the sequences keep no unwritten token
             self.cache._unreserve(seqs, 1)
             raise
@@ -708,6 +787,7 @@ class TreeDecoder:
             raise ValueError(f"token_ids must be [B={len(seqs)}, T>=1], got {tuple(token_ids.shape)}")
         if token_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"token_ids must be int64, got {token_ids.dtype}")
+        self._check_not_planned(seqs)
         num_tokens = token_ids.shape[1]
         past = [self.cache.length(s) for s in seqs]
         # Prompt tokens are keyed for prefix reuse (read on the host, once per prompt); decode

@@ -472,6 +472,198 @@ def test_one_host_read_per_step_with_eos(qwen3):
     assert count <= steps + 1
 
 
+# ---------------------------------------------------------------------------- step t + 1 planned during step t
+class _LoopLog:
+    """Records, in order, the decode loop's plan_step / drop_from_step / run_step calls and its
+    stop-read waits, checking the pool's accounting at every run_step."""
+
+    def __init__(self, monkeypatch, prompt_len: int):
+        import a2r.explore as explore_module
+
+        self.events: list[str] = []
+        self.prompt_len = prompt_len
+        log = self
+
+        def recorded(cls, name, check=None):
+            original = getattr(cls, name)
+
+            def method(self, *args, **kwargs):
+                if check is not None:
+                    check(self)
+                log.events.append(name)
+                return original(self, *args, **kwargs)
+            monkeypatch.setattr(cls, name, method)
+
+        recorded(akhf.TreeDecoder, "plan_step")
+        recorded(akhf.TreeDecoder, "drop_from_step")
+        recorded(akhf.TreeDecoder, "run_step", check=self.check_pool)
+        recorded(explore_module._TokenReader, "wait")
+
+    def check_pool(self, dec) -> None:
+        """One level below a prompt: every planned branch holds the prompt, the tokens of the
+        steps run so far and its reserved slot; the pool holds those and nothing else (the
+        slots of the branches that finished went back)."""
+        seqs = dec._planned[0]
+        step = self.events.count("run_step")
+        bs = dec.cache.block_size
+        assert [dec.length(s) for s in seqs] == [self.prompt_len + step + 1] * len(seqs)
+        assert dec.cache.sequences == sorted(seqs)
+        assert dec.cache.blocks_used() == (math.ceil(self.prompt_len / bs)
+                                           + len(seqs) * math.ceil((step + 1) / bs))
+
+
+def _expected_events(sequences: list[list[int]], stopped: list[bool], budget: int) -> list[str]:
+    """The loop's calls for branches that ended as ``sequences``: per step, plan the next step
+    (if there is one) for every live branch, then wait for the step's stop read, give the slots
+    of the branches that stopped back, and run the next step for the others."""
+    events = []
+    for step in range(budget):
+        live = [i for i, seq in enumerate(sequences) if len(seq) > step]
+        if not live:
+            break
+        feed = step < budget - 1
+        done = [i for i in live if len(sequences[i]) == step + 1 and stopped[i]]
+        events += ["plan_step"] * feed + ["wait"] + ["drop_from_step"] * bool(feed and done)
+        events += ["run_step"] * (feed and len(done) < len(live))
+    return events
+
+
+def test_next_step_is_planned_before_the_stop_read_is_waited_on(qwen3, monkeypatch):
+    """Step t + 1's slots are reserved and its attention planned for every live branch before
+    the loop waits for step t's tokens; the branches found finished then give their slots back
+    (the pool's accounting stays exact), and the sampled branches are those of a run without
+    stops, cut at their EOS."""
+    ids, n, budget = _prompt(10, seed=31), 6, 12
+    free = a2r.sample_parallel(qwen3, ids, n, budget, temperature=1.0, seed=4, eos_token_id=[])
+    eos = free[0][3]
+    dec = akhf.TreeDecoder(qwen3, 64, block_size=4, backend="torch")
+    log = _LoopLog(monkeypatch, ids.shape[1])
+    res = explore(dec, ids, [n], budget, temperature=1.0, seed=4, eos_token_id=eos)
+    for full, cut in zip(free, res.sequences):
+        assert cut == full[:full.index(eos) + 1 if eos in full else budget]
+    assert 0 < sum(res.stopped) < n   # some branches stop early, some run to the budget
+    assert log.events == _expected_events(res.sequences, res.stopped, budget)
+    assert log.events.count("drop_from_step") >= 1
+    assert dec.cache.sequences == [] and dec.cache.blocks_used() == 0
+
+
+def test_without_stops_steps_are_planned_and_run_with_no_read(qwen3, monkeypatch):
+    ids = _prompt(9, seed=32)
+    log = _LoopLog(monkeypatch, ids.shape[1])
+    res = explore(qwen3, ids, [3], 7, temperature=1.0, seed=2, eos_token_id=[], block_size=4,
+                  backend="torch")
+    assert log.events == ["plan_step", "run_step"] * 6 and res.decode_steps == 6
+
+
+def test_a_pool_that_fits_only_after_the_stops_still_suffices(qwen3):
+    """The next step is reserved before the stop read; when the pool cannot hold that for every
+    branch but can for the ones still alive after it, the loop reserves again after the read
+    instead of failing. Greedy branches all stop at one EOS at step t, where step t + 1 would
+    start a block each: the pool that the branches' tokens need is enough (the loop's peak
+    with an ample pool, which held those reserved slots for a moment, is larger)."""
+    ids = _prompt(7, seed=33)
+    free_run = _generate(qwen3, ids, 12)
+    t = next(i for i in range(2, 12, 2) if free_run[i] not in free_run[:i])   # even: bs 2
+    kwargs = dict(temperature=0, eos_token_id=free_run[t], block_size=2, backend="torch")
+    n, budget = 3, t + 3
+    ample = explore(qwen3, ids, [n], budget, **kwargs)
+    assert ample.sequences == [free_run[:t + 1]] * n and all(ample.stopped)
+    # The prompt, and each branch's t stored tokens (the EOS is never fed).
+    needed = math.ceil(7 / 2) + n * math.ceil(t / 2)
+    assert ample.peak_blocks_used == needed + n
+    res = explore(qwen3, ids, [n], budget, num_blocks=needed, **kwargs)
+    assert res.sequences == ample.sequences and res.peak_blocks_used == needed
+    with pytest.raises(ak.CacheFullError):
+        explore(qwen3, ids, [n], budget, num_blocks=needed - 1, **kwargs)
+
+
+def test_plan_step_drop_and_cancel(qwen3):
+    """TreeDecoder's two-phase step: plan_step reserves and plans (CacheFullError changes
+    nothing), drop_from_step gives rows back and re-plans the rest, run_step runs it, and a
+    planned sequence cannot be freed, forked or extended meanwhile."""
+    ids = _prompt(7, seed=34)
+    dec = akhf.TreeDecoder(qwen3, 4 + 3, block_size=2, backend="torch")
+    root, _ = dec.prefill(ids)                  # 4 blocks
+    kids = dec.fork(root, 3)
+    dec.step(kids, torch.tensor([1, 2, 3]))     # the kids' own blocks: 3, each full after 2
+    dec.step(kids, torch.tensor([4, 5, 6]))
+    lengths, free = [dec.length(k) for k in kids], dec.cache.num_free_blocks
+    assert free == 0
+    with pytest.raises(ak.CacheFullError):      # each kid's next token needs a new block
+        dec.plan_step(kids)
+    assert [dec.length(k) for k in kids] == lengths and dec.cache.num_free_blocks == free
+    with pytest.raises(ValueError, match="no decode step is planned"):
+        dec.run_step(torch.tensor([7, 8, 9]))
+
+    dec = akhf.TreeDecoder(qwen3, 4 + 6, block_size=2, backend="torch")
+    root, _ = dec.prefill(ids)
+    kids = dec.fork(root, 3)
+    dec.step(kids, torch.tensor([1, 2, 3]))
+    dec.step(kids, torch.tensor([4, 5, 6]))
+    lengths, free = [dec.length(k) for k in kids], dec.cache.num_free_blocks
+    dec.plan_step(kids)
+    assert dec.cache.num_free_blocks == free - 3
+    with pytest.raises(ValueError, match="already planned"):
+        dec.plan_step(kids[:1])
+    for touch in (lambda: dec.free(kids[1]), lambda: dec.fork(kids[1], 2),
+                  lambda: dec.extend([kids[1]], torch.tensor([[1, 2]]))):
+        with pytest.raises(ValueError, match="planned decode step"):
+            touch()
+    with pytest.raises(ValueError, match="not in the planned step"):
+        dec.drop_from_step([root])
+    dec.drop_from_step([kids[1]])
+    assert dec.cache.num_free_blocks == free - 2 and dec.length(kids[1]) == lengths[1]
+    with pytest.raises(ValueError, match="token_ids"):
+        dec.run_step(torch.tensor([7, 8, 9]))      # two rows are planned now
+    logits = dec.run_step(torch.tensor([7, 9]))
+    prompt = ids[0].tolist()
+    for row, (kid, tokens) in enumerate(((kids[0], [1, 4, 7]), (kids[2], [3, 6, 9]))):
+        torch.testing.assert_close(logits[row], _dense_next_logits(qwen3, prompt + tokens),
+                                   atol=1e-4, rtol=1e-4)
+    dec.plan_step(kids)
+    dec.cancel_step()
+    assert [dec.length(k) for k in kids] == [lengths[0] + 1, lengths[1], lengths[2] + 1]
+    assert dec.cache.num_free_blocks == free - 2
+    dec.drop_from_step([])   # nothing planned, nothing to drop
+    for kid in kids:
+        dec.free(kid)
+    dec.free(root)
+    assert dec.cache.blocks_used() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_plan_run_and_sample_never_sync(qwen3):
+    """On CUDA, planning a step (reserve, layout, wrapper plan, static buffers), dropping rows
+    from it, running it (graph replay) and sampling issue no synchronising CUDA call, so the
+    host can plan step t + 1 while step t runs. torch's sync debug mode raises on any."""
+    model = qwen3.to("cuda")
+    try:
+        dec = akhf.TreeDecoder(model, 64, block_size=4)
+        root, logits = dec.prefill(_prompt(11, seed=35).cuda())
+        kids = dec.fork(root, 4)
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        tokens = sample_tokens(logits.expand(4, -1), temperature=1.0, generator=generator)
+        for _ in range(3):   # the first step of the bucket captures its graph (that syncs)
+            logits = dec.step(kids, tokens)
+            tokens = sample_tokens(logits, temperature=1.0, generator=generator)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(4):
+                dec.plan_step(kids)
+                logits = dec.run_step(tokens)
+                tokens = sample_tokens(logits, temperature=1.0, generator=generator)
+            dec.plan_step(kids)
+            dec.drop_from_step([kids[3]])   # 3 rows: the same batch bucket, no new capture
+            logits = dec.run_step(tokens[:3])
+            tokens = sample_tokens(logits, temperature=1.0, generator=generator)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert tokens.shape == (3,)
+    finally:
+        qwen3.to("cpu")
+
+
 # ---------------------------------------------------------------------------- parent sequences
 @pytest.mark.parametrize("shared,block_size", [(1, 4), (9, 4), (8, 8), (13, 16)])
 def test_explore_below_a_parent_equals_generate(model, shared, block_size):

@@ -11,6 +11,13 @@ tokens ``[n_live]`` once (a non-blocking copy into a pinned buffer) to check sto
 end. Everything else (forward, warping, sampling) stays on the device. Each branch is one
 :class:`_Branch` (its tree position, sequence and tokens).
 
+Overlap: once step t's forward and sampling are queued, the host reserves the KV slots of step
+t + 1 and plans its attention (:meth:`~a2r_kernels.hf.TreeDecoder.plan_step`, no host sync) for
+every branch that may still be alive, and only then waits for step t's stop read; the branches it
+finds finished give their just-reserved slots back (``drop_from_step``). On CUDA that host work
+runs while step t is on the GPU. A pool that cannot hold step t + 1 for every branch is tried
+again after the read, for the branches still alive (a reserve that fails changes nothing).
+
 Two entries: :func:`sample_parallel` (``docs/API.md`` section 4: ``n`` branches of one prompt, the
 sequences) and :func:`explore`, which runs several levels (sample ``n``, fork each branch into
 ``m``, ...) through the same loop and returns an :class:`ExploreResult` (sequences, memory and step
@@ -31,8 +38,10 @@ from typing import Sequence
 
 import torch
 
+from a2r_kernels._errors import CacheFullError
 from a2r_kernels._vocab import eos_ids
 from a2r_kernels.hf import TreeDecoder
+from a2r_kernels.layout import host_to_device
 
 from .sampling import check_sampling_args, sample_tokens
 
@@ -108,20 +117,29 @@ class _Branch:
 
 
 class _TokenReader:
-    """Brings one step's sampled tokens ``[n]`` to the host: a non-blocking copy into a pinned
-    buffer and one wait for it (the step's one host sync). On the CPU they are already there."""
+    """Brings one step's sampled tokens ``[n]`` to the host: :meth:`start` queues a non-blocking
+    copy into a pinned buffer, :meth:`wait` waits for that copy alone (the step's one host sync)
+    and returns the tokens; the host works on in between. On the CPU they are already there."""
 
     def __init__(self, capacity: int, device: torch.device):
         self.on_cuda = device.type == "cuda"
         self.buffer = torch.empty(capacity, dtype=torch.int64, pin_memory=self.on_cuda)
+        self.copied = torch.cuda.Event() if self.on_cuda else None
+        self.pending: torch.Tensor | None = None
 
-    def read(self, token_ids: torch.Tensor) -> list[int]:
-        if not self.on_cuda:
-            return token_ids.tolist()
-        host = self.buffer[:token_ids.shape[0]]
-        host.copy_(token_ids, non_blocking=True)
-        torch.cuda.current_stream(token_ids.device).synchronize()
-        return host.tolist()
+    def start(self, token_ids: torch.Tensor) -> None:
+        if self.on_cuda:
+            host = self.buffer[:token_ids.shape[0]]
+            host.copy_(token_ids, non_blocking=True)
+            self.copied.record()
+            token_ids = host
+        self.pending = token_ids
+
+    def wait(self) -> list[int]:
+        if self.on_cuda:
+            self.copied.synchronize()
+        tokens, self.pending = self.pending.tolist(), None
+        return tokens
 
 
 def _eos_ids(model, eos_token_id) -> set[int]:
@@ -281,10 +299,21 @@ def _explore(model, input_ids, widths: list[int], budgets: list[int], *, tempera
             noise = torch.empty((level_size, logits.shape[-1]), dtype=torch.float32,
                                 device=logits.device).exponential_(1.0, generator=generator)
             if len(live) < level_size:
-                noise = noise[torch.tensor([b.index for b in live], dtype=torch.long,
-                                           device=logits.device)]
+                noise = noise.index_select(0, host_to_device(
+                    torch.tensor([b.index for b in live], dtype=torch.int64), logits.device))
         return sample_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                              noise=noise)
+
+    def plan(seqs: list[int]) -> bool:
+        """Plan the next step of ``seqs``; False when the pool cannot hold it yet but a stop in
+        the pending read may still free room (nothing changed then)."""
+        try:
+            decoder.plan_step(seqs)
+        except CacheFullError:
+            if not can_stop:
+                raise
+            return False
+        return True
 
     owned: set[int] = set()   # live sequences this call created: freed on the way out
 
@@ -325,23 +354,31 @@ def _explore(model, input_ids, widths: list[int], budgets: list[int], *, tempera
                 # Fed for its logits unless it is the last token of the last level.
                 feed = step < budget - 1 or not last_level
                 if can_stop:
-                    keep = []
-                    for row, (branch, token) in enumerate(zip(live, reader.read(next_ids))):
+                    reader.start(next_ids)
+                # Step t + 1's slots and plan for every branch that may still be alive, while
+                # step t runs on the device (no host sync: the read above is not waited on yet).
+                planned = feed and plan([b.seq for b in live])
+                if can_stop:
+                    keep, done = [], []
+                    for row, (branch, token) in enumerate(zip(live, reader.wait())):
                         branch.tokens.append(token)
                         branch.stopped = stop(branch.tokens)
-                        if branch.stopped or not feed:
-                            finish(branch)
-                        else:
-                            keep.append(row)
-                    if len(keep) < len(live):
+                        (done if branch.stopped or not feed else keep).append(row)
+                    if done and planned:   # their just-reserved slots go back first
+                        decoder.drop_from_step([live[row].seq for row in done])
+                    for row in done:
+                        finish(live[row])
+                    if done:
                         live = [live[row] for row in keep]
-                        next_ids = next_ids[torch.tensor(keep, dtype=torch.long,
-                                                         device=next_ids.device)]
+                        next_ids = next_ids.index_select(0, host_to_device(
+                            torch.tensor(keep, dtype=torch.int64), next_ids.device))
+                    if live and feed and not planned:   # the pool was full before the stops
+                        decoder.plan_step([b.seq for b in live])
                 else:
                     unread.append(next_ids)
                 if not live or not feed:
                     break
-                logits = decoder.step([b.seq for b in live], next_ids)
+                logits = decoder.run_step(next_ids)
                 decode_steps += 1
             if unread:   # no stop could fire: the level's tokens in one read
                 for branch, tokens in zip(live, torch.stack(unread, dim=1).tolist()):
@@ -353,6 +390,7 @@ def _explore(model, input_ids, widths: list[int], budgets: list[int], *, tempera
             else:
                 frontier = [(branch, logits[row:row + 1]) for row, branch in enumerate(live)]
     finally:
+        decoder.cancel_step()   # an error between plan and run: give the slots back
         for seq in sorted(owned):
             decoder.free(seq)
         if parent is not None and not keep_parent:
