@@ -730,6 +730,12 @@ class TreeDecoder:
             rows = host_to_device(torch.tensor(keep, dtype=torch.int64), self.device)
             self._prepare([planned[row] for row in keep], slots.index_select(0, rows))
 
+    @property
+    def planned_step(self) -> list[int] | None:
+        """The sequences of the step :meth:`plan_step` planned and no run has taken yet, or
+        None."""
+        return None if self._planned is None else list(self._planned[0])
+
     def cancel_step(self) -> None:
         """Give back the planned step's slots, if a step is planned (e.g. on an error)."""
         if self._planned is not None:

@@ -503,7 +503,7 @@ class _LoopLog:
         """One level below a prompt: every planned branch holds the prompt, the tokens of the
         steps run so far and its reserved slot; the pool holds those and nothing else (the
         slots of the branches that finished went back)."""
-        seqs = dec._planned[0]
+        seqs = dec.planned_step
         step = self.events.count("run_step")
         bs = dec.cache.block_size
         assert [dec.length(s) for s in seqs] == [self.prompt_len + step + 1] * len(seqs)
@@ -621,7 +621,12 @@ def test_plan_step_drop_and_cancel(qwen3):
         torch.testing.assert_close(logits[row], _dense_next_logits(qwen3, prompt + tokens),
                                    atol=1e-4, rtol=1e-4)
     dec.plan_step(kids)
+    assert dec.planned_step == kids
+    with pytest.raises(ValueError, match="planned decode step"):   # the caller's plan stays
+        explore(dec, ids, [2], 3)
+    assert dec.planned_step == kids
     dec.cancel_step()
+    assert dec.planned_step is None
     assert [dec.length(k) for k in kids] == [lengths[0] + 1, lengths[1], lengths[2] + 1]
     assert dec.cache.num_free_blocks == free - 2
     dec.drop_from_step([])   # nothing planned, nothing to drop

@@ -273,6 +273,9 @@ def _explore(model, input_ids, widths: list[int], budgets: list[int], *, tempera
             num_blocks = max(tree_blocks_needed(input_ids.shape[1], widths, budgets, block_size), 1)
         decoder = TreeDecoder(model, num_blocks, block_size=block_size,
                               backend="auto" if backend is None else backend)
+    if decoder.planned_step is not None:
+        raise ValueError("the decoder has a planned decode step (TreeDecoder.plan_step): "
+                         "run_step or cancel_step it first")
     reused = 0
     if parent is not None:
         try:
@@ -390,7 +393,7 @@ def _explore(model, input_ids, widths: list[int], budgets: list[int], *, tempera
             else:
                 frontier = [(branch, logits[row:row + 1]) for row, branch in enumerate(live)]
     finally:
-        decoder.cancel_step()   # an error between plan and run: give the slots back
+        decoder.cancel_step()   # an error between plan and run: give its slots back
         for seq in sorted(owned):
             decoder.free(seq)
         if parent is not None and not keep_parent:
