@@ -767,14 +767,17 @@ class TreeDecoder:
         """The model's forward over :attr:`hf_cache` (already begun): logits ``[B, 1, V]``."""
         config = self.model.config
         saved_impl = config._attn_implementation
+        switch = saved_impl != ATTN_IMPLEMENTATION   # a config write costs ~20 us per step
         try:
-            config._attn_implementation = ATTN_IMPLEMENTATION
+            if switch:
+                config._attn_implementation = ATTN_IMPLEMENTATION
             out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,
                              logits_to_keep=1,
                              **{_cache_kwarg(type(self.model).forward): self.hf_cache,
                                 _STATE_KWARG: self.hf_cache})
         finally:
-            config._attn_implementation = saved_impl
+            if switch:
+                config._attn_implementation = saved_impl
         return out.logits
 
     @torch.inference_mode()
