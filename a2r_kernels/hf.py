@@ -106,6 +106,13 @@ def _causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return out.transpose(1, 2)
 
 
+def _slot_view(pool: torch.Tensor) -> torch.Tensor:
+    """A layer's pool ``[num_blocks, block_size, Hkv, D]`` (contiguous) viewed as ``[num_blocks *
+    block_size, 1, Hkv, D]``: gathered slots ``[T, 1, Hkv, D]`` permute to SDPA's ``[1, Hkv, T,
+    D]`` in one view op."""
+    return pool.view(-1, 1, *pool.shape[2:])
+
+
 class _TorchDecodePlan:
     """The ``"torch"`` backend's tree decode attention for one step, planned once for all layers.
 
@@ -125,7 +132,12 @@ class _TorchDecodePlan:
     instead of each row's own path length: a compute choice of this backend, which grows with the
     siblings' tokens. The cache still stores every token once; the Triton and CUDA kernels read
     each row's path only.
+
+    A plan made by :meth:`for_step` can :meth:`advance` to the next step of the same sequences:
+    the common decode step costs two concatenations on the host, not a new plan.
     """
+
+    _seqs: list[int] | None = None   # for_step's sequences, while the plan can advance
 
     def __init__(self, paths: list[list[int]], node_lengths: list[int],
                  node_block_tables: list[list[int]], block_size: int, dtype: torch.dtype,
@@ -155,17 +167,50 @@ class _TorchDecodePlan:
         return cls(layout.paths, layout.node_lengths, layout.node_block_tables,
                    layout.block_size, dtype, layout.device)
 
+    @classmethod
+    def for_step(cls, cache: TreeKVCache, seqs: list[int], batch: int) -> "_TorchDecodePlan":
+        """The plan of a decode step of ``seqs`` (their tokens reserved) in ``batch >= len(seqs)``
+        rows, read from the cache's tree; a padding row (``>= len(seqs)``) reads row 0's path."""
+        nodes, paths = cache._step_tree(seqs)
+        num_seqs = len(paths)
+        plan = cls(paths + [paths[0]] * (batch - num_seqs), [node.length for node in nodes],
+                   [node.blocks for node in nodes], cache.block_size, cache.dtype, cache.device)
+        plan._seqs = list(seqs)
+        plan._leaves = [nodes[path[-1]] for path in paths]   # where each sequence grows
+        plan._leaf_lengths = [leaf.length for leaf in plan._leaves]
+        # [batch, num_seqs]: row b sees the next token of sequence b (a padding row: of row 0).
+        own = torch.full((batch, num_seqs), float("-inf"), dtype=cache.dtype)
+        own[torch.arange(batch), torch.arange(batch).masked_fill(
+            torch.arange(batch) >= num_seqs, 0)] = 0
+        plan._own_token_mask = own.to(cache.device)
+        return plan
+
+    def advance(self, seqs: list[int], batch: int, new_slots: torch.Tensor) -> bool:
+        """When ``seqs`` in ``batch`` rows are :meth:`for_step`'s, each grown by exactly one token
+        since (reserved at ``new_slots`` int64 ``[len(seqs)]``), make this their next step's plan
+        and return True: the new tokens' keys are appended (a softmax does not depend on the
+        order of its keys). Else return False, changing nothing."""
+        if self._seqs != seqs or self.mask.shape[0] != batch or any(
+                leaf.length != length + 1 for leaf, length in zip(self._leaves,
+                                                                  self._leaf_lengths)):
+            return False
+        self._leaf_lengths = [length + 1 for length in self._leaf_lengths]
+        self.slots = torch.cat([self.slots, new_slots])
+        self.mask = torch.cat([self.mask, self._own_token_mask], dim=1)
+        self.positions = self.positions + 1
+        return True
+
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                sm_scale: float) -> torch.Tensor:
         """query ``[S, Hq, 1, D]`` (the model's, any float dtype); keys, values: a layer's pools
-        viewed as ``[num_blocks * block_size, Hkv, D]`` (the flat slots) -> ``[S, 1, Hq, D]`` in
-        query's dtype (softmax in the pool's dtype, as SDPA computes it)."""
+        viewed as ``[num_blocks * block_size, 1, Hkv, D]`` (:func:`_slot_view`) -> ``[S, 1, Hq,
+        D]`` in query's dtype (softmax in the pool's dtype, as SDPA computes it)."""
         q = query.transpose(0, 2)   # [1, Hq, S, D]
         if q.dtype != keys.dtype:   # a pool narrower than the model (dtype=), or autocast
             q = q.to(keys.dtype)
         # Gather along the contiguous slot dim (several times faster than along a strided one).
-        k = keys.index_select(0, self.slots).transpose(0, 1).unsqueeze(0)   # [1, Hkv, T, D]
-        v = values.index_select(0, self.slots).transpose(0, 1).unsqueeze(0)
+        k = keys.index_select(0, self.slots).permute(1, 2, 0, 3)   # [1, Hkv, T, D]
+        v = values.index_select(0, self.slots).permute(1, 2, 0, 3)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=sm_scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
         out = out.permute(2, 0, 1, 3)   # [S, 1, Hq, D]
@@ -194,9 +239,8 @@ class TreeCache(Cache):
         self._path_slots: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._torch_plan: _TorchDecodePlan | None = None
         self._static: _StaticDecode | None = None
-        # Per layer, the pools' flat slot views [num_slots, Hkv, D] the torch plan gathers from.
-        self._flat_pools = [(k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:]))
-                            for k, v in zip(tree.k, tree.v)]
+        # Per layer, the pools as the torch plan gathers from them (views, made once).
+        self._slot_views = [(_slot_view(k), _slot_view(v)) for k, v in zip(tree.k, tree.v)]
 
     def begin_static(self, static: "_StaticDecode", layout) -> None:
         """Begin a forward of a padded decode batch over ``static``'s buffers (its slots, its
@@ -237,8 +281,11 @@ class TreeCache(Cache):
             raise ValueError(f"key_states [B={batch}, Hkv, T={num_tokens}, D] does not match "
                              f"the {self._slots.shape[0]} reserved slots")
         dtype = self.tree.dtype
-        k = key_states.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads, head_dim)
-        v = value_states.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads, head_dim)
+        if num_tokens == 1:   # decode: [B, Hkv, D] in one view op
+            k, v = key_states.select(2, 0), value_states.select(2, 0)
+        else:
+            k = key_states.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads, head_dim)
+            v = value_states.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads, head_dim)
         if self._static is not None and self._static.padded:
             # Padding rows write row 0's K/V into row 0's slot.
             rows = self._static.row_source[:batch]
@@ -249,7 +296,7 @@ class TreeCache(Cache):
         # unchecked scatter (write's range check would cost two reductions per layer).
         self.tree._scatter(layer_idx, self._slots, k, v)
         if self._torch_plan is not None:
-            return self._flat_pools[layer_idx]
+            return self._slot_views[layer_idx]
         if self._layout is None and not any(self._past_lengths):
             return key_states, value_states
         return self.tree.k[layer_idx], self.tree.v[layer_idx]
@@ -272,7 +319,7 @@ class TreeCache(Cache):
         """Attention of this forward's queries ``[B, Hq, T, D]`` -> ``[B, T, Hq, D]``."""
         layer = module.layer_idx
         if self._torch_plan is not None:   # decode on the torch backend: the step's plan
-            return self._torch_plan.attend(query, key, value, scaling)   # the flat pool views
+            return self._torch_plan.attend(query, key, value, scaling)   # the _slot_views
         if self._static is not None:     # padded decode batch: the step's wrapper plan
             return self._static.attend(layer, query[:, :, 0, :].to(key.dtype), key, value,
                                        scaling).to(query.dtype).unsqueeze(1)
@@ -412,16 +459,14 @@ class _StaticDecode:
         self.capacity, self.wrapper = capacity, None
         self._drop_graphs()
 
-    def _plan(self, seqs: list[int]):
+    def _plan(self, seqs: list[int], slots: torch.Tensor):
         """Plan the step's attention; returns its layout (None for the torch backend) and the
         rows' positions, int64 ``[n]`` or more on the device."""
         dec = self.decoder
         if dec.backend == "torch":
-            nodes, paths = dec.cache._step_tree(seqs)
-            paths += [paths[0]] * (self.batch - len(paths) if self.padded else 0)
-            self.torch_plan = _TorchDecodePlan(
-                paths, [node.length for node in nodes], [node.blocks for node in nodes],
-                dec.cache.block_size, dec.cache.dtype, dec.device)
+            rows = self.batch if self.padded else len(seqs)
+            if self.torch_plan is None or not self.torch_plan.advance(seqs, rows, slots):
+                self.torch_plan = _TorchDecodePlan.for_step(dec.cache, seqs, rows)
             return None, self.torch_plan.positions
         layout = dec.cache.layout(seqs)
         # seq_lens counts the reserved token: position = seq_lens - 1, on the device.
@@ -477,7 +522,7 @@ class _StaticDecode:
         self.num_live, self.batch = n, batch
         # Eager steps of a full bucket skip the padding ops; a graph serves every n of its bucket.
         self.padded = self.use_graphs or batch > n
-        self.layout, positions = self._plan(seqs)
+        self.layout, positions = self._plan(seqs, slots)
         self.positions[:n, 0].copy_(positions[:n])
         self.slots[:n].copy_(slots)
         if self.padded:

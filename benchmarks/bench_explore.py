@@ -26,7 +26,8 @@ are interleaved (rep 1 of each, then rep 2, ...), so a shared machine's drift hi
 Per-step rows (``a2r-explore``, ``a2r-explore-eager`` and ``hf-generate``; a replayed graph
 dispatches no aten ops, so ours counts only the ops outside it): ``step_us``, the median wall time of
 one decode step of the n branches (forward + sampling; ours: ``TreeDecoder.step``, theirs: one
-``model(...)`` over a ``DynamicCache``), and ``host_us_per_step``, the part of it spent on the
+``model(...)`` over a ``DynamicCache``; the providers' steps interleaved, 16 each, after one
+warm-up step), and ``host_us_per_step``, the part of it spent on the
 host before the step's work is queued (on CUDA: the time until the call returns without a
 synchronise; on the CPU every op runs inline, so it equals ``step_us``); ``aten_ops_per_layer``,
 the aten ops one decode step dispatches (``TorchDispatchMode``) divided by the layer count.
@@ -137,11 +138,12 @@ class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@torch.inference_mode()
-def decode_step_stats(provider: str, model, ids, n: int, block_size: int, device,
-                      steps: int = 8) -> dict:
-    """``step_us``, ``host_us_per_step`` and ``aten_ops_per_layer`` of one decode step of n
-    branches after a prompt ``ids`` (see the module docstring)."""
+STEP_PROVIDERS = ("a2r-explore", "a2r-explore-eager", "hf-generate")   # rows with step stats
+
+
+def _decode_stepper(provider: str, model, ids, n: int, block_size: int, device, steps: int):
+    """A function running one decode step of n branches after the prompt ``ids`` (sampling the
+    previous step's logits, then the forward), state kept across calls."""
     generator = torch.Generator(device=device).manual_seed(0)
     if provider in ("a2r-explore", "a2r-explore-eager"):
         dec = akhf.TreeDecoder(model, math.ceil(ids.shape[1] / block_size)
@@ -150,43 +152,59 @@ def decode_step_stats(provider: str, model, ids, n: int, block_size: int, device
                                cuda_graphs=False if provider == "a2r-explore-eager" else None)
         root, logits = dec.prefill(ids)
         seqs = dec.fork(root, n)
-        logits = logits.expand(n, -1)
+        state = [logits.expand(n, -1)]
 
-        def step(logits):
-            tokens = sample_tokens(logits, **SAMPLING, generator=generator)
-            return dec.step(seqs, tokens)
-    else:
-        from transformers import DynamicCache
+        def step():
+            tokens = sample_tokens(state[0], **SAMPLING, generator=generator)
+            state[0] = dec.step(seqs, tokens)
+        return step
+    from transformers import DynamicCache
 
-        cache = DynamicCache()
-        out = model(input_ids=ids.expand(n, -1), past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
-        logits = out.logits[:, -1].float()
-        position = [ids.shape[1]]
+    cache = DynamicCache()
+    out = model(input_ids=ids.expand(n, -1), past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    state = [out.logits[:, -1].float(), ids.shape[1]]
 
-        def step(logits):
-            tokens = sample_tokens(logits, **SAMPLING, generator=generator)
-            pos = torch.full((n, 1), position[0], dtype=torch.long, device=device)
-            position[0] += 1
-            return model(input_ids=tokens[:, None], position_ids=pos, past_key_values=cache,
+    def step():
+        tokens = sample_tokens(state[0], **SAMPLING, generator=generator)
+        pos = torch.full((n, 1), state[1], dtype=torch.long, device=device)
+        state[1] += 1
+        state[0] = model(input_ids=tokens[:, None], position_ids=pos, past_key_values=cache,
                          use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    return step
+
+
+@torch.inference_mode()
+def decode_step_stats(providers, model, ids, n: int, block_size: int, device,
+                      steps: int = 16) -> dict[str, dict]:
+    """Per provider: ``step_us``, ``host_us_per_step`` and ``aten_ops_per_layer`` of one decode
+    step of n branches after a prompt ``ids`` (see the module docstring); the providers' steps
+    are interleaved, like the end-to-end repetitions."""
+    steppers = {p: _decode_stepper(p, model, ids, n, block_size, device, steps) for p in providers}
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    logits = step(logits)   # warm-up
-    walls, hosts = [], []
+    for step in steppers.values():
+        step()   # warm-up
+    walls = {p: [] for p in steppers}
+    hosts = {p: [] for p in steppers}
     for _ in range(steps):
-        sync()
-        start = time.perf_counter()
-        logits = step(logits)
-        hosts.append(time.perf_counter() - start)
-        sync()
-        walls.append(time.perf_counter() - start)
-    with _CountOps() as ops:
-        step(logits)
-    return dict(step_us=1e6 * statistics.median(walls), host_us_per_step=1e6 * statistics.median(hosts),
-                aten_ops_per_layer=ops.count / model.config.num_hidden_layers)
+        for provider, step in steppers.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            hosts[provider].append(time.perf_counter() - start)
+            sync()
+            walls[provider].append(time.perf_counter() - start)
+    stats = {}
+    for provider, step in steppers.items():
+        with _CountOps() as ops:
+            step()
+        stats[provider] = dict(step_us=1e6 * statistics.median(walls[provider]),
+                               host_us_per_step=1e6 * statistics.median(hosts[provider]),
+                               aten_ops_per_layer=ops.count / model.config.num_hidden_layers)
+    return stats
 
 
 def measure_interleaved(runs: dict, device, warmup: int, rep: int) -> dict:
@@ -261,6 +279,8 @@ def main() -> None:
                                                                  args.block_size))
                     for provider in args.providers}
             timed = measure_interleaved(runs, device, warmup=1, rep=rep)
+            step_stats = decode_step_stats([p for p in args.providers if p in STEP_PROVIDERS],
+                                           model, ids, n, args.block_size, device)
             for provider in args.providers:
                 seconds, kv_bytes, peak = timed[provider]
                 row = dict(device=name, provider=provider, P=prompt_len, n=n, new_tokens=new_tokens,
@@ -268,8 +288,7 @@ def main() -> None:
                            peak_kv_bytes=int(kv_bytes), peak_mem_bytes=int(peak),
                            copy_gbps=gbps, dtype=str(dtype).replace("torch.", ""),
                            block_size=args.block_size)
-                if provider in ("a2r-explore", "a2r-explore-eager", "hf-generate"):
-                    row.update(decode_step_stats(provider, model, ids, n, args.block_size, device))
+                row.update(step_stats.get(provider, {}))
                 group.append(row)
                 print(f"{provider:>12} {prompt_len:>6} {n:>4} {new_tokens:>4} {seconds:>9.3f} "
                       f"{row['tokens_per_s']:>9.1f} {kv_bytes / 2**20:>11.1f} {peak / 2**20:>12.1f}"

@@ -432,7 +432,8 @@ def test_torch_decode_plan_equals_tree_decode_attention(dtype, tree):
     expected = ak.tree_decode_attention(q, cache.k[0], cache.v[0], layout, sm_scale=0.3,
                                         backend="torch")
     plan = akhf._TorchDecodePlan.from_layout(layout, dtype)
-    got = plan.attend(q[:, :, None], cache.k[0].flatten(0, 1), cache.v[0].flatten(0, 1), 0.3)[:, 0]
+    got = plan.attend(q[:, :, None], akhf._slot_view(cache.k[0]), akhf._slot_view(cache.v[0]),
+                      0.3)[:, 0]
     assert got.dtype == dtype and got.shape == expected.shape
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
