@@ -56,7 +56,9 @@ class ExploreResult:
         num_blocks: blocks in the decoder's pool.
         block_size: tokens per block.
         peak_blocks_used: most blocks held at once (by the decoder since it was built: with a
-            caller's decoder this includes what the caller holds).
+            caller's decoder this includes what the caller holds). Step t + 1 is reserved
+            before step t's stop read, so a branch that stops can hold one more block for that
+            moment; :func:`tree_blocks_needed` still bounds it.
         peak_kv_bytes: ``peak_blocks_used`` in bytes (K and V, all layers).
         decode_steps: batched decode forwards run (the prefill not counted).
         stopped: per leaf, whether it ended at a stop token (else at the token budget).
