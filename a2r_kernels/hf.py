@@ -398,10 +398,17 @@ def _check_step_tokens(token_ids, num_seqs: int) -> None:
         raise ValueError(f"token_ids must be int64, got {token_ids.dtype}")
 
 
+# Decode batch buckets: powers of two up to this, then its multiples (nano-vllm's capture sizes):
+# a shrinking batch uses a handful of graphs, and a batch just past a power of two pads fewer rows.
+_BUCKET_STEP = 16
+
+
 def _batch_bucket(batch: int) -> int:
-    """The padded size of a decode batch of ``batch >= 1`` rows: the next power of two (1, 2, 4,
-    8, ...), so a run whose batch shrinks as branches finish uses a handful of graphs."""
-    return 1 << (batch - 1).bit_length()
+    """The padded size of a decode batch of ``batch >= 1`` rows: the next power of two up to
+    ``_BUCKET_STEP`` (1, 2, 4, 8, 16), then the next multiple of it (32, 48, 64, ...)."""
+    if batch <= _BUCKET_STEP:
+        return 1 << (batch - 1).bit_length()
+    return -(-batch // _BUCKET_STEP) * _BUCKET_STEP
 
 
 class _StaticDecode:
@@ -570,7 +577,8 @@ class TreeDecoder:
             padded static-buffer step eagerly; ``True`` off CUDA or with the torch backend is a
             ValueError.
 
-    :meth:`step` pads the batch to a power of two and runs it through fixed buffers
+    :meth:`step` pads the batch to a bucket (a power of two up to 16, then a multiple of 16) and
+    runs it through fixed buffers
     (:class:`_StaticDecode`); :meth:`extend` with ``T == 1`` is the same step unpadded.
 
     Attributes:

@@ -3,7 +3,7 @@
 Providers:
 - ``a2r-explore``: :func:`a2r.explore.explore` -- the prompt is prefilled once and its KV blocks
   are shared by the n branches (TreeKVCache fork); one ``[n_live, 1]`` decode batch per step with
-  ``tree_decode_attention``; each step padded to a power-of-two batch and, on CUDA, replayed
+  ``tree_decode_attention``; each step padded to a batch bucket and, on CUDA, replayed
   from a CUDA graph per batch bucket (``TreeDecoder(cuda_graphs=None)``).
 - ``a2r-explore-eager`` (CUDA only): the same with ``cuda_graphs=False`` (the padded step run
   eagerly, as ``a2r-explore`` does on the CPU).
