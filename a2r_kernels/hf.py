@@ -678,11 +678,13 @@ class TreeDecoder:
         input_ids = input_ids.reshape(1, -1)
         if seq is not None:
             return seq, self.extend([seq], input_ids)
+        prompt = input_ids[0].tolist()   # the one host read of the prompt (a sync on CUDA)
         # The last token is always forwarded: its logits are the result.
-        seq = self.cache.new_sequence(prefix=input_ids[0, :-1])
+        seq = self.cache.new_sequence(prefix=prompt[:-1])
         reused = self.cache.length(seq)
         try:
-            logits = self.extend([seq], input_ids[:, reused:])
+            self._check_extend([seq], input_ids[:, reused:])
+            logits = self._extend([seq], input_ids[:, reused:], [prompt[reused:]])
         except BaseException:
             self.cache.free(seq)   # the reused blocks go back to the cache
             raise
@@ -788,7 +790,6 @@ class TreeDecoder:
                 config._attn_implementation = saved_impl
         return out.logits
 
-    @torch.inference_mode()
     def extend(self, seqs: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
         """Append ``T`` tokens to each of ``seqs`` (``token_ids`` int ``[B, T]``, row b -> seqs[b]).
 
@@ -800,17 +801,26 @@ class TreeDecoder:
             fp32 ``[B, V]``: logits of the token after each sequence's last new token.
         """
         seqs = list(seqs)
+        self._check_extend(seqs, token_ids)
+        return self._extend(seqs, token_ids, token_ids)
+
+    def _check_extend(self, seqs: list[int], token_ids) -> None:
         if token_ids.dim() != 2 or token_ids.shape[0] != len(seqs) or token_ids.shape[1] == 0:
             raise ValueError(f"token_ids must be [B={len(seqs)}, T>=1], got {tuple(token_ids.shape)}")
         if token_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"token_ids must be int64, got {token_ids.dtype}")
         self._check_not_planned(seqs)
+
+    @torch.inference_mode()
+    def _extend(self, seqs: list[int], token_ids: torch.Tensor, token_rows) -> torch.Tensor:
+        """:meth:`extend` of checked arguments; ``token_rows``: the same ids as ``token_ids`` or
+        as host lists ``[B][T]`` (what the reserve keys prompt blocks by)."""
         num_tokens = token_ids.shape[1]
         past = [self.cache.length(s) for s in seqs]
         # Prompt tokens are keyed for prefix reuse (read on the host, once per prompt); decode
         # tokens are not (that would be a host sync per step).
         slots = self.cache.reserve(seqs, num_tokens,    # raises CacheFullError, changes nothing
-                                   token_ids=token_ids if num_tokens > 1 else None)
+                                   token_ids=token_rows if num_tokens > 1 else None)
         self.peak_blocks_used = max(self.peak_blocks_used, self.cache.blocks_used())
         try:
             if num_tokens == 1:   # decode: the plan of the step, built once for every layer

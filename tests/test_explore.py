@@ -441,12 +441,14 @@ def test_torch_decode_plan_equals_tree_decode_attention(dtype, tree):
 
 # ---------------------------------------------------------------------------- host syncs
 def _loop_reads(model, ids, n, max_new_tokens, **kwargs) -> tuple[int, int, list[list[int]]]:
-    """Host reads the decode loop (explore.py, sampling.py, hf.py) makes, its decode steps, and
-    its sequences."""
+    """Host reads the exploration (explore.py, sampling.py, hf.py, cache.py) makes, its decode
+    steps, and its sequences. The prompt's one read at prefill is among them."""
     import a2r.explore as explore_module
     import a2r.sampling as sampling_module
+    import a2r_kernels.cache as cache_module
 
-    with HostReads(explore_module.__file__, sampling_module.__file__, akhf.__file__) as reads:
+    with HostReads(explore_module.__file__, sampling_module.__file__, akhf.__file__,
+                   cache_module.__file__) as reads:
         res = explore(model, ids, [n], max_new_tokens, backend="torch", **kwargs)
     return reads.count, res.decode_steps, res.sequences
 
@@ -457,7 +459,7 @@ def test_no_host_sync_per_step_without_stop_conditions(qwen3, temperature):
     ids = _prompt(11, seed=4)
     count, steps, seqs = _loop_reads(qwen3, ids, 3, 9, temperature=temperature, seed=1,
                                      eos_token_id=[])
-    assert steps == 8 and count == 1
+    assert steps == 8 and count == 2   # the prompt, then the level's tokens
     assert seqs == a2r.sample_parallel(qwen3, ids, 3, 9, temperature=temperature, seed=1,
                                        eos_token_id=[])
     if temperature == 0:
@@ -469,7 +471,21 @@ def test_one_host_read_per_step_with_eos(qwen3):
     eos = _generate(qwen3, ids, 9)[4]   # the greedy path's 5th token: stops every branch there
     count, steps, seqs = _loop_reads(qwen3, ids, 3, 9, temperature=0, eos_token_id=eos)
     assert seqs == [_generate(qwen3, ids, 9)[:seqs[0].index(eos) + 1]] * 3
-    assert count <= steps + 1
+    assert count <= steps + 2   # the prompt, and at most one read per sampled token
+
+
+def test_prefill_reads_the_prompt_once(model):
+    """prefill brings the prompt to the host once (a sync on CUDA), both to match cached blocks
+    and to key its own, with and without reuse."""
+    import a2r_kernels.cache as cache_module
+
+    dec = akhf.TreeDecoder(model, num_blocks=16, block_size=4, backend="torch")
+    ids = _prompt(23, seed=5)
+    for _ in range(2):   # fresh, then reusing the first prefill's 5 whole blocks
+        with HostReads(akhf.__file__, cache_module.__file__) as reads:
+            dec.prefill(ids)
+        assert reads.count == 1
+    assert dec.reused_tokens == 20
 
 
 # ---------------------------------------------------------------------------- step t + 1 planned during step t
