@@ -240,7 +240,7 @@ def main() -> None:
     parser.add_argument("--providers", nargs="*", choices=list(PROVIDERS),
                         help="default: all (a2r-explore-eager only on CUDA)")
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--rep", type=int, default=3)
+    parser.add_argument("--rep", type=int, help="repetitions per provider (default: 3; --quick: 2)")
     parser.add_argument("--out", default=None,
                         help="results JSON (default: results/explore.json on a GPU, "
                         "results/explore_cpu.json for quick/CPU runs)")
@@ -254,12 +254,12 @@ def main() -> None:
     if quick:
         config, dtype = TINY, torch.float32
         prompt_lens, ns, new_tokens = args.prompt_lens or [64, 256], args.ns or [2, 4], args.new_tokens or 16
-        rep = min(args.rep, 2)
+        rep = args.rep or 2
     else:
         config, dtype = QWEN3_0_6B, torch.bfloat16
         prompt_lens = args.prompt_lens or [2048, 8192]
         ns, new_tokens = args.ns or [8, 32], args.new_tokens or 256
-        rep = args.rep
+        rep = args.rep or 3
     stem = "explore_cpu" if quick else "explore"
     args.out = args.out or os.path.join(RESULTS, f"{stem}.json")
     model = build_model(config, dtype, device)
