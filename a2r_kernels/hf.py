@@ -108,9 +108,10 @@ def _causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 def _slot_view(pool: torch.Tensor) -> torch.Tensor:
     """A layer's pool ``[num_blocks, block_size, Hkv, D]`` (contiguous) viewed as ``[num_blocks *
-    block_size, 1, Hkv, D]``: gathered slots ``[T, 1, Hkv, D]`` permute to SDPA's ``[1, Hkv, T,
-    D]`` in one view op."""
-    return pool.view(-1, 1, *pool.shape[2:])
+    block_size, Hkv, 1, D]``, the layout of the model's decode K/V ``[B, Hkv, T=1, D]``: they are
+    written into it as they come, and gathered slots ``[T, Hkv, 1, D]`` permute to SDPA's ``[1,
+    Hkv, T, D]`` in one view op."""
+    return pool.view(-1, pool.shape[2], 1, pool.shape[3])
 
 
 class _TorchDecodePlan:
@@ -203,14 +204,14 @@ class _TorchDecodePlan:
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                sm_scale: float) -> torch.Tensor:
         """query ``[S, Hq, 1, D]`` (the model's, any float dtype); keys, values: a layer's pools
-        viewed as ``[num_blocks * block_size, 1, Hkv, D]`` (:func:`_slot_view`) -> ``[S, 1, Hq,
+        viewed as ``[num_blocks * block_size, Hkv, 1, D]`` (:func:`_slot_view`) -> ``[S, 1, Hq,
         D]`` in query's dtype (softmax in the pool's dtype, as SDPA computes it)."""
         q = query.transpose(0, 2)   # [1, Hq, S, D]
         if q.dtype != keys.dtype:   # a pool narrower than the model (dtype=), or autocast
             q = q.to(keys.dtype)
         # Gather along the contiguous slot dim (several times faster than along a strided one).
-        k = keys.index_select(0, self.slots).permute(1, 2, 0, 3)   # [1, Hkv, T, D]
-        v = values.index_select(0, self.slots).permute(1, 2, 0, 3)
+        k = keys.index_select(0, self.slots).permute(2, 1, 0, 3)   # [1, Hkv, T, D]
+        v = values.index_select(0, self.slots).permute(2, 1, 0, 3)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=sm_scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
         out = out.permute(2, 0, 1, 3)   # [S, 1, Hq, D]
@@ -239,7 +240,7 @@ class TreeCache(Cache):
         self._path_slots: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._torch_plan: _TorchDecodePlan | None = None
         self._static: _StaticDecode | None = None
-        # Per layer, the pools as the torch plan gathers from them (views, made once).
+        # Per layer, the pools as decode steps write them and the torch plan gathers (views, once).
         self._slot_views = [(_slot_view(k), _slot_view(v)) for k, v in zip(tree.k, tree.v)]
 
     def begin_static(self, static: "_StaticDecode", layout) -> None:
@@ -281,20 +282,25 @@ class TreeCache(Cache):
             raise ValueError(f"key_states [B={batch}, Hkv, T={num_tokens}, D] does not match "
                              f"the {self._slots.shape[0]} reserved slots")
         dtype = self.tree.dtype
-        if num_tokens == 1:   # decode: [B, Hkv, D] in one view op
-            k, v = key_states.select(2, 0), value_states.select(2, 0)
-        else:
-            k = key_states.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads, head_dim)
-            v = value_states.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads, head_dim)
+        k, v = key_states, value_states
+        if num_tokens > 1:
+            k = k.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads, head_dim)
+            v = v.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads, head_dim)
         if self._static is not None and self._static.padded:
             # Padding rows write row 0's K/V into row 0's slot.
             rows = self._static.row_source[:batch]
             k, v = k.index_select(0, rows), v.index_select(0, rows)
         if k.dtype != dtype:
             k, v = k.to(dtype), v.to(dtype)
-        # The slots come from this forward's reserve and the shapes were checked above: the
-        # unchecked scatter (write's range check would cost two reductions per layer).
-        self.tree._scatter(layer_idx, self._slots, k, v)
+        # The slots come from this forward's reserve and the shapes were checked above: an
+        # unchecked scatter (write's range check would cost two reductions per layer). A decode
+        # step's [B, Hkv, 1, D] goes into the _slot_views as it is.
+        if num_tokens == 1:
+            k_slots, v_slots = self._slot_views[layer_idx]
+            k_slots.index_copy_(0, self._slots, k)
+            v_slots.index_copy_(0, self._slots, v)
+        else:
+            self.tree._scatter(layer_idx, self._slots, k, v)
         if self._torch_plan is not None:
             return self._slot_views[layer_idx]
         if self._layout is None and not any(self._past_lengths):
