@@ -143,7 +143,7 @@ class _TorchDecodePlan:
     def __init__(self, paths: list[list[int]], node_lengths: list[int],
                  node_block_tables: list[list[int]], block_size: int, dtype: torch.dtype,
                  device):
-        # Host work in numpy, a few array ops whatever the tree: O(blocks + S * T) per step.
+        # Host work in numpy, a few array ops whatever the tree: O(blocks + S * T) per plan.
         lengths = np.asarray(node_lengths, dtype=np.int64)                     # [M]
         num_blocks = -(-lengths // block_size)
         blocks = np.fromiter(chain.from_iterable(
@@ -158,10 +158,12 @@ class _TorchDecodePlan:
         reads = np.zeros((len(paths), lengths.shape[0]), dtype=bool)
         reads[np.repeat(np.arange(len(paths)), [len(path) for path in paths]),
               np.fromiter(chain.from_iterable(paths), dtype=np.int64)] = True
-        self.slots = torch.from_numpy(slots).to(device)
-        self.mask = torch.zeros(len(paths), slots.shape[0], dtype=dtype).masked_fill_(
-            torch.from_numpy(~np.repeat(reads, lengths, axis=1)), float("-inf")).to(device)
-        self.positions = torch.from_numpy(reads @ lengths - 1).to(device)
+        # Non-blocking copies (no stream sync on CUDA: the host may plan while a step runs).
+        self.slots = host_to_device(torch.from_numpy(slots), device)
+        mask = torch.zeros(len(paths), slots.shape[0], dtype=dtype).masked_fill_(
+            torch.from_numpy(~np.repeat(reads, lengths, axis=1)), float("-inf"))
+        self.mask = host_to_device(mask, device)
+        self.positions = host_to_device(torch.from_numpy(reads @ lengths - 1), device)
 
     @classmethod
     def from_layout(cls, layout, dtype: torch.dtype) -> "_TorchDecodePlan":
@@ -180,10 +182,10 @@ class _TorchDecodePlan:
         plan._leaves = [nodes[path[-1]] for path in paths]   # where each sequence grows
         plan._leaf_lengths = [leaf.length for leaf in plan._leaves]
         # [batch, num_seqs]: row b sees the next token of sequence b (a padding row: of row 0).
+        rows = torch.arange(batch)
         own = torch.full((batch, num_seqs), float("-inf"), dtype=cache.dtype)
-        own[torch.arange(batch), torch.arange(batch).masked_fill(
-            torch.arange(batch) >= num_seqs, 0)] = 0
-        plan._own_token_mask = own.to(cache.device)
+        own[rows, rows.masked_fill(rows >= num_seqs, 0)] = 0
+        plan._own_token_mask = host_to_device(own, cache.device)
         return plan
 
     def advance(self, seqs: list[int], batch: int, new_slots: torch.Tensor) -> bool:
