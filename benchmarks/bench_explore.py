@@ -20,7 +20,8 @@ meaningless; throughput and memory do not depend on them.
 Rows (``benchmarks/results/explore.json``; quick / CPU runs go to ``explore_cpu.json``): device, provider, P, n, new_tokens, median_s,
 tokens_per_s (n * new_tokens / median_s), peak_kv_bytes (KV held at the peak, from the block
 pool for ours, computed for DynamicCache), peak_mem_bytes (CUDA allocator peak during the run,
-weights included; 0 on CPU), copy_gbps, and speedup vs hf-generate. The providers' repetitions
+weights included; 0 on CPU), copy_gbps, load_average_1m (the machine's, after the timing: a shared
+box's load), and speedup vs hf-generate. The providers' repetitions
 are interleaved (rep 1 of each, then rep 2, ...), so a shared machine's drift hits all alike.
 
 Per-step rows (``a2r-explore``, ``a2r-explore-eager`` and ``hf-generate``; a replayed graph
@@ -287,7 +288,7 @@ def main() -> None:
                            median_s=seconds, tokens_per_s=n * new_tokens / seconds,
                            peak_kv_bytes=int(kv_bytes), peak_mem_bytes=int(peak),
                            copy_gbps=gbps, dtype=str(dtype).replace("torch.", ""),
-                           block_size=args.block_size)
+                           block_size=args.block_size, load_average_1m=os.getloadavg()[0])
                 row.update(step_stats.get(provider, {}))
                 group.append(row)
                 print(f"{provider:>12} {prompt_len:>6} {n:>4} {new_tokens:>4} {seconds:>9.3f} "
@@ -303,13 +304,18 @@ def main() -> None:
             rows += group
     merged = write_results(args.out, rows,
                            key_fields=("device", "provider", "P", "n", "new_tokens", "dtype"))
-    mine = [r for r in merged if r["device"] == name]
+    directory = os.path.dirname(os.path.abspath(args.out))   # the plots go next to the JSON
+    plot_results([r for r in merged if r["device"] == name], name, os.path.join(directory, stem))
+    print(f"wrote {args.out} and {directory}/{stem}_*.png")
+
+
+def plot_results(rows: list[dict], name: str, stem: str) -> None:
+    """``<stem>_tokens_per_s.png`` and ``<stem>_peak_kv_bytes.png`` of one device's rows."""
     for metric, label in (("tokens_per_s", "generated tokens / s"), ("peak_kv_bytes", "peak KV bytes")):
-        plot_rows = [dict(r, shape=f"P={r['P']} n={r['n']}") for r in mine]
-        plot(os.path.join(RESULTS, f"{stem}_{metric}.png"), plot_rows, x="shape", y=metric,
-             title=f"explorer: {new_tokens} new tokens per branch ({name})", ylabel=label,
+        plot_rows = [dict(r, shape=f"P={r['P']} n={r['n']} new={r['new_tokens']}") for r in rows]
+        plot(f"{stem}_{metric}.png", plot_rows, x="shape", y=metric,
+             title=f"explorer ({name})", ylabel=label,
              logy=metric == "peak_kv_bytes")
-    print(f"wrote {args.out} and {RESULTS}/{stem}_*.png")
 
 
 if __name__ == "__main__":
