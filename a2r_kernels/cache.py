@@ -139,11 +139,10 @@ class TreeKVCache:
         self.device = self.k_pool.device   # normalised ("cuda" -> "cuda:0")
         self.k = [self.k_pool[layer] for layer in range(num_layers)]
         self.v = [self.v_pool[layer] for layer in range(num_layers)]
-        # Per layer, a view [num_slots, num_kv_heads, head_dim]: what write() scatters into (a
-        # list, so the per-layer write indexes no tensor).
+        # [num_layers, num_slots, num_kv_heads, head_dim]: what write() scatters into.
         slots_shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
-        self._k_slots = list(self.k_pool.view(slots_shape))
-        self._v_slots = list(self.v_pool.view(slots_shape))
+        self._k_slots = self.k_pool.view(slots_shape)
+        self._v_slots = self.v_pool.view(slots_shape)
 
         # Min-heap of free never-keyed block ids: lowest block first, so runs are reproducible.
         self._free_blocks: list[int] = list(range(num_blocks))
