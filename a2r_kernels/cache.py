@@ -63,7 +63,7 @@ import torch
 from ._errors import CacheFullError
 from ._vocab import as_int, non_negative_int, positive_int
 from .block_tables import NodeBlockTables
-from .layout import TreeLayout, _kv_chunk, _seqs_per_item
+from .layout import TreeLayout, _kv_chunk, _seqs_per_item, host_to_device
 
 _POOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ROOT_ID = 0   # the content id the first block of every root chains from
@@ -448,7 +448,8 @@ class TreeKVCache:
                 slots.append(node.blocks[-1] * bs + pos % bs)
                 node.length = pos + 1
             self._key_rows(nodes, token_ids)
-            return torch.tensor(slots, dtype=torch.int64, device=self.device)
+            # No host sync on CUDA: the next step is reserved while the last one runs.
+            return host_to_device(torch.tensor(slots, dtype=torch.int64), self.device)
         long_runs = num_tokens > 64   # prefill: build slots with tensor ops, not Python ints
         parts: list[torch.Tensor] = []
         for node in nodes:
@@ -597,6 +598,25 @@ class TreeKVCache:
         return (self._k_slots[layer].index_select(0, slots),
                 self._v_slots[layer].index_select(0, slots))
 
+    def _step_tree(self, seqs) -> tuple[list[_Node], list[list[int]]]:
+        """The tree of one decode step of ``seqs`` without its kernel plan: the nodes on their
+        paths, numbered 0..M-1 in order of first appearance (each has ``.length`` tokens in
+        ``.blocks``), and each seq's path as those numbers, root first. :meth:`layout` plans it;
+        the torch backend's model runner reads it directly. Valid until the next mutation."""
+        local_id: dict[_Node, int] = {}
+        nodes: list[_Node] = []
+        paths: list[list[int]] = []
+        for i, seq in enumerate(self._seq_list(seqs)):
+            path = []
+            for node in self._node(seq, i).path:
+                j = local_id.get(node)
+                if j is None:
+                    j = local_id[node] = len(nodes)
+                    nodes.append(node)
+                path.append(j)
+            paths.append(path)
+        return nodes, paths
+
     def layout(self, seqs, kv_chunk_size: int | None = None,
                max_seqs_per_item: int | None = None) -> TreeLayout:
         """The :class:`TreeLayout` of one decode step of ``seqs`` (in that order) over this cache.
@@ -610,21 +630,8 @@ class TreeKVCache:
         """
         chunk = _kv_chunk(kv_chunk_size, self.block_size)
         seqs_per_item = _seqs_per_item(max_seqs_per_item)
-        seq_ids = self._seq_list(seqs)
-        local_id: dict[_Node, int] = {}
-        nodes: list[_Node] = []
-        lengths: list[int] = []
-        paths: list[list[int]] = []
-        for i, seq in enumerate(seq_ids):
-            path = []
-            for node in self._node(seq, i).path:
-                j = local_id.get(node)
-                if j is None:
-                    j = local_id[node] = len(nodes)
-                    nodes.append(node)
-                    lengths.append(node.length)
-                path.append(j)
-            paths.append(path)
+        nodes, paths = self._step_tree(seqs)
+        lengths = [node.length for node in nodes]
         page_starts, page_table, max_block_id = self._tables.sync(nodes,
                                                                   operator.attrgetter("blocks"))
         # Host copies of the tables only when asked for (the torch reference, tests). The first

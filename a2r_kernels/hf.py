@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from itertools import chain
 from typing import Sequence
 
 import numpy as np
@@ -47,6 +48,7 @@ from transformers.cache_utils import Cache
 from ._backend import resolve_backend
 from ._vocab import attention_geometry
 from .cache import TreeKVCache
+from .layout import host_to_device
 
 ATTN_IMPLEMENTATION = "a2r_tree"
 # Name of the forward kwarg that carries the TreeCache down to the attention function
@@ -104,79 +106,118 @@ def _causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return out.transpose(1, 2)
 
 
+def _slot_view(pool: torch.Tensor) -> torch.Tensor:
+    """A layer's pool ``[num_blocks, block_size, Hkv, D]`` (contiguous) viewed as ``[num_blocks *
+    block_size, Hkv, 1, D]``, the layout of the model's decode K/V ``[B, Hkv, T=1, D]``: they are
+    written into it as they come, and gathered slots ``[T, Hkv, 1, D]`` permute to SDPA's ``[1,
+    Hkv, T, D]`` in one view op."""
+    return pool.view(-1, pool.shape[2], 1, pool.shape[3])
+
+
 class _TorchDecodePlan:
     """The ``"torch"`` backend's tree decode attention for one step, planned once for all layers.
 
     For sequence ``i`` of the step, ``out[i] = sum_t softmax_t(sm_scale * q_i . k_t) v_t`` over
-    the tokens of its path (API.md section 2), in fp32, as one softmax over two key sets:
+    the tokens of its path (API.md section 2), as one ``scaled_dot_product_attention`` per layer
+    over the step's whole tree:
 
-    - *private*: the tokens of the nodes only ``i`` reads, gathered per sequence:
-      ``private`` int64 ``[S, Tp]`` flat pool slots (padding -> slot 0, masked);
-    - *shared*: the tokens of every node two or more sequences read, concatenated and gathered
-      once per layer for all of them: ``shared`` int64 ``[Ts]``, each node's KV read once;
-    - ``invalid`` bool ``[S, 1, 1, Tp + Ts]``: padding, and shared tokens of nodes ``i`` does not
-      read. Every row has a valid key (the step's own token, reserved before the plan).
+    - ``slots`` int64 ``[T]``: the flat pool slot of every token of the nodes on the step's paths,
+      each node once: a prompt shared by every branch is gathered once per layer;
+    - ``mask`` ``[S, T]`` in the pool's dtype: 0 where row ``i``'s path holds token ``t``, ``-inf``
+      elsewhere (the other branches' tokens). Every row has a key (its own reserved token);
+    - ``positions`` int64 ``[S]``: each row's path length minus one, its new token's position.
 
-    Per layer that is about 25 aten ops, against about 80 for the node-by-node reference with its
-    LSE merges (:func:`a2r_kernels.reference.tree_decode_attention`), which it equals up to fp32
-    rounding.
+    The ``S`` queries are the rows of one batch, ``[1, Hq, S, D]``, against the keys ``[1, Hkv,
+    T, D]`` (GQA by SDPA's ``enable_gqa``): a handful of aten ops per layer, where attending row
+    by row needs each shared token gathered once per row. The price is the masked scores, ``S * T``
+    instead of each row's own path length: a compute choice of this backend, which grows with the
+    siblings' tokens. The cache still stores every token once; the Triton and CUDA kernels read
+    each row's path only.
+
+    A plan made by :meth:`for_step` can :meth:`advance` to the next step of the same sequences:
+    the common decode step costs two concatenations on the host, not a new plan.
     """
 
-    def __init__(self, layout):
-        # Built on the host from the layout's lists (numpy), then three copies to the device:
-        # O(nodes + tokens) host work, a handful of tensor ops per step whatever the fan-out.
-        bs, lengths, tables = layout.block_size, layout.node_lengths, layout.node_block_tables
-        readers: dict[int, list[int]] = {}
-        for i, path in enumerate(layout.paths):
-            for j in path:
-                if lengths[j]:
-                    readers.setdefault(j, []).append(i)
+    _seqs: list[int] | None = None   # for_step's sequences, while the plan can advance
 
-        def node_slots(j: int) -> np.ndarray:
-            table = np.asarray(tables[j][:-(-lengths[j] // bs)], dtype=np.int64)
-            return (table[:, None] * bs + np.arange(bs)).reshape(-1)[:lengths[j]]
+    def __init__(self, paths: list[list[int]], node_lengths: list[int],
+                 node_block_tables: list[list[int]], block_size: int, dtype: torch.dtype,
+                 device):
+        # Host work in numpy, a few array ops whatever the tree: O(blocks + S * T) per plan.
+        lengths = np.asarray(node_lengths, dtype=np.int64)                     # [M]
+        num_blocks = -(-lengths // block_size)
+        blocks = np.fromiter(chain.from_iterable(
+            table[:count] for table, count in zip(node_block_tables, num_blocks.tolist())),
+            dtype=np.int64, count=int(num_blocks.sum()))
+        slots = (blocks[:, None] * block_size + np.arange(block_size)).reshape(-1)
+        # Each node's token t sits at slot t of its run of blocks: drop its last block's tail.
+        offset = np.arange(slots.shape[0]) - np.repeat(
+            (np.cumsum(num_blocks) - num_blocks) * block_size, num_blocks * block_size)
+        slots = slots[offset < np.repeat(lengths, num_blocks * block_size)]
+        # reads[i, j]: row i's path holds node j; expanded to the nodes' tokens, in slot order.
+        reads = np.zeros((len(paths), lengths.shape[0]), dtype=bool)
+        reads[np.repeat(np.arange(len(paths)), [len(path) for path in paths]),
+              np.fromiter(chain.from_iterable(paths), dtype=np.int64)] = True
+        # Non-blocking copies (no stream sync on CUDA: the host may plan while a step runs).
+        self.slots = host_to_device(torch.from_numpy(slots), device)
+        mask = torch.zeros(len(paths), slots.shape[0], dtype=dtype).masked_fill_(
+            torch.from_numpy(~np.repeat(reads, lengths, axis=1)), float("-inf"))
+        self.mask = host_to_device(mask, device)
+        self.positions = host_to_device(torch.from_numpy(reads @ lengths - 1), device)
 
-        own = [[j for j in path if len(readers.get(j, ())) == 1] for path in layout.paths]
-        private = np.zeros((len(own), max((sum(lengths[j] for j in p) for p in own), default=0)),
-                           dtype=np.int64)
-        private_valid = np.zeros(private.shape, dtype=bool)
-        for i, nodes in enumerate(own):
-            if nodes:
-                row = np.concatenate([node_slots(j) for j in nodes])
-                private[i, :row.shape[0]] = row
-                private_valid[i, :row.shape[0]] = True
-        shared_nodes = [j for j, seqs in readers.items() if len(seqs) > 1]
-        shared = (np.concatenate([node_slots(j) for j in shared_nodes]) if shared_nodes
-                  else np.zeros(0, dtype=np.int64))
-        shared_valid = np.zeros((len(own), shared.shape[0]), dtype=bool)
-        offset = 0
-        for j in shared_nodes:
-            shared_valid[readers[j], offset:offset + lengths[j]] = True
-            offset += lengths[j]
-        device = layout.device
-        self.private = torch.from_numpy(private).to(device)
-        self.shared = torch.from_numpy(shared).to(device)
-        valid = np.concatenate([private_valid, shared_valid], axis=1)
-        self.invalid = torch.from_numpy(~valid).to(device)[:, None, None, :]
+    @classmethod
+    def from_layout(cls, layout, dtype: torch.dtype) -> "_TorchDecodePlan":
+        return cls(layout.paths, layout.node_lengths, layout.node_block_tables,
+                   layout.block_size, dtype, layout.device)
 
-    def attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+    @classmethod
+    def for_step(cls, cache: TreeKVCache, seqs: list[int], batch: int) -> "_TorchDecodePlan":
+        """The plan of a decode step of ``seqs`` (their tokens reserved) in ``batch >= len(seqs)``
+        rows, read from the cache's tree; a padding row (``>= len(seqs)``) reads row 0's path."""
+        nodes, paths = cache._step_tree(seqs)
+        num_seqs = len(paths)
+        plan = cls(paths + [paths[0]] * (batch - num_seqs), [node.length for node in nodes],
+                   [node.blocks for node in nodes], cache.block_size, cache.dtype, cache.device)
+        plan._seqs = list(seqs)
+        plan._leaves = [nodes[path[-1]] for path in paths]   # where each sequence grows
+        plan._leaf_lengths = [leaf.length for leaf in plan._leaves]
+        # [batch, num_seqs]: row b sees the next token of sequence b (a padding row: of row 0).
+        rows = torch.arange(batch)
+        own = torch.full((batch, num_seqs), float("-inf"), dtype=cache.dtype)
+        own[rows, rows.masked_fill(rows >= num_seqs, 0)] = 0
+        plan._own_token_mask = host_to_device(own, cache.device)
+        return plan
+
+    def advance(self, seqs: list[int], batch: int, new_slots: torch.Tensor) -> bool:
+        """When ``seqs`` in ``batch`` rows are :meth:`for_step`'s, each grown by exactly one token
+        since (reserved at ``new_slots`` int64 ``[len(seqs)]``), make this their next step's plan
+        and return True: the new tokens' keys are appended (a softmax does not depend on the
+        order of its keys). Else return False, changing nothing."""
+        if self._seqs != seqs or self.mask.shape[0] != batch or any(
+                leaf.length != length + 1 for leaf, length in zip(self._leaves,
+                                                                  self._leaf_lengths)):
+            return False
+        self._leaf_lengths = [length + 1 for length in self._leaf_lengths]
+        self.slots = torch.cat([self.slots, new_slots])
+        self.mask = torch.cat([self.mask, self._own_token_mask], dim=1)
+        self.positions = self.positions + 1
+        return True
+
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                sm_scale: float) -> torch.Tensor:
-        """q ``[S, Hq, D]``; pools ``[num_blocks, block_size, Hkv, D]`` (contiguous) -> out
-        ``[S, Hq, D]`` in q's dtype."""
-        num_seqs, num_q_heads, head_dim = q.shape
-        num_kv_heads = k_pool.shape[2]
-        k_flat = k_pool.view(-1, num_kv_heads, head_dim)
-        v_flat = v_pool.view(-1, num_kv_heads, head_dim)
-        qf = q.float().reshape(num_seqs, num_kv_heads, -1, head_dim) * sm_scale
-        k_private, v_private = k_flat[self.private].float(), v_flat[self.private].float()
-        k_shared, v_shared = k_flat[self.shared].float(), v_flat[self.shared].float()
-        scores = torch.cat([torch.einsum("shgd,sthd->shgt", qf, k_private),
-                            torch.einsum("shgd,thd->shgt", qf, k_shared)], dim=-1)
-        probs = scores.masked_fill_(self.invalid, float("-inf")).softmax(dim=-1)
-        num_private = self.private.shape[1]
-        out = (torch.einsum("shgt,sthd->shgd", probs[..., :num_private], v_private)
-               + torch.einsum("shgt,thd->shgd", probs[..., num_private:], v_shared))
-        return out.reshape(num_seqs, num_q_heads, head_dim).to(q.dtype)
+        """query ``[S, Hq, 1, D]`` (the model's, any float dtype); keys, values: a layer's pools
+        viewed as ``[num_blocks * block_size, Hkv, 1, D]`` (:func:`_slot_view`) -> ``[S, 1, Hq,
+        D]`` in query's dtype (softmax in the pool's dtype, as SDPA computes it)."""
+        q = query.transpose(0, 2)   # [1, Hq, S, D]
+        if q.dtype != keys.dtype:   # a pool narrower than the model (dtype=), or autocast
+            q = q.to(keys.dtype)
+        # Gather along the contiguous slot dim (several times faster than along a strided one).
+        k = keys.index_select(0, self.slots).permute(2, 1, 0, 3)   # [1, Hkv, T, D]
+        v = values.index_select(0, self.slots).permute(2, 1, 0, 3)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=sm_scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        out = out.permute(2, 0, 1, 3)   # [S, 1, Hq, D]
+        return out if out.dtype == query.dtype else out.to(query.dtype)
 
 
 class TreeCache(Cache):
@@ -201,12 +242,15 @@ class TreeCache(Cache):
         self._path_slots: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._torch_plan: _TorchDecodePlan | None = None
         self._static: _StaticDecode | None = None
+        # Per layer, the pools as decode steps write them and the torch plan gathers (views, once).
+        self._slot_views = [(_slot_view(k), _slot_view(v)) for k, v in zip(tree.k, tree.v)]
 
     def begin_static(self, static: "_StaticDecode", layout) -> None:
         """Begin a forward of a padded decode batch over ``static``'s buffers (its slots, its
-        row map for the K/V writes, its attention)."""
+        row map for the K/V writes, its attention: the wrapper planned for ``layout``, or the
+        torch backend's plan)."""
         self.begin([], [], static.slots[:static.batch], 1)
-        self._layout, self._static = layout, static
+        self._layout, self._static, self._torch_plan = layout, static, static.torch_plan
 
     # ---------------------------------------------------------------- per-forward state
     def begin(self, seqs: Sequence[int], past_lengths: Sequence[int], slots: torch.Tensor,
@@ -218,8 +262,8 @@ class TreeCache(Cache):
         self._layout = layout
         self._path_slots = None   # extend with past: per-row slots and masks, built on layer 0
         # The torch backend's attention plan, once per step (not per layer).
-        self._torch_plan = (_TorchDecodePlan(layout) if layout is not None
-                            and self.backend == "torch" else None)
+        self._torch_plan = (_TorchDecodePlan.from_layout(layout, self.tree.dtype)
+                            if layout is not None and self.backend == "torch" else None)
 
     def end(self) -> None:
         self._seqs, self._past_lengths, self._slots, self._layout = [], [], None, None
@@ -240,15 +284,27 @@ class TreeCache(Cache):
             raise ValueError(f"key_states [B={batch}, Hkv, T={num_tokens}, D] does not match "
                              f"the {self._slots.shape[0]} reserved slots")
         dtype = self.tree.dtype
-        k = key_states.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads, head_dim)
-        v = value_states.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads, head_dim)
+        k, v = key_states, value_states
+        if num_tokens > 1:
+            k = k.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads, head_dim)
+            v = v.transpose(1, 2).reshape(batch * num_tokens, num_kv_heads, head_dim)
         if self._static is not None and self._static.padded:
             # Padding rows write row 0's K/V into row 0's slot.
             rows = self._static.row_source[:batch]
             k, v = k.index_select(0, rows), v.index_select(0, rows)
-        # The slots come from this forward's reserve and the shapes were checked above: the
-        # unchecked scatter (write's range check would cost two reductions per layer).
-        self.tree._scatter(layer_idx, self._slots, k.to(dtype), v.to(dtype))
+        if k.dtype != dtype:
+            k, v = k.to(dtype), v.to(dtype)
+        # The slots come from this forward's reserve and the shapes were checked above: an
+        # unchecked scatter (write's range check would cost two reductions per layer). A decode
+        # step's [B, Hkv, 1, D] goes into the _slot_views as it is.
+        if num_tokens == 1:
+            k_slots, v_slots = self._slot_views[layer_idx]
+            k_slots.index_copy_(0, self._slots, k)
+            v_slots.index_copy_(0, self._slots, v)
+        else:
+            self.tree._scatter(layer_idx, self._slots, k, v)
+        if self._torch_plan is not None:
+            return self._slot_views[layer_idx]
         if self._layout is None and not any(self._past_lengths):
             return key_states, value_states
         return self.tree.k[layer_idx], self.tree.v[layer_idx]
@@ -270,12 +326,11 @@ class TreeCache(Cache):
                scaling: float) -> torch.Tensor:
         """Attention of this forward's queries ``[B, Hq, T, D]`` -> ``[B, T, Hq, D]``."""
         layer = module.layer_idx
+        if self._torch_plan is not None:   # decode on the torch backend: the step's plan
+            return self._torch_plan.attend(query, key, value, scaling)   # the _slot_views
         if self._static is not None:     # padded decode batch: the step's wrapper plan
             return self._static.attend(layer, query[:, :, 0, :].to(key.dtype), key, value,
                                        scaling).to(query.dtype).unsqueeze(1)
-        if self._torch_plan is not None:   # decode on the torch backend: the step's plan
-            return self._torch_plan.attend(query[:, :, 0, :].to(key.dtype), key, value,
-                                           scaling).to(query.dtype).unsqueeze(1)
         if self._layout is not None:     # decode: one token per sequence, tree attention
             from .attention import tree_decode_attention
 
@@ -341,10 +396,27 @@ def _text_config(model):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def _check_step_tokens(token_ids, num_seqs: int) -> None:
+    """A decode step's ``token_ids``: int ``[num_seqs]`` or ``[num_seqs, 1]``, else ValueError."""
+    if not isinstance(token_ids, torch.Tensor) or token_ids.numel() != num_seqs or (
+            token_ids.dim() not in (1, 2)):
+        got = tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__
+        raise ValueError(f"token_ids must be [B={num_seqs}] or [B, 1], got {got}")
+    if token_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"token_ids must be int64, got {token_ids.dtype}")
+
+
+# Decode batch buckets: powers of two up to this, then its multiples (nano-vllm's capture sizes):
+# a shrinking batch uses a handful of graphs, and a batch just past a power of two pads fewer rows.
+_BUCKET_STEP = 16
+
+
 def _batch_bucket(batch: int) -> int:
-    """The padded size of a decode batch of ``batch >= 1`` rows: the next power of two (1, 2, 4,
-    8, ...), so a run whose batch shrinks as branches finish uses a handful of graphs."""
-    return 1 << (batch - 1).bit_length()
+    """The padded size of a decode batch of ``batch >= 1`` rows: the next power of two up to
+    ``_BUCKET_STEP`` (1, 2, 4, 8, 16), then the next multiple of it (32, 48, 64, ...)."""
+    if batch <= _BUCKET_STEP:
+        return 1 << (batch - 1).bit_length()
+    return -(-batch // _BUCKET_STEP) * _BUCKET_STEP
 
 
 class _StaticDecode:
@@ -362,8 +434,10 @@ class _StaticDecode:
 
     Attention: one :class:`~a2r_kernels.TreeAttentionWrapper` planned once per step (outside the
     graph) and run by every layer; its padding rows come out 0. The ``"torch"`` backend (never
-    captured) runs the step's :class:`_TorchDecodePlan` over the live rows instead, since the
-    wrapper's torch backend is the node-by-node reference with about 3x the ops.
+    captured) runs the step's :class:`_TorchDecodePlan` instead, planned from the cache's tree
+    without a :class:`~a2r_kernels.TreeLayout` (whose kernel plan it does not read), a padding row
+    attending over row 0's path; the wrapper's torch backend is the node-by-node reference with
+    several times the ops.
 
     With graphs, the first step of a bucket runs eagerly (compiling the kernels), then the
     bucket's whole forward, all layers, is captured into a ``torch.cuda.CUDAGraph`` (one memory
@@ -380,6 +454,7 @@ class _StaticDecode:
         self.pool = None
         self.num_live = self.batch = 0
         self.padded = False
+        self.layout = None   # of the step prepare() planned
 
     def _drop_graphs(self) -> None:
         # Captured graphs read the buffers they were captured with: new buffers, new graphs.
@@ -399,11 +474,18 @@ class _StaticDecode:
         self.capacity, self.wrapper = capacity, None
         self._drop_graphs()
 
-    def _plan(self, layout) -> None:
+    def _plan(self, seqs: list[int], slots: torch.Tensor):
+        """Plan the step's attention; returns its layout (None for the torch backend) and the
+        rows' positions, int64 ``[n]`` or more on the device."""
         dec = self.decoder
         if dec.backend == "torch":
-            self.torch_plan = _TorchDecodePlan(layout)
-            return
+            rows = self.batch if self.padded else len(seqs)
+            if self.torch_plan is None or not self.torch_plan.advance(seqs, rows, slots):
+                self.torch_plan = _TorchDecodePlan.for_step(dec.cache, seqs, rows)
+            return None, self.torch_plan.positions
+        layout = dec.cache.layout(seqs)
+        # seq_lens counts the reserved token: position = seq_lens - 1, on the device.
+        positions = layout.seq_lens - 1
         from .wrapper import TreeAttentionWrapper, default_capacities
 
         w = self.wrapper
@@ -426,19 +508,14 @@ class _StaticDecode:
                 max_partials=max(partials, 2 * layout.num_partials, old[3]))
             self._drop_graphs()
         self.wrapper.plan(layout)
+        return layout, positions
 
     def attend(self, layer: int, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                scaling: float) -> torch.Tensor:
-        """q ``[B, Hq, D]`` in the pool's dtype -> ``[B, Hq, D]`` (padding rows 0)."""
+        """The wrapper's attention: q ``[B, Hq, D]`` in the pool's dtype -> ``[B, Hq, D]``
+        (padding rows 0)."""
         out = self.attn_out[layer, :q.shape[0]]
-        if self.torch_plan is None:
-            return self.wrapper.run(q, k_pool, v_pool, out=out, sm_scale=scaling)
-        n = self.num_live
-        if not self.padded:
-            return self.torch_plan.attend(q, k_pool, v_pool, scaling)
-        out[:n] = self.torch_plan.attend(q[:n], k_pool, v_pool, scaling)
-        out[n:].zero_()
-        return out
+        return self.wrapper.run(q, k_pool, v_pool, out=out, sm_scale=scaling)
 
     def _forward(self, layout) -> torch.Tensor:
         dec = self.decoder
@@ -448,24 +525,31 @@ class _StaticDecode:
         finally:
             dec.hf_cache.end()
 
-    def run(self, token_ids: torch.Tensor, slots: torch.Tensor, layout) -> torch.Tensor:
-        """One decode step of ``layout``'s ``n`` sequences (their tokens reserved: ``slots``
-        int64 ``[n]``; ``token_ids`` ``[n]``). Returns fp32 logits ``[n, V]`` (a fresh tensor)."""
-        n = layout.num_seqs
+    def prepare(self, slots: torch.Tensor, seqs: list[int]) -> None:
+        """Plan the decode step of the ``n`` sequences ``seqs``, whose tokens are reserved
+        (``slots`` int64 ``[n]``): the attention plan and every static buffer but the input ids.
+        Host work and copies in stream order only, so it may run while the last step is still on
+        the GPU; :meth:`launch` runs the step."""
+        n = len(seqs)
         if n > self.capacity:
             self._grow(n)
         batch = _batch_bucket(n)
         self.num_live, self.batch = n, batch
         # Eager steps of a full bucket skip the padding ops; a graph serves every n of its bucket.
         self.padded = self.use_graphs or batch > n
-        self._plan(layout)
-        self.input_ids[:n].copy_(token_ids.reshape(n, 1), non_blocking=True)
-        # seq_lens counts the reserved token: position = seq_lens - 1, on the device.
-        self.positions[:n, 0].copy_(layout.seq_lens - 1)
+        self.layout, positions = self._plan(seqs, slots)
+        self.positions[:n, 0].copy_(positions[:n])
         self.slots[:n].copy_(slots)
-        self.slots[n:batch].copy_(slots[:1].expand(batch - n))
-        self.row_source[:n].copy_(self._rows[:n])
-        self.row_source[n:batch].zero_()
+        if self.padded:
+            self.slots[n:batch].copy_(slots[:1].expand(batch - n))
+            self.row_source[:n].copy_(self._rows[:n])
+            self.row_source[n:batch].zero_()
+
+    def launch(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Run the step :meth:`prepare` planned on ``token_ids`` ``[n]`` (on the device). Returns
+        fp32 logits ``[n, V]`` (a fresh tensor)."""
+        n, batch, layout = self.num_live, self.batch, self.layout
+        self.input_ids[:n].copy_(token_ids.reshape(n, 1), non_blocking=True)
         if not self.use_graphs:
             return self._forward(layout)[:n, -1, :].float()
         if batch not in self.graphs:
@@ -501,7 +585,8 @@ class TreeDecoder:
             padded static-buffer step eagerly; ``True`` off CUDA or with the torch backend is a
             ValueError.
 
-    :meth:`step` pads the batch to a power of two and runs it through fixed buffers
+    :meth:`step` pads the batch to a bucket (a power of two up to 16, then a multiple of 16) and
+    runs it through fixed buffers
     (:class:`_StaticDecode`); :meth:`extend` with ``T == 1`` is the same step unpadded.
 
     Attributes:
@@ -550,6 +635,7 @@ class TreeDecoder:
                              "step); pass backend='triton' or 'cuda', or cuda_graphs=False")
         self.cuda_graphs = cuda_graphs
         self._static = _StaticDecode(self, cuda_graphs)
+        self._planned: tuple[list[int], torch.Tensor] | None = None   # (seqs, slots) of plan_step
         self.bytes_per_block = self.cache.nbytes // num_blocks
         self.peak_blocks_used = 0
         self.forwarded_tokens = 0
@@ -562,11 +648,19 @@ class TreeDecoder:
 
     def fork(self, seq: int, n: int) -> list[int]:
         """``n`` children of ``seq`` sharing all its tokens (no copy); ``seq`` becomes read-only."""
+        self._check_not_planned([seq])
         return self.cache.fork(seq, n)
 
     def free(self, seq: int) -> None:
         """Release ``seq``; its blocks return to the pool when no descendant uses them."""
+        self._check_not_planned([seq])
         self.cache.free(seq)
+
+    def _check_not_planned(self, seqs) -> None:
+        # A planned sequence holds a reserved slot that run_step will write.
+        if self._planned is not None and not set(self._planned[0]).isdisjoint(seqs):
+            raise ValueError("a sequence of the planned decode step cannot be forked, freed or "
+                             "extended: run_step, drop_from_step or cancel_step first")
 
     def length(self, seq: int) -> int:
         return self.cache.length(seq)
@@ -592,11 +686,13 @@ class TreeDecoder:
         input_ids = input_ids.reshape(1, -1)
         if seq is not None:
             return seq, self.extend([seq], input_ids)
+        prompt = input_ids[0].tolist()   # the one host read of the prompt (a sync on CUDA)
         # The last token is always forwarded: its logits are the result.
-        seq = self.cache.new_sequence(prefix=input_ids[0, :-1])
+        seq = self.cache.new_sequence(prefix=prompt[:-1])
         reused = self.cache.length(seq)
         try:
-            logits = self.extend([seq], input_ids[:, reused:])
+            self._check_extend([seq], input_ids[:, reused:])
+            logits = self._extend([seq], input_ids[:, reused:], [prompt[reused:]])
         except BaseException:
             self.cache.free(seq)   # the reused blocks go back to the cache
             raise
@@ -606,22 +702,79 @@ class TreeDecoder:
     def step(self, seqs: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
         """Append one token per sequence (``token_ids`` ``[B]`` or ``[B, 1]``) as one decode batch.
         Returns fp32 logits ``[B, V]`` for each sequence's next token."""
-        if not isinstance(token_ids, torch.Tensor) or token_ids.numel() != len(seqs) or (
-                token_ids.dim() not in (1, 2)):
-            got = tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__
-            raise ValueError(f"token_ids must be [B={len(seqs)}] or [B, 1], got {got}")
-        if token_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"token_ids must be int64, got {token_ids.dtype}")
+        _check_step_tokens(token_ids, len(seqs))
+        self.plan_step(seqs)
+        return self._run_planned(token_ids)
+
+    # A decode step in two halves, so that the host plans step t + 1 while step t runs on the
+    # GPU: plan_step (slots and attention plan, host work) and run_step (the forward).
+    @torch.inference_mode()
+    def plan_step(self, seqs: Sequence[int]) -> None:
+        """Reserve the next token's slot of each of ``seqs`` and plan that decode step, without a
+        host sync: on CUDA this can run while the previous step is still on the GPU.
+        :meth:`run_step` runs it; until then only :meth:`drop_from_step` (or :meth:`cancel_step`)
+        may touch these sequences. Raises CacheFullError / ValueError and changes nothing."""
+        seqs = list(seqs)
         if len(seqs) == 0:
             raise ValueError("seqs must name at least one sequence")
-        return self._padded_step(list(seqs), token_ids)
+        if self._planned is not None:
+            raise ValueError(f"a step of {len(self._planned[0])} sequences is already planned: "
+                             "run_step or cancel_step first")
+        slots = self.cache.reserve(seqs, 1)   # raises CacheFullError, changes nothing
+        self._prepare(seqs, slots)
+        self.peak_blocks_used = max(self.peak_blocks_used, self.cache.blocks_used())
+
+    def _prepare(self, seqs: list[int], slots: torch.Tensor) -> None:
+        try:
+            self._static.prepare(slots, seqs)
+        except BaseException:   # as in extend: the sequences keep no unwritten token
+            self.cache._unreserve(seqs, 1)
+            raise
+        self._planned = (seqs, slots)
 
     @torch.inference_mode()
-    def _padded_step(self, seqs: list[int], token_ids: torch.Tensor) -> torch.Tensor:
-        slots = self.cache.reserve(seqs, 1)   # raises CacheFullError, changes nothing
-        self.peak_blocks_used = max(self.peak_blocks_used, self.cache.blocks_used())
+    def drop_from_step(self, seqs: Sequence[int]) -> None:
+        """Take ``seqs`` (e.g. branches that just finished) out of the planned step: their slots
+        go back to the pool (block accounting as if never reserved) and the step is re-planned
+        for the others (none left: nothing planned)."""
+        planned, slots = self._planned if self._planned is not None else ([], None)
+        drop = set(seqs)
+        if not drop <= set(planned):
+            raise ValueError(f"seqs {sorted(drop - set(planned))} are not in the planned step")
+        keep = [row for row, seq in enumerate(planned) if seq not in drop]
+        self.cache._unreserve([seq for seq in planned if seq in drop], 1)
+        self._planned = None
+        if keep:
+            rows = host_to_device(torch.tensor(keep, dtype=torch.int64), self.device)
+            self._prepare([planned[row] for row in keep], slots.index_select(0, rows))
+
+    @property
+    def planned_step(self) -> list[int] | None:
+        """The sequences of the step :meth:`plan_step` planned and no run has taken yet, or
+        None."""
+        return None if self._planned is None else list(self._planned[0])
+
+    def cancel_step(self) -> None:
+        """Give back the planned step's slots, if a step is planned (e.g. on an error)."""
+        if self._planned is not None:
+            self.cache._unreserve(self._planned[0], 1)
+            self._planned = None
+
+    @torch.inference_mode()
+    def run_step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Run the step :meth:`plan_step` planned: one token per planned sequence (``token_ids``
+        ``[B]`` or ``[B, 1]``, in their order, on the device). Returns fp32 logits ``[B, V]``."""
+        if self._planned is None:
+            raise ValueError("no decode step is planned: call plan_step(seqs) first")
+        _check_step_tokens(token_ids, len(self._planned[0]))
+        return self._run_planned(token_ids)
+
+    @torch.inference_mode()
+    def _run_planned(self, token_ids: torch.Tensor) -> torch.Tensor:
+        seqs = self._planned[0]
+        self._planned = None
         try:
-            logits = self._static.run(token_ids, slots, self.cache.layout(seqs))
+            logits = self._static.launch(token_ids)
         except BaseException:   # as in extend: the sequences keep no unwritten token
             self.cache._unreserve(seqs, 1)
             raise
@@ -632,17 +785,19 @@ class TreeDecoder:
         """The model's forward over :attr:`hf_cache` (already begun): logits ``[B, 1, V]``."""
         config = self.model.config
         saved_impl = config._attn_implementation
+        switch = saved_impl != ATTN_IMPLEMENTATION   # a config write costs ~20 us per step
         try:
-            config._attn_implementation = ATTN_IMPLEMENTATION
+            if switch:
+                config._attn_implementation = ATTN_IMPLEMENTATION
             out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,
                              logits_to_keep=1,
                              **{_cache_kwarg(type(self.model).forward): self.hf_cache,
                                 _STATE_KWARG: self.hf_cache})
         finally:
-            config._attn_implementation = saved_impl
+            if switch:
+                config._attn_implementation = saved_impl
         return out.logits
 
-    @torch.inference_mode()
     def extend(self, seqs: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
         """Append ``T`` tokens to each of ``seqs`` (``token_ids`` int ``[B, T]``, row b -> seqs[b]).
 
@@ -654,16 +809,26 @@ class TreeDecoder:
             fp32 ``[B, V]``: logits of the token after each sequence's last new token.
         """
         seqs = list(seqs)
+        self._check_extend(seqs, token_ids)
+        return self._extend(seqs, token_ids, token_ids)
+
+    def _check_extend(self, seqs: list[int], token_ids) -> None:
         if token_ids.dim() != 2 or token_ids.shape[0] != len(seqs) or token_ids.shape[1] == 0:
             raise ValueError(f"token_ids must be [B={len(seqs)}, T>=1], got {tuple(token_ids.shape)}")
         if token_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"token_ids must be int64, got {token_ids.dtype}")
+        self._check_not_planned(seqs)
+
+    @torch.inference_mode()
+    def _extend(self, seqs: list[int], token_ids: torch.Tensor, token_rows) -> torch.Tensor:
+        """:meth:`extend` of checked arguments; ``token_rows``: the same ids as ``token_ids`` or
+        as host lists ``[B][T]`` (what the reserve keys prompt blocks by)."""
         num_tokens = token_ids.shape[1]
         past = [self.cache.length(s) for s in seqs]
         # Prompt tokens are keyed for prefix reuse (read on the host, once per prompt); decode
         # tokens are not (that would be a host sync per step).
         slots = self.cache.reserve(seqs, num_tokens,    # raises CacheFullError, changes nothing
-                                   token_ids=token_ids if num_tokens > 1 else None)
+                                   token_ids=token_rows if num_tokens > 1 else None)
         self.peak_blocks_used = max(self.peak_blocks_used, self.cache.blocks_used())
         try:
             if num_tokens == 1:   # decode: the plan of the step, built once for every layer

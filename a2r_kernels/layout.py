@@ -58,6 +58,20 @@ KV_CHUNK_TOKENS_PER_SEQ = 16    # adaptive chunk tokens per sequence of the run
 MAX_SEQS_PER_ITEM = 16          # sequences per work item: 64 query rows at group 4 (one MMA tile)
 
 
+def host_to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """``host`` (a contiguous CPU tensor) on ``device`` without a host sync.
+
+    A plain ``.to(cuda)`` of pageable memory waits for the stream to drain, so the host could not
+    plan a decode step while the last one runs on the GPU. On CUDA the values are staged in
+    pinned memory and copied non-blocking in stream order (torch's caching host allocator keeps
+    the pinned copy until the copy has run; ``host`` may change right after). Elsewhere: as is.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _block_table_tensor(block_tables) -> torch.Tensor:
     """``block_tables`` (int tensor ``[S, B]``, or lists of ints of any lengths) as an int tensor
     ``[S, B]`` (lists: on the CPU, short rows padded with 0)."""
@@ -516,7 +530,7 @@ class TreeLayout:
 
     def _plan_tensor(self, name: str) -> torch.Tensor:
         if self._device_plan is None:   # one host-to-device copy for every field
-            data = self._host_plan.to(self.device)
+            data = host_to_device(self._host_plan, self.device)
             plan = {}
             for field_name, (start, end) in self._slices.items():
                 plan[field_name] = data[start:end]

@@ -3,7 +3,7 @@
 Providers:
 - ``a2r-explore``: :func:`a2r.explore.explore` -- the prompt is prefilled once and its KV blocks
   are shared by the n branches (TreeKVCache fork); one ``[n_live, 1]`` decode batch per step with
-  ``tree_decode_attention``; each step padded to a power-of-two batch and, on CUDA, replayed
+  ``tree_decode_attention``; each step padded to a batch bucket and, on CUDA, replayed
   from a CUDA graph per batch bucket (``TreeDecoder(cuda_graphs=None)``).
 - ``a2r-explore-eager`` (CUDA only): the same with ``cuda_graphs=False`` (the padded step run
   eagerly, as ``a2r-explore`` does on the CPU).
@@ -20,13 +20,15 @@ meaningless; throughput and memory do not depend on them.
 Rows (``benchmarks/results/explore.json``; quick / CPU runs go to ``explore_cpu.json``): device, provider, P, n, new_tokens, median_s,
 tokens_per_s (n * new_tokens / median_s), peak_kv_bytes (KV held at the peak, from the block
 pool for ours, computed for DynamicCache), peak_mem_bytes (CUDA allocator peak during the run,
-weights included; 0 on CPU), copy_gbps, and speedup vs hf-generate. The providers' repetitions
+weights included; 0 on CPU), copy_gbps, load_average_1m (the machine's, after the timing: a shared
+box's load), and speedup vs hf-generate. The providers' repetitions
 are interleaved (rep 1 of each, then rep 2, ...), so a shared machine's drift hits all alike.
 
 Per-step rows (``a2r-explore``, ``a2r-explore-eager`` and ``hf-generate``; a replayed graph
 dispatches no aten ops, so ours counts only the ops outside it): ``step_us``, the median wall time of
 one decode step of the n branches (forward + sampling; ours: ``TreeDecoder.step``, theirs: one
-``model(...)`` over a ``DynamicCache``), and ``host_us_per_step``, the part of it spent on the
+``model(...)`` over a ``DynamicCache``; the providers' steps interleaved, 16 each, after one
+warm-up step), and ``host_us_per_step``, the part of it spent on the
 host before the step's work is queued (on CUDA: the time until the call returns without a
 synchronise; on the CPU every op runs inline, so it equals ``step_us``); ``aten_ops_per_layer``,
 the aten ops one decode step dispatches (``TorchDispatchMode``) divided by the layer count.
@@ -81,7 +83,7 @@ def run_ours(model, ids, n, new_tokens, block_size, cuda_graphs=None) -> int:
     """The explorer; ``cuda_graphs`` as in ``TreeDecoder`` (None: captured on CUDA)."""
     blocks = max(tree_blocks_needed(ids.shape[1], [n], [new_tokens], block_size), 1)
     dec = akhf.TreeDecoder(model, blocks, block_size=block_size, cuda_graphs=cuda_graphs)
-    res = explore(model, ids, [n], new_tokens, **SAMPLING, seed=0, eos_token_id=[], decoder=dec)
+    res = explore(dec, ids, [n], new_tokens, **SAMPLING, seed=0, eos_token_id=[])
     assert all(len(s) == new_tokens for s in res.sequences)
     return res.peak_kv_bytes
 
@@ -137,11 +139,12 @@ class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@torch.inference_mode()
-def decode_step_stats(provider: str, model, ids, n: int, block_size: int, device,
-                      steps: int = 8) -> dict:
-    """``step_us``, ``host_us_per_step`` and ``aten_ops_per_layer`` of one decode step of n
-    branches after a prompt ``ids`` (see the module docstring)."""
+STEP_PROVIDERS = ("a2r-explore", "a2r-explore-eager", "hf-generate")   # rows with step stats
+
+
+def _decode_stepper(provider: str, model, ids, n: int, block_size: int, device, steps: int):
+    """A function running one decode step of n branches after the prompt ``ids`` (sampling the
+    previous step's logits, then the forward), state kept across calls."""
     generator = torch.Generator(device=device).manual_seed(0)
     if provider in ("a2r-explore", "a2r-explore-eager"):
         dec = akhf.TreeDecoder(model, math.ceil(ids.shape[1] / block_size)
@@ -150,43 +153,59 @@ def decode_step_stats(provider: str, model, ids, n: int, block_size: int, device
                                cuda_graphs=False if provider == "a2r-explore-eager" else None)
         root, logits = dec.prefill(ids)
         seqs = dec.fork(root, n)
-        logits = logits.expand(n, -1)
+        state = [logits.expand(n, -1)]
 
-        def step(logits):
-            tokens = sample_tokens(logits, **SAMPLING, generator=generator)
-            return dec.step(seqs, tokens)
-    else:
-        from transformers import DynamicCache
+        def step():
+            tokens = sample_tokens(state[0], **SAMPLING, generator=generator)
+            state[0] = dec.step(seqs, tokens)
+        return step
+    from transformers import DynamicCache
 
-        cache = DynamicCache()
-        out = model(input_ids=ids.expand(n, -1), past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
-        logits = out.logits[:, -1].float()
-        position = [ids.shape[1]]
+    cache = DynamicCache()
+    out = model(input_ids=ids.expand(n, -1), past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    state = [out.logits[:, -1].float(), ids.shape[1]]
 
-        def step(logits):
-            tokens = sample_tokens(logits, **SAMPLING, generator=generator)
-            pos = torch.full((n, 1), position[0], dtype=torch.long, device=device)
-            position[0] += 1
-            return model(input_ids=tokens[:, None], position_ids=pos, past_key_values=cache,
+    def step():
+        tokens = sample_tokens(state[0], **SAMPLING, generator=generator)
+        pos = torch.full((n, 1), state[1], dtype=torch.long, device=device)
+        state[1] += 1
+        state[0] = model(input_ids=tokens[:, None], position_ids=pos, past_key_values=cache,
                          use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    return step
+
+
+@torch.inference_mode()
+def decode_step_stats(providers, model, ids, n: int, block_size: int, device,
+                      steps: int = 16) -> dict[str, dict]:
+    """Per provider: ``step_us``, ``host_us_per_step`` and ``aten_ops_per_layer`` of one decode
+    step of n branches after a prompt ``ids`` (see the module docstring); the providers' steps
+    are interleaved, like the end-to-end repetitions."""
+    steppers = {p: _decode_stepper(p, model, ids, n, block_size, device, steps) for p in providers}
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    logits = step(logits)   # warm-up
-    walls, hosts = [], []
+    for step in steppers.values():
+        step()   # warm-up
+    walls = {p: [] for p in steppers}
+    hosts = {p: [] for p in steppers}
     for _ in range(steps):
-        sync()
-        start = time.perf_counter()
-        logits = step(logits)
-        hosts.append(time.perf_counter() - start)
-        sync()
-        walls.append(time.perf_counter() - start)
-    with _CountOps() as ops:
-        step(logits)
-    return dict(step_us=1e6 * statistics.median(walls), host_us_per_step=1e6 * statistics.median(hosts),
-                aten_ops_per_layer=ops.count / model.config.num_hidden_layers)
+        for provider, step in steppers.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            hosts[provider].append(time.perf_counter() - start)
+            sync()
+            walls[provider].append(time.perf_counter() - start)
+    stats = {}
+    for provider, step in steppers.items():
+        with _CountOps() as ops:
+            step()
+        stats[provider] = dict(step_us=1e6 * statistics.median(walls[provider]),
+                               host_us_per_step=1e6 * statistics.median(hosts[provider]),
+                               aten_ops_per_layer=ops.count / model.config.num_hidden_layers)
+    return stats
 
 
 def measure_interleaved(runs: dict, device, warmup: int, rep: int) -> dict:
@@ -222,7 +241,7 @@ def main() -> None:
     parser.add_argument("--providers", nargs="*", choices=list(PROVIDERS),
                         help="default: all (a2r-explore-eager only on CUDA)")
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--rep", type=int, default=3)
+    parser.add_argument("--rep", type=int, help="repetitions per provider (default: 3; --quick: 2)")
     parser.add_argument("--out", default=None,
                         help="results JSON (default: results/explore.json on a GPU, "
                         "results/explore_cpu.json for quick/CPU runs)")
@@ -236,12 +255,12 @@ def main() -> None:
     if quick:
         config, dtype = TINY, torch.float32
         prompt_lens, ns, new_tokens = args.prompt_lens or [64, 256], args.ns or [2, 4], args.new_tokens or 16
-        rep = min(args.rep, 2)
+        rep = args.rep or 2
     else:
         config, dtype = QWEN3_0_6B, torch.bfloat16
         prompt_lens = args.prompt_lens or [2048, 8192]
         ns, new_tokens = args.ns or [8, 32], args.new_tokens or 256
-        rep = args.rep
+        rep = args.rep or 3
     stem = "explore_cpu" if quick else "explore"
     args.out = args.out or os.path.join(RESULTS, f"{stem}.json")
     model = build_model(config, dtype, device)
@@ -261,15 +280,16 @@ def main() -> None:
                                                                  args.block_size))
                     for provider in args.providers}
             timed = measure_interleaved(runs, device, warmup=1, rep=rep)
+            step_stats = decode_step_stats([p for p in args.providers if p in STEP_PROVIDERS],
+                                           model, ids, n, args.block_size, device)
             for provider in args.providers:
                 seconds, kv_bytes, peak = timed[provider]
                 row = dict(device=name, provider=provider, P=prompt_len, n=n, new_tokens=new_tokens,
                            median_s=seconds, tokens_per_s=n * new_tokens / seconds,
                            peak_kv_bytes=int(kv_bytes), peak_mem_bytes=int(peak),
                            copy_gbps=gbps, dtype=str(dtype).replace("torch.", ""),
-                           block_size=args.block_size)
-                if provider in ("a2r-explore", "a2r-explore-eager", "hf-generate"):
-                    row.update(decode_step_stats(provider, model, ids, n, args.block_size, device))
+                           block_size=args.block_size, load_average_1m=os.getloadavg()[0])
+                row.update(step_stats.get(provider, {}))
                 group.append(row)
                 print(f"{provider:>12} {prompt_len:>6} {n:>4} {new_tokens:>4} {seconds:>9.3f} "
                       f"{row['tokens_per_s']:>9.1f} {kv_bytes / 2**20:>11.1f} {peak / 2**20:>12.1f}"
@@ -284,13 +304,18 @@ def main() -> None:
             rows += group
     merged = write_results(args.out, rows,
                            key_fields=("device", "provider", "P", "n", "new_tokens", "dtype"))
-    mine = [r for r in merged if r["device"] == name]
+    directory = os.path.dirname(os.path.abspath(args.out))   # the plots go next to the JSON
+    plot_results([r for r in merged if r["device"] == name], name, os.path.join(directory, stem))
+    print(f"wrote {args.out} and {directory}/{stem}_*.png")
+
+
+def plot_results(rows: list[dict], name: str, stem: str) -> None:
+    """``<stem>_tokens_per_s.png`` and ``<stem>_peak_kv_bytes.png`` of one device's rows."""
     for metric, label in (("tokens_per_s", "generated tokens / s"), ("peak_kv_bytes", "peak KV bytes")):
-        plot_rows = [dict(r, shape=f"P={r['P']} n={r['n']}") for r in mine]
-        plot(os.path.join(RESULTS, f"{stem}_{metric}.png"), plot_rows, x="shape", y=metric,
-             title=f"explorer: {new_tokens} new tokens per branch ({name})", ylabel=label,
+        plot_rows = [dict(r, shape=f"P={r['P']} n={r['n']} new={r['new_tokens']}") for r in rows]
+        plot(f"{stem}_{metric}.png", plot_rows, x="shape", y=metric,
+             title=f"explorer ({name})", ylabel=label,
              logy=metric == "peak_kv_bytes")
-    print(f"wrote {args.out} and {RESULTS}/{stem}_*.png")
 
 
 if __name__ == "__main__":

@@ -443,6 +443,8 @@ VERIFY_TESTS=(
   "tests/test_wrapper.py::test_from_block_tables_matches_paged_decode[1-triton]"
   "tests/test_decode_graphs.py::test_cuda_graph_replay_equals_eager[triton]"
   "tests/test_decode_graphs.py::test_cuda_graph_replay_equals_eager[cuda]"
+  tests/test_explore.py::test_cuda_stop_reads_through_the_pinned_buffer
+  tests/test_explore.py::test_cuda_plan_run_and_sample_never_sync
 )
 
 # The headline rows' providers: issue 12's wrapper (planned once, timed on run) and its

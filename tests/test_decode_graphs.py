@@ -55,11 +55,12 @@ def _run(dec, batch: int, steps: int, padded: bool, finish_every: int = 2):
     return history, kv
 
 
-@pytest.mark.parametrize("backend,batch", [("torch", 3), ("torch", 7), ("triton", 3)])
+@pytest.mark.parametrize("backend,batch", [("torch", 3), ("torch", 7), ("torch", 36), ("triton", 3)])
 def test_padded_step_equals_unpadded_step(qwen3, backend, batch):
-    steps = 2 * batch   # shrinks to one branch: 7 live (bucket 8) -> 4, 2, 1
-    padded = akhf.TreeDecoder(qwen3, 64, block_size=4, backend=backend, cuda_graphs=False)
-    plain = akhf.TreeDecoder(qwen3, 64, block_size=4, backend=backend, cuda_graphs=False)
+    steps = 2 * batch   # shrinks to one branch: 7 live (bucket 8) -> 4, 2, 1; 36 (bucket 48) -> 32, 16, ...
+    blocks = 64 * (1 + batch // 8)
+    padded = akhf.TreeDecoder(qwen3, blocks, block_size=4, backend=backend, cuda_graphs=False)
+    plain = akhf.TreeDecoder(qwen3, blocks, block_size=4, backend=backend, cuda_graphs=False)
     got, got_kv = _run(padded, batch, steps, padded=True)
     want, want_kv = _run(plain, batch, steps, padded=False)
     assert padded._static.capacity == akhf._batch_bucket(batch) > batch
@@ -73,7 +74,8 @@ def test_padded_step_equals_unpadded_step(qwen3, backend, batch):
 
 
 def test_batch_bucket():
-    assert [akhf._batch_bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 33)] == [1, 2, 4, 4, 8, 8, 16, 64]
+    assert [akhf._batch_bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 16, 17, 33, 48, 100)] == [
+        1, 2, 4, 4, 8, 8, 16, 16, 32, 48, 48, 112]
 
 
 def test_cuda_graphs_argument(qwen3):

@@ -42,14 +42,14 @@ def test_readme_has_the_python_blocks():
 
 def test_plain_import_reaches_the_submodules(tmp_path):
     proc = run_python("import a2r\n"
-                      "print(a2r.explore.sample_tree.__name__,\n"
+                      "print(a2r.explore.explore.__name__,\n"
                       "      a2r.diffusion.build_tiny_diffusion_model.__name__)\n"
                       "try:\n"
                       "    a2r.no_such_module\n"
                       "except AttributeError as err:\n"
                       "    print(err)\n", tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["sample_tree build_tiny_diffusion_model",
+    assert proc.stdout.splitlines() == ["explore build_tiny_diffusion_model",
                                         "module 'a2r' has no attribute 'no_such_module'"]
 
 

@@ -11,23 +11,23 @@ tokens ``[n_live]`` once (a non-blocking copy into a pinned buffer) to check sto
 end. Everything else (forward, warping, sampling) stays on the device. Each branch is one
 :class:`_Branch` (its tree position, sequence and tokens).
 
-``sample_parallel`` is the public entry (``docs/API.md`` section 4); :func:`sample_tree` runs
-several levels (sample ``n``, fork each branch into ``m``, ...) through the same loop, and
-:func:`explore` returns the memory statistics with the sequences.
+Overlap: once step t's forward and sampling are queued, the host reserves the KV slots of step
+t + 1 and plans its attention (:meth:`~a2r_kernels.hf.TreeDecoder.plan_step`, no host sync) for
+every branch that may still be alive, and only then waits for step t's stop read; the branches it
+finds finished give their just-reserved slots back (``drop_from_step``). On CUDA that host work
+runs while step t is on the GPU. A pool that cannot hold step t + 1 for every branch is tried
+again after the read, for the branches still alive (a reserve that fails changes nothing).
 
-:func:`explore_from` is the lower-level entry: it runs on a caller's
-:class:`~a2r_kernels.hf.TreeDecoder` and can continue a caller's *parent* sequence, whose tokens are
-already in the cache: the prompt tokens are appended to a fork of the parent (one causal
-``extend`` over the gathered path) instead of prefilled from empty, and the parent stays alive for
-other forks::
-
-    dec = TreeDecoder(model, num_blocks)
-    root, _ = dec.prefill(shared_ids)                             # [1, S], once
-    paths = explore_from(dec, explorer_rest, [8], 256, parent=root, keep_parent=True)
-    answer = explore_from(dec, synth_rest, [1], 256, parent=root, temperature=0)
-
-A plain ``sample_parallel(..., decoder=dec)`` gets the same reuse without a parent: the decoder's
-prefill reuses every whole block of the prompt its cache holds (automatic prefix reuse).
+Two entries: :func:`sample_parallel` (``docs/API.md`` section 4: ``n`` branches of one prompt, the
+sequences) and :func:`explore`, which runs several levels (sample ``n``, fork each branch into
+``m``, ...) through the same loop and returns an :class:`ExploreResult` (sequences, memory and step
+statistics). ``explore`` takes a model (a pool of this call's own) or a caller's
+:class:`~a2r_kernels.hf.TreeDecoder`, and in a decoder it can continue a *parent* sequence whose
+tokens are already in the cache: the prompt tokens are appended to a fork of the parent (one
+causal ``extend`` over the gathered path) instead of prefilled from empty, and the parent can stay
+alive for other forks. ``sample_parallel(..., decoder=dec)`` gets the same reuse without a parent:
+the decoder's prefill reuses every whole block of the prompt its cache holds (automatic prefix
+reuse).
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ from typing import Sequence
 
 import torch
 
+from a2r_kernels._errors import CacheFullError
 from a2r_kernels._vocab import eos_ids
 from a2r_kernels.hf import TreeDecoder
+from a2r_kernels.layout import host_to_device
 
 from .sampling import check_sampling_args, sample_tokens
 
@@ -54,7 +56,9 @@ class ExploreResult:
         num_blocks: blocks in the decoder's pool.
         block_size: tokens per block.
         peak_blocks_used: most blocks held at once (by the decoder since it was built: with a
-            caller's decoder this includes what the caller holds).
+            caller's decoder this includes what the caller holds). Step t + 1 is reserved
+            before step t's stop read, so a branch that stops can hold one more block for that
+            moment; :func:`tree_blocks_needed` still bounds it.
         peak_kv_bytes: ``peak_blocks_used`` in bytes (K and V, all layers).
         decode_steps: batched decode forwards run (the prefill not counted).
         stopped: per leaf, whether it ended at a stop token (else at the token budget).
@@ -115,20 +119,29 @@ class _Branch:
 
 
 class _TokenReader:
-    """Brings one step's sampled tokens ``[n]`` to the host: a non-blocking copy into a pinned
-    buffer and one wait for it (the step's one host sync). On the CPU they are already there."""
+    """Brings one step's sampled tokens ``[n]`` to the host: :meth:`start` queues a non-blocking
+    copy into a pinned buffer, :meth:`wait` waits for that copy alone (the step's one host sync)
+    and returns the tokens; the host works on in between. On the CPU they are already there."""
 
     def __init__(self, capacity: int, device: torch.device):
         self.on_cuda = device.type == "cuda"
         self.buffer = torch.empty(capacity, dtype=torch.int64, pin_memory=self.on_cuda)
+        self.copied = torch.cuda.Event() if self.on_cuda else None
+        self.pending: torch.Tensor | None = None
 
-    def read(self, token_ids: torch.Tensor) -> list[int]:
-        if not self.on_cuda:
-            return token_ids.tolist()
-        host = self.buffer[:token_ids.shape[0]]
-        host.copy_(token_ids, non_blocking=True)
-        torch.cuda.current_stream(token_ids.device).synchronize()
-        return host.tolist()
+    def start(self, token_ids: torch.Tensor) -> None:
+        if self.on_cuda:
+            host = self.buffer[:token_ids.shape[0]]
+            host.copy_(token_ids, non_blocking=True)
+            self.copied.record()
+            token_ids = host
+        self.pending = token_ids
+
+    def wait(self) -> list[int]:
+        if self.on_cuda:
+            self.copied.synchronize()
+        tokens, self.pending = self.pending.tolist(), None
+        return tokens
 
 
 def _eos_ids(model, eos_token_id) -> set[int]:
@@ -138,13 +151,6 @@ def _eos_ids(model, eos_token_id) -> set[int]:
         if eos_token_id is None:
             eos_token_id = getattr(model.config, "eos_token_id", None)
     return set(eos_ids(eos_token_id))
-
-
-def _as_level_list(value, num_levels: int, name: str) -> list[int]:
-    values = [value] * num_levels if isinstance(value, int) else list(value)
-    if len(values) != num_levels or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
-        raise ValueError(f"{name} must be an int or {num_levels} ints (one per level), got {value!r}")
-    return values
 
 
 def tree_blocks_needed(prompt_len: int, widths: Sequence[int], tokens: Sequence[int],
@@ -170,100 +176,114 @@ def _check_prompt(input_ids) -> torch.Tensor:
     return input_ids
 
 
-def _check_explore_args(input_ids, widths, max_new_tokens, temperature, top_k, top_p,
-                        stop_strings, tokenizer):
-    """Validate the shared arguments of :func:`explore` / :func:`explore_from`; returns
-    ``(input_ids, widths, budgets, stop_strings)`` normalised."""
-    input_ids = _check_prompt(input_ids)
-    widths = list(widths)
-    if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
-        raise ValueError(f"widths must be a non-empty list of ints >= 1, got {widths!r}")
-    budgets = _as_level_list(max_new_tokens, len(widths), "max_new_tokens")
-    if any(b < 0 for b in budgets[-1:]) or any(b < 1 for b in budgets[:-1]):
-        raise ValueError(f"max_new_tokens must be >= 1 per fork level and >= 0 at the last, got {budgets}")
-    check_sampling_args(temperature, top_k, top_p)
-    if stop_strings and tokenizer is None:
-        raise ValueError("stop_strings needs tokenizer= to decode the generated tokens")
-    if isinstance(stop_strings, str):
-        stop_strings = [stop_strings]
-    return input_ids, widths, budgets, stop_strings
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def explore(model, input_ids: torch.Tensor, widths: Sequence[int], max_new_tokens, *,
             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None,
             seed: int | None = None, stop_strings: Sequence[str] | None = None, tokenizer=None,
-            backend: str = "auto", block_size: int = 16, num_blocks: int | None = None,
-            decoder: TreeDecoder | None = None, parent: int | None = None,
+            backend: str | None = None, block_size: int | None = None,
+            num_blocks: int | None = None, parent: int | None = None,
             keep_parent: bool = False) -> ExploreResult:
-    """Multi-level exploration with statistics; see :func:`sample_tree` for the arguments.
-
-    Without ``decoder`` a pool of ``num_blocks`` blocks (default :func:`tree_blocks_needed`, exact
-    for this exploration) is built for this call and dropped after it. With ``decoder`` (a
-    :class:`~a2r_kernels.hf.TreeDecoder` over ``model``) the exploration runs in that decoder's
-    pool, ``backend`` / ``block_size`` / ``num_blocks`` are the decoder's, and ``parent`` /
-    ``keep_parent`` are as in :func:`explore_from`.
-    """
-    if decoder is None:
-        if parent is not None:
-            raise ValueError("parent needs decoder=: a sequence id names a sequence of the "
-                             "TreeDecoder that holds it")
-        input_ids, widths, budgets, _ = _check_explore_args(
-            input_ids, widths, max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer)
-        if num_blocks is None:
-            num_blocks = max(tree_blocks_needed(input_ids.shape[1], widths, budgets, block_size), 1)
-        decoder = TreeDecoder(model, num_blocks, block_size=block_size, backend=backend)
-    elif decoder.model is not model:
-        raise ValueError("decoder must be a TreeDecoder over model (decoder.model is model)")
-    return explore_from(decoder, input_ids, widths, max_new_tokens, parent=parent,
-                        keep_parent=keep_parent, temperature=temperature, top_p=top_p,
-                        top_k=top_k, eos_token_id=eos_token_id, seed=seed,
-                        stop_strings=stop_strings, tokenizer=tokenizer)
-
-
-def explore_from(decoder: TreeDecoder, input_ids: torch.Tensor, widths: Sequence[int],
-                 max_new_tokens, *, parent: int | None = None, keep_parent: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 eos_token_id=None, seed: int | None = None,
-                 stop_strings: Sequence[str] | None = None, tokenizer=None) -> ExploreResult:
-    """Explore below ``parent`` in a caller's decoder: the lower-level entry of :func:`explore`.
-
-    The prompt ``input_ids`` (int ``[1, P]``, P >= 1) becomes one sequence: a new root prefilled
-    from empty when ``parent`` is None, else a fork of ``parent`` that appends the P tokens after
-    the parent's L tokens (positions ``L .. L + P - 1``, causal attention over the gathered path;
-    the parent's KV is reused, nothing is copied: the fork's tokens start a fresh block). That
-    sequence is then explored exactly as :func:`explore` does (fork into ``widths[0]``, decode,
-    ...), and every sequence the call created is freed before it returns, on error too.
+    """Multi-level exploration: fork the prompt into ``widths[0]`` branches, generate
+    ``max_new_tokens[0]`` tokens each, fork every branch into ``widths[1]``, and so on.
 
     Args:
-        decoder: the :class:`~a2r_kernels.hf.TreeDecoder` (model, pool, attention backend). Its
-            pool must hold what the caller keeps plus :func:`tree_blocks_needed` ``(P, widths,
-            max_new_tokens, block_size)`` blocks, else :class:`~a2r_kernels.CacheFullError`.
-        input_ids: the prompt tokens to forward, after the parent's.
-        widths, max_new_tokens, sampling and stop arguments: as :func:`sample_tree`.
-        parent: a live sequence id of ``decoder`` whose tokens precede ``input_ids`` (the shared
-            prefix), or None.
+        model: a transformers causal LM (a pool of ``num_blocks`` blocks is built for this call
+            and dropped after it), or a :class:`~a2r_kernels.hf.TreeDecoder` to run in (its
+            model, pool, block size and attention backend; what its cache holds afterwards, e.g.
+            the prompt's blocks for automatic prefix reuse, stays).
+        input_ids: int ``[1, P]``, P >= 1, one prompt, on the model's device: the tokens to
+            forward (after ``parent``'s, if given).
+        widths: branching factor per level, e.g. ``[4, 2]`` -> up to 8 leaves.
+        max_new_tokens: int (same for every level) or one int per level: tokens each branch adds
+            at that level (>= 1 at a fork level, >= 0 at the last).
+        temperature, top_p, top_k, eos_token_id, seed, stop_strings, tokenizer: as
+            :func:`sample_parallel`.
+        backend, block_size, num_blocks: the pool built for a model (default ``"auto"``, 16 and
+            :func:`tree_blocks_needed`, exact for this exploration); with a decoder they are the
+            decoder's, and passing one is a ValueError.
+        parent: with a decoder, a live sequence of it whose tokens precede ``input_ids`` (a shared
+            prefix): the prompt is appended to a fork of it (positions ``L .. L + P - 1`` after
+            its L tokens, causal over the gathered path; its KV is reused, nothing is copied)
+            instead of prefilled from empty. Stop strings are then matched on the generated text
+            after the tail of ``input_ids`` (the parent's tokens are not decoded).
         keep_parent: False hands ``parent`` over: it is freed when the call ends (its blocks live
             on while the call's sequences use them). True leaves it alive for later forks; it is
             read-only from then on (it has been forked).
 
+    Every sequence the call creates is freed before it returns, on error too. A decoder's pool
+    must hold what the caller keeps plus :func:`tree_blocks_needed` ``(P, widths,
+    max_new_tokens, block_size)`` blocks, else :class:`~a2r_kernels.CacheFullError`.
+
     Returns:
-        :class:`ExploreResult`; ``prompt_len`` is P (the tokens forwarded), and
-        ``reused_prefix_tokens`` the parent's length. Stop strings are matched on the generated
-        text after the tail of ``input_ids`` (the parent's tokens are not decoded).
+        :class:`ExploreResult`. ``sequences`` holds one token list per leaf (the tokens of its
+        whole path below the prompt), in tree order (by branch index at each level). A branch
+        that stops (EOS / stop string) before its level's budget is a leaf and is not forked
+        further, so fewer than ``prod(widths)`` lists may come back.
+
+    Example (a shared prefix prefilled once, two prompts explored below it)::
+
+        dec = TreeDecoder(model, num_blocks)
+        root, _ = dec.prefill(shared_ids)                             # [1, S], once
+        paths = explore(dec, explorer_rest, [8], 256, parent=root, keep_parent=True)
+        answer = explore(dec, synth_rest, [1], 256, parent=root, temperature=0)
     """
-    input_ids, widths, budgets, stop_strings = _check_explore_args(
-        input_ids, widths, max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer)
-    if not isinstance(decoder, TreeDecoder):
-        raise ValueError("decoder must be an a2r_kernels.hf.TreeDecoder, got "
-                         f"{type(decoder).__name__}")
+    widths = list(widths) if isinstance(widths, (list, tuple)) else widths
+    if not isinstance(widths, list) or not widths or any(not _is_int(w) or w < 1 for w in widths):
+        raise ValueError(f"widths must be a non-empty list of ints >= 1, got {widths!r}")
+    budgets = ([max_new_tokens] * len(widths) if _is_int(max_new_tokens)
+               else list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else None)
+    if budgets is None or len(budgets) != len(widths) or not all(map(_is_int, budgets)) \
+            or any(b < 0 for b in budgets[-1:]) or any(b < 1 for b in budgets[:-1]):
+        raise ValueError(f"max_new_tokens must be an int or {len(widths)} ints (one per level), "
+                         f">= 1 per fork level and >= 0 at the last, got {max_new_tokens!r}")
+    return _explore(model, input_ids, widths, budgets, temperature=temperature, top_p=top_p,
+                    top_k=top_k, eos_token_id=eos_token_id, seed=seed, stop_strings=stop_strings,
+                    tokenizer=tokenizer, backend=backend, block_size=block_size,
+                    num_blocks=num_blocks, parent=parent, keep_parent=keep_parent)
+
+
+def _explore(model, input_ids, widths: list[int], budgets: list[int], *, temperature, top_p,
+             top_k, eos_token_id, seed, stop_strings, tokenizer, backend, block_size, num_blocks,
+             parent, keep_parent) -> ExploreResult:
+    """:func:`explore` after its tree arguments (``widths``, per-level ``budgets``) were
+    checked (by it or by :func:`sample_parallel`, under their own names): checks the rest once,
+    builds the pool for a model, runs the loop."""
+    input_ids = _check_prompt(input_ids)
+    check_sampling_args(temperature, top_k, top_p)
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings needs tokenizer= to decode the generated tokens")
     if parent is None and keep_parent:
         raise ValueError("keep_parent=True needs parent= (there is no parent sequence to keep)")
+    if isinstance(model, TreeDecoder):
+        decoder = model
+        given = [name for name, value in (("backend", backend), ("block_size", block_size),
+                                          ("num_blocks", num_blocks)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} must not be given with a TreeDecoder: the "
+                             "decoder's own are used (pass them to TreeDecoder)")
+    elif parent is not None:
+        raise ValueError("parent needs a TreeDecoder as model: a sequence id names a sequence "
+                         "of the decoder that holds it")
+    else:
+        block_size = 16 if block_size is None else block_size
+        if num_blocks is None:
+            num_blocks = max(tree_blocks_needed(input_ids.shape[1], widths, budgets, block_size), 1)
+        decoder = TreeDecoder(model, num_blocks, block_size=block_size,
+                              backend="auto" if backend is None else backend)
+    if decoder.planned_step is not None:
+        raise ValueError("the decoder has a planned decode step (TreeDecoder.plan_step): "
+                         "run_step or cancel_step it first")
     reused = 0
     if parent is not None:
         try:
             reused = decoder.length(parent)
         except ValueError as err:
-            raise ValueError(f"parent must be a live sequence of decoder: {err}") from None
+            raise ValueError(f"parent must be a live sequence of the decoder: {err}") from None
     model = decoder.model
     generator = None
     if seed is not None and temperature > 0:
@@ -284,10 +304,21 @@ def explore_from(decoder: TreeDecoder, input_ids: torch.Tensor, widths: Sequence
             noise = torch.empty((level_size, logits.shape[-1]), dtype=torch.float32,
                                 device=logits.device).exponential_(1.0, generator=generator)
             if len(live) < level_size:
-                noise = noise[torch.tensor([b.index for b in live], dtype=torch.long,
-                                           device=logits.device)]
+                noise = noise.index_select(0, host_to_device(
+                    torch.tensor([b.index for b in live], dtype=torch.int64), logits.device))
         return sample_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                              noise=noise)
+
+    def plan(seqs: list[int]) -> bool:
+        """Plan the next step of ``seqs``; False when the pool cannot hold it yet but a stop in
+        the pending read may still free room (nothing changed then)."""
+        try:
+            decoder.plan_step(seqs)
+        except CacheFullError:
+            if not can_stop:
+                raise
+            return False
+        return True
 
     owned: set[int] = set()   # live sequences this call created: freed on the way out
 
@@ -328,23 +359,31 @@ def explore_from(decoder: TreeDecoder, input_ids: torch.Tensor, widths: Sequence
                 # Fed for its logits unless it is the last token of the last level.
                 feed = step < budget - 1 or not last_level
                 if can_stop:
-                    keep = []
-                    for row, (branch, token) in enumerate(zip(live, reader.read(next_ids))):
+                    reader.start(next_ids)
+                # Step t + 1's slots and plan for every branch that may still be alive, while
+                # step t runs on the device (no host sync: the read above is not waited on yet).
+                planned = feed and plan([b.seq for b in live])
+                if can_stop:
+                    keep, done = [], []
+                    for row, (branch, token) in enumerate(zip(live, reader.wait())):
                         branch.tokens.append(token)
                         branch.stopped = stop(branch.tokens)
-                        if branch.stopped or not feed:
-                            finish(branch)
-                        else:
-                            keep.append(row)
-                    if len(keep) < len(live):
+                        (done if branch.stopped or not feed else keep).append(row)
+                    if done and planned:   # their just-reserved slots go back first
+                        decoder.drop_from_step([live[row].seq for row in done])
+                    for row in done:
+                        finish(live[row])
+                    if done:
                         live = [live[row] for row in keep]
-                        next_ids = next_ids[torch.tensor(keep, dtype=torch.long,
-                                                         device=next_ids.device)]
+                        next_ids = next_ids.index_select(0, host_to_device(
+                            torch.tensor(keep, dtype=torch.int64), next_ids.device))
+                    if live and feed and not planned:   # the pool was full before the stops
+                        decoder.plan_step([b.seq for b in live])
                 else:
                     unread.append(next_ids)
                 if not live or not feed:
                     break
-                logits = decoder.step([b.seq for b in live], next_ids)
+                logits = decoder.run_step(next_ids)
                 decode_steps += 1
             if unread:   # no stop could fire: the level's tokens in one read
                 for branch, tokens in zip(live, torch.stack(unread, dim=1).tolist()):
@@ -356,6 +395,7 @@ def explore_from(decoder: TreeDecoder, input_ids: torch.Tensor, widths: Sequence
             else:
                 frontier = [(branch, logits[row:row + 1]) for row, branch in enumerate(live)]
     finally:
+        decoder.cancel_step()   # an error between plan and run: give its slots back
         for seq in sorted(owned):
             decoder.free(seq)
         if parent is not None and not keep_parent:
@@ -369,32 +409,11 @@ def explore_from(decoder: TreeDecoder, input_ids: torch.Tensor, widths: Sequence
                          reused_prefix_tokens=reused)
 
 
-def sample_tree(model, input_ids: torch.Tensor, widths: Sequence[int], max_new_tokens, **kwargs
-                ) -> list[list[int]]:
-    """Multi-level exploration: fork the prompt into ``widths[0]`` branches, generate
-    ``max_new_tokens[0]`` tokens each, fork every branch into ``widths[1]``, and so on.
-
-    Args:
-        model, input_ids: as :func:`sample_parallel`.
-        widths: branching factor per level, e.g. ``[4, 2]`` -> up to 8 leaves.
-        max_new_tokens: int (same for every level) or one int per level: tokens each branch adds
-            at that level.
-        **kwargs: the keyword arguments of :func:`sample_parallel`.
-
-    Returns:
-        One token list per leaf (the tokens of its whole path below the prompt). A branch that
-        stops (EOS / stop string) before its level's budget is a leaf and is not forked further,
-        so fewer than ``prod(widths)`` lists may come back. Leaves come in tree order (by branch
-        index at each level).
-    """
-    return explore(model, input_ids, widths, max_new_tokens, **kwargs).sequences
-
-
 def sample_parallel(model, input_ids: torch.Tensor, n: int, max_new_tokens: int, *,
                     temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                     eos_token_id=None, seed: int | None = None,
                     stop_strings: Sequence[str] | None = None, tokenizer=None,
-                    backend: str = "auto", block_size: int = 16,
+                    backend: str | None = None, block_size: int | None = None,
                     num_blocks: int | None = None,
                     decoder: TreeDecoder | None = None) -> list[list[int]]:
     """Sample ``n`` continuations of one prompt whose KV is computed once and shared.
@@ -413,25 +432,31 @@ def sample_parallel(model, input_ids: torch.Tensor, n: int, max_new_tokens: int,
         seed: seeds a ``torch.Generator`` on the model's device: same seed, same branches.
         stop_strings: stop a branch when its text ends in (overlaps its last token with) one of
             these strings, like transformers' ``stop_strings``; needs ``tokenizer``.
-        backend: ``tree_decode_attention`` backend.
-        block_size: tokens per KV block.
+        backend: ``tree_decode_attention`` backend (default ``"auto"``).
+        block_size: tokens per KV block (default 16).
         num_blocks: KV pool size; default exactly what the prompt (once) and ``n`` full branches
             need: ``ceil(P / bs) + n * ceil((max_new_tokens - 1) / bs)``.
         decoder: run in this :class:`~a2r_kernels.hf.TreeDecoder` over ``model`` instead of a
             pool of this call's own (``backend``, ``block_size``, ``num_blocks`` are then the
-            decoder's): its cache keeps the prompt's blocks after the call, so a later prompt
-            that starts with the same whole blocks reuses their KV (automatic prefix reuse).
+            decoder's, and passing one is a ValueError): its cache keeps the prompt's blocks
+            after the call, so a later prompt that starts with the same whole blocks reuses
+            their KV (automatic prefix reuse).
 
     Returns:
         ``n`` lists of generated token ids, in branch order; a list ends at and includes the EOS
         token or the token completing a stop string, if one was produced.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not _is_int(n) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    result = explore(model, input_ids, [n], max_new_tokens, temperature=temperature, top_p=top_p,
-                     top_k=top_k, eos_token_id=eos_token_id, seed=seed,
-                     stop_strings=stop_strings, tokenizer=tokenizer, backend=backend,
-                     block_size=block_size, num_blocks=num_blocks, decoder=decoder)
-    return result.sequences
+    if decoder is not None:
+        if not isinstance(decoder, TreeDecoder) or decoder.model is not model:
+            raise ValueError("decoder must be an a2r_kernels.hf.TreeDecoder over model "
+                             f"(decoder.model is model), got {type(decoder).__name__}")
+        model = decoder
+    return _explore(model, input_ids, [n], [max_new_tokens], temperature=temperature,
+                    top_p=top_p, top_k=top_k, eos_token_id=eos_token_id, seed=seed,
+                    stop_strings=stop_strings, tokenizer=tokenizer, backend=backend,
+                    block_size=block_size, num_blocks=num_blocks, parent=None,
+                    keep_parent=False).sequences

@@ -798,7 +798,7 @@ class A2RPipeline:
         eos_token_id = eos_ids if len(eos_ids) > 1 else (eos_ids[0] if eos_ids else None)
         sampling = dict(temperature=temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                         eos_token_id=eos_token_id, seed=seed)
-        if decoder is not None:
+        if decoder is not None:   # the decoder was built with cfg.backend
             sampling["decoder"] = decoder
             reused_before = decoder.reused_tokens
         _synchronize(device)
@@ -807,8 +807,9 @@ class A2RPipeline:
             sequences = model.sample(input_ids[0].tolist(), n, max_new_tokens, **sampling)
         else:
             # Looked up on the module at call time, so tests can script the explorer.
-            sequences = explore.sample_parallel(model, input_ids, n, max_new_tokens,
-                                                backend=cfg.backend, **sampling)
+            if decoder is None:
+                sampling["backend"] = cfg.backend
+            sequences = explore.sample_parallel(model, input_ids, n, max_new_tokens, **sampling)
         _synchronize(device)
         seconds = time.perf_counter() - start
         sequences = [list(map(int, s)) for s in sequences]

@@ -36,6 +36,12 @@ def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
     check_sampling_args(temperature, top_k, top_p)
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got {tuple(logits.shape)}")
+    return _warp_logits(logits, temperature, top_k, top_p)
+
+
+def _warp_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
+                 ) -> torch.Tensor:
+    """:func:`warp_logits` on arguments already checked."""
     scores = logits.float()
     if temperature not in (0, 1):   # every step below is out of place: logits stays untouched
         scores = scores / temperature
@@ -69,7 +75,7 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int 
         raise ValueError(f"logits must be [B, V], got {tuple(logits.shape)}")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    probs = _warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
     if noise is None:
         noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
     elif noise.shape != probs.shape:
