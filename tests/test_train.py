@@ -118,6 +118,12 @@ def test_readme_table_matches_the_recorded_heldout_eval():
         assert re.search(rf"\| N = {k} \| {re.escape(cells)} \|", text), k
     from a2r.train import targets_line
     assert targets_line(recorded) in text
+    # The accuracy-against-N sweep up to N = 8 (a second recorded eval, -n 8).
+    sweep = _recorded("eval_n8.json")
+    assert list(sweep["accuracy_by_n"]) == ["1", "2", "4", "8"]
+    assert sweep["command"] in text
+    a2r = " / ".join(f"{100 * row['a2r']:.1f}" for row in sweep["accuracy_by_n"].values())
+    assert f"A2R {a2r}%" in text
 
 
 def test_demo_and_tiny_use_the_trained_models(capsys):
