@@ -588,8 +588,8 @@ def test_causal_prompt_mask_needs_a_full_forward():
     from a2r.diffusion_model import _with_causal_prompt
 
     with pytest.raises(ValueError, match="a2r_prompt_len"):
-        _with_causal_prompt(None, 3, 4, 9)
-    mask = _with_causal_prompt(None, torch.tensor([2, 0]), 4, 4)
+        _with_causal_prompt(None, 3, 4, 9, 'cpu')
+    mask = _with_causal_prompt(None, torch.tensor([2, 0]), 4, 4, 'cpu')
     assert mask.shape == (2, 1, 4, 4)
     assert mask[0, 0].tolist() == [[True, False, False, False], [True, True, False, False],
                                     [True, True, True, True], [True, True, True, True]]

@@ -69,7 +69,7 @@ def a2r_bidirectional_attention(module: torch.nn.Module, query: torch.Tensor, ke
         key, value = a2r_prefix.attend_layer(module.layer_idx, key, value)
     if a2r_prompt_len is not None and not extending:
         attention_mask = _with_causal_prompt(attention_mask, a2r_prompt_len, query.shape[2],
-                                             key.shape[2])
+                                             key.shape[2], query.device)
     if attention_mask is not None and attention_mask.shape[-1] != key.shape[2]:
         raise ValueError(f"attention mask covers {attention_mask.shape[-1]} keys but attention has "
                          f"{key.shape[2]} (cached prefix + current tokens): the 2-D mask passed to "
@@ -84,14 +84,13 @@ def a2r_bidirectional_attention(module: torch.nn.Module, query: torch.Tensor, ke
     return out.transpose(1, 2).contiguous(), None
 
 
-def _with_causal_prompt(mask: torch.Tensor | None, prompt_len, q_len: int,
-                        k_len: int) -> torch.Tensor:
+def _with_causal_prompt(mask: torch.Tensor | None, prompt_len, q_len: int, k_len: int,
+                        device) -> torch.Tensor:
     """``mask`` (None, bool or additive ``[B, 1, q_len, k_len]``) AND ``j <= i or i >= prompt_len``
     (bool where ``mask`` is None or bool, additive otherwise)."""
     if q_len != k_len:
         raise ValueError(f"a2r_prompt_len needs a full forward (queries = keys), got {q_len} "
                          f"queries and {k_len} keys")
-    device = mask.device if mask is not None else None
     row = torch.arange(q_len, device=device)[:, None]
     allowed = (torch.arange(k_len, device=device)[None, :] <= row) | (
         row >= torch.as_tensor(prompt_len, device=device).reshape(-1, 1, 1, 1))

@@ -3,10 +3,10 @@
     python -m a2r.train                      # rebuild python/a2r/trained/ (the committed models)
     python -m a2r.train --out DIR --smoke    # a few steps of everything (tests)
 
-Four Qwen3 models of one shape (2 layers, hidden 64), all sharing the embedded character-level
-tokenizer plus whole-phrase tokens (:func:`a2r.tiny.build_tiny_tokenizer`,
-:func:`a2r.tiny.trained_phrases`), each written with ``save_pretrained`` (safetensors) next to its
-tokenizer:
+Four Qwen3 models of one shape (:attr:`TrainConfig.layers` layers of :attr:`TrainConfig.hidden`),
+all sharing the embedded character-level tokenizer plus whole-phrase tokens
+(:func:`a2r.tiny.build_tiny_tokenizer`, :func:`a2r.tiny.trained_phrases`), each written with
+``save_pretrained`` (safetensors) next to its tokenizer:
 
 1. ``explorer``: supervised on ``explorer_prompt(question) -> worked answer``, on purpose for too
    few steps: sampled at temperature 1 its paths often go wrong, each in its own place.
@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .diffusion_model import is_causal_prompt_model
 from .task import TRAIN_SEED, draw_problems, worked_answer
 from .tiny import TRACE_LENGTH, trained_models_dir
 
@@ -185,8 +186,6 @@ def _train(model, examples: list[tuple[list[int], list[int]]], *, steps: int, ba
     unweighted loss, the usual masked-LM objective, trained a better thinker in the same steps. The learning rate follows :func:`_lr_at` over ``schedule_steps`` (default ``steps``).
     Returns the mean loss of the last 10% of steps.
     """
-    from .diffusion_model import is_causal_prompt_model
-
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     model.train()
