@@ -2,10 +2,10 @@
 the entropy-bound (uniform-noise) diffusion step.
 
 Public contract: ``docs/API.md``. Every op takes ``backend`` in
-``"auto" | "cuda" | "triton" | "torch"``; see :mod:`a2r_kernels._backend`.
+``"auto" | "cuda" | "triton" | "torch"``; see :mod:`a2r_kernels.backend`.
 """
 
-from ._errors import BackendUnavailable, CacheFullError
+from .errors import BackendUnavailable, CacheFullError
 from .attention import merge_attention_states, paged_decode_attention, tree_decode_attention
 from .cache import TreeKVCache
 from .denoise import DenoiseResult, denoise_step

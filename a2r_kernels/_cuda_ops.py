@@ -22,9 +22,9 @@ import functools
 import torch
 from torch.utils.dlpack import to_dlpack
 
-from ._backend import cuda_extension
-from ._errors import BackendUnavailable
-from ._vocab import MAX_HEAD_DIM, REMASKING_CODES, WORK_INFO_COLUMNS  # noqa: F401 (re-exported)
+from .backend import cuda_extension
+from .errors import BackendUnavailable
+from .vocab import MAX_HEAD_DIM, REMASKING_CODES, WORK_INFO_COLUMNS  # noqa: F401 (re-exported)
 
 # csrc/denoise.cu: threads of a predict CTA, fp32 words of one (position, split) state.
 DENOISE_PREDICT_THREADS = 256

@@ -1,7 +1,7 @@
 """Public decode-attention ops: tree (shared prefixes read once), paged (no sharing), LSE merge.
 
 Each op checks its inputs (``ValueError`` naming the argument), allocates outputs, and dispatches
-to a backend (see :mod:`a2r_kernels._backend`).
+to a backend (see :mod:`a2r_kernels.backend`).
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._backend import resolve_backend
-from ._vocab import MAX_HEAD_DIM
+from .backend import resolve_backend
+from .vocab import MAX_HEAD_DIM
 from .layout import DEFAULT_KV_CHUNK, TreeLayout
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)

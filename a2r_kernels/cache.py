@@ -60,8 +60,8 @@ from typing import Iterable
 
 import torch
 
-from ._errors import CacheFullError
-from ._vocab import as_int, non_negative_int, positive_int
+from .errors import CacheFullError
+from .vocab import as_int, non_negative_int, positive_int
 from .block_tables import NodeBlockTables
 from .layout import TreeLayout, _kv_chunk, _seqs_per_item, host_to_device
 

@@ -14,8 +14,8 @@ from typing import NamedTuple
 import torch
 
 from . import reference_denoise
-from ._backend import resolve_backend
-from ._vocab import REMASKING, as_int, non_negative_int
+from .backend import resolve_backend
+from .vocab import REMASKING, as_int, non_negative_int
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SEED_BOUND = 2 ** 63 - 1

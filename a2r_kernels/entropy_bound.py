@@ -14,8 +14,8 @@ from typing import NamedTuple
 import torch
 
 from . import reference_entropy_bound
-from ._backend import resolve_backend
-from ._errors import BackendUnavailable
+from .backend import resolve_backend
+from .errors import BackendUnavailable
 from .denoise import _check_logits_and_tokens, _draw_seed
 
 

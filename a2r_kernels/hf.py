@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
-from ._backend import resolve_backend
-from ._vocab import attention_geometry
+from .backend import resolve_backend
+from .vocab import attention_geometry
 from .cache import TreeKVCache
 from .layout import host_to_device
 

@@ -42,7 +42,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ._vocab import INT32_MAX, WORK_FIELDS, int_list, positive_int
+from .vocab import INT32_MAX, WORK_FIELDS, int_list, positive_int
 
 # Split-KV chunk sizing. Every (sequence, q head) a work item covers costs one fp32 partial state,
 # written once and read once by the merge: 8 * head_dim bytes, against 4 * head_dim bytes of bf16

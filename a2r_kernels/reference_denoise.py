@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import torch
 
-from ._vocab import REMASKING
+from .vocab import REMASKING
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_ROUND_A = 0xD2511F53

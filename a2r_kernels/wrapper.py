@@ -29,9 +29,9 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._backend import resolve_backend
+from .backend import resolve_backend
 from .attention import _DTYPES, _check_decode_inputs, _default_scale, _unit_last_stride
-from ._vocab import MAX_HEAD_DIM, positive_int
+from .vocab import MAX_HEAD_DIM, positive_int
 from .layout import (DEFAULT_KV_CHUNK, KV_CHUNK_TOKENS_PER_SEQ, MAX_SEQS_PER_ITEM, PLAN_FIELDS,
                      WORK_FIELDS, _SLICE_ALIGN, TreeLayout)
 

@@ -29,8 +29,8 @@ import sys
 import torch
 
 import a2r_kernels as ak
-from a2r_kernels._backend import cuda_extension
-from a2r_kernels._vocab import REMASKING
+from a2r_kernels.backend import cuda_extension
+from a2r_kernels.vocab import REMASKING
 
 
 def _close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:

@@ -116,7 +116,7 @@ if [[ $ASSUME_GPU == 1 ]]; then HAS_GPU=1; export A2R_CUDA_ARCHS="${A2R_CUDA_ARC
 if [[ $HAS_GPU == 1 ]]; then
   # Test modules set TRITON_INTERPRET with os.environ.setdefault(..., "1") (test_attention and
   # test_denoise only without a GPU, others always): an exported 0 wins over every setdefault,
-  # and a2r_kernels._backend.triton_interpret and triton.knobs both read "0" as off, so
+  # and a2r_kernels.backend.triton_interpret and triton.knobs both read "0" as off, so
   # "triton" means compiled kernels on CUDA tensors.
   export TRITON_INTERPRET=0
   if [[ -z "${A2R_CUDA_ARCHS:-}" ]]; then

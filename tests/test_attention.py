@@ -32,7 +32,7 @@ LSE_ATOL = 1e-4  # LSE is always accumulated in fp32
 
 def _backend_or_skip(backend):
     try:
-        ak._backend.resolve_backend("tree_decode_attention", backend, torch.device(DEVICE))
+        ak.backend.resolve_backend("tree_decode_attention", backend, torch.device(DEVICE))
     except ak.BackendUnavailable as exc:
         pytest.skip(str(exc))
 

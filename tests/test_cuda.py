@@ -21,7 +21,7 @@ from torch.utils.dlpack import to_dlpack
 
 import a2r_kernels as ak
 from a2r_kernels import _cuda_ops, _vocab, reference_denoise
-from a2r_kernels._backend import cuda_extension
+from a2r_kernels.backend import cuda_extension
 
 from _fake_dlpack import fake_cuda
 

@@ -38,7 +38,7 @@ MASK_ID = 7
 
 def _backend_or_skip(backend):
     try:
-        ak._backend.resolve_backend("denoise_step", backend, DEVICE)
+        ak.backend.resolve_backend("denoise_step", backend, DEVICE)
     except ak.BackendUnavailable as exc:
         pytest.skip(str(exc))
 

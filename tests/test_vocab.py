@@ -1,4 +1,4 @@
-"""The shared vocabulary (a2r_kernels/_vocab.py): each name is defined once and every module that
+"""The shared vocabulary (a2r_kernels/vocab.py): each name is defined once and every module that
 uses it reads that one definition; the end-of-sequence and model-geometry rules."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import importlib
 import pytest
 import torch
 
-from a2r_kernels import _vocab
+from a2r_kernels import vocab as _vocab
 
 # (module, attribute, the _vocab name it must be): a module that makes its own copy again fails.
 SHARED = [
-    ("a2r_kernels._backend", "BACKENDS", "BACKENDS"),
+    ("a2r_kernels.backend", "BACKENDS", "BACKENDS"),
     ("a2r_kernels.reference_denoise", "REMASKING", "REMASKING"),
     ("a2r_kernels.denoise", "REMASKING", "REMASKING"),
     ("a2r_kernels._cuda_ops", "REMASKING_CODES", "REMASKING_CODES"),

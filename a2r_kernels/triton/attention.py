@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import triton_interpret
-from .._vocab import WORK_INFO_COLUMNS
+from ..backend import triton_interpret
+from ..vocab import WORK_INFO_COLUMNS
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

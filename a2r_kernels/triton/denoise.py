@@ -44,8 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import triton_interpret
-from .._vocab import REMASKING_CODES
+from ..backend import triton_interpret
+from ..vocab import REMASKING_CODES
 
 _NUM_STATS = 6      # m, s, a, second, gumbel_best, gumbel_logit (fp32) per (pos, split)
 _NUM_INDICES = 2    # argmax, gumbel argmax (int32) per (pos, split)

@@ -334,14 +334,11 @@ def _check_backend(backend: str, device: str) -> None:
     """--backend must run on --device; checked before any model is loaded."""
     import torch
 
-    from a2r_kernels import BackendUnavailable
-    from a2r_kernels._backend import resolve_backend
+    from a2r_kernels.backend import backend_unavailable_reason
 
-    try:
-        resolve_backend("tree_decode_attention", backend, torch.device(device))
-    except BackendUnavailable as err:
-        why = str(err).split("is unavailable: ", 1)[-1]
-        raise CLIError(f"--backend {backend} is unavailable on device {device}: {why}") from None
+    why = None if backend == "auto" else backend_unavailable_reason(backend, torch.device(device))
+    if why is not None:
+        raise CLIError(f"--backend {backend} is unavailable on device {device}: {why}")
 
 
 def _check_question_text(question, what: str = "the question") -> None:

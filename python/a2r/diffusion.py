@@ -62,8 +62,8 @@ from typing import Sequence
 import torch
 
 import a2r_kernels as ak
-from a2r_kernels._backend import resolve_backend
-from a2r_kernels._vocab import (REMASKING, attention_geometry, eos_ids as _eos_ids,
+from a2r_kernels.backend import resolve_backend
+from a2r_kernels.vocab import (REMASKING, attention_geometry, eos_ids as _eos_ids,
                                 positive_int as _positive_int)
 
 from .diffusion_gemma import diffusion_gemma_generate, is_diffusion_gemma

@@ -38,8 +38,8 @@ from typing import Sequence
 
 import torch
 
-from a2r_kernels._errors import CacheFullError
-from a2r_kernels._vocab import eos_ids
+from a2r_kernels.errors import CacheFullError
+from a2r_kernels.vocab import eos_ids
 from a2r_kernels.hf import TreeDecoder
 from a2r_kernels.layout import host_to_device
 

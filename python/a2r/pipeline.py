@@ -112,7 +112,7 @@ class PromptTooLongError(PipelineError):
 # --------------------------------------------------------------------------------------------
 
 # What a2r.diffusion and a2r_kernels accept (kept here so validating a config imports no torch;
-# tests/test_vocab.py holds them equal to a2r_kernels/_vocab.py's).
+# tests/test_vocab.py holds them equal to a2r_kernels/vocab.py's).
 THINKER_REMASKING = ("low_confidence", "margin", "entropy", "random")
 THINKER_CACHE_MODES = ("none", "prefix")
 BACKENDS = ("auto", "torch", "triton", "cuda")
@@ -416,7 +416,7 @@ def kv_bytes_per_token(model) -> int:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     import torch
 
-    from a2r_kernels._vocab import attention_geometry
+    from a2r_kernels.vocab import attention_geometry
 
     _, num_kv_heads, head_dim = attention_geometry(text_config)
 
@@ -426,7 +426,7 @@ def kv_bytes_per_token(model) -> int:
 
 def _eos_ids(model, tokenizer) -> list[int]:
     """Every id that ends generation: the generation config's eos ids plus the tokenizer's."""
-    from a2r_kernels._vocab import eos_ids
+    from a2r_kernels.vocab import eos_ids
 
     generation_config = getattr(model, "generation_config", None)
     configured = getattr(generation_config, "eos_token_id", None)

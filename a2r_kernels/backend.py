@@ -16,8 +16,8 @@ import os
 
 import torch
 
-from ._errors import BackendUnavailable
-from ._vocab import BACKENDS
+from .errors import BackendUnavailable
+from .vocab import BACKENDS
 
 # Per op, the order "auto" tries on a CUDA device. Until the CUDA kernels are measured on a GPU
 # (issue 6), Triton comes first: it is the backend whose numbers are committed.
@@ -55,8 +55,9 @@ def cuda_extension():
     return _C
 
 
-def _why_unavailable(backend: str, device: torch.device) -> str | None:
-    """None when ``backend`` can run on ``device``, else the reason it cannot."""
+def backend_unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """None when the concrete ``backend`` can run on ``device``, else the reason it cannot
+    (one sentence, for error messages such as the CLI's)."""
     if backend == "torch":
         return None
     if backend == "triton":
@@ -80,14 +81,14 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
-        why = _why_unavailable(backend, device)
+        why = backend_unavailable_reason(backend, device)
         if why is not None:
             raise BackendUnavailable(f"{op}: backend={backend!r} is unavailable: {why}")
         return backend
     if device.type != "cuda":
         return "torch"
     for candidate in AUTO_CUDA_PREFERENCE[op]:
-        if _why_unavailable(candidate, device) is None and (
+        if backend_unavailable_reason(candidate, device) is None and (
                 candidate != "cuda" or op in getattr(cuda_extension(), "PUBLIC_OPS", ())):
             return candidate
     return "torch"

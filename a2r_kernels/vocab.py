@@ -18,7 +18,7 @@ import numbers
 
 INT32_MAX = 2 ** 31 - 1   # largest id / count the int32 plans and kernels index with
 
-# ``backend=`` of every public op (see a2r_kernels._backend for what each one means).
+# ``backend=`` of every public op (see a2r_kernels.backend for what each one means).
 BACKENDS = ("auto", "cuda", "triton", "torch")
 
 # ``remasking=`` of denoise_step, in the order of their kernel codes (csrc/ops.h a2r::Remasking,
