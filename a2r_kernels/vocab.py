@@ -19,7 +19,7 @@ import numbers
 INT32_MAX = 2 ** 31 - 1   # largest id / count the int32 plans and kernels index with
 
 # ``backend=`` of every public op (see a2r_kernels.backend for what each one means).
-BACKENDS = ("auto", "cuda", "triton", "torch")
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 
 # ``remasking=`` of denoise_step, in the order of their kernel codes (csrc/ops.h a2r::Remasking,
 # the REMASKING constexpr of a2r_kernels/triton/denoise.py): the code of a mode is its index.

@@ -30,7 +30,8 @@ import torch
 
 from . import reference
 from .backend import resolve_backend
-from .attention import _DTYPES, _check_decode_inputs, _default_scale, _unit_last_stride
+from .attention_launch import (ATTENTION_DTYPES, WorkPlan, check_decode_inputs, check_out,
+                               run_work_items, softmax_scale)
 from .vocab import MAX_HEAD_DIM, positive_int
 from .layout import (DEFAULT_KV_CHUNK, KV_CHUNK_TOKENS_PER_SEQ, MAX_SEQS_PER_ITEM, PLAN_FIELDS,
                      WORK_FIELDS, _SLICE_ALIGN, TreeLayout)
@@ -78,8 +79,8 @@ class TreeAttentionWrapper:
             device block tables, ``cache.block_table_capacity``, for ``TreeKVCache.layout``).
         dtype: dtype of q, the pools and the output (fp16 / bf16 / fp32).
         device: where everything lives.
-        backend: ``"auto" | "cuda" | "triton" | "torch"``; ``"torch"`` runs the reference over
-            the planned layout (it allocates and cannot be captured).
+        backend: ``"auto" | "cuda" | "triton" | "cpu" | "torch"``; ``"torch"`` runs the reference
+            over the planned layout (it allocates and cannot be captured).
         max_work, max_partials: work items and partial rows a plan may have (default
             :func:`default_capacities`).
         workspace: optional fp32 tensor on ``device`` of at least :meth:`workspace_numel`
@@ -105,8 +106,8 @@ class TreeAttentionWrapper:
                              f"({num_kv_heads})")
         if head_dim > MAX_HEAD_DIM:
             raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        if dtype not in ATTENTION_DTYPES:
+            raise ValueError(f"dtype must be one of {ATTENTION_DTYPES}, got {dtype!r}")
         self.dtype = dtype
         self.device = torch.empty(0, device=device).device   # normalised ("cuda" -> "cuda:0")
         self.backend = resolve_backend("tree_decode_attention", backend, self.device)
@@ -269,7 +270,7 @@ class TreeAttentionWrapper:
         layout = self._layout
         if layout is None:
             raise ValueError("run before plan: call plan(layout) first")
-        _check_decode_inputs(q, k_cache, v_cache)
+        check_decode_inputs(q, k_cache, v_cache)
         num_seqs = q.shape[0]
         if tuple(q.shape[1:]) != (self.num_q_heads, self.head_dim) or q.dtype != self.dtype \
                 or q.device != self.device:
@@ -284,12 +285,8 @@ class TreeAttentionWrapper:
         if layout.max_block_id >= k_cache.shape[0]:
             raise ValueError(f"the plan reads block {layout.max_block_id} but k_cache has only "
                              f"{k_cache.shape[0]} blocks")
-        sm_scale = _default_scale(sm_scale, self.head_dim)
-        if out is None:
-            out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-            raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
-                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        sm_scale = softmax_scale(sm_scale, self.head_dim)
+        out = check_out(q, out)
         if lse is None:
             lse = self.lse[:num_seqs]
         elif not isinstance(lse, torch.Tensor) or lse.shape != q.shape[:2] or \
@@ -297,7 +294,15 @@ class TreeAttentionWrapper:
                 (lse.stride(1) != 1 and lse.shape[1] > 1):
             raise ValueError(f"lse must be float32 {tuple(q.shape[:2])} on {q.device} with unit "
                              f"stride in heads")
+        self._dispatch(q, k_cache, v_cache, sm_scale, out, lse)
+        return (out, lse) if return_lse else out
 
+    def _dispatch(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  sm_scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
+        """The planned step on the wrapper's backend, inputs checked: ``"torch"`` runs the spec
+        over the planned layout (rows past it: out 0, lse -inf); the kernel backends run the
+        fixed plan buffers through the one launcher of work items."""
+        layout = self._layout
         if self.backend == "torch":
             ref_out, ref_lse = reference.tree_decode_attention(q[:layout.num_seqs], k_cache,
                                                                v_cache, layout, sm_scale)
@@ -305,23 +310,8 @@ class TreeAttentionWrapper:
             lse[:layout.num_seqs].copy_(ref_lse)
             out[layout.num_seqs:].zero_()
             lse[layout.num_seqs:].fill_(float("-inf"))
-        elif self.backend == "triton":
-            from .triton import attention as kernels
-            kernels.tree_attention_partials(q, k_cache, v_cache, self.work_info, self.row_seq,
-                                            self.page_table, self.partial_o, self.partial_lse,
-                                            sm_scale, self._max_rows)
-            kernels.merge_partials(self.partial_o, self.partial_lse,
-                                   self.merge_indptr[:num_seqs + 1], self.merge_rows, out, lse)
-        else:  # cuda: unit stride in head_dim (a q or out without it goes through a copy)
-            from . import _cuda_ops
-            target = _unit_last_stride(out)
-            _cuda_ops.tree_attention_partials(_unit_last_stride(q), k_cache, v_cache,
-                                              self.work_info, self.row_seq[:num_seqs],
-                                              self.page_table, self.partial_o, self.partial_lse,
-                                              sm_scale)
-            _cuda_ops.merge_partials(self.partial_o, self.partial_lse,
-                                     self.merge_indptr[:num_seqs + 1], self.merge_rows, target,
-                                     lse)
-            if target is not out:
-                out.copy_(target)
-        return (out, lse) if return_lse else out
+            return
+        plan = WorkPlan(self.work_info, self.row_seq, self.page_table, self.merge_indptr,
+                        self.merge_rows)
+        run_work_items(self.backend, q, k_cache, v_cache, plan, sm_scale, out, lse,
+                       self.partial_o, self.partial_lse, self._max_rows)
