@@ -149,7 +149,7 @@ void check_heads(const TensorView& q, const TensorView& k_cache, const TensorVie
 }
 
 [[noreturn]] void bad_value(const TensorView& t, int64_t index, const std::string& what) {
-  t.fail("[" + std::to_string(index) + "] " + what);
+  throw std::invalid_argument(t.name() + "[" + std::to_string(index) + "] " + what);
 }
 
 // Every work item reads rows of q, pages of the pool and writes partial rows inside their
@@ -329,19 +329,21 @@ void merge_partials(const TensorView& partial_o, const TensorView& partial_lse,
         const float m_new = m > lse_r ? m : lse_r;
         const float m_ref = m_new == -INFINITY ? 0.0f : m_new;   // only empty states so far
         const float w_old = std::exp(m - m_ref), w_new = std::exp(lse_r - m_ref);
-        l = l * w_old + w_new;
+        const float l_old = l * w_old;
+        l = l_old + w_new;
+        // acc stays a convex combination of the rows so far (no overflow for finite rows).
+        const float c_old = l > 0.0f ? l_old / l : 0.0f, c_new = l > 0.0f ? w_new / l : 0.0f;
         const float* o_r = po + row * partial_o.stride(0) + h * partial_o.stride(1);
         // An empty state (weight 0) adds nothing, whatever its o holds (0 * NaN = NaN).
         for (int64_t d = 0; d < head_dim; ++d) {
-          acc[d] = acc[d] * w_old + (w_new > 0.0f ? o_r[d] * w_new : 0.0f);
+          acc[d] = acc[d] * c_old + (c_new > 0.0f ? o_r[d] * c_new : 0.0f);
         }
         m = m_new;
       }
       const bool nonempty = l > 0.0f;
-      const float inv = nonempty ? 1.0f / l : 0.0f;
       const int64_t base = seq * out.stride(0) + h * out.stride(1);
       for (int64_t d = 0; d < head_dim; ++d) {
-        store_float(out.data(), out.dtype(), base + d * out.stride(2), acc[d] * inv);
+        store_float(out.data(), out.dtype(), base + d * out.stride(2), nonempty ? acc[d] : 0.0f);
       }
       lse.data_as<float>()[seq * lse.stride(0) + h * lse.stride(1)] =
           nonempty ? m + std::log(l) : -INFINITY;
@@ -376,18 +378,19 @@ void merge_states(const TensorView& out_a, const TensorView& lse_a, const Tensor
       const float wa = std::exp(la - m_ref), wb = std::exp(lb - m_ref);
       const float l = wa + wb;
       const bool nonempty = l > 0.0f;
-      const float inv = nonempty ? 1.0f / l : 0.0f;
+      // Weights normalised before the sum: no overflow for finite states.
+      const float ca = nonempty ? wa / l : 0.0f, cb = nonempty ? wb / l : 0.0f;
       for (int64_t d = 0; d < head_dim; ++d) {
-        const float a = wa > 0.0f ? wa * load_float(out_a.data(), out_a.dtype(),
+        const float a = ca > 0.0f ? ca * load_float(out_a.data(), out_a.dtype(),
                                                     seq * out_a.stride(0) + h * out_a.stride(1) +
                                                         d * out_a.stride(2))
                                   : 0.0f;
-        const float b = wb > 0.0f ? wb * load_float(out_b.data(), out_b.dtype(),
+        const float b = cb > 0.0f ? cb * load_float(out_b.data(), out_b.dtype(),
                                                     seq * out_b.stride(0) + h * out_b.stride(1) +
                                                         d * out_b.stride(2))
                                   : 0.0f;
         store_float(out.data(), out.dtype(),
-                    seq * out.stride(0) + h * out.stride(1) + d * out.stride(2), (a + b) * inv);
+                    seq * out.stride(0) + h * out.stride(1) + d * out.stride(2), a + b);
       }
       lse.data_as<float>()[seq * lse.stride(0) + h * lse.stride(1)] =
           nonempty ? m_ref + std::log(l) : -INFINITY;
