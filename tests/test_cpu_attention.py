@@ -24,7 +24,7 @@ from a2r_kernels.backend import cpu_extension
 from test_attention import ATOL, check_close, random_tree
 
 EXT = cpu_extension()
-pytestmark = pytest.mark.skipif(EXT is None, reason="a2r_kernels._cpu not built (A2R_BUILD_CPU=0)")
+needs_ext = pytest.mark.skipif(EXT is None, reason="a2r_kernels._cpu not built (A2R_BUILD_CPU=0)")
 ISAS = ["baseline"] + (["avx2"] if EXT is not None and platform.machine() in ("x86_64", "AMD64")
                        and "avx2" in open("/proc/cpuinfo").read() else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -32,6 +32,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 @pytest.fixture(params=ISAS)
 def isa(request):
+    if EXT is None:
+        pytest.skip("a2r_kernels._cpu not built (A2R_BUILD_CPU=0)")
     from a2r_kernels import _cpu_ops
     before = _cpu_ops.isa()
     _cpu_ops.select_isa(request.param)
@@ -196,6 +198,7 @@ def test_paged_and_merge_take_the_cpu_kernel(isa):
     torch.testing.assert_close(merged_lse, want_lse, atol=1e-5, rtol=0)
 
 
+@needs_ext
 def test_other_ops_have_no_cpu_kernel():
     with pytest.raises(ak.BackendUnavailable, match="no denoise_step kernel"):
         ak.backend.resolve_backend("denoise_step", "cpu", torch.device("cpu"))
@@ -211,6 +214,7 @@ def test_auto_falls_back_to_the_spec_without_the_extension(monkeypatch):
         ak.backend.resolve_backend("tree_decode_attention", "cpu", torch.device("cpu"))
 
 
+@needs_ext
 def test_a_bad_plan_raises_instead_of_reading_outside_the_pool():
     from a2r_kernels import _cpu_ops
     layout = ak.TreeLayout.from_paths([[0], [0, 1]], [[1], [0]], [3, 2], 4)
@@ -229,6 +233,7 @@ def test_a_bad_plan_raises_instead_of_reading_outside_the_pool():
                                          layout.page_table, po, plse, 0.25)
 
 
+@needs_ext
 def test_threads_give_identical_results_with_one_openmp_runtime(tmp_path):
     """torch bundles its own libgomp: importing both leaves one OpenMP runtime in the process,
     and 1 or 2 threads (OMP_NUM_THREADS, torch.set_num_threads) give bitwise equal outputs (each
@@ -260,6 +265,7 @@ def test_threads_give_identical_results_with_one_openmp_runtime(tmp_path):
     assert torch.equal(outs[0], outs[1])
 
 
+@needs_ext
 @pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("objdump") is None,
                     reason="x86-64 with objdump only")
 def test_only_the_avx2_build_holds_avx_instructions():

@@ -18,7 +18,7 @@ SHARED = [
     ("a2r_kernels._cuda_ops", "REMASKING_CODES", "REMASKING_CODES"),
     ("a2r_kernels.triton.denoise", "REMASKING_CODES", "REMASKING_CODES"),
     ("a2r_kernels._cuda_ops", "MAX_HEAD_DIM", "MAX_HEAD_DIM"),
-    ("a2r_kernels.attention", "MAX_HEAD_DIM", "MAX_HEAD_DIM"),
+    ("a2r_kernels.attention_launch", "MAX_HEAD_DIM", "MAX_HEAD_DIM"),
     ("a2r_kernels.wrapper", "MAX_HEAD_DIM", "MAX_HEAD_DIM"),
     ("a2r_kernels._cuda_ops", "WORK_INFO_COLUMNS", "WORK_INFO_COLUMNS"),
     ("a2r_kernels.triton.attention", "WORK_INFO_COLUMNS", "WORK_INFO_COLUMNS"),
