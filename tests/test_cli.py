@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 
 import a2r.explore  # noqa: E402
 from a2r.cli import main  # noqa: E402
-from a2r.tiny import ensure_tiny_models  # noqa: E402
+from a2r.demo.tiny import ensure_tiny_models  # noqa: E402
 
 # Small budgets so each command runs in seconds on a loaded 2-core CPU.
 FAST = ["-n", "2", "--max-new-tokens", "4", "--synth-max-new-tokens", "3",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from a2r.tiny import RANDOM_WEIGHTS_MARKER, ensure_tiny_models
+from a2r.demo.tiny import RANDOM_WEIGHTS_MARKER, ensure_tiny_models
 
 DRIVER = """
 import json, os, sys, tempfile, traceback
@@ -188,8 +188,8 @@ def test_bad_eval_line(errors, name):
 
 
 def test_question_longer_than_the_model_positions(errors):
-    # --tiny is the trained explorer (a2r/trained): the limit is read from its config.
-    from a2r.tiny import trained_models
+    # --tiny is the trained explorer (a2r/demo/trained): the limit is read from its config.
+    from a2r.demo.tiny import trained_models
 
     config = json.loads((trained_models().explorer / "config.json").read_text())
     limit = f"max_position_embeddings={config['max_position_embeddings']}"

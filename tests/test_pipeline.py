@@ -1,4 +1,4 @@
-"""a2r.A2RPipeline and a2r.tiny on the embedded tiny models (CPU, small budgets).
+"""a2r.A2RPipeline and a2r.demo.tiny on the embedded tiny models (CPU, small budgets).
 
 The tiny models are random, so their texts are noise; what is checked is the plumbing: every
 stage's outputs, token counts and prompts agree with each other and with independent
@@ -26,7 +26,7 @@ import a2r.explore  # noqa: E402
 from a2r.extract import extract_answer_component, extract_final_answer, majority_vote  # noqa: E402
 from a2r.pipeline import (A2RConfig, A2RPipeline, ModelDirError, PipelineError,  # noqa: E402
                           TokenizerMismatchError, UnsupportedArchitectureError, kv_bytes_per_token)
-from a2r.tiny import build_tiny_tokenizer, ensure_tiny_models, tiny_dir  # noqa: E402
+from a2r.demo.tiny import build_tiny_tokenizer, ensure_tiny_models, tiny_dir  # noqa: E402
 
 # Small budgets: every run takes a second or two on a loaded 2-core CPU.
 SMALL = dict(num_paths=3, max_new_tokens=5, synth_max_new_tokens=4, thinker_gen_length=8,

@@ -31,20 +31,20 @@ DEMO_QUESTIONS = (
     ("What is 12 * 7?", "84"),
     ("A train travels 150 km in 2.5 hours. What is its average speed in km/h?", "60"),
 )
-# The trained embedded models know one task (a2r.task): their demo asks two of its questions.
+# The trained embedded models know one task (a2r.demo.task): their demo asks two of its questions.
 TRAINED_DEMO_QUESTIONS = (
     ("What is 347 + 85 + 912 + 6?", "1350"),
     ("What is 58 + 904 + 7 + 263 + 91?", "1323"),
 )
 TRAINED_NOTE = ("note: the embedded default models are tiny models trained in minutes on a CPU "
-                "(python -m a2r.train) for one synthetic task, sums like 'What is 347 + 85 + 912 + "
+                "(python -m a2r.demo.train) for one synthetic task, sums like 'What is 347 + 85 + 912 + "
                 "6?'; on any other question their answers are noise.")
 # Thinker settings when none are given: the trained thinker writes a trace of this many tokens
-# (a2r.tiny.TRACE_LENGTH), one token per step; other thinkers get LLaDA-style defaults.
+# (a2r.demo.tiny.TRACE_LENGTH), one token per step; other thinkers get LLaDA-style defaults.
 THINKER_DEFAULTS = {"thinker_gen_length": 64, "thinker_block_length": 32, "thinker_steps": 16}
 
 # Printed (and put in the JSON as "note") when a loaded model directory holds random weights
-# (a2r.tiny.is_random_model); {models} names them.
+# (a2r.demo.tiny.is_random_model); {models} names them.
 RANDOM_MODELS_NOTE = ("note: the {models} model(s) are random (untrained) tiny models: their "
                       "answers and accuracies are noise. They show the pipeline's stages, times, "
                       "token counts and KV sharing, not reasoning quality.")
@@ -211,7 +211,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
                    help="synthesizer causal LM (default: the explorer: symmetric set-up)")
     m.add_argument("--thinker", metavar="DIR", help="masked-diffusion thinker (optional)")
     m.add_argument("--tiny", action="store_true",
-                   help="use the embedded tiny models (trained on the sums task, a2r.task) "
+                   help="use the embedded tiny models (trained on the sums task, a2r.demo.task) "
                    "instead of directories")
     m.add_argument("--random-models", action="store_true",
                    help="with --tiny: the random (untrained) embedded models instead")
@@ -371,7 +371,7 @@ def _config_from_args(args, thinker_defaults=None):
 
 def _tiny_paths(args, thinker: bool):
     """The embedded models: the trained ones, or with --random-models the random ones."""
-    from .tiny import ensure_tiny_models, tiny_dir, trained_models
+    from .demo.tiny import ensure_tiny_models, tiny_dir, trained_models
 
     home = args.home
     if not getattr(args, "random_models", False):
@@ -403,7 +403,7 @@ def _load_pipeline(args, *, use_tiny: bool):
     if getattr(args, "random_models", False) and not use_tiny:
         raise CLIError("--random-models needs --tiny (the embedded models)")
     trained = use_tiny and not getattr(args, "random_models", False)
-    from .tiny import TRAINED_THINKER_SETTINGS
+    from .demo.tiny import TRAINED_THINKER_SETTINGS
 
     config = _config_from_args(args, TRAINED_THINKER_SETTINGS if trained else None)
     config.validate()   # bad option values fail here, before any model is loaded
@@ -425,7 +425,7 @@ def _load_pipeline(args, *, use_tiny: bool):
     pipeline = A2RPipeline.from_pretrained(
         explorer, synthesizer, thinker, device=device, dtype=dtype, config=config,
         engine="vllm" if vllm_options is not None else "transformers", vllm_options=vllm_options)
-    from .tiny import is_random_model
+    from .demo.tiny import is_random_model
 
     def describe(path, model):
         arch = getattr(model, "architecture", type(model).__name__)   # VLLMModel: "... (vLLM)"
@@ -638,8 +638,8 @@ def _ar_thinker(args, pipeline, use_tiny: bool):
 
 
 def cmd_eval(args) -> int:
-    from . import evaluate
-    from .grading import AnswerChecker
+    from .eval import evaluate
+    from .eval.grading import AnswerChecker
     from .pipeline import PipelineError
 
     if args.mkdir and not (args.out or args.plot):

@@ -111,7 +111,7 @@ class PromptTooLongError(PipelineError):
 # Configuration and results
 # --------------------------------------------------------------------------------------------
 
-# What a2r.diffusion and a2r_kernels accept (kept here so validating a config imports no torch;
+# What a2r.thinker and a2r_kernels accept (kept here so validating a config imports no torch;
 # tests/test_vocab.py holds them equal to a2r_kernels/vocab.py's).
 THINKER_REMASKING = ("low_confidence", "margin", "entropy", "random")
 THINKER_CACHE_MODES = ("none", "prefix")
@@ -228,7 +228,7 @@ _MASKED_DIFFUSION_ONLY = ("thinker_steps", "thinker_threshold", "thinker_tempera
 def _thinker_positions(thinker, cfg: A2RConfig) -> int:
     """Positions the thinker generates: ``thinker_gen_length``, rounded up to whole canvases for
     DiffusionGemma (it denoises ``canvas_length`` tokens at a time)."""
-    from .diffusion_gemma import is_diffusion_gemma
+    from .thinker.gemma import is_diffusion_gemma
     if not is_diffusion_gemma(thinker):
         return cfg.thinker_gen_length
     canvas = int(thinker.config.canvas_length)
@@ -607,9 +607,9 @@ def _load_thinker(path, device, dtype):
 
     directory = _check_model_dir(path, "thinker")
     try:
-        from .diffusion import load_diffusion_model
+        from .thinker.masked import load_diffusion_model
     except ImportError as err:  # pragma: no cover - depends on the checkout
-        raise UnsupportedArchitectureError(f"the diffusion thinker needs a2r.diffusion: {err}") from err
+        raise UnsupportedArchitectureError(f"the diffusion thinker needs a2r.thinker: {err}") from err
     remote_code = "auto_map" in (directory / "config.json").read_text()  # LLaDA / Dream ship code
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=remote_code)
@@ -617,7 +617,7 @@ def _load_thinker(path, device, dtype):
         raise ModelDirError(f"thinker model directory {directory} has no loadable tokenizer: "
                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
     _check_tokenizer(tokenizer, directory, "thinker")
-    from .diffusion_gemma import is_diffusion_gemma_config
+    from .thinker.gemma import is_diffusion_gemma_config
     uniform_noise = is_diffusion_gemma_config(json.loads((directory / "config.json").read_text()))
     mask_id = None if uniform_noise else getattr(tokenizer, "mask_token_id", None)
     try:
@@ -651,7 +651,7 @@ class A2RPipeline:
             tokenizers must be identical, and the synthesizer reuses the KV of the whole blocks
             its prompt shares with the explorer's (``A2RConfig.reuse_prefix_kv``; module
             docstring).
-        thinker, thinker_tokenizer: optional masked-diffusion model (``a2r.diffusion``) writing a
+        thinker, thinker_tokenizer: optional masked-diffusion model (``a2r.thinker``) writing a
             compact trace from the question and the references; its tokenizer defaults to the
             explorer's.
         config: :class:`A2RConfig` (defaults when ``None``); ``run`` takes per-call overrides.
@@ -844,8 +844,8 @@ class A2RPipeline:
     def _think(self, question: str, references: Sequence[str], cfg: A2RConfig) -> StageReport:
         import torch
 
-        from .diffusion import diffusion_generate
-        from .diffusion_gemma import is_diffusion_gemma
+        from .thinker.masked import diffusion_generate
+        from .thinker.gemma import is_diffusion_gemma
 
         tokenizer = self.thinker_tokenizer
         prompt = self.thinker_prompt(question, references)
@@ -913,7 +913,7 @@ class A2RPipeline:
         cfg = A2RConfig(**{**asdict(self.config), **overrides})
         cfg.validate()
         if self.thinker is not None and cfg.use_thinker:
-            from .diffusion_gemma import is_diffusion_gemma
+            from .thinker.gemma import is_diffusion_gemma
             if is_diffusion_gemma(self.thinker):
                 _check_uniform_noise_thinker(cfg)
         return cfg

@@ -66,8 +66,8 @@ from a2r_kernels.backend import resolve_backend
 from a2r_kernels.vocab import (REMASKING, attention_geometry, eos_ids as _eos_ids,
                                 positive_int as _positive_int)
 
-from .diffusion_gemma import diffusion_gemma_generate, is_diffusion_gemma
-from .diffusion_model import (A2R_ATTENTION, build_tiny_diffusion_model, is_causal_prompt_model,
+from .gemma import diffusion_gemma_generate, is_diffusion_gemma
+from .models import (A2R_ATTENTION, build_tiny_diffusion_model, is_causal_prompt_model,
                               is_remote_code_model, load_diffusion_model, uses_a2r_attention)
 
 __all__ = ["DiffusionResult", "build_tiny_diffusion_model", "diffusion_generate",
@@ -122,7 +122,7 @@ class PrefixKV:
 
     One cache sequence per row. ``start_block(prefix_len)`` grows each sequence to ``prefix_len``
     tokens (the slots of earlier tokens are kept and overwritten: their K/V are recomputed at every
-    block start). The attention function (``a2r.diffusion_model``) calls :meth:`attend_layer`:
+    block start). The attention function (``a2r.thinker.models``) calls :meth:`attend_layer`:
 
     - ``mode == "capture"`` (the block's full forward): scatter ``key/value[:, :, :prefix_len]`` of
       each layer into the pool; attention itself runs on the unchanged full K/V.
@@ -346,7 +346,7 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
                        generator: torch.Generator | None = None, backend: str = "auto",
                        num_traces: int = 1, return_details: bool = False):
     """Generate ``gen_length`` tokens per row with a masked-diffusion LM (LLaDA / Fast-dLLM), or
-    with a DiffusionGemma model (:mod:`a2r.diffusion_gemma`).
+    with a DiffusionGemma model (:mod:`a2r.thinker.gemma`).
 
     Args:
         model: a bidirectional masked-diffusion LM: one from :func:`build_tiny_diffusion_model` /
@@ -380,7 +380,7 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
         return_details: return a :class:`DiffusionResult` instead of the id lists.
 
     A ``DiffusionGemmaForBlockDiffusion`` model runs
-    :func:`a2r.diffusion_gemma.diffusion_gemma_generate` with ``gen_length``, ``eos_token_id``,
+    :func:`a2r.thinker.gemma.diffusion_gemma_generate` with ``gen_length``, ``eos_token_id``,
     ``pad_token_id``, ``attention_mask``, ``generator``, ``backend``, ``num_traces`` and
     ``return_details``; its schedule comes from its generation config, and the masked-diffusion
     options above must stay at their defaults (ValueError).
@@ -398,7 +398,7 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
         if given:
             raise ValueError(f"{', '.join(sorted(given))}: masked-diffusion options, not used by "
                              "DiffusionGemma (its schedule comes from its generation config; "
-                             "a2r.diffusion_gemma.diffusion_gemma_generate overrides it)")
+                             "a2r.thinker.gemma.diffusion_gemma_generate overrides it)")
         return diffusion_gemma_generate(
             model, prompt_ids, gen_length=gen_length, num_traces=num_traces,
             eos_token_id=eos_token_id, pad_token_id=pad_token_id, attention_mask=attention_mask,

@@ -278,7 +278,7 @@ def diffusion_gemma_generate(model, prompt_ids, *, gen_length: int = 256, num_tr
         attention_mask: ``[B, P]`` 0/1, left padding; default all ones.
         generator: ``torch.Generator`` on the model's device (canvases and every step's seed).
         backend: ``ak.entropy_bound_step`` backend: ``"auto" | "torch" | "triton"``.
-        return_details: return an ``a2r.diffusion.DiffusionResult``.
+        return_details: return an ``a2r.thinker.DiffusionResult``.
 
     Returns:
         ``list[list[int]]`` (per row, the generated ids through the first EOS), or a
@@ -286,7 +286,7 @@ def diffusion_gemma_generate(model, prompt_ids, *, gen_length: int = 256, num_tr
         ``encoder_forward_calls`` encoder passes and ``steps_per_block`` the decoder passes of
         each canvas.
     """
-    from .diffusion import (DiffusionResult, _as_prompt, _cut_after_eos, _eos_ids,
+    from .masked import (DiffusionResult, _as_prompt, _cut_after_eos, _eos_ids,
                             _positive_int)
 
     if not is_diffusion_gemma(model):
