@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 
 import a2r  # noqa: E402
 import a2r_kernels as ak  # noqa: E402
-from a2r import diffusion_gemma  # noqa: E402
+from a2r.thinker import gemma as diffusion_gemma  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not diffusion_gemma.diffusion_gemma_available(),
                                 reason="this transformers has no DiffusionGemma")
@@ -323,11 +323,10 @@ def test_pipeline_counts_whole_canvases_against_the_position_limit(model):
     limit = model.config.text_config.max_position_embeddings
     pipe = A2RPipeline(model, tokenizer, thinker=model, thinker_tokenizer=tokenizer,
                        config=A2RConfig(thinker_gen_length=32, thinker_block_length=32))
-    from a2r.pipeline import _encode
-
     question = "What is 2+2?"
     no_references = [""] * pipe.config.num_paths
-    prompt_tokens = len(_encode(tokenizer, pipe.thinker_prompt(question, no_references), "cpu")[0])
+    prompt_tokens = len(tokenizer(pipe.thinker_prompt(question, no_references),
+                                 add_special_tokens=not tokenizer.chat_template)["input_ids"])
     gen_length = limit - prompt_tokens - 1            # fits as tokens, not as whole canvases
     assert gen_length % CANVAS
     with pytest.raises(PromptTooLongError, match="the thinker prompt"):

@@ -139,7 +139,7 @@ def trained_phrases() -> tuple[str, ...]:
     fixed prompt texts (the default instructions, the section headers) and ``\\boxed{``. A
     character-level model would otherwise spend most of every prompt on them (the synthesizer's
     instruction alone is 165 characters), and training time grows with prompt length."""
-    from ..pipeline import EXPLORER_INSTRUCTION, SYNTHESIZER_INSTRUCTION, THINKER_INSTRUCTION
+    from ..config import EXPLORER_INSTRUCTION, SYNTHESIZER_INSTRUCTION, THINKER_INSTRUCTION
 
     return (EXPLORER_INSTRUCTION, SYNTHESIZER_INSTRUCTION, THINKER_INSTRUCTION,
             "Reference answers:", "Reasoning trace:", "What is ", "\\boxed{")
@@ -206,7 +206,7 @@ def _synthesizer_model(tokenizer):
 def _thinker_model(tokenizer):
     import torch
 
-    from ..thinker.masked import build_tiny_diffusion_model
+    from ..thinker.models import build_tiny_diffusion_model
 
     model = build_tiny_diffusion_model(_model_vocab_size(tokenizer), tokenizer.mask_token_id,
                                        seed=THINKER_SEED)

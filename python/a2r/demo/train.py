@@ -327,7 +327,36 @@ def train_all(out_dir: str | os.PathLike, config: TrainConfig = FULL, *, log=pri
     log(f"  explorer paths: {report['explorer_sample_accuracy']:.3f} correct at temperature 1")
     report["seconds"]["sampling"] = time.perf_counter() - stage
 
-    # 3. Synthesizer data.
+    # 3. Synthesizer data; 4. thinkers: the same examples, the same steps; NAR and AR.
+    synth_examples, thinker_examples = _stage_examples(pipe, encode, eos, ref_problems,
+                                                       references, answers, config)
+    pad = tokenizer.pad_token_id
+    jobs = {
+        "synthesizer": dict(examples=synth_examples, steps=config.synth_steps,
+                            batch=config.synth_batch, lr=config.synth_lr, seed=config.seed + 4,
+                            pad_id=pad, mask_id=None),
+        "thinker": dict(examples=[(p, t + eos * (TRACE_LENGTH - len(t)))
+                                  for p, t in thinker_examples],
+                        steps=config.thinker_steps, batch=config.thinker_batch,
+                        lr=config.thinker_lr, seed=config.seed + 5, pad_id=pad,
+                        mask_id=tokenizer.mask_token_id),
+        "ar_thinker": dict(examples=[(p, t + eos) for p, t in thinker_examples],
+                           steps=config.thinker_steps, batch=config.thinker_batch,
+                           lr=config.thinker_lr, seed=config.seed + 5, pad_id=pad, mask_id=None),
+    }
+
+    # 5. Train them and save everything (_train_and_save).
+    stage = time.perf_counter()
+    staging = _train_and_save(models, jobs, tokenizer, out_dir, config, report, log)
+    report["seconds"]["parallel_stage"] = time.perf_counter() - stage
+    report["seconds"]["total"] = time.perf_counter() - started
+    _publish(staging, out_dir, report)
+    return report
+
+
+def _stage_examples(pipe, encode, eos, ref_problems, references, answers, config: TrainConfig):
+    """The synthesizer's and the thinkers' training examples ``(prompt ids, target ids)`` from
+    the explorer's sampled references (one RNG, seeded ``config.seed + 3``, for both)."""
     rng = random.Random(config.seed + 3)
     synth_examples = []
     for problem, refs, row in zip(ref_problems, references, answers):
@@ -356,24 +385,15 @@ def train_all(out_dir: str | os.PathLike, config: TrainConfig = FULL, *, log=pri
             thinker_examples.append((encode(pipe.thinker_prompt(problem.question,
                                                                  [refs[i] for i in chosen])),
                                      encode(problem.gold)))
-    pad = tokenizer.pad_token_id
-    jobs = {
-        "synthesizer": dict(examples=synth_examples, steps=config.synth_steps,
-                            batch=config.synth_batch, lr=config.synth_lr, seed=config.seed + 4,
-                            pad_id=pad, mask_id=None),
-        "thinker": dict(examples=[(p, t + eos * (TRACE_LENGTH - len(t)))
-                                  for p, t in thinker_examples],
-                        steps=config.thinker_steps, batch=config.thinker_batch,
-                        lr=config.thinker_lr, seed=config.seed + 5, pad_id=pad,
-                        mask_id=tokenizer.mask_token_id),
-        "ar_thinker": dict(examples=[(p, t + eos) for p, t in thinker_examples],
-                           steps=config.thinker_steps, batch=config.thinker_batch,
-                           lr=config.thinker_lr, seed=config.seed + 5, pad_id=pad, mask_id=None),
-    }
+    return synth_examples, thinker_examples
 
-    # 5. Train them (side by side in forked workers when config.workers > 1; each job's result
-    #    depends on its own seed only) and save everything into a staging directory, then rename:
-    #    a reader never sees half a model set.
+
+def _train_and_save(models: dict, jobs: dict, tokenizer, out_dir: Path, config: TrainConfig,
+                    report: dict, log) -> Path:
+    """Train the ``jobs`` (side by side in forked workers when config.workers > 1; each job's
+    result depends on its own seed only) and save every model into a staging directory, which
+    it returns (:func:`_publish` renames it into place: a reader never sees half a model set).
+    Losses and seconds go into ``report``."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(out_dir.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -391,7 +411,6 @@ def train_all(out_dir: str | os.PathLike, config: TrainConfig = FULL, *, log=pri
             {"loss": loss, "seconds": time.perf_counter() - job_start}))
 
     save("explorer")
-    stage = time.perf_counter()
     if config.workers > 1:
         import multiprocessing
 
@@ -413,8 +432,11 @@ def train_all(out_dir: str | os.PathLike, config: TrainConfig = FULL, *, log=pri
         (staging / name / "loss.json").unlink()
         report["loss"][name] = result["loss"]
         report["seconds"][name] = result["seconds"]
-    report["seconds"]["parallel_stage"] = time.perf_counter() - stage
-    report["seconds"]["total"] = time.perf_counter() - started
+    return staging
+
+
+def _publish(staging: Path, out_dir: Path, report: dict) -> None:
+    """The report's CPU time, then the staged models and report renamed under ``out_dir``."""
     import resource
 
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
@@ -427,7 +449,6 @@ def train_all(out_dir: str | os.PathLike, config: TrainConfig = FULL, *, log=pri
         os.replace(staging / name, target)
     os.replace(staging / "train_report.json", out_dir / "train_report.json")
     shutil.rmtree(staging, ignore_errors=True)
-    return report
 
 
 # ------------------------------------------------------------------------------------ recorded eval
