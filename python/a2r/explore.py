@@ -456,8 +456,8 @@ class _Exploration:
             live = [live[row] for row in keep]
             next_ids = next_ids.index_select(0, host_to_device(
                 torch.tensor(keep, dtype=torch.int64), next_ids.device))
-            if live and feed and not planned:   # the pool was full before the stops
-                self.decoder.plan_step([b.seq for b in live])
+        if live and feed and not planned:   # the pool was full before the stops
+            self.decoder.plan_step([b.seq for b in live])
         return live, next_ids
 
     def close(self, parent_to_free: int | None) -> None:
