@@ -220,17 +220,18 @@ def main() -> None:
         description="Tree-shared KV cache + tree decode attention and masked denoising kernels for "
                     "A2R parallel reasoning",
         python_requires=">=3.10",
-        packages=find_packages(include=["a2r_kernels", "a2r_kernels.*"]) + ["a2r"],
+        packages=find_packages(include=["a2r_kernels", "a2r_kernels.*"])
+        + ["a2r"] + [f"a2r.{name}" for name in find_packages("python/a2r")],
         package_dir={"a2r": "python/a2r"},
-        # The trained embedded models (python -m a2r.train): weights, tokenizers, held-out file and
-        # the recorded eval ship inside the package.
-        package_data={"a2r": ["trained/*.json", "trained/*.jsonl", "trained/*.png",
-                              "trained/*/*.json", "trained/*/*.jinja", "trained/*/*.safetensors"]},
+        # The trained embedded models (python -m a2r.demo.train): weights, tokenizers, the training
+        # report and the held-out file ship inside the package (the recorded evals: docs/results).
+        package_data={"a2r.demo": ["trained/*.json", "trained/*.jsonl", "trained/*/*.json",
+                                   "trained/*/*.jinja", "trained/*/*.safetensors"]},
         # A range that any recent torch satisfies: an existing torch is never replaced.
         install_requires=["torch>=2.5", "numpy", "transformers>=5.0", "math-verify>=0.7"],
         extras_require={
             "triton": ["triton>=3.2"],
-            # The DiffusionGemma thinker (a2r.diffusion_gemma) needs transformers >= 5.19; its classes
+            # The DiffusionGemma thinker (a2r.thinker.gemma) needs transformers >= 5.19; its classes
             # are imported lazily, so older releases work for everything else (its tests skip).
             "diffusion-gemma": ["transformers>=5.19"],
             "test": ["pytest", "hypothesis", "triton>=3.2", "matplotlib"],

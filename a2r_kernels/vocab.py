@@ -21,6 +21,9 @@ INT32_MAX = 2 ** 31 - 1   # largest id / count the int32 plans and kernels index
 # ``backend=`` of every public op (see a2r_kernels.backend for what each one means).
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 
+# Tokens per KV block of a TreeKVCache / TreeDecoder when the caller names none.
+DEFAULT_BLOCK_SIZE = 16
+
 # ``remasking=`` of denoise_step, in the order of their kernel codes (csrc/ops.h a2r::Remasking,
 # the REMASKING constexpr of a2r_kernels/triton/denoise.py): the code of a mode is its index.
 REMASKING = ("low_confidence", "margin", "entropy", "random")
@@ -129,3 +132,10 @@ def attention_geometry(config) -> tuple[int, int, int]:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
     return (num_heads, positive_int(num_kv_heads, "config.num_key_value_heads"),
             positive_int(head_dim, "config.head_dim"))
+
+
+def text_config(config):
+    """The text part of a transformers config (``config.get_text_config()`` for a multimodal
+    one), else ``config`` itself."""
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config

@@ -23,24 +23,15 @@ SHARED = [
     ("a2r_kernels._cuda_ops", "WORK_INFO_COLUMNS", "WORK_INFO_COLUMNS"),
     ("a2r_kernels.triton.attention", "WORK_INFO_COLUMNS", "WORK_INFO_COLUMNS"),
     ("a2r_kernels.layout", "WORK_FIELDS", "WORK_FIELDS"),
-    ("a2r.diffusion", "REMASKING", "REMASKING"),
+    ("a2r.thinker.masked", "REMASKING", "REMASKING"),
+    ("a2r.config", "REMASKING", "REMASKING"),
+    ("a2r.config", "BACKENDS", "BACKENDS"),
 ]
 
 
 @pytest.mark.parametrize("module,attr,name", SHARED, ids=lambda x: str(x))
 def test_each_module_reads_the_one_definition(module, attr, name):
     assert getattr(importlib.import_module(module), attr) is getattr(_vocab, name)
-
-
-# Copies kept on purpose where importing a2r_kernels (and torch with it) is too early: the CLI
-# validates an A2RConfig before it imports torch. Held equal (as sets: order is for messages).
-TORCH_FREE_COPIES = [("a2r.pipeline", "THINKER_REMASKING", "REMASKING"),
-                     ("a2r.pipeline", "BACKENDS", "BACKENDS")]
-
-
-@pytest.mark.parametrize("module,attr,name", TORCH_FREE_COPIES, ids=lambda x: str(x))
-def test_torch_free_copies_equal_the_vocabulary(module, attr, name):
-    assert set(getattr(importlib.import_module(module), attr)) == set(getattr(_vocab, name))
 
 
 def test_remasking_codes_are_the_mode_indices():
@@ -82,8 +73,8 @@ def test_attention_geometry(fields, geometry):
 def test_diffusion_prefix_cache_without_num_key_value_heads():
     """diffusion.py sizes its prefix KV pool by the shared geometry rule: a config whose
     num_key_value_heads is unset (multi-head attention) works, as it does in hf.py."""
-    from a2r.diffusion import diffusion_generate
-    from a2r.diffusion_model import build_tiny_diffusion_model
+    from a2r.thinker import diffusion_generate
+    from a2r.thinker.models import build_tiny_diffusion_model
 
     model = build_tiny_diffusion_model(32, 31, seed=1, num_layers=1, num_heads=4, num_kv_heads=4)
     prompt = torch.randint(0, 30, (1, 5), generator=torch.Generator().manual_seed(0))
