@@ -375,6 +375,20 @@ def test_multilevel_sampled_tree_structure(qwen3):
     assert res.peak_blocks_used == tree_blocks_needed(10, [2, 3], [4, 5], 4) == res.num_blocks
 
 
+def test_every_branch_stopping_before_the_last_level_returns_them_as_leaves(model):
+    """Greedy branches all stop at level 0 (EOS = the first greedy token): no level 1 runs."""
+    ids = _prompt(10, seed=5)
+    first = _generate(model, ids, 1)[0]
+    res = explore(model, ids, [2, 2], [3, 3], temperature=0, eos_token_id=first, block_size=4)
+    assert res.sequences == [[first]] * 2 and res.stopped == [True, True]
+    assert res.decode_steps == 0
+    # A stop at the second token of level 0: one decode step, still two leaves.
+    second = _generate(model, ids, 2)[1]
+    assert second != first   # else the stop would fire at the first token again
+    res = explore(model, ids, [2, 2], [3, 3], temperature=0, eos_token_id=second, block_size=4)
+    assert res.sequences == [[first, second]] * 2 and res.decode_steps == 1
+
+
 # ---------------------------------------------------------------------------- prefix reuse
 def test_prefill_reuses_cached_blocks_and_matches_a_fresh_prefill(model):
     """A prompt sharing 80 of 110 tokens with a live one forwards and stores only its other 30;

@@ -340,6 +340,8 @@ def _explore(model, input_ids, widths: list[int], budgets: list[int], *, tempera
         frontier = [(_Branch((), root, []), root_logits)]   # (branch, logits [1, V] of its next)
         reader = _TokenReader(math.prod(widths), decoder.device) if can_stop else None
         for level, (width, budget) in enumerate(zip(widths, budgets)):
+            if not frontier:   # every branch stopped at an earlier level: they are the leaves
+                break
             last_level = level == len(widths) - 1
             live: list[_Branch] = []
             rows = []
