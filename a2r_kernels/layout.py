@@ -42,6 +42,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .backend import as_device
 from .vocab import INT32_MAX, WORK_FIELDS, int_list, positive_int
 
 # Split-KV chunk sizing. Every (sequence, q head) a work item covers costs one fp32 partial state,
@@ -205,6 +206,7 @@ class TreeLayout:
                 longer runs become several work items over the same chunk.
         """
         block_size = positive_int(block_size, "block_size")
+        device = as_device(device)
         chunk = _kv_chunk(kv_chunk_size, block_size)
         seqs_per_item = _seqs_per_item(max_seqs_per_item)
 

@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 
 from a2r_kernels.errors import CacheFullError
-from a2r_kernels.vocab import eos_ids
+from a2r_kernels.vocab import check_token_ids, eos_ids
 from a2r_kernels.hf import TreeDecoder
 from a2r_kernels.layout import host_to_device
 
@@ -333,7 +333,8 @@ def _explore(model, input_ids, widths: list[int], budgets: list[int], *, tempera
         if parent is None:   # reuses whatever whole blocks of the prompt the pool caches
             root, root_logits = decoder.prefill(input_ids)
             owned.add(root)
-        else:
+        else:   # (prefill checks the ids itself, on its host copy; extend would say token_ids)
+            check_token_ids(input_ids, decoder.vocab_size, "input_ids")
             root = decoder.fork(parent, 1)[0]
             owned.add(root)
             root_logits = decoder.extend([root], input_ids)
