@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
 from .backend import resolve_backend
-from .vocab import attention_geometry
+from .vocab import attention_geometry, check_token_ids
 from .cache import TreeKVCache
 from .layout import host_to_device
 
@@ -615,6 +615,7 @@ class TreeDecoder:
         num_heads, num_kv_heads, head_dim = attention_geometry(config)
         param = next(model.parameters())
         self.model = model
+        self.vocab_size = model.get_input_embeddings().num_embeddings   # token ids: [0, V)
         self.device = param.device
         self.cache = TreeKVCache(config.num_hidden_layers, num_kv_heads, head_dim, num_blocks,
                                  block_size=block_size, dtype=dtype or param.dtype,
@@ -684,9 +685,10 @@ class TreeDecoder:
             got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be [P] or [1, P] with P >= 1, got {got}")
         input_ids = input_ids.reshape(1, -1)
+        prompt = input_ids[0].tolist()   # the one host read of the prompt (a sync on CUDA)
+        check_token_ids(prompt, self.vocab_size, "input_ids")
         if seq is not None:
             return seq, self.extend([seq], input_ids)
-        prompt = input_ids[0].tolist()   # the one host read of the prompt (a sync on CUDA)
         # The last token is always forwarded: its logits are the result.
         seq = self.cache.new_sequence(prefix=prompt[:-1])
         reused = self.cache.length(seq)
@@ -703,6 +705,7 @@ class TreeDecoder:
         """Append one token per sequence (``token_ids`` ``[B]`` or ``[B, 1]``) as one decode batch.
         Returns fp32 logits ``[B, V]`` for each sequence's next token."""
         _check_step_tokens(token_ids, len(seqs))
+        check_token_ids(token_ids, self.vocab_size, "token_ids", sync=False)
         self.plan_step(seqs)
         return self._run_planned(token_ids)
 
@@ -767,6 +770,7 @@ class TreeDecoder:
         if self._planned is None:
             raise ValueError("no decode step is planned: call plan_step(seqs) first")
         _check_step_tokens(token_ids, len(self._planned[0]))
+        check_token_ids(token_ids, self.vocab_size, "token_ids", sync=False)
         return self._run_planned(token_ids)
 
     @torch.inference_mode()
@@ -810,6 +814,7 @@ class TreeDecoder:
         """
         seqs = list(seqs)
         self._check_extend(seqs, token_ids)
+        check_token_ids(token_ids, self.vocab_size, "token_ids")
         return self._extend(seqs, token_ids, token_ids)
 
     def _check_extend(self, seqs: list[int], token_ids) -> None:

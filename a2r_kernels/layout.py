@@ -42,6 +42,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .backend import as_device
 from .vocab import INT32_MAX, WORK_FIELDS, int_list, positive_int
 
 # Split-KV chunk sizing. Every (sequence, q head) a work item covers costs one fp32 partial state,
@@ -205,6 +206,7 @@ class TreeLayout:
                 longer runs become several work items over the same chunk.
         """
         block_size = positive_int(block_size, "block_size")
+        device = as_device(device)
         chunk = _kv_chunk(kv_chunk_size, block_size)
         seqs_per_item = _seqs_per_item(max_seqs_per_item)
 
@@ -637,13 +639,26 @@ class TreeLayout:
         return self._shared_plan
 
     def kv_bytes(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> dict[str, int]:
-        """Bytes of K and V one call must read: ``shared`` when every node is read once (what the
-        tree kernel does), ``unshared`` when every sequence reads its whole path (paged decode)."""
+        """K and V bytes one call reads (all heads, one layer): the traffic, not the footprint.
+
+        ``shared``: what the tree kernel reads: every node's tokens once per run of readers
+        (sequences adjacent in kernel order, the sorted paths: the work items of one chunk
+        over the groups of a run are launched side by side and read the chunk once). In a tree
+        a node has one run. A block held by two nodes (at two path positions, or read to two
+        lengths) is read, and counted, once per node; distinct bytes can be fewer.
+        ``unshared``: every sequence reading its whole path (paged decode), ``sum(seq_lens)``
+        tokens.
+        """
         per_token = 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-        used = {j for path in self.paths for j in path}
-        unique_tokens = sum(self.node_lengths[j] for j in used)
+        last_reader = [-2] * self.num_nodes   # kernel position of each node's previous reader
+        read_tokens = 0
+        for position, path in enumerate(sorted(self.paths)):
+            for j in path:
+                if last_reader[j] != position - 1:   # a new run of readers reads the node again
+                    read_tokens += self.node_lengths[j]
+                last_reader[j] = position
         path_tokens = sum(self.node_lengths[j] for path in self.paths for j in path)
-        return {"shared": unique_tokens * per_token, "unshared": path_tokens * per_token}
+        return {"shared": read_tokens * per_token, "unshared": path_tokens * per_token}
 
     def to(self, device) -> "TreeLayout":
         """The same plan with its tensors on ``device``."""
@@ -653,5 +668,6 @@ class TreeLayout:
 
 
 def kv_bytes(layout: TreeLayout, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> dict[str, int]:
-    """KV bytes one tree decode call reads with sharing and without; see :meth:`TreeLayout.kv_bytes`."""
+    """K and V bytes one tree decode call reads with sharing (``"shared"``: what the tree kernel
+    reads) and without (``"unshared"``: paged decode); see :meth:`TreeLayout.kv_bytes`."""
     return layout.kv_bytes(num_kv_heads, head_dim, dtype)
