@@ -27,7 +27,8 @@ tokens are already in the cache: the prompt tokens are appended to a fork of the
 causal ``extend`` over the gathered path) instead of prefilled from empty, and the parent can stay
 alive for other forks. ``sample_parallel(..., decoder=dec)`` gets the same reuse without a parent:
 the decoder's prefill reuses every whole block of the prompt its cache holds (automatic prefix
-reuse).
+reuse). What a call is given before its loop (stop criteria, the pool, the prompt check) is
+:mod:`a2r.explore_setup`'s.
 """
 
 from __future__ import annotations
@@ -39,12 +40,14 @@ from typing import Sequence
 import torch
 
 from a2r_kernels.errors import CacheFullError
-from a2r_kernels.vocab import DEFAULT_BLOCK_SIZE, check_token_ids, eos_ids
+from a2r_kernels.vocab import check_token_ids
 from a2r_kernels.hf import TreeDecoder
 from a2r_kernels.layout import host_to_device
 
-from .models import stop_ids
+from .explore_setup import Pool, Stops, check_prompt, tree_blocks_needed
 from .sampling import SamplingParams, sample_next, sampling_params
+
+__all__ = ["ExploreResult", "explore", "sample_parallel", "tree_blocks_needed"]
 
 
 @dataclass
@@ -77,36 +80,6 @@ class ExploreResult:
     decode_steps: int
     stopped: list[bool] = field(default_factory=list)
     reused_prefix_tokens: int = 0
-
-
-class _StopCriteria:
-    """Host-side stop test run on each branch after a token is appended.
-
-    EOS: the token is one of ``eos_ids``. Stop strings (transformers' ``StopStringCriteria``
-    semantics): some stop string occurs in the decoded text of prompt + generated tokens and
-    overlaps the last token, i.e. it ends after the text of all tokens but the last. Only a tail
-    window of tokens is decoded (long enough for the longest stop string).
-    """
-
-    def __init__(self, eos_ids: set[int], stop_strings: Sequence[str] | None, tokenizer,
-                 prompt_ids: list[int]):
-        self.eos_ids = eos_ids
-        self.stop_strings = list(stop_strings or [])
-        self.tokenizer = tokenizer
-        longest = max((len(s) for s in self.stop_strings), default=0)
-        # A token decodes to >= 1 character in practice; 2 spare tokens cover merges at the cut.
-        self.window = longest + 2
-        self.prompt_tail = prompt_ids[-self.window:] if self.stop_strings else []
-
-    def __call__(self, tokens: list[int]) -> bool:
-        if tokens[-1] in self.eos_ids:
-            return True
-        if not self.stop_strings:
-            return False
-        tail = (self.prompt_tail + tokens)[-self.window:]
-        text = self.tokenizer.decode(tail)
-        before = len(self.tokenizer.decode(tail[:-1]))
-        return any(text.find(s, max(0, before - len(s) + 1)) != -1 for s in self.stop_strings)
 
 
 @dataclass
@@ -144,34 +117,6 @@ class _TokenReader:
             self.copied.synchronize()
         tokens, self.pending = self.pending.tolist(), None
         return tokens
-
-
-def _eos_ids(model, eos_token_id) -> set[int]:
-    """``eos_token_id``'s ids, or by default the model's (:func:`a2r.models.stop_ids`)."""
-    return set(eos_ids(eos_token_id) if eos_token_id is not None else stop_ids(model))
-
-
-def tree_blocks_needed(prompt_len: int, widths: Sequence[int], tokens: Sequence[int],
-                       block_size: int) -> int:
-    """Blocks a full exploration can hold at once: the prompt once, plus for each level every
-    branch's stored tokens (``tokens[l]`` at a fork level, where the last sampled token is fed
-    before forking; ``tokens[-1] - 1`` at the last level, whose last token is never fed)."""
-    blocks = math.ceil(prompt_len / block_size)
-    branches = 1
-    for level, (width, count) in enumerate(zip(widths, tokens)):
-        branches *= width
-        stored = count if level < len(widths) - 1 else max(count - 1, 0)
-        blocks += branches * math.ceil(stored / block_size)
-    return blocks
-
-
-def _check_prompt(input_ids) -> torch.Tensor:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1 \
-            or input_ids.shape[1] == 0 or input_ids.dtype not in (torch.int64, torch.int32):
-        got = (f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor)
-               else type(input_ids).__name__)
-        raise ValueError(f"input_ids must be an int64 tensor [1, P] with P >= 1 (one prompt), got {got}")
-    return input_ids
 
 
 def _is_int(value) -> bool:
@@ -238,63 +183,21 @@ def explore(model, input_ids: torch.Tensor, widths: Sequence[int], max_new_token
         raise ValueError(f"max_new_tokens must be an int or {len(widths)} ints (one per level), "
                          f">= 1 per fork level and >= 0 at the last, got {max_new_tokens!r}")
     return _explore(model, input_ids, widths, budgets, sampling_params(sampling, sampling_fields),
-                    _Stops(eos_token_id, stop_strings, tokenizer),
-                    _Pool(backend, block_size, num_blocks), seed=seed, parent=parent,
+                    Stops(eos_token_id, stop_strings, tokenizer),
+                    Pool(backend, block_size, num_blocks), seed=seed, parent=parent,
                     keep_parent=keep_parent)
 
 
-@dataclass
-class _Stops:
-    """What ends a branch early (arguments of :func:`explore`)."""
-
-    eos_token_id: object = None
-    stop_strings: Sequence[str] | None = None
-    tokenizer: object = None
-
-
-@dataclass
-class _Pool:
-    """The pool :func:`explore` builds for a model (None: the defaults)."""
-
-    backend: str | None = None
-    block_size: int | None = None
-    num_blocks: int | None = None
-
-
-def _decoder_for(model, input_ids, widths, budgets, pool: _Pool, parent) -> TreeDecoder:
-    """``model`` itself when it is a TreeDecoder (``pool`` must then be empty), else a decoder
-    over it with a pool of this call's own."""
-    if isinstance(model, TreeDecoder):
-        given = [name for name, value in vars(pool).items() if value is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)} must not be given with a TreeDecoder: the "
-                             "decoder's own are used (pass them to TreeDecoder)")
-        return model
-    if parent is not None:
-        raise ValueError("parent needs a TreeDecoder as model: a sequence id names a sequence "
-                         "of the decoder that holds it")
-    block_size = DEFAULT_BLOCK_SIZE if pool.block_size is None else pool.block_size
-    num_blocks = pool.num_blocks
-    if num_blocks is None:
-        num_blocks = max(tree_blocks_needed(input_ids.shape[1], widths, budgets, block_size), 1)
-    return TreeDecoder(model, num_blocks, block_size=block_size,
-                       backend="auto" if pool.backend is None else pool.backend)
-
-
 def _explore(model, input_ids, widths: list[int], budgets: list[int], sampling: SamplingParams,
-             stops: _Stops, pool: _Pool, *, seed, parent, keep_parent) -> ExploreResult:
+             stops: Stops, pool: Pool, *, seed, parent, keep_parent) -> ExploreResult:
     """:func:`explore` after its tree arguments (``widths``, per-level ``budgets``) were
     checked (by it or by :func:`sample_parallel`, under their own names) and its sampling knobs
     gathered: checks the rest once, builds the pool for a model, runs the loop."""
-    input_ids = _check_prompt(input_ids)
-    stop_strings = stops.stop_strings
-    if isinstance(stop_strings, str):
-        stop_strings = [stop_strings]
-    if stop_strings and stops.tokenizer is None:
-        raise ValueError("stop_strings needs tokenizer= to decode the generated tokens")
+    input_ids = check_prompt(input_ids)
+    stops = stops.checked()
     if parent is None and keep_parent:
         raise ValueError("keep_parent=True needs parent= (there is no parent sequence to keep)")
-    decoder = _decoder_for(model, input_ids, widths, budgets, pool, parent)
+    decoder = pool.decoder_for(model, input_ids, widths, budgets, parent)
     if decoder.planned_step is not None:
         raise ValueError("the decoder has a planned decode step (TreeDecoder.plan_step): "
                          "run_step or cancel_step it first")
@@ -308,9 +211,7 @@ def _explore(model, input_ids, widths: list[int], budgets: list[int], sampling: 
     if seed is not None and sampling.temperature > 0:
         generator = torch.Generator(device=decoder.device)
         generator.manual_seed(seed)
-    eos = _eos_ids(decoder.model, stops.eos_token_id)
-    stop = _StopCriteria(eos, stop_strings, stops.tokenizer,
-                         input_ids[0].tolist() if stop_strings else [])
+    stop = stops.criteria(decoder.model, input_ids)
     run = _Exploration(decoder, sampling, generator, stop)
     try:
         reused = run.start(input_ids, parent)
@@ -522,6 +423,6 @@ def sample_parallel(model, input_ids: torch.Tensor, n: int, max_new_tokens: int,
         model = decoder
     return _explore(model, input_ids, [n], [max_new_tokens],
                     sampling_params(sampling, sampling_fields),
-                    _Stops(eos_token_id, stop_strings, tokenizer),
-                    _Pool(backend, block_size, num_blocks), seed=seed, parent=None,
+                    Stops(eos_token_id, stop_strings, tokenizer),
+                    Pool(backend, block_size, num_blocks), seed=seed, parent=None,
                     keep_parent=False).sequences
