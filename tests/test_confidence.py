@@ -257,3 +257,107 @@ def test_bad_online_requests(models):
         a2r.sample_parallel(model, ids, 2, 4, confidence=ConfidenceConfig(warmup_paths=2))
     with pytest.raises(ValueError, match="ConfidenceConfig"):
         a2r.sample_parallel(model, ids, 2, 4, confidence={"window": 4})
+
+
+# ---------------------------------------------------------------------------- the engines
+def test_tree_engine_and_pipeline_stage_carry_the_confidences(models):
+    """TreeEngine.generate(confidence=) hands the explorer's confidences and stop reasons on
+    (Generation -> StageReport), equal to explore's own."""
+    from a2r.engine import TreeEngine
+    from a2r.sampling import SamplingParams
+
+    model, ids = models["qwen3"], _prompt(9, seed=4)
+    config = ConfidenceConfig(window=3, top_k=7)
+    sampling = SamplingParams(temperature=1.0)
+    direct = explore(model, ids, [3], 6, sampling, seed=2, eos_token_id=[], confidence=config,
+                     backend="torch")
+    generation = TreeEngine(model).generate(ids[0].tolist(), 3, 6, sampling, seed=2, stop_ids=[],
+                                            backend="torch", confidence=config)
+    assert generation.sequences == direct.sequences
+    assert generation.confidences == direct.confidences
+    assert generation.stop_reasons == direct.stop_reasons == ["length"] * 3
+    plain = TreeEngine(model).generate(ids[0].tolist(), 3, 6, sampling, seed=2, stop_ids=[],
+                                       backend="torch")
+    assert plain.sequences == direct.sequences and plain.confidences is None
+
+
+def test_vllm_engine_refuses_the_online_stop():
+    from a2r.engine import VLLMEngine
+    from a2r.sampling import SamplingParams
+
+    engine = object.__new__(VLLMEngine)   # no vLLM needed: refused before anything runs
+    for config in (ConfidenceConfig(threshold=1.0), ConfidenceConfig(warmup_paths=1)):
+        with pytest.raises(ValueError, match="online confidence stop .* not available with the "
+                           "vLLM engine"):
+            engine.generate([1, 2], 4, 5, SamplingParams(), seed=0, stop_ids=[],
+                            confidence=config)
+
+
+def test_vllm_engine_offline_confidence_from_logprobs(monkeypatch):
+    """The vLLM engine asks for ``logprobs=top_k`` and scores each step from them (greedy: one
+    sample, repeated), with vLLM's finish reasons as stop reasons. vLLM is stood in for."""
+    import sys
+    import types
+
+    from a2r.engine import VLLMEngine
+    from a2r.sampling import SamplingParams
+
+    asked = {}
+    fake_vllm = types.ModuleType("vllm")
+    fake_vllm.SamplingParams = lambda **kw: asked.update(kw) or kw
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
+
+    def step(*logprobs):
+        return {i: types.SimpleNamespace(logprob=v) for i, v in enumerate(logprobs)}
+
+    completion = types.SimpleNamespace(token_ids=[4, 9], finish_reason="stop",
+                                       logprobs=[step(-0.5, -1.5, -7.0), step(-0.1, -3.0)])
+    engine = object.__new__(VLLMEngine)
+    engine.llm = types.SimpleNamespace(generate=lambda prompts, params, use_tqdm: [
+        types.SimpleNamespace(outputs=[completion], num_cached_tokens=0)])
+    generation = engine.generate([1, 2], 3, 5, SamplingParams(temperature=0), seed=0,
+                                 stop_ids=[7], confidence=ConfidenceConfig(top_k=2))
+    assert asked["logprobs"] == 2 and asked["n"] == 1
+    assert generation.sequences == [[4, 9]] * 3 and generation.stop_reasons == ["eos"] * 3
+    assert generation.confidences == [[pytest.approx(1.0), pytest.approx(1.55)]] * 3
+    asked.clear()
+    plain = engine.generate([1, 2], 3, 5, SamplingParams(temperature=0), seed=0, stop_ids=[7])
+    assert "logprobs" not in asked and plain.confidences is None and plain.stop_reasons is None
+
+
+HELDOUT = os.path.join(os.path.dirname(__file__), "..", "python", "a2r", "demo", "trained",
+                       "heldout.jsonl")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--deepconf-window", "8"], "--deepconf-window needs --deepconf"),
+    (["--deepconf", "-n", "4", "--deepconf-warmup", "4"], "--deepconf-warmup must be in [0, N - 1]"),
+    (["--deepconf", "--deepconf-eta", "0"], "eta must be in (0, 1]"),
+    (["--deepconf", "--engine", "vllm"], "not available with --engine vllm"),
+])
+def test_eval_deepconf_option_errors(argv, message, capsys):
+    from a2r.cli import main
+
+    assert main(["eval", HELDOUT, "--tiny", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("a2r: error:") and message in err[0], err
+
+
+def test_eval_deepconf_methods_and_tokens(tmp_path, capsys):
+    from a2r.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["eval", HELDOUT, "--tiny", "--limit", "2", "-n", "4", "--max-new-tokens", "40",
+                 "--no-thinker", "--backend", "torch", "--deepconf", "--deepconf-window", "4",
+                 "--out", str(out), "--no-progress", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    for method in ("deepconf_offline", "deepconf_online", "a2r_conf", "cons_at_n", "a2r"):
+        assert method in summary["accuracy"] and method in summary["tokens_by_method"]
+    records = json.loads(out.read_text())["per_question"]
+    online = sum(sum(r["confidence"]["online"]["path_tokens"]) for r in records)
+    assert summary["tokens_by_method"]["deepconf_online"] == online
+    assert summary["tokens_by_method"]["cons_at_n"] == sum(sum(r["path_tokens"]) for r in records)
+    assert online <= summary["tokens_by_method"]["cons_at_n"]
+    for r in records:   # the online paths are prefixes of the full run's (shared noise rows)
+        assert all(o <= f for o, f in zip(r["confidence"]["online"]["path_tokens"], r["path_tokens"]))
+        assert r["confidence"]["online"]["path_tokens"][:2] == r["path_tokens"][:2]

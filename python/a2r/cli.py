@@ -25,7 +25,7 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from .eval.command import cmd_eval
+from .eval.command import add_deepconf_options, cmd_eval
 from .launch import (CLIError, check_question_text, load_pipeline, quiet_transformers,
                      random_models_note)
 from .report import emit_json, print_result
@@ -233,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "that directory, its parent must exist")
     ev.add_argument("--no-progress", action="store_true",
                     help="no progress bar (it is shown on stderr when that is a terminal)")
+    add_deepconf_options(ev, integer=_int, positive_int=_positive_int, number=_float)
 
     bench = sub.add_parser("bench", help="run the benchmark scripts in benchmarks/")
     size = bench.add_mutually_exclusive_group()

@@ -12,6 +12,11 @@ Both take prompt token ids (tokenised once by :mod:`a2r.prompts`) and a
 :class:`~a2r.sampling.SamplingParams`, and return a :class:`Generation` with their own counts (the
 prompt tokens whose KV came from the cache). The stages read from an engine what they read from
 a model: ``config``, ``generation_config``, ``dtype``, ``name_or_path``, ``architecture``.
+
+Confidence (issue 22, :mod:`a2r.confidence`): ``generate(..., confidence=ConfidenceConfig(...))``
+also returns each token's confidence and why each path ended. The tree engine computes it on the
+device in the sampling step and can stop weak paths online; vLLM's comes from its returned
+log-probabilities (offline only: a config that stops paths is a ValueError there).
 """
 
 from __future__ import annotations
@@ -41,12 +46,16 @@ class Generation:
     one was sampled). ``reused_prefix_tokens``: prompt tokens whose KV came from the engine's cache
     (not recomputed). ``seconds``: wall time, the device synchronised. ``note``: why the
     engine's kept cache could not serve the prompt (a larger pool was built), else ``""``.
+    With ``confidence=``: ``confidences[i]`` per token of path ``i`` and ``stop_reasons[i]``
+    (``"eos"`` / ``"length"`` / ``"confidence"``); else None.
     """
 
     sequences: list[list[int]]
     reused_prefix_tokens: int
     seconds: float
     note: str = ""
+    confidences: list[list[float]] | None = None
+    stop_reasons: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -63,7 +72,9 @@ class Engine:
 
     :meth:`generate` samples ``n`` paths of one prompt. With ``reuse_prefix`` the engine serves
     it from its kept cache (prefix reuse; ``room`` sizes that cache for a later prompt too),
-    else from a cache of the call's own.
+    else from a cache of the call's own. ``confidence``: an
+    :class:`a2r.confidence.ConfidenceConfig` (token confidences and stop reasons; module
+    docstring).
     """
 
     name: str
@@ -76,7 +87,7 @@ class Engine:
     def generate(self, prompt_ids: Sequence[int], n: int, max_new_tokens: int,
                  sampling: SamplingParams, *, seed: int | None, stop_ids: Sequence[int],
                  backend: str = "auto", reuse_prefix: bool = False,
-                 room: Room | None = None) -> Generation:
+                 room: Room | None = None, confidence=None) -> Generation:
         raise NotImplementedError
 
     def kv_shared_prompt_tokens(self, prompt_tokens: int) -> int:
@@ -160,7 +171,7 @@ class TreeEngine(Engine):
         return self._decoders[backend], note
 
     def generate(self, prompt_ids, n, max_new_tokens, sampling, *, seed, stop_ids,
-                 backend="auto", reuse_prefix=False, room=None) -> Generation:
+                 backend="auto", reuse_prefix=False, room=None, confidence=None) -> Generation:
         import torch
 
         from . import explore   # looked up at call time, so tests can script the explorer
@@ -173,13 +184,19 @@ class TreeEngine(Engine):
                 self.pool_blocks(len(prompt_ids), n, max_new_tokens, room), backend)
             pool = {}
         eos = list(stop_ids) if len(stop_ids) > 1 else (stop_ids[0] if stop_ids else None)
+        if confidence is not None:   # (only then: scripted explorers in tests take none)
+            pool["confidence"] = confidence
         _synchronize(device)
         start = time.perf_counter()
         result = explore.explore(model, input_ids, [n], max_new_tokens, sampling,
                                  eos_token_id=eos, seed=seed, **pool)
         _synchronize(device)
-        return Generation([list(map(int, s)) for s in result.sequences],
-                          result.reused_prefix_tokens, time.perf_counter() - start, note)
+        generation = Generation([list(map(int, s)) for s in result.sequences],
+                                result.reused_prefix_tokens, time.perf_counter() - start, note)
+        if confidence is not None:
+            generation.confidences = result.confidences
+            generation.stop_reasons = result.stop_reasons
+        return generation
 
     def kv_shared_prompt_tokens(self, prompt_tokens: int) -> int:
         return prompt_tokens   # every prompt token, whole block or not: the branches fork it
@@ -259,21 +276,41 @@ class VLLMEngine(Engine):
         self.architecture = f"{archs[0]} (vLLM)"
 
     def generate(self, prompt_ids, n, max_new_tokens, sampling, *, seed, stop_ids,
-                 backend="auto", reuse_prefix=False, room=None) -> Generation:
+                 backend="auto", reuse_prefix=False, room=None, confidence=None) -> Generation:
         """``backend``, ``reuse_prefix`` and ``room`` are the tree engine's: vLLM's prefix
-        caching always runs and vLLM sizes its own pool."""
+        caching always runs and vLLM sizes its own pool. ``confidence``: each token's
+        confidence from vLLM's returned ``logprobs=confidence.top_k`` (its default
+        ``raw_logprobs``: the model's distribution before temperature and the filters, as
+        :func:`a2r.confidence_tracker.token_confidence` scores it); the online stop is not
+        available here (vLLM has no per-step stop hook we can drive): a ``confidence`` with a
+        threshold or warm-up paths is a ValueError."""
+        if confidence is not None and confidence.stops:
+            raise ValueError("the online confidence stop (threshold / warmup_paths) is not "
+                             "available with the vLLM engine: only the confidence of finished "
+                             "paths (offline); use the transformers engine for the online stop")
         from vllm import SamplingParams as VLLMSamplingParams
 
         greedy = sampling.temperature == 0
+        logprobs = {} if confidence is None else {"logprobs": confidence.top_k}
         params = VLLMSamplingParams(n=1 if greedy else n, **asdict(sampling),
                                     max_tokens=max_new_tokens, seed=seed,
-                                    stop_token_ids=list(stop_ids), detokenize=False)
+                                    stop_token_ids=list(stop_ids), detokenize=False, **logprobs)
         start = time.perf_counter()
         (output,) = self.llm.generate([{"prompt_token_ids": list(map(int, prompt_ids))}], params,
                                       use_tqdm=False)
-        sequences = [list(c.token_ids) for c in output.outputs]
-        return Generation(sequences * n if greedy else sequences,
-                          int(output.num_cached_tokens or 0), time.perf_counter() - start)
+        outputs = list(output.outputs) * (n if greedy else 1)
+        generation = Generation([list(c.token_ids) for c in outputs],
+                                int(output.num_cached_tokens or 0), time.perf_counter() - start)
+        if confidence is not None:
+            from .confidence import token_confidence_from_logprobs
+
+            generation.confidences = [
+                [token_confidence_from_logprobs([lp.logprob for lp in step.values()],
+                                                confidence.top_k) for step in c.logprobs]
+                for c in outputs]
+            generation.stop_reasons = ["eos" if c.finish_reason == "stop" else "length"
+                                       for c in outputs]
+        return generation
 
     def kv_shared_prompt_tokens(self, prompt_tokens: int) -> int:
         return prompt_tokens - prompt_tokens % self.block_size   # whole blocks (prefix caching)

@@ -117,6 +117,9 @@ class A2RPipeline:
                                    else as_engine(self.synthesizer))
         self.prompts = PromptBuilder(self.config, self.explorer_tokenizer, self.thinker_tokenizer,
                                      self.synthesizer_tokenizer)
+        # confidence (issue 22): an a2r.confidence.ConfidenceConfig makes the explorer stage of
+        # run() track token confidence (StageReport.confidences); None: not tracked.
+        self.explorer_confidence = None
         self._check_tokenizers()
 
     def _check_tokenizers(self) -> None:
@@ -205,18 +208,21 @@ class A2RPipeline:
 
     def _generate(self, name: str, engine, tokenizer, prompt: Prompt, n: int,
                   max_new_tokens: int, sampling: SamplingParams, seed: int | None,
-                  cfg: A2RConfig, *, reuse_prefix: bool = False,
-                  room: Room | None = None) -> tuple[StageReport, Generation]:
-        """One sampling stage on ``engine``: its report and the engine's :class:`Generation`."""
+                  cfg: A2RConfig, *, reuse_prefix: bool = False, room: Room | None = None,
+                  confidence=None) -> tuple[StageReport, Generation]:
+        """One sampling stage on ``engine``: its report and the engine's :class:`Generation`
+        (``confidence``: :meth:`Engine.generate`'s)."""
         # Question-only prompts were checked up front (check_question); this catches the rest.
         check_fits(name, engine, len(prompt.ids), max_new_tokens, REFERENCES_TOO_LONG)
         stops = stop_ids(engine, tokenizer)
         generation = engine.generate(prompt.ids, n, max_new_tokens, sampling, seed=seed,
                                      stop_ids=stops, backend=cfg.backend,
-                                     reuse_prefix=reuse_prefix, room=room)
+                                     reuse_prefix=reuse_prefix, room=room,
+                                     **({} if confidence is None else {"confidence": confidence}))
         texts = [decode(tokenizer, s, stops) for s in generation.sequences]
         return StageReport(name, prompt.text, len(prompt.ids), texts, generation.sequences,
-                           generation.seconds), generation
+                           generation.seconds, generation.confidences,
+                           generation.stop_reasons), generation
 
     def _synthesizer_room(self, question: str, cfg: A2RConfig) -> Room | None:
         """Symmetric set-up: an estimate of the synthesizer's prompt (the prompt with empty
@@ -264,6 +270,19 @@ class A2RPipeline:
         return StageReport("thinker", prompt.text, len(prompt.ids), traces, trace_ids, seconds)
 
     # ---- single stages (``a2r eval`` re-runs them on one set of explorer samples) -------------
+
+    def explore_with_confidence(self, question: str, confidence, *,
+                                name: str = "explorer_online") -> StageReport:
+        """The explorer stage alone (same prompt, paths, seed and kept cache as :meth:`run`'s)
+        with an :class:`a2r.confidence.ConfidenceConfig`: token confidences, stop reasons and,
+        with its online stop, the early-stopped paths (issue 22)."""
+        cfg = self.config
+        report, _ = self._generate(
+            name, self.explorer_engine, self.explorer_tokenizer, self._explorer(question),
+            cfg.num_paths, cfg.max_new_tokens, cfg.sampling, cfg.seed, cfg,
+            reuse_prefix=cfg.reuse_prefix_kv, room=self._synthesizer_room(question, cfg),
+            confidence=confidence)
+        return report
 
     def answer(self, prompt: str, *, name: str = "synthesizer") -> StageReport:
         """The synthesizer on a rendered ``prompt`` (its own full prefill; no KV reuse), with the
@@ -357,7 +376,8 @@ class A2RPipeline:
         explorer, _ = self._generate(
             "explorer", self.explorer_engine, self.explorer_tokenizer, explorer_prompt,
             cfg.num_paths, cfg.max_new_tokens, cfg.sampling, cfg.seed, cfg,
-            reuse_prefix=cfg.reuse_prefix_kv, room=self._synthesizer_room(question, cfg))
+            reuse_prefix=cfg.reuse_prefix_kv, room=self._synthesizer_room(question, cfg),
+            confidence=self.explorer_confidence)
         references = [extract_answer_component(
             text, mode=cfg.answer_mode, max_chars=cfg.answer_max_chars,
             max_tokens=cfg.answer_max_tokens,

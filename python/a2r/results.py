@@ -34,7 +34,9 @@ class StageReport:
 
     ``texts[i]`` is the decoded text of output ``i`` (special tokens removed); ``token_ids[i]`` its
     generated token ids. ``generated_tokens`` sums their lengths; ``seconds`` is wall time of the
-    stage (device synchronised).
+    stage (device synchronised). With confidence tracking (issue 22, :mod:`a2r.confidence`):
+    ``confidences[i]``, each token's confidence of output ``i``, and ``stop_reasons[i]``, why it
+    ended (``"eos"`` / ``"length"`` / ``"confidence"``); else None.
     """
 
     name: str
@@ -43,6 +45,8 @@ class StageReport:
     texts: list[str]
     token_ids: list[list[int]]
     seconds: float
+    confidences: list[list[float]] | None = None
+    stop_reasons: list[str] | None = None
 
     @property
     def generated_tokens(self) -> int:

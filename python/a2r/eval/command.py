@@ -13,7 +13,7 @@ from ..launch import (CLIError, check_question_text, load_pipeline, random_model
                       resolve_device, resolve_dtype, tiny_paths)
 from ..report import emit_json, format_bytes
 
-__all__ = ["cmd_eval"]
+__all__ = ["add_deepconf_options", "cmd_eval"]
 
 
 def read_jsonl(path: str, question_key: str, answer_key: str, limit: int | None):
@@ -91,6 +91,7 @@ def cmd_eval(args) -> int:
 
     if args.mkdir and not (args.out or args.plot):
         raise CLIError("--mkdir needs --out or --plot")
+    deepconf = deepconf_from_args(args)
     items = read_jsonl(args.file, args.question_key, args.answer_key, args.limit)
     shard, records_file = _outputs(args, evaluate)
     pipeline, models = load_pipeline(args, use_tiny=args.tiny)
@@ -107,6 +108,9 @@ def cmd_eval(args) -> int:
     settings = {"file": str(Path(args.file).resolve()), "question_key": args.question_key,
                 "answer_key": args.answer_key, "config": config, "sweep_n": bool(args.plot),
                 "models": {k: v for k, v in models.items() if k != "device"}}
+    if deepconf is not None:   # absent otherwise: earlier records keep their key
+        settings["deepconf"] = deepconf.to_dict()
+        pipeline.explorer_confidence = deepconf.tracking()
     key = evaluate.settings_key(settings)
     from tqdm.auto import tqdm
 
@@ -119,7 +123,7 @@ def cmd_eval(args) -> int:
     try:
         records = evaluate.run_eval(pipeline, items, checker, key=key, records_file=records_file,
                                     sweep_n=bool(args.plot), ar_thinker=ar_thinker,
-                                    progress=progress, shard=shard)
+                                    progress=progress, shard=shard, deepconf=deepconf)
     except evaluate.EvalRecordsError as err:
         raise CLIError(str(err)) from None
     except KeyboardInterrupt:
@@ -137,6 +141,8 @@ def cmd_eval(args) -> int:
                                  wall_seconds=time.perf_counter() - start)
     if note:
         summary["note"] = note
+    if deepconf is not None:
+        summary["deepconf"] = deepconf.to_dict()
     if args.out:
         try:
             Path(args.out).write_text(json.dumps({**summary, "per_question": records}, indent=2,
@@ -187,9 +193,17 @@ def _print_summary(summary: dict, models: dict, args, records_file, note, stages
     count, n, acc = summary["num_questions"], summary["num_paths"], summary["accuracy"]
     names = {"pass_at_1": "pass@1", "mean_at_1": "mean@1", "cons_at_n": f"Cons@{n}",
              "a2r": "A2R", "synthesizer_alone": "synth-alone", "ar_ar": "AR->AR",
-             "nar_ar": "NAR->AR"}
+             "nar_ar": "NAR->AR", "deepconf_offline": "DeepConf-offline",
+             "deepconf_online": "DeepConf-online", "a2r_conf": "A2R-conf"}
     print(f"{count} questions, N={n} paths, {models['mode']} set-up")
     print("  accuracy   " + "   ".join(f"{names[m]} {v:.3f}" for m, v in acc.items()))
+    spent = summary["tokens_by_method"]
+    print("  tokens/q   " + "   ".join(f"{names[m]} {spent[m] / count:.1f}" for m in acc
+                                       if m in spent))
+    conf = summary.get("confidence")
+    if conf:
+        print(f"  confidence AUROC (lowest group vs correct, {conf['paths']} paths): "
+              f"{conf['auroc_lowest_group']}; online stops: {conf.get('online_stop_reasons')}")
     for k, row in summary.get("accuracy_by_n", {}).items():
         print(f"  N={k:<3} " + "   ".join(f"{names[m].replace(f'@{n}', f'@{k}')} {v:.3f}"
                                         for m, v in row.items()))
@@ -207,3 +221,55 @@ def _print_summary(summary: dict, models: dict, args, records_file, note, stages
     if note:
         print(note)
 
+
+
+def add_deepconf_options(parser, *, integer, positive_int, number) -> None:
+    """``a2r eval --deepconf`` and its settings (issue 22; :mod:`a2r.eval.deepconf`).
+    ``integer``, ``positive_int``, ``number``: the CLI's argparse types."""
+    from .deepconf import DeepConfOptions
+
+    d = parser.add_argument_group("DeepConf (confidence-aware exploration)")
+    defaults = DeepConfOptions()
+    d.add_argument("--deepconf", action="store_true",
+                   help="also grade deepconf_offline, deepconf_online and a2r_conf from the "
+                   "explorer's paths, with each token's confidence")
+    d.add_argument("--deepconf-window", type=positive_int, default=defaults.window,
+                   help="tokens per group (default: %(default)s)")
+    d.add_argument("--deepconf-top-k", type=positive_int, default=defaults.top_k,
+                   help="top log-probabilities per token confidence (default: %(default)s)")
+    d.add_argument("--deepconf-warmup", type=integer, default=defaults.warmup_paths,
+                   help="warm-up paths of deepconf_online, 1 .. N-1; 0: no deepconf_online "
+                   "(needed with --engine vllm) (default: %(default)s)")
+    d.add_argument("--deepconf-percentile", type=number, default=defaults.percentile,
+                   help="online threshold: this percentile of the warm-up paths' lowest group "
+                   "confidences (default: %(default)s)")
+    d.add_argument("--deepconf-eta", type=number, default=defaults.eta,
+                   help="fraction of the paths deepconf_offline and a2r_conf keep, most "
+                   "confident first (default: %(default)s)")
+
+
+def deepconf_from_args(args):
+    """The :class:`~a2r.eval.deepconf.DeepConfOptions` of ``args`` (None without --deepconf);
+    CLIError on bad values, before any model loads."""
+    from .deepconf import DeepConfOptions
+
+    names = ("window", "top_k", "warmup", "percentile", "eta")
+    if not args.deepconf:
+        changed = [n for n in names if getattr(args, f"deepconf_{n}")
+                   != getattr(DeepConfOptions(), "warmup_paths" if n == "warmup" else n)]
+        if changed:
+            raise CLIError(f"--deepconf-{changed[0].replace('_', '-')} needs --deepconf")
+        return None
+    # (-n below 1 is A2RConfig.validate's error)
+    if args.num_paths >= 1 and not 0 <= args.deepconf_warmup < args.num_paths:
+        raise CLIError(f"--deepconf-warmup must be in [0, N - 1] = [0, {args.num_paths - 1}] "
+                       f"(-n {args.num_paths}), got {args.deepconf_warmup}")
+    if args.deepconf_warmup and getattr(args, "engine", "transformers") == "vllm":
+        raise CLIError("--deepconf: the online stop (deepconf_online) is not available with "
+                       "--engine vllm; pass --deepconf-warmup 0 for the offline methods")
+    try:
+        return DeepConfOptions(window=args.deepconf_window, top_k=args.deepconf_top_k,
+                               warmup_paths=args.deepconf_warmup,
+                               percentile=args.deepconf_percentile, eta=args.deepconf_eta)
+    except ValueError as err:
+        raise CLIError(f"--deepconf: {err}") from None

@@ -14,6 +14,12 @@ Per question, the explorer samples N paths once (``A2RPipeline.run``); everythin
 ``ar_ar``                     (with a thinker) the same with an AR model writing the trace
 ============================  ================================================================
 
+With ``deepconf`` (``a2r eval --deepconf``): ``deepconf_offline``, ``deepconf_online`` and
+``a2r_conf`` from the same paths (:mod:`a2r.eval.deepconf`), and the summary's ``confidence``
+(AUROC of path confidence against correctness). Every summary has ``tokens_by_method``: the
+generated tokens each method needs (``cons_at_n``: the N paths; ``a2r``: those and the
+synthesizer's; ``deepconf_online``: its own run's).
+
 With ``sweep_n`` the accuracy of ``mean_at_1``, ``cons_at_n`` and ``a2r`` is also taken for prefixes
 of the same N paths (``k`` in :data:`SWEEP_N` up to N, and N), for the accuracy-against-N plot.
 
@@ -38,17 +44,26 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..extract import extract_final_answer, majority_vote
+from .deepconf import DEEPCONF_METHODS, deepconf_methods, summarize_confidence
 
 __all__ = ["EvalRecordsError", "METHODS", "SWEEP_N", "STAGES", "evaluate_question", "load_records", "plot_accuracy",
            "records_path", "settings_key", "summarize"]
 
-METHODS = ("pass_at_1", "mean_at_1", "cons_at_n", "a2r", "synthesizer_alone", "ar_ar", "nar_ar")
+METHODS = ("pass_at_1", "mean_at_1", "cons_at_n", "a2r", "synthesizer_alone", "ar_ar", "nar_ar",
+           *DEEPCONF_METHODS)
 THINKER_METHODS = ("ar_ar", "nar_ar")
 SWEEP_N = (1, 2, 4, 8)
 SWEEP_METHODS = ("mean_at_1", "cons_at_n", "a2r")
 # Stages whose generated tokens and seconds the summary adds up.
 STAGES = ("explorer", "synthesizer", "synthesizer_alone", "thinker", "ar_thinker",
-          "synthesizer_nar", "synthesizer_ar")
+          "synthesizer_nar", "synthesizer_ar", "explorer_online", "synthesizer_conf")
+# The stages whose generated tokens each method needs (pass_at_1 / mean_at_1: one path).
+METHOD_STAGES = {"cons_at_n": ("explorer",), "a2r": ("explorer", "synthesizer"),
+                 "synthesizer_alone": ("synthesizer_alone",),
+                 "nar_ar": ("explorer", "thinker", "synthesizer_nar"),
+                 "ar_ar": ("explorer", "ar_thinker", "synthesizer_ar"),
+                 "deepconf_offline": ("explorer",), "deepconf_online": ("explorer_online",),
+                 "a2r_conf": ("explorer", "synthesizer_conf")}
 # Record fields that hold wall-clock time: the only ones two runs of the same eval may differ in.
 TIMING_KEYS = ("seconds", "wall_seconds", "seconds_per_question")
 
@@ -111,9 +126,12 @@ def _graded(checker, answer: str | None, gold: str) -> dict[str, Any]:
 
 
 def evaluate_question(pipeline, index: int, question: str, gold: str, checker, *,
-                      key: str, sweep_n: bool = False, ar_thinker=None) -> dict[str, Any]:
+                      key: str, sweep_n: bool = False, ar_thinker=None,
+                      deepconf=None) -> dict[str, Any]:
     """One question's record (see the module docstring). ``ar_thinker``: ``(model, tokenizer)`` of
-    the AR trace writer, used with the pipeline's diffusion thinker."""
+    the AR trace writer, used with the pipeline's diffusion thinker. ``deepconf``: a
+    :class:`a2r.eval.deepconf.DeepConfOptions` (``pipeline.explorer_confidence`` set to its
+    ``tracking()``) adds the DeepConf methods."""
     result = pipeline.run(question, use_thinker=False)
     n = len(result.explorer_answers)
     paths = [_graded(checker, a, gold) for a in result.explorer_answers]
@@ -139,6 +157,12 @@ def evaluate_question(pipeline, index: int, question: str, gold: str, checker, *
                                     name=f"synthesizer_{kind}")
             stages[f"synthesizer_{kind}"] = synth
             methods[f"{kind}_ar"] = _graded(checker, extract_final_answer(synth.texts[0]), gold)
+    confidence_info = None
+    if deepconf is not None:   # confidence (issue 22)
+        more, more_stages, confidence_info = deepconf_methods(
+            pipeline, question, result, lambda answer: _graded(checker, answer, gold), deepconf)
+        methods.update(more)
+        stages.update(more_stages)
     record: dict[str, Any] = {
         "index": index, "question": question, "gold": gold, "settings_key": key, "num_paths": n,
         "correct": {m: v["correct"] for m, v in methods.items()},
@@ -148,10 +172,13 @@ def evaluate_question(pipeline, index: int, question: str, gold: str, checker, *
         "traces": {kind: t.texts[0] for kind, t in traces.items()},
         "outputs": {name: s.texts[0] for name, s in stages.items() if name != "explorer"},
         "tokens": {name: s.generated_tokens for name, s in stages.items()},
+        "path_tokens": [len(ids) for ids in result.explorer.token_ids],
         "seconds": {name: s.seconds for name, s in stages.items()},
         "kv_bytes_saved": result.kv_bytes_saved,
         "result": result.to_dict(),
     }
+    if confidence_info is not None:
+        record["confidence"] = confidence_info
     notes = {m: v["note"] for m, v in methods.items() if v.get("note")}
     if notes:
         record["checker_notes"] = notes
@@ -193,12 +220,34 @@ def summarize(records: Sequence[dict], *, file: str, models: dict, config: dict,
         "kv_bytes_saved": sum(r["kv_bytes_saved"] for r in records),
         "wall_seconds": wall_seconds, "models": models, "config": config,
     }
+    summary["tokens_by_method"] = tokens_by_method(records, methods)
+    confidence = summarize_confidence(records)
+    if confidence:
+        summary["confidence"] = confidence
     if all("by_n" in r for r in records):
         sizes = list(records[0]["by_n"])
         summary["accuracy_by_n"] = {
             k: {m: sum(float(r["by_n"][k][m]) for r in records) / count for m in SWEEP_METHODS}
             for k in sizes}
     return summary
+
+
+def tokens_by_method(records: Sequence[dict], methods: Sequence[str]) -> dict[str, int]:
+    """Generated tokens each method needs, summed over ``records`` (:data:`METHOD_STAGES`;
+    ``pass_at_1``: the first path; ``mean_at_1``: the mean path; records without per-path
+    counts leave those two out)."""
+    totals = {}
+    for method in methods:
+        if method in METHOD_STAGES:
+            totals[method] = sum(r["tokens"].get(s, 0) for r in records
+                                 for s in METHOD_STAGES[method])
+        elif all("path_tokens" in r for r in records):
+            first, mean = method == "pass_at_1", method == "mean_at_1"
+            if first or mean:
+                totals[method] = round(sum(r["path_tokens"][0] if first else
+                                           sum(r["path_tokens"]) / len(r["path_tokens"])
+                                           for r in records))
+    return totals
 
 
 def plot_accuracy(summary: dict[str, Any], png: str | os.PathLike) -> Path:
@@ -236,14 +285,15 @@ def plot_accuracy(summary: dict[str, Any], png: str | os.PathLike) -> Path:
 
 def run_eval(pipeline, items: Sequence[tuple[str, str]], checker, *, key: str,
              records_file: Path | None, sweep_n: bool, ar_thinker,
-             progress: Callable[..., Any], shard: tuple[int, int] = (0, 1)) -> list[dict] | None:
+             progress: Callable[..., Any], shard: tuple[int, int] = (0, 1),
+             deepconf=None) -> list[dict] | None:
     """Evaluate ``items`` (question, gold), appending each record to ``records_file`` as it
     finishes and skipping those already there; returns all records in index order.
     ``progress(total=, initial=)`` returns a tqdm-like bar (``update``, ``set_postfix``, ``close``).
 
     ``shard=(i, k)``: evaluate only the questions whose index is ``i`` mod ``k`` (``k`` processes
     can fill one records file side by side: each record is appended by a single ``write``); returns
-    ``None`` unless every question then has a record."""
+    ``None`` unless every question then has a record. ``deepconf``: :func:`evaluate_question`'s."""
     done = load_records(records_file, key) if records_file is not None else {}
     done = {i: r for i, r in done.items() if i < len(items)}
     index_of, count = shard
@@ -262,7 +312,8 @@ def run_eval(pipeline, items: Sequence[tuple[str, str]], checker, *, key: str,
                                      "the eval file changed, choose another --out")
                 continue
             record = evaluate_question(pipeline, index, question, gold, checker, key=key,
-                                       sweep_n=sweep_n, ar_thinker=ar_thinker)
+                                       sweep_n=sweep_n, ar_thinker=ar_thinker,
+                                       deepconf=deepconf)
             done[index] = record
             if fd is not None:
                 os.write(fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
