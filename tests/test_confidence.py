@@ -325,6 +325,22 @@ def test_vllm_engine_offline_confidence_from_logprobs(monkeypatch):
     assert "logprobs" not in asked and plain.confidences is None and plain.stop_reasons is None
 
 
+def test_readme_table_matches_the_recorded_deepconf_eval():
+    from a2r.demo.train import results_dir
+
+    recorded = json.loads((results_dir() / "eval_deepconf_n8.json").read_text())
+    readme = (results_dir().parents[1] / "README.md").read_text()
+    assert recorded["command"] in readme
+    count = recorded["num_questions"]
+    for method in ("cons_at_n", "deepconf_offline", "deepconf_online", "a2r", "a2r_conf"):
+        row = (f"| `{method}` | {100 * recorded['accuracy'][method]:.1f} | "
+               f"{recorded['tokens_by_method'][method] / count:.1f} |")
+        assert row in readme, row
+    share = recorded["tokens_by_method"]["deepconf_online"] / recorded["tokens_by_method"]["cons_at_n"]
+    assert f"{100 * share:.1f}%" in readme
+    assert f"{recorded['confidence']['auroc_lowest_group']:.3f}" in readme
+
+
 HELDOUT = os.path.join(os.path.dirname(__file__), "..", "python", "a2r", "demo", "trained",
                        "heldout.jsonl")
 
