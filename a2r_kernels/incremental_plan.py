@@ -111,6 +111,9 @@ class _SharedPart:
         self.tail_node = np.asarray(tail_node, dtype=np.int64)
         self.tail_node_list = tail_node
         self.tail_start = np.asarray(tail_start, dtype=np.int64)
+        self.page_starts[self.tail_node] = (np.arange(num_rows) * width
+                                            + self.tail_start // block_size)
+        self.page_starts_list = self.page_starts.tolist()
         self.can_grow = self.tail_start % block_size == 0
         self.unique_tokens = int(self.lengths[:readers.size][readers > 0].sum())
         self.work = plan.host_plan("work_info").numpy().copy()
@@ -170,6 +173,7 @@ class IncrementalTreePlanner:
         self._buffer = np.zeros(1024, dtype=np.int32)
         self._host_plan = torch.from_numpy(self._buffer)
         self._kv_tokens = (0, 0)
+        self._tails: tuple | None = None   # the tails' plan structure of the last step
 
     def reset(self) -> None:
         """Forget the kept tree: the next :meth:`plan` replans."""
@@ -287,9 +291,51 @@ class IncrementalTreePlanner:
 
     # ------------------------------------------------------------------ the step's layout
     def _layout(self, shared: _SharedPart, lens: np.ndarray, pages: torch.Tensor) -> TreeLayout:
-        num_rows, block_size, chunk = shared.num_rows, self.block_size, self.tail_chunk
         tail_len = lens - shared.tail_start
-        chunks = -(-tail_len // chunk)
+        chunks = -(-tail_len // self.tail_chunk)
+        cached = self._tails
+        if cached is not None and cached[0] is shared and np.array_equal(cached[1], chunks):
+            # The common step: the same work items and partial rows; only the tails' last
+            # chunks end later, and the lengths grow.
+            _, _, slices, total, item_row, kv_start = cached
+            start, end = slices["work_info"]
+            work = self._buffer[start:end].reshape(-1, _NUM_FIELDS)
+            work[shared.work.shape[0]:, 4] = np.minimum(kv_start + self.tail_chunk,
+                                                        tail_len[item_row])
+            start, end = slices["seq_lens"]
+            self._buffer[start:end] = lens
+        else:
+            slices, total, item_row, kv_start = self._write_plan(shared, lens, tail_len, chunks)
+            self._tails = (shared, chunks, slices, total, item_row, kv_start)
+        num_tail = item_row.size
+        num_work = shared.work.shape[0] + num_tail
+        has_tail = tail_len > 0
+        lengths = shared.lengths.copy()
+        lengths[shared.tail_node] = tail_len
+        self._kv_tokens = (shared.unique_tokens + int(tail_len.sum()), int(lens.sum()))
+        lengths_list, starts_list = lengths.tolist(), shared.page_starts_list
+        kept, block_size = shared.kept, self.block_size
+
+        def node_tables() -> list[list[int]]:
+            flat = kept.reshape(-1)
+            return [flat[s:s + -(-n // block_size)].tolist()
+                    for s, n in zip(starts_list, lengths_list)]
+
+        return TreeLayout(
+            paths=_Paths(shared.paths, shared.tail_node_list, has_tail.tolist()),
+            node_lengths=lengths_list, block_size=block_size, device=self.device,
+            kv_chunk_size=self.kv_chunk_size, max_seqs_per_item=self.max_seqs_per_item,
+            host_plan=self._host_plan[:total], slices=slices, page_starts=starts_list,
+            page_table=pages, node_tables=node_tables, num_work=num_work,
+            num_partials=shared.num_partials + num_tail, max_block_id=shared.max_block_id,
+            max_seq_len=int(lens.max()) if lens.size else 0,
+            max_q_len=max(shared.max_q_len, 1 if num_tail else 0))
+
+    def _write_plan(self, shared: _SharedPart, lens: np.ndarray, tail_len: np.ndarray,
+                    chunks: np.ndarray):
+        """Write the whole host plan (shared part, tails, merge CSR, lengths) into the buffer;
+        return ``(slices, total, item_row, kv_start)`` (each tail item's row and first token)."""
+        num_rows, block_size, chunk = shared.num_rows, self.block_size, self.tail_chunk
         num_tail = int(chunks.sum())
         # Tail work items (row order, chunk order) and their partial rows after the shared ones.
         item_row = np.repeat(np.arange(num_rows), chunks)
@@ -311,7 +357,6 @@ class IncrementalTreePlanner:
         merge_rows[np.repeat(indptr[:-1] + shared.count, chunks)
                    + np.arange(num_tail) - item_first] = tail_items[:, 5]
 
-        num_work = shared.work.shape[0] + num_tail
         values = {"work_info": (shared.work.reshape(-1), tail_items.reshape(-1)),
                   "row_seq": (shared.row_seq,), "merge_indptr": (indptr,),
                   "merge_rows": (merge_rows,), "seq_lens": (lens,)}
@@ -328,29 +373,4 @@ class IncrementalTreePlanner:
             for part in values[name]:
                 self._buffer[pos:pos + part.size] = part
                 pos += part.size
-
-        has_tail = tail_len > 0
-        lengths = shared.lengths.copy()
-        lengths[shared.tail_node] = tail_len
-        page_starts = shared.page_starts.copy()
-        page_starts[shared.tail_node] = (np.arange(num_rows) * shared.width
-                                         + shared.tail_start // block_size)
-        unique = shared.unique_tokens + int(tail_len.sum())
-        self._kv_tokens = (unique, int(lens.sum()))
-        lengths_list, starts_list = lengths.tolist(), page_starts.tolist()
-        kept = shared.kept
-
-        def node_tables() -> list[list[int]]:
-            flat = kept.reshape(-1)
-            return [flat[s:s + -(-n // block_size)].tolist()
-                    for s, n in zip(starts_list, lengths_list)]
-
-        return TreeLayout(
-            paths=_Paths(shared.paths, shared.tail_node_list, has_tail.tolist()),
-            node_lengths=lengths_list, block_size=block_size, device=self.device,
-            kv_chunk_size=self.kv_chunk_size, max_seqs_per_item=self.max_seqs_per_item,
-            host_plan=self._host_plan[:total], slices=slices, page_starts=starts_list,
-            page_table=pages, node_tables=node_tables, num_work=num_work,
-            num_partials=shared.num_partials + num_tail, max_block_id=shared.max_block_id,
-            max_seq_len=int(lens.max()) if num_rows else 0,
-            max_q_len=max(shared.max_q_len, 1 if num_tail else 0))
+        return slices, total, item_row, kv_start

@@ -186,6 +186,10 @@ def test_incremental_plan_equals_fresh_plan_over_random_steps(seed):
         assert (shared * per_token, total * per_token) == tuple(
             ak.kv_bytes(fresh, 2, 8, torch.float32).values())
         assert layout.max_block_id == fresh.max_block_id
+        for name in ("seq_lens", "row_seq"):      # by row, and a permutation of the rows
+            assert sorted(layout.host_plan(name).tolist()) == sorted(fresh.host_plan(name).tolist())
+        assert layout.host_plan("seq_lens").tolist() == lens.tolist()
+        assert layout.max_seq_len == fresh.max_seq_len and layout.num_seqs == len(lens)
         q = torch.randn(len(lens), 4, 8, generator=torch.Generator().manual_seed(step))
         expected, _ = reference.tree_decode_attention_by_path(q, k_cache, v_cache, fresh, 0.3)
         torch.testing.assert_close(_run_plan(layout, q, k_cache, v_cache, 0.3).float(),
