@@ -43,8 +43,9 @@ import torch
 from .layout import (DEFAULT_KV_CHUNK, PLAN_FIELDS, WORK_FIELDS, _SLICE_ALIGN, TreeLayout,
                      _kv_chunk, _round_up, _seqs_per_item, block_table_nodes)
 from .vocab import INT32_MAX, positive_int
+from .wrapper import TreeAttentionWrapper, default_capacities
 
-__all__ = ["IncrementalTreePlanner"]
+__all__ = ["DecodeStepPlanner", "IncrementalTreePlanner"]
 
 _HOST_FIELDS = tuple(name for name in PLAN_FIELDS if name != "page_table")
 _NUM_FIELDS = len(WORK_FIELDS)
@@ -374,3 +375,52 @@ class IncrementalTreePlanner:
                 self._buffer[pos:pos + part.size] = part
                 pos += part.size
         return slices, total, item_row, kv_start
+
+
+class DecodeStepPlanner:
+    """The decode-step plan of one KV-cache group, kept between steps.
+
+    An :class:`IncrementalTreePlanner` over the engine's host block table (no device read),
+    and optionally a :class:`~a2r_kernels.TreeAttentionWrapper` whose fixed buffers each step
+    is planned into (what a captured CUDA graph replays). Per step the host does O(rows) numpy
+    work unless the batch's sharing changed, and allocates no tensor storage.
+
+    Args:
+        block_size: tokens per KV block.
+        device: the model's device.
+        wrapper_shape: ``(num_q_heads, num_kv_heads, head_size, dtype, max_seqs, num_blocks)``
+            to plan into a wrapper (made at the first step, when the table's width is known),
+            or None (the public op runs the layout).
+    """
+
+    def __init__(self, block_size: int, device, wrapper_shape: tuple | None = None):
+        self.planner = IncrementalTreePlanner(block_size, device)
+        self.wrapper: TreeAttentionWrapper | None = None
+        self._wrapper_shape = wrapper_shape
+        self._block_size = block_size
+        self._device = torch.device(device)
+
+    def plan(self, host_table, device_table: torch.Tensor, seq_lens_host) -> TreeLayout:
+        """``host_table``: int32 ``[S, W]`` block ids on the host (CPU tensor or numpy);
+        ``device_table``: the same table on ``device`` (the same tensor on the CPU), contiguous
+        rows, read by reference; ``seq_lens_host``: int ``[S]`` on the host."""
+        layout = self.planner.plan(host_table, seq_lens_host, device_table.view(-1))
+        if self._wrapper_shape is not None:
+            if self.wrapper is None:
+                self.wrapper = self._make_wrapper(device_table.shape[1])
+            self.wrapper.plan(layout)
+        return layout
+
+    def _make_wrapper(self, width: int) -> TreeAttentionWrapper:
+        num_q_heads, num_kv_heads, head_size, dtype, max_seqs, num_blocks = self._wrapper_shape
+        # vLLM's tables form a trie (prefix caching shares whole prefixes): at most 2 S - 1
+        # nodes, plus a tail per row. Work and partial rows: the shared part's adaptive chunks
+        # over at most the pool's tokens, and each row's tail in fixed chunks.
+        max_nodes = 3 * max_seqs
+        work, partials = default_capacities(max_seqs, max_nodes, num_blocks, self._block_size)
+        tails = -(-num_blocks * self._block_size // self.planner.tail_chunk) + max_seqs
+        return TreeAttentionWrapper(num_q_heads, num_kv_heads, head_size, self._block_size,
+                                    max_seqs=max_seqs, max_nodes=max_nodes,
+                                    max_blocks=max_seqs * width, dtype=dtype,
+                                    device=self._device, max_work=work + tails,
+                                    max_partials=partials + tails)

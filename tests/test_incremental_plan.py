@@ -283,3 +283,61 @@ def test_growth_that_changes_the_sharing_replans(case):
     assert planner.replans == 2
     assert _structure(layout) == _structure(fresh)
     assert ak.kv_bytes(layout, 1, 1, torch.float32) == ak.kv_bytes(fresh, 1, 1, torch.float32)
+
+
+def test_decode_step_planner_fixed_buffers_no_allocation():
+    """What the vLLM builder does every step (a2r_kernels.vllm): plan from the host table into a
+    TreeAttentionWrapper (a request joins half-way). After the first step, every step (new tokens, fresh blocks, a request
+    joining) writes the same buffers in place and allocates no tensor storage; the wrapper's
+    result equals the reference each step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from a2r_kernels.incremental_plan import DecodeStepPlanner
+
+    bs, width, rows, num_blocks = 4, 6, 5, 40
+    step_planner = DecodeStepPlanner(bs, "cpu", (4, 2, 8, torch.float32, 8, num_blocks))
+    table = torch.zeros(8, width, dtype=torch.int32)     # vLLM's buffer: max_num_seqs rows
+    table[:rows, :2] = torch.tensor([1, 2], dtype=torch.int32)   # a shared prompt
+    table[:rows, 2] = torch.arange(10, 10 + rows)
+    lens = torch.zeros(8, dtype=torch.int32)
+    lens[:rows] = 2 * bs + 1
+    gen = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(num_blocks, bs, 2, 8, generator=gen)
+    v_cache = torch.randn_like(k_cache)
+    fresh_block = iter(range(20, num_blocks))
+
+    def advance(num_rows):   # the engine's side of a step: one token each, fresh blocks
+        for i in range(num_rows):
+            if int(lens[i]) % bs == 0:
+                table[i, int(lens[i]) // bs] = next(fresh_block)
+        lens[:num_rows] += 1
+
+    def plan(num_rows):
+        view = table[:num_rows]
+        return step_planner.plan(view, view, lens[:num_rows])
+
+    advance(rows)
+    plan(rows)
+    wrapper = step_planner.wrapper
+    pointers = [t.data_ptr() for t in (wrapper.work_info, wrapper.merge_rows, wrapper.page_table,
+                                       wrapper.partial_o)]
+    host_plan = step_planner.plan(table[:rows], table[:rows], lens[:rows]).host_plan("work_info")
+    allocated = []
+    for n in range(2 * bs):
+        num_rows = rows + (n >= bs)                       # a request joins half-way
+        if n == bs:
+            table[rows, :2] = torch.tensor([1, 2], dtype=torch.int32)
+            lens[rows] = 2 * bs
+        advance(num_rows)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            layout = plan(num_rows)
+        if n != bs:   # not the join's replan
+            allocated += [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
+        assert [t.data_ptr() for t in (wrapper.work_info, wrapper.merge_rows, wrapper.page_table,
+                                       wrapper.partial_o)] == pointers
+        assert layout.host_plan("work_info").data_ptr() == host_plan.data_ptr()
+        q = torch.randn(num_rows, 4, 8, generator=gen)
+        expected, _ = reference.tree_decode_attention_by_path(q, k_cache, v_cache, layout, 0.5)
+        torch.testing.assert_close(wrapper.run(q, k_cache, v_cache, sm_scale=0.5), expected)
+    assert allocated == []
+    assert step_planner.planner.replans == 2             # the first step and the join
