@@ -341,3 +341,52 @@ def test_decode_step_planner_fixed_buffers_no_allocation():
         torch.testing.assert_close(wrapper.run(q, k_cache, v_cache, sm_scale=0.5), expected)
     assert allocated == []
     assert step_planner.planner.replans == 2             # the first step and the join
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_decode_step_planner_cuda_graph_replays_later_plans():
+    """The vLLM backend's CUDA path: a decode step (wrapper.run over the planner's fixed
+    buffers) captured once in a CUDA graph with padded rows, then replayed after later plans
+    (tokens appended, fresh blocks, a request joining): each replay equals the reference."""
+    from a2r_kernels.incremental_plan import DecodeStepPlanner
+
+    bs, width, num_blocks, capacity = 16, 12, 96, 8
+    step_planner = DecodeStepPlanner(bs, "cuda", (8, 2, 64, torch.float16, capacity, num_blocks))
+    host = torch.zeros(capacity, width, dtype=torch.int32)
+    host[:, :3] = torch.tensor([1, 2, 3], dtype=torch.int32)       # a shared prompt
+    host[:, 3] = torch.arange(10, 10 + capacity)
+    lens = torch.zeros(capacity, dtype=torch.int32)
+    lens[:5] = 3 * bs + 3
+    device_table = host.cuda()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    k_cache = torch.randn(num_blocks, bs, 2, 64, generator=gen, device="cuda").half()
+    v_cache = torch.randn_like(k_cache)
+    q = torch.zeros(capacity, 8, 64, dtype=torch.float16, device="cuda")
+    out = torch.empty_like(q)
+    fresh_block = iter(range(30, num_blocks))
+
+    def plan(rows):
+        device_table.copy_(host)
+        return step_planner.plan(host[:rows], device_table[:rows], lens[:rows])
+
+    plan(5)
+    wrapper = step_planner.wrapper
+    wrapper.run(q, k_cache, v_cache, out=out)        # warm-up (Triton compile) before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        wrapper.run(q, k_cache, v_cache, out=out)
+    for step in range(3 * bs):
+        rows = 5 + (step >= bs)
+        for i in range(rows):
+            if int(lens[i]) % bs == 0:
+                host[i, int(lens[i]) // bs] = next(fresh_block)
+        lens[:rows] += 1
+        layout = plan(rows)
+        q.copy_(torch.randn(capacity, 8, 64, generator=gen, device="cuda").half())
+        graph.replay()
+        expected, _ = reference.tree_decode_attention_by_path(q[:rows], k_cache, v_cache,
+                                                              layout, 64 ** -0.5)
+        torch.testing.assert_close(out[:rows].float(), expected, atol=2e-3, rtol=2e-3)
+        assert (out[rows:] == 0).all()
+    assert step_planner.planner.replans == 2
