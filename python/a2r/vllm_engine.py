@@ -14,6 +14,11 @@ It keeps what the pipeline reads from a model (``config``, ``generation_config``
 * ``tensor_parallel_size``, ``pipeline_parallel_size`` and ``gpu_memory_utilization`` go to the
   engine as given; each engine takes ``gpu_memory_utilization`` of the device for itself, so an
   asymmetric set-up (two engines) needs two fractions that fit together.
+* vLLM's CPU build binds each rank's OpenMP threads to cores; on a machine with one NUMA node it
+  refuses more than one rank unless ``VLLM_CPU_OMP_THREADS_BIND`` lists the cores of each rank.
+  When that variable is unset and the engine has several ranks on the CPU, it is set here
+  (:func:`cpu_threads_bind`: this process's cores split evenly, ``"0|1"`` for two ranks on two
+  cores) and one line on stderr says so.
 
 The thinker stays on transformers.
 """
@@ -21,10 +26,11 @@ The thinker stays on transformers.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["ENGINES", "VLLMModel", "vllm_available"]
+__all__ = ["ENGINES", "VLLMModel", "cpu_threads_bind", "vllm_available"]
 
 ENGINES = ("transformers", "vllm")
 
@@ -33,6 +39,34 @@ def vllm_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
+
+
+def cpu_threads_bind(world_size: int, cores: Sequence[int]) -> str:
+    """A ``VLLM_CPU_OMP_THREADS_BIND`` value: ``cores`` split into ``world_size`` groups of equal
+    size (the first cores, in order), one per vLLM rank, ``"|"``-separated (``"0|1"``, ``"0,1|2,3"``).
+    ValueError when there are fewer cores than ranks."""
+    cores = sorted(cores)
+    if world_size < 1 or len(cores) < world_size:
+        raise ValueError(f"vLLM on the CPU needs a core per rank: {world_size} ranks "
+                         f"(tensor x pipeline parallel size) but {len(cores)} cores are usable")
+    per_rank = len(cores) // world_size
+    return "|".join(",".join(map(str, cores[r * per_rank:(r + 1) * per_rank]))
+                    for r in range(world_size))
+
+
+def _bind_cpu_threads(world_size: int) -> None:
+    """Set ``VLLM_CPU_OMP_THREADS_BIND`` for a multi-rank engine on vLLM's CPU platform when the
+    user has not (module docstring)."""
+    if world_size <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    value = cpu_threads_bind(world_size, os.sched_getaffinity(0))
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = value
+    print(f"a2r: VLLM_CPU_OMP_THREADS_BIND={value} (the cores of each of vLLM's {world_size} CPU "
+          f"ranks; set the variable to choose them yourself)", file=sys.stderr)
 
 
 class VLLMModel:
@@ -71,6 +105,7 @@ class VLLMModel:
                    "pipeline_parallel_size": pipeline_parallel_size,
                    "gpu_memory_utilization": gpu_memory_utilization}
         options = {k: v for k, v in options.items() if v is not None}
+        _bind_cpu_threads((tensor_parallel_size or 1) * (pipeline_parallel_size or 1))
         self.llm = LLM(str(self.path), dtype=str(dtype).replace("torch.", "") if dtype else "auto",
                        seed=seed if seed is not None else 0, **options, **engine_kwargs)
         vllm_config = self.llm.llm_engine.vllm_config
