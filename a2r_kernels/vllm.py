@@ -231,6 +231,7 @@ class TreeAttentionStats:
     prefill_tokens: int = 0         # tokens handed to the native backend
     kv_bytes_shared: int = 0
     kv_bytes_unshared: int = 0
+    plan_ns: int = 0                # host time of the decode plans (DecodeStepPlanner.plan)
 
     def reset(self) -> None:
         for f in fields(self):
@@ -412,7 +413,9 @@ class _TreeBuilderMixin:
             if seq_lens is None:
                 seq_lens = _host_twin(common.seq_lens)
             table = common.block_table_tensor[:num_decodes]
+            start = time.perf_counter_ns()
             layout = self._tree_planner.plan(_host_twin(table), table, seq_lens[:num_decodes])
+            stats.plan_ns += time.perf_counter_ns() - start
             shared, unshared = self._tree_planner.planner.kv_tokens()
             scale = self._tree_token_bytes * self._tree_num_layers
             _record_decode_step(num_decodes, shared * scale, unshared * scale)
