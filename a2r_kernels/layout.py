@@ -384,7 +384,7 @@ class TreeLayout:
         block_size = positive_int(block_size, "block_size")
         chunk = _kv_chunk(kv_chunk_size, block_size)
         seqs_per_item = _seqs_per_item(max_seqs_per_item)
-        device = torch.device(device)
+        device = as_device(device)
         tables = _block_table_tensor(block_tables)                 # int [S, B], CPU or device
         num_seqs, width = tables.shape
         lens = _seq_len_tensor(seq_lens, num_seqs).to(torch.int64)     # int64 [S], CPU
