@@ -18,8 +18,9 @@ request's prompt comes from vLLM's prefix cache and its time is decode time. Per
   (``kv_bytes_unshared``, what paged decode reads).
 - ``speedup``: decode tokens/s over the native backend's, measured in the same run.
 
-Rows go to ``benchmarks/results/vllm_<cpu|gpu>.json`` keyed by device name. Without vLLM the
-script says so and exits 0 (``a2r bench`` runs every script).
+Rows go to ``vllm_<cpu|gpu>.json`` in ``common.results_dir()`` (``benchmarks/results``), keyed by
+device name. Without vLLM the script says so and exits with ``common.SKIPPED_EXIT_STATUS``, which
+``a2r bench`` reports as skipped.
 """
 
 from __future__ import annotations
@@ -147,13 +148,13 @@ def main() -> None:
     args.new_tokens = args.new_tokens or (16 if args.quick else 256)
     if args.worker:
         return worker(args)
-    if importlib.util.find_spec("vllm") is None:
-        print("bench_vllm: vLLM is not installed here; nothing measured (see .ci/run for a "
-              "vLLM venv)")
-        return
-    import torch
+    from common import SKIPPED_EXIT_STATUS, device_name, results_dir, write_results
 
-    from common import device_name, write_results
+    if importlib.util.find_spec("vllm") is None:
+        print("bench_vllm: vLLM is not installed here; nothing measured, skipped (see .ci/run "
+              "for a vLLM venv)")
+        sys.exit(SKIPPED_EXIT_STATUS)
+    import torch
 
     on_gpu = torch.cuda.is_available()
     if args.gpu_memory_utilization is None:
@@ -196,7 +197,7 @@ def main() -> None:
               f"attention {r['attention_ms_per_step'] or float('nan'):8.3f} ms/step  "
               f"KV {r['kv_bytes_per_step'] / 2 ** 20:10.1f} MiB/step  "
               f"x{rows[-1]['speedup']:.2f}")
-    path = HERE / "results" / f"vllm_{'gpu' if on_gpu else 'cpu'}.json"
+    path = Path(results_dir()) / f"vllm_{'gpu' if on_gpu else 'cpu'}.json"
     write_results(str(path), rows)
     print(f"wrote {path} ({device}{'' if on_gpu else '; CPU numbers, shared box'})")
 

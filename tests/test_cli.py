@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -321,3 +322,94 @@ def test_bench_failure_exit_1(capsys, bench_dir):
 def test_bench_missing_dir(capsys, tmp_path):
     code, _, err = run_cli(capsys, "bench", "--bench-dir", str(tmp_path / "none"))
     _assert_one_line_error(code, err, "benchmarks directory not found")
+
+
+REPO_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def results_bench_dir(tmp_path):
+    """A benchmarks directory whose script writes one row through benchmarks/common.py (the real
+    one), a results/ file standing for a tracked one, and a script that skips itself."""
+    bench = tmp_path / "benchmarks"
+    (bench / "results").mkdir(parents=True)
+    (bench / "results" / "rows_cpu.json").write_text("[]\n")
+    (bench / "bench_rows.py").write_text(textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(REPO_BENCHMARKS)!r})
+        from common import results_dir, write_results
+        write_results(os.path.join(results_dir(), "rows_cpu.json"), [{{"device": "cpu",
+                      "provider": "p", "median_s": 1.0}}])
+        """))
+    from a2r.cli import BENCH_SKIPPED_EXIT_STATUS   # = common.SKIPPED_EXIT_STATUS (tested below)
+
+    (bench / "bench_skips.py").write_text(textwrap.dedent(f"""
+        import sys
+        print("nothing to measure here")
+        sys.exit({BENCH_SKIPPED_EXIT_STATUS})
+        """))
+    return bench
+
+
+def test_bench_on_cpu_writes_to_a_scratch_directory_unless_out(capsys, monkeypatch,
+                                                                results_bench_dir, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    tracked = results_bench_dir / "results" / "rows_cpu.json"
+    code, out, _ = run_cli(capsys, "bench", "--bench-dir", str(results_bench_dir), "--only",
+                           "rows", "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["scratch"] and summary["failed"] == []
+    scratch = Path(summary["results_dir"])
+    assert scratch != results_bench_dir / "results" and (scratch / "rows_cpu.json").is_file()
+    assert tracked.read_text() == "[]\n"                  # the checkout's file is untouched
+    code, out, _ = run_cli(capsys, "bench", "--bench-dir", str(results_bench_dir), "--only",
+                           "rows")
+    assert code == 0 and "a scratch directory: pass --out DIR to keep them" in out
+    code, out, _ = run_cli(capsys, "bench", "--bench-dir", str(results_bench_dir), "--only",
+                           "rows", "--out", str(tmp_path / "kept"), "--json")
+    assert code == 0 and not json.loads(out)["scratch"]
+    assert json.loads((tmp_path / "kept" / "rows_cpu.json").read_text())[0]["provider"] == "p"
+
+
+def test_bench_reports_a_skipped_script_as_skipped(capsys, results_bench_dir):
+    code, out, _ = run_cli(capsys, "bench", "--bench-dir", str(results_bench_dir), "--only",
+                           "skips", "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["skipped"] == ["bench_skips.py"] and summary["failed"] == []
+    assert summary["runs"][0]["status"] == "skipped"
+    code, out, _ = run_cli(capsys, "bench", "--bench-dir", str(results_bench_dir), "--only",
+                           "skips")
+    assert code == 0
+    assert out.splitlines()[-1].startswith("0/1 benchmarks succeeded; skipped: bench_skips.py")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_bench_vllm_without_vllm_is_skipped(capsys):
+    code, out, _ = run_cli(capsys, "bench", "--only", "vllm", "--json")
+    assert code == 0 and json.loads(out)["skipped"] == ["bench_vllm.py"]
+
+
+def test_bench_constants_match_benchmarks_common():
+    import a2r.cli as cli
+
+    spec = importlib.util.spec_from_file_location("a2r_bench_common", REPO_BENCHMARKS / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    assert cli.BENCH_RESULTS_DIR_ENV == common.RESULTS_DIR_ENV
+    assert cli.BENCH_SKIPPED_EXIT_STATUS == common.SKIPPED_EXIT_STATUS
+
+
+def test_bench_denoise_writes_where_a2r_bench_says(tmp_path):
+    """The real script (the issue's `a2r bench --quick --only denoise`) on one tiny shape: its rows
+    go to $A2R_BENCH_RESULTS_DIR, not to the tracked benchmarks/results/denoise_cpu.json."""
+    tracked = REPO_BENCHMARKS / "results" / "denoise_cpu.json"
+    before = tracked.read_bytes() if tracked.exists() else None
+    env = {**os.environ, "A2R_BENCH_RESULTS_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO_BENCHMARKS / "bench_denoise.py"), "--quick",
+                           "--shapes", "1x2x16", "--warmup", "1", "--rep", "1"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "denoise_cpu.json").read_text())[0]["V"] == 16
+    assert (tracked.read_bytes() if tracked.exists() else None) == before

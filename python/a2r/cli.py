@@ -20,6 +20,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import fields
@@ -245,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--list", action="store_true", help="list the scripts and exit")
     bench.add_argument("--bench-dir", metavar="DIR", help="benchmarks directory "
                        "(default: the repository's benchmarks/)")
+    bench.add_argument("--out", metavar="DIR", help="where the scripts write their result files "
+                       "(created if missing; benchmarks/results to update the repository's). "
+                       "Default: benchmarks/results with a CUDA GPU; without one a new scratch "
+                       "directory, so CPU runs never touch the checkout")
     bench.add_argument("--json", action="store_true", help="machine-readable summary")
     return parser
 
@@ -312,9 +317,37 @@ def _default_bench_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def cmd_bench(args) -> int:
-    import torch
+# Shared with benchmarks/common.py (RESULTS_DIR_ENV, SKIPPED_EXIT_STATUS), which the installed
+# package cannot import; tests/test_cli.py holds them equal.
+BENCH_RESULTS_DIR_ENV = "A2R_BENCH_RESULTS_DIR"
+BENCH_SKIPPED_EXIT_STATUS = 77
 
+
+def _bench_results_dir(out: str | None, bench_dir: Path, on_gpu: bool) -> tuple[Path, bool]:
+    """(where the benchmark scripts write their result files, whether it is a scratch directory):
+    ``--out DIR`` (created when its parent exists), else ``benchmarks/results`` on a CUDA machine,
+    else a new temporary directory: the CPU rows of a casual run must not dirty the checkout."""
+    if out is None:
+        if on_gpu:
+            return bench_dir / "results", False
+        return Path(tempfile.mkdtemp(prefix="a2r-bench-")), True
+    directory = Path(out).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise CLIError(f"--out {out}: is a file (give a directory for the result files)")
+    if not directory.exists():
+        if not directory.parent.is_dir():
+            raise CLIError(f"--out {out}: its parent {directory.parent} does not exist")
+        try:
+            directory.mkdir()
+        except OSError as err:
+            raise CLIError(f"--out {out}: cannot create it ({err.strerror})") from None
+    if not os.access(directory, os.W_OK):
+        raise CLIError(f"--out {out}: directory is not writable")
+    return directory, False
+
+
+def _bench_scripts(args) -> tuple[Path, list[Path]]:
+    """(the benchmarks directory, its ``bench_*.py`` scripts that --only selects)."""
     bench_dir = Path(args.bench_dir) if args.bench_dir else _default_bench_dir()
     if not bench_dir.is_dir():
         raise CLIError(f"benchmarks directory not found: {bench_dir} (pass --bench-dir; "
@@ -324,28 +357,48 @@ def cmd_bench(args) -> int:
         scripts = [s for s in scripts if any(name in s.name for name in args.only)]
     if not scripts:
         raise CLIError(f"no benchmark scripts matched in {bench_dir}")
+    return bench_dir, scripts
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    bench_dir, scripts = _bench_scripts(args)
     if args.list:
         for script in scripts:
             print(script.name)
         return 0
-    quick = (not torch.cuda.is_available()) if args.quick is None else args.quick
+    on_gpu = torch.cuda.is_available()
+    quick = (not on_gpu) if args.quick is None else args.quick
+    results_dir, scratch = _bench_results_dir(args.out, bench_dir, on_gpu)
+    env = {**os.environ, BENCH_RESULTS_DIR_ENV: str(results_dir)}
     runs = []
     for script in scripts:
         command = [sys.executable, str(script)] + (["--quick"] if quick else [])
         if not args.json:
             print(f"$ {' '.join(command)}", flush=True)
         start = time.perf_counter()
-        completed = subprocess.run(command, cwd=bench_dir.parent,
+        completed = subprocess.run(command, cwd=bench_dir.parent, env=env,
                                    stdout=subprocess.PIPE if args.json else None)
+        status = {0: "succeeded", BENCH_SKIPPED_EXIT_STATUS: "skipped"}.get(
+            completed.returncode, "failed")
         runs.append({"script": script.name, "returncode": completed.returncode,
-                     "seconds": time.perf_counter() - start, "quick": quick})
-    failed = [r["script"] for r in runs if r["returncode"] != 0]
+                     "status": status, "seconds": time.perf_counter() - start, "quick": quick})
+    names = {status: [r["script"] for r in runs if r["status"] == status]
+             for status in ("succeeded", "skipped", "failed")}
+    if scratch and not any(results_dir.iterdir()):   # nothing written: leave no empty directory
+        results_dir.rmdir()
+        results_dir = None
     if args.json:
-        emit_json({"runs": runs, "failed": failed, "results_dir": str(bench_dir / "results")})
+        emit_json({"runs": runs, "failed": names["failed"], "skipped": names["skipped"],
+                   "results_dir": str(results_dir) if results_dir else None, "scratch": scratch})
     else:
-        print(f"{len(runs) - len(failed)}/{len(runs)} benchmarks succeeded; results in "
-              f"{bench_dir / 'results'}" + (f"; failed: {', '.join(failed)}" if failed else ""))
-    return 1 if failed else 0
+        detail = "".join(f"; {status}: {', '.join(names[status])}"
+                         for status in ("skipped", "failed") if names[status])
+        where = ("nothing written" if results_dir is None else f"results in {results_dir}"
+                 + (" (a scratch directory: pass --out DIR to keep them)" if scratch else ""))
+        print(f"{len(names['succeeded'])}/{len(runs)} benchmarks succeeded{detail}; {where}")
+    return 1 if names["failed"] else 0
 
 
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "eval": cmd_eval, "bench": cmd_bench}
