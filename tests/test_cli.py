@@ -4,6 +4,7 @@ one subprocess run of the module), its JSON outputs, eval accounting and its one
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -211,11 +212,17 @@ def test_unsupported_architecture(capsys, tmp_path):
 @pytest.mark.parametrize("argv, fragment", [
     (["run", "q"], "--explorer DIR is required"),
     (["run", "--tiny", "--explorer", "x", "q"], "--tiny cannot be combined"),
+    # Errors name the flag the user typed, not the A2RConfig field behind it.
     (["run", "--tiny", "--thinker-gen-length", "12", "--thinker-block-length", "8", "q"],
-     "multiple of thinker_block_length"),
-    (["run", "--tiny", "--top-p", "0", "q"], "top_p must be in (0, 1]"),
-    (["run", "--tiny", "--top-k", "-1", "q"], "top_k must be >= 0"),
-    (["demo", "--thinker-threshold", "1.5"], "thinker_threshold must be in (0, 1]"),
+     "--thinker-gen-length (12) must be a multiple of --thinker-block-length (8)"),
+    (["run", "--tiny", "--thinker-gen-length", "16", "--thinker-block-length", "8",
+      "--thinker-steps", "3", "q"], "--thinker-steps (3) must be a multiple of the number of "
+     "thinker blocks (2) when no --thinker-threshold is set"),
+    (["run", "--tiny", "--top-p", "0", "q"], "--top-p must be in (0, 1]"),
+    (["run", "--tiny", "--top-k", "-1", "q"], "--top-k must be >= 0"),
+    (["run", "--tiny", "--min-p", "2", "q"], "--min-p must be in [0, 1]"),
+    (["run", "--tiny", "--synth-max-new-tokens", "0", "q"], "--synth-max-new-tokens must be >= 1"),
+    (["demo", "--thinker-threshold", "1.5"], "--thinker-threshold must be in (0, 1]"),
     (["run", "--tiny", "--device", "gpu0", "q"], "--device gpu0"),
     (["run", "--tiny", "--tensor-parallel-size", "2", "q"],
      "--tensor-parallel-size needs --engine vllm"),
@@ -233,6 +240,80 @@ def test_bad_options(capsys, monkeypatch, argv, fragment):
     monkeypatch.setattr("a2r.pipeline.A2RPipeline.from_pretrained", no_loading)
     code, _, err = run_cli(capsys, *argv)
     _assert_one_line_error(code, err, fragment)
+    assert not re.search(r"\b(top_p|top_k|min_p|[a-z]+_max_new_tokens|thinker_[a-z_]+)\b",
+                         err), err
+
+
+def test_references_too_long_hint_names_flags(monkeypatch):
+    """A prompt the references made too long is reported with the flags that shorten it (the
+    command line has no flag for answer_max_tokens, so it is left out)."""
+    from a2r.launch import CLI_OPTION_NAMES
+    from a2r.models import references_too_long_hint
+
+    assert references_too_long_hint(CLI_OPTION_NAMES) == (
+        "the references made it too long: lower --answer-max-chars or -n/--num-paths")
+    assert "answer_max_tokens" in references_too_long_hint()   # the library keeps field names
+
+
+def _scripted_texts(monkeypatch, texts_for):
+    """a2r.explore.explore replaced: ``texts_for(prompt, n)`` gives each stage's texts."""
+    tokenizers = {}
+
+    def scripted(model, input_ids, widths, max_new_tokens, sampling, **kwargs):
+        from transformers import AutoTokenizer
+
+        from a2r.explore import ExploreResult
+
+        (n,) = widths
+        model = getattr(model, "model", model)   # a TreeDecoder runs over its model
+        tokenizer = tokenizers.setdefault(model.name_or_path,
+                                          AutoTokenizer.from_pretrained(model.name_or_path))
+        texts = texts_for(tokenizer.decode(input_ids[0].tolist()), n)
+        return ExploreResult(sequences=[tokenizer(t, add_special_tokens=False)["input_ids"]
+                                        for t in texts], prompt_len=input_ids.shape[1],
+                             num_blocks=0, block_size=16, peak_blocks_used=0, peak_kv_bytes=0,
+                             decode_steps=0)
+
+    monkeypatch.setattr(a2r.explore, "explore", scripted)
+
+
+def test_no_answer_is_said_in_words(capsys, monkeypatch):
+    _scripted_texts(monkeypatch, lambda prompt, n: ["no idea"] * n)
+    code, out, _ = run_cli(capsys, "run", "--tiny", "--no-thinker", "-n", "2",
+                           "What is 1 + 2 + 3?")
+    assert code == 0
+    assert "Final answer (A2R): no answer found (the synthesizer's output has no \\boxed{} " \
+           "answer and no number)" in out
+    assert "None" not in out and "A2R=(none)" in out
+
+
+@pytest.mark.parametrize("question, off_task", [
+    ("What is 347 + 85 + 912 + 6?", False),       # the task: a2r.demo.task.parse_question
+    ("What is 12 * 7?", True),
+    ("What is the capital of France?", True),
+    ("What is 3 + 4?", True),                     # two terms: never drawn in training
+])
+def test_off_task_questions_on_the_trained_models_get_a_note(capsys, monkeypatch, question,
+                                                             off_task):
+    _scripted_texts(monkeypatch, lambda prompt, n: ["\\boxed{5}"] * n)
+    code, out, _ = run_cli(capsys, "run", "--tiny", "--no-thinker", "-n", "2", "--json", question)
+    assert code == 0
+    note = json.loads(out)["note"]
+    assert (note is not None) == off_task
+    if off_task:
+        assert "not of the task the embedded models were trained on" in note and "noise" in note
+    code, out, _ = run_cli(capsys, "run", "--tiny", "--no-thinker", "-n", "2", question)
+    assert ("their answers to it are noise" in out) == off_task
+
+
+def test_eval_counts_off_task_questions(capsys, monkeypatch, tmp_path):
+    _scripted_texts(monkeypatch, lambda prompt, n: ["\\boxed{5}"] * n)
+    data = _write_jsonl(tmp_path / "qa.jsonl", [{"question": "What is 1 + 2 + 2?", "answer": 5},
+                                                {"question": "Capital of France?", "answer": "P"}])
+    code, out, _ = run_cli(capsys, "eval", str(data), "--tiny", "--no-thinker", "-n", "2",
+                           "--json", "--no-progress")
+    assert code == 0
+    assert "1 of the 2 questions are not of the task" in json.loads(out)["note"]
 
 
 @pytest.mark.parametrize("content, fragment", [
@@ -252,7 +333,7 @@ def test_argparse_errors_exit_2(capsys):
     # A range is A2RConfig.validate's (one line, exit 2, before any model loads), a value that
     # does not parse argparse's.
     assert main(["demo", "-n", "0"]) == 2
-    assert capsys.readouterr().err == "a2r: error: num_paths must be >= 1, got 0\n"
+    assert capsys.readouterr().err == "a2r: error: -n/--num-paths must be >= 1, got 0\n"
     with pytest.raises(SystemExit) as exc:
         main(["demo", "-n", "x"])
     assert exc.value.code == 2

@@ -12,6 +12,7 @@ module).
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -124,16 +125,16 @@ USAGE_ERRORS = {
 
 
 # Option values argparse parses but A2RConfig.validate refuses (the one place ranges are checked):
-# one "a2r: error:" line naming the field, before any model loads.
+# one "a2r: error:" line naming the flag (not the A2RConfig field), before any model loads.
 CONFIG_ERRORS = {
     "answer cap -7": (["demo", "--answer-max-chars", "-7"],
-                      "answer_max_chars must be an int >= 0 or None (no cap), got -7"),
+                      "--answer-max-chars must be an int >= 0 or None (no cap), got -7"),
     "temperature nan": (["demo", "--temperature", "nan"],
-                        "temperature must be a finite number >= 0 (0: greedy), got nan"),
-    "temperature inf": (["demo", "--temperature", "inf"], "temperature must be a finite number"),
-    "min-p 1.5": (["demo", "--min-p", "1.5"], "min_p must be in [0, 1]"),
-    "paths 0": (["demo", "-n", "0"], "num_paths must be >= 1, got 0"),
-    "backend cudnn": (["demo", "--backend", "cudnn"], "backend must be one of"),
+                        "--temperature must be a finite number >= 0 (0: greedy), got nan"),
+    "temperature inf": (["demo", "--temperature", "inf"], "--temperature must be a finite number"),
+    "min-p 1.5": (["demo", "--min-p", "1.5"], "--min-p must be in [0, 1]"),
+    "paths 0": (["demo", "-n", "0"], "-n/--num-paths must be >= 1, got 0"),
+    "backend cudnn": (["demo", "--backend", "cudnn"], "--backend must be one of"),
 }
 
 
@@ -379,3 +380,127 @@ def test_closed_stdout_pipe_is_not_a_traceback(tiny):
     finally:
         os.close(write_end)
     assert proc.returncode == 1 and proc.stderr == "", proc.stderr
+
+
+# ------------------------------------------------------------------ Ctrl-C (a real SIGINT)
+
+# Runs `a2r ARGV` (sys.exit(main(argv)), as the console script does) and stops it at one named
+# point, test-side only: the first open() of a file matching `open` (an audit hook: model
+# loading), the first rename onto a file matching `rename_to` (writing --out), or the first module
+# forward (generation). There it writes one byte on `ready_fd` and waits on `block_fd`, which the
+# test never writes: only the SIGINT the test then sends to the whole process group (as a terminal's
+# Ctrl-C does) ends the wait, so where the signal lands is fixed, without sleeps.
+INTERRUPT_DRIVER = r"""
+import json, os, re, sys
+spec = json.loads(os.environ.pop("A2R_TEST_PAUSE"))
+paused = False
+
+def pause():
+    global paused
+    paused = True
+    os.write(spec["ready_fd"], b"p")
+    os.read(spec["block_fd"], 1)
+    raise SystemExit("the test's block pipe closed before the interrupt")
+
+def audit(event, args):
+    if paused:
+        return
+    if event == "open" and spec.get("open") and isinstance(args[0], (str, bytes, os.PathLike)):
+        if re.search(spec["open"], os.fsdecode(args[0])):
+            pause()
+    if event == "os.rename" and spec.get("rename_to") and re.search(spec["rename_to"],
+                                                                  os.fsdecode(args[1])):
+        pause()
+
+sys.addaudithook(audit)
+if spec.get("forward"):
+    import torch
+    module_call = torch.nn.Module.__call__
+    def paused_call(self, *args, **kwargs):
+        if not paused:
+            pause()
+        return module_call(self, *args, **kwargs)
+    torch.nn.Module.__call__ = paused_call
+from a2r.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_interrupted(argv, env, **pause_at):
+    """(reached the pause point, exit status, stdout, stderr) of ``a2r argv`` sent SIGINT there."""
+    import select
+    import signal
+
+    ready_read, ready_write = os.pipe()
+    block_read, block_write = os.pipe()
+    spec = {"ready_fd": ready_write, "block_fd": block_read, **pause_at}
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPT_DRIVER, *map(str, argv)],
+                            env={**env, "A2R_TEST_PAUSE": json.dumps(spec)},
+                            pass_fds=(ready_write, block_read), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    os.close(ready_write)
+    os.close(block_read)
+    try:
+        readable, _, _ = select.select([ready_read], [], [], 600)
+        reached = bool(readable) and os.read(ready_read, 1) == b"p"   # b"": it exited first
+        if reached:
+            os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(ready_read)
+        os.close(block_write)
+    return reached, proc.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def interrupts(tiny, tmp_path_factory):
+    """Each command interrupted at one point, all run side by side: ``{name: (reached, code, out,
+    err, out_dir)}``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tmp = tmp_path_factory.mktemp("interrupts")
+    env = {**os.environ, "A2R_HOME": str(tiny[0]), "OMP_NUM_THREADS": "1"}
+    env.pop("A2R_DEBUG", None)
+    data = write_jsonl(tmp / "qa.jsonl", [{"question": "What is 1 + 2 + 3?", "answer": 6}])
+    cases = {
+        "run while loading": (["run", "--explorer", tiny[1].explorer, *FAST, "q"],
+                              {"open": re.escape(str(tiny[1].explorer / "config.json")) + "$"}),
+        "demo while generating": (["demo", "--random-models", "--no-thinker", *FAST],
+                                  {"forward": True}),
+        "eval while loading": (["eval", data, "--tiny", "--no-thinker", *FAST, "--out", "OUT"],
+                               {"open": r"explorer/config\.json$"}),
+        "eval while writing --out": (["eval", data, "--tiny", "--no-thinker", *FAST, "--out",
+                                      "OUT"], {"rename_to": r"summary\.json$"}),
+    }
+
+    def run(name):
+        argv, pause_at = cases[name]
+        out_dir = tmp / name.replace(" ", "_")
+        out_dir.mkdir()
+        argv = [out_dir / "summary.json" if a == "OUT" else a for a in argv]
+        return (*run_interrupted(argv, env, **pause_at), out_dir)
+
+    with ThreadPoolExecutor(max_workers=len(cases)) as pool:
+        return dict(zip(cases, pool.map(run, cases)))
+
+
+@pytest.mark.parametrize("case", ["run while loading", "demo while generating",
+                                  "eval while loading", "eval while writing --out"])
+def test_ctrl_c_is_one_line_and_exit_130(interrupts, case):
+    reached, code, _, err, _ = interrupts[case]
+    assert reached, f"the command ended before the interrupt point: {code}\n{err}"
+    assert code == 130 and err == "a2r: interrupted\n", err
+
+
+@pytest.mark.parametrize("case", ["eval while loading", "eval while writing --out"])
+def test_ctrl_c_leaves_no_partial_out_file(interrupts, case):
+    """The --out file is written beside itself and renamed: an interrupted eval leaves none (and
+    no temporary file); the records file holds whole lines only."""
+    reached, _, _, _, out_dir = interrupts[case]
+    assert reached
+    left = sorted(p.name for p in out_dir.iterdir())
+    assert left in ([], ["summary.jsonl"]), left
+    for line in (out_dir / "summary.jsonl").read_text().splitlines() if left else []:
+        json.loads(line)

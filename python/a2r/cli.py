@@ -9,7 +9,9 @@ Set-up errors (missing model directory or tokenizer, unsupported architecture, t
 match and do not, unreadable eval file, blank or too long question, unavailable backend, unusable
 ``--home`` or ``--out``, bad option value, usage errors) print one line ``a2r: error: ...`` on
 stderr and exit with status 2, before any model runs. ``A2R_DEBUG=1`` re-raises them with the traceback
-instead.
+instead. Ctrl-C (SIGINT), at any point of any command, prints one line ``a2r: interrupted`` and
+exits with status 130; files the command writes (``--out``, ``--plot``) are replaced whole or not
+at all (written to a temporary file beside them, then renamed: :func:`a2r.report.replaced_whole`).
 """
 
 from __future__ import annotations
@@ -28,9 +30,8 @@ from pathlib import Path
 
 from .eval.command import cmd_eval
 from .launch import (CLIError, check_question_text, load_pipeline, quiet_transformers,
-                     random_models_note)
-from .report import emit_json, print_result
-from .sampling import SamplingParams
+                     random_models_note, run_note)
+from .report import NO_ANSWER, emit_json, print_result
 
 __all__ = ["main", "build_parser"]
 
@@ -95,6 +96,8 @@ def _positive_float(text: str) -> float:
 
 def _generation_options(max_new_tokens_default: int) -> argparse.ArgumentParser:
     """Options shared by demo, run and eval."""
+    from .sampling import SamplingParams   # imports torch: here, inside main()'s Ctrl-C handling
+
     parent = argparse.ArgumentParser(add_help=False)
     g = parent.add_argument_group("generation")
     # Ranges are A2RConfig.validate's (one "a2r: error:" line before any model loads); argparse
@@ -301,13 +304,14 @@ def cmd_run(args) -> int:
     check_question_text(args.question)
     pipeline, models = load_pipeline(args, use_tiny=args.tiny)
     pipeline.check_question(args.question)   # too long for a model: before any model runs
-    note = random_models_note(models)
+    note = run_note(models, [args.question])
     result = pipeline.run(args.question)
     if args.json:
         emit_json({"note": note, "models": models, **result.to_dict()})
     else:
         print_result(result, models)
-        print(f"\nFinal answer (A2R): {result.final_answer}")
+        answer = result.final_answer if result.final_answer is not None else NO_ANSWER
+        print(f"\nFinal answer (A2R): {answer}")
         if note:
             print(note)
     return 0
@@ -412,8 +416,23 @@ def _own_package_dirs() -> tuple[str, ...]:
                  for module in (sys.modules[__package__], a2r_kernels))
 
 
+INTERRUPTED_EXIT_STATUS = 130   # 128 + SIGINT, what a shell reports for a Ctrl-C'd command
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``a2r`` console script; returns the exit status."""
+    """Entry point of the ``a2r`` console script; returns the exit status. Ctrl-C anywhere (the
+    imports of torch and transformers, model loading, generation, writing results) is one line
+    ``a2r: interrupted`` on stderr and status 130; ``A2R_DEBUG=1`` re-raises it instead."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        if os.environ.get("A2R_DEBUG"):
+            raise
+        print("a2r: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT_STATUS
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors exit 2 (one line, _Parser.error)
     quiet_transformers()

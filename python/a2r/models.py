@@ -11,14 +11,15 @@ the architecture and the tokenizer first and raise :class:`~a2r.config.ModelDirE
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 from a2r_kernels.vocab import attention_geometry, eos_ids, text_config
 
 from .config import ModelDirError, PromptTooLongError, UnsupportedArchitectureError
 
-__all__ = ["QUESTION_TOO_LONG", "REFERENCES_TOO_LONG", "check_fits", "check_model_dir",
-           "check_tokenizer", "kv_bytes_per_token", "load_causal_lm", "load_thinker",
-           "model_dtype", "parse_dtype", "position_limit", "stop_ids", "tokenizer_differences",
+__all__ = ["QUESTION_TOO_LONG", "check_fits", "check_model_dir", "check_tokenizer",
+           "kv_bytes_per_token", "load_causal_lm", "load_thinker", "model_dtype", "parse_dtype",
+           "position_limit", "references_too_long_hint", "stop_ids", "tokenizer_differences",
            "unsupported_reason"]
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
@@ -98,8 +99,15 @@ def position_limit(model) -> int | None:
 
 
 QUESTION_TOO_LONG = "shorten the question or ask for fewer new tokens"
-REFERENCES_TOO_LONG = ("the references made it too long: lower answer_max_chars, "
-                        "answer_max_tokens or num_paths")
+
+
+def references_too_long_hint(names: Mapping[str, str | None] | None = None) -> str:
+    """What shortens a prompt that the references made too long: the config fields that cap them,
+    each named by ``names[field]`` when given (see :meth:`a2r.config.A2RConfig.validate`; a field
+    mapped to None has no name there, the CLI has no flag for it, and is left out)."""
+    knobs = [name for name in ((names or {}).get(field, field) for field in
+                               ("answer_max_chars", "answer_max_tokens", "num_paths")) if name]
+    return f"the references made it too long: lower {', '.join(knobs[:-1])} or {knobs[-1]}"
 
 
 def check_fits(role: str, model, prompt_tokens: int, new_tokens: int, hint: str) -> None:
