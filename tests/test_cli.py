@@ -316,6 +316,32 @@ def test_eval_counts_off_task_questions(capsys, monkeypatch, tmp_path):
     assert "1 of the 2 questions are not of the task" in json.loads(out)["note"]
 
 
+def test_gpt_neox_is_a_decoder_only_causal_lm(capsys, tmp_path):
+    """GPT-NeoX / Pythia configs say is_decoder=False (every config's default); the architecture
+    decides, so they run. Encoders with a causal-LM head (BERT) still need is_decoder=True."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from a2r.demo.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = GPTNeoXConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=64,
+                           max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id)
+    assert config.is_decoder is False
+    GPTNeoXForCausalLM(config).save_pretrained(tmp_path / "neox")
+    tokenizer.save_pretrained(tmp_path / "neox")
+    code, out, err = run_cli(capsys, "run", "--explorer", str(tmp_path / "neox"), *FAST, "--json",
+                             "What is 1 + 2 + 3?")
+    assert code == 0, err
+    assert json.loads(out)["models"]["explorer"]["arch"] == "GPTNeoXForCausalLM"
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert",
+                                                               "is_decoder": False}))
+    code, _, err = run_cli(capsys, "run", "--explorer", str(tmp_path / "bert"), "q")
+    _assert_one_line_error(code, err, "not a decoder-only causal LM", "is_decoder=true")
+
+
 @pytest.mark.parametrize("content, fragment", [
     ('{"question": "a", "answer": "1"}\nnot json\n', "qa.jsonl:2: not valid JSON"),
     ('{"question": "a"}\n', "qa.jsonl:1: needs keys 'question' and 'answer'"),

@@ -164,6 +164,28 @@ def errors(tiny, tmp_path_factory):
     for name in ("config.json", "model.safetensors"):
         shutil.copy(tiny[1].explorer / name, bare / name)
     cases["no tokenizer"] = (["run", "--explorer", bare, *FAST, "q"], {})
+    for role in ("explorer", "thinker"):    # weights cut in half, as an interrupted copy leaves
+        truncated = tmp / f"truncated_{role}"
+        shutil.copytree(getattr(tiny[1], role), truncated)
+        weights = truncated / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+        argv = ["--explorer", truncated] if role == "explorer" else [
+            "--explorer", tiny[1].explorer, "--thinker", truncated]
+        cases[f"truncated {role} weights"] = (["run", *argv, *FAST, "q"], {})
+    broken = tmp / "broken_config"
+    shutil.copytree(tiny[1].explorer, broken)
+    (broken / "config.json").write_text((broken / "config.json").read_text()[:-10])
+    cases["invalid config.json"] = (["run", "--explorer", broken, *FAST, "q"], {})
+    cases["file as explorer"] = (["run", "--explorer", tiny[1].explorer / "config.json", *FAST,
+                                  "q"], {})
+    no_mask = tmp / "thinker_without_mask"          # neither config nor tokenizer names [MASK]
+    shutil.copytree(tiny[1].thinker, no_mask)
+    for name, key in (("config.json", "mask_token_id"), ("tokenizer_config.json", "mask_token")):
+        content = json.loads((no_mask / name).read_text())
+        del content[key]
+        (no_mask / name).write_text(json.dumps(content))
+    cases["thinker without mask token"] = (
+        ["run", "--explorer", tiny[1].explorer, "--thinker", no_mask, *FAST, "q"], {})
     blocker = tmp / "a_file"
     blocker.write_text("")
     cases["home under a file"] = (["demo", "--random-models", *FAST, "--home", blocker / "home"],
@@ -256,6 +278,52 @@ def test_config_rejects_negative_answer_caps_and_non_finite_temperatures():
 def test_model_directory_without_a_tokenizer(errors):
     assert_one_line_error(errors["no tokenizer"],
                           f"explorer model directory {errors['tmp'] / 'bare'} has no tokenizer")
+
+
+@pytest.mark.parametrize("role", ["explorer", "thinker"])
+def test_truncated_weights(errors, role):
+    assert_one_line_error(errors[f"truncated {role} weights"],
+                          f"{role} model directory {errors['tmp'] / f'truncated_{role}'} has no "
+                          "loadable weights")
+
+
+def test_invalid_config_json_and_a_file_for_a_directory(errors):
+    assert_one_line_error(errors["invalid config.json"],
+                          f"{errors['tmp'] / 'broken_config'}: config.json is not valid JSON (")
+    assert_one_line_error(errors["file as explorer"],
+                          "config.json is a file, not a model directory")
+
+
+def test_thinker_without_mask_token_says_where_to_name_one(errors):
+    # Not "pass mask_id=": the command line has no such parameter.
+    assert_one_line_error(errors["thinker without mask token"], "names no mask token",
+                          'add "mask_token_id": ID to config.json')
+    assert "mask_id=" not in errors["thinker without mask token"][2]
+
+
+def test_hub_ids_resolve_through_the_local_cache(tiny, tmp_path):
+    """``--explorer org/name`` loads the snapshot in the Hugging Face cache, as from_pretrained
+    would (HF_HUB_OFFLINE=1: no network); what looks like a path stays a path."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--a2r-test--tiny-explorer"
+    shutil.copytree(tiny[1].explorer, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    hub = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    results = run_cases(tiny, {
+        "hub id": (["run", "--explorer", "a2r-test/tiny-explorer", *FAST, "--json", "q"], hub),
+        "not cached": (["run", "--explorer", "a2r-test/elsewhere", *FAST, "q"], hub),
+        "relative path": (["run", "--explorer", "./a2r-test/tiny-explorer", *FAST, "q"], hub),
+    }, forward_allowed=True)
+    code, out, err = results["hub id"]
+    assert code == 0, err
+    models = json.loads(out)["models"]
+    assert models["explorer"]["path"] == "a2r-test/tiny-explorer"
+    assert models["explorer"]["arch"] == "Qwen3ForCausalLM" and models["explorer"]["random"]
+    assert_one_line_error(results["not cached"], "explorer model 'a2r-test/elsewhere' is not a "
+                          "local directory, and not a model in the local Hugging Face cache "
+                          "(HF_HUB_OFFLINE is set)")
+    assert_one_line_error(results["relative path"], "explorer model directory not found")
 
 
 def test_unusable_home(errors):

@@ -234,7 +234,9 @@ def load_pipeline(args, *, use_tiny: bool):
 
     def describe(path, model):
         arch = getattr(model, "architecture", type(model).__name__)   # VLLMEngine: "... (vLLM)"
-        return {"path": str(path), "arch": arch, "random": is_random_model(path)}
+        # The directory it was loaded from (a hub id's is its snapshot in the HF cache).
+        directory = getattr(model, "name_or_path", "") or path
+        return {"path": str(path), "arch": arch, "random": is_random_model(directory)}
 
     from . import thinker as thinkers
 

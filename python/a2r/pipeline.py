@@ -145,7 +145,8 @@ class A2RPipeline:
                         thinker: str | os.PathLike | None = None, *, device="cpu", dtype=None,
                         config: A2RConfig | None = None, engine: str = "transformers",
                         vllm_options: dict | None = None) -> "A2RPipeline":
-        """Load the models from ``save_pretrained`` directories (each with its tokenizer).
+        """Load the models from ``save_pretrained`` directories (each with its tokenizer) or hub
+        ids (their snapshot in the Hugging Face cache: :func:`a2r.models.check_model_dir`).
 
         ``synthesizer=None`` or the explorer's own directory gives the symmetric set-up (the model
         is loaded once). ``dtype``: ``None``/``"auto"`` keeps the checkpoint's, else a name accepted
