@@ -26,8 +26,9 @@ request's prompt comes from vLLM's prefix cache and its time is decode time. Per
   (``kv_bytes_unshared``, what paged decode reads).
 - ``speedup``: decode tokens/s over the native backend's, measured in the same run.
 
-Rows go to ``benchmarks/results/vllm_<cpu|gpu>.json`` keyed by device name. Without vLLM the
-script says so and exits 0 (``a2r bench`` runs every script).
+Rows go to ``vllm_<cpu|gpu>.json`` in ``common.results_dir()`` (``benchmarks/results``), keyed by
+device name. Without vLLM the script says so and exits with ``common.SKIPPED_EXIT_STATUS``, which
+``a2r bench`` reports as skipped.
 """
 
 from __future__ import annotations
@@ -236,11 +237,12 @@ def main() -> None:
         return explorer_worker(args)
     if args.worker:
         return worker(args)
+    from common import SKIPPED_EXIT_STATUS, device_name, results_dir, write_results
+
     if importlib.util.find_spec("vllm") is None:
-        print("bench_vllm: vLLM is not installed here; nothing measured (see .ci/run for a "
-              "vLLM venv)")
-        return
-    from common import device_name, write_results
+        print("bench_vllm: vLLM is not installed here; nothing measured, skipped (see .ci/run "
+              "for a vLLM venv)")
+        sys.exit(SKIPPED_EXIT_STATUS)
 
     if args.gpu_memory_utilization is None:
         args.gpu_memory_utilization = 0.8 if on_gpu else 0.1
@@ -276,7 +278,7 @@ def main() -> None:
                   f"({row['seconds']:.2f} s)  attention "
                   f"{r['attention_ms_per_step'] or float('nan'):8.3f} ms/step  plan "
                   f"{r['plan_us_per_step'] or float('nan'):8.1f} us/step  x{row['speedup']:.2f}")
-    path = HERE / "results" / f"vllm_{'gpu' if on_gpu else 'cpu'}.json"
+    path = Path(results_dir()) / f"vllm_{'gpu' if on_gpu else 'cpu'}.json"
     write_results(str(path), rows)
     print(f"wrote {path} ({device}{'' if on_gpu else '; CPU numbers, shared box'})")
 

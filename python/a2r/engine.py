@@ -326,11 +326,12 @@ def load_vllm(path, role: str, device, dtype, *, options: dict, seed):
     from transformers import AutoTokenizer
 
     from .config import ModelDirError, PipelineError
-    from .models import check_model_dir, first_line, parse_dtype
+    from .models import check_model_dir, first_line, parse_dtype, read_config_json
 
     if not vllm_available():
         raise PipelineError("engine 'vllm' needs vLLM installed (pip install vllm)")
     directory = check_model_dir(path, role)
+    read_config_json(directory, role)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (ValueError, OSError) as err:
