@@ -47,11 +47,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_gbps, device_name, plot, time_fn, write_results  # noqa: E402
+from common import copy_gbps, device_name, plot, results_dir, time_fn, write_results  # noqa: E402
 
 import a2r_kernels as ak  # noqa: E402
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS_DIR = results_dir()
 MASK_ID = 126336   # LLaDA's [MASK]; any id < V works
 
 
@@ -107,7 +107,7 @@ def fastdllm_step(logits: torch.Tensor, x: torch.Tensor, mask_id: int,
 
 def _available(backend: str, device: torch.device) -> bool:
     try:
-        ak._backend.resolve_backend("denoise_step", backend, device)
+        ak.backend.resolve_backend("denoise_step", backend, device)
         if backend == "cuda":
             from a2r_kernels import _cuda_ops
             return hasattr(_cuda_ops, "denoise_step")
@@ -376,7 +376,7 @@ def main(argv=None):
         parser.error(f"--ops: expected denoise and/or entropy-bound, got {args.ops!r}")
     if "denoise" in ops:
         run(shapes, device, torch.bfloat16, args.half_masked or quick,
-            allow_triton=device.type == "cuda" or ak._backend.triton_interpret(),
+            allow_triton=device.type == "cuda" or ak.backend.triton_interpret(),
             warmup=warmup, rep=rep,
             out_json=os.path.join(RESULTS_DIR, f"denoise{suffix}.json"),
             out_png=os.path.join(RESULTS_DIR, f"denoise{suffix}.png"),

@@ -51,7 +51,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_gbps, device_name, plot, write_results  # noqa: E402
+from common import copy_gbps, device_name, plot, results_dir, write_results  # noqa: E402
 
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
@@ -59,7 +59,7 @@ import a2r_kernels.hf as akhf  # noqa: E402
 from a2r.explore import explore, tree_blocks_needed  # noqa: E402
 from a2r.sampling import sample_tokens  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS = results_dir()
 
 QWEN3_0_6B = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, intermediate_size=3072,

@@ -52,9 +52,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import copy_gbps, device_name, plot, time_fn, write_results  # noqa: E402
+from common import copy_gbps, device_name, plot, results_dir, time_fn, write_results  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS = results_dir()
 
 GPU_SHAPES = dict(P=[1024, 8192, 32768], N=[4, 16, 64, 256], S=[0, 128, 512],
                   heads=[(32, 8), (8, 1)], D=[128])

@@ -9,6 +9,11 @@ Every ``benchmarks/bench_<family>.py`` uses these so numbers are comparable acro
   kernel's GB/s is compared against.
 - :func:`write_results` upserts rows into a JSON list keyed by ``(device, provider, *shape keys)``.
 - :func:`plot` draws one line per provider with matplotlib's Agg backend (no display needed).
+- :func:`results_dir` is where result files go: ``$A2R_BENCH_RESULTS_DIR`` when set (``a2r bench``
+  sets it: a scratch directory on CPU unless its ``--out DIR`` says otherwise), else
+  ``benchmarks/results``.
+- :data:`SKIPPED_EXIT_STATUS`: a script that cannot measure anything here (vLLM missing) exits
+  with it, and ``a2r bench`` reports it as skipped, neither succeeded nor failed.
 
 The API of this module is shared by every benchmark: add to it, do not change what exists.
 """
@@ -23,6 +28,17 @@ import time
 from typing import Callable, Iterable, Sequence
 
 import torch
+
+# Both read by `a2r bench` (python/a2r/cli.py: BENCH_RESULTS_DIR_ENV, BENCH_SKIPPED_EXIT_STATUS;
+# tests/test_cli.py holds them equal): benchmarks/ is not importable from the installed package.
+RESULTS_DIR_ENV = "A2R_BENCH_RESULTS_DIR"
+SKIPPED_EXIT_STATUS = 77   # automake's "skipped" test status
+
+
+def results_dir() -> str:
+    """The directory result files go to: ``$A2R_BENCH_RESULTS_DIR``, else ``benchmarks/results``."""
+    return os.environ.get(RESULTS_DIR_ENV) or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def device_name(device: torch.device | str) -> str:

@@ -4,9 +4,11 @@ one subprocess run of the module), its JSON outputs, eval accounting and its one
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -210,11 +212,17 @@ def test_unsupported_architecture(capsys, tmp_path):
 @pytest.mark.parametrize("argv, fragment", [
     (["run", "q"], "--explorer DIR is required"),
     (["run", "--tiny", "--explorer", "x", "q"], "--tiny cannot be combined"),
+    # Errors name the flag the user typed, not the A2RConfig field behind it.
     (["run", "--tiny", "--thinker-gen-length", "12", "--thinker-block-length", "8", "q"],
-     "multiple of thinker_block_length"),
-    (["run", "--tiny", "--top-p", "0", "q"], "top_p must be in (0, 1]"),
-    (["run", "--tiny", "--top-k", "-1", "q"], "top_k must be >= 0"),
-    (["demo", "--thinker-threshold", "1.5"], "thinker_threshold must be in (0, 1]"),
+     "--thinker-gen-length (12) must be a multiple of --thinker-block-length (8)"),
+    (["run", "--tiny", "--thinker-gen-length", "16", "--thinker-block-length", "8",
+      "--thinker-steps", "3", "q"], "--thinker-steps (3) must be a multiple of the number of "
+     "thinker blocks (2) when no --thinker-threshold is set"),
+    (["run", "--tiny", "--top-p", "0", "q"], "--top-p must be in (0, 1]"),
+    (["run", "--tiny", "--top-k", "-1", "q"], "--top-k must be >= 0"),
+    (["run", "--tiny", "--min-p", "2", "q"], "--min-p must be in [0, 1]"),
+    (["run", "--tiny", "--synth-max-new-tokens", "0", "q"], "--synth-max-new-tokens must be >= 1"),
+    (["demo", "--thinker-threshold", "1.5"], "--thinker-threshold must be in (0, 1]"),
     (["run", "--tiny", "--device", "gpu0", "q"], "--device gpu0"),
     (["run", "--tiny", "--tensor-parallel-size", "2", "q"],
      "--tensor-parallel-size needs --engine vllm"),
@@ -232,6 +240,106 @@ def test_bad_options(capsys, monkeypatch, argv, fragment):
     monkeypatch.setattr("a2r.pipeline.A2RPipeline.from_pretrained", no_loading)
     code, _, err = run_cli(capsys, *argv)
     _assert_one_line_error(code, err, fragment)
+    assert not re.search(r"\b(top_p|top_k|min_p|[a-z]+_max_new_tokens|thinker_[a-z_]+)\b",
+                         err), err
+
+
+def test_references_too_long_hint_names_flags(monkeypatch):
+    """A prompt the references made too long is reported with the flags that shorten it (the
+    command line has no flag for answer_max_tokens, so it is left out)."""
+    from a2r.launch import CLI_OPTION_NAMES
+    from a2r.models import references_too_long_hint
+
+    assert references_too_long_hint(CLI_OPTION_NAMES) == (
+        "the references made it too long: lower --answer-max-chars or -n/--num-paths")
+    assert "answer_max_tokens" in references_too_long_hint()   # the library keeps field names
+
+
+def _scripted_texts(monkeypatch, texts_for):
+    """a2r.explore.explore replaced: ``texts_for(prompt, n)`` gives each stage's texts."""
+    tokenizers = {}
+
+    def scripted(model, input_ids, widths, max_new_tokens, sampling, **kwargs):
+        from transformers import AutoTokenizer
+
+        from a2r.explore import ExploreResult
+
+        (n,) = widths
+        model = getattr(model, "model", model)   # a TreeDecoder runs over its model
+        tokenizer = tokenizers.setdefault(model.name_or_path,
+                                          AutoTokenizer.from_pretrained(model.name_or_path))
+        texts = texts_for(tokenizer.decode(input_ids[0].tolist()), n)
+        return ExploreResult(sequences=[tokenizer(t, add_special_tokens=False)["input_ids"]
+                                        for t in texts], prompt_len=input_ids.shape[1],
+                             num_blocks=0, block_size=16, peak_blocks_used=0, peak_kv_bytes=0,
+                             decode_steps=0)
+
+    monkeypatch.setattr(a2r.explore, "explore", scripted)
+
+
+def test_no_answer_is_said_in_words(capsys, monkeypatch):
+    _scripted_texts(monkeypatch, lambda prompt, n: ["no idea"] * n)
+    code, out, _ = run_cli(capsys, "run", "--tiny", "--no-thinker", "-n", "2",
+                           "What is 1 + 2 + 3?")
+    assert code == 0
+    assert "Final answer (A2R): no answer found (the synthesizer's output has no \\boxed{} " \
+           "answer and no number)" in out
+    assert "None" not in out and "A2R=(none)" in out
+
+
+@pytest.mark.parametrize("question, off_task", [
+    ("What is 347 + 85 + 912 + 6?", False),       # the task: a2r.demo.task.parse_question
+    ("What is 12 * 7?", True),
+    ("What is the capital of France?", True),
+    ("What is 3 + 4?", True),                     # two terms: never drawn in training
+])
+def test_off_task_questions_on_the_trained_models_get_a_note(capsys, monkeypatch, question,
+                                                             off_task):
+    _scripted_texts(monkeypatch, lambda prompt, n: ["\\boxed{5}"] * n)
+    code, out, _ = run_cli(capsys, "run", "--tiny", "--no-thinker", "-n", "2", "--json", question)
+    assert code == 0
+    note = json.loads(out)["note"]
+    assert (note is not None) == off_task
+    if off_task:
+        assert "not of the task the embedded models were trained on" in note and "noise" in note
+    code, out, _ = run_cli(capsys, "run", "--tiny", "--no-thinker", "-n", "2", question)
+    assert ("their answers to it are noise" in out) == off_task
+
+
+def test_eval_counts_off_task_questions(capsys, monkeypatch, tmp_path):
+    _scripted_texts(monkeypatch, lambda prompt, n: ["\\boxed{5}"] * n)
+    data = _write_jsonl(tmp_path / "qa.jsonl", [{"question": "What is 1 + 2 + 2?", "answer": 5},
+                                                {"question": "Capital of France?", "answer": "P"}])
+    code, out, _ = run_cli(capsys, "eval", str(data), "--tiny", "--no-thinker", "-n", "2",
+                           "--json", "--no-progress")
+    assert code == 0
+    assert "1 of the 2 questions are not of the task" in json.loads(out)["note"]
+
+
+def test_gpt_neox_is_a_decoder_only_causal_lm(capsys, tmp_path):
+    """GPT-NeoX / Pythia configs say is_decoder=False (every config's default); the architecture
+    decides, so they run. Encoders with a causal-LM head (BERT) still need is_decoder=True."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from a2r.demo.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = GPTNeoXConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=64,
+                           max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id)
+    assert config.is_decoder is False
+    GPTNeoXForCausalLM(config).save_pretrained(tmp_path / "neox")
+    tokenizer.save_pretrained(tmp_path / "neox")
+    code, out, err = run_cli(capsys, "run", "--explorer", str(tmp_path / "neox"), *FAST, "--json",
+                             "What is 1 + 2 + 3?")
+    assert code == 0, err
+    assert json.loads(out)["models"]["explorer"]["arch"] == "GPTNeoXForCausalLM"
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert",
+                                                               "is_decoder": False}))
+    code, _, err = run_cli(capsys, "run", "--explorer", str(tmp_path / "bert"), "q")
+    _assert_one_line_error(code, err, "not a decoder-only causal LM", "is_decoder=true")
 
 
 @pytest.mark.parametrize("content, fragment", [
@@ -251,7 +359,7 @@ def test_argparse_errors_exit_2(capsys):
     # A range is A2RConfig.validate's (one line, exit 2, before any model loads), a value that
     # does not parse argparse's.
     assert main(["demo", "-n", "0"]) == 2
-    assert capsys.readouterr().err == "a2r: error: num_paths must be >= 1, got 0\n"
+    assert capsys.readouterr().err == "a2r: error: -n/--num-paths must be >= 1, got 0\n"
     with pytest.raises(SystemExit) as exc:
         main(["demo", "-n", "x"])
     assert exc.value.code == 2
@@ -321,3 +429,94 @@ def test_bench_failure_exit_1(capsys, bench_dir):
 def test_bench_missing_dir(capsys, tmp_path):
     code, _, err = run_cli(capsys, "bench", "--bench-dir", str(tmp_path / "none"))
     _assert_one_line_error(code, err, "benchmarks directory not found")
+
+
+REPO_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def results_bench_dir(tmp_path):
+    """A benchmarks directory whose script writes one row through benchmarks/common.py (the real
+    one), a results/ file standing for a tracked one, and a script that skips itself."""
+    bench = tmp_path / "benchmarks"
+    (bench / "results").mkdir(parents=True)
+    (bench / "results" / "rows_cpu.json").write_text("[]\n")
+    (bench / "bench_rows.py").write_text(textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(REPO_BENCHMARKS)!r})
+        from common import results_dir, write_results
+        write_results(os.path.join(results_dir(), "rows_cpu.json"), [{{"device": "cpu",
+                      "provider": "p", "median_s": 1.0}}])
+        """))
+    from a2r.cli import BENCH_SKIPPED_EXIT_STATUS   # = common.SKIPPED_EXIT_STATUS (tested below)
+
+    (bench / "bench_skips.py").write_text(textwrap.dedent(f"""
+        import sys
+        print("nothing to measure here")
+        sys.exit({BENCH_SKIPPED_EXIT_STATUS})
+        """))
+    return bench
+
+
+def test_bench_on_cpu_writes_to_a_scratch_directory_unless_out(capsys, monkeypatch,
+                                                                results_bench_dir, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    tracked = results_bench_dir / "results" / "rows_cpu.json"
+    code, out, _ = run_cli(capsys, "bench", "--bench-dir", str(results_bench_dir), "--only",
+                           "rows", "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["scratch"] and summary["failed"] == []
+    scratch = Path(summary["results_dir"])
+    assert scratch != results_bench_dir / "results" and (scratch / "rows_cpu.json").is_file()
+    assert tracked.read_text() == "[]\n"                  # the checkout's file is untouched
+    code, out, _ = run_cli(capsys, "bench", "--bench-dir", str(results_bench_dir), "--only",
+                           "rows")
+    assert code == 0 and "a scratch directory: pass --out DIR to keep them" in out
+    code, out, _ = run_cli(capsys, "bench", "--bench-dir", str(results_bench_dir), "--only",
+                           "rows", "--out", str(tmp_path / "kept"), "--json")
+    assert code == 0 and not json.loads(out)["scratch"]
+    assert json.loads((tmp_path / "kept" / "rows_cpu.json").read_text())[0]["provider"] == "p"
+
+
+def test_bench_reports_a_skipped_script_as_skipped(capsys, results_bench_dir):
+    code, out, _ = run_cli(capsys, "bench", "--bench-dir", str(results_bench_dir), "--only",
+                           "skips", "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["skipped"] == ["bench_skips.py"] and summary["failed"] == []
+    assert summary["runs"][0]["status"] == "skipped"
+    code, out, _ = run_cli(capsys, "bench", "--bench-dir", str(results_bench_dir), "--only",
+                           "skips")
+    assert code == 0
+    assert out.splitlines()[-1].startswith("0/1 benchmarks succeeded; skipped: bench_skips.py")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_bench_vllm_without_vllm_is_skipped(capsys):
+    code, out, _ = run_cli(capsys, "bench", "--only", "vllm", "--json")
+    assert code == 0 and json.loads(out)["skipped"] == ["bench_vllm.py"]
+
+
+def test_bench_constants_match_benchmarks_common():
+    import a2r.cli as cli
+
+    spec = importlib.util.spec_from_file_location("a2r_bench_common", REPO_BENCHMARKS / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    assert cli.BENCH_RESULTS_DIR_ENV == common.RESULTS_DIR_ENV
+    assert cli.BENCH_SKIPPED_EXIT_STATUS == common.SKIPPED_EXIT_STATUS
+
+
+def test_bench_denoise_writes_where_a2r_bench_says(tmp_path):
+    """The real script (the issue's `a2r bench --quick --only denoise`) on one tiny shape: its rows
+    go to $A2R_BENCH_RESULTS_DIR, not to the tracked benchmarks/results/denoise_cpu.json."""
+    tracked = REPO_BENCHMARKS / "results" / "denoise_cpu.json"
+    before = tracked.read_bytes() if tracked.exists() else None
+    env = {**os.environ, "A2R_BENCH_RESULTS_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO_BENCHMARKS / "bench_denoise.py"), "--quick",
+                           "--shapes", "1x2x16", "--warmup", "1", "--rep", "1"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "denoise_cpu.json").read_text())[0]["V"] == 16
+    assert (tracked.read_bytes() if tracked.exists() else None) == before

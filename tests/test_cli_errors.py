@@ -12,6 +12,7 @@ module).
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -124,16 +125,16 @@ USAGE_ERRORS = {
 
 
 # Option values argparse parses but A2RConfig.validate refuses (the one place ranges are checked):
-# one "a2r: error:" line naming the field, before any model loads.
+# one "a2r: error:" line naming the flag (not the A2RConfig field), before any model loads.
 CONFIG_ERRORS = {
     "answer cap -7": (["demo", "--answer-max-chars", "-7"],
-                      "answer_max_chars must be an int >= 0 or None (no cap), got -7"),
+                      "--answer-max-chars must be an int >= 0 or None (no cap), got -7"),
     "temperature nan": (["demo", "--temperature", "nan"],
-                        "temperature must be a finite number >= 0 (0: greedy), got nan"),
-    "temperature inf": (["demo", "--temperature", "inf"], "temperature must be a finite number"),
-    "min-p 1.5": (["demo", "--min-p", "1.5"], "min_p must be in [0, 1]"),
-    "paths 0": (["demo", "-n", "0"], "num_paths must be >= 1, got 0"),
-    "backend cudnn": (["demo", "--backend", "cudnn"], "backend must be one of"),
+                        "--temperature must be a finite number >= 0 (0: greedy), got nan"),
+    "temperature inf": (["demo", "--temperature", "inf"], "--temperature must be a finite number"),
+    "min-p 1.5": (["demo", "--min-p", "1.5"], "--min-p must be in [0, 1]"),
+    "paths 0": (["demo", "-n", "0"], "-n/--num-paths must be >= 1, got 0"),
+    "backend cudnn": (["demo", "--backend", "cudnn"], "--backend must be one of"),
 }
 
 
@@ -163,6 +164,28 @@ def errors(tiny, tmp_path_factory):
     for name in ("config.json", "model.safetensors"):
         shutil.copy(tiny[1].explorer / name, bare / name)
     cases["no tokenizer"] = (["run", "--explorer", bare, *FAST, "q"], {})
+    for role in ("explorer", "thinker"):    # weights cut in half, as an interrupted copy leaves
+        truncated = tmp / f"truncated_{role}"
+        shutil.copytree(getattr(tiny[1], role), truncated)
+        weights = truncated / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+        argv = ["--explorer", truncated] if role == "explorer" else [
+            "--explorer", tiny[1].explorer, "--thinker", truncated]
+        cases[f"truncated {role} weights"] = (["run", *argv, *FAST, "q"], {})
+    broken = tmp / "broken_config"
+    shutil.copytree(tiny[1].explorer, broken)
+    (broken / "config.json").write_text((broken / "config.json").read_text()[:-10])
+    cases["invalid config.json"] = (["run", "--explorer", broken, *FAST, "q"], {})
+    cases["file as explorer"] = (["run", "--explorer", tiny[1].explorer / "config.json", *FAST,
+                                  "q"], {})
+    no_mask = tmp / "thinker_without_mask"          # neither config nor tokenizer names [MASK]
+    shutil.copytree(tiny[1].thinker, no_mask)
+    for name, key in (("config.json", "mask_token_id"), ("tokenizer_config.json", "mask_token")):
+        content = json.loads((no_mask / name).read_text())
+        del content[key]
+        (no_mask / name).write_text(json.dumps(content))
+    cases["thinker without mask token"] = (
+        ["run", "--explorer", tiny[1].explorer, "--thinker", no_mask, *FAST, "q"], {})
     blocker = tmp / "a_file"
     blocker.write_text("")
     cases["home under a file"] = (["demo", "--random-models", *FAST, "--home", blocker / "home"],
@@ -255,6 +278,52 @@ def test_config_rejects_negative_answer_caps_and_non_finite_temperatures():
 def test_model_directory_without_a_tokenizer(errors):
     assert_one_line_error(errors["no tokenizer"],
                           f"explorer model directory {errors['tmp'] / 'bare'} has no tokenizer")
+
+
+@pytest.mark.parametrize("role", ["explorer", "thinker"])
+def test_truncated_weights(errors, role):
+    assert_one_line_error(errors[f"truncated {role} weights"],
+                          f"{role} model directory {errors['tmp'] / f'truncated_{role}'} has no "
+                          "loadable weights")
+
+
+def test_invalid_config_json_and_a_file_for_a_directory(errors):
+    assert_one_line_error(errors["invalid config.json"],
+                          f"{errors['tmp'] / 'broken_config'}: config.json is not valid JSON (")
+    assert_one_line_error(errors["file as explorer"],
+                          "config.json is a file, not a model directory")
+
+
+def test_thinker_without_mask_token_says_where_to_name_one(errors):
+    # Not "pass mask_id=": the command line has no such parameter.
+    assert_one_line_error(errors["thinker without mask token"], "names no mask token",
+                          'add "mask_token_id": ID to config.json')
+    assert "mask_id=" not in errors["thinker without mask token"][2]
+
+
+def test_hub_ids_resolve_through_the_local_cache(tiny, tmp_path):
+    """``--explorer org/name`` loads the snapshot in the Hugging Face cache, as from_pretrained
+    would (HF_HUB_OFFLINE=1: no network); what looks like a path stays a path."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--a2r-test--tiny-explorer"
+    shutil.copytree(tiny[1].explorer, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    hub = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    results = run_cases(tiny, {
+        "hub id": (["run", "--explorer", "a2r-test/tiny-explorer", *FAST, "--json", "q"], hub),
+        "not cached": (["run", "--explorer", "a2r-test/elsewhere", *FAST, "q"], hub),
+        "relative path": (["run", "--explorer", "./a2r-test/tiny-explorer", *FAST, "q"], hub),
+    }, forward_allowed=True)
+    code, out, err = results["hub id"]
+    assert code == 0, err
+    models = json.loads(out)["models"]
+    assert models["explorer"]["path"] == "a2r-test/tiny-explorer"
+    assert models["explorer"]["arch"] == "Qwen3ForCausalLM" and models["explorer"]["random"]
+    assert_one_line_error(results["not cached"], "explorer model 'a2r-test/elsewhere' is not a "
+                          "local directory, and not a model in the local Hugging Face cache "
+                          "(HF_HUB_OFFLINE is set)")
+    assert_one_line_error(results["relative path"], "explorer model directory not found")
 
 
 def test_unusable_home(errors):
@@ -379,3 +448,127 @@ def test_closed_stdout_pipe_is_not_a_traceback(tiny):
     finally:
         os.close(write_end)
     assert proc.returncode == 1 and proc.stderr == "", proc.stderr
+
+
+# ------------------------------------------------------------------ Ctrl-C (a real SIGINT)
+
+# Runs `a2r ARGV` (sys.exit(main(argv)), as the console script does) and stops it at one named
+# point, test-side only: the first open() of a file matching `open` (an audit hook: model
+# loading), the first rename onto a file matching `rename_to` (writing --out), or the first module
+# forward (generation). There it writes one byte on `ready_fd` and waits on `block_fd`, which the
+# test never writes: only the SIGINT the test then sends to the whole process group (as a terminal's
+# Ctrl-C does) ends the wait, so where the signal lands is fixed, without sleeps.
+INTERRUPT_DRIVER = r"""
+import json, os, re, sys
+spec = json.loads(os.environ.pop("A2R_TEST_PAUSE"))
+paused = False
+
+def pause():
+    global paused
+    paused = True
+    os.write(spec["ready_fd"], b"p")
+    os.read(spec["block_fd"], 1)
+    raise SystemExit("the test's block pipe closed before the interrupt")
+
+def audit(event, args):
+    if paused:
+        return
+    if event == "open" and spec.get("open") and isinstance(args[0], (str, bytes, os.PathLike)):
+        if re.search(spec["open"], os.fsdecode(args[0])):
+            pause()
+    if event == "os.rename" and spec.get("rename_to") and re.search(spec["rename_to"],
+                                                                  os.fsdecode(args[1])):
+        pause()
+
+sys.addaudithook(audit)
+if spec.get("forward"):
+    import torch
+    module_call = torch.nn.Module.__call__
+    def paused_call(self, *args, **kwargs):
+        if not paused:
+            pause()
+        return module_call(self, *args, **kwargs)
+    torch.nn.Module.__call__ = paused_call
+from a2r.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_interrupted(argv, env, **pause_at):
+    """(reached the pause point, exit status, stdout, stderr) of ``a2r argv`` sent SIGINT there."""
+    import select
+    import signal
+
+    ready_read, ready_write = os.pipe()
+    block_read, block_write = os.pipe()
+    spec = {"ready_fd": ready_write, "block_fd": block_read, **pause_at}
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPT_DRIVER, *map(str, argv)],
+                            env={**env, "A2R_TEST_PAUSE": json.dumps(spec)},
+                            pass_fds=(ready_write, block_read), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    os.close(ready_write)
+    os.close(block_read)
+    try:
+        readable, _, _ = select.select([ready_read], [], [], 600)
+        reached = bool(readable) and os.read(ready_read, 1) == b"p"   # b"": it exited first
+        if reached:
+            os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(ready_read)
+        os.close(block_write)
+    return reached, proc.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def interrupts(tiny, tmp_path_factory):
+    """Each command interrupted at one point, all run side by side: ``{name: (reached, code, out,
+    err, out_dir)}``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tmp = tmp_path_factory.mktemp("interrupts")
+    env = {**os.environ, "A2R_HOME": str(tiny[0]), "OMP_NUM_THREADS": "1"}
+    env.pop("A2R_DEBUG", None)
+    data = write_jsonl(tmp / "qa.jsonl", [{"question": "What is 1 + 2 + 3?", "answer": 6}])
+    cases = {
+        "run while loading": (["run", "--explorer", tiny[1].explorer, *FAST, "q"],
+                              {"open": re.escape(str(tiny[1].explorer / "config.json")) + "$"}),
+        "demo while generating": (["demo", "--random-models", "--no-thinker", *FAST],
+                                  {"forward": True}),
+        "eval while loading": (["eval", data, "--tiny", "--no-thinker", *FAST, "--out", "OUT"],
+                               {"open": r"explorer/config\.json$"}),
+        "eval while writing --out": (["eval", data, "--tiny", "--no-thinker", *FAST, "--out",
+                                      "OUT"], {"rename_to": r"summary\.json$"}),
+    }
+
+    def run(name):
+        argv, pause_at = cases[name]
+        out_dir = tmp / name.replace(" ", "_")
+        out_dir.mkdir()
+        argv = [out_dir / "summary.json" if a == "OUT" else a for a in argv]
+        return (*run_interrupted(argv, env, **pause_at), out_dir)
+
+    with ThreadPoolExecutor(max_workers=len(cases)) as pool:
+        return dict(zip(cases, pool.map(run, cases)))
+
+
+@pytest.mark.parametrize("case", ["run while loading", "demo while generating",
+                                  "eval while loading", "eval while writing --out"])
+def test_ctrl_c_is_one_line_and_exit_130(interrupts, case):
+    reached, code, _, err, _ = interrupts[case]
+    assert reached, f"the command ended before the interrupt point: {code}\n{err}"
+    assert code == 130 and err == "a2r: interrupted\n", err
+
+
+@pytest.mark.parametrize("case", ["eval while loading", "eval while writing --out"])
+def test_ctrl_c_leaves_no_partial_out_file(interrupts, case):
+    """The --out file is written beside itself and renamed: an interrupted eval leaves none (and
+    no temporary file); the records file holds whole lines only."""
+    reached, _, _, _, out_dir = interrupts[case]
+    assert reached
+    left = sorted(p.name for p in out_dir.iterdir())
+    assert left in ([], ["summary.jsonl"]), left
+    for line in (out_dir / "summary.jsonl").read_text().splitlines() if left else []:
+        json.loads(line)

@@ -278,6 +278,11 @@ def test_pipeline_refuses_masked_diffusion_knobs_for_a_diffusion_gemma_thinker(m
     with pytest.raises(PipelineError, match="thinker_steps"):
         pipe.check_question("What is 2+2?")
     pipe.check_question("What is 2+2?", thinker_steps=A2RConfig().thinker_steps)
+    from a2r.launch import CLI_OPTION_NAMES
+
+    pipe.option_names = CLI_OPTION_NAMES   # the CLI's: the message names the flag
+    with pytest.raises(PipelineError, match=r"^--thinker-steps: options the uniform-noise"):
+        pipe.check_question("What is 2+2?")
 
 
 def test_left_padded_batch_matches_transformers_generate(model):

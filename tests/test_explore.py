@@ -877,6 +877,8 @@ def test_token_ids_outside_the_vocabulary_raise_value_error(qwen3):
     assert dec.length(seq) == 6               # the parent is untouched, still alive
     with pytest.raises(ValueError, match="device must be a torch device"):
         ak.TreeLayout.from_paths([[0]], [[0]], [3], 4, device="bogus")
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        ak.TreeLayout.from_block_tables([[0]], [3], 4, device="bogus")
 
 
 def test_model_stays_usable_with_generate(qwen3):

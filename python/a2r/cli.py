@@ -9,7 +9,9 @@ Set-up errors (missing model directory or tokenizer, unsupported architecture, t
 match and do not, unreadable eval file, blank or too long question, unavailable backend, unusable
 ``--home`` or ``--out``, bad option value, usage errors) print one line ``a2r: error: ...`` on
 stderr and exit with status 2, before any model runs. ``A2R_DEBUG=1`` re-raises them with the traceback
-instead.
+instead. Ctrl-C (SIGINT), at any point of any command, prints one line ``a2r: interrupted`` and
+exits with status 130; files the command writes (``--out``, ``--plot``) are replaced whole or not
+at all (written to a temporary file beside them, then renamed: :func:`a2r.report.replaced_whole`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import fields
@@ -27,9 +30,8 @@ from pathlib import Path
 
 from .eval.command import add_deepconf_options, cmd_eval
 from .launch import (CLIError, check_question_text, load_pipeline, quiet_transformers,
-                     random_models_note)
-from .report import emit_json, print_result
-from .sampling import SamplingParams
+                     random_models_note, run_note)
+from .report import NO_ANSWER, emit_json, print_result
 
 __all__ = ["main", "build_parser"]
 
@@ -94,6 +96,8 @@ def _positive_float(text: str) -> float:
 
 def _generation_options(max_new_tokens_default: int) -> argparse.ArgumentParser:
     """Options shared by demo, run and eval."""
+    from .sampling import SamplingParams   # imports torch: here, inside main()'s Ctrl-C handling
+
     parent = argparse.ArgumentParser(add_help=False)
     g = parent.add_argument_group("generation")
     # Ranges are A2RConfig.validate's (one "a2r: error:" line before any model loads); argparse
@@ -246,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--list", action="store_true", help="list the scripts and exit")
     bench.add_argument("--bench-dir", metavar="DIR", help="benchmarks directory "
                        "(default: the repository's benchmarks/)")
+    bench.add_argument("--out", metavar="DIR", help="where the scripts write their result files "
+                       "(created if missing; benchmarks/results to update the repository's). "
+                       "Default: benchmarks/results with a CUDA GPU; without one a new scratch "
+                       "directory, so CPU runs never touch the checkout")
     bench.add_argument("--json", action="store_true", help="machine-readable summary")
     return parser
 
@@ -297,13 +305,14 @@ def cmd_run(args) -> int:
     check_question_text(args.question)
     pipeline, models = load_pipeline(args, use_tiny=args.tiny)
     pipeline.check_question(args.question)   # too long for a model: before any model runs
-    note = random_models_note(models)
+    note = run_note(models, [args.question])
     result = pipeline.run(args.question)
     if args.json:
         emit_json({"note": note, "models": models, **result.to_dict()})
     else:
         print_result(result, models)
-        print(f"\nFinal answer (A2R): {result.final_answer}")
+        answer = result.final_answer if result.final_answer is not None else NO_ANSWER
+        print(f"\nFinal answer (A2R): {answer}")
         if note:
             print(note)
     return 0
@@ -313,9 +322,37 @@ def _default_bench_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def cmd_bench(args) -> int:
-    import torch
+# Shared with benchmarks/common.py (RESULTS_DIR_ENV, SKIPPED_EXIT_STATUS), which the installed
+# package cannot import; tests/test_cli.py holds them equal.
+BENCH_RESULTS_DIR_ENV = "A2R_BENCH_RESULTS_DIR"
+BENCH_SKIPPED_EXIT_STATUS = 77
 
+
+def _bench_results_dir(out: str | None, bench_dir: Path, on_gpu: bool) -> tuple[Path, bool]:
+    """(where the benchmark scripts write their result files, whether it is a scratch directory):
+    ``--out DIR`` (created when its parent exists), else ``benchmarks/results`` on a CUDA machine,
+    else a new temporary directory: the CPU rows of a casual run must not dirty the checkout."""
+    if out is None:
+        if on_gpu:
+            return bench_dir / "results", False
+        return Path(tempfile.mkdtemp(prefix="a2r-bench-")), True
+    directory = Path(out).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise CLIError(f"--out {out}: is a file (give a directory for the result files)")
+    if not directory.exists():
+        if not directory.parent.is_dir():
+            raise CLIError(f"--out {out}: its parent {directory.parent} does not exist")
+        try:
+            directory.mkdir()
+        except OSError as err:
+            raise CLIError(f"--out {out}: cannot create it ({err.strerror})") from None
+    if not os.access(directory, os.W_OK):
+        raise CLIError(f"--out {out}: directory is not writable")
+    return directory, False
+
+
+def _bench_scripts(args) -> tuple[Path, list[Path]]:
+    """(the benchmarks directory, its ``bench_*.py`` scripts that --only selects)."""
     bench_dir = Path(args.bench_dir) if args.bench_dir else _default_bench_dir()
     if not bench_dir.is_dir():
         raise CLIError(f"benchmarks directory not found: {bench_dir} (pass --bench-dir; "
@@ -325,28 +362,48 @@ def cmd_bench(args) -> int:
         scripts = [s for s in scripts if any(name in s.name for name in args.only)]
     if not scripts:
         raise CLIError(f"no benchmark scripts matched in {bench_dir}")
+    return bench_dir, scripts
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    bench_dir, scripts = _bench_scripts(args)
     if args.list:
         for script in scripts:
             print(script.name)
         return 0
-    quick = (not torch.cuda.is_available()) if args.quick is None else args.quick
+    on_gpu = torch.cuda.is_available()
+    quick = (not on_gpu) if args.quick is None else args.quick
+    results_dir, scratch = _bench_results_dir(args.out, bench_dir, on_gpu)
+    env = {**os.environ, BENCH_RESULTS_DIR_ENV: str(results_dir)}
     runs = []
     for script in scripts:
         command = [sys.executable, str(script)] + (["--quick"] if quick else [])
         if not args.json:
             print(f"$ {' '.join(command)}", flush=True)
         start = time.perf_counter()
-        completed = subprocess.run(command, cwd=bench_dir.parent,
+        completed = subprocess.run(command, cwd=bench_dir.parent, env=env,
                                    stdout=subprocess.PIPE if args.json else None)
+        status = {0: "succeeded", BENCH_SKIPPED_EXIT_STATUS: "skipped"}.get(
+            completed.returncode, "failed")
         runs.append({"script": script.name, "returncode": completed.returncode,
-                     "seconds": time.perf_counter() - start, "quick": quick})
-    failed = [r["script"] for r in runs if r["returncode"] != 0]
+                     "status": status, "seconds": time.perf_counter() - start, "quick": quick})
+    names = {status: [r["script"] for r in runs if r["status"] == status]
+             for status in ("succeeded", "skipped", "failed")}
+    if scratch and not any(results_dir.iterdir()):   # nothing written: leave no empty directory
+        results_dir.rmdir()
+        results_dir = None
     if args.json:
-        emit_json({"runs": runs, "failed": failed, "results_dir": str(bench_dir / "results")})
+        emit_json({"runs": runs, "failed": names["failed"], "skipped": names["skipped"],
+                   "results_dir": str(results_dir) if results_dir else None, "scratch": scratch})
     else:
-        print(f"{len(runs) - len(failed)}/{len(runs)} benchmarks succeeded; results in "
-              f"{bench_dir / 'results'}" + (f"; failed: {', '.join(failed)}" if failed else ""))
-    return 1 if failed else 0
+        detail = "".join(f"; {status}: {', '.join(names[status])}"
+                         for status in ("skipped", "failed") if names[status])
+        where = ("nothing written" if results_dir is None else f"results in {results_dir}"
+                 + (" (a scratch directory: pass --out DIR to keep them)" if scratch else ""))
+        print(f"{len(names['succeeded'])}/{len(runs)} benchmarks succeeded{detail}; {where}")
+    return 1 if names["failed"] else 0
 
 
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "eval": cmd_eval, "bench": cmd_bench}
@@ -360,8 +417,23 @@ def _own_package_dirs() -> tuple[str, ...]:
                  for module in (sys.modules[__package__], a2r_kernels))
 
 
+INTERRUPTED_EXIT_STATUS = 130   # 128 + SIGINT, what a shell reports for a Ctrl-C'd command
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``a2r`` console script; returns the exit status."""
+    """Entry point of the ``a2r`` console script; returns the exit status. Ctrl-C anywhere (the
+    imports of torch and transformers, model loading, generation, writing results) is one line
+    ``a2r: interrupted`` on stderr and status 130; ``A2R_DEBUG=1`` re-raises it instead."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        if os.environ.get("A2R_DEBUG"):
+            raise
+        print("a2r: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT_STATUS
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors exit 2 (one line, _Parser.error)
     quiet_transformers()

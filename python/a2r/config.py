@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from typing import Mapping
 
 from a2r_kernels.vocab import BACKENDS, REMASKING
 
@@ -16,7 +17,7 @@ from .extract import ANSWER_MODES
 from .sampling import SamplingParams
 
 __all__ = ["A2RConfig", "ModelDirError", "PipelineError", "PromptTooLongError",
-           "TokenizerMismatchError", "UnsupportedArchitectureError"]
+           "TokenizerMismatchError", "UnsupportedArchitectureError", "option_name"]
 
 
 class PipelineError(ValueError):
@@ -108,49 +109,66 @@ class A2RConfig:
                               if isinstance(sampling, SamplingParams) else sampling)
         return A2RConfig(**values)
 
-    def validate(self) -> None:
-        """Raise :class:`PipelineError` (a ValueError) naming the first bad field."""
+    def validate(self, names: Mapping[str, str | None] | None = None) -> None:
+        """Raise :class:`PipelineError` (a ValueError) naming the first bad field.
+
+        ``names`` maps a field (of this config or of its ``sampling``) to the name its user typed
+        (the ``a2r`` command line passes its flags, :data:`a2r.launch.CLI_OPTION_NAMES`:
+        ``{"top_p": "--top-p", ...}``); messages use it, else the field's own name.
+        """
+        def n(name: str) -> str:
+            return option_name(name, names)
+
         for name in ("num_paths", "max_new_tokens"):
-            _check_positive(name, getattr(self, name))
+            _check_positive(n(name), getattr(self, name))
         if self.synth_max_new_tokens is not None:
-            _check_positive("synth_max_new_tokens", self.synth_max_new_tokens)
+            _check_positive(n("synth_max_new_tokens"), self.synth_max_new_tokens)
         if not isinstance(self.sampling, SamplingParams):
-            raise PipelineError(f"sampling must be an a2r.sampling.SamplingParams, "
+            raise PipelineError(f"{n('sampling')} must be an a2r.sampling.SamplingParams, "
                                 f"got {type(self.sampling).__name__}")
         try:   # the sampling knobs fail here, before any model is loaded or run
-            self.sampling.validate()
+            self.sampling.validate(names)
         except ValueError as err:
             raise PipelineError(str(err)) from None
         for name in ("synth_temperature", "thinker_temperature"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise PipelineError(f"{name} must be a finite number >= 0, got {value!r}")
+                raise PipelineError(f"{n(name)} must be a finite number >= 0, got {value!r}")
         for name in ("answer_max_chars", "answer_max_tokens"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 0):
-                raise PipelineError(f"{name} must be an int >= 0 or None (no cap), got {value!r}")
+                raise PipelineError(f"{n(name)} must be an int >= 0 or None (no cap), "
+                                    f"got {value!r}")
         for name, allowed in (("answer_mode", ANSWER_MODES), ("thinker_remasking", REMASKING),
                               ("thinker_cache", THINKER_CACHE_MODES), ("backend", BACKENDS)):
             if getattr(self, name) not in allowed:
-                raise PipelineError(f"{name} must be one of {allowed}, "
+                raise PipelineError(f"{n(name)} must be one of {allowed}, "
                                     f"got {getattr(self, name)!r}")
-        self._validate_thinker_schedule()
+        self._validate_thinker_schedule(n)
 
-    def _validate_thinker_schedule(self) -> None:
+    def _validate_thinker_schedule(self, n) -> None:
         if self.thinker_threshold is not None and not 0.0 < self.thinker_threshold <= 1.0:
-            raise PipelineError(f"thinker_threshold must be in (0, 1] or None, "
+            raise PipelineError(f"{n('thinker_threshold')} must be in (0, 1] or None, "
                                 f"got {self.thinker_threshold}")
         for name in ("thinker_gen_length", "thinker_block_length", "thinker_steps",
                      "thinker_traces"):
-            _check_positive(name, getattr(self, name))
+            _check_positive(n(name), getattr(self, name))
         if self.thinker_gen_length % self.thinker_block_length:
-            raise PipelineError(f"thinker_gen_length={self.thinker_gen_length} must be a multiple "
-                                f"of thinker_block_length={self.thinker_block_length}")
+            raise PipelineError(f"{n('thinker_gen_length')} ({self.thinker_gen_length}) must be a "
+                                f"multiple of {n('thinker_block_length')} "
+                                f"({self.thinker_block_length})")
         num_blocks = self.thinker_gen_length // self.thinker_block_length
         if self.thinker_threshold is None and self.thinker_steps % num_blocks:
-            raise PipelineError(f"thinker_steps={self.thinker_steps} must be a multiple of the "
-                                f"number of thinker blocks ({num_blocks}) when no threshold is set")
+            raise PipelineError(f"{n('thinker_steps')} ({self.thinker_steps}) must be a multiple "
+                                f"of the number of thinker blocks ({num_blocks}) when no "
+                                f"{n('thinker_threshold')} is set")
+
+
+def option_name(field_name: str, names: Mapping[str, str | None] | None = None) -> str:
+    """How messages name the config field ``field_name``: ``names[field_name]`` when the caller
+    gave one (the CLI: its flag), else the field's own name."""
+    return (names or {}).get(field_name) or field_name
 
 
 def _check_positive(name: str, value) -> None:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import os
 
-__all__ = ["CLIError", "check_question_text", "config_from_args", "load_pipeline",
-           "quiet_transformers", "random_models_note", "resolve_device", "resolve_dtype",
-           "tiny_paths"]
+__all__ = ["CLI_OPTION_NAMES", "CLIError", "check_question_text", "config_from_args",
+           "load_pipeline", "off_task_note", "quiet_transformers", "random_models_note",
+           "resolve_device", "resolve_dtype", "run_note", "tiny_paths"]
 
 
 # Thinker settings when none are given: the trained thinker writes a trace of this many tokens
@@ -22,6 +22,27 @@ THINKER_DEFAULTS = {"thinker_gen_length": 64, "thinker_block_length": 32, "think
 RANDOM_MODELS_NOTE = ("note: the {models} model(s) are random (untrained) tiny models: their "
                       "answers and accuracies are noise. They show the pipeline's stages, times, "
                       "token counts and KV sharing, not reasoning quality.")
+
+# Printed (and put in the JSON as "note") when the trained embedded models get questions outside
+# their task (a2r.demo.task.parse_question finds none); {what}: "this question is" or
+# "3 of the 5 questions are".
+OFF_TASK_NOTE = ("note: {what} not of the task the embedded models were trained on (a2r.demo.task: "
+                 "sums of {min_terms} to {max_terms} numbers of up to {max_digits} digits, written "
+                 "exactly like 'What is 347 + 85 + 912 + 6?'): their answers to it are noise.")
+
+# The flag that sets each A2RConfig field (None: no flag does), so that errors name what the user
+# typed (A2RConfig.validate(names), A2RPipeline.option_names). The sampling knobs' flags are
+# their field names (cli._generation_options: one --flag per SamplingParams field).
+CLI_OPTION_NAMES = {
+    "num_paths": "-n/--num-paths", "max_new_tokens": "--max-new-tokens",
+    "synth_max_new_tokens": "--synth-max-new-tokens",
+    "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p",
+    "seed": "--seed", "answer_max_chars": "--answer-max-chars", "answer_max_tokens": None,
+    "use_thinker": "--no-thinker", "thinker_gen_length": "--thinker-gen-length",
+    "thinker_block_length": "--thinker-block-length", "thinker_steps": "--thinker-steps",
+    "thinker_threshold": "--thinker-threshold", "thinker_traces": "--thinker-traces",
+    "backend": "--backend", "reuse_prefix_kv": "--no-prefix-reuse",
+}
 
 
 class CLIError(Exception):
@@ -111,6 +132,25 @@ def random_models_note(models) -> str | None:
     return RANDOM_MODELS_NOTE.format(models=", ".join(random_roles)) if random_roles else None
 
 
+def off_task_note(questions) -> str | None:
+    """OFF_TASK_NOTE when some of ``questions`` are not of the trained models' task, else None."""
+    from .demo.task import MAX_DIGITS, MAX_TERMS, MIN_TERMS, parse_question
+
+    off_task = sum(parse_question(q) is None for q in questions)
+    if not off_task:
+        return None
+    what = ("this question is" if len(questions) == 1 else
+            f"{off_task} of the {len(questions)} questions are")
+    return OFF_TASK_NOTE.format(what=what, min_terms=MIN_TERMS, max_terms=MAX_TERMS,
+                                max_digits=MAX_DIGITS)
+
+
+def run_note(models, questions) -> str | None:
+    """The note of a run: random models (random_models_note), else, for the trained embedded
+    models, questions off their task (off_task_note)."""
+    return random_models_note(models) or (off_task_note(questions) if models["trained"] else None)
+
+
 def config_from_args(args, thinker_defaults=None):
     """The :class:`~a2r.config.A2RConfig` of the generation options (range checks are its
     ``validate``'s, not argparse's)."""
@@ -170,7 +210,7 @@ def load_pipeline(args, *, use_tiny: bool):
     from .demo.tiny import TRAINED_THINKER_SETTINGS
 
     config = config_from_args(args, TRAINED_THINKER_SETTINGS if trained else None)
-    config.validate()   # bad option values fail here, before any model is loaded
+    config.validate(CLI_OPTION_NAMES)   # bad option values fail here, before any model loads
     vllm_options = vllm_engine_options(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -189,11 +229,14 @@ def load_pipeline(args, *, use_tiny: bool):
     pipeline = A2RPipeline.from_pretrained(
         explorer, synthesizer, thinker, device=device, dtype=dtype, config=config,
         engine="vllm" if vllm_options is not None else "transformers", vllm_options=vllm_options)
+    pipeline.option_names = CLI_OPTION_NAMES
     from .demo.tiny import is_random_model
 
     def describe(path, model):
         arch = getattr(model, "architecture", type(model).__name__)   # VLLMEngine: "... (vLLM)"
-        return {"path": str(path), "arch": arch, "random": is_random_model(path)}
+        # The directory it was loaded from (a hub id's is its snapshot in the HF cache).
+        directory = getattr(model, "name_or_path", "") or path
+        return {"path": str(path), "arch": arch, "random": is_random_model(directory)}
 
     from . import thinker as thinkers
 

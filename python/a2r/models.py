@@ -1,7 +1,8 @@
 """Loading models for the pipeline's roles, and what the stages read off a loaded model.
 
 Loaders (:func:`load_causal_lm`, :func:`load_thinker`; vLLM's: :func:`a2r.engine.load_vllm`)
-check the directory,
+take a ``save_pretrained`` directory or a hub id (:func:`check_model_dir`: its snapshot in the
+Hugging Face cache), check the directory, its ``config.json``,
 the architecture and the tokenizer first and raise :class:`~a2r.config.ModelDirError` or
 :class:`~a2r.config.UnsupportedArchitectureError` naming the directory; :func:`check_fits` raises
 :class:`~a2r.config.PromptTooLongError` before a prompt outgrows a model's positions. They return
@@ -10,16 +11,19 @@ the architecture and the tokenizer first and raise :class:`~a2r.config.ModelDirE
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
+from typing import Mapping
 
 from a2r_kernels.vocab import attention_geometry, eos_ids, text_config
 
 from .config import ModelDirError, PromptTooLongError, UnsupportedArchitectureError
 
-__all__ = ["QUESTION_TOO_LONG", "REFERENCES_TOO_LONG", "check_fits", "check_model_dir",
-           "check_tokenizer", "kv_bytes_per_token", "load_causal_lm", "load_thinker",
-           "model_dtype", "parse_dtype", "position_limit", "stop_ids", "tokenizer_differences",
-           "unsupported_reason"]
+__all__ = ["QUESTION_TOO_LONG", "check_fits", "check_model_dir", "check_tokenizer",
+           "hub_snapshot_dir", "kv_bytes_per_token", "load_causal_lm", "load_thinker",
+           "model_dtype", "parse_dtype", "position_limit", "read_config_json",
+           "references_too_long_hint", "stop_ids", "tokenizer_differences", "unsupported_reason"]
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
            "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
@@ -98,8 +102,15 @@ def position_limit(model) -> int | None:
 
 
 QUESTION_TOO_LONG = "shorten the question or ask for fewer new tokens"
-REFERENCES_TOO_LONG = ("the references made it too long: lower answer_max_chars, "
-                        "answer_max_tokens or num_paths")
+
+
+def references_too_long_hint(names: Mapping[str, str | None] | None = None) -> str:
+    """What shortens a prompt that the references made too long: the config fields that cap them,
+    each named by ``names[field]`` when given (see :meth:`a2r.config.A2RConfig.validate`; a field
+    mapped to None has no name there, the CLI has no flag for it, and is left out)."""
+    knobs = [name for name in ((names or {}).get(field, field) for field in
+                               ("answer_max_chars", "answer_max_tokens", "num_paths")) if name]
+    return f"the references made it too long: lower {', '.join(knobs[:-1])} or {knobs[-1]}"
 
 
 def check_fits(role: str, model, prompt_tokens: int, new_tokens: int, hint: str) -> None:
@@ -118,10 +129,53 @@ def check_fits(role: str, model, prompt_tokens: int, new_tokens: int, hint: str)
             f"{hint}")
 
 
+def _looks_like_path(text: str) -> bool:
+    """Whether ``text`` names a local path, never a hub id: it exists on disk, starts with ``.``,
+    ``/`` or ``~`` (or a drive on Windows), uses the OS's own separator when that is not ``/``, or
+    has more than one ``/`` (a hub id is ``name`` or ``org/name``)."""
+    if os.path.lexists(text) or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        return True
+    return (os.sep != "/" and os.sep in text) or bool(os.path.splitdrive(text)[0])
+
+
+# Files a model directory needs (config, weights, tokenizer, chat template, remote code): what a
+# hub id's download fetches, not the repository's other formats (GGUF, ONNX, original/, ...).
+_HUB_MODEL_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py", "*.tiktoken")
+
+
+def hub_snapshot_dir(repo_id: str, role: str) -> Path:
+    """The local directory of hub model ``repo_id``: its snapshot in the Hugging Face cache
+    (``HF_HUB_CACHE``), downloaded first where there is a network and ``HF_HUB_OFFLINE`` is not
+    set, as ``from_pretrained`` would. :class:`ModelDirError` when it is neither cached nor
+    downloadable."""
+    from huggingface_hub import constants, snapshot_download
+
+    offline = constants.HF_HUB_OFFLINE
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=list(_HUB_MODEL_FILES)))
+        if not offline and not any(folder.glob("*.safetensors")):   # a PyTorch-only repository
+            folder = Path(snapshot_download(repo_id, allow_patterns=["pytorch_model*.bin"]))
+    except Exception as err:  # noqa: BLE001 - hub and cache errors have no common base
+        where = ("the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else
+                 "the local Hugging Face cache or on the Hub")
+        raise ModelDirError(f"{role} model {repo_id!r} is not a local directory, and not a model "
+                            f"in {where}: {first_line(err)}") from None
+    return folder
+
+
 def check_model_dir(path, role: str) -> Path:
+    """The local model directory ``path`` names: a directory, or a hub id (``org/name``) resolved
+    through the Hugging Face cache (:func:`hub_snapshot_dir`). :class:`ModelDirError` for a
+    missing path, a file, or a directory without ``config.json``."""
     if path is None:
         raise ModelDirError(f"{role} model directory is required")
-    directory = Path(path).expanduser()
+    text = os.fspath(path)
+    if not _looks_like_path(text):
+        return check_model_dir(hub_snapshot_dir(text, role), role)
+    directory = Path(text).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise ModelDirError(f"{role} model path {directory} is a file, not a model directory (give "
+                            "the directory that holds config.json and the weights)")
     if not directory.is_dir():
         raise ModelDirError(f"{role} model directory not found: {directory}")
     if not (directory / "config.json").is_file():
@@ -130,16 +184,65 @@ def check_model_dir(path, role: str) -> Path:
     return directory
 
 
+def read_config_json(directory: Path, role: str) -> dict:
+    """``directory/config.json`` parsed; :class:`ModelDirError` when it is not a JSON object
+    (transformers would report invalid JSON as an unknown architecture)."""
+    path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ModelDirError(f"{role} model directory {directory}: config.json is not valid JSON "
+                            f"({err.msg}: line {err.lineno}, column {err.colno})") from None
+    except UnicodeDecodeError:
+        raise ModelDirError(f"{role} model directory {directory}: config.json is not UTF-8 "
+                            "text") from None
+    if not isinstance(config, dict):
+        raise ModelDirError(f"{role} model directory {directory}: config.json holds a "
+                            f"{type(config).__name__}, not a JSON object")
+    return config
+
+
+def _weights_errors() -> tuple[type[BaseException], ...]:
+    """What loading unreadable weights raises: OSError (missing, unreadable) and safetensors'
+    SafetensorError (a truncated or corrupt file)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - transformers requires safetensors
+        return (OSError,)
+    return (OSError, SafetensorError)
+
+
+def _decoder_only_reason(config) -> str | None:
+    """Why ``config`` (in transformers' causal-LM mapping) is not a decoder-only model, or None.
+
+    Decided by the architecture, not by ``config.is_decoder``: that flag defaults to False in every
+    config and decoder-only architectures (Llama, Qwen, GPT-NeoX, ...) ignore it. It matters only
+    for encoders that also have a causal-LM head (BERT, RoBERTa, ...: the architectures
+    transformers also maps to a masked LM), which attend causally only with ``is_decoder=True``.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if getattr(config, "is_encoder_decoder", False):
+        return "is not a decoder-only causal LM (an encoder-decoder model)"
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder",
+                                                                              False):
+        return ("is not a decoder-only causal LM (an encoder architecture; its causal-LM head "
+                "attends causally only with is_decoder=true in config.json)")
+    return None
+
+
 def unsupported_reason(config, causal_lm_mapping) -> str | None:
     """Why ``a2r.sample_parallel`` cannot drive this architecture, or None when it can.
 
-    It needs a decoder-only causal LM whose attention goes through transformers'
-    ``AttentionInterface`` (Llama, Qwen2/3, Mistral, ...) with full attention in every layer.
+    It needs a decoder-only causal LM (:func:`_decoder_only_reason`) whose attention goes through
+    transformers' ``AttentionInterface`` (Llama, Qwen2/3, Mistral, GPT-NeoX, ...) with full
+    attention in every layer.
     """
     if type(config) not in causal_lm_mapping:
         return "is not a causal LM"
-    if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_decoder", None) is False:
-        return "is not a decoder-only causal LM"
+    why = _decoder_only_reason(config)
+    if why is not None:
+        return why
     if not getattr(causal_lm_mapping[type(config)], "_supports_attention_backend", False):
         return "does not route attention through transformers' AttentionInterface"
     layer_types = set(getattr(text_config(config), "layer_types", None) or [])
@@ -154,6 +257,7 @@ def load_causal_lm(path, role: str, device, dtype):
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     directory = check_model_dir(path, role)
+    read_config_json(directory, role)   # invalid JSON is named as such, not as an unknown model
     try:
         config = AutoConfig.from_pretrained(directory)
     except (ValueError, KeyError, OSError) as err:
@@ -173,7 +277,7 @@ def load_causal_lm(path, role: str, device, dtype):
     check_tokenizer(tokenizer, directory, role)
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=parse_dtype(dtype))
-    except OSError as err:  # config.json but no weights, or unreadable weights
+    except _weights_errors() as err:  # config.json but no weights, or unreadable/truncated ones
         raise ModelDirError(f"{role} model directory {directory} has no loadable weights: "
                             f"{first_line(err)}") from err
     model.to(device).eval()
@@ -187,17 +291,21 @@ def load_thinker(path, device, dtype):
     from . import thinker
 
     directory = check_model_dir(path, "thinker")
-    remote_code = "auto_map" in (directory / "config.json").read_text()  # LLaDA / Dream ship code
+    raw_config = read_config_json(directory, "thinker")
+    remote_code = "auto_map" in raw_config  # LLaDA / Dream ship code
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=remote_code)
     except (ValueError, OSError) as err:
         raise ModelDirError(f"thinker model directory {directory} has no loadable tokenizer: "
                             f"{first_line(err)}") from err
     check_tokenizer(tokenizer, directory, "thinker")
+    if (not thinker.is_diffusion_gemma_config(raw_config)
+            and getattr(tokenizer, "mask_token_id", None) is None):
+        _check_thinker_mask_token(directory, remote_code)
     try:
         model = thinker.load_thinker_model(directory, tokenizer, device=device,
                                            dtype=parse_dtype(dtype))
-    except OSError as err:
+    except _weights_errors() as err:
         raise ModelDirError(f"thinker model directory {directory} has no loadable weights: "
                             f"{first_line(err)}") from err
     except (ValueError, KeyError) as err:
@@ -205,6 +313,24 @@ def load_thinker(path, device, dtype):
             f"thinker model in {directory} is not a masked-diffusion model a2r can drive: "
             f"{first_line(err)}") from err
     return model, tokenizer
+
+
+def _check_thinker_mask_token(directory: Path, remote_code: bool) -> None:
+    """A masked-diffusion thinker whose tokenizer has no mask token needs ``mask_token_id`` in its
+    config (as loaded: remote-code configs may set it themselves); :class:`ModelDirError` saying
+    where to put it otherwise, before any weights load (not the library's "pass mask_id=", which
+    the command line has no way to do)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=remote_code)
+    except (ValueError, KeyError, OSError):
+        return   # load_thinker_model reports the unusable config itself
+    if getattr(config, "mask_token_id", None) is None:
+        raise ModelDirError(
+            f"thinker model directory {directory} names no mask token: its tokenizer has no "
+            "mask_token and its config.json no mask_token_id (a masked-diffusion thinker needs "
+            "one: add \"mask_token_id\": ID to config.json)")
 
 
 def first_line(err: BaseException) -> str:

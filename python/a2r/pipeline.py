@@ -47,11 +47,11 @@ import time
 import warnings
 from typing import Sequence
 
-from .config import A2RConfig, PipelineError, TokenizerMismatchError
+from .config import A2RConfig, PipelineError, TokenizerMismatchError, option_name
 from .engine import ENGINES, Generation, Room, as_engine, load_vllm
 from .extract import extract_answer_component, extract_final_answer, majority_vote
-from .models import (QUESTION_TOO_LONG, REFERENCES_TOO_LONG, check_fits, check_model_dir,
-                     kv_bytes_per_token, load_causal_lm, load_thinker, parse_dtype,
+from .models import (QUESTION_TOO_LONG, check_fits, check_model_dir, kv_bytes_per_token,
+                     load_causal_lm, load_thinker, parse_dtype, references_too_long_hint,
                      stop_ids, tokenizer_differences)
 from .prompts import Prompt, PromptBuilder, decode
 from .results import A2RResult, KVSharing, StageReport, joined_trace
@@ -92,6 +92,10 @@ class A2RPipeline:
             explorer's.
         config: :class:`A2RConfig` (defaults when ``None``); ``run`` takes per-call overrides.
 
+    ``option_names`` (a dict field -> name, None: no name; empty by default) makes its errors
+    name a config field as the caller's user knows it (the ``a2r`` CLI sets its flags:
+    ``--top-p``, not ``top_p``; see :meth:`A2RConfig.validate`).
+
     Example::
 
         pipe = A2RPipeline.from_pretrained("explorer/", synthesizer="synth/", thinker="dllm/")
@@ -110,6 +114,9 @@ class A2RPipeline:
         self.thinker_tokenizer = thinker_tokenizer or explorer_tokenizer
         self.config = config or A2RConfig()
         self.config.validate()
+        # How errors name the config's fields: the names the caller's user typed (the a2r command
+        # line sets its flags, see A2RConfig.validate); empty: the field names.
+        self.option_names: dict[str, str | None] = {}
         # One engine per model (the symmetric set-up's one model: one engine, one cache), kept
         # across stages and runs: its cache holds the prompts' blocks for prefix reuse.
         self.explorer_engine = as_engine(explorer)
@@ -141,7 +148,8 @@ class A2RPipeline:
                         thinker: str | os.PathLike | None = None, *, device="cpu", dtype=None,
                         config: A2RConfig | None = None, engine: str = "transformers",
                         vllm_options: dict | None = None) -> "A2RPipeline":
-        """Load the models from ``save_pretrained`` directories (each with its tokenizer).
+        """Load the models from ``save_pretrained`` directories (each with its tokenizer) or hub
+        ids (their snapshot in the Hugging Face cache: :func:`a2r.models.check_model_dir`).
 
         ``synthesizer=None`` or the explorer's own directory gives the symmetric set-up (the model
         is loaded once). ``dtype``: ``None``/``"auto"`` keeps the checkpoint's, else a name accepted
@@ -213,7 +221,8 @@ class A2RPipeline:
         """One sampling stage on ``engine``: its report and the engine's :class:`Generation`
         (``confidence``: :meth:`Engine.generate`'s)."""
         # Question-only prompts were checked up front (check_question); this catches the rest.
-        check_fits(name, engine, len(prompt.ids), max_new_tokens, REFERENCES_TOO_LONG)
+        check_fits(name, engine, len(prompt.ids), max_new_tokens,
+                   references_too_long_hint(self.option_names))
         stops = stop_ids(engine, tokenizer)
         generation = engine.generate(prompt.ids, n, max_new_tokens, sampling, seed=seed,
                                      stop_ids=stops, backend=cfg.backend,
@@ -249,7 +258,7 @@ class A2RPipeline:
         prompt = self._thinker(question, references)
         check_fits("thinker", model, len(prompt.ids),
                    thinkers.generated_positions(model, cfg.thinker_gen_length),
-                   REFERENCES_TOO_LONG)
+                   references_too_long_hint(self.option_names))
         device = next(model.parameters()).device
         generator = None
         if cfg.seed is not None:
@@ -323,12 +332,13 @@ class A2RPipeline:
 
     def _config(self, overrides) -> A2RConfig:
         cfg = self.config.replace(**overrides)
-        cfg.validate()
+        cfg.validate(self.option_names)
         if self.thinker is not None and cfg.use_thinker:
             from . import thinker as thinkers
 
             defaults = A2RConfig()
-            changed = [name for name in thinkers.unused_settings(self.thinker)
+            changed = [option_name(name, self.option_names)
+                       for name in thinkers.unused_settings(self.thinker)
                        if getattr(cfg, name) != getattr(defaults, name)]
             if changed:
                 raise PipelineError(f"{', '.join(changed)}: options the {thinkers.kind(self.thinker)} "

@@ -1,11 +1,21 @@
-"""Human-readable and JSON reports of A2R runs (``a2r demo``, ``run``, ``eval``)."""
+"""Human-readable and JSON reports of A2R runs (``a2r demo``, ``run``, ``eval``), and the file
+writing of ``a2r eval --out/--plot`` (:func:`replaced_whole`: a file is replaced whole or not at
+all, even on Ctrl-C)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+import tempfile
+from pathlib import Path
 
-__all__ = ["emit_json", "format_bytes", "print_result", "short"]
+__all__ = ["NO_ANSWER", "answer_text", "emit_json", "format_bytes", "print_result",
+           "replaced_whole", "short"]
+
+# Printed after "Final answer (A2R):" when the synthesizer's output holds no answer.
+NO_ANSWER = "no answer found (the synthesizer's output has no \\boxed{} answer and no number)"
 
 
 def short(text: str | None, limit: int = 70) -> str:
@@ -27,6 +37,11 @@ def format_bytes(n: int) -> str:
     return f"{scaled:,.1f} {unit} ({n:,} B)"
 
 
+def answer_text(answer: str | None) -> str:
+    """An extracted answer as printed: ``(none)`` where none was found."""
+    return "(none)" if answer is None else answer
+
+
 def print_result(result, models, gold: str | None = None, out=None) -> None:
     """Human-readable report of one A2R run: every stage with its time and tokens."""
     out = out or sys.stdout  # looked up per call: sys.stdout may be replaced (tests, redirects)
@@ -36,7 +51,7 @@ def print_result(result, models, gold: str | None = None, out=None) -> None:
     p(f"  [explorer]    {models['explorer']['arch']}: {len(e.texts)} paths, prompt "
       f"{e.prompt_tokens} tok, {e.generated_tokens} tok generated, {e.seconds:.2f} s")
     for i, (text, answer) in enumerate(zip(e.texts, result.explorer_answers), start=1):
-        p(f"      path {i}: answer={answer!s:<10} | {short(text)}")
+        p(f"      path {i}: answer={answer_text(answer):<10} | {short(text)}")
     if result.thinker is not None:
         t = result.thinker
         p(f"  [thinker]     {models['thinker']['arch']} ({models['thinker']['kind']}): prompt "
@@ -62,9 +77,9 @@ def print_result(result, models, gold: str | None = None, out=None) -> None:
               f"{kv.synthesizer_prefill_tokens}")
         else:
             p(f"{shared}; not reused ({kv.reuse_note})")
-    cons = f"{result.cons_answer} ({result.cons_votes}/{len(e.texts)} votes)"
-    p(f"  answers: pass@1={result.pass_at_1_answer}  Cons@{len(e.texts)}={cons}  "
-      f"A2R={result.final_answer}")
+    cons = f"{answer_text(result.cons_answer)} ({result.cons_votes}/{len(e.texts)} votes)"
+    p(f"  answers: pass@1={answer_text(result.pass_at_1_answer)}  Cons@{len(e.texts)}={cons}  "
+      f"A2R={answer_text(result.final_answer)}")
     if gold is not None:
         grade = result.grade(gold)
         p("  correct: " + "  ".join(f"{k}={v}" for k, v in grade.items()))
@@ -72,5 +87,26 @@ def print_result(result, models, gold: str | None = None, out=None) -> None:
 
 
 def emit_json(payload) -> None:
-    json.dump(payload, sys.stdout, indent=2, ensure_ascii=False)
-    sys.stdout.write("\n")
+    # One write of the whole document: a Ctrl-C while it is built leaves no partial JSON.
+    sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def replaced_whole(path: str | os.PathLike):
+    """Yields a temporary path beside ``path`` to write to; when the block ends, it replaces
+    ``path`` in one rename (``os.replace``), so readers see the old file or the whole new one.
+    Any exception (Ctrl-C included) removes the temporary file and leaves ``path`` untouched."""
+    target = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
+                                         suffix=f".tmp{target.suffix}")
+    try:
+        os.close(handle)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)   # mkstemp's 0600 would make the result private
+        yield temporary
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise

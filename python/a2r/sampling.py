@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from typing import Mapping
 
 import torch
 
@@ -39,9 +40,10 @@ class SamplingParams:
         "help": "explorer min-p sampling: drop tokens less likely than min_p times the most "
                 "likely one (0 = off; default: %(default)s)"})
 
-    def validate(self) -> "SamplingParams":
-        """Raise ValueError naming the first field out of range; returns ``self``."""
-        check_sampling_args(self.temperature, self.top_k, self.top_p, self.min_p)
+    def validate(self, names: Mapping[str, str | None] | None = None) -> "SamplingParams":
+        """Raise ValueError naming the first field out of range (by ``names[field]`` when given,
+        see :meth:`a2r.config.A2RConfig.validate`); returns ``self``."""
+        check_sampling_args(self.temperature, self.top_k, self.top_p, self.min_p, names=names)
         return self
 
     @classmethod
@@ -72,17 +74,24 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_sampling_args(temperature: float, top_k: int, top_p: float, min_p: float = 0.0) -> None:
-    """Raise ValueError naming the argument when a sampling parameter is out of range."""
+def check_sampling_args(temperature: float, top_k: int, top_p: float, min_p: float = 0.0, *,
+                        names: Mapping[str, str | None] | None = None) -> None:
+    """Raise ValueError naming the argument when a sampling parameter is out of range (by
+    ``names[argument]`` when given: the name the caller's user typed, e.g. ``--top-p``)."""
+    def name(argument: str) -> str:
+        return (names or {}).get(argument) or argument
+
     if not _is_number(temperature) or not math.isfinite(temperature) or not temperature >= 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), "
+        raise ValueError(f"{name('temperature')} must be a finite number >= 0 (0: greedy), "
                          f"got {temperature!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be >= 0, an int (0 disables it), got {top_k!r}")
+        raise ValueError(f"{name('top_k')} must be >= 0, an int (0 disables it), got {top_k!r}")
     if not _is_number(top_p) or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], a number (1 disables it), got {top_p!r}")
+        raise ValueError(f"{name('top_p')} must be in (0, 1], a number (1 disables it), "
+                         f"got {top_p!r}")
     if not _is_number(min_p) or not 0.0 <= min_p <= 1.0:
-        raise ValueError(f"min_p must be in [0, 1], a number (0 disables it), got {min_p!r}")
+        raise ValueError(f"{name('min_p')} must be in [0, 1], a number (0 disables it), "
+                         f"got {min_p!r}")
 
 
 def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,

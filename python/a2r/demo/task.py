@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["HELDOUT_SEED", "MAX_DIGITS", "MAX_TERMS", "MIN_TERMS", "Problem", "TRAIN_SEED", "WIDTH",
-           "draw_problems", "reversed_digits", "worked_answer", "write_jsonl"]
+           "draw_problems", "parse_question", "reversed_digits", "worked_answer", "write_jsonl"]
 
 MIN_TERMS, MAX_TERMS, MAX_DIGITS = 3, 5, 3
 WIDTH = 4   # digits of every number in the working: the largest sum, 5 * 999, has 4
@@ -60,6 +61,25 @@ class Problem:
 
     def to_dict(self) -> dict:
         return {"question": self.question, "answer": self.gold}
+
+
+_QUESTION = re.compile(r"What is ([0-9]+(?: \+ [0-9]+)+)\?")
+
+
+def parse_question(text: str) -> Problem | None:
+    """The :class:`Problem` whose ``question`` is ``text`` (surrounding whitespace aside), or None
+    when ``text`` is not a question of this task: the inverse of :attr:`Problem.question` over what
+    :func:`draw_problems` can write (:data:`MIN_TERMS` to :data:`MAX_TERMS` terms of 1 to
+    :data:`MAX_DIGITS` digits, no leading zeros, written exactly so). The trained embedded models
+    saw only such questions; their answers to any other text are noise."""
+    match = _QUESTION.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        return None
+    terms = match.group(1).split(" + ")
+    if not MIN_TERMS <= len(terms) <= MAX_TERMS or any(
+            len(t) > MAX_DIGITS or (len(t) > 1 and t.startswith("0")) for t in terms):
+        return None
+    return Problem(tuple(int(t) for t in terms))
 
 
 def draw_problems(count: int, seed: int) -> list[Problem]:

@@ -9,9 +9,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..launch import (CLIError, check_question_text, load_pipeline, random_models_note,
-                      resolve_device, resolve_dtype, tiny_paths)
-from ..report import emit_json, format_bytes
+from ..launch import (CLIError, check_question_text, load_pipeline, resolve_device, resolve_dtype,
+                      run_note, tiny_paths)
+from ..report import emit_json, format_bytes, replaced_whole
 
 __all__ = ["add_deepconf_options", "cmd_eval"]
 
@@ -100,7 +100,7 @@ def cmd_eval(args) -> int:
             pipeline.check_question(question)
         except PipelineError as err:
             raise CLIError(f"{args.file}: question {number}: {err}") from None
-    note = random_models_note(models)
+    note = run_note(models, [question for question, _ in items])
     ar_thinker = None
     if pipeline.thinker is not None and pipeline.config.use_thinker:
         ar_thinker, models["ar_thinker"] = load_ar_thinker(args, pipeline, args.tiny)
@@ -143,19 +143,28 @@ def cmd_eval(args) -> int:
         summary["note"] = note
     if deepconf is not None:
         summary["deepconf"] = deepconf.to_dict()
-    if args.out:
-        try:
-            Path(args.out).write_text(json.dumps({**summary, "per_question": records}, indent=2,
-                                                 ensure_ascii=False) + "\n", encoding="utf-8")
-        except OSError as err:
-            raise CLIError(f"--out {args.out}: cannot write ({err.strerror})") from None
-    if args.plot:
-        evaluate.plot_accuracy(summary, args.plot)
+    _write_eval_files(args, summary, records, evaluate)
     if args.json:
         emit_json(summary)
         return 0
     _print_summary(summary, models, args, records_file, note, evaluate.STAGES)
     return 0
+
+
+def _write_eval_files(args, summary: dict, records: list, evaluate) -> None:
+    """--out (summary + per-question records) and --plot, each replaced whole (replaced_whole:
+    an interrupted or failed write leaves the old file, or none, never part of one)."""
+    if args.out:
+        try:
+            with replaced_whole(args.out) as temporary:
+                Path(temporary).write_text(json.dumps({**summary, "per_question": records},
+                                                      indent=2, ensure_ascii=False) + "\n",
+                                           encoding="utf-8")
+        except OSError as err:
+            raise CLIError(f"--out {args.out}: cannot write ({err.strerror})") from None
+    if args.plot:
+        with replaced_whole(args.plot) as temporary:
+            evaluate.plot_accuracy(summary, temporary)
 
 
 def _outputs(args, evaluate) -> tuple[tuple[int, int], Path | None]:
@@ -220,7 +229,6 @@ def _print_summary(summary: dict, models: dict, args, records_file, note, stages
         print(f"  wrote {args.plot}")
     if note:
         print(note)
-
 
 
 def add_deepconf_options(parser, *, integer, positive_int, number) -> None:
