@@ -264,3 +264,30 @@ def test_cli_engine_vllm_option_errors(model_dir, tmp_path):
                     tmp_path)
         assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
         assert "Using A2R_TREE" not in done.stderr and "Initializing a V1 LLM" not in done.stderr
+
+
+def test_cli_eval_engine_vllm_deepconf_offline(model_dir, tmp_path):
+    """``--deepconf --deepconf-warmup 0`` with --engine vllm (issue 22): the offline methods,
+    each token's confidence from vLLM's returned log-probabilities; greedy, the paths and their
+    confidences are the transformers engine's (the raw distribution on both)."""
+    import numpy as np
+
+    data = tmp_path / "questions.jsonl"
+    data.write_text(json.dumps({"question": "What is 2 + 3?", "answer": "5"}) + "\n")
+    common = ["eval", str(data), "--explorer", str(model_dir), "--no-thinker", "--no-progress",
+              "-n", "2", "--max-new-tokens", "12", "--temperature", "0", "--deepconf",
+              "--deepconf-warmup", "0", "--deepconf-window", "4", *DTYPE]
+    records = {}
+    for name, extra in (("vllm", VLLM_OPTIONS), ("transformers", [])):
+        out = tmp_path / f"{name}.json"
+        done = _a2r([*common, *extra, "--out", str(out)], tmp_path)
+        assert done.returncode == 0, done.stderr[-4000:]
+        summary = json.loads(out.read_text())
+        assert {"deepconf_offline", "a2r_conf"} <= set(summary["accuracy"])
+        assert "deepconf_online" not in summary["accuracy"]
+        records[name] = summary["per_question"][0]
+    vllm, ours = records["vllm"], records["transformers"]
+    assert vllm["path_tokens"] == ours["path_tokens"] and vllm["path_tokens"][0] > 0
+    np.testing.assert_allclose(vllm["confidence"]["token_confidences"],
+                               ours["confidence"]["token_confidences"],
+                               atol=2e-2 if _cuda() else 1e-3)
