@@ -61,7 +61,7 @@ from typing import Iterable
 import torch
 
 from .errors import CacheFullError
-from .vocab import as_int, non_negative_int, positive_int
+from .vocab import DEFAULT_BLOCK_SIZE, as_int, non_negative_int, positive_int
 from .block_tables import NodeBlockTables
 from .layout import TreeLayout, _kv_chunk, _seqs_per_item, host_to_device
 
@@ -123,7 +123,8 @@ class TreeKVCache:
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int,
-                 block_size: int = 16, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+                 block_size: int = DEFAULT_BLOCK_SIZE, dtype: torch.dtype = torch.bfloat16,
+                 device="cpu"):
         self.num_layers = num_layers = positive_int(num_layers, "num_layers")
         self.num_kv_heads = num_kv_heads = positive_int(num_kv_heads, "num_kv_heads")
         self.head_dim = head_dim = positive_int(head_dim, "head_dim")
@@ -498,16 +499,24 @@ class TreeKVCache:
                              f"ints, got {got}")
         return rows
 
-    def _unreserve(self, seqs, num_tokens: int) -> None:
+    def unreserve(self, seqs, num_tokens: int) -> None:
         """Undo the last ``reserve(seqs, num_tokens)``: drop those tokens and return the blocks
-        they alone used. For a forward that failed after its reserve (nothing may have touched
-        ``seqs`` in between); the sequences are then as before the reserve."""
-        bs = self.block_size
-        for i, seq in enumerate(self._seq_list(seqs)):
+        they alone used (block accounting and prefix keys as if never reserved). For a forward
+        that failed or was cancelled after its reserve: nothing may have touched ``seqs`` in
+        between. ValueError (changing nothing) for a forked sequence or one shorter than
+        ``num_tokens``."""
+        num_tokens = non_negative_int(num_tokens, "num_tokens")
+        seq_ids = self._seq_list(seqs)
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"seqs has duplicate sequence ids: {seq_ids}")
+        for i, seq in enumerate(seq_ids):   # check all before changing any
             node = self._node(seq, i)
             if node.frozen or node.length < num_tokens:
                 raise ValueError(f"seqs[{i}]: sequence {seq} has no {num_tokens} reserved tokens "
                                  "to give back")
+        bs = self.block_size
+        for i, seq in enumerate(seq_ids):
+            node = self._node(seq, i)
             node.length -= num_tokens
             self._tables.invalidate(node)   # blocks are popped: its device table is rewritten
             while len(node.blocks) > -(-node.length // bs):
@@ -567,11 +576,13 @@ class TreeKVCache:
             if lo < 0 or hi >= num_slots:
                 raise ValueError(f"slots must lie in [0, num_blocks * block_size = {num_slots}), "
                                  f"got values in [{lo}, {hi}]")
-        self._scatter(layer, slots, k, v)
+        self.scatter(layer, slots, k, v)
 
-    def _scatter(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """:meth:`write` without its checks, for slots that come straight from :meth:`reserve`
-        and K/V of the right shape, dtype and device (the model runner's per-layer call)."""
+    def scatter(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """:meth:`write` without its checks (two index copies, no host sync, no reduction): for a
+        model runner's per-layer call with ``slots`` straight from :meth:`reserve` and ``k``,
+        ``v`` ``[T, num_kv_heads, head_dim]`` in the pool's dtype on its device. Anything else
+        is undefined (an out-of-range slot on CUDA is a device-side error)."""
         self._k_slots[layer].index_copy_(0, slots, k)
         self._v_slots[layer].index_copy_(0, slots, v)
 
@@ -598,11 +609,20 @@ class TreeKVCache:
         return (self._k_slots[layer].index_select(0, slots),
                 self._v_slots[layer].index_select(0, slots))
 
-    def _step_tree(self, seqs) -> tuple[list[_Node], list[list[int]]]:
-        """The tree of one decode step of ``seqs`` without its kernel plan: the nodes on their
-        paths, numbered 0..M-1 in order of first appearance (each has ``.length`` tokens in
-        ``.blocks``), and each seq's path as those numbers, root first. :meth:`layout` plans it;
-        the torch backend's model runner reads it directly. Valid until the next mutation."""
+    def step_tree(self, seqs) -> tuple[list[list[int]], list[list[int]], list[int]]:
+        """The tree of one decode step of ``seqs``, without its kernel plan: ``(paths,
+        node_block_tables, node_lengths)`` as :meth:`TreeLayout.from_paths` takes them (host
+        lists; ``TreeLayout.from_paths(*cache.step_tree(seqs), cache.block_size)`` plans the step
+        :meth:`layout` plans). The nodes on the seqs' paths are numbered 0..M-1 in order of first
+        appearance, as in :meth:`layout`; node ``j`` holds ``node_lengths[j]`` tokens in the
+        ``ceil(node_lengths[j] / block_size)`` blocks of ``node_block_tables[j]``."""
+        nodes, paths = self._step_nodes(seqs)
+        bs = self.block_size
+        return (paths, [node.blocks[:-(-node.length // bs)] for node in nodes],
+                [node.length for node in nodes])
+
+    def _step_nodes(self, seqs) -> tuple[list[_Node], list[list[int]]]:
+        """:meth:`step_tree` with the nodes themselves (valid until the next mutation)."""
         local_id: dict[_Node, int] = {}
         nodes: list[_Node] = []
         paths: list[list[int]] = []
@@ -630,7 +650,7 @@ class TreeKVCache:
         """
         chunk = _kv_chunk(kv_chunk_size, self.block_size)
         seqs_per_item = _seqs_per_item(max_seqs_per_item)
-        nodes, paths = self._step_tree(seqs)
+        nodes, paths = self._step_nodes(seqs)
         lengths = [node.length for node in nodes]
         page_starts, page_table, max_block_id = self._tables.sync(nodes,
                                                                   operator.attrgetter("blocks"))

@@ -1,6 +1,7 @@
 """Shared vocabulary of the package, each name defined once: the integer rules every op checks
 its arguments by, the backend names, the remasking modes and their kernel codes, the kernels'
-limits, end-of-sequence ids and the attention geometry of a model config.
+limits, the sampling kernels' constants, the default KV block size, end-of-sequence ids and the
+text config and attention geometry of a model config.
 
 Torch-free on purpose (imported by host-side bookkeeping and by the CLI alike). The values that
 the compiled extension also knows (``MAX_HEAD_DIM``, ``WORK_INFO_COLUMNS``, ``REMASKING_CODES``)
@@ -29,6 +30,17 @@ REMASKING_CODES = {name: code for code, name in enumerate(REMASKING)}
 # Largest head_dim the attention kernels are compiled for (csrc/ops.h kMaxHeadDim; the Triton
 # kernels hold a head_dim row of q, K and V per tile, and share the limit).
 MAX_HEAD_DIM = 256
+
+# Tokens per KV block of a TreeKVCache / TreeDecoder when the caller does not say (vLLM's and
+# nano-vllm's default too: a 16-token block is a whole number of MMA tiles).
+DEFAULT_BLOCK_SIZE = 16
+
+# Constants of the Gumbel-max sampling every backend of denoise_step / entropy_bound_step follows
+# bit for bit (a2r_kernels/reference_denoise.py explains them): the bound that lets a draw skip
+# logits that cannot win, the logits probed first, and the Philox counter word of each stream.
+GUMBEL_BOUND = 17.0
+TOPK_PROBE = 64
+RENOISE_STREAM = 2   # Philox counter word c2 of the renoise token (0: Gumbel, 1: random score)
 
 # One row of a TreeLayout's int32 ``work_info [num_work, WORK_INFO_COLUMNS]`` plan: the fields of
 # one work item, in column order (a2r_kernels/layout.py explains each; csrc/ops.h kWorkInfoColumns).
@@ -115,6 +127,13 @@ def eos_ids(value, name: str = "eos_token_id") -> list[int]:
     if ids and min(ids) < 0:
         raise ValueError(f"{name} must hold ids >= 0, got {value!r}")
     return list(dict.fromkeys(ids))
+
+
+def text_config(config):
+    """The text (decoder) part of a transformers config: ``config.get_text_config()`` where the
+    config has it (a multimodal config nests its language model's), else ``config`` itself."""
+    get = getattr(config, "get_text_config", None)
+    return get() if get is not None else config
 
 
 def attention_geometry(config) -> tuple[int, int, int]:

@@ -1,7 +1,8 @@
 """TreeDecoder.step through fixed buffers padded to batch buckets (and CUDA graphs on CUDA).
 
-The reference is the plain unpadded decode step, ``TreeDecoder.extend(seqs, ids[:, None])``, in a
-second decoder over the same model. Tiny random-init Qwen3 with GQA (4 q heads, 2 kv heads);
+The reference is the causal extend of one token per sequence, ``TreeDecoder.extend(seqs,
+ids[:, None])`` (each path gathered from the pool, no wrapper), in a second decoder over the same
+model. Tiny random-init Qwen3 with GQA (4 q heads, 2 kv heads);
 Triton runs in its CPU interpreter (TRITON_INTERPRET=1).
 """
 
@@ -63,7 +64,7 @@ def test_padded_step_equals_unpadded_step(qwen3, backend, batch):
     plain = akhf.TreeDecoder(qwen3, blocks, block_size=4, backend=backend, cuda_graphs=False)
     got, got_kv = _run(padded, batch, steps, padded=True)
     want, want_kv = _run(plain, batch, steps, padded=False)
-    assert padded._static.capacity == akhf._batch_bucket(batch) > batch
+    assert padded.runner.capacity == akhf.batch_bucket(batch) > batch
     for g, w in zip(got, want):
         assert g.shape == w.shape
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
@@ -74,7 +75,7 @@ def test_padded_step_equals_unpadded_step(qwen3, backend, batch):
 
 
 def test_batch_bucket():
-    assert [akhf._batch_bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 16, 17, 33, 48, 100)] == [
+    assert [akhf.batch_bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 16, 17, 33, 48, 100)] == [
         1, 2, 4, 4, 8, 8, 16, 16, 32, 48, 48, 112]
 
 
@@ -125,4 +126,4 @@ def test_cuda_graph_replay_equals_eager(backend):
     assert runs[True][0] == runs[False][0]
     for g, e in zip(runs[True][1], runs[False][1]):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
-    assert sorted(runs[True][2]._static.graphs) == [1, 2, 4, 8, 16]   # 12 live -> 1
+    assert sorted(runs[True][2].runner.graphs) == [1, 2, 4, 8, 16]   # 12 live -> 1
