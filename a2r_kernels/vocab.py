@@ -40,7 +40,9 @@ DEFAULT_BLOCK_SIZE = 16
 # logits that cannot win, the logits probed first, and the Philox counter word of each stream.
 GUMBEL_BOUND = 17.0
 TOPK_PROBE = 64
-RENOISE_STREAM = 2   # Philox counter word c2 of the renoise token (0: Gumbel, 1: random score)
+GUMBEL_STREAM = 0         # Philox counter word c2 of the Gumbel noise
+RANDOM_SCORE_STREAM = 1   # ... of remasking="random"'s scores
+RENOISE_STREAM = 2        # ... of entropy_bound_step's renoise token
 
 # One row of a TreeLayout's int32 ``work_info [num_work, WORK_INFO_COLUMNS]`` plan: the fields of
 # one work item, in column order (a2r_kernels/layout.py explains each; csrc/ops.h kWorkInfoColumns).

@@ -127,3 +127,34 @@ def test_cuda_graph_replay_equals_eager(backend):
     for g, e in zip(runs[True][1], runs[False][1]):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
     assert sorted(runs[True][2].runner.graphs) == [1, 2, 4, 8, 16]   # 12 live -> 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_step_after_a_cancelled_step_and_an_extend(qwen3, backend):
+    """Issue 20 item 1: plan_step, cancel_step, extend by one token in the other order (so the
+    two branches swap the blocks the cancelled step had reserved), then plan_step / run_step.
+    The torch backend's plan must not advance from the cancelled step's slots: every logit
+    equals the model's over the full token sequence."""
+    dec = akhf.TreeDecoder(qwen3, 32, block_size=4, backend=backend, cuda_graphs=False)
+    prompt = [5, 9, 2, 7, 1, 3, 8]
+    root, _ = dec.prefill(torch.tensor(prompt))
+    a, b = dec.fork(root, 2)
+    tokens = {a: list(prompt), b: list(prompt)}
+    for t in range(4):
+        dec.step([a, b], torch.tensor([11 + t, 12 + t]))
+        tokens[a].append(11 + t)
+        tokens[b].append(12 + t)
+    dec.plan_step([a, b])
+    dec.cancel_step()
+    dec.extend([b, a], torch.tensor([[21], [22]]))
+    tokens[b].append(21)
+    tokens[a].append(22)
+    for step in range(3):   # the step after the extend, then two plain ones
+        dec.plan_step([a, b])
+        logits = dec.run_step(torch.tensor([31 + step, 41 + step]))
+        tokens[a].append(31 + step)
+        tokens[b].append(41 + step)
+        for row, seq in enumerate((a, b)):
+            with torch.no_grad():
+                want = qwen3(torch.tensor([tokens[seq]])).logits[0, -1].float()
+            torch.testing.assert_close(logits[row], want, rtol=1e-4, atol=1e-4)

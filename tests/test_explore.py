@@ -445,7 +445,8 @@ def test_torch_decode_plan_equals_tree_decode_attention(dtype, tree):
 # ---------------------------------------------------------------------------- host syncs
 # The decoder's code path: the transformers integration, its decode attention and the cache.
 _DECODER_FILES = [module.__file__ for module in (
-    akhf, akhf.attention, akhf.decoder, akhf.graphs, ak.wrapper, ak.torch_decode, ak.cache)]
+    akhf, akhf.attention, akhf.decoder, akhf.graphs, ak.wrapper, ak.torch_decode, ak.cache,
+    ak.prefix_index)]
 
 
 def _loop_reads(model, ids, n, max_new_tokens, **kwargs) -> tuple[int, int, list[list[int]]]:
