@@ -9,91 +9,16 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from .attention_launch import (ATTENTION_DTYPES, WorkPlan, alloc_partials, check_decode_inputs,
+                               check_out, run_work_items, softmax_scale, unit_last_stride)
 from .backend import resolve_backend
-from .vocab import MAX_HEAD_DIM
 from .layout import DEFAULT_KV_CHUNK, TreeLayout
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _check_decode_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    if not isinstance(q, torch.Tensor) or q.dim() != 3:
-        raise ValueError(f"q must be [num_seqs, num_q_heads, head_dim], got "
-                         f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(cache, torch.Tensor) or cache.dim() != 4:
-            raise ValueError(f"{name} must be [num_blocks, block_size, num_kv_heads, head_dim]")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape "
-                         f"{tuple(k_cache.shape)}")
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"q dtype must be one of {_DTYPES}, got {q.dtype}")
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if cache.dtype != q.dtype:
-            raise ValueError(f"{name} dtype {cache.dtype} must equal q dtype {q.dtype}")
-        if cache.device != q.device:
-            raise ValueError(f"{name} is on {cache.device} but q is on {q.device}")
-    _, num_q_heads, head_dim = q.shape
-    num_kv_heads, cache_head_dim = k_cache.shape[2], k_cache.shape[3]
-    if cache_head_dim != head_dim:
-        raise ValueError(f"k_cache head_dim {cache_head_dim} must equal q head_dim {head_dim}")
-    if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
-        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads "
-                         f"({num_kv_heads}) in k_cache [num_blocks, block_size, num_kv_heads, head_dim]")
-    if not 0 < head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
 
 
 def _alloc_outputs(q: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
-                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    out = check_out(q, out)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     return out, lse
-
-
-def _default_scale(sm_scale: float | None, head_dim: int) -> float:
-    if sm_scale is None:
-        return head_dim ** -0.5
-    sm_scale = float(sm_scale)
-    if not sm_scale > 0.0 or sm_scale == float("inf"):
-        raise ValueError(f"sm_scale must be a positive finite float, got {sm_scale}")
-    return sm_scale
-
-
-def _run_work_items(backend: str, q, k_cache, v_cache, work_info, row_seq, page_table,
-                    merge_indptr, merge_rows, num_partials: int, max_q_len: int, sm_scale: float,
-                    out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Partial states per work item, then the per-sequence LSE merge (Triton or CUDA)."""
-    num_q_heads, head_dim = q.shape[1:]
-    rows = max(num_partials, 1)  # never hand a kernel a zero-size buffer
-    partial_o = torch.empty((rows, num_q_heads, head_dim), dtype=torch.float32,
-                            device=q.device)
-    partial_lse = torch.empty((rows, num_q_heads), dtype=torch.float32, device=q.device)
-    group = num_q_heads // k_cache.shape[2]
-    if backend == "triton":
-        from .triton import attention as kernels
-        kernels.tree_attention_partials(q, k_cache, v_cache, work_info, row_seq, page_table,
-                                        partial_o, partial_lse, sm_scale, max_q_len * group)
-        kernels.merge_partials(partial_o, partial_lse, merge_indptr, merge_rows, out, lse)
-    else:  # cuda
-        from . import _cuda_ops
-        # The CUDA kernels take unit-stride head_dim rows. q and out may be any views (the
-        # public contract): q is small, copy it; out is written through a contiguous buffer.
-        q = _unit_last_stride(q)
-        target = _unit_last_stride(out)
-        _cuda_ops.tree_attention_partials(q, k_cache, v_cache, work_info, row_seq, page_table,
-                                          partial_o, partial_lse, sm_scale)
-        _cuda_ops.merge_partials(partial_o, partial_lse, merge_indptr, merge_rows, target, lse)
-        if target is not out:
-            out.copy_(target)
-
-
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when its last dimension has unit stride, else a contiguous copy."""
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
 def tree_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -105,8 +30,7 @@ def tree_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     ``out[i, h] = softmax(sm_scale * q[i, h] . K_i^T) V_i`` where ``K_i, V_i`` are the tokens of
     the nodes of ``layout.paths[i]`` concatenated (no causal mask: a decode token sees its whole
     path), read at kv head ``h // (num_q_heads // num_kv_heads)`` (GQA). A node shared by several
-    sequences is read from memory once per call (Triton/CUDA backends; the torch reference reads
-    every path in full).
+    sequences is read from memory once per call, on every backend.
 
     Args:
         q: ``[num_seqs, num_q_heads, head_dim]`` fp16/bf16/fp32, any strides.
@@ -116,7 +40,8 @@ def tree_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         layout: the step's plan (:meth:`TreeLayout.from_paths` or ``TreeKVCache.layout``); build it
             once per decode step and reuse it for every layer.
         sm_scale: softmax scale, default ``head_dim ** -0.5``.
-        backend: ``"auto" | "cuda" | "triton" | "torch"``.
+        backend: ``"auto" | "cuda" | "triton" | "cpu" | "torch"`` (``"auto"``: the CPU kernel for
+            CPU tensors where ``a2r_kernels._cpu`` was built; see :mod:`a2r_kernels.backend`).
         return_lse: also return the natural-log LSE, fp32 ``[num_seqs, num_q_heads]`` (``-inf``
             for a sequence whose path holds no token; its output row is 0).
         out: optional preallocated output, q's shape and dtype.
@@ -131,7 +56,7 @@ def tree_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         >>> layout = ak.TreeLayout.from_paths([[0, 1], [0, 2]], [[3, 4], [0], [7]], [20, 5, 0], 16)
         >>> out = ak.tree_decode_attention(q, k_pool, v_pool, layout)
     """
-    _check_decode_inputs(q, k_cache, v_cache)
+    check_decode_inputs(q, k_cache, v_cache)
     if not isinstance(layout, TreeLayout):
         raise ValueError(f"layout must be an ak.TreeLayout, got {type(layout).__name__}")
     if q.shape[0] != layout.num_seqs:
@@ -146,7 +71,7 @@ def tree_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                                           layout.device.index in (None, q.device.index)):
         raise ValueError(f"layout is on {layout.device} but q is on {q.device}: build the layout "
                          f"on q's device")
-    sm_scale = _default_scale(sm_scale, q.shape[2])
+    sm_scale = softmax_scale(sm_scale, q.shape[2])
     backend = resolve_backend("tree_decode_attention", backend, q.device)
     out, lse = _alloc_outputs(q, out)
     if backend == "torch":
@@ -154,9 +79,11 @@ def tree_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         out.copy_(ref_out)
         lse.copy_(ref_lse)
     else:
-        _run_work_items(backend, q, k_cache, v_cache, layout.work_info, layout.row_seq,
-                        layout.page_table, layout.merge_indptr, layout.merge_rows,
-                        layout.num_partials, layout.max_q_len, sm_scale, out, lse)
+        plan = WorkPlan(layout.work_info, layout.row_seq, layout.page_table,
+                        layout.merge_indptr, layout.merge_rows)
+        run_work_items(backend, q, k_cache, v_cache, plan, sm_scale, out, lse,
+                       *alloc_partials(q, layout.num_partials),
+                       max_rows=layout.max_q_len * (q.shape[1] // k_cache.shape[2]))
     return (out, lse) if return_lse else out
 
 
@@ -214,7 +141,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     Returns ``out`` (q's dtype) and, with ``return_lse``, fp32 ``lse`` ``[num_seqs, num_q_heads]``.
     """
-    _check_decode_inputs(q, k_cache, v_cache)
+    check_decode_inputs(q, k_cache, v_cache)
     num_seqs = q.shape[0]
     block_size = k_cache.shape[1]
     if not isinstance(block_tables, torch.Tensor) or block_tables.dim() != 2 or \
@@ -241,7 +168,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         if bad_block:
             raise ValueError(f"block_tables holds a block id outside [0, {k_cache.shape[0]}) "
                              f"within seq_lens")
-    sm_scale = _default_scale(sm_scale, q.shape[2])
+    sm_scale = softmax_scale(sm_scale, q.shape[2])
     backend = resolve_backend("paged_decode_attention", backend, q.device)
     out, lse = _alloc_outputs(q, out)
     if backend == "torch":
@@ -252,9 +179,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     elif num_seqs > 0:   # the tree kernels over a plan of one node per sequence
         work_info, row_seq, indptr, rows, num_partials = _paged_work_items(
             block_tables, seq_lens, block_size)
-        _run_work_items(backend, q, k_cache, v_cache, work_info, row_seq,
-                        block_tables.contiguous().view(-1), indptr, rows, num_partials, 1,
-                        sm_scale, out, lse)
+        plan = WorkPlan(work_info, row_seq, block_tables.contiguous().view(-1), indptr, rows)
+        run_work_items(backend, q, k_cache, v_cache, plan, sm_scale, out, lse,
+                       *alloc_partials(q, num_partials),
+                       max_rows=q.shape[1] // k_cache.shape[2])
     return (out, lse) if return_lse else out
 
 
@@ -278,8 +206,8 @@ def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torc
     if out_b.shape != out_a.shape or out_b.dtype != out_a.dtype or out_b.device != out_a.device:
         raise ValueError(f"out_b must match out_a ({tuple(out_a.shape)}, {out_a.dtype}, "
                          f"{out_a.device})")
-    if out_a.dtype not in _DTYPES:
-        raise ValueError(f"out_a dtype must be one of {_DTYPES}, got {out_a.dtype}")
+    if out_a.dtype not in ATTENTION_DTYPES:
+        raise ValueError(f"out_a dtype must be one of {ATTENTION_DTYPES}, got {out_a.dtype}")
     for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
         if not isinstance(t, torch.Tensor) or t.shape != out_a.shape[:2] or \
                 t.dtype != torch.float32 or t.device != out_a.device:
@@ -291,11 +219,14 @@ def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torc
         ref_out, ref_lse = reference.merge_attention_states(out_a, lse_a, out_b, lse_b)
         out.copy_(ref_out)
         lse.copy_(ref_lse)
+    elif backend == "cpu":
+        from . import _cpu_ops
+        _cpu_ops.merge_states(out_a, lse_a, out_b, lse_b, out, lse)
     elif backend == "triton":
         from .triton import attention as kernels
         kernels.merge_two_states(out_a, lse_a, out_b, lse_b, out, lse)
     else:
         from . import _cuda_ops
-        _cuda_ops.merge_states(_unit_last_stride(out_a), lse_a, _unit_last_stride(out_b), lse_b,
+        _cuda_ops.merge_states(unit_last_stride(out_a), lse_a, unit_last_stride(out_b), lse_b,
                                out, lse)
     return out, lse

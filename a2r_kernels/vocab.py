@@ -20,7 +20,10 @@ import numbers
 INT32_MAX = 2 ** 31 - 1   # largest id / count the int32 plans and kernels index with
 
 # ``backend=`` of every public op (see a2r_kernels.backend for what each one means).
-BACKENDS = ("auto", "cuda", "triton", "torch")
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+
+# Tokens per KV block of a TreeKVCache / TreeDecoder when the caller names none.
+DEFAULT_BLOCK_SIZE = 16
 
 # ``remasking=`` of denoise_step, in the order of their kernel codes (csrc/ops.h a2r::Remasking,
 # the REMASKING constexpr of a2r_kernels/triton/denoise.py): the code of a mode is its index.
@@ -30,10 +33,6 @@ REMASKING_CODES = {name: code for code, name in enumerate(REMASKING)}
 # Largest head_dim the attention kernels are compiled for (csrc/ops.h kMaxHeadDim; the Triton
 # kernels hold a head_dim row of q, K and V per tile, and share the limit).
 MAX_HEAD_DIM = 256
-
-# Tokens per KV block of a TreeKVCache / TreeDecoder when the caller does not say (vLLM's and
-# nano-vllm's default too: a 16-token block is a whole number of MMA tiles).
-DEFAULT_BLOCK_SIZE = 16
 
 # Constants of the Gumbel-max sampling every backend of denoise_step / entropy_bound_step follows
 # bit for bit (a2r_kernels/reference_denoise.py explains them): the bound that lets a draw skip
@@ -131,13 +130,6 @@ def eos_ids(value, name: str = "eos_token_id") -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-def text_config(config):
-    """The text (decoder) part of a transformers config: ``config.get_text_config()`` where the
-    config has it (a multimodal config nests its language model's), else ``config`` itself."""
-    get = getattr(config, "get_text_config", None)
-    return get() if get is not None else config
-
-
 def attention_geometry(config) -> tuple[int, int, int]:
     """``(num_attention_heads, num_key_value_heads, head_dim)`` of a transformers text config.
 
@@ -150,3 +142,10 @@ def attention_geometry(config) -> tuple[int, int, int]:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
     return (num_heads, positive_int(num_kv_heads, "config.num_key_value_heads"),
             positive_int(head_dim, "config.head_dim"))
+
+
+def text_config(config):
+    """The text part of a transformers config (``config.get_text_config()`` for a multimodal
+    one), else ``config`` itself."""
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config

@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 
 from .backend import resolve_backend
-from .attention import _DTYPES, _check_decode_inputs, _default_scale, _unit_last_stride
+from .attention_launch import (ATTENTION_DTYPES, WorkPlan, check_decode_inputs, check_out,
+                               run_work_items, softmax_scale)
 from .vocab import MAX_HEAD_DIM, positive_int
 from .layout import (DEFAULT_KV_CHUNK, KV_CHUNK_TOKENS_PER_SEQ, MAX_SEQS_PER_ITEM, PLAN_FIELDS,
                      WORK_FIELDS, _SLICE_ALIGN, TreeLayout)
@@ -78,7 +79,7 @@ class TreeAttentionWrapper:
             device block tables, ``cache.block_table_capacity``, for ``TreeKVCache.layout``).
         dtype: dtype of q, the pools and the output (fp16 / bf16 / fp32).
         device: where everything lives.
-        backend: ``"auto" | "cuda" | "triton" | "torch"``; ``"torch"`` runs
+        backend: ``"auto" | "cuda" | "triton" | "cpu" | "torch"``; ``"torch"`` runs
             :class:`~a2r_kernels.torch_decode.TorchDecodePlan` (one masked SDPA per call over the
             step's tree, planned by :meth:`plan` and advanced from one decode step to the next;
             it allocates and cannot be captured).
@@ -107,8 +108,8 @@ class TreeAttentionWrapper:
                              f"({num_kv_heads})")
         if head_dim > MAX_HEAD_DIM:
             raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        if dtype not in ATTENTION_DTYPES:
+            raise ValueError(f"dtype must be one of {ATTENTION_DTYPES}, got {dtype!r}")
         self.dtype = dtype
         self.device = torch.empty(0, device=device).device   # normalised ("cuda" -> "cuda:0")
         self.backend = resolve_backend("tree_decode_attention", backend, self.device)
@@ -278,7 +279,7 @@ class TreeAttentionWrapper:
         layout = self._layout
         if layout is None:
             raise ValueError("run before plan: call plan(layout) first")
-        _check_decode_inputs(q, k_cache, v_cache)
+        check_decode_inputs(q, k_cache, v_cache)
         num_seqs = q.shape[0]
         if tuple(q.shape[1:]) != (self.num_q_heads, self.head_dim) or q.dtype != self.dtype \
                 or q.device != self.device:
@@ -293,43 +294,28 @@ class TreeAttentionWrapper:
         if layout.max_block_id >= k_cache.shape[0]:
             raise ValueError(f"the plan reads block {layout.max_block_id} but k_cache has only "
                              f"{k_cache.shape[0]} blocks")
-        sm_scale = _default_scale(sm_scale, self.head_dim)
-        if out is not None and (out.shape != q.shape or out.dtype != q.dtype
-                                or out.device != q.device):
-            raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got "
-                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
-        if lse is None:
-            lse = self.lse[:num_seqs] if return_lse else None
+        sm_scale = softmax_scale(sm_scale, self.head_dim)
+        torch_plan = self._torch_plan
+        if out is not None or torch_plan is None:   # the torch backend returns SDPA's output
+            out = check_out(q, out)
+        if lse is None:   # the torch backend computes an LSE only when asked
+            lse = self.lse[:num_seqs] if return_lse or torch_plan is None else None
         elif not isinstance(lse, torch.Tensor) or lse.shape != q.shape[:2] or \
                 lse.dtype != torch.float32 or lse.device != q.device or \
                 (lse.stride(1) != 1 and lse.shape[1] > 1):
             raise ValueError(f"lse must be float32 {tuple(q.shape[:2])} on {q.device} with unit "
                              f"stride in heads")
-
-        if self.backend == "torch":   # a2r_kernels/torch_decode.py
-            out = self._torch_plan.run(q, k_cache, v_cache, sm_scale, out=out, lse=lse)
-            return (out, lse) if return_lse else out
-        if out is None:
-            out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        if lse is None:
-            lse = self.lse[:num_seqs]
-        if self.backend == "triton":
-            from .triton import attention as kernels
-            kernels.tree_attention_partials(q, k_cache, v_cache, self.work_info, self.row_seq,
-                                            self.page_table, self.partial_o, self.partial_lse,
-                                            sm_scale, self._max_rows)
-            kernels.merge_partials(self.partial_o, self.partial_lse,
-                                   self.merge_indptr[:num_seqs + 1], self.merge_rows, out, lse)
-        else:  # cuda: unit stride in head_dim (a q or out without it goes through a copy)
-            from . import _cuda_ops
-            target = _unit_last_stride(out)
-            _cuda_ops.tree_attention_partials(_unit_last_stride(q), k_cache, v_cache,
-                                              self.work_info, self.row_seq[:num_seqs],
-                                              self.page_table, self.partial_o, self.partial_lse,
-                                              sm_scale)
-            _cuda_ops.merge_partials(self.partial_o, self.partial_lse,
-                                     self.merge_indptr[:num_seqs + 1], self.merge_rows, target,
-                                     lse)
-            if target is not out:
-                out.copy_(target)
+        if torch_plan is not None:   # a2r_kernels/torch_decode.py
+            out = torch_plan.run(q, k_cache, v_cache, sm_scale, out=out, lse=lse)
+        else:
+            self._dispatch(q, k_cache, v_cache, sm_scale, out, lse)
         return (out, lse) if return_lse else out
+
+    def _dispatch(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  sm_scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
+        """The planned step on a kernel backend, inputs checked: the fixed plan buffers through
+        the one launcher of work items."""
+        plan = WorkPlan(self.work_info, self.row_seq, self.page_table, self.merge_indptr,
+                        self.merge_rows)
+        run_work_items(self.backend, q, k_cache, v_cache, plan, sm_scale, out, lse,
+                       self.partial_o, self.partial_lse, self._max_rows)

@@ -24,6 +24,14 @@ few tiny shapes with the torch reference and Triton's interpreter and writes
 step's planning at N in {64, 256} and P in {512, 32k}: ``cache.layout`` + ``wrapper.plan``, next
 to ``from_paths`` copying the same tables; and ``from_block_tables`` at 256 rows x 512 blocks.
 
+``--cpu`` measures the CPU kernels instead, at the issue-24 shape by default (P = 4096, N = 16,
+S = 32, 16/8 heads x 128, fp32), on one thread, the providers interleaved call by call:
+``a2r-cpu`` (``backend="cpu"``: a2r_kernels._cpu, the AVX2 build where the CPU has it),
+``a2r-cpu-baseline`` (the same, its baseline build), ``torch-spec`` (``backend="torch"``, the
+reference) and ``explorer-sdpa`` (the explorer decoder's torch path: one SDPA over the step's
+gathered tree with a mask). It writes ``benchmarks/results/<--out>_cpu.json`` only when ``--out``
+is given.
+
 Usage: ``python benchmarks/bench_tree_attention.py [--quick] [--providers a2r-tree,a2r-paged]
 [--P 8192 --N 64 --S 128 --heads 32/8] [--plan-sweep] [--tile-sweep]``. ``--plan-sweep`` adds
 ``a2r-tree`` rows under fixed split-KV plans, ``a2r-tree[c=<kv_chunk_size>,s=<max_seqs_per_item>]``,
@@ -98,7 +106,7 @@ def providers_available(device) -> list[str]:
     names = ["a2r-tree", "a2r-tree-wrapper", "a2r-paged", "torch-sdpa"]
     if device.type == "cuda":
         names.insert(2, "a2r-tree-graph")
-    if device.type == "cuda" and ak._backend.cuda_extension() is not None:
+    if device.type == "cuda" and ak.backend.cuda_extension() is not None:
         names.insert(1, "a2r-cuda")
     for mod, name in (("flashinfer", "flashinfer-cascade"), ("flashinfer", "flashinfer-decode"),
                       ("flash_attn", "flash-attn")):
@@ -308,12 +316,86 @@ def plan_rows(dev_name: str, device: torch.device, block_size: int, reps: int) -
     return rows
 
 
+CPU_KERNEL_SHAPE = dict(P=4096, N=16, S=32, heads=(16, 8), D=128)
+
+
+def cpu_kernel_fns(q, k, v, layout) -> dict:
+    """The ``--cpu`` providers: name -> zero-argument callable of one decode step."""
+    import a2r_kernels as ak
+    from a2r_kernels import _cpu_ops
+
+    def on_isa(isa):
+        def step():
+            _cpu_ops.select_isa(isa)
+            return ak.tree_decode_attention(q, k, v, layout, backend="cpu")
+        return step
+
+    fns = {"a2r-cpu": on_isa("auto"), "a2r-cpu-baseline": on_isa("baseline"),
+           "torch-spec": lambda: ak.tree_decode_attention(q, k, v, layout, backend="torch")}
+    # The explorer's torch path: the wrapper's torch backend (a2r_kernels/torch_decode.py),
+    # planned once per step as the decoder plans it.
+    from a2r_kernels.torch_decode import TorchDecodePlan
+    plan = TorchDecodePlan(q.dtype, q.device)
+    plan.plan(layout)
+    fns["explorer-sdpa"] = lambda: plan.run(q, k, v, q.shape[-1] ** -0.5)
+    return fns
+
+
+def cpu_kernel_rows(args, dtype) -> list[dict]:
+    """``--cpu``: the CPU providers on one thread, interleaved, medians and ratios vs the spec."""
+    import time
+
+    import a2r_kernels as ak
+    from a2r_kernels import _cpu_ops
+
+    torch.set_num_threads(1)
+    shape = dict(CPU_KERNEL_SHAPE)
+    for key in ("P", "N", "S"):
+        if getattr(args, key):
+            shape[key] = int(getattr(args, key).split(",")[0])
+    if args.heads:
+        shape["heads"] = tuple(int(h) for h in args.heads.split(",")[0].split("/"))
+    (Hq, Hkv), D = shape["heads"], shape["D"]
+    k, v, layout, _, _ = build_tree(shape["P"], shape["N"], shape["S"], args.block_size, Hkv, D,
+                                    dtype, torch.device("cpu"))
+    q = torch.randn(shape["N"], Hq, D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    fns = cpu_kernel_fns(q, k, v, layout)
+    want = fns["torch-spec"]().float()
+    times = {name: [] for name in fns}
+    for name, fn in fns.items():   # warm up, and check each against the spec once
+        err = (fn().float() - want).abs().max().item()
+        print(f"# {name}: max |out - spec| = {err:.2e}")
+    for _ in range(args.reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    _cpu_ops.select_isa("auto")
+    dev = f"{device_name('cpu')}, 1 thread, kernel isa {_cpu_ops.isa()}"
+    unique = ak.kv_bytes(layout, Hkv, D, dtype)
+    spec_s = sorted(times["torch-spec"])[len(times["torch-spec"]) // 2]
+    print(f"# device: {dev}   load average: {os.getloadavg()[0]:.2f}   dtype: {dtype}   "
+          f"P={shape['P']} N={shape['N']} S={shape['S']} heads={Hq}/{Hkv} D={D}")
+    rows = []
+    for name, ts in times.items():
+        median = sorted(ts)[len(ts) // 2]
+        rows.append(dict(device=dev, provider=name, P=shape["P"], N=shape["N"], S=shape["S"],
+                         Hq=Hq, Hkv=Hkv, D=D, dtype=str(dtype).replace("torch.", ""),
+                         block_size=args.block_size, threads=1, reps=args.reps,
+                         median_us=median * 1e6, min_us=min(ts) * 1e6,
+                         gbps=unique["shared"] / median / 1e9, unique_kv_bytes=unique["shared"],
+                         speedup_vs_spec=spec_s / median))
+        print(f"{name:>18} median {median * 1e3:8.2f} ms  min {min(ts) * 1e3:8.2f} ms  "
+              f"{rows[-1]['gbps']:6.2f} GB/s  {rows[-1]['speedup_vs_spec']:5.2f}x spec")
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few small shapes")
     parser.add_argument("--providers", default="", help="comma-separated subset")
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default=None, help="default bfloat16 (--cpu: float32)")
     parser.add_argument("--P", help="comma-separated prefix lengths (default: the issue's sweep)")
     parser.add_argument("--N", help="comma-separated branch counts")
     parser.add_argument("--S", help="comma-separated suffix lengths")
@@ -325,13 +407,23 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="results name (default tree_attention)")
     parser.add_argument("--no-plan-rows", action="store_true",
                         help="skip the host-side plan rows (plan_rows)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="the CPU kernel rows (one thread, interleaved; see the docstring)")
+    parser.add_argument("--reps", type=int, default=15, help="--cpu: timed calls per provider")
     args = parser.parse_args(argv)
+
+    if args.cpu:
+        rows = cpu_kernel_rows(args, getattr(torch, args.dtype or "float32"))
+        if args.out:
+            write_results(os.path.join(RESULTS, f"{args.out}_cpu.json"), rows)
+            print(f"# wrote {os.path.join(RESULTS, args.out + '_cpu.json')}")
+        return
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
     if not on_gpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    dtype = getattr(torch, args.dtype)
+    dtype = getattr(torch, args.dtype or "bfloat16")
     shapes = dict(GPU_SHAPES) if on_gpu else dict(CPU_SHAPES)
     if args.quick and on_gpu:
         shapes.update(P=[1024, 8192], N=[4, 64], S=[128])

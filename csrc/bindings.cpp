@@ -15,41 +15,17 @@
 #include <stdexcept>
 #include <string>
 
+#include "dlpack_capsule.h"
 #include "ops.h"
 
 namespace py = pybind11;
 
 namespace {
 
-// The DLTensor inside a DLPack capsule ("dltensor" or "dltensor_versioned"), named `name` in
-// errors. The capsule is only read, never consumed: it keeps its name, and its deleter runs when
-// Python drops it, after the call.
-a2r::TensorView view(const py::handle& obj, const char* name) {
-  PyObject* capsule = obj.ptr();
-  if (PyCapsule_CheckExact(capsule)) {
-    if (PyCapsule_IsValid(capsule, "dltensor")) {
-      auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
-      return a2r::TensorView(managed->dl_tensor, name);
-    }
-    if (PyCapsule_IsValid(capsule, "dltensor_versioned")) {
-      auto* managed = static_cast<DLManagedTensorVersioned*>(
-          PyCapsule_GetPointer(capsule, "dltensor_versioned"));
-      if (managed->version.major != DLPACK_MAJOR_VERSION) {
-        throw std::invalid_argument(std::string(name) + " is a DLPack " +
-                                    std::to_string(managed->version.major) + ".x tensor; _C " +
-                                    "reads DLPack " + std::to_string(DLPACK_MAJOR_VERSION) + ".x");
-      }
-      return a2r::TensorView(managed->dl_tensor, name);
-    }
-  }
-  throw std::invalid_argument(std::string(name) + " must be a tensor (a DLPack capsule, "
-                              "torch.utils.dlpack.to_dlpack(t)), got " +
-                              std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
-}
+a2r::TensorView view(const py::handle& obj, const char* name) { return a2r::dlpack_view(obj, name); }
 
 std::optional<a2r::TensorView> optional_view(const py::handle& obj, const char* name) {
-  if (obj.is_none()) return std::nullopt;
-  return view(obj, name);
+  return a2r::optional_dlpack_view(obj, name);
 }
 
 }  // namespace

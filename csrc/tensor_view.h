@@ -82,6 +82,17 @@ class TensorView {
   const TensorView& expect(int ndim, const char* shape_doc) const {
     if (!is_cuda()) fail(std::string("must be a CUDA tensor ") + shape_doc + ", got a tensor on "
                          "DLPack device type " + std::to_string(t_.device.device_type));
+    return expect_rank(ndim, shape_doc);
+  }
+  // A host (CPU) tensor of rank `ndim`: the CPU kernels (csrc/cpu/) dereference its pointer.
+  const TensorView& expect_host(int ndim, const char* shape_doc) const {
+    if (t_.device.device_type != kDLCPU) {
+      fail(std::string("must be a CPU tensor ") + shape_doc + ", got a tensor on DLPack device "
+           "type " + std::to_string(t_.device.device_type));
+    }
+    return expect_rank(ndim, shape_doc);
+  }
+  const TensorView& expect_rank(int ndim, const char* shape_doc) const {
     if (t_.ndim != ndim) {
       fail(std::string("must be ") + shape_doc + " (" + std::to_string(ndim) + "-D), got " +
            std::to_string(t_.ndim) + "-D " + shape_string());

@@ -23,7 +23,8 @@ import a2r_kernels as ak  # noqa: E402
 from a2r_kernels import reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNEL_BACKENDS = ["triton"] + (["cuda"] if torch.cuda.is_available() else [])
+# "cpu" (a2r_kernels._cpu) runs on CPU tensors; on a GPU machine its cases skip.
+KERNEL_BACKENDS = ["triton"] + (["cuda"] if torch.cuda.is_available() else ["cpu"])
 # Absolute tolerance on outputs (values are O(1)): the output rounding of each dtype, with room for
 # the different summation order of split-KV + merge.
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -210,7 +211,7 @@ class _LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
         return result
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 def test_head_major_transposed_key_pool_is_read_in_place(backend):
     """vLLM's CPU KV cache (head-major blocks, key tiles stored transposed: key strides
     ``(H*2*N*D, 1, 2*N*D, N)``) is a valid pool view: tree and paged decode give the contiguous

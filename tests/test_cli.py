@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 
 import a2r.explore  # noqa: E402
 from a2r.cli import main  # noqa: E402
-from a2r.tiny import ensure_tiny_models  # noqa: E402
+from a2r.demo.tiny import ensure_tiny_models  # noqa: E402
 
 # Small budgets so each command runs in seconds on a loaded 2-core CPU.
 FAST = ["-n", "2", "--max-new-tokens", "4", "--synth-max-new-tokens", "3",
@@ -132,8 +132,12 @@ def test_eval_accuracy_with_a_scripted_explorer(capsys, tmp_path, monkeypatch):
     """Known answers in, known accuracies out: pass@1, mean@1, Cons@N and A2R counted right."""
     tokenizer = None
 
-    def scripted(model, input_ids, n, max_new_tokens, **kwargs):
+    def scripted(model, input_ids, widths, max_new_tokens, sampling, **kwargs):
+        from a2r.explore import ExploreResult
+
         nonlocal tokenizer
+        (n,) = widths
+        model = getattr(model, "model", model)   # a TreeDecoder runs over its model
         from transformers import AutoTokenizer
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(model.name_or_path)
         prompt = tokenizer.decode(input_ids[0].tolist())
@@ -145,9 +149,12 @@ def test_eval_accuracy_with_a_scripted_explorer(capsys, tmp_path, monkeypatch):
             texts = ["\\boxed{5}", "4", "</think>\\boxed{5.0}"]
         else:                                       # explorer B: 7, 8, 8 -> Cons wrong
             texts = ["\\boxed{7}", "8", "8"]
-        return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return ExploreResult(sequences=[tokenizer(t, add_special_tokens=False)["input_ids"]
+                                        for t in texts], prompt_len=input_ids.shape[1],
+                             num_blocks=0, block_size=16, peak_blocks_used=0, peak_kv_bytes=0,
+                             decode_steps=0)
 
-    monkeypatch.setattr(a2r.explore, "sample_parallel", scripted)
+    monkeypatch.setattr(a2r.explore, "explore", scripted)
     data = _write_jsonl(tmp_path / "qa.jsonl", [{"q": "Question A", "a": "5"},
                                                 {"q": "Question B", "a": "7"}])
     code, out, _ = run_cli(capsys, "eval", str(data), "--tiny", "--no-thinker", "-n", "3",
@@ -241,10 +248,14 @@ def test_bad_eval_file(capsys, tmp_path, content, fragment):
 
 
 def test_argparse_errors_exit_2(capsys):
+    # A range is A2RConfig.validate's (one line, exit 2, before any model loads), a value that
+    # does not parse argparse's.
+    assert main(["demo", "-n", "0"]) == 2
+    assert capsys.readouterr().err == "a2r: error: num_paths must be >= 1, got 0\n"
     with pytest.raises(SystemExit) as exc:
-        main(["demo", "-n", "0"])
+        main(["demo", "-n", "x"])
     assert exc.value.code == 2
-    assert "--num-paths: must be >= 1" in capsys.readouterr().err
+    assert "-n/--num-paths: expected an integer, got 'x'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main([])
     assert exc.value.code == 2

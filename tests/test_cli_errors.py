@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from a2r.tiny import RANDOM_WEIGHTS_MARKER, ensure_tiny_models
+from a2r.demo.tiny import RANDOM_WEIGHTS_MARKER, ensure_tiny_models
 
 DRIVER = """
 import json, os, sys, tempfile, traceback
@@ -118,13 +118,22 @@ USAGE_ERRORS = {
                        "argument -n/--num-paths: expected an integer, got 'two'"),
     "unknown command": (["frobnicate"], "invalid choice: 'frobnicate'"),
     "no command": ([], "the following arguments are required"),
-    "answer cap -7": (["demo", "--answer-max-chars", "-7"],
-                      "argument --answer-max-chars: must be >= 0, or -1 for no cap, got -7"),
-    "temperature nan": (["demo", "--temperature", "nan"],
-                        "argument --temperature: must be a finite number, got 'nan'"),
-    "temperature inf": (["demo", "--temperature", "inf"], "must be a finite number"),
     "check timeout -1": (["eval", "qa.jsonl", "--tiny", "--check-timeout", "-1"],
                          "argument --check-timeout: must be > 0, got -1.0"),
+}
+
+
+# Option values argparse parses but A2RConfig.validate refuses (the one place ranges are checked):
+# one "a2r: error:" line naming the field, before any model loads.
+CONFIG_ERRORS = {
+    "answer cap -7": (["demo", "--answer-max-chars", "-7"],
+                      "answer_max_chars must be an int >= 0 or None (no cap), got -7"),
+    "temperature nan": (["demo", "--temperature", "nan"],
+                        "temperature must be a finite number >= 0 (0: greedy), got nan"),
+    "temperature inf": (["demo", "--temperature", "inf"], "temperature must be a finite number"),
+    "min-p 1.5": (["demo", "--min-p", "1.5"], "min_p must be in [0, 1]"),
+    "paths 0": (["demo", "-n", "0"], "num_paths must be >= 1, got 0"),
+    "backend cudnn": (["demo", "--backend", "cudnn"], "backend must be one of"),
 }
 
 
@@ -138,6 +147,8 @@ def errors(tiny, tmp_path_factory):
         cases[f"eval {name}"] = (["eval", data, "--tiny", *FAST], {})
     for name, (argv, _) in USAGE_ERRORS.items():
         cases[f"usage {name}"] = (argv, {})
+    for name, (argv, _) in CONFIG_ERRORS.items():
+        cases[f"config {name}"] = (argv, {})
     cases["blank question"] = (["run", "--tiny", *FAST, "   \n"], {})
     cases["empty question"] = (["run", "--tiny", *FAST, ""], {})
     cases["long question"] = (["run", "--tiny", *FAST, LONG_QUESTION], {})
@@ -188,8 +199,8 @@ def test_bad_eval_line(errors, name):
 
 
 def test_question_longer_than_the_model_positions(errors):
-    # --tiny is the trained explorer (a2r/trained): the limit is read from its config.
-    from a2r.tiny import trained_models
+    # --tiny is the trained explorer (a2r/demo/trained): the limit is read from its config.
+    from a2r.demo.tiny import trained_models
 
     config = json.loads((trained_models().explorer / "config.json").read_text())
     limit = f"max_position_embeddings={config['max_position_embeddings']}"
@@ -217,8 +228,14 @@ def test_usage_errors_are_one_line(errors, name):
     assert_one_line_error(errors[f"usage {name}"], USAGE_ERRORS[name][1], "--help')")
 
 
+@pytest.mark.parametrize("name", list(CONFIG_ERRORS))
+def test_bad_option_values_are_one_line(errors, name):
+    assert_one_line_error(errors[f"config {name}"], CONFIG_ERRORS[name][1])
+
+
 def test_config_rejects_negative_answer_caps_and_non_finite_temperatures():
-    from a2r.pipeline import A2RConfig, PipelineError
+    from a2r.config import A2RConfig, PipelineError
+    from a2r.sampling import SamplingParams
 
     for field in ("answer_max_chars", "answer_max_tokens"):
         with pytest.raises(PipelineError, match=field):
@@ -227,7 +244,9 @@ def test_config_rejects_negative_answer_caps_and_non_finite_temperatures():
     for field in ("temperature", "synth_temperature", "thinker_temperature"):
         for value in (float("nan"), float("inf"), -1.0):
             with pytest.raises(PipelineError, match=field):
-                A2RConfig(**{field: value}).validate()
+                A2RConfig().replace(**{field: value}).validate()
+    with pytest.raises(PipelineError, match="min_p"):
+        A2RConfig(sampling=SamplingParams(min_p=-0.1)).validate()
 
 
 # ------------------------------------------------------------------ files and directories

@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import a2r_kernels as ak
-from a2r import diffusion as diffusion_mod
-from a2r.diffusion import (DiffusionResult, diffusion_generate, get_num_transfer_tokens)
-from a2r.diffusion_model import (A2R_ATTENTION, build_tiny_diffusion_model, load_diffusion_model)
+from a2r.thinker import masked as diffusion_mod
+from a2r.thinker import (DiffusionResult, diffusion_generate, get_num_transfer_tokens)
+from a2r.thinker.models import (A2R_ATTENTION, build_tiny_diffusion_model, load_diffusion_model)
 
 VOCAB = 53          # odd on purpose
 MASK_ID = 52
@@ -247,7 +247,7 @@ def test_prefix_cache_first_step_of_each_block_is_exact(model, step_log):
 
 def test_prefix_cache_extend_step_matches_manual_attention(model, step_log):
     """The extend step's logits equal a full forward whose prefix K/V are frozen by hand."""
-    from a2r.diffusion import PrefixKV
+    from a2r.thinker import PrefixKV
     prompt = random_prompt(5, 6)
     diffusion_generate(model, prompt, gen_length=8, block_length=8, steps=2, cache="prefix")
     assert len(step_log) == 2
@@ -540,7 +540,7 @@ def test_threshold_mode_syncs_once_per_step(model, monkeypatch):
 @pytest.fixture(scope="module")
 def causal_prompt_model(tmp_path_factory):
     """The 2-layer test model with CAUSAL_PROMPT set, saved and loaded back (the flag is config)."""
-    from a2r.diffusion_model import CAUSAL_PROMPT
+    from a2r.thinker.models import CAUSAL_PROMPT
 
     model = build_tiny_diffusion_model(VOCAB, MASK_ID, seed=3, num_layers=2)
     setattr(model.config, CAUSAL_PROMPT, True)
@@ -550,7 +550,7 @@ def causal_prompt_model(tmp_path_factory):
 
 
 def test_causal_prompt_rows_ignore_the_canvas_and_match_a_causal_model(causal_prompt_model):
-    from a2r.diffusion_model import is_causal_prompt_model
+    from a2r.thinker.models import is_causal_prompt_model
 
     model = causal_prompt_model
     assert is_causal_prompt_model(model)
@@ -585,7 +585,7 @@ def test_causal_prompt_prefix_cache_is_exact_for_one_block(causal_prompt_model):
 
 
 def test_causal_prompt_mask_needs_a_full_forward():
-    from a2r.diffusion_model import _with_causal_prompt
+    from a2r.thinker.models import _with_causal_prompt
 
     with pytest.raises(ValueError, match="a2r_prompt_len"):
         _with_causal_prompt(None, 3, 4, 9, 'cpu')

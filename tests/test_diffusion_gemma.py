@@ -1,4 +1,4 @@
-"""The DiffusionGemma thinker loop (a2r.diffusion_gemma) on a tiny model built from a config,
+"""The DiffusionGemma thinker loop (a2r.thinker.gemma) on a tiny model built from a config,
 against transformers' own DiffusionGemma generate. Skips on a transformers without DiffusionGemma.
 """
 
@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 
 import a2r  # noqa: E402
 import a2r_kernels as ak  # noqa: E402
-from a2r import diffusion_gemma  # noqa: E402
+from a2r.thinker import gemma as diffusion_gemma  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not diffusion_gemma.diffusion_gemma_available(),
                                 reason="this transformers has no DiffusionGemma")
@@ -154,7 +154,7 @@ def test_generation_config_defaults_and_loading(model, tmp_path):
     finally:
         model.generation_config.max_denoising_steps = None
         model.generation_config.stability_threshold = None
-    loaded = a2r.diffusion.load_diffusion_model(str(tmp_path))
+    loaded = a2r.thinker.load_diffusion_model(str(tmp_path))
     assert diffusion_gemma.is_diffusion_gemma(loaded)
     result = a2r.diffusion_generate(loaded, _prompt(1), gen_length=2 * CANVAS,
                                     generator=torch.Generator().manual_seed(1),
@@ -164,7 +164,7 @@ def test_generation_config_defaults_and_loading(model, tmp_path):
         loaded, _prompt(1), gen_length=CANVAS, max_denoising_steps=2, return_details=True)
     assert overridden.steps_per_block == [2]
     with pytest.raises(ValueError, match="mask_id"):
-        a2r.diffusion.load_diffusion_model(str(tmp_path), mask_id=5)
+        a2r.thinker.load_diffusion_model(str(tmp_path), mask_id=5)
 
 
 @pytest.mark.parametrize("kwargs,name", [
@@ -243,7 +243,7 @@ def test_cli_run_with_a_diffusion_gemma_thinker_and_traces(tmp_path, tmp_path_fa
     from transformers import AutoTokenizer
 
     from a2r.cli import main
-    from a2r.tiny import _model_vocab_size, ensure_tiny_models
+    from a2r.demo.tiny import _model_vocab_size, ensure_tiny_models
 
     paths = ensure_tiny_models(tmp_path_factory.getbasetemp() / "a2r_home")
     tokenizer = AutoTokenizer.from_pretrained(paths.explorer)
@@ -269,7 +269,7 @@ def test_cli_run_with_a_diffusion_gemma_thinker_and_traces(tmp_path, tmp_path_fa
 
 def test_pipeline_refuses_masked_diffusion_knobs_for_a_diffusion_gemma_thinker(model):
     from a2r.pipeline import A2RConfig, A2RPipeline, PipelineError
-    from a2r.tiny import build_tiny_tokenizer
+    from a2r.demo.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     explorer = diffusion_gemma.build_tiny_diffusion_gemma(VOCAB)   # never runs here
@@ -310,24 +310,23 @@ def test_a_transformers_without_diffusion_gemma(monkeypatch, tmp_path, model):
     assert not diffusion_gemma.diffusion_gemma_available()
     assert not diffusion_gemma.is_diffusion_gemma(model)
     with pytest.raises(ValueError, match="transformers >= 5.19"):
-        a2r.diffusion.load_diffusion_model(str(tmp_path))
+        a2r.thinker.load_diffusion_model(str(tmp_path))
 
 
 def test_pipeline_counts_whole_canvases_against_the_position_limit(model):
     """A thinker_gen_length that fits but whose canvases do not is refused before any model
     runs (DiffusionGemma generates whole canvases)."""
     from a2r.pipeline import A2RConfig, A2RPipeline, PromptTooLongError
-    from a2r.tiny import build_tiny_tokenizer
+    from a2r.demo.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     limit = model.config.text_config.max_position_embeddings
     pipe = A2RPipeline(model, tokenizer, thinker=model, thinker_tokenizer=tokenizer,
                        config=A2RConfig(thinker_gen_length=32, thinker_block_length=32))
-    from a2r.pipeline import _encode
-
     question = "What is 2+2?"
     no_references = [""] * pipe.config.num_paths
-    prompt_tokens = len(_encode(tokenizer, pipe.thinker_prompt(question, no_references), "cpu")[0])
+    prompt_tokens = len(tokenizer(pipe.thinker_prompt(question, no_references),
+                                 add_special_tokens=not tokenizer.chat_template)["input_ids"])
     gen_length = limit - prompt_tokens - 1            # fits as tokens, not as whole canvases
     assert gen_length % CANVAS
     with pytest.raises(PromptTooLongError, match="the thinker prompt"):

@@ -9,11 +9,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
-import a2r.evaluate  # noqa: E402
+import a2r.eval.evaluate  # noqa: E402
 from a2r.cli import main  # noqa: E402
 from a2r.extract import extract_final_answer  # noqa: E402
-from a2r.grading import AnswerChecker  # noqa: E402
-from a2r.tiny import ensure_tiny_models  # noqa: E402
+from a2r.eval.grading import AnswerChecker  # noqa: E402
+from a2r.demo.tiny import ensure_tiny_models  # noqa: E402
 
 FAST = ["-n", "2", "--max-new-tokens", "4", "--synth-max-new-tokens", "3",
         "--thinker-gen-length", "8", "--thinker-block-length", "8", "--thinker-steps", "2",
@@ -114,7 +114,7 @@ def test_resume_after_interrupt_gives_the_same_json(tiny_home, tmp_path, monkeyp
     full = tmp_path / "full" / "results.json"
     assert main(["eval", str(data), "--tiny", *FAST, "--out", str(full), "--mkdir", "--json"]) == 0
 
-    real = a2r.evaluate.evaluate_question
+    real = a2r.eval.evaluate.evaluate_question
     evaluated = []
 
     def interrupt_at_question_2(pipeline, index, *args, **kwargs):
@@ -124,7 +124,7 @@ def test_resume_after_interrupt_gives_the_same_json(tiny_home, tmp_path, monkeyp
         return real(pipeline, index, *args, **kwargs)
 
     resumed = tmp_path / "resumed" / "results.json"
-    monkeypatch.setattr(a2r.evaluate, "evaluate_question", interrupt_at_question_2)
+    monkeypatch.setattr(a2r.eval.evaluate, "evaluate_question", interrupt_at_question_2)
     assert main(["eval", str(data), "--tiny", *FAST, "--out", str(resumed), "--mkdir"]) == 130
     records = resumed.with_suffix(".jsonl")
     assert len(records.read_text().splitlines()) == 2 and not resumed.exists()
@@ -136,10 +136,10 @@ def test_resume_after_interrupt_gives_the_same_json(tiny_home, tmp_path, monkeyp
         evaluated.append(index)
         return real(pipeline, index, *args, **kwargs)
 
-    monkeypatch.setattr(a2r.evaluate, "evaluate_question", count)
+    monkeypatch.setattr(a2r.eval.evaluate, "evaluate_question", count)
     assert main(["eval", str(data), "--tiny", *FAST, "--out", str(resumed), "--json"]) == 0
     assert evaluated == [0, 1, 2, 3]               # each question evaluated once in all
-    strip = a2r.evaluate.strip_timings
+    strip = a2r.eval.evaluate.strip_timings
     assert strip(json.loads(resumed.read_text())) == strip(json.loads(full.read_text()))
     assert len(records.read_text().splitlines()) == 4
 

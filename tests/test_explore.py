@@ -245,6 +245,45 @@ def test_warp_logits_matches_transformers(temperature, top_k, top_p):
     assert torch.equal(logits, before)
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(1.0, 0, 1.0, 0.1), (0.7, 5, 0.9, 0.3),
+                                                           (1.3, 0, 1.0, 1.0)])
+def test_min_p_matches_transformers(temperature, top_k, top_p, min_p):
+    """min-p after temperature, top-k and top-p, as transformers' warpers chain them."""
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    logits = torch.randn(5, 41, generator=torch.Generator().manual_seed(7)) * 3
+    expected = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1.0:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    expected = MinPLogitsWarper(min_p)(None, expected)
+    warped = warp_logits(logits, temperature, top_k, top_p, min_p)
+    torch.testing.assert_close(warped, expected)
+    assert (warped.isinf().sum(-1) > warp_logits(logits, temperature, top_k, top_p)
+            .isinf().sum(-1)).any()   # min-p removed tokens the others kept
+
+
+def test_min_p_flows_through_sample_parallel(qwen3):
+    """SamplingParams.min_p reaches the explorer's sampler: min_p=1 keeps only the most likely
+    token, so sampling at any temperature is greedy."""
+    from a2r.sampling import SamplingParams
+
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    sample_parallel = a2r.sample_parallel
+    greedy = sample_parallel(qwen3, ids, 3, 6, temperature=0, eos_token_id=[])
+    for sampling in (SamplingParams(temperature=1.5, min_p=1.0),):
+        assert sample_parallel(qwen3, ids, 3, 6, sampling, seed=0, eos_token_id=[]) == greedy
+    hot = sample_parallel(qwen3, ids, 3, 6, temperature=1.5, seed=0, eos_token_id=[])
+    assert hot != greedy   # without min-p the same draws leave the greedy path
+    with pytest.raises(ValueError, match="min_p"):
+        sample_parallel(qwen3, ids, 1, 2, min_p=1.5)
+    with pytest.raises(ValueError, match="not both"):
+        sample_parallel(qwen3, ids, 1, 2, SamplingParams(), temperature=0)
+    with pytest.raises(TypeError, match="min_q"):
+        sample_parallel(qwen3, ids, 1, 2, min_q=0.5)
+
+
 def test_sample_tokens_draws_from_the_warped_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0, 1.5]]).expand(40000, -1)
     probs = torch.softmax(warp_logits(logits[:1], 0.8, 4, 0.9), dim=-1)[0]

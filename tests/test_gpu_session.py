@@ -1,4 +1,4 @@
-"""``benchmarks/gpu_session.sh verify``: the one-call GPU proof, checked on CPU by its dry run.
+"""``benchmarks/gpu/gpu_session.sh verify``: the one-call GPU proof, checked on CPU by its dry run.
 
 The device tool gives a session 15 minutes of device time in all (machine start included), so
 ``verify`` must finish in 8 minutes (480 s). Its steps are a table with a time budget each; the
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
+SCRIPT = ROOT / "benchmarks" / "gpu" / "gpu_session.sh"
 VERIFY_LIMIT_S = 480   # issue 11: verify finishes in 8 minutes of wall time
 
 # benchmarks/ is not a package: load verdict.py by path, leaving sys.path alone
@@ -101,8 +101,8 @@ def test_verify_plan_fits_in_8_minutes_in_the_required_order(tmp_path):
 def test_a_budget_raised_past_the_limit_is_refused(tmp_path):
     """The check above must catch a step whose budget grows: the plan no longer fits, and the
     script refuses to start rather than overrun the device call."""
-    copy = tmp_path / "benchmarks" / "gpu_session.sh"
-    copy.parent.mkdir()
+    copy = tmp_path / "benchmarks" / "gpu" / "gpu_session.sh"
+    copy.parent.mkdir(parents=True)
     text = SCRIPT.read_text()
     raised, count = re.subn(r"(plan_step pytest\s+)\d+", r"\g<1>400", text)
     assert count == 1
@@ -128,14 +128,14 @@ def test_dry_run_checks_what_the_device_call_carries(tmp_path):
     sizes = CARRY.search(dry_run(tmp_path).stdout)
     assert sizes is not None and float(sizes.group(3)) <= 64
     repo = tmp_path / "repo"
-    (repo / "benchmarks").mkdir(parents=True)
-    shutil.copy(SCRIPT, repo / "benchmarks" / "gpu_session.sh")
+    (repo / "benchmarks" / "gpu").mkdir(parents=True)
+    shutil.copy(SCRIPT, repo / "benchmarks" / "gpu" / "gpu_session.sh")
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     (repo / ".gitignore").write_text("/.whl/\n")   # as in the repository: wheels never committed
     (repo / ".whl").mkdir()
     with open(repo / ".whl" / "big-1.0-py3-none-any.whl", "wb") as f:
         f.truncate(65 * 2**20)   # sparse: 65 MiB apparent size, no disk used
-    result = dry_run(tmp_path, repo / "benchmarks" / "gpu_session.sh")
+    result = dry_run(tmp_path, repo / "benchmarks" / "gpu" / "gpu_session.sh")
     assert result.returncode == 2
     sizes = CARRY.search(result.stdout)
     assert sizes is not None and float(sizes.group(2)) == 65.0 and float(sizes.group(1)) < 1
@@ -167,7 +167,7 @@ def test_verify_pytest_selection_is_collected():
     result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
                              "-p", "no:cacheprovider", *ids], cwd=ROOT, capture_output=True,
                             text=True, env=env, timeout=300)
-    assert result.returncode == 0, ("an id of VERIFY_TESTS in benchmarks/gpu_session.sh no longer "
+    assert result.returncode == 0, ("an id of VERIFY_TESTS in benchmarks/gpu/gpu_session.sh no longer "
                                     "collects: update it to the renamed test\n"
                                     + result.stdout[-3000:] + result.stderr[-3000:])
     collected = [line for line in result.stdout.splitlines() if "::" in line]
@@ -277,7 +277,7 @@ def test_verify_live_path_on_a_faked_gpu(tmp_path, wheel):
                FAKE_COLLECTED=str(tmp_path / "collected.txt"),
                FAKE_FLASHINFER="1" if wheel else "")
     env.pop("A2R_SESSION_BUDGET_S", None)
-    result = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_session.sh"), "verify"],
+    result = subprocess.run(["bash", str(repo / "benchmarks" / "gpu" / "gpu_session.sh"), "verify"],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-2000:]
     assert f"verify: {len(ids) - 1} of {len(ids)} test ids collected" in result.stdout

@@ -1,4 +1,4 @@
-"""a2r.A2RPipeline and a2r.tiny on the embedded tiny models (CPU, small budgets).
+"""a2r.A2RPipeline and a2r.demo.tiny on the embedded tiny models (CPU, small budgets).
 
 The tiny models are random, so their texts are noise; what is checked is the plumbing: every
 stage's outputs, token counts and prompts agree with each other and with independent
@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -24,9 +25,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 import a2r  # noqa: E402
 import a2r.explore  # noqa: E402
 from a2r.extract import extract_answer_component, extract_final_answer, majority_vote  # noqa: E402
+from a2r.sampling import SamplingParams  # noqa: E402
 from a2r.pipeline import (A2RConfig, A2RPipeline, ModelDirError, PipelineError,  # noqa: E402
                           TokenizerMismatchError, UnsupportedArchitectureError, kv_bytes_per_token)
-from a2r.tiny import build_tiny_tokenizer, ensure_tiny_models, tiny_dir  # noqa: E402
+from a2r.demo.tiny import build_tiny_tokenizer, ensure_tiny_models, tiny_dir  # noqa: E402
 
 # Small budgets: every run takes a second or two on a loaded 2-core CPU.
 SMALL = dict(num_paths=3, max_new_tokens=5, synth_max_new_tokens=4, thinker_gen_length=8,
@@ -342,20 +344,32 @@ def test_result_json_round_trip(result):
 # ------------------------------------------------------------------ scripted explorer
 
 
+def scripted_result(sequences, input_ids):
+    """An ExploreResult holding ``sequences`` (what a scripted explorer returns)."""
+    from a2r.explore import ExploreResult
+
+    return ExploreResult(sequences=sequences, prompt_len=input_ids.shape[1], num_blocks=0,
+                         block_size=16, peak_blocks_used=0, peak_kv_bytes=0, decode_steps=0)
+
+
 class ScriptedSampler:
-    """Stands in for a2r.sample_parallel: returns chosen texts (tokenized) and records calls."""
+    """Stands in for a2r.explore.explore (what the tree engine calls): returns chosen texts
+    (tokenized) and records calls."""
 
     def __init__(self, tokenizer, explorer_texts, synthesizer_text):
         self.tokenizer = tokenizer
         self.scripts = [explorer_texts, [synthesizer_text]]
         self.calls = []
 
-    def __call__(self, model, input_ids, n, max_new_tokens, **kwargs):
-        self.calls.append(dict(n=n, max_new_tokens=max_new_tokens, prompt=input_ids, **kwargs))
+    def __call__(self, model, input_ids, widths, max_new_tokens, sampling, **kwargs):
+        (n,) = widths
+        self.calls.append(dict(n=n, max_new_tokens=max_new_tokens, prompt=input_ids,
+                               sampling=sampling, **kwargs))
         texts = self.scripts[len(self.calls) - 1]
         assert len(texts) == n
         eos = self.tokenizer.eos_token_id
-        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+        return scripted_result([self.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]
+                                for t in texts], input_ids)
 
 
 def test_scripted_baselines_and_grading(pipeline, monkeypatch):
@@ -367,12 +381,12 @@ def test_scripted_baselines_and_grading(pipeline, monkeypatch):
         "<think>no idea",
     ]
     sampler = ScriptedSampler(tok, explorer_texts, "<think>refs agree</think> \\boxed{84}")
-    monkeypatch.setattr(a2r.explore, "sample_parallel", sampler)
+    monkeypatch.setattr(a2r.explore, "explore", sampler)
     res = pipeline.run(QUESTION, num_paths=4, temperature=0.7, seed=5)
 
     assert [c["n"] for c in sampler.calls] == [4, 1]
-    assert sampler.calls[0]["temperature"] == 0.7 and sampler.calls[0]["seed"] == 5
-    assert sampler.calls[1]["temperature"] == 0.0                      # greedy synthesizer
+    assert sampler.calls[0]["sampling"].temperature == 0.7 and sampler.calls[0]["seed"] == 5
+    assert sampler.calls[1]["sampling"].temperature == 0.0             # greedy synthesizer
     assert sampler.calls[0]["eos_token_id"] == tok.eos_token_id
     assert res.explorer.texts == explorer_texts                         # eos cut, text decoded
     assert res.references == ["The answer is \\boxed{84}.", "12 * 7 = 74",
@@ -390,7 +404,7 @@ def test_scripted_baselines_and_grading(pipeline, monkeypatch):
 def test_scripted_tie_goes_to_the_earliest_answer(pipeline, monkeypatch):
     sampler = ScriptedSampler(pipeline.explorer_tokenizer,
                               ["\\boxed{3}", "\\boxed{4}", "\\boxed{4}", "\\boxed{3}"], "5")
-    monkeypatch.setattr(a2r.explore, "sample_parallel", sampler)
+    monkeypatch.setattr(a2r.explore, "explore", sampler)
     res = pipeline.run(QUESTION, num_paths=4, use_thinker=False)
     assert (res.cons_answer, res.cons_votes, res.final_answer) == ("3", 2, "5")
     assert "Reasoning trace" not in res.synthesizer.prompt
@@ -456,9 +470,9 @@ def test_from_pretrained_errors(tmp_path, paths):
 ])
 def test_run_rejects_bad_config_before_running(pipeline, overrides, match, monkeypatch):
     def must_not_run(*args, **kwargs):
-        raise AssertionError("sample_parallel ran despite bad input")
+        raise AssertionError("the explorer ran despite bad input")
 
-    monkeypatch.setattr(a2r.explore, "sample_parallel", must_not_run)
+    monkeypatch.setattr(a2r.explore, "explore", must_not_run)
     with pytest.raises(ValueError, match=match):
         pipeline.run(QUESTION, **overrides)
     with pytest.raises(ValueError, match="question"):
@@ -470,4 +484,38 @@ def test_config_fields_are_documented_defaults():
     cfg.validate()
     assert dataclasses.asdict(cfg)["num_paths"] == 4
     with pytest.raises(PipelineError):
-        A2RConfig(temperature=-1).validate()
+        A2RConfig(sampling=SamplingParams(temperature=-1)).validate()
+
+
+# ------------------------------------------------------------------ prompts built once
+
+
+def test_each_prompt_is_rendered_and_encoded_once_per_question(paths, monkeypatch):
+    """One run (symmetric, with a thinker): the up-front length check, the explorer's pool
+    sizing and the stages ask for the same prompts; each distinct one is rendered once and
+    tokenised once."""
+    pipe = A2RPipeline.from_pretrained(paths.explorer, None, paths.thinker, dtype="float32",
+                                       config=A2RConfig(**SMALL))
+    rendered, encoded = [], []
+    classes = {type(pipe.explorer_tokenizer), type(pipe.thinker_tokenizer)}
+    for cls in classes:
+        call, template = cls.__call__, cls.apply_chat_template
+
+        def counting_call(self, text, *args, _call=call, **kwargs):
+            encoded.append((id(self), text))
+            return _call(self, text, *args, **kwargs)
+
+        def counting_template(self, conversation, *args, _template=template, **kwargs):
+            rendered.append((id(self), conversation[0]["content"]))
+            return _template(self, conversation, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__call__", counting_call)
+        monkeypatch.setattr(cls, "apply_chat_template", counting_template)
+    result = pipe.run(QUESTION)
+    assert result.thinker is not None and rendered and encoded
+    repeated = {text: n for text, n in Counter(encoded).items() if n > 1}
+    assert not repeated, repeated
+    repeated = {text: n for text, n in Counter(rendered).items() if n > 1}
+    assert not repeated, repeated
+    # explorer; thinker and synthesizer with empty references (the check), then with the paths'
+    assert len(encoded) == 5

@@ -43,7 +43,7 @@ def test_readme_has_the_python_blocks():
 def test_plain_import_reaches_the_submodules(tmp_path):
     proc = run_python("import a2r\n"
                       "print(a2r.explore.explore.__name__,\n"
-                      "      a2r.diffusion.build_tiny_diffusion_model.__name__)\n"
+                      "      a2r.thinker.build_tiny_diffusion_model.__name__)\n"
                       "try:\n"
                       "    a2r.no_such_module\n"
                       "except AttributeError as err:\n"

@@ -8,12 +8,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
-from a2r import task  # noqa: E402
 from a2r.cli import main  # noqa: E402
-from a2r.tiny import trained_models, trained_models_dir  # noqa: E402
+from a2r.demo import task  # noqa: E402
+from a2r.demo.tiny import trained_models, trained_models_dir  # noqa: E402
+from a2r.demo.train import results_dir  # noqa: E402
 
 TRAINED = trained_models_dir()
-README = TRAINED.parents[2] / "README.md"
+RESULTS = results_dir()
+README = RESULTS.parents[1] / "README.md"
 
 
 # ------------------------------------------------------------------ task
@@ -55,7 +57,7 @@ def test_smoke_training_builds_loadable_deterministic_models(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from a2r.pipeline import A2RPipeline
-    from a2r.train import SMOKE, train_all
+    from a2r.demo.train import SMOKE, train_all
 
     report = train_all(tmp_path / "a", SMOKE, log=None)
     assert set(report["loss"]) == {"explorer", "synthesizer", "thinker", "ar_thinker"}
@@ -65,7 +67,7 @@ def test_smoke_training_builds_loadable_deterministic_models(tmp_path):
                       thinker_block_length=8, thinker_steps=8, backend="torch")
     assert len(result.explorer.texts) == 2
     assert pipe.thinker_tokenizer.mask_token == "<|mask|>"
-    from a2r.diffusion_model import is_causal_prompt_model
+    from a2r.thinker.models import is_causal_prompt_model
     assert is_causal_prompt_model(pipe.thinker)   # saved in its config: prefix-causal
     AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "ar_thinker")
     # Deterministic: a second run writes the same weights, byte for byte.
@@ -90,7 +92,7 @@ def test_committed_models_are_small_safetensors():
 
 
 def _recorded(name):
-    return json.loads((TRAINED / name).read_text())
+    return json.loads((RESULTS / name).read_text())
 
 
 def test_committed_models_reproduce_the_recorded_subset_exactly(tmp_path, capsys):
@@ -116,7 +118,7 @@ def test_readme_table_matches_the_recorded_heldout_eval():
     for k, row in recorded["accuracy_by_n"].items():
         cells = " | ".join(f"{100 * row[m]:.1f}" for m in ("mean_at_1", "cons_at_n", "a2r"))
         assert re.search(rf"\| N = {k} \| {re.escape(cells)} \|", text), k
-    from a2r.train import targets_line
+    from a2r.demo.train import targets_line
     assert targets_line(recorded) in text
     # The accuracy-against-N sweep up to N = 8 (a second recorded eval, -n 8).
     sweep = _recorded("eval_n8.json")
@@ -132,7 +134,7 @@ def test_demo_and_tiny_use_the_trained_models(capsys):
     assert main(["demo", *fast]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["models"]["trained"] is True
-    assert "python -m a2r.train" in payload["note"]
+    assert "python -m a2r.demo.train" in payload["note"]
     assert payload["models"]["explorer"]["path"] == str(TRAINED / "explorer")
     assert [r["question"] for r in payload["results"]][0].startswith("What is ")
     # --random-models is a choice among the embedded models: without --tiny it is an error.

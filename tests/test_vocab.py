@@ -18,12 +18,14 @@ SHARED = [
     ("a2r_kernels._cuda_ops", "REMASKING_CODES", "REMASKING_CODES"),
     ("a2r_kernels.triton.denoise", "REMASKING_CODES", "REMASKING_CODES"),
     ("a2r_kernels._cuda_ops", "MAX_HEAD_DIM", "MAX_HEAD_DIM"),
-    ("a2r_kernels.attention", "MAX_HEAD_DIM", "MAX_HEAD_DIM"),
+    ("a2r_kernels.attention_launch", "MAX_HEAD_DIM", "MAX_HEAD_DIM"),
     ("a2r_kernels.wrapper", "MAX_HEAD_DIM", "MAX_HEAD_DIM"),
     ("a2r_kernels._cuda_ops", "WORK_INFO_COLUMNS", "WORK_INFO_COLUMNS"),
     ("a2r_kernels.triton.attention", "WORK_INFO_COLUMNS", "WORK_INFO_COLUMNS"),
     ("a2r_kernels.layout", "WORK_FIELDS", "WORK_FIELDS"),
-    ("a2r.diffusion", "REMASKING", "REMASKING"),
+    ("a2r.thinker.masked", "REMASKING", "REMASKING"),
+    ("a2r.config", "REMASKING", "REMASKING"),
+    ("a2r.config", "BACKENDS", "BACKENDS"),
     ("a2r_kernels.reference_denoise", "GUMBEL_BOUND", "GUMBEL_BOUND"),
     ("a2r_kernels.reference_entropy_bound", "GUMBEL_BOUND", "GUMBEL_BOUND"),
     ("a2r_kernels.triton.entropy_bound", "GUMBEL_BOUND", "GUMBEL_BOUND"),
@@ -38,17 +40,6 @@ SHARED = [
 @pytest.mark.parametrize("module,attr,name", SHARED, ids=lambda x: str(x))
 def test_each_module_reads_the_one_definition(module, attr, name):
     assert getattr(importlib.import_module(module), attr) is getattr(_vocab, name)
-
-
-# Copies kept on purpose where importing a2r_kernels (and torch with it) is too early: the CLI
-# validates an A2RConfig before it imports torch. Held equal (as sets: order is for messages).
-TORCH_FREE_COPIES = [("a2r.pipeline", "THINKER_REMASKING", "REMASKING"),
-                     ("a2r.pipeline", "BACKENDS", "BACKENDS")]
-
-
-@pytest.mark.parametrize("module,attr,name", TORCH_FREE_COPIES, ids=lambda x: str(x))
-def test_torch_free_copies_equal_the_vocabulary(module, attr, name):
-    assert set(getattr(importlib.import_module(module), attr)) == set(getattr(_vocab, name))
 
 
 def test_remasking_codes_are_the_mode_indices():
@@ -102,8 +93,8 @@ def test_text_config_of_nested_and_plain_configs():
 def test_diffusion_prefix_cache_without_num_key_value_heads():
     """diffusion.py sizes its prefix KV pool by the shared geometry rule: a config whose
     num_key_value_heads is unset (multi-head attention) works, as it does in TreeDecoder."""
-    from a2r.diffusion import diffusion_generate
-    from a2r.diffusion_model import build_tiny_diffusion_model
+    from a2r.thinker import diffusion_generate
+    from a2r.thinker.models import build_tiny_diffusion_model
 
     model = build_tiny_diffusion_model(32, 31, seed=1, num_layers=1, num_heads=4, num_kv_heads=4)
     prompt = torch.randint(0, 30, (1, 5), generator=torch.Generator().manual_seed(0))

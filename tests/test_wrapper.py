@@ -127,7 +127,7 @@ def test_rows_past_the_plan_are_zero_with_neg_inf_lse(backend):
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="counts CPU allocations")
-@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_run_with_out_allocates_nothing_on_cpu(backend):
     """torch's profiler records every CPU allocation: none inside run(out=...)."""
     _backend_or_skip(backend)

@@ -1,6 +1,6 @@
 """a2r: the A2R parallel-reasoning loop (explorer -> thinker -> synthesizer) over a2r_kernels.
 
-Public names (``docs/API.md`` section 4) and the submodules (``a2r.explore``, ``a2r.diffusion``,
+Public names (``docs/API.md`` section 4) and the submodules (``a2r.explore``, ``a2r.thinker``,
 ...) are loaded lazily, on first attribute access after a plain ``import a2r``, so that the import
 stays cheap and the CLI starts fast.
 """
@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "sample_parallel": "a2r.explore",
-    "diffusion_generate": "a2r.diffusion",
+    "diffusion_generate": "a2r.thinker",
     "A2RPipeline": "a2r.pipeline",
 }
 

@@ -22,8 +22,14 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
+
+from .eval.command import cmd_eval
+from .launch import (CLIError, check_question_text, load_pipeline, quiet_transformers,
+                     random_models_note)
+from .report import emit_json, print_result
+from .sampling import SamplingParams
 
 __all__ = ["main", "build_parser"]
 
@@ -31,29 +37,14 @@ DEMO_QUESTIONS = (
     ("What is 12 * 7?", "84"),
     ("A train travels 150 km in 2.5 hours. What is its average speed in km/h?", "60"),
 )
-# The trained embedded models know one task (a2r.task): their demo asks two of its questions.
+# The trained embedded models know one task (a2r.demo.task): their demo asks two of its questions.
 TRAINED_DEMO_QUESTIONS = (
     ("What is 347 + 85 + 912 + 6?", "1350"),
     ("What is 58 + 904 + 7 + 263 + 91?", "1323"),
 )
 TRAINED_NOTE = ("note: the embedded default models are tiny models trained in minutes on a CPU "
-                "(python -m a2r.train) for one synthetic task, sums like 'What is 347 + 85 + 912 + "
+                "(python -m a2r.demo.train) for one synthetic task, sums like 'What is 347 + 85 + 912 + "
                 "6?'; on any other question their answers are noise.")
-# Thinker settings when none are given: the trained thinker writes a trace of this many tokens
-# (a2r.tiny.TRACE_LENGTH), one token per step; other thinkers get LLaDA-style defaults.
-THINKER_DEFAULTS = {"thinker_gen_length": 64, "thinker_block_length": 32, "thinker_steps": 16}
-
-# Printed (and put in the JSON as "note") when a loaded model directory holds random weights
-# (a2r.tiny.is_random_model); {models} names them.
-RANDOM_MODELS_NOTE = ("note: the {models} model(s) are random (untrained) tiny models: their "
-                      "answers and accuracies are noise. They show the pipeline's stages, times, "
-                      "token counts and KV sharing, not reasoning quality.")
-
-
-class CLIError(Exception):
-    """A user error the CLI reports on one line with exit status 2."""
-
-
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one ``a2r: error:`` line plus a pointer to ``--help`` (no usage block)."""
 
@@ -80,27 +71,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _reference_cap(text: str) -> int:
-    value = _int(text)
-    if value < -1:
-        raise argparse.ArgumentTypeError(f"must be >= 0, or -1 for no cap, got {value}")
-    return value
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _number(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -115,18 +96,20 @@ def _generation_options(max_new_tokens_default: int) -> argparse.ArgumentParser:
     """Options shared by demo, run and eval."""
     parent = argparse.ArgumentParser(add_help=False)
     g = parent.add_argument_group("generation")
-    g.add_argument("-n", "--num-paths", type=_positive_int, default=4,
+    # Ranges are A2RConfig.validate's (one "a2r: error:" line before any model loads); argparse
+    # only parses.
+    g.add_argument("-n", "--num-paths", type=_int, default=4,
                    help="explorer paths N (default: %(default)s)")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens_default,
+    g.add_argument("--max-new-tokens", type=_int, default=max_new_tokens_default,
                    help="tokens per explorer path (default: %(default)s)")
-    g.add_argument("--synth-max-new-tokens", type=_positive_int, default=None,
+    g.add_argument("--synth-max-new-tokens", type=_int, default=None,
                    help="synthesizer tokens (default: --max-new-tokens)")
-    g.add_argument("--temperature", type=_non_negative_float, default=1.0,
-                   help="explorer sampling temperature; 0 = greedy (default: %(default)s)")
-    g.add_argument("--top-p", type=float, default=1.0, help="explorer nucleus sampling")
-    g.add_argument("--top-k", type=int, default=0, help="explorer top-k sampling (0 = off)")
-    g.add_argument("--seed", type=int, default=0, help="RNG seed of every stage (default: 0)")
-    g.add_argument("--answer-max-chars", type=_reference_cap, default=1024,
+    for knob in fields(SamplingParams):   # one flag per sampling knob: --temperature, --min-p...
+        g.add_argument("--" + knob.name.replace("_", "-"), default=knob.default,
+                       type=_int if isinstance(knob.default, int) else _number,
+                       help=knob.metadata["help"])
+    g.add_argument("--seed", type=_int, default=0, help="RNG seed of every stage (default: 0)")
+    g.add_argument("--answer-max-chars", type=_int, default=1024,
                    help="cap on each reference handed to the synthesizer, keeping the end "
                    "(-1: no cap; default: %(default)s)")
     g.add_argument("--no-thinker", action="store_true", help="skip the diffusion thinker")
@@ -134,17 +117,17 @@ def _generation_options(max_new_tokens_default: int) -> argparse.ArgumentParser:
                    help="prefill every stage's whole prompt instead of reusing the cached KV "
                    "of the whole blocks it shares with earlier prompts (the explorer's, earlier "
                    "questions')")
-    g.add_argument("--thinker-gen-length", type=_positive_int, default=None,
+    g.add_argument("--thinker-gen-length", type=_int, default=None,
                    help="trace length in tokens (default: 64; the trained embedded thinker: 8)")
-    g.add_argument("--thinker-block-length", type=_positive_int, default=None,
+    g.add_argument("--thinker-block-length", type=_int, default=None,
                    help="semi-autoregressive block; divides the trace length (default: 32; the "
                    "trained embedded thinker: 8)")
-    g.add_argument("--thinker-steps", type=_positive_int, default=None,
+    g.add_argument("--thinker-steps", type=_int, default=None,
                    help="denoising steps in all; a multiple of the block count (default: 16; the "
                    "trained embedded thinker: 8)")
-    g.add_argument("--thinker-threshold", type=float, default=None,
+    g.add_argument("--thinker-threshold", type=_number, default=None,
                    help="Fast-dLLM confidence threshold instead of a fixed step count")
-    g.add_argument("--thinker-traces", type=_positive_int, default=1,
+    g.add_argument("--thinker-traces", type=_int, default=1,
                    help="thinker traces from one prompt, all handed to the synthesizer "
                    "(DiffusionGemma: one encoder pass for all) (default: %(default)s)")
     r = parent.add_argument_group("runtime")
@@ -152,8 +135,9 @@ def _generation_options(max_new_tokens_default: int) -> argparse.ArgumentParser:
                    "available, else cpu)")
     r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model dtype (auto: float32 on CPU, the checkpoint's on GPU)")
-    r.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"],
-                   help="a2r_kernels backend for tree decode attention")
+    r.add_argument("--backend", default="auto",
+                   help="a2r_kernels backend for tree decode attention: auto, torch, triton or "
+                   "cuda (default: %(default)s)")
     r.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
     return parent
 
@@ -180,30 +164,6 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
                    "default: vLLM's)")
 
 
-VLLM_ONLY_OPTIONS = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization")
-
-
-def _vllm_options(args) -> dict | None:
-    """The vLLM engine arguments of ``args`` (None for --engine transformers, which must not
-    have any)."""
-    given = {k: getattr(args, k) for k in VLLM_ONLY_OPTIONS if getattr(args, k, None) is not None}
-    if getattr(args, "engine", "transformers") != "vllm":
-        if given:
-            flag = "--" + next(iter(given)).replace("_", "-")
-            raise CLIError(f"{flag} needs --engine vllm")
-        return None
-    from .vllm_engine import vllm_available
-
-    if not vllm_available():
-        raise CLIError("--engine vllm needs vLLM installed (pip install vllm)")
-    if args.backend != "auto":
-        raise CLIError("--backend selects a2r_kernels kernels for --engine transformers; with "
-                       "--engine vllm the A2R_TREE backend picks them by device")
-    # vLLM logs to stdout by default; the CLI keeps stdout for its report (and --json).
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    return given
-
-
 def _model_options(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("models (save_pretrained directories, each with its tokenizer)")
     m.add_argument("--explorer", metavar="DIR", help="explorer causal LM")
@@ -211,7 +171,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
                    help="synthesizer causal LM (default: the explorer: symmetric set-up)")
     m.add_argument("--thinker", metavar="DIR", help="masked-diffusion thinker (optional)")
     m.add_argument("--tiny", action="store_true",
-                   help="use the embedded tiny models (trained on the sums task, a2r.task) "
+                   help="use the embedded tiny models (trained on the sums task, a2r.demo.task) "
                    "instead of directories")
     m.add_argument("--random-models", action="store_true",
                    help="with --tiny: the random (untrained) embedded models instead")
@@ -294,227 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 
 
-def _quiet_transformers() -> None:
-    """transformers' per-load progress bars and info logs would drown the stage report."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def _resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise CLIError(f"--device {name}: not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CLIError(f"--device {name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CLIError(f"--device {name}: this machine has {torch.cuda.device_count()} "
-                           "CUDA device(s)")
-    return name
-
-
-def _resolve_dtype(name: str, device: str):
-    if name == "auto":
-        return "float32" if device == "cpu" else None
-    return name
-
-
-def _check_backend(backend: str, device: str) -> None:
-    """--backend must run on --device; checked before any model is loaded."""
-    import torch
-
-    from a2r_kernels.backend import backend_unavailable_reason
-
-    why = None if backend == "auto" else backend_unavailable_reason(backend, torch.device(device))
-    if why is not None:
-        raise CLIError(f"--backend {backend} is unavailable on device {device}: {why}")
-
-
-def _check_question_text(question, what: str = "the question") -> None:
-    if not isinstance(question, str) or not question.strip():
-        raise CLIError(f"{what} must be a non-empty string, got {json.dumps(question)}")
-
-
-def _random_models_note(models) -> str | None:
-    """RANDOM_MODELS_NOTE naming the loaded models that are random, or None when none is."""
-    random_roles = [role for role in ("explorer", "thinker", "synthesizer")
-                    if models.get(role) and models[role]["random"]]
-    return RANDOM_MODELS_NOTE.format(models=", ".join(random_roles)) if random_roles else None
-
-
-def _config_from_args(args, thinker_defaults=None):
-    from .pipeline import A2RConfig
-
-    thinker = {name: getattr(args, name) if getattr(args, name) is not None else default
-               for name, default in (thinker_defaults or THINKER_DEFAULTS).items()}
-    return A2RConfig(
-        num_paths=args.num_paths, max_new_tokens=args.max_new_tokens,
-        synth_max_new_tokens=args.synth_max_new_tokens, temperature=args.temperature,
-        top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-        answer_max_chars=args.answer_max_chars if args.answer_max_chars >= 0 else None,
-        use_thinker=not args.no_thinker, **thinker,
-        thinker_threshold=args.thinker_threshold, thinker_traces=args.thinker_traces,
-        backend=args.backend,
-        reuse_prefix_kv=not args.no_prefix_reuse)
-
-
-def _tiny_paths(args, thinker: bool):
-    """The embedded models: the trained ones, or with --random-models the random ones."""
-    from .tiny import ensure_tiny_models, tiny_dir, trained_models
-
-    home = args.home
-    if not getattr(args, "random_models", False):
-        if home is not None:   # an option that would do nothing is an error, not ignored
-            raise CLIError(f"--home {home}: only --random-models builds models under --home "
-                           "(the trained embedded models ship inside the package)")
-        try:
-            return trained_models(thinker=thinker)
-        except ValueError as err:
-            raise CLIError(str(err)) from None
-    try:
-        return ensure_tiny_models(home, thinker=thinker)
-    except OSError as err:
-        if home is not None:
-            where = f"--home {home}"
-        elif os.environ.get("A2R_HOME"):
-            where = f"A2R_HOME={os.environ['A2R_HOME']}"
-        else:
-            where = "the default home (~/.cache/a2r; set --home or A2R_HOME)"
-        reason = f"{err.strerror}: {err.filename}" if err.strerror else str(err)
-        raise CLIError(f"{where}: cannot build the embedded models in {tiny_dir(home)} ({reason})"
-                       ) from None
-
-
-def _load_pipeline(args, *, use_tiny: bool):
-    """(pipeline, description of the models) from --explorer/--synthesizer/--thinker or --tiny."""
-    from .pipeline import A2RPipeline, _model_dtype
-
-    if getattr(args, "random_models", False) and not use_tiny:
-        raise CLIError("--random-models needs --tiny (the embedded models)")
-    trained = use_tiny and not getattr(args, "random_models", False)
-    from .tiny import TRAINED_THINKER_SETTINGS
-
-    config = _config_from_args(args, TRAINED_THINKER_SETTINGS if trained else None)
-    config.validate()   # bad option values fail here, before any model is loaded
-    vllm_options = _vllm_options(args)
-    device = _resolve_device(args.device)
-    dtype = _resolve_dtype(args.dtype, device)
-    _check_backend(args.backend, device)
-    if use_tiny:
-        if getattr(args, "explorer", None) or getattr(args, "synthesizer", None) \
-                or getattr(args, "thinker", None):
-            raise CLIError("--tiny cannot be combined with --explorer/--synthesizer/--thinker")
-        paths = _tiny_paths(args, thinker=not args.no_thinker)
-        explorer, synthesizer, thinker = paths.explorer, paths.synthesizer, paths.thinker
-    else:
-        if not args.explorer:
-            raise CLIError("--explorer DIR is required (or --tiny for the embedded models)")
-        explorer, synthesizer = args.explorer, args.synthesizer
-        thinker = None if args.no_thinker else args.thinker
-    pipeline = A2RPipeline.from_pretrained(
-        explorer, synthesizer, thinker, device=device, dtype=dtype, config=config,
-        engine="vllm" if vllm_options is not None else "transformers", vllm_options=vllm_options)
-    from .tiny import is_random_model
-
-    def describe(path, model):
-        arch = getattr(model, "architecture", type(model).__name__)   # VLLMModel: "... (vLLM)"
-        return {"path": str(path), "arch": arch, "random": is_random_model(path)}
-
-    models = {
-        "explorer": describe(explorer, pipeline.explorer),
-        "synthesizer": describe(synthesizer or explorer, pipeline.synthesizer),
-        "thinker": (describe(thinker, pipeline.thinker) if pipeline.thinker is not None else None),
-        "mode": "symmetric" if pipeline.symmetric else "asymmetric",
-        "device": device,
-        "dtype": str(_model_dtype(pipeline.explorer)).replace("torch.", ""),
-        "trained": paths.trained if use_tiny else None,
-    }
-    if vllm_options is not None:
-        models["engine"] = {"name": "vllm", **vllm_options}
-    return pipeline, models
-
-
-def _short(text: str | None, limit: int = 70) -> str:
-    if text is None:
-        return "-"
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[:limit - 3] + "..."
-
-
-def _format_bytes(n: int) -> str:
-    """``1,234 B`` below 1 KiB, else ``136.5 KiB (139,776 B)``."""
-    if n < 1024:
-        return f"{n:,} B"
-    scaled, unit = float(n), "B"
-    for unit in ("KiB", "MiB", "GiB"):
-        scaled /= 1024
-        if scaled < 1024:
-            break
-    return f"{scaled:,.1f} {unit} ({n:,} B)"
-
-
-def _print_result(result, models, gold: str | None = None, out=None) -> None:
-    """Human-readable report of one A2R run: every stage with its time and tokens."""
-    out = out or sys.stdout  # looked up per call: sys.stdout may be replaced (tests, redirects)
-    p = lambda *a: print(*a, file=out)  # noqa: E731
-    p(f"Question: {result.question}" + (f"   (gold: {gold})" if gold is not None else ""))
-    e = result.explorer
-    p(f"  [explorer]    {models['explorer']['arch']}: {len(e.texts)} paths, prompt "
-      f"{e.prompt_tokens} tok, {e.generated_tokens} tok generated, {e.seconds:.2f} s")
-    for i, (text, answer) in enumerate(zip(e.texts, result.explorer_answers), start=1):
-        p(f"      path {i}: answer={answer!s:<10} | {_short(text)}")
-    if result.thinker is not None:
-        t = result.thinker
-        kind = ("uniform-noise diffusion" if "DiffusionGemma" in models['thinker']['arch']
-                else "masked diffusion")
-        p(f"  [thinker]     {models['thinker']['arch']} ({kind}): prompt "
-          f"{t.prompt_tokens} tok, {t.generated_tokens} tok, {t.seconds:.2f} s")
-        for i, text in enumerate(t.texts, start=1):
-            p(f"      trace{f' {i}' if len(t.texts) > 1 else ''}: {_short(text)}")
-    else:
-        p("  [thinker]     (none)")
-    s = result.synthesizer
-    p(f"  [synthesizer] {models['synthesizer']['arch']} ({result.mode}): prompt "
-      f"{s.prompt_tokens} tok, {s.generated_tokens} tok generated, {s.seconds:.2f} s")
-    p(f"      output: {_short(s.texts[0])}")
-    kv = result.kv
-    p(f"  KV bytes saved by sharing the explorer prompt: {_format_bytes(kv.explorer_saved_bytes)}"
-      f" = {kv.prompt_tokens} prompt tok x {kv.num_paths - 1} extra paths x "
-      f"{kv.bytes_per_token} B/tok")
-    if kv.symmetric:
-        shared = (f"  symmetric: explorer and synthesizer prompts share "
-                  f"{kv.synthesizer_shared_prefix_tokens} tokens")
-        if kv.synthesizer_prefix_reused:
-            p(f"{shared}; the synthesizer reused {kv.reused_prefix_tokens} tokens' KV "
-              f"({_format_bytes(kv.synthesizer_saved_bytes)}) and forwarded "
-              f"{kv.synthesizer_prefill_tokens}")
-        else:
-            p(f"{shared}; not reused ({kv.reuse_note})")
-    cons = f"{result.cons_answer} ({result.cons_votes}/{len(e.texts)} votes)"
-    p(f"  answers: pass@1={result.pass_at_1_answer}  Cons@{len(e.texts)}={cons}  "
-      f"A2R={result.final_answer}")
-    if gold is not None:
-        grade = result.grade(gold)
-        p("  correct: " + "  ".join(f"{k}={v}" for k, v in grade.items()))
-    p(f"  total {result.seconds:.2f} s")
-
-
-def _emit_json(payload) -> None:
-    json.dump(payload, sys.stdout, indent=2, ensure_ascii=False)
-    sys.stdout.write("\n")
-
-
 # --------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------
@@ -528,8 +267,8 @@ def cmd_demo(args) -> int:
         print("A2R demo: explorer -> diffusion thinker -> synthesizer on the embedded tiny models.")
         if args.random_models:
             print("Loading (the first run builds them; later runs reuse the saved files)...")
-    pipeline, models = _load_pipeline(args, use_tiny=True)
-    note = _random_models_note(models) or (TRAINED_NOTE if models["trained"] else None)
+    pipeline, models = load_pipeline(args, use_tiny=True)
+    note = random_models_note(models) or (TRAINED_NOTE if models["trained"] else None)
     if not args.json:
         if note:
             print(note)
@@ -542,10 +281,10 @@ def cmd_demo(args) -> int:
         result = pipeline.run(question)
         results.append({**result.to_dict(), "gold": gold, "correct": result.grade(gold)})
         if not args.json:
-            _print_result(result, models, gold)
+            print_result(result, models, gold)
             print()
     if args.json:
-        _emit_json({"note": note, "models": models, "results": results,
+        emit_json({"note": note, "models": models, "results": results,
                     "seconds": time.perf_counter() - start})
     else:
         print(f"demo finished in {time.perf_counter() - start:.1f} s."
@@ -554,198 +293,18 @@ def cmd_demo(args) -> int:
 
 
 def cmd_run(args) -> int:
-    _check_question_text(args.question)
-    pipeline, models = _load_pipeline(args, use_tiny=args.tiny)
+    check_question_text(args.question)
+    pipeline, models = load_pipeline(args, use_tiny=args.tiny)
     pipeline.check_question(args.question)   # too long for a model: before any model runs
-    note = _random_models_note(models)
+    note = random_models_note(models)
     result = pipeline.run(args.question)
     if args.json:
-        _emit_json({"note": note, "models": models, **result.to_dict()})
+        emit_json({"note": note, "models": models, **result.to_dict()})
     else:
-        _print_result(result, models)
+        print_result(result, models)
         print(f"\nFinal answer (A2R): {result.final_answer}")
         if note:
             print(note)
-    return 0
-
-
-def _read_jsonl(path: str, question_key: str, answer_key: str, limit: int | None):
-    file = Path(path)
-    if not file.is_file():
-        raise CLIError(f"eval file not found: {file}")
-    items = []
-    with file.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CLIError(f"{file}:{line_number}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict) or question_key not in record or answer_key not in record:
-                raise CLIError(f"{file}:{line_number}: needs keys {question_key!r} and {answer_key!r}")
-            question, gold = record[question_key], record[answer_key]
-            _check_question_text(question, f"{file}:{line_number}: {question_key!r}")
-            # A number is a fine gold answer; null, true, lists and blank strings are not.
-            if isinstance(gold, bool) or not isinstance(gold, (str, int, float)) or \
-                    (isinstance(gold, str) and not gold.strip()):
-                raise CLIError(f"{file}:{line_number}: {answer_key!r} must be a non-empty string "
-                               f"or a number, got {json.dumps(gold)}")
-            items.append((question, str(gold)))
-            if limit is not None and len(items) == limit:
-                break
-    if not items:
-        raise CLIError(f"{file}: no questions")
-    return items
-
-
-def _check_out_path(option: str, out: str, mkdir: bool) -> None:
-    """The file ``out`` of ``option`` (--out, --plot) must be writable before the run starts; with
-    --mkdir its directory (only that one, never its ancestors) is created here."""
-    path = Path(out)
-    if path.is_dir():
-        raise CLIError(f"{option} {out}: is a directory (give a file name)")
-    directory = path.parent
-    if not directory.is_dir():
-        if directory.exists():
-            raise CLIError(f"{option} {out}: {directory} is not a directory")
-        if not mkdir:
-            raise CLIError(f"{option} {out}: directory {directory} does not exist (create it, or "
-                           "pass --mkdir)")
-        if not directory.parent.is_dir():
-            raise CLIError(f"{option} {out}: --mkdir creates only the file's own directory, and "
-                           f"its parent {directory.parent} does not exist")
-        try:
-            directory.mkdir()
-        except OSError as err:
-            raise CLIError(f"{option} {out}: cannot create {directory} ({err.strerror})") from None
-    if not os.access(directory, os.W_OK):
-        raise CLIError(f"{option} {out}: directory {directory} is not writable")
-
-
-def _ar_thinker(args, pipeline, use_tiny: bool):
-    """(model, tokenizer) writing the AR->AR trace: --ar-thinker DIR, else the embedded AR thinker
-    (--tiny), else the synthesizer itself."""
-    from .pipeline import _load_causal_lm
-
-    path = getattr(args, "ar_thinker", None)
-    if path is None and use_tiny:
-        path = _tiny_paths(args, thinker=True).ar_thinker
-    if path is None:
-        return (pipeline.synthesizer, pipeline.synthesizer_tokenizer), "synthesizer"
-    device = _resolve_device(args.device)
-    return _load_causal_lm(path, "ar thinker", device, _resolve_dtype(args.dtype, device)), str(path)
-
-
-def cmd_eval(args) -> int:
-    from . import evaluate
-    from .grading import AnswerChecker
-    from .pipeline import PipelineError
-
-    if args.mkdir and not (args.out or args.plot):
-        raise CLIError("--mkdir needs --out or --plot")
-    items = _read_jsonl(args.file, args.question_key, args.answer_key, args.limit)
-    shard = (0, 1)
-    if args.shard is not None:
-        try:
-            shard = tuple(int(x) for x in args.shard.split("/"))
-            if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
-                raise ValueError
-        except ValueError:
-            raise CLIError(f"--shard {args.shard}: expected I/K with 0 <= I < K") from None
-        if not args.out:
-            raise CLIError("--shard needs --out (the shards share its records file)")
-    records_file = None
-    if args.out:
-        try:
-            records_file = evaluate.records_path(args.out)
-        except ValueError as err:
-            raise CLIError(str(err)) from None
-        _check_out_path("--out", args.out, args.mkdir)
-    if args.plot:
-        _check_out_path("--plot", args.plot, args.mkdir)
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise CLIError("--plot needs matplotlib (pip install matplotlib)") from None
-    pipeline, models = _load_pipeline(args, use_tiny=args.tiny)
-    for number, (question, _) in enumerate(items, start=1):
-        try:   # every question is checked before any model runs
-            pipeline.check_question(question)
-        except PipelineError as err:
-            raise CLIError(f"{args.file}: question {number}: {err}") from None
-    note = _random_models_note(models)
-    ar_thinker = None
-    if pipeline.thinker is not None and pipeline.config.use_thinker:
-        ar_thinker, models["ar_thinker"] = _ar_thinker(args, pipeline, args.tiny)
-    config = asdict(pipeline.config)
-    settings = {"file": str(Path(args.file).resolve()), "question_key": args.question_key,
-                "answer_key": args.answer_key, "config": config, "sweep_n": bool(args.plot),
-                "models": {k: v for k, v in models.items() if k != "device"}}
-    key = evaluate.settings_key(settings)
-    from tqdm.auto import tqdm
-
-    def progress(total, initial):
-        return tqdm(total=total, initial=initial, desc="a2r eval", unit="q", file=sys.stderr,
-                    disable=args.no_progress or None, dynamic_ncols=True)
-
-    start = time.perf_counter()
-    checker = AnswerChecker(timeout_s=args.check_timeout)
-    try:
-        records = evaluate.run_eval(pipeline, items, checker, key=key, records_file=records_file,
-                                    sweep_n=bool(args.plot), ar_thinker=ar_thinker,
-                                    progress=progress, shard=shard)
-    except evaluate.EvalRecordsError as err:
-        raise CLIError(str(err)) from None
-    except KeyboardInterrupt:
-        where = (f"; {records_file} holds the finished questions: rerun the same command to "
-                 "resume" if records_file is not None else "")
-        print(f"a2r: interrupted{where}", file=sys.stderr)
-        return 130
-    finally:
-        checker.close()
-    if records is None:
-        print(f"a2r: shard {args.shard} done; {records_file} does not hold every question yet "
-              "(the summary is written by the run that completes it)", file=sys.stderr)
-        return 0
-    summary = evaluate.summarize(records, file=str(args.file), models=models, config=config,
-                                 wall_seconds=time.perf_counter() - start)
-    if note:
-        summary["note"] = note
-    if args.out:
-        try:
-            Path(args.out).write_text(json.dumps({**summary, "per_question": records}, indent=2,
-                                                 ensure_ascii=False) + "\n", encoding="utf-8")
-        except OSError as err:
-            raise CLIError(f"--out {args.out}: cannot write ({err.strerror})") from None
-    if args.plot:
-        evaluate.plot_accuracy(summary, args.plot)
-    if args.json:
-        _emit_json(summary)
-        return 0
-    count, n, acc = summary["num_questions"], summary["num_paths"], summary["accuracy"]
-    names = {"pass_at_1": "pass@1", "mean_at_1": "mean@1", "cons_at_n": f"Cons@{n}",
-             "a2r": "A2R", "synthesizer_alone": "synth-alone", "ar_ar": "AR->AR",
-             "nar_ar": "NAR->AR"}
-    print(f"{count} questions, N={n} paths, {models['mode']} set-up")
-    print("  accuracy   " + "   ".join(f"{names[m]} {v:.3f}" for m, v in acc.items()))
-    for k, row in summary.get("accuracy_by_n", {}).items():
-        print(f"  N={k:<3} " + "   ".join(f"{names[m].replace(f'@{n}', f'@{k}')} {v:.3f}"
-                                        for m, v in row.items()))
-    print("  checkers   " + "  ".join(f"{c}: {k}" for c, k in summary["checkers"].items()))
-    for s in evaluate.STAGES:
-        if summary["tokens"][s] or summary["seconds"][s]:
-            print(f"  {s:<18} {summary['tokens'][s]:>8} tok  {summary['seconds'][s]:8.2f} s  "
-                  f"({summary['tokens_per_question'][s]:.1f} tok, "
-                  f"{summary['seconds_per_question'][s]:.2f} s per question)")
-    print(f"  KV bytes saved by prompt sharing: {_format_bytes(summary['kv_bytes_saved'])}")
-    if args.out:
-        print(f"  wrote {args.out} (records: {records_file})")
-    if args.plot:
-        print(f"  wrote {args.plot}")
-    if note:
-        print(note)
     return 0
 
 
@@ -782,7 +341,7 @@ def cmd_bench(args) -> int:
                      "seconds": time.perf_counter() - start, "quick": quick})
     failed = [r["script"] for r in runs if r["returncode"] != 0]
     if args.json:
-        _emit_json({"runs": runs, "failed": failed, "results_dir": str(bench_dir / "results")})
+        emit_json({"runs": runs, "failed": failed, "results_dir": str(bench_dir / "results")})
     else:
         print(f"{len(runs) - len(failed)}/{len(runs)} benchmarks succeeded; results in "
               f"{bench_dir / 'results'}" + (f"; failed: {', '.join(failed)}" if failed else ""))
@@ -804,9 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``a2r`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors exit 2 (one line, _Parser.error)
-    _quiet_transformers()
+    quiet_transformers()
 
-    from .pipeline import PipelineError
+    from .config import PipelineError
 
     own_dirs = _own_package_dirs()
     with warnings.catch_warnings():

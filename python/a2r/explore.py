@@ -39,11 +39,12 @@ from typing import Sequence
 import torch
 
 from a2r_kernels.errors import CacheFullError
-from a2r_kernels.vocab import eos_ids
+from a2r_kernels.vocab import DEFAULT_BLOCK_SIZE, eos_ids
 from a2r_kernels.hf import TreeDecoder
 from a2r_kernels.layout import host_to_device
 
-from .sampling import check_sampling_args, sample_tokens
+from .models import stop_ids
+from .sampling import SamplingParams, sample_next, sampling_params
 
 
 @dataclass
@@ -62,8 +63,9 @@ class ExploreResult:
         peak_kv_bytes: ``peak_blocks_used`` in bytes (K and V, all layers).
         decode_steps: batched decode forwards run (the prefill not counted).
         stopped: per leaf, whether it ended at a stop token (else at the token budget).
-        reused_prefix_tokens: tokens of the parent sequence the prompt was appended to (their KV
-            was reused, not recomputed); 0 when the prompt was prefilled from empty.
+        reused_prefix_tokens: tokens whose KV was reused, not recomputed: those of the parent
+            sequence the prompt was appended to, or, prefilled from empty, the prompt's whole
+            blocks the decoder's cache held (automatic prefix reuse; 0 in a pool of its own).
     """
 
     sequences: list[list[int]]
@@ -145,12 +147,8 @@ class _TokenReader:
 
 
 def _eos_ids(model, eos_token_id) -> set[int]:
-    if eos_token_id is None:
-        config = getattr(model, "generation_config", None)
-        eos_token_id = getattr(config, "eos_token_id", None)
-        if eos_token_id is None:
-            eos_token_id = getattr(model.config, "eos_token_id", None)
-    return set(eos_ids(eos_token_id))
+    """``eos_token_id``'s ids, or by default the model's (:func:`a2r.models.stop_ids`)."""
+    return set(eos_ids(eos_token_id) if eos_token_id is not None else stop_ids(model))
 
 
 def tree_blocks_needed(prompt_len: int, widths: Sequence[int], tokens: Sequence[int],
@@ -180,12 +178,12 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def explore(model, input_ids: torch.Tensor, widths: Sequence[int], max_new_tokens, *,
-            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None,
-            seed: int | None = None, stop_strings: Sequence[str] | None = None, tokenizer=None,
+def explore(model, input_ids: torch.Tensor, widths: Sequence[int], max_new_tokens,
+            sampling: SamplingParams | None = None, *, eos_token_id=None, seed: int | None = None,
+            stop_strings: Sequence[str] | None = None, tokenizer=None,
             backend: str | None = None, block_size: int | None = None,
             num_blocks: int | None = None, parent: int | None = None,
-            keep_parent: bool = False) -> ExploreResult:
+            keep_parent: bool = False, **sampling_fields) -> ExploreResult:
     """Multi-level exploration: fork the prompt into ``widths[0]`` branches, generate
     ``max_new_tokens[0]`` tokens each, fork every branch into ``widths[1]``, and so on.
 
@@ -199,7 +197,7 @@ def explore(model, input_ids: torch.Tensor, widths: Sequence[int], max_new_token
         widths: branching factor per level, e.g. ``[4, 2]`` -> up to 8 leaves.
         max_new_tokens: int (same for every level) or one int per level: tokens each branch adds
             at that level (>= 1 at a fork level, >= 0 at the last).
-        temperature, top_p, top_k, eos_token_id, seed, stop_strings, tokenizer: as
+        sampling, eos_token_id, seed, stop_strings, tokenizer, **sampling_fields: as
             :func:`sample_parallel`.
         backend, block_size, num_blocks: the pool built for a model (default ``"auto"``, 16 and
             :func:`tree_blocks_needed`, exact for this exploration); with a decoder they are the
@@ -228,7 +226,7 @@ def explore(model, input_ids: torch.Tensor, widths: Sequence[int], max_new_token
         dec = TreeDecoder(model, num_blocks)
         root, _ = dec.prefill(shared_ids)                             # [1, S], once
         paths = explore(dec, explorer_rest, [8], 256, parent=root, keep_parent=True)
-        answer = explore(dec, synth_rest, [1], 256, parent=root, temperature=0)
+        answer = explore(dec, synth_rest, [1], 256, SamplingParams(temperature=0), parent=root)
     """
     widths = list(widths) if isinstance(widths, (list, tuple)) else widths
     if not isinstance(widths, list) or not widths or any(not _is_int(w) or w < 1 for w in widths):
@@ -239,183 +237,244 @@ def explore(model, input_ids: torch.Tensor, widths: Sequence[int], max_new_token
             or any(b < 0 for b in budgets[-1:]) or any(b < 1 for b in budgets[:-1]):
         raise ValueError(f"max_new_tokens must be an int or {len(widths)} ints (one per level), "
                          f">= 1 per fork level and >= 0 at the last, got {max_new_tokens!r}")
-    return _explore(model, input_ids, widths, budgets, temperature=temperature, top_p=top_p,
-                    top_k=top_k, eos_token_id=eos_token_id, seed=seed, stop_strings=stop_strings,
-                    tokenizer=tokenizer, backend=backend, block_size=block_size,
-                    num_blocks=num_blocks, parent=parent, keep_parent=keep_parent)
+    return _explore(model, input_ids, widths, budgets, sampling_params(sampling, sampling_fields),
+                    _Stops(eos_token_id, stop_strings, tokenizer),
+                    _Pool(backend, block_size, num_blocks), seed=seed, parent=parent,
+                    keep_parent=keep_parent)
 
 
-def _explore(model, input_ids, widths: list[int], budgets: list[int], *, temperature, top_p,
-             top_k, eos_token_id, seed, stop_strings, tokenizer, backend, block_size, num_blocks,
-             parent, keep_parent) -> ExploreResult:
-    """:func:`explore` after its tree arguments (``widths``, per-level ``budgets``) were
-    checked (by it or by :func:`sample_parallel`, under their own names): checks the rest once,
-    builds the pool for a model, runs the loop."""
-    input_ids = _check_prompt(input_ids)
-    check_sampling_args(temperature, top_k, top_p)
-    if isinstance(stop_strings, str):
-        stop_strings = [stop_strings]
-    if stop_strings and tokenizer is None:
-        raise ValueError("stop_strings needs tokenizer= to decode the generated tokens")
-    if parent is None and keep_parent:
-        raise ValueError("keep_parent=True needs parent= (there is no parent sequence to keep)")
+@dataclass
+class _Stops:
+    """What ends a branch early (arguments of :func:`explore`)."""
+
+    eos_token_id: object = None
+    stop_strings: Sequence[str] | None = None
+    tokenizer: object = None
+
+
+@dataclass
+class _Pool:
+    """The pool :func:`explore` builds for a model (None: the defaults)."""
+
+    backend: str | None = None
+    block_size: int | None = None
+    num_blocks: int | None = None
+
+
+def _decoder_for(model, input_ids, widths, budgets, pool: _Pool, parent) -> TreeDecoder:
+    """``model`` itself when it is a TreeDecoder (``pool`` must then be empty), else a decoder
+    over it with a pool of this call's own."""
     if isinstance(model, TreeDecoder):
-        decoder = model
-        given = [name for name, value in (("backend", backend), ("block_size", block_size),
-                                          ("num_blocks", num_blocks)) if value is not None]
+        given = [name for name, value in vars(pool).items() if value is not None]
         if given:
             raise ValueError(f"{', '.join(given)} must not be given with a TreeDecoder: the "
                              "decoder's own are used (pass them to TreeDecoder)")
-    elif parent is not None:
+        return model
+    if parent is not None:
         raise ValueError("parent needs a TreeDecoder as model: a sequence id names a sequence "
                          "of the decoder that holds it")
-    else:
-        block_size = 16 if block_size is None else block_size
-        if num_blocks is None:
-            num_blocks = max(tree_blocks_needed(input_ids.shape[1], widths, budgets, block_size), 1)
-        decoder = TreeDecoder(model, num_blocks, block_size=block_size,
-                              backend="auto" if backend is None else backend)
+    block_size = DEFAULT_BLOCK_SIZE if pool.block_size is None else pool.block_size
+    num_blocks = pool.num_blocks
+    if num_blocks is None:
+        num_blocks = max(tree_blocks_needed(input_ids.shape[1], widths, budgets, block_size), 1)
+    return TreeDecoder(model, num_blocks, block_size=block_size,
+                       backend="auto" if pool.backend is None else pool.backend)
+
+
+def _explore(model, input_ids, widths: list[int], budgets: list[int], sampling: SamplingParams,
+             stops: _Stops, pool: _Pool, *, seed, parent, keep_parent) -> ExploreResult:
+    """:func:`explore` after its tree arguments (``widths``, per-level ``budgets``) were
+    checked (by it or by :func:`sample_parallel`, under their own names) and its sampling knobs
+    gathered: checks the rest once, builds the pool for a model, runs the loop."""
+    input_ids = _check_prompt(input_ids)
+    stop_strings = stops.stop_strings
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    if stop_strings and stops.tokenizer is None:
+        raise ValueError("stop_strings needs tokenizer= to decode the generated tokens")
+    if parent is None and keep_parent:
+        raise ValueError("keep_parent=True needs parent= (there is no parent sequence to keep)")
+    decoder = _decoder_for(model, input_ids, widths, budgets, pool, parent)
     if decoder.planned_step is not None:
         raise ValueError("the decoder has a planned decode step (TreeDecoder.plan_step): "
                          "run_step or cancel_step it first")
-    reused = 0
+    parent_tokens = 0
     if parent is not None:
         try:
-            reused = decoder.length(parent)
+            parent_tokens = decoder.length(parent)
         except ValueError as err:
             raise ValueError(f"parent must be a live sequence of the decoder: {err}") from None
-    model = decoder.model
     generator = None
-    if seed is not None and temperature > 0:
+    if seed is not None and sampling.temperature > 0:
         generator = torch.Generator(device=decoder.device)
         generator.manual_seed(seed)
-    eos_ids = _eos_ids(model, eos_token_id)
-    stop = _StopCriteria(eos_ids, stop_strings, tokenizer,
+    eos = _eos_ids(decoder.model, stops.eos_token_id)
+    stop = _StopCriteria(eos, stop_strings, stops.tokenizer,
                          input_ids[0].tolist() if stop_strings else [])
-    # Can a branch end before its budget? If not, the loop never needs a token on the host.
-    can_stop = bool(eos_ids) or bool(stop.stop_strings)
-
-    def sample(logits: torch.Tensor, live: list[_Branch], level_size: int) -> torch.Tensor:
-        """Tokens ``[len(live)]`` (on the device) for the live branches of a level."""
-        noise = None
-        if temperature > 0:
-            # Draw for every branch of the level, live or not, then keep the live rows: a
-            # branch's draws stay the same whichever other branches have stopped.
-            noise = torch.empty((level_size, logits.shape[-1]), dtype=torch.float32,
-                                device=logits.device).exponential_(1.0, generator=generator)
-            if len(live) < level_size:
-                noise = noise.index_select(0, host_to_device(
-                    torch.tensor([b.index for b in live], dtype=torch.int64), logits.device))
-        return sample_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                             noise=noise)
-
-    def plan(seqs: list[int]) -> bool:
-        """Plan the next step of ``seqs``; False when the pool cannot hold it yet but a stop in
-        the pending read may still free room (nothing changed then)."""
-        try:
-            decoder.plan_step(seqs)
-        except CacheFullError:
-            if not can_stop:
-                raise
-            return False
-        return True
-
-    owned: set[int] = set()   # live sequences this call created: freed on the way out
-
-    def finish(branch: _Branch) -> None:
-        leaves.append(branch)
-        decoder.free(branch.seq)
-        owned.discard(branch.seq)
-
-    leaves: list[_Branch] = []
-    decode_steps = 0
+    run = _Exploration(decoder, sampling, generator, stop)
     try:
-        if parent is None:   # reuses whatever whole blocks of the prompt the pool caches
-            root, root_logits = decoder.prefill(input_ids)
-            owned.add(root)
-        else:
-            root = decoder.fork(parent, 1)[0]
-            owned.add(root)
-            root_logits = decoder.extend([root], input_ids)
-        frontier = [(_Branch((), root, []), root_logits)]   # (branch, logits [1, V] of its next)
-        reader = _TokenReader(math.prod(widths), decoder.device) if can_stop else None
+        reused = run.start(input_ids, parent)
         for level, (width, budget) in enumerate(zip(widths, budgets)):
-            last_level = level == len(widths) - 1
-            live: list[_Branch] = []
-            rows = []
-            for branch, row in frontier:
-                kids = decoder.fork(branch.seq, width)
-                owned.update(kids)
-                decoder.free(branch.seq)   # the kids hold the shared blocks from now on
-                owned.discard(branch.seq)
-                live += [_Branch(branch.key + (c,), kid, list(branch.tokens), index=len(live) + c)
-                         for c, kid in enumerate(kids)]
-                rows += [row] * width
-            level_size = len(live)
-            logits = torch.cat(rows, dim=0) if rows else None
-            unread: list[torch.Tensor] = []   # [len(live)] tokens per step, read at level end
-            for step in range(budget):
-                next_ids = sample(logits, live, level_size)        # [len(live)] on the device
-                # Fed for its logits unless it is the last token of the last level.
-                feed = step < budget - 1 or not last_level
-                if can_stop:
-                    reader.start(next_ids)
-                # Step t + 1's slots and plan for every branch that may still be alive, while
-                # step t runs on the device (no host sync: the read above is not waited on yet).
-                planned = feed and plan([b.seq for b in live])
-                if can_stop:
-                    keep, done = [], []
-                    for row, (branch, token) in enumerate(zip(live, reader.wait())):
-                        branch.tokens.append(token)
-                        branch.stopped = stop(branch.tokens)
-                        (done if branch.stopped or not feed else keep).append(row)
-                    if done and planned:   # their just-reserved slots go back first
-                        decoder.drop_from_step([live[row].seq for row in done])
-                    for row in done:
-                        finish(live[row])
-                    if done:
-                        live = [live[row] for row in keep]
-                        next_ids = next_ids.index_select(0, host_to_device(
-                            torch.tensor(keep, dtype=torch.int64), next_ids.device))
-                    if live and feed and not planned:   # the pool was full before the stops
-                        decoder.plan_step([b.seq for b in live])
-                else:
-                    unread.append(next_ids)
-                if not live or not feed:
-                    break
-                logits = decoder.run_step(next_ids)
-                decode_steps += 1
-            if unread:   # no stop could fire: the level's tokens in one read
-                for branch, tokens in zip(live, torch.stack(unread, dim=1).tolist()):
-                    branch.tokens += tokens
-            if last_level:
-                for branch in list(live):
-                    finish(branch)
-                frontier = []
-            else:
-                frontier = [(branch, logits[row:row + 1]) for row, branch in enumerate(live)]
+            run.level(width, budget, last_level=level == len(widths) - 1,
+                      reader_rows=math.prod(widths))
     finally:
-        decoder.cancel_step()   # an error between plan and run: give its slots back
-        for seq in sorted(owned):
-            decoder.free(seq)
-        if parent is not None and not keep_parent:
-            decoder.free(parent)
-    leaves.sort(key=lambda branch: branch.key)
+        run.close(parent if parent is not None and not keep_parent else None)
+    leaves = sorted(run.leaves, key=lambda branch: branch.key)
     return ExploreResult(sequences=[b.tokens for b in leaves], stopped=[b.stopped for b in leaves],
                          prompt_len=input_ids.shape[1], num_blocks=decoder.cache.num_blocks,
                          block_size=decoder.cache.block_size,
                          peak_blocks_used=decoder.peak_blocks_used,
-                         peak_kv_bytes=decoder.peak_kv_bytes, decode_steps=decode_steps,
-                         reused_prefix_tokens=reused)
+                         peak_kv_bytes=decoder.peak_kv_bytes, decode_steps=run.decode_steps,
+                         reused_prefix_tokens=parent_tokens + reused)
 
 
-def sample_parallel(model, input_ids: torch.Tensor, n: int, max_new_tokens: int, *,
-                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                    eos_token_id=None, seed: int | None = None,
-                    stop_strings: Sequence[str] | None = None, tokenizer=None,
-                    backend: str | None = None, block_size: int | None = None,
-                    num_blocks: int | None = None,
-                    decoder: TreeDecoder | None = None) -> list[list[int]]:
+class _Exploration:
+    """The loop of one :func:`explore` call over its decoder: the frontier of branches with the
+    logits of their next token, the leaves, and the sequences it owns (freed by :meth:`close`)."""
+
+    def __init__(self, decoder: TreeDecoder, sampling: SamplingParams, generator, stop):
+        self.decoder = decoder
+        self.sampling = sampling
+        self.generator = generator
+        self.stop = stop
+        # Can a branch end before its budget? If not, the loop never needs a token on the host.
+        self.can_stop = bool(stop.eos_ids) or bool(stop.stop_strings)
+        self.owned: set[int] = set()   # live sequences this call created: freed on the way out
+        self.leaves: list[_Branch] = []
+        self.frontier: list[tuple[_Branch, torch.Tensor]] = []   # (branch, logits [1, V])
+        self.decode_steps = 0
+        self.reader: _TokenReader | None = None
+
+    def start(self, input_ids: torch.Tensor, parent: int | None) -> int:
+        """The root below the prompt; returns the prompt tokens whose KV came from the cache."""
+        decoder = self.decoder
+        if parent is None:   # reuses whatever whole blocks of the prompt the pool caches
+            # TreeDecoder counts what its prefills reuse; this call's is the one prefill's.
+            reused_before = decoder.reused_tokens
+            root, root_logits = decoder.prefill(input_ids)
+            reused = decoder.reused_tokens - reused_before
+            self.owned.add(root)
+        else:
+            root, reused = decoder.fork(parent, 1)[0], 0
+            self.owned.add(root)
+            root_logits = decoder.extend([root], input_ids)
+        self.frontier = [(_Branch((), root, []), root_logits)]
+        return reused
+
+    def sample(self, logits: torch.Tensor, live: list[_Branch], level_size: int) -> torch.Tensor:
+        """Tokens ``[len(live)]`` (on the device) for the live branches of a level."""
+        noise = None
+        if self.sampling.temperature > 0:
+            # Draw for every branch of the level, live or not, then keep the live rows: a
+            # branch's draws stay the same whichever other branches have stopped.
+            noise = torch.empty((level_size, logits.shape[-1]), dtype=torch.float32,
+                                device=logits.device).exponential_(1.0, generator=self.generator)
+            if len(live) < level_size:
+                noise = noise.index_select(0, host_to_device(
+                    torch.tensor([b.index for b in live], dtype=torch.int64), logits.device))
+        return sample_next(logits, self.sampling, noise=noise)
+
+    def plan(self, seqs: list[int]) -> bool:
+        """Plan the next step of ``seqs``; False when the pool cannot hold it yet but a stop in
+        the pending read may still free room (nothing changed then)."""
+        try:
+            self.decoder.plan_step(seqs)
+        except CacheFullError:
+            if not self.can_stop:
+                raise
+            return False
+        return True
+
+    def finish(self, branch: _Branch) -> None:
+        self.leaves.append(branch)
+        self.decoder.free(branch.seq)
+        self.owned.discard(branch.seq)
+
+    def fork(self, width: int) -> tuple[list[_Branch], torch.Tensor | None]:
+        """Every frontier branch forked ``width`` ways: the level's branches and their logits."""
+        live: list[_Branch] = []
+        rows = []
+        for branch, row in self.frontier:
+            kids = self.decoder.fork(branch.seq, width)
+            self.owned.update(kids)
+            self.decoder.free(branch.seq)   # the kids hold the shared blocks from now on
+            self.owned.discard(branch.seq)
+            live += [_Branch(branch.key + (c,), kid, list(branch.tokens), index=len(live) + c)
+                     for c, kid in enumerate(kids)]
+            rows += [row] * width
+        return live, (torch.cat(rows, dim=0) if rows else None)
+
+    def level(self, width: int, budget: int, *, last_level: bool, reader_rows: int) -> None:
+        """One level: fork, then up to ``budget`` steps of sampling, stop checks and decoding."""
+        decoder = self.decoder
+        if self.can_stop and self.reader is None:
+            self.reader = _TokenReader(reader_rows, decoder.device)
+        live, logits = self.fork(width)
+        level_size = len(live)
+        unread: list[torch.Tensor] = []   # [len(live)] tokens per step, read at level end
+        for step in range(budget):
+            next_ids = self.sample(logits, live, level_size)        # [len(live)] on the device
+            # Fed for its logits unless it is the last token of the last level.
+            feed = step < budget - 1 or not last_level
+            if self.can_stop:
+                self.reader.start(next_ids)
+            # Step t + 1's slots and plan for every branch that may still be alive, while
+            # step t runs on the device (no host sync: the read above is not waited on yet).
+            planned = feed and self.plan([b.seq for b in live])
+            if self.can_stop:
+                live, next_ids = self._read_stops(live, next_ids, feed, planned)
+            else:
+                unread.append(next_ids)
+            if not live or not feed:
+                break
+            logits = decoder.run_step(next_ids)
+            self.decode_steps += 1
+        if unread:   # no stop could fire: the level's tokens in one read
+            for branch, tokens in zip(live, torch.stack(unread, dim=1).tolist()):
+                branch.tokens += tokens
+        if last_level:
+            for branch in list(live):
+                self.finish(branch)
+            self.frontier = []
+        else:
+            self.frontier = [(branch, logits[row:row + 1]) for row, branch in enumerate(live)]
+
+    def _read_stops(self, live: list[_Branch], next_ids: torch.Tensor, feed: bool,
+                    planned: bool) -> tuple[list[_Branch], torch.Tensor]:
+        """Wait for the step's tokens, append them, and retire the branches that stopped (or
+        that are not fed again); returns the branches still alive and their tokens."""
+        keep, done = [], []
+        for row, (branch, token) in enumerate(zip(live, self.reader.wait())):
+            branch.tokens.append(token)
+            branch.stopped = self.stop(branch.tokens)
+            (done if branch.stopped or not feed else keep).append(row)
+        if done and planned:   # their just-reserved slots go back first
+            self.decoder.drop_from_step([live[row].seq for row in done])
+        for row in done:
+            self.finish(live[row])
+        if done:
+            live = [live[row] for row in keep]
+            next_ids = next_ids.index_select(0, host_to_device(
+                torch.tensor(keep, dtype=torch.int64), next_ids.device))
+        if live and feed and not planned:   # the pool was full before the stops
+            self.decoder.plan_step([b.seq for b in live])
+        return live, next_ids
+
+    def close(self, parent_to_free: int | None) -> None:
+        """Free every sequence this call created (and a handed-over parent), on error too."""
+        self.decoder.cancel_step()   # an error between plan and run: give its slots back
+        for seq in sorted(self.owned):
+            self.decoder.free(seq)
+        if parent_to_free is not None:
+            self.decoder.free(parent_to_free)
+
+
+def sample_parallel(model, input_ids: torch.Tensor, n: int, max_new_tokens: int,
+                    sampling: SamplingParams | None = None, *, eos_token_id=None,
+                    seed: int | None = None, stop_strings: Sequence[str] | None = None,
+                    tokenizer=None, backend: str | None = None, block_size: int | None = None,
+                    num_blocks: int | None = None, decoder: TreeDecoder | None = None,
+                    **sampling_fields) -> list[list[int]]:
     """Sample ``n`` continuations of one prompt whose KV is computed once and shared.
 
     Args:
@@ -424,9 +483,12 @@ def sample_parallel(model, input_ids: torch.Tensor, n: int, max_new_tokens: int,
         input_ids: int64 ``[1, P]``, one prompt, on the model's device.
         n: branches (>= 1).
         max_new_tokens: most tokens generated per branch (>= 0).
-        temperature: 0 is greedy (every branch equals ``model.generate(do_sample=False)``'s
-            continuation); > 0 samples from ``softmax(logits / temperature)``.
-        top_p, top_k: nucleus / top-k filtering as transformers' warpers (1.0 / 0 disable).
+        sampling: :class:`~a2r.sampling.SamplingParams` (default ``SamplingParams()``: plain
+            sampling at temperature 1); or give its fields as keywords (``temperature=0``,
+            ``top_p=0.9``, ...), never both. ``temperature=0`` is greedy (every branch equals
+            ``model.generate(do_sample=False)``'s continuation); > 0 samples from
+            ``softmax(logits / temperature)`` after top-k / top-p / min-p filtering, as
+            transformers' warpers.
         eos_token_id: int or list of ints; default the model's ``generation_config``. ``[]``
             disables EOS.
         seed: seeds a ``torch.Generator`` on the model's device: same seed, same branches.
@@ -455,8 +517,8 @@ def sample_parallel(model, input_ids: torch.Tensor, n: int, max_new_tokens: int,
             raise ValueError("decoder must be an a2r_kernels.hf.TreeDecoder over model "
                              f"(decoder.model is model), got {type(decoder).__name__}")
         model = decoder
-    return _explore(model, input_ids, [n], [max_new_tokens], temperature=temperature,
-                    top_p=top_p, top_k=top_k, eos_token_id=eos_token_id, seed=seed,
-                    stop_strings=stop_strings, tokenizer=tokenizer, backend=backend,
-                    block_size=block_size, num_blocks=num_blocks, parent=None,
+    return _explore(model, input_ids, [n], [max_new_tokens],
+                    sampling_params(sampling, sampling_fields),
+                    _Stops(eos_token_id, stop_strings, tokenizer),
+                    _Pool(backend, block_size, num_blocks), seed=seed, parent=None,
                     keep_parent=False).sequences

@@ -50,7 +50,7 @@ def model_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from a2r.tiny import INIT_RANGE, build_tiny_tokenizer
+    from a2r.demo.tiny import INIT_RANGE, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     config = Qwen3Config(
@@ -193,7 +193,7 @@ def test_cli_run_engine_vllm_same_result_format(model_dir, tmp_path):
 
 
 def test_cli_eval_engine_vllm_with_transformers_thinker(model_dir, tmp_path):
-    from a2r.tiny import ensure_tiny_models
+    from a2r.demo.tiny import ensure_tiny_models
 
     thinker = ensure_tiny_models(tmp_path / "home", thinker=True).thinker
     data = tmp_path / "questions.jsonl"

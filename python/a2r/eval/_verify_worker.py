@@ -1,4 +1,4 @@
-"""Math-Verify worker process of :class:`a2r.grading.AnswerChecker` (not a public module).
+"""Math-Verify worker process of :class:`a2r.eval.grading.AnswerChecker` (not a public module).
 
 Reads one JSON object per line on stdin, ``{"gold": ..., "prediction": ...}`` (LaTeX strings),
 and writes one per line on stdout: ``{"correct": bool, "parsed_gold": bool,

@@ -1,11 +1,11 @@
-"""Train the embedded tiny models on the sums task (:mod:`a2r.task`), deterministically, on a CPU.
+"""Train the embedded tiny models on the sums task (:mod:`a2r.demo.task`), deterministically, on a CPU.
 
-    python -m a2r.train                      # rebuild python/a2r/trained/ (the committed models)
-    python -m a2r.train --out DIR --smoke    # a few steps of everything (tests)
+    python -m a2r.demo.train                      # rebuild python/a2r/demo/trained/ (the committed models)
+    python -m a2r.demo.train --out DIR --smoke    # a few steps of everything (tests)
 
 Four Qwen3 models of one shape (:attr:`TrainConfig.layers` layers of :attr:`TrainConfig.hidden`),
 all sharing the embedded character-level tokenizer plus whole-phrase tokens
-(:func:`a2r.tiny.build_tiny_tokenizer`, :func:`a2r.tiny.trained_phrases`), each written with
+(:func:`a2r.demo.tiny.build_tiny_tokenizer`, :func:`a2r.demo.tiny.trained_phrases`), each written with
 ``save_pretrained`` (safetensors) next to its tokenizer:
 
 1. ``explorer``: supervised on ``explorer_prompt(question) -> worked answer``, on purpose for too
@@ -24,11 +24,11 @@ all sharing the embedded character-level tokenizer plus whole-phrase tokens
      a trace: the gold sum with probability :attr:`TrainConfig.trace_gold_fraction`, otherwise a
      wrong path's answer.
    * ``thinker`` (masked diffusion: the same network, prefix-causal, see
-     :data:`a2r.diffusion_model.CAUSAL_PROMPT`: the prompt attends causally as in the explorer it
+     :data:`a2r.thinker.models.CAUSAL_PROMPT`: the prompt attends causally as in the explorer it
      starts from, the trace bidirectionally) and ``ar_thinker`` (causal), trained on the same
      examples for the same steps: ``thinker_prompt(question, references) -> the sum``, the trace
      the answerer then reads (NAR->AR against AR->AR). The diffusion thinker's trace is padded
-     with EOS to :data:`a2r.tiny.TRACE_LENGTH` tokens, masked at a rate ``t ~ U(0, 1]``, and
+     with EOS to :data:`a2r.demo.tiny.TRACE_LENGTH` tokens, masked at a rate ``t ~ U(0, 1]``, and
      trained with the cross-entropy on the masked positions (:func:`_train`).
 
 Determinism: every stage seeds its own ``torch.Generator``; ``torch.set_num_threads`` is fixed by
@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .diffusion_model import is_causal_prompt_model
+from ..thinker.models import is_causal_prompt_model
 from .task import TRAIN_SEED, draw_problems, worked_answer
 from .tiny import TRACE_LENGTH, trained_models_dir
 
@@ -123,13 +123,13 @@ def _build_models(tokenizer, config: "TrainConfig") -> dict:
     """Four Qwen3 models of one shape (``config.layers`` layers of ``config.hidden``). Only the
     explorer starts from random weights; the others start from the trained explorer
     (:func:`_init_from_explorer`), so their short training teaches them their role, not the
-    digits. The thinker runs :data:`a2r.diffusion_model.A2R_ATTENTION` (``is_causal=False``),
-    prefix-causal (:data:`a2r.diffusion_model.CAUSAL_PROMPT`)."""
+    digits. The thinker runs :data:`a2r.thinker.models.A2R_ATTENTION` (``is_causal=False``),
+    prefix-causal (:data:`a2r.thinker.models.CAUSAL_PROMPT`)."""
     import copy
 
     from transformers import Qwen3ForCausalLM
 
-    from .diffusion_model import A2R_ATTENTION, CAUSAL_PROMPT, register_a2r_attention
+    from ..thinker.models import A2R_ATTENTION, CAUSAL_PROMPT, register_a2r_attention
     from .tiny import _model_vocab_size
 
     seed = config.seed
@@ -262,7 +262,7 @@ def train_explorer(model, examples, config: TrainConfig, pad_id: int, log=None) 
 def _reference_counts(paths: int) -> list[int]:
     """Reference counts k of the training prompts, drawn uniformly: the N of ``a2r eval``'s
     accuracy-against-N sweep (1, 2, 4, 8) up to ``paths``, and ``paths``."""
-    from .evaluate import sweep_sizes
+    from ..eval.evaluate import sweep_sizes
 
     return sweep_sizes(paths)
 
@@ -279,8 +279,8 @@ def train_all(out_dir: str | os.PathLike, config: TrainConfig = FULL, *, log=pri
 
     ``explorer_from``: the ``explorer`` directory of an earlier run of the same config; its weights
     replace stage 1 (the later stages then run exactly as they would after training it)."""
-    from .extract import extract_answer_component, extract_final_answer
-    from .pipeline import A2RPipeline
+    from ..extract import extract_answer_component, extract_final_answer
+    from ..pipeline import A2RPipeline
     from .tiny import build_tiny_tokenizer, trained_phrases
 
     torch.set_num_threads(config.threads)
@@ -327,7 +327,36 @@ def train_all(out_dir: str | os.PathLike, config: TrainConfig = FULL, *, log=pri
     log(f"  explorer paths: {report['explorer_sample_accuracy']:.3f} correct at temperature 1")
     report["seconds"]["sampling"] = time.perf_counter() - stage
 
-    # 3. Synthesizer data.
+    # 3. Synthesizer data; 4. thinkers: the same examples, the same steps; NAR and AR.
+    synth_examples, thinker_examples = _stage_examples(pipe, encode, eos, ref_problems,
+                                                       references, answers, config)
+    pad = tokenizer.pad_token_id
+    jobs = {
+        "synthesizer": dict(examples=synth_examples, steps=config.synth_steps,
+                            batch=config.synth_batch, lr=config.synth_lr, seed=config.seed + 4,
+                            pad_id=pad, mask_id=None),
+        "thinker": dict(examples=[(p, t + eos * (TRACE_LENGTH - len(t)))
+                                  for p, t in thinker_examples],
+                        steps=config.thinker_steps, batch=config.thinker_batch,
+                        lr=config.thinker_lr, seed=config.seed + 5, pad_id=pad,
+                        mask_id=tokenizer.mask_token_id),
+        "ar_thinker": dict(examples=[(p, t + eos) for p, t in thinker_examples],
+                           steps=config.thinker_steps, batch=config.thinker_batch,
+                           lr=config.thinker_lr, seed=config.seed + 5, pad_id=pad, mask_id=None),
+    }
+
+    # 5. Train them and save everything (_train_and_save).
+    stage = time.perf_counter()
+    staging = _train_and_save(models, jobs, tokenizer, out_dir, config, report, log)
+    report["seconds"]["parallel_stage"] = time.perf_counter() - stage
+    report["seconds"]["total"] = time.perf_counter() - started
+    _publish(staging, out_dir, report)
+    return report
+
+
+def _stage_examples(pipe, encode, eos, ref_problems, references, answers, config: TrainConfig):
+    """The synthesizer's and the thinkers' training examples ``(prompt ids, target ids)`` from
+    the explorer's sampled references (one RNG, seeded ``config.seed + 3``, for both)."""
     rng = random.Random(config.seed + 3)
     synth_examples = []
     for problem, refs, row in zip(ref_problems, references, answers):
@@ -356,24 +385,15 @@ def train_all(out_dir: str | os.PathLike, config: TrainConfig = FULL, *, log=pri
             thinker_examples.append((encode(pipe.thinker_prompt(problem.question,
                                                                  [refs[i] for i in chosen])),
                                      encode(problem.gold)))
-    pad = tokenizer.pad_token_id
-    jobs = {
-        "synthesizer": dict(examples=synth_examples, steps=config.synth_steps,
-                            batch=config.synth_batch, lr=config.synth_lr, seed=config.seed + 4,
-                            pad_id=pad, mask_id=None),
-        "thinker": dict(examples=[(p, t + eos * (TRACE_LENGTH - len(t)))
-                                  for p, t in thinker_examples],
-                        steps=config.thinker_steps, batch=config.thinker_batch,
-                        lr=config.thinker_lr, seed=config.seed + 5, pad_id=pad,
-                        mask_id=tokenizer.mask_token_id),
-        "ar_thinker": dict(examples=[(p, t + eos) for p, t in thinker_examples],
-                           steps=config.thinker_steps, batch=config.thinker_batch,
-                           lr=config.thinker_lr, seed=config.seed + 5, pad_id=pad, mask_id=None),
-    }
+    return synth_examples, thinker_examples
 
-    # 5. Train them (side by side in forked workers when config.workers > 1; each job's result
-    #    depends on its own seed only) and save everything into a staging directory, then rename:
-    #    a reader never sees half a model set.
+
+def _train_and_save(models: dict, jobs: dict, tokenizer, out_dir: Path, config: TrainConfig,
+                    report: dict, log) -> Path:
+    """Train the ``jobs`` (side by side in forked workers when config.workers > 1; each job's
+    result depends on its own seed only) and save every model into a staging directory, which
+    it returns (:func:`_publish` renames it into place: a reader never sees half a model set).
+    Losses and seconds go into ``report``."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(out_dir.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -391,7 +411,6 @@ def train_all(out_dir: str | os.PathLike, config: TrainConfig = FULL, *, log=pri
             {"loss": loss, "seconds": time.perf_counter() - job_start}))
 
     save("explorer")
-    stage = time.perf_counter()
     if config.workers > 1:
         import multiprocessing
 
@@ -413,8 +432,11 @@ def train_all(out_dir: str | os.PathLike, config: TrainConfig = FULL, *, log=pri
         (staging / name / "loss.json").unlink()
         report["loss"][name] = result["loss"]
         report["seconds"][name] = result["seconds"]
-    report["seconds"]["parallel_stage"] = time.perf_counter() - stage
-    report["seconds"]["total"] = time.perf_counter() - started
+    return staging
+
+
+def _publish(staging: Path, out_dir: Path, report: dict) -> None:
+    """The report's CPU time, then the staged models and report renamed under ``out_dir``."""
     import resource
 
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
@@ -427,7 +449,6 @@ def train_all(out_dir: str | os.PathLike, config: TrainConfig = FULL, *, log=pri
         os.replace(staging / name, target)
     os.replace(staging / "train_report.json", out_dir / "train_report.json")
     shutil.rmtree(staging, ignore_errors=True)
-    return report
 
 
 # ------------------------------------------------------------------------------------ recorded eval
@@ -438,24 +459,32 @@ EVAL_ARGS = ("--tiny", "-n", "4", "--max-new-tokens", str(_max_answer_tokens()),
              "torch")
 
 
+def results_dir() -> Path:
+    """Where the recorded evals and their plots live: the source checkout's ``docs/results``."""
+    return Path(__file__).resolve().parents[3] / "docs" / "results"
+
+
 def record_eval(directory: Path, *, shards: int = 1, log=print) -> dict:
-    """Write the held-out file (:data:`a2r.task.HELDOUT_SEED`) into ``directory`` and record
-    ``a2r eval`` of the committed models on it (``eval_heldout.json``, ``accuracy_vs_n.png``) and on
+    """Write the held-out file (:data:`a2r.demo.task.HELDOUT_SEED`) into ``directory`` and record
+    ``a2r eval`` of the committed models on it into :func:`results_dir` (``eval_heldout.json``,
+    ``accuracy_vs_n.png``) and on
     its first :data:`SUBSET_QUESTIONS` questions (``eval_subset.json``, what CI reproduces).
     ``shards > 1``: the held-out questions are shared by that many ``a2r eval --shard`` processes
     (the same records as one process; only wall time differs)."""
     import subprocess
 
-    from .cli import main as cli_main
+    from ..cli import main as cli_main
     from .task import HELDOUT_SEED, write_jsonl
 
     heldout = write_jsonl(directory / "heldout.jsonl", draw_problems(HELDOUT_QUESTIONS, HELDOUT_SEED))
+    results = results_dir()
+    results.mkdir(parents=True, exist_ok=True)
     work = directory / ".eval"
     work.mkdir(parents=True, exist_ok=True)
 
     def command(name: str, limit: int | None) -> tuple[list[str], list[str], Path]:
         argv = list(EVAL_ARGS) + (["--limit", str(limit)] if limit else [])
-        plot = directory / "accuracy_vs_n.png" if not limit else work / f"{name}.png"
+        plot = results / "accuracy_vs_n.png" if not limit else work / f"{name}.png"
         out = work / f"{name}.json"
         return argv, ["eval", str(heldout), *argv, "--out", str(out), "--plot", str(plot)], out
 
@@ -473,7 +502,7 @@ def record_eval(directory: Path, *, shards: int = 1, log=print) -> dict:
             raise RuntimeError(f"a2r {' '.join(full)} failed")
         summary = json.loads(out.read_text())
         entry = {"argv": argv,
-                 "command": "a2r eval python/a2r/trained/heldout.jsonl " + " ".join(argv)
+                 "command": "a2r eval python/a2r/demo/trained/heldout.jsonl " + " ".join(argv)
                  + " --out results.json --plot accuracy_vs_n.png",
                  "num_questions": summary["num_questions"], "num_paths": summary["num_paths"],
                  "accuracy": summary["accuracy"],
@@ -481,7 +510,7 @@ def record_eval(directory: Path, *, shards: int = 1, log=print) -> dict:
                  "seconds_per_question": summary["seconds_per_question"]}
         if limit:
             entry["answers"] = [r["answers"] for r in summary["per_question"]]
-        (directory / f"{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
+        (results / f"{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
         recorded[name] = entry
         log(json.dumps({k: entry[k] for k in ("num_questions", "accuracy", "accuracy_by_n")}))
     shutil.rmtree(work, ignore_errors=True)
@@ -513,9 +542,9 @@ def targets_line(recorded: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m a2r.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m a2r.demo.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(trained_models_dir()),
-                        help="output directory (default: the package's a2r/trained)")
+                        help="output directory (default: the package's a2r/demo/trained)")
     parser.add_argument("--smoke", action="store_true", help="a few steps of every stage (tests)")
     parser.add_argument("--record-eval", action="store_true",
                         help="after training the committed models, evaluate them on the held-out "

@@ -17,7 +17,7 @@ Per question, the explorer samples N paths once (``A2RPipeline.run``); everythin
 With ``sweep_n`` the accuracy of ``mean_at_1``, ``cons_at_n`` and ``a2r`` is also taken for prefixes
 of the same N paths (``k`` in :data:`SWEEP_N` up to N, and N), for the accuracy-against-N plot.
 
-Answers are graded by :class:`a2r.grading.AnswerChecker` (Math-Verify, our normaliser where it
+Answers are graded by :class:`a2r.eval.grading.AnswerChecker` (Math-Verify, our normaliser where it
 cannot decide); each record says which checker decided each method.
 
 Files (``--out FILE``): every question's record is appended to :func:`records_path` ``(FILE)``
@@ -37,7 +37,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .extract import extract_final_answer, majority_vote
+from ..extract import extract_final_answer, majority_vote
 
 __all__ = ["EvalRecordsError", "METHODS", "SWEEP_N", "STAGES", "evaluate_question", "load_records", "plot_accuracy",
            "records_path", "settings_key", "summarize"]

@@ -56,51 +56,25 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 import a2r_kernels as ak
 from a2r_kernels.backend import resolve_backend
-from a2r_kernels.vocab import (REMASKING, attention_geometry, eos_ids as _eos_ids,
+from a2r_kernels.vocab import (DEFAULT_BLOCK_SIZE, REMASKING, attention_geometry, eos_ids,
                                 positive_int as _positive_int)
 
-from .diffusion_gemma import diffusion_gemma_generate, is_diffusion_gemma
-from .diffusion_model import (A2R_ATTENTION, build_tiny_diffusion_model, is_causal_prompt_model,
-                              is_remote_code_model, load_diffusion_model, uses_a2r_attention)
+from .common import DiffusionResult, as_prompt, cut_after_eos
+from .models import A2R_ATTENTION, is_causal_prompt_model, is_remote_code_model, uses_a2r_attention
 
-__all__ = ["DiffusionResult", "build_tiny_diffusion_model", "diffusion_generate",
-           "get_num_transfer_tokens", "load_diffusion_model"]
+__all__ = ["CACHE_MODES", "MaskedSchedule", "PrefixKV", "check_masked_args",
+           "get_num_transfer_tokens", "masked_diffusion_generate"]
 
 CACHE_MODES = ("none", "prefix")
-# Tokens per block of the prefix KV pool. Any value works; 16 is the pool's default.
-PREFIX_KV_BLOCK_SIZE = 16
-
-
-@dataclass
-class DiffusionResult:
-    """What :func:`diffusion_generate` returns with ``return_details=True``.
-
-    Attributes:
-        sequences: per row, the generated ids (trimmed at and including the first EOS).
-        tokens: int64 ``[B, P + gen_length]``: the padded prompt and the whole generation
-            (EOS-filled after a finished row's EOS; no [MASK] left).
-        num_forward_calls: model forward calls (a classifier-free-guidance step batches its
-            conditional and unconditional passes into one call).
-        steps_per_block: denoising steps (= forward calls) of each block; 0 for blocks skipped
-            because every row had finished.
-        prompt_length: ``P``, the padded prompt length (generation starts at column ``P``).
-        encoder_forward_calls: DiffusionGemma only: encoder passes (the prompt once, then one
-            per later canvas); ``num_forward_calls`` then counts decoder passes.
-    """
-
-    sequences: list[list[int]]
-    tokens: torch.Tensor
-    num_forward_calls: int
-    steps_per_block: list[int] = field(default_factory=list)
-    prompt_length: int = 0
-    encoder_forward_calls: int = 0
+# Tokens per block of the prefix KV pool. Any value works: the pool's default.
+PREFIX_KV_BLOCK_SIZE = DEFAULT_BLOCK_SIZE
 
 
 def get_num_transfer_tokens(num_masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -122,7 +96,7 @@ class PrefixKV:
 
     One cache sequence per row. ``start_block(prefix_len)`` grows each sequence to ``prefix_len``
     tokens (the slots of earlier tokens are kept and overwritten: their K/V are recomputed at every
-    block start). The attention function (``a2r.diffusion_model``) calls :meth:`attend_layer`:
+    block start). The attention function (``a2r.thinker.models``) calls :meth:`attend_layer`:
 
     - ``mode == "capture"`` (the block's full forward): scatter ``key/value[:, :, :prefix_len]`` of
       each layer into the pool; attention itself runs on the unchanged full K/V.
@@ -243,60 +217,6 @@ class _ModelRunner:
 
 
 # ---------------------------------------------------------------------------------- inputs
-def _as_prompt(prompt_ids, attention_mask, pad_token_id,
-               device) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (prompt int64 [B, P], keep bool [B, P]) on ``device``, left-padded."""
-    if isinstance(prompt_ids, torch.Tensor):
-        if prompt_ids.dim() == 1:
-            prompt_ids = prompt_ids[None]
-        if prompt_ids.dim() != 2 or prompt_ids.shape[0] == 0:
-            raise ValueError("prompt_ids must be an int tensor [B, P] (or [P]) with B >= 1, got "
-                             f"shape {tuple(prompt_ids.shape)}")
-        if prompt_ids.dtype.is_floating_point or prompt_ids.dtype == torch.bool:
-            raise ValueError(f"prompt_ids must hold integer token ids, got {prompt_ids.dtype}")
-        prompt = prompt_ids.to(device=device, dtype=torch.int64)
-        if attention_mask is None:
-            keep = torch.ones_like(prompt, dtype=torch.bool)
-        else:
-            if not isinstance(attention_mask, torch.Tensor) or \
-                    tuple(attention_mask.shape) != tuple(prompt.shape):
-                got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) \
-                    else type(attention_mask).__name__
-                raise ValueError(f"attention_mask must have prompt_ids' shape "
-                                 f"[B={prompt.shape[0]}, P={prompt.shape[1]}], got {got}")
-            keep = attention_mask.to(device) != 0
-            # Left padding only: once a row's mask turns on it stays on.
-            if bool((keep[:, :-1] & ~keep[:, 1:]).any()):
-                raise ValueError("attention_mask must be left-padded (zeros, then ones, per row)")
-        return prompt, keep
-    if attention_mask is not None:
-        raise ValueError("attention_mask: pass it only with a prompt_ids tensor; a list of rows "
-                         "is left-padded here")
-    try:
-        rows = [[int(t) for t in row] for row in prompt_ids]
-    except (TypeError, ValueError) as exc:
-        raise ValueError("prompt_ids must be an int tensor [B, P] or a list of lists of "
-                         "ints") from exc
-    if not rows:
-        raise ValueError("prompt_ids must hold at least one row, got an empty list")
-    width = max(len(r) for r in rows)
-    pad = 0 if pad_token_id is None else int(pad_token_id)
-    prompt = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.int64)
-    keep = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows],
-                        dtype=torch.bool).reshape(len(rows), width)
-    return prompt.reshape(len(rows), width).to(device), keep.to(device)
-
-
-def _cut_after_eos(rows: list[list[int]], eos_ids: list[int]) -> list[list[int]]:
-    """Each row up to and including its first token of ``eos_ids`` (the whole row if none)."""
-    eos = set(eos_ids)
-    cut = []
-    for row in rows:
-        end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
-        cut.append(row[:end])
-    return cut
-
-
 # ---------------------------------------------------------------------------------- loop steps
 def _model_rows(x: torch.Tensor, start: int, prompt_len: int,
                 uncond_prompt: torch.Tensor | None) -> torch.Tensor:
@@ -335,74 +255,30 @@ def _finish_rows(gen: torch.Tensor, finished: torch.Tensor, eos: torch.Tensor,
     return finished | done
 
 
-# ---------------------------------------------------------------------------------- the loop
-@torch.no_grad()
-def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length: int = 32,
-                       steps: int = 32, threshold: float | None = None, temperature: float = 0.0,
-                       remasking: str = "low_confidence", cfg_scale: float = 0.0,
-                       mask_id: int | None = None, eos_token_id: int | Sequence[int] | None = None,
-                       pad_token_id: int | None = None,
-                       attention_mask: torch.Tensor | None = None, cache: str = "none",
-                       generator: torch.Generator | None = None, backend: str = "auto",
-                       num_traces: int = 1, return_details: bool = False):
-    """Generate ``gen_length`` tokens per row with a masked-diffusion LM (LLaDA / Fast-dLLM), or
-    with a DiffusionGemma model (:mod:`a2r.diffusion_gemma`).
+# ---------------------------------------------------------------------------------- arguments
+@dataclass
+class MaskedSchedule:
+    """The checked arguments of :func:`masked_diffusion_generate`."""
 
-    Args:
-        model: a bidirectional masked-diffusion LM: one from :func:`build_tiny_diffusion_model` /
-            :func:`load_diffusion_model` (attention ``A2R_ATTENTION``), or a LLaDA / Dream
-            remote-code model (``cache="none"`` only). ``model(ids).logits`` is ``[R, L, V]``.
-        prompt_ids: int tensor ``[B, P]`` or ``[P]``, left-padded when ``attention_mask`` is
-            given; or a list of ``B`` lists of ids (left-padded here with ``pad_token_id``).
-        gen_length: generated positions per row; a multiple of ``block_length``.
-        block_length: positions per semi-autoregressive block.
-        steps: total denoising steps of the fixed schedule; a multiple of
-            ``num_blocks = gen_length // block_length``. Ignored when ``threshold`` is set.
-        threshold: Fast-dLLM confidence threshold in ``(0, 1]``; None for the fixed schedule.
-        temperature: 0 -> greedy ``argmax``; > 0 -> Gumbel-max sampling (``generator``).
-        remasking: ``"low_confidence" | "margin" | "entropy" | "random"``, see ``ak.denoise_step``.
-        cfg_scale: classifier-free guidance; > 0 adds an unconditional pass (prompt tokens set to
-            [MASK]) batched with the conditional one: ``logits = un + (cfg_scale + 1) (cond - un)``.
-        mask_id: the [MASK] id; default ``model.config.mask_token_id``.
-        eos_token_id: an id or list of ids that end a row (see the module docstring); None: no
-            early stop, no trimming.
-        pad_token_id: the id for left padding when ``prompt_ids`` is a list of rows (default 0);
-            padded positions are masked out of attention whatever their id.
-        attention_mask: ``[B, P]`` 0/1, left padding; default all ones.
-        cache: ``"none"`` (exact) or ``"prefix"`` (Fast-dLLM prefix cache; approximate, see the
-            module docstring; needs ``A2R_ATTENTION``).
-        generator: ``torch.Generator`` on the model's device for sampling / random remasking.
-        backend: ``ak.denoise_step`` backend: ``"auto" | "torch" | "triton" | "cuda"``.
-        num_traces: traces per prompt row; outputs are row-major (trace ``j`` of prompt ``b`` is
-            row ``b * num_traces + j``). A masked-diffusion model decodes each trace as its own
-            row (identical at ``temperature=0`` unless ``remasking="random"``); DiffusionGemma
-            encodes the prompt once for all of them.
-        return_details: return a :class:`DiffusionResult` instead of the id lists.
+    gen_length: int
+    block_length: int
+    num_blocks: int
+    steps_per_block: int        # fixed schedule; with a threshold, the bound block_length
+    threshold: float | None
+    temperature: float
+    remasking: str
+    cfg_scale: float
+    cache: str
+    mask_id: int
+    eos_ids: list[int]
+    num_traces: int
 
-    A ``DiffusionGemmaForBlockDiffusion`` model runs
-    :func:`a2r.diffusion_gemma.diffusion_gemma_generate` with ``gen_length``, ``eos_token_id``,
-    ``pad_token_id``, ``attention_mask``, ``generator``, ``backend``, ``num_traces`` and
-    ``return_details``; its schedule comes from its generation config, and the masked-diffusion
-    options above must stay at their defaults (ValueError).
 
-    Returns:
-        ``list[list[int]]``: per row, the generated ids (through the first EOS if any), or a
-        :class:`DiffusionResult` with ``return_details=True``.
-    """
-    if is_diffusion_gemma(model):
-        given = {name: value for name, value in (
-            ("block_length", block_length), ("steps", steps), ("threshold", threshold),
-            ("temperature", temperature), ("remasking", remasking), ("cfg_scale", cfg_scale),
-            ("mask_id", mask_id), ("cache", cache))
-            if value != _LLADA_DEFAULTS[name]}
-        if given:
-            raise ValueError(f"{', '.join(sorted(given))}: masked-diffusion options, not used by "
-                             "DiffusionGemma (its schedule comes from its generation config; "
-                             "a2r.diffusion_gemma.diffusion_gemma_generate overrides it)")
-        return diffusion_gemma_generate(
-            model, prompt_ids, gen_length=gen_length, num_traces=num_traces,
-            eos_token_id=eos_token_id, pad_token_id=pad_token_id, attention_mask=attention_mask,
-            generator=generator, backend=backend, return_details=return_details)
+def check_masked_args(model, *, gen_length, block_length, steps, threshold, temperature,
+                      remasking, cfg_scale, mask_id, eos_token_id, cache,
+                      num_traces) -> MaskedSchedule:
+    """ValueError naming the first bad argument of :func:`masked_diffusion_generate`, else its
+    :class:`MaskedSchedule`."""
     gen_length = _positive_int(gen_length, "gen_length")
     num_traces = _positive_int(num_traces, "num_traces")
     block_length = _positive_int(block_length, "block_length")
@@ -429,6 +305,13 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if float(cfg_scale) < 0:
         raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
+    _check_model(model, cache)
+    return MaskedSchedule(gen_length, block_length, num_blocks, steps_per_block, threshold,
+                          float(temperature), remasking, float(cfg_scale), cache,
+                          _mask_id(model, mask_id), eos_ids(eos_token_id), num_traces)
+
+
+def _check_model(model, cache: str) -> None:
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise ValueError(f"model must be a transformers model, got {type(model).__name__}")
     if not uses_a2r_attention(model) and not is_remote_code_model(model):
@@ -441,6 +324,9 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
         raise ValueError(f"cache='prefix' needs a model running {A2R_ATTENTION!r} attention "
                          f"(its K/V are cached through it); {type(model).__name__} uses its own "
                          "attention code: use cache='none'")
+
+
+def _mask_id(model, mask_id) -> int:
     if mask_id is None:
         mask_id = getattr(model.config, "mask_token_id", None)
         if mask_id is None:
@@ -449,112 +335,146 @@ def diffusion_generate(model, prompt_ids, *, gen_length: int = 128, block_length
     vocab_size = getattr(model.config, "vocab_size", None)
     if vocab_size is not None and not 0 <= mask_id < vocab_size:
         raise ValueError(f"mask_id={mask_id} must be in [0, vocab_size={vocab_size})")
-    eos_ids = _eos_ids(eos_token_id)
+    return mask_id
 
-    device = next(model.parameters()).device
-    resolve_backend("denoise_step", backend, device)   # BackendUnavailable before any forward
-    prompt, prompt_keep = _as_prompt(prompt_ids, attention_mask, pad_token_id, device)
-    if num_traces > 1:
-        prompt = prompt.repeat_interleave(num_traces, dim=0)
-        prompt_keep = prompt_keep.repeat_interleave(num_traces, dim=0)
-    batch, prompt_len = prompt.shape
-    total_len = prompt_len + gen_length
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions is not None and total_len > max_positions:
-        raise ValueError(f"prompt length {prompt_len} + gen_length {gen_length} exceeds the "
-                         f"model's max_position_embeddings={max_positions}")
 
-    x = torch.full((batch, total_len), mask_id, dtype=torch.int64, device=device)
-    x[:, :prompt_len] = prompt
-    gen_keep = torch.ones(batch, gen_length, dtype=torch.bool, device=device)
-    keep = torch.cat([prompt_keep, gen_keep], dim=1)
-    positions = (keep.long().cumsum(-1) - 1).clamp_min(0)
-    use_cfg = float(cfg_scale) > 0
-    if use_cfg:   # rows [0, B): conditional; rows [B, 2B): unconditional (prompt -> [MASK])
-        keep, positions = keep.repeat(2, 1), positions.repeat(2, 1)
-    num_rows = keep.shape[0]
-    runner = _ModelRunner(model, keep, positions, prompt_len)
+# ---------------------------------------------------------------------------------- the loop
+class _Canvas:
+    """The sequence being denoised (``x``: int64 ``[B, P + gen_length]``, the generation
+    masked at first) and what every forward over it needs."""
 
-    prefix = None
-    if cache == "prefix":
-        cfg = model.config
-        _, num_kv_heads, head_dim = attention_geometry(cfg)
-        prefix = PrefixKV(num_rows, cfg.num_hidden_layers, num_kv_heads, head_dim,
-                          total_len - block_length, next(model.parameters()).dtype, device)
+    def __init__(self, model, prompt_ids, attention_mask, pad_token_id, schedule: MaskedSchedule,
+                 device):
+        prompt, prompt_keep = as_prompt(prompt_ids, attention_mask, pad_token_id, device)
+        if schedule.num_traces > 1:
+            prompt = prompt.repeat_interleave(schedule.num_traces, dim=0)
+            prompt_keep = prompt_keep.repeat_interleave(schedule.num_traces, dim=0)
+        self.batch, self.prompt_len = prompt.shape
+        total_len = self.prompt_len + schedule.gen_length
+        max_positions = getattr(model.config, "max_position_embeddings", None)
+        if max_positions is not None and total_len > max_positions:
+            raise ValueError(f"prompt length {self.prompt_len} + gen_length {schedule.gen_length} "
+                             f"exceeds the model's max_position_embeddings={max_positions}")
+        mask_id = schedule.mask_id
+        self.x = torch.full((self.batch, total_len), mask_id, dtype=torch.int64, device=device)
+        self.x[:, :self.prompt_len] = prompt
+        gen_keep = torch.ones(self.batch, schedule.gen_length, dtype=torch.bool, device=device)
+        keep = torch.cat([prompt_keep, gen_keep], dim=1)
+        positions = (keep.long().cumsum(-1) - 1).clamp_min(0)
+        use_cfg = schedule.cfg_scale > 0
+        if use_cfg:   # rows [0, B): conditional; rows [B, 2B): unconditional (prompt -> [MASK])
+            keep, positions = keep.repeat(2, 1), positions.repeat(2, 1)
+        self.runner = _ModelRunner(model, keep, positions, self.prompt_len)
+        self.prefix = None
+        if schedule.cache == "prefix":
+            cfg = model.config
+            _, num_kv_heads, head_dim = attention_geometry(cfg)
+            self.prefix = PrefixKV(keep.shape[0], cfg.num_hidden_layers, num_kv_heads, head_dim,
+                                   total_len - schedule.block_length,
+                                   next(model.parameters()).dtype, device)
+        self.gen = self.x[:, self.prompt_len:]   # view: the generation, [B, gen_length]
+        self.finished = torch.zeros(self.batch, dtype=torch.bool, device=device)
+        self.eos = torch.tensor(schedule.eos_ids, dtype=torch.int64, device=device)
+        self.uncond_prompt = torch.where(prompt_keep, mask_id, prompt) if use_cfg else None
 
-    gen = x[:, prompt_len:]                          # view: the generation, [B, gen_length]
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    eos_tensor = torch.tensor(eos_ids, dtype=torch.int64, device=device)
-    if generator is not None and generator.device.type != "cpu":
-        # Every step draws its seed from the generator: a CPU generator seeded once from this one
-        # keeps those draws free of host syncs.
-        generator = torch.Generator().manual_seed(int(torch.randint(
-            0, 2 ** 63 - 1, (1,), generator=generator, device=generator.device).item()))
-    uncond_prompt = torch.where(prompt_keep, mask_id, prompt) if use_cfg else None
+    def block_schedule(self, block_tokens, schedule: MaskedSchedule):
+        """(per-step commits int64 ``[B, steps]`` on the host or None, steps that commit
+        anything); None when every row has finished. One host read."""
+        if schedule.threshold is not None:
+            return None, [True] * schedule.steps_per_block
+        steps = schedule.steps_per_block
+        num_masked = (block_tokens == schedule.mask_id).sum(1)
+        plan = get_num_transfer_tokens(num_masked, steps)
+        host = torch.cat([self.finished.all().view(1).long(), plan.flatten()]).tolist()
+        if host[0]:
+            return None
+        # a host tensor: the per-step num_transfer costs no sync
+        return (torch.tensor(host[1:], dtype=torch.int64).view(self.batch, steps),
+                [any(host[1 + step::steps]) for step in range(steps)])
 
-    # Host syncs: fixed schedule, one per block (its schedule and "every row finished" in one
-    # read); threshold mode, one per step ("block done" and "every row finished").
-    block_steps = [0] * num_blocks
+
+def _denoise_blocks(canvas: _Canvas, schedule: MaskedSchedule, generator, backend) -> list[int]:
+    """Every block left to right; returns the steps (forwards) each block ran.
+
+    Host syncs: fixed schedule, one per block (its schedule and "every row finished" in one
+    read); threshold mode, one per step ("block done" and "every row finished")."""
+    x, prefix, mask_id = canvas.x, canvas.prefix, schedule.mask_id
+    block_steps = [0] * schedule.num_blocks
     all_done = False
-    for block in range(num_blocks):
+    for block in range(schedule.num_blocks):
         if all_done:
             break
-        start = prompt_len + block * block_length
-        end = start + block_length
+        start = canvas.prompt_len + block * schedule.block_length
+        end = start + schedule.block_length
         block_tokens = x[:, start:end]               # view: denoise_step writes through it
-        if threshold is None:
-            num_masked = (block_tokens == mask_id).sum(1)
-            schedule = get_num_transfer_tokens(num_masked, steps_per_block)
-            host = torch.cat([finished.all().view(1).long(), schedule.flatten()]).tolist()
-            if host[0]:
-                break
-            # a host tensor: the per-step num_transfer costs no sync
-            schedule = torch.tensor(host[1:], dtype=torch.int64).view(batch, steps_per_block)
-            step_commits = [any(host[1 + step::steps_per_block]) for step in range(steps_per_block)]
-        else:
-            schedule, step_commits = None, [True] * steps_per_block
+        planned = canvas.block_schedule(block_tokens, schedule)
+        if planned is None:
+            break
+        commits, step_commits = planned
         if prefix is not None:
             prefix.start_block(start)
-        for step in range(steps_per_block):
+        for step in range(schedule.steps_per_block):
             if not step_commits[step]:
                 continue   # commits nothing in any row: an identical forward, skip it
             extend = prefix is not None and step > 0
             if extend:
                 prefix.mode = "extend"
-            rows = _model_rows(x, start if extend else 0, prompt_len, uncond_prompt)
-            logits = _guided(runner.block_logits(rows, start, end, prefix), batch, cfg_scale)
+            rows = _model_rows(x, start if extend else 0, canvas.prompt_len, canvas.uncond_prompt)
+            logits = _guided(canvas.runner.block_logits(rows, start, end, prefix), canvas.batch,
+                             schedule.cfg_scale)
             block_steps[block] += 1
             # [MASK] is never a valid prediction (a trained model gives it ~0 probability; an
             # untrained one may not): committing it would leave the position masked forever.
             logits[..., mask_id] = float("-inf")
             ak.denoise_step(logits, block_tokens, mask_id,
-                            num_transfer=None if schedule is None else schedule[:, step],
-                            threshold=threshold, temperature=float(temperature),
-                            remasking=remasking, generator=generator, backend=backend)
-            if eos_ids:
-                finished = _finish_rows(gen, finished, eos_tensor, mask_id)
-            if threshold is not None:
+                            num_transfer=None if commits is None else commits[:, step],
+                            threshold=schedule.threshold, temperature=schedule.temperature,
+                            remasking=schedule.remasking, generator=generator, backend=backend)
+            if schedule.eos_ids:
+                canvas.finished = _finish_rows(canvas.gen, canvas.finished, canvas.eos, mask_id)
+            if schedule.threshold is not None:
                 block_left, all_done = torch.stack(
-                    [(block_tokens == mask_id).any(), finished.all()]).tolist()
+                    [(block_tokens == mask_id).any(), canvas.finished.all()]).tolist()
                 if all_done or not block_left:
                     break
+    return block_steps
 
-    generated = gen.tolist()
+
+@torch.no_grad()
+def masked_diffusion_generate(model, prompt_ids, *, gen_length: int = 128,
+                              block_length: int = 32, steps: int = 32,
+                              threshold: float | None = None, temperature: float = 0.0,
+                              remasking: str = "low_confidence", cfg_scale: float = 0.0,
+                              mask_id: int | None = None,
+                              eos_token_id: int | Sequence[int] | None = None,
+                              pad_token_id: int | None = None,
+                              attention_mask: torch.Tensor | None = None, cache: str = "none",
+                              generator: torch.Generator | None = None, backend: str = "auto",
+                              num_traces: int = 1, return_details: bool = False):
+    """:func:`a2r.thinker.diffusion_generate` for a masked-diffusion LM (LLaDA / Fast-dLLM; the
+    arguments are documented there)."""
+    schedule = check_masked_args(
+        model, gen_length=gen_length, block_length=block_length, steps=steps,
+        threshold=threshold, temperature=temperature, remasking=remasking, cfg_scale=cfg_scale,
+        mask_id=mask_id, eos_token_id=eos_token_id, cache=cache, num_traces=num_traces)
+    device = next(model.parameters()).device
+    resolve_backend("denoise_step", backend, device)   # BackendUnavailable before any forward
+    canvas = _Canvas(model, prompt_ids, attention_mask, pad_token_id, schedule, device)
+    if generator is not None and generator.device.type != "cpu":
+        # Every step draws its seed from the generator: a CPU generator seeded once from this one
+        # keeps those draws free of host syncs.
+        generator = torch.Generator().manual_seed(int(torch.randint(
+            0, 2 ** 63 - 1, (1,), generator=generator, device=generator.device).item()))
+    block_steps = _denoise_blocks(canvas, schedule, generator, backend)
+    generated = canvas.gen.tolist()
     for row in generated:
-        if mask_id in row:
-            block = row.index(mask_id) // block_length
+        if schedule.mask_id in row:
+            block = row.index(schedule.mask_id) // schedule.block_length
             raise RuntimeError(f"block {block} still has masked positions after "
                                f"{block_steps[block]} steps: denoise_step committed too few tokens")
-    sequences = _cut_after_eos(generated, eos_ids)
+    sequences = cut_after_eos(generated, schedule.eos_ids)
     if not return_details:
         return sequences
-    return DiffusionResult(sequences=sequences, tokens=x,
-                           num_forward_calls=runner.num_forward_calls,
-                           steps_per_block=block_steps, prompt_length=prompt_len)
-
-
-# The masked-diffusion options' defaults: a DiffusionGemma call must leave them unset.
-_LLADA_DEFAULTS = {
-    name: param.default for name, param in inspect.signature(diffusion_generate).parameters.items()
-    if name in ("block_length", "steps", "threshold", "temperature", "remasking", "cfg_scale",
-                "mask_id", "cache")}
+    return DiffusionResult(sequences=sequences, tokens=canvas.x,
+                           num_forward_calls=canvas.runner.num_forward_calls,
+                           steps_per_block=block_steps, prompt_length=canvas.prompt_len)

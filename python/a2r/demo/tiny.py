@@ -9,15 +9,15 @@ module builds them from configs:
   ``PreTrainedTokenizerFast``;
 * a tiny Qwen3 explorer (2 layers, hidden 64) and a slightly larger Llama synthesizer (3 layers,
   hidden 96) — different architectures and sizes, the asymmetric A2R set-up in miniature;
-* a tiny masked-diffusion thinker from :func:`a2r.diffusion.build_tiny_diffusion_model`, sharing the
+* a tiny masked-diffusion thinker from :func:`a2r.thinker.build_tiny_diffusion_model`, sharing the
   tokenizer and its mask token.
 
 All weights are random (fixed seeds): the models are untrained and their answers are noise. They
 exist to exercise the whole pipeline end to end on a CPU in seconds (``--random-models``).
 
-The embedded *default* models are trained ones, shipped inside the package under ``a2r/trained``
-(:func:`trained_models`; built by ``python -m a2r.train``, :mod:`a2r.train`) for one synthetic task
-(:mod:`a2r.task`). Their tokenizer is this one plus a few whole-phrase tokens
+The embedded *default* models are trained ones, shipped inside the package under ``a2r/demo/trained``
+(:func:`trained_models`; built by ``python -m a2r.demo.train``, :mod:`a2r.demo.train`) for one synthetic task
+(:mod:`a2r.demo.task`). Their tokenizer is this one plus a few whole-phrase tokens
 (:func:`trained_phrases`).
 
 Files go to ``$A2R_HOME/tiny-v1`` (default ``~/.cache/a2r/tiny-v1``), one sub-directory per model,
@@ -72,7 +72,7 @@ EXPLORER_SEED, SYNTHESIZER_SEED, THINKER_SEED = 1234, 2345, 3456
 # float rounding (the same token whichever attention kernel ran) and samples are not near-uniform.
 INIT_RANGE = 0.1
 _COMPLETE_MARKER = ".complete"
-# The trained diffusion thinker's canvas (a2r.train): the longest sum of the task has 4 digits,
+# The trained diffusion thinker's canvas (a2r.demo.train): the longest sum of the task has 4 digits,
 # the rest is EOS padding. It decodes one token per step.
 TRACE_LENGTH = 8
 TRAINED_THINKER_SETTINGS = {"thinker_gen_length": TRACE_LENGTH,
@@ -115,20 +115,20 @@ class TinyModelPaths:
 
 
 def trained_models_dir() -> Path:
-    """The trained embedded models, shipped inside the package (``a2r/trained``); rebuilt by
-    ``python -m a2r.train``."""
+    """The trained embedded models, shipped inside the package (``a2r/demo/trained``); rebuilt by
+    ``python -m a2r.demo.train``."""
     return Path(__file__).resolve().parent / "trained"
 
 
 def trained_models(*, thinker: bool = True) -> TinyModelPaths:
-    """Paths of the committed trained models (:mod:`a2r.train`). ValueError when they are missing
+    """Paths of the committed trained models (:mod:`a2r.demo.train`). ValueError when they are missing
     (an install without the package data): never a silent switch to the random ones."""
     root = trained_models_dir()
     names = ("explorer", "synthesizer") + (("thinker", "ar_thinker") if thinker else ())
     missing = [n for n in names if not (root / n / "model.safetensors").is_file()]
     if missing:
         raise ValueError(f"the trained embedded models are missing from {root} ({', '.join(missing)}):"
-                         " rebuild them with `python -m a2r.train`, or use --random-models")
+                         " rebuild them with `python -m a2r.demo.train`, or use --random-models")
     return TinyModelPaths(root / "explorer", root / "synthesizer",
                           root / "thinker" if thinker else None,
                           root / "ar_thinker" if thinker else None, trained=True)
@@ -139,7 +139,7 @@ def trained_phrases() -> tuple[str, ...]:
     fixed prompt texts (the default instructions, the section headers) and ``\\boxed{``. A
     character-level model would otherwise spend most of every prompt on them (the synthesizer's
     instruction alone is 165 characters), and training time grows with prompt length."""
-    from .pipeline import EXPLORER_INSTRUCTION, SYNTHESIZER_INSTRUCTION, THINKER_INSTRUCTION
+    from ..config import EXPLORER_INSTRUCTION, SYNTHESIZER_INSTRUCTION, THINKER_INSTRUCTION
 
     return (EXPLORER_INSTRUCTION, SYNTHESIZER_INSTRUCTION, THINKER_INSTRUCTION,
             "Reference answers:", "Reasoning trace:", "What is ", "\\boxed{")
@@ -206,7 +206,7 @@ def _synthesizer_model(tokenizer):
 def _thinker_model(tokenizer):
     import torch
 
-    from .diffusion import build_tiny_diffusion_model
+    from ..thinker.models import build_tiny_diffusion_model
 
     model = build_tiny_diffusion_model(_model_vocab_size(tokenizer), tokenizer.mask_token_id,
                                        seed=THINKER_SEED)
@@ -235,7 +235,7 @@ def _build_one(name: str, target: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / RANDOM_WEIGHTS_MARKER).write_text(f"random weights, seed-initialised by "
-                                                     f"a2r.tiny ({TINY_NAME}/{name})\n")
+                                                     f"a2r.demo.tiny ({TINY_NAME}/{name})\n")
         (staging / _COMPLETE_MARKER).write_text(f"{TINY_NAME}/{name}\n")
         try:
             os.replace(staging, target)
@@ -252,7 +252,7 @@ def ensure_tiny_models(home: str | os.PathLike | None = None, *,
                        thinker: bool = True) -> TinyModelPaths:
     """Build the embedded models under :func:`tiny_dir` unless already there; return their paths.
 
-    ``thinker=False`` skips the diffusion thinker (it needs :mod:`a2r.diffusion`).
+    ``thinker=False`` skips the diffusion thinker (it needs :mod:`a2r.thinker`).
     """
     root = tiny_dir(home)
     paths = {name: root / name for name in _BUILDERS}

@@ -22,7 +22,7 @@ checkpoint, it keeps that checkpoint's prompt representations, so a short fine-t
 only the denoising; and its prompt K/V do not depend on the canvas, so the prefix cache of a
 single block is exact. Its forward takes ``a2r_prompt_len`` (the prompt's column count).
 
-The same function implements the Fast-dLLM prefix cache (``a2r.diffusion``): when the forward is
+The same function implements the Fast-dLLM prefix cache (``a2r.thinker``): when the forward is
 given ``a2r_prefix=<PrefixKV>`` it either records the K/V of the prefix positions (``capture``) or
 prepends the cached prefix K/V to the current keys and values (``extend``).
 """
@@ -53,7 +53,7 @@ def a2r_bidirectional_attention(module: torch.nn.Module, query: torch.Tensor, ke
         key, value: ``[B, Hkv, Lk, D]``, the current tokens' keys/values.
         attention_mask: None (attend everything), boolean ``[B, 1, Lq, P + Lk]`` (True = attend)
             or additive float of that shape; ``P`` is the cached prefix length (0 without one).
-        a2r_prefix: None, or the loop's ``PrefixKV`` (``a2r.diffusion``): ``capture`` mode stores
+        a2r_prefix: None, or the loop's ``PrefixKV`` (``a2r.thinker``): ``capture`` mode stores
             ``key/value[:, :, :P]``; ``extend`` mode returns ``cat([prefix_k, key], dim=2)``.
         a2r_prompt_len: None (every query attends every key), or, for a prefix-causal model, an
             int or int64 ``[B]``: query ``i < a2r_prompt_len[b]`` attends only keys ``j <= i``
@@ -223,7 +223,7 @@ def load_diffusion_model(path: str, *, mask_id: int | None = None, device="cpu",
     with open(os.path.join(path, "config.json")) as f:
         raw_config = json.load(f)
     kwargs = {} if dtype is None else {"dtype": dtype}
-    from .diffusion_gemma import is_diffusion_gemma_config, require_diffusion_gemma
+    from .gemma import is_diffusion_gemma_config, require_diffusion_gemma
     if is_diffusion_gemma_config(raw_config):
         if mask_id is not None:
             raise ValueError(f"mask_id: {path} is a DiffusionGemma checkpoint (uniform-noise "

@@ -52,6 +52,9 @@ import torch
 
 import a2r_kernels as ak
 from a2r_kernels.entropy_bound import resolve_entropy_bound_backend
+from a2r_kernels.vocab import eos_ids as to_eos_ids, positive_int, text_config
+
+from .common import DiffusionResult, as_prompt, cut_after_eos
 
 __all__ = ["DIFFUSION_GEMMA_MODEL_TYPE", "build_tiny_diffusion_gemma", "diffusion_gemma_available",
            "diffusion_gemma_generate", "is_diffusion_gemma", "is_diffusion_gemma_config"]
@@ -250,6 +253,80 @@ def _expand_rows(cache, num_traces: int, batch: int) -> None:
 
 # ---------------------------------------------------------------------------------- the loop
 @torch.no_grad()
+def _stop_and_pad_ids(model, settings, eos_token_id, pad_token_id) -> tuple[list[int], int | None]:
+    """The EOS ids and the pad id of a call: the arguments, else the generation config's, else
+    (pad) the text config's."""
+    if eos_token_id is None:
+        eos_token_id = settings.eos_token_id
+    if pad_token_id is None:
+        pad_token_id = settings.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = text_config(model.config).pad_token_id
+    return to_eos_ids(eos_token_id), pad_token_id
+
+
+def _num_canvases(model, prompt_len: int, gen_length: int, canvas_length: int) -> int:
+    """Canvases covering ``gen_length``; ValueError when they outgrow the model's positions (or
+    when there is no prompt)."""
+    if prompt_len == 0:
+        raise ValueError("prompt_ids must hold at least one token per row (the encoder needs "
+                         "a prefix)")
+    num_canvases = math.ceil(gen_length / canvas_length)
+    total = prompt_len + num_canvases * canvas_length
+    max_positions = getattr(text_config(model.config), "max_position_embeddings", None)
+    if max_positions is not None and total > max_positions:
+        raise ValueError(f"prompt length {prompt_len} + gen_length {gen_length} (rounded up to "
+                         f"{num_canvases} canvases of {canvas_length}) exceeds the model's "
+                         f"max_position_embeddings={max_positions}")
+    return num_canvases
+
+
+def _denoise_fresh_canvas(model, cache, attention: torch.Tensor, start: int, settings,
+                          generator, backend) -> tuple[torch.Tensor, int]:
+    """A uniform-noise canvas at positions ``start ..`` (one ``randint`` draw from
+    ``generator``) denoised against ``cache``; ``attention`` bool ``[R, start]``. Returns
+    ``(argmax int64 [R, C], decoder passes)``."""
+    rows, device = attention.shape[0], attention.device
+    canvas_length = int(model.config.canvas_length)
+    vocab = int(text_config(model.config).vocab_size)
+    decoder_attention = torch.nn.functional.pad(attention, (0, canvas_length), value=True)
+    canvas = torch.randint(0, vocab, (rows, canvas_length), generator=generator, device=device)
+    decoder_masks = model.model.decoder.create_diffusion_decoder_attention_mask(
+        config=model.config, inputs_embeds=canvas.unsqueeze(-1), cache=cache,
+        decoder_attention_mask=decoder_attention)
+    decoder_positions = torch.arange(start, start + canvas_length, dtype=torch.int32,
+                                     device=device)[None]
+    return _denoise_canvas(model, cache, canvas, decoder_masks, decoder_positions, settings,
+                           generator, backend)
+
+
+def _encode(model, cache, new_tokens: torch.Tensor, begin: int, attention: torch.Tensor) -> None:
+    """One encoder pass over ``new_tokens`` (int64 ``[R, T]``, positions ``begin ..
+    begin + T - 1``) into ``cache``; ``attention``: bool ``[R, begin + T]``, False at padding."""
+    device = new_tokens.device
+    positions = torch.arange(begin, begin + new_tokens.shape[1], dtype=torch.int32,
+                             device=device)[None]
+    encoder = model.model.encoder
+    masks = encoder.create_masks_for_generate(
+        config=model.config,
+        inputs_embeds=torch.empty(new_tokens.shape[0], new_tokens.shape[1], 0,
+                                  dtype=model.dtype, device=device),
+        attention_mask=attention, cache=cache, position_ids=positions)
+    encoder(input_ids=new_tokens.contiguous(), attention_mask=masks, cache=cache,
+            position_ids=positions)
+
+
+def _pad_after_eos(block_tokens: torch.Tensor, eos: torch.Tensor, pad_token_id) -> torch.Tensor:
+    """As transformers' ``_finalize_canvas``: a row's tokens after its first EOS of the canvas
+    (``[R, C]``) become ``pad_token_id`` (unchanged when there is none)."""
+    if pad_token_id is None:
+        return block_tokens
+    is_eos = torch.isin(block_tokens, eos)
+    seen = is_eos.long().cumsum(dim=-1)
+    after_eos = (seen > 0) & ~((seen == 1) & is_eos)
+    return torch.where(after_eos, pad_token_id, block_tokens)
+
+
 def diffusion_gemma_generate(model, prompt_ids, *, gen_length: int = 256, num_traces: int = 1,
                              max_denoising_steps: int | None = None,
                              entropy_bound: float | None = None, t_min: float | None = None,
@@ -278,7 +355,7 @@ def diffusion_gemma_generate(model, prompt_ids, *, gen_length: int = 256, num_tr
         attention_mask: ``[B, P]`` 0/1, left padding; default all ones.
         generator: ``torch.Generator`` on the model's device (canvases and every step's seed).
         backend: ``ak.entropy_bound_step`` backend: ``"auto" | "torch" | "triton"``.
-        return_details: return an ``a2r.diffusion.DiffusionResult``.
+        return_details: return an ``a2r.thinker.DiffusionResult``.
 
     Returns:
         ``list[list[int]]`` (per row, the generated ids through the first EOS), or a
@@ -286,49 +363,28 @@ def diffusion_gemma_generate(model, prompt_ids, *, gen_length: int = 256, num_tr
         ``encoder_forward_calls`` encoder passes and ``steps_per_block`` the decoder passes of
         each canvas.
     """
-    from .diffusion import (DiffusionResult, _as_prompt, _cut_after_eos, _eos_ids,
-                            _positive_int)
-
     if not is_diffusion_gemma(model):
         raise ValueError(f"model must be a DiffusionGemmaForBlockDiffusion, got "
                          f"{type(model).__name__}")
-    gen_length = _positive_int(gen_length, "gen_length")
-    num_traces = _positive_int(num_traces, "num_traces")
+    gen_length = positive_int(gen_length, "gen_length")
+    num_traces = positive_int(num_traces, "num_traces")
     settings = _resolve_generation_config(model, dict(
         max_denoising_steps=max_denoising_steps, entropy_bound=entropy_bound, t_min=t_min,
         t_max=t_max, stability_threshold=stability_threshold,
         confidence_threshold=confidence_threshold))
-    if eos_token_id is None:
-        eos_token_id = settings.eos_token_id
-    eos_ids = _eos_ids(eos_token_id)
-    if pad_token_id is None:
-        pad_token_id = settings.pad_token_id
-    if pad_token_id is None:
-        pad_token_id = model.config.get_text_config().pad_token_id
+    eos_ids, pad_token_id = _stop_and_pad_ids(model, settings, eos_token_id, pad_token_id)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator)}")
     device = next(model.parameters()).device
     backend = resolve_entropy_bound_backend(backend, device)   # before any forward
-    prompt, prompt_keep = _as_prompt(prompt_ids, attention_mask, pad_token_id, device)
+    prompt, prompt_keep = as_prompt(prompt_ids, attention_mask, pad_token_id, device)
     batch, prompt_len = prompt.shape
-    if prompt_len == 0:
-        raise ValueError("prompt_ids must hold at least one token per row (the encoder needs "
-                         "a prefix)")
     canvas_length = int(model.config.canvas_length)
-    vocab = int(model.config.get_text_config().vocab_size)
-    num_canvases = math.ceil(gen_length / canvas_length)
+    num_canvases = _num_canvases(model, prompt_len, gen_length, canvas_length)
     total = prompt_len + num_canvases * canvas_length
-    max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if max_positions is not None and total > max_positions:
-        raise ValueError(f"prompt length {prompt_len} + gen_length {gen_length} (rounded up to "
-                         f"{num_canvases} canvases of {canvas_length}) exceeds the model's "
-                         f"max_position_embeddings={max_positions}")
-
-    from transformers import DynamicCache
-
+    from transformers import DynamicCache   # transformers >= 5.19: imported only here
     rows = batch * num_traces
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-    encoder = model.model.encoder
     tokens = torch.full((rows, total), pad_token_id if pad_token_id is not None else 0,
                         dtype=torch.int64, device=device)
     tokens[:, :prompt_len] = prompt.repeat_interleave(num_traces, dim=0)
@@ -343,30 +399,14 @@ def diffusion_gemma_generate(model, prompt_ids, *, gen_length: int = 256, num_tr
         #    previous canvas (every row).
         first = block == 0
         new_tokens = prompt if first else tokens[:, start - canvas_length:start]
-        begin = 0 if first else start - canvas_length
-        encoder_positions = torch.arange(begin, start, dtype=torch.int32, device=device)[None]
-        masks = encoder.create_masks_for_generate(
-            config=model.config,
-            inputs_embeds=torch.empty(new_tokens.shape[0], new_tokens.shape[1], 0,
-                                      dtype=model.dtype, device=device),
-            attention_mask=attention, cache=cache, position_ids=encoder_positions)
-        encoder(input_ids=new_tokens.contiguous(), attention_mask=masks, cache=cache,
-                position_ids=encoder_positions)
+        _encode(model, cache, new_tokens, 0 if first else start - canvas_length, attention)
         encoder_calls += 1
         if first:
             _expand_rows(cache, num_traces, batch)
             attention = attention.repeat_interleave(num_traces, dim=0)
         # 2. denoise a fresh canvas against the cache
-        decoder_attention = torch.nn.functional.pad(attention, (0, canvas_length), value=True)
-        canvas = torch.randint(0, vocab, (rows, canvas_length), generator=generator,
-                               device=device)
-        decoder_masks = model.model.decoder.create_diffusion_decoder_attention_mask(
-            config=model.config, inputs_embeds=canvas.unsqueeze(-1), cache=cache,
-            decoder_attention_mask=decoder_attention)
-        decoder_positions = torch.arange(start, start + canvas_length, dtype=torch.int32,
-                                         device=device)[None]
-        argmax, calls = _denoise_canvas(model, cache, canvas, decoder_masks, decoder_positions,
-                                        settings, generator, backend)
+        argmax, calls = _denoise_fresh_canvas(model, cache, attention, start, settings,
+                                              generator, backend)
         steps_per_block[block] = calls
         # 3. the argmax canvas is the block's text. As transformers' _finalize_canvas: rows
         #    finished before keep padding, a row finishing here gets padding after its first EOS
@@ -375,17 +415,12 @@ def diffusion_gemma_generate(model, prompt_ids, *, gen_length: int = 256, num_tr
                                    argmax)
         attention = torch.nn.functional.pad(attention, (0, canvas_length), value=True)
         if eos_ids:
-            is_eos = torch.isin(block_tokens, eos_tensor)
-            seen = is_eos.long().cumsum(dim=-1)
-            after_eos = (seen > 0) & ~((seen == 1) & is_eos)
-            if pad_token_id is not None:
-                block_tokens = torch.where(after_eos, pad_token_id, block_tokens)
-            finished |= is_eos.any(dim=-1)
+            block_tokens = _pad_after_eos(block_tokens, eos_tensor, pad_token_id)
+            finished |= torch.isin(block_tokens, eos_tensor).any(dim=-1)
         tokens[:, start:start + canvas_length] = block_tokens
         if eos_ids and bool(finished.all()):
             break
-
-    sequences = _cut_after_eos(tokens[:, prompt_len:prompt_len + gen_length].tolist(), eos_ids)
+    sequences = cut_after_eos(tokens[:, prompt_len:prompt_len + gen_length].tolist(), eos_ids)
     if not return_details:
         return sequences
     return DiffusionResult(sequences=sequences, tokens=tokens[:, :prompt_len + gen_length],

@@ -4,7 +4,7 @@ Math-Verify (``math_verify.parse`` / ``math_verify.verify``, the checker most ma
 decides whenever it can parse both answers. Its own timeouts use ``signal.alarm``, which raises
 off the main thread and would interrupt whatever else holds SIGALRM, so they are turned off
 (``parsing_timeout=None``, ``timeout_seconds=None``) and the check runs instead in a worker process
-of ours (``python -m a2r._verify_worker``, JSON lines over a pipe). A check that exceeds
+of ours (``python -m a2r.eval._verify_worker``, JSON lines over a pipe). A check that exceeds
 ``timeout_s`` kills the worker (sympy cannot be interrupted otherwise); the next check starts a
 fresh one.
 
@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from .extract import answers_equal, extract_boxed
+from ..extract import answers_equal, extract_boxed
 
 __all__ = ["CHECKERS", "DEFAULT_CHECK_TIMEOUT_S", "AnswerChecker", "Verdict"]
 
@@ -76,7 +76,7 @@ class AnswerChecker:
     def _start(self) -> subprocess.Popen:
         if self._worker is None or self._worker.poll() is not None:
             self._worker = subprocess.Popen(
-                [sys.executable, "-m", "a2r._verify_worker"], stdin=subprocess.PIPE,
+                [sys.executable, "-m", "a2r.eval._verify_worker"], stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
             # The worker says "ready" once Math-Verify is imported: that import (sympy) is not

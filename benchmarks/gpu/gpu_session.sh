@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session in as few device calls as possible: build + test + sanitize, then benchmark.
 #
-#   bash benchmarks/gpu_session.sh [options] [phase]
+#   bash benchmarks/gpu/gpu_session.sh [options] [phase]
 #
 # phases (default: build-test)
 #   verify        THE ONE-CALL GPU PROOF, 480 s in all (fits the device tool's 15 minutes with
@@ -90,7 +90,7 @@ PHASE="${PHASE:-build-test}"
 [[ $ASSUME_GPU == 0 || $DRY_RUN == 1 ]] || { echo "gpu_session.sh: --assume-gpu needs --dry-run" >&2; exit 2; }
 [[ "$BUDGET_S" =~ ^[0-9]+$ ]] || { echo "gpu_session.sh: --budget must be whole seconds, got '$BUDGET_S'" >&2; exit 2; }
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO" || exit 2
 OUT="${OUT:-${TMPDIR:-/tmp}/a2r_gpu_session_out}"   # outside the checkout: never sent or committed
 JUNIT="$OUT/pytest-junit.xml"

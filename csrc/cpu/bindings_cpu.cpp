@@ -1,0 +1,93 @@
+// pybind11 module a2r_kernels._cpu: the CPU tree attention (csrc/cpu/tree_attention_cpu.h),
+// built by the host compiler on every install (no nvcc, no libtorch). Tensors cross as DLPack
+// capsules (a2r_kernels/_cpu_ops.py: torch.utils.dlpack.to_dlpack, no copy), are checked by the
+// entry points (std::invalid_argument -> ValueError naming the argument), and the GIL is released
+// while the kernels run.
+#include <pybind11/pybind11.h>
+
+#include "../dlpack_capsule.h"
+#include "../ops.h"
+#include "tree_attention_cpu.h"
+
+namespace py = pybind11;
+using a2r::dlpack_view;
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() =
+      "a2r-kernels CPU backend (no libtorch). Call through a2r_kernels._cpu_ops: tensors cross "
+      "as DLPack capsules and are checked by the entry points; the last argument is the number "
+      "of OpenMP threads (<= 0: OpenMP's default).";
+  // Public ops (a2r_kernels) that this extension implements, for backend selection.
+  m.attr("PUBLIC_OPS") = py::make_tuple("tree_decode_attention", "paged_decode_attention",
+                                        "merge_attention_states");
+  m.attr("MAX_HEAD_DIM") = a2r::kMaxHeadDim;
+  m.attr("WORK_INFO_COLUMNS") = a2r::kWorkInfoColumns;
+#if defined(_OPENMP)
+  m.attr("OPENMP") = true;
+#else
+  m.attr("OPENMP") = false;
+#endif
+  m.def("isa", &a2r::cpu::selected_isa,
+        "Instruction set the partial kernel runs with: 'avx2' or 'baseline'.");
+  m.def("select_isa", [](const std::string& name) { a2r::cpu::select_isa(name.c_str()); },
+        "Pick the instruction set: 'auto' (the best this CPU has), 'avx2' (ValueError when the "
+        "CPU lacks AVX2, FMA or F16C) or 'baseline'. A2R_CPU_ISA sets the initial choice.",
+        py::arg("name"));
+
+  m.def(
+      "tree_attention_partials",
+      [](py::handle q, py::handle k_cache, py::handle v_cache, py::handle work_info,
+         py::handle row_seq, py::handle page_table, py::handle partial_o, py::handle partial_lse,
+         double sm_scale, int num_threads) {
+        // One statement per view: arguments are converted (and rejected) in their order.
+        const a2r::TensorView q_view = dlpack_view(q, "q");
+        const a2r::TensorView k_view = dlpack_view(k_cache, "k_cache");
+        const a2r::TensorView v_view = dlpack_view(v_cache, "v_cache");
+        const a2r::TensorView work_view = dlpack_view(work_info, "work_info");
+        const a2r::TensorView row_seq_view = dlpack_view(row_seq, "row_seq");
+        const a2r::TensorView page_view = dlpack_view(page_table, "page_table");
+        const a2r::TensorView po_view = dlpack_view(partial_o, "partial_o");
+        const a2r::TensorView plse_view = dlpack_view(partial_lse, "partial_lse");
+        py::gil_scoped_release release;
+        a2r::cpu::tree_attention_partials(q_view, k_view, v_view, work_view, row_seq_view,
+                                          page_view, po_view, plse_view,
+                                          static_cast<float>(sm_scale), num_threads);
+      },
+      "Partial (o, lse) per tree work item and q head; see csrc/cpu/tree_attention_cpu.h.",
+      py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("work_info"),
+      py::arg("row_seq"), py::arg("page_table"), py::arg("partial_o"), py::arg("partial_lse"),
+      py::arg("sm_scale"), py::arg("num_threads"));
+  m.def(
+      "merge_partials",
+      [](py::handle partial_o, py::handle partial_lse, py::handle merge_indptr,
+         py::handle merge_rows, py::handle out, py::handle lse, int num_threads) {
+        const a2r::TensorView po_view = dlpack_view(partial_o, "partial_o");
+        const a2r::TensorView plse_view = dlpack_view(partial_lse, "partial_lse");
+        const a2r::TensorView indptr_view = dlpack_view(merge_indptr, "merge_indptr");
+        const a2r::TensorView rows_view = dlpack_view(merge_rows, "merge_rows");
+        const a2r::TensorView out_view = dlpack_view(out, "out");
+        const a2r::TensorView lse_view = dlpack_view(lse, "lse");
+        py::gil_scoped_release release;
+        a2r::cpu::merge_partials(po_view, plse_view, indptr_view, rows_view, out_view, lse_view,
+                                 num_threads);
+      },
+      "Per sequence, the LSE merge of its partial rows into out / lse.", py::arg("partial_o"),
+      py::arg("partial_lse"), py::arg("merge_indptr"), py::arg("merge_rows"), py::arg("out"),
+      py::arg("lse"), py::arg("num_threads"));
+  m.def(
+      "merge_states",
+      [](py::handle out_a, py::handle lse_a, py::handle out_b, py::handle lse_b, py::handle out,
+         py::handle lse, int num_threads) {
+        const a2r::TensorView a_view = dlpack_view(out_a, "out_a");
+        const a2r::TensorView lse_a_view = dlpack_view(lse_a, "lse_a");
+        const a2r::TensorView b_view = dlpack_view(out_b, "out_b");
+        const a2r::TensorView lse_b_view = dlpack_view(lse_b, "lse_b");
+        const a2r::TensorView out_view = dlpack_view(out, "out");
+        const a2r::TensorView lse_view = dlpack_view(lse, "lse");
+        py::gil_scoped_release release;
+        a2r::cpu::merge_states(a_view, lse_a_view, b_view, lse_b_view, out_view, lse_view,
+                               num_threads);
+      },
+      "LSE merge of two attention states.", py::arg("out_a"), py::arg("lse_a"), py::arg("out_b"),
+      py::arg("lse_b"), py::arg("out"), py::arg("lse"), py::arg("num_threads"));
+}
