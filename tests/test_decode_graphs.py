@@ -15,6 +15,11 @@ import torch  # noqa: E402
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
 import a2r_kernels.hf as akhf  # noqa: E402
+from a2r_kernels.backend import cpu_extension  # noqa: E402
+
+# The compiled CPU kernel, where it was built.
+CPU = pytest.param("cpu", marks=pytest.mark.skipif(cpu_extension() is None,
+                                                   reason="a2r_kernels._cpu not built"))
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, vocab_size=160, max_position_embeddings=512,
@@ -56,7 +61,8 @@ def _run(dec, batch: int, steps: int, padded: bool, finish_every: int = 2):
     return history, kv
 
 
-@pytest.mark.parametrize("backend,batch", [("torch", 3), ("torch", 7), ("torch", 36), ("triton", 3)])
+@pytest.mark.parametrize("backend,batch", [("torch", 3), ("torch", 7), ("torch", 36), ("triton", 3),
+                                           pytest.param("cpu", 7, marks=CPU.marks)])
 def test_padded_step_equals_unpadded_step(qwen3, backend, batch):
     steps = 2 * batch   # shrinks to one branch: 7 live (bucket 8) -> 4, 2, 1; 36 (bucket 48) -> 32, 16, ...
     blocks = 64 * (1 + batch // 8)
@@ -129,7 +135,7 @@ def test_cuda_graph_replay_equals_eager(backend):
     assert sorted(runs[True][2].runner.graphs) == [1, 2, 4, 8, 16]   # 12 live -> 1
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", CPU])
 def test_step_after_a_cancelled_step_and_an_extend(qwen3, backend):
     """Issue 20 item 1: plan_step, cancel_step, extend by one token in the other order (so the
     two branches swap the blocks the cancelled step had reserved), then plan_step / run_step.

@@ -182,8 +182,8 @@ def tree_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     if kwargs.get("sliding_window") is not None:
-        raise ValueError("a2r_tree attention does not support sliding-window layers "
-                         f"(layer {module.layer_idx} has sliding_window={kwargs['sliding_window']})")
+        raise ValueError("a2r_tree attention does not support sliding-window layers (layer "
+                         f"{module.layer_idx} has sliding_window={kwargs['sliding_window']})")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     layer = module.layer_idx

@@ -116,7 +116,8 @@ def _check_step_tokens(token_ids, num_seqs: int) -> None:
     """A decode step's ``token_ids``: int ``[num_seqs]`` or ``[num_seqs, 1]``, else ValueError."""
     if not isinstance(token_ids, torch.Tensor) or token_ids.numel() != num_seqs or (
             token_ids.dim() not in (1, 2)):
-        got = tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__
+        got = (tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor)
+               else type(token_ids).__name__)
         raise ValueError(f"token_ids must be [B={num_seqs}] or [B, 1], got {got}")
     if token_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"token_ids must be int64, got {token_ids.dtype}")
@@ -254,7 +255,8 @@ class TreeDecoder:
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() not in (1, 2) or (
                 input_ids.dim() == 2 and input_ids.shape[0] != 1) or input_ids.shape[-1] == 0:
-            got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            got = (tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor)
+                   else type(input_ids).__name__)
             raise ValueError(f"input_ids must be [P] or [1, P] with P >= 1, got {got}")
         input_ids = input_ids.reshape(1, -1)
         if seq is not None:
@@ -288,7 +290,8 @@ class TreeDecoder:
 
     def _check_extend(self, seqs: list[int], token_ids) -> None:
         if token_ids.dim() != 2 or token_ids.shape[0] != len(seqs) or token_ids.shape[1] == 0:
-            raise ValueError(f"token_ids must be [B={len(seqs)}, T>=1], got {tuple(token_ids.shape)}")
+            raise ValueError(f"token_ids must be [B={len(seqs)}, T>=1], got "
+                             f"{tuple(token_ids.shape)}")
         if token_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"token_ids must be int64, got {token_ids.dtype}")
         self._check_not_planned(seqs)
