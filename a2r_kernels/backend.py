@@ -41,6 +41,16 @@ AUTO_CPU_PREFERENCE: dict[str, tuple[str, ...]] = {
 AUTO_PREFERENCE = {"cuda": AUTO_CUDA_PREFERENCE, "cpu": AUTO_CPU_PREFERENCE}
 
 
+def as_device(device, name: str = "device") -> torch.device:
+    """``torch.device(device)``, with ``ValueError`` naming ``name`` for what torch cannot parse
+    (``"bogus"``, ``None``, ``3.5``) where torch raises ``RuntimeError`` / ``TypeError``."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must be a torch device such as 'cpu', 'cuda' or 'cuda:0', "
+                         f"got {device!r}") from None
+
+
 def triton_interpret() -> bool:
     """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

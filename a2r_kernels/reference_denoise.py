@@ -31,6 +31,13 @@ the row's running max, which propagates NaN, classifies it):
   (``"entropy"``), ``u`` (``"random"``).
 - ``-inf`` logits (banned tokens) are ordinary: ``p = 0`` and ``0 log 0 = 0``.
 
+Finite logits of any size (``torch.finfo(dtype).min``, as transformers'
+``InfNanRemoveLogitsProcessor`` writes, up to ``finfo.max``) are ordinary too: ``p`` and the
+confidences are computed from ``x - max``, never from ``x`` alone, so nothing overflows. The
+Gumbel key ``x * (1 / temperature)`` is an fp32 product: at ``temperature < 1`` logits beyond
+``finfo(float32).max * temperature`` give keys of ``+-inf``, which tie (lowest index, as above;
+a row whose every key is ``-inf`` samples index 0).
+
 Random numbers (counter-based, reproducible from ``seed`` alone on any backend)
 ------------------------------------------------------------------------------
 Philox-4x32-10 (Salmon et al. 2011, the generator of ``tl.philox`` / curand), key

@@ -37,9 +37,16 @@ On the CPU platform vLLM ignores the backend choice and always returns ``CPU_ATT
 backend, which resolves the native class from the enum's default path. On CUDA it registers
 ``CUSTOM`` always and, with ``A2R_VLLM=1``, the ``FLASH_ATTN`` slot.
 
-CUDA graphs: the decode plan is rebuilt on the host every step with a shape that depends on the
-batch's sharing, so the builder declares ``AttentionCGSupport.NEVER``. vLLM then keeps attention
-outside its (piecewise) graphs, which is what it does for any backend that says so.
+Planning: :class:`~a2r_kernels.incremental_plan.DecodeStepPlanner` keeps the tree between
+steps and reads vLLM's host copy of the block table (:func:`_host_twin`, no device read): a step
+that only grows the requests costs O(requests) host work; a change of the batch's sharing
+(requests joining, finishing, preempted, reordered) replans in O(table entries).
+
+CUDA graphs: ``AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE``. On CUDA each step is planned
+into the fixed buffers of a :class:`~a2r_kernels.TreeAttentionWrapper` (sized from
+``max_num_seqs`` / the largest captured batch and the pool's block count) and ``forward`` runs
+``wrapper.run``, whose launches depend only on those capacities, so a captured decode step
+replays after any later plan. On the CPU (no graphs) the public op runs the step's layout.
 
 Stats: :data:`stats` counts tree-attention calls, decode tokens, and the KV bytes every decode
 step reads with sharing (each shared block once per layer) and without (what paged decode would
@@ -50,6 +57,7 @@ report them through vLLM's logger (``vllm.a2r_tree``).
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import time
 from dataclasses import dataclass, fields
@@ -68,7 +76,9 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_b
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from .attention import tree_decode_attention
-from .layout import TreeLayout, kv_bytes
+from .incremental_plan import DecodeStepPlanner
+from .layout import TreeLayout
+from .wrapper import TreeAttentionWrapper
 
 __all__ = [
     "BACKEND_NAME",
@@ -221,6 +231,7 @@ class TreeAttentionStats:
     prefill_tokens: int = 0         # tokens handed to the native backend
     kv_bytes_shared: int = 0
     kv_bytes_unshared: int = 0
+    plan_ns: int = 0                # host time of the decode plans (DecodeStepPlanner.plan)
 
     def reset(self) -> None:
         for f in fields(self):
@@ -271,7 +282,8 @@ class A2RTreeMetadata:
 
     Tokens ``[0, num_decode_tokens)`` belong to the ``num_decodes`` decode requests (one each),
     planned by ``decode_layout``; tokens ``[num_decode_tokens, num_actual_tokens)`` to the
-    prefill requests, described by ``prefill`` (the native backend's metadata, or None).
+    prefill requests, described by ``prefill`` (the native backend's metadata, or None). On
+    CUDA the decode step runs through ``wrapper`` (fixed buffers, graph-safe), already planned.
     """
 
     num_actual_tokens: int
@@ -279,6 +291,7 @@ class A2RTreeMetadata:
     num_decode_tokens: int
     decode_layout: TreeLayout | None
     prefill: Any | None
+    wrapper: TreeAttentionWrapper | None = None   # CUDA: the step planned into its buffers
 
 
 # Per-request and per-token fields of CommonAttentionMetadata that a request slice must cut
@@ -315,10 +328,40 @@ def _requests_from(common: CommonAttentionMetadata, first_request: int,
     return common.replace(**changes)
 
 
+def _host_twin(table: torch.Tensor) -> torch.Tensor:
+    """The host copy vLLM keeps of its block table ``table`` (a row prefix of a
+    ``CpuGpuBuffer``'s ``.gpu``), read without a device-to-host copy: on the CPU platform the
+    table itself (vLLM points ``.gpu`` at ``.cpu``); on CUDA the buffer's pinned ``.cpu``,
+    found once per buffer (:data:`_HOST_TWINS`)."""
+    if table.device.type == "cpu":
+        return table
+    key = (table.data_ptr(), table.device.index)
+    twin = _HOST_TWINS.get(key)
+    if twin is None:
+        from vllm.v1.utils import CpuGpuBuffer
+
+        # Once per buffer (the block tables live as long as the model runner): the buffer
+        # whose device tensor starts where the batch's table does.
+        for obj in gc.get_objects():
+            if isinstance(obj, CpuGpuBuffer) and obj.gpu.data_ptr() == table.data_ptr() \
+                    and obj.gpu.device == table.device and obj.cpu.shape == obj.gpu.shape:
+                twin = _HOST_TWINS[key] = obj.cpu
+                break
+        else:
+            raise RuntimeError(f"{BACKEND_NAME}: no host copy of vLLM's block table found; "
+                               f"the plan would need a device-to-host read every step")
+    return twin[:table.shape[0]]
+
+
+_HOST_TWINS: dict[tuple[int, int | None], torch.Tensor] = {}
+
+
 class _TreeBuilderMixin:
     """Put in front of the native metadata builder (see :func:`_builder_cls`)."""
 
-    _cudagraph_support = AttentionCGSupport.NEVER
+    # Graph-safe for batches of single-token decodes: on CUDA every decode step runs through
+    # the fixed buffers of a TreeAttentionWrapper (launch grids from its capacities).
+    _cudagraph_support = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
     supports_update_block_table = False
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
@@ -327,8 +370,18 @@ class _TreeBuilderMixin:
         self._init_reorder_batch_threshold(1)
         self._tree_block_size = kv_cache_spec.block_size
         self._tree_num_layers = len(layer_names)
-        self._tree_kv_shape = (kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
-                               kv_cache_spec.dtype)
+        dtype = kv_cache_spec.dtype
+        self._tree_token_bytes = (2 * kv_cache_spec.num_kv_heads * kv_cache_spec.head_size
+                                  * torch.empty((), dtype=dtype).element_size())
+        wrapper_shape = None
+        if torch.device(device).type == "cuda":
+            model = vllm_config.model_config
+            max_seqs = max(vllm_config.scheduler_config.max_num_seqs,
+                           vllm_config.compilation_config.max_cudagraph_capture_size or 0)
+            wrapper_shape = (model.get_num_attention_heads(vllm_config.parallel_config),
+                             kv_cache_spec.num_kv_heads, kv_cache_spec.head_size,
+                             model.dtype, max_seqs, vllm_config.cache_config.num_gpu_blocks)
+        self._tree_planner = DecodeStepPlanner(self._tree_block_size, device, wrapper_shape)
         logger.info_once(
             "Using %s attention backend (a2r_kernels.vllm): decode tokens through a2r_kernels "
             "tree attention with sharing from the block tables, prefill through %s",
@@ -336,7 +389,7 @@ class _TreeBuilderMixin:
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
-        return AttentionCGSupport.NEVER
+        return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> A2RTreeMetadata:
@@ -354,16 +407,23 @@ class _TreeBuilderMixin:
             stats.prefill_tokens += num_prefill_tokens
         layout = None
         if num_decodes:
-            layout = TreeLayout.from_block_tables(common.block_table_tensor[:num_decodes],
-                                                  common.seq_lens[:num_decodes],
-                                                  self._tree_block_size, self.device)
-            step = kv_bytes(layout, *self._tree_kv_shape)
-            _record_decode_step(num_decodes, step["shared"] * self._tree_num_layers,
-                                step["unshared"] * self._tree_num_layers)
+            # Exact outside speculative decoding, which this backend does not run (one token
+            # per decode request, checked above).
+            seq_lens = common.seq_lens_cpu_upper_bound
+            if seq_lens is None:
+                seq_lens = _host_twin(common.seq_lens)
+            table = common.block_table_tensor[:num_decodes]
+            start = time.perf_counter_ns()
+            layout = self._tree_planner.plan(_host_twin(table), table, seq_lens[:num_decodes])
+            stats.plan_ns += time.perf_counter_ns() - start
+            shared, unshared = self._tree_planner.planner.kv_tokens()
+            scale = self._tree_token_bytes * self._tree_num_layers
+            _record_decode_step(num_decodes, shared * scale, unshared * scale)
             stats.mixed_steps += num_prefills > 0
         return A2RTreeMetadata(num_actual_tokens=common.num_actual_tokens,
                                num_decodes=num_decodes, num_decode_tokens=num_decode_tokens,
-                               decode_layout=layout, prefill=prefill)
+                               decode_layout=layout, prefill=prefill,
+                               wrapper=self._tree_planner.wrapper if layout is not None else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,8 +470,12 @@ class _TreeImplMixin:
         decode_tokens = meta.num_decode_tokens
         if meta.decode_layout is not None:
             keys, values = self._kv_views(layer, kv_cache)
-            tree_decode_attention(query[:decode_tokens], keys, values, meta.decode_layout,
-                                  sm_scale=self.scale, out=output[:decode_tokens])
+            if meta.wrapper is not None:   # CUDA: the planned fixed buffers (graph-safe)
+                meta.wrapper.run(query[:decode_tokens], keys, values, sm_scale=self.scale,
+                                 out=output[:decode_tokens])
+            else:
+                tree_decode_attention(query[:decode_tokens], keys, values, meta.decode_layout,
+                                      sm_scale=self.scale, out=output[:decode_tokens])
             stats.tree_attention_calls += 1
         if meta.prefill is not None:
             end = meta.num_actual_tokens

@@ -1,7 +1,7 @@
 """Shared vocabulary of the package, each name defined once: the integer rules every op checks
 its arguments by, the backend names, the remasking modes and their kernel codes, the kernels'
-limits, the sampling kernels' constants, the default KV block size, end-of-sequence ids and the
-text config and attention geometry of a model config.
+limits, the sampling kernels' constants, the default KV block size, end-of-sequence ids, the
+range check of token ids and the text config and attention geometry of a model config.
 
 Torch-free on purpose (imported by host-side bookkeeping and by the CLI alike). The values that
 the compiled extension also knows (``MAX_HEAD_DIM``, ``WORK_INFO_COLUMNS``, ``REMASKING_CODES``)
@@ -128,6 +128,38 @@ def eos_ids(value, name: str = "eos_token_id") -> list[int]:
     if ids and min(ids) < 0:
         raise ValueError(f"{name} must hold ids >= 0, got {value!r}")
     return list(dict.fromkeys(ids))
+
+
+def check_token_ids(token_ids, vocab_size: int, name: str = "token_ids", *,
+                    sync: bool = True) -> None:
+    """``ValueError`` naming ``name`` unless every id of ``token_ids`` is in ``[0, vocab_size)``
+    (the rows of the model's input embedding: an id outside them is an ``IndexError`` deep in the
+    forward on the CPU, a device-side assert on CUDA).
+
+    ``token_ids``: a (nested) sequence of ints, or an integer tensor / array of any shape
+    (compared elementwise, so torch and numpy both work without this module importing either).
+    Cost: one pass over the ids. Host values (lists, CPU tensors, numpy arrays) are read in
+    place; a tensor on an accelerator needs its verdict read back, one host sync, so with
+    ``sync=False`` it is not checked: the decode loop (``TreeDecoder.run_step``) plans step
+    t + 1 while step t runs and must not wait, and its tokens come from sampling the model's own
+    logits. Prompts are checked once, where they are read to the host anyway.
+    """
+    if hasattr(token_ids, "ndim") and hasattr(token_ids, "any"):   # tensor / array
+        device = getattr(token_ids, "device", "cpu")
+        if getattr(device, "type", device) != "cpu" and not sync:
+            return
+        if not bool(((token_ids < 0) | (token_ids >= vocab_size)).any()):
+            return
+        low, high = int(token_ids.min()), int(token_ids.max())
+    else:
+        flat = list(token_ids)
+        while flat and not isinstance(flat[0], numbers.Integral):   # nested rows
+            flat = [value for row in flat for value in row]
+        if not flat or (min(flat) >= 0 and max(flat) < vocab_size):
+            return
+        low, high = min(flat), max(flat)
+    raise ValueError(f"{name} must be token ids in [0, {vocab_size}) (the model's vocabulary), "
+                     f"got ids from {low} to {high}")
 
 
 def attention_geometry(config) -> tuple[int, int, int]:

@@ -43,22 +43,48 @@ _REGIONS = tuple(name for name in PLAN_FIELDS if name != "page_table") + ("page_
 _STAGING_RING = 2   # pinned staging buffers on CUDA (plan t reuses the buffer of plan t - 2)
 
 
-def default_capacities(max_seqs: int, max_nodes: int, max_blocks: int,
-                       block_size: int) -> tuple[int, int]:
-    """``(max_work, max_partials)`` that hold any plan of the default (adaptive) chunking whose
-    nodes have at most ``max_blocks`` blocks together, with up to two non-empty nodes per path
-    on average (a prompt tree, an explorer tree of any fan-out one level deep).
+def default_capacities(max_seqs: int, max_nodes: int, max_blocks: int, block_size: int, *,
+                       path_nodes: int | None = None) -> tuple[int, int]:
+    """``(max_work, max_partials)`` that hold every plan of the default (adaptive) chunking of a
+    tree within the capacities: at most ``max_seqs`` sequences, ``max_nodes`` nodes,
+    ``max_blocks`` blocks of ``block_size`` tokens, and ``path_nodes`` (sequence, node) pairs,
+    i.e. the paths' lengths summed (default ``2 * max_seqs``: two non-empty nodes per path on
+    average, as a prompt tree or an explorer tree of any fan-out one level deep).
 
-    Adaptive chunks of a node read by ``r`` sequences hold at least ``max(DEFAULT_KV_CHUNK,
-    KV_CHUNK_TOKENS_PER_SEQ * r)`` tokens, in groups of ``MAX_SEQS_PER_ITEM`` sequences, so a
-    node of ``n`` tokens makes at most ``2 * n / DEFAULT_KV_CHUNK + 1`` work items (one more per
-    group of a run) and ``n / KV_CHUNK_TOKENS_PER_SEQ + r`` partial rows.
+    Derivation, for a node of ``n`` tokens read by ``r`` sequences, with ``C = DEFAULT_KV_CHUNK``
+    (256), ``K = KV_CHUNK_TOKENS_PER_SEQ`` (16), ``G = MAX_SEQS_PER_ITEM`` (16): it is split into
+    ``c <= max(1, n // max(C, K * r))`` chunks, each covered by ``ceil(r / G)`` work items and
+    giving one partial row per reader. So its partial rows ``c * r <= max(r, n / K) <= r + n / K``
+    and its work items ``<= ceil(r / G)`` (one chunk) or ``<= 2 n / C`` (two or more, since
+    ``C = G * K``). Summed over the nodes, with ``T = max_blocks * block_size`` tokens and
+    ``P = path_nodes``: partials ``<= P + ceil(T / K)`` and work ``<= max_nodes + ceil(P / G) +
+    ceil(2 T / C)``; the defaults add ``max_nodes`` of slack to each.
+
+    A tree here: the sequences reading a node share their path up to it (always so for
+    ``TreeKVCache.layout`` and the explorer). Paths that are not a tree, or a fixed
+    ``kv_chunk_size``, can need more: size the wrapper from ``layout.num_work`` /
+    ``layout.num_partials``. Bounding only by ``max_seqs`` and ``max_nodes`` would mean
+    ``P = max_seqs * max_nodes`` (every sequence reading a chain of every node), a workspace of
+    ``max_seqs * max_nodes * Hq * (D + 1) * 4`` bytes: hence ``path_nodes``.
     """
     tokens = max_blocks * block_size
+    path_nodes = 2 * max_seqs if path_nodes is None else positive_int(path_nodes, "path_nodes")
     max_work = (2 * max_nodes + 2 * -(-tokens // DEFAULT_KV_CHUNK)
-                + -(-2 * max_seqs // MAX_SEQS_PER_ITEM))
-    max_partials = -(-tokens // KV_CHUNK_TOKENS_PER_SEQ) + 2 * max_seqs + max_nodes
+                + -(-path_nodes // MAX_SEQS_PER_ITEM))
+    max_partials = -(-tokens // KV_CHUNK_TOKENS_PER_SEQ) + path_nodes + max_nodes
     return max_work, max_partials
+
+
+def _sizing_hint(capacity: str, layout: TreeLayout) -> str:
+    """How to size ``max_work`` / ``max_partials`` (constructor arguments) for ``layout``."""
+    if capacity not in ("max_work", "max_partials"):
+        return ""
+    path_nodes = sum(map(len, layout.paths))
+    return (f" (a TreeAttentionWrapper argument; its default holds tree layouts whose paths have "
+            f"at most 2 * max_seqs nodes together, this one's have {path_nodes}: pass "
+            f"{capacity}=ak.wrapper.default_capacities(..., path_nodes={path_nodes})"
+            f"[{int(capacity == 'max_partials')}] or >= layout.num_"
+            f"{capacity.removeprefix('max_')})")
 
 
 class TreeAttentionWrapper:
@@ -83,8 +109,12 @@ class TreeAttentionWrapper:
             :class:`~a2r_kernels.torch_decode.TorchDecodePlan` (one masked SDPA per call over the
             step's tree, planned by :meth:`plan` and advanced from one decode step to the next;
             it allocates and cannot be captured).
-        max_work, max_partials: work items and partial rows a plan may have (default
-            :func:`default_capacities`).
+        max_work, max_partials: work items and partial rows a plan may have. The defaults
+            (:func:`default_capacities`) hold every tree layout of the default chunking within
+            ``max_seqs``, ``max_nodes`` and ``max_blocks`` whose paths have at most
+            ``2 * max_seqs`` nodes together; for deeper trees pass
+            ``default_capacities(..., path_nodes=P)`` (P: the paths' lengths summed), for any
+            other layout at least its ``num_work`` / ``num_partials``.
         workspace: optional fp32 tensor on ``device`` of at least :meth:`workspace_numel`
             elements, carved into the partial states and the LSE buffer.
 
@@ -212,7 +242,7 @@ class TreeAttentionWrapper:
                                      ("max_partials", layout.num_partials, self.max_partials)):
             if used > capacity:
                 raise ValueError(f"layout needs {used} but the wrapper was built with "
-                                 f"{what}={capacity}")
+                                 f"{what}={capacity}{_sizing_hint(what, layout)}")
         if self._torch_plan is not None:   # a2r_kernels/torch_decode.py: no kernel plan to stage
             self._torch_plan.plan(layout)
             self._layout = layout

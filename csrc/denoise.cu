@@ -21,9 +21,11 @@
 //    +inf index: confidence 1 (p(x0), margin) or 0 (entropy). Thread t streams 16-byte groups (8 fp16 / bf16
 //    or 4 fp32 logits) t, t + 256, ... and folds each whole group into its statistics: one
 //    rescale per group and one exp2 per logit, with only the statistics its remasking mode needs
-//    (a template parameter). That keeps the loop at 7.5 SASS instructions per bf16 logit for
-//    p(x0) on sm_90 (benchmarks/sass_report.py; static count): memory-bound at 126k-entry
-//    vocabularies, where a per-logit online softmax (two exps and a branch per logit) is not.
+//    (a template parameter). That keeps the loop at 8.7 SASS instructions per bf16 logit for
+//    p(x0) on sm_90 (benchmarks/sass_report.py; static count; 7.5 before the overflow-safe
+//    (x - m) * log2e of fold_group, whose issue ceiling is still ~6.8 TB/s): memory-bound at
+//    126k-entry vocabularies, where a per-logit online softmax (two exps and a branch per
+//    logit) is not.
 //    With num_splits > 1 each CTA writes its split's state (argmax resolved) to split_stats and
 //    denoise_combine_kernel (one thread per position) merges the splits and writes x0 and
 //    confidence.
@@ -207,28 +209,37 @@ A2R_HD void fold_group(LaneStats& st, const float (&x)[kGroup], int col0, const 
       group_sum += w;
       group_xlogx = fmaf(w, z, group_xlogx);
     }
-    const float old_shift = st.max > kNegInf ? st.max - shift : 0.f;
+    // Clamped like z: finfo.min - a positive max overflows to -inf, and alpha (0) * -inf would
+    // be NaN where the reference adds 0 (also -1e30 while st.max is -inf: st.sum is 0 then).
+    const float old_shift = fmaxf(st.max - shift, kNegHuge);
     st.xlogx = fmaf(alpha, fmaf(old_shift, st.sum, st.xlogx), group_xlogx);
     st.sum = fmaf(alpha, st.sum, group_sum);
   } else {
-    const float neg_shift = -shift * kLog2e;
+    // (x - m) * log2(e), not the fused fmaf(x, log2e, -m * log2e): -m * log2e overflows to
+    // +-inf beyond |m| = 2.4e38 (logits near finfo.max, or rows at finfo.min as transformers'
+    // InfNanRemoveLogitsProcessor writes them) and the sum becomes inf or NaN. x - m <= 0 is
+    // safe: at worst -inf, whose exp2 is 0. One FADD more per logit, no extra pass.
     float group_sum = 0.f;
 #pragma unroll
-    for (int e = 0; e < kGroup; ++e) group_sum += fast_exp2(fmaf(x[e], kLog2e, neg_shift));
+    for (int e = 0; e < kGroup; ++e) group_sum += fast_exp2((x[e] - shift) * kLog2e);
     st.sum = fmaf(alpha, st.sum, group_sum);
   }
   st.max = new_max;
   if constexpr (kSample) {
 #pragma unroll
     for (int e = 0; e < kGroup; ++e) {
-      if (!(x[e] > kNegInf)) continue;  // -inf (and NaN) entries are never sampled
       const int v = col0 + e;
-      const Philox4 r = philox4x32_10(
-          Philox4{static_cast<uint32_t>(v), key.pos, kGumbelStream, 0u}, key.key0, key.key1);
-      // Unfused multiply and add, rounded as the reference's `x * (1 / T) + g` in torch.
-      const float noisy =
-          mul_add_unfused(x[e], key.inv_temperature, -logf(-logf(uniform_open01(r.x))));
-      if (noisy > st.gumbel) {  // strict: columns increase, so the lowest index keeps a tie
+      float noisy = kNegInf;  // -inf (and NaN) entries are never sampled
+      if (x[e] > kNegInf) {
+        const Philox4 r = philox4x32_10(
+            Philox4{static_cast<uint32_t>(v), key.pos, kGumbelStream, 0u}, key.key0, key.key1);
+        // Unfused multiply and add, rounded as the reference's `x * (1 / T) + g` in torch.
+        noisy = mul_add_unfused(x[e], key.inv_temperature, -logf(-logf(uniform_open01(r.x))));
+      }
+      // Strict: columns increase, so the lowest index keeps a tie. The thread's first column
+      // counts even at -inf: finite logits whose x / T overflows to -inf tie there, and the
+      // reference's argmax takes the lowest index (with its logit) among them.
+      if (noisy > st.gumbel || st.gumbel_idx == INT_MAX) {
         st.gumbel = noisy;
         st.gumbel_idx = v;
         st.gumbel_logit = x[e];
@@ -246,8 +257,8 @@ A2R_HD void merge_lane_stats(LaneStats& a, const LaneStats& b) {
   const float scale_a = fast_exp2((a.max - shift) * kLog2e);
   const float scale_b = fast_exp2((b.max - shift) * kLog2e);
   if constexpr (kExtra == Extra::kEntropy) {
-    const float shift_a = a.max > kNegInf ? a.max - shift : 0.f;
-    const float shift_b = b.max > kNegInf ? b.max - shift : 0.f;
+    const float shift_a = fmaxf(a.max - shift, kNegHuge);  // finite: see fold_group
+    const float shift_b = fmaxf(b.max - shift, kNegHuge);
     a.xlogx = scale_a * fmaf(shift_a, a.sum, a.xlogx) + scale_b * fmaf(shift_b, b.sum, b.xlogx);
   }
   a.sum = scale_a * a.sum + scale_b * b.sum;

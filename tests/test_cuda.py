@@ -25,6 +25,7 @@ from a2r_kernels import vocab as _vocab
 from a2r_kernels.backend import cuda_extension
 
 from _fake_dlpack import fake_cuda
+from _helpers import huge_finite_logits
 
 try:   # host builds of the kernels' code (csrc/testing_bindings.cpp), written next to the tests
     import _C_testing as TESTING
@@ -299,6 +300,35 @@ def test_denoise_non_finite_rows_host_build_matches_reference(remasking, tempera
             assert math.isnan(got_conf), (pos, got_conf)
         else:
             assert got_conf == pytest.approx(float(conf[0, pos]), rel=1e-5, abs=1e-6), pos
+
+
+@pytest.mark.skipif(TESTING is None, reason="tests/_C_testing not built")
+@pytest.mark.parametrize("remasking", ["low_confidence", "margin", "entropy", "random"])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("dtype,group_width,num_splits", [
+    (torch.float32, 4, 1), (torch.float32, 4, 3), (torch.bfloat16, 8, 1), (torch.bfloat16, 8, 3),
+    (torch.float16, 8, 3)])
+def test_denoise_huge_finite_rows_host_build_matches_reference(remasking, temperature, dtype,
+                                                                group_width, num_splits):
+    """The CUDA per-position code (host build) on finite logits at the ends of the dtype's range
+    (finfo.min rows, values up to finfo.max; V = 2100, so threads fold several groups and
+    merge): no NaN, the reference's x0 and confidence."""
+    rows, _ = huge_finite_logits(dtype, vocab=2100)
+    vocab = rows.shape[1]
+    mask_id = vocab                            # an extra -inf column, as in the tests above
+    logits = torch.cat([rows.float(), torch.full((rows.shape[0], 1), float("-inf"))], dim=-1)
+    logits = logits.unsqueeze(0)
+    tokens = torch.full((1, rows.shape[0]), mask_id, dtype=torch.int64)
+    seed = 13579
+    x0, conf, _ = reference_denoise.denoise_step(logits, tokens.clone(), mask_id,
+                                                 torch.tensor([1]), None, temperature, remasking,
+                                                 seed)
+    assert not bool(conf.isnan().any())
+    for pos in range(rows.shape[0]):
+        got_x0, got_conf = _host_predict(logits[0, pos], temperature, remasking, seed, pos,
+                                         group_width, num_splits, mask_id)
+        assert got_x0 == int(x0[0, pos]), (pos, got_x0, int(x0[0, pos]))
+        assert got_conf == pytest.approx(float(conf[0, pos]), rel=1e-5, abs=2e-5), pos
 
 
 @pytest.mark.skipif(EXT is None, reason="a2r_kernels._C not built")

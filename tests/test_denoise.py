@@ -25,6 +25,7 @@ from hypothesis import strategies as st  # noqa: E402
 import a2r_kernels as ak  # noqa: E402
 from a2r_kernels import reference_denoise  # noqa: E402
 from a2r_kernels.triton import denoise as triton_denoise  # noqa: E402
+from _helpers import huge_finite_logits  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KERNEL_BACKENDS = ["triton"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -489,6 +490,51 @@ def test_non_finite_logits(backend, remasking, temperature, selection):
             assert torch.equal(split_result.x0, expected[0])
             assert torch.equal(split_result.transferred, expected[2])
             assert torch.equal(updated, expected_tokens)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # intended fp32 overflow to -inf
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("remasking", REMASKING)
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_huge_finite_logits(backend, dtype, remasking, temperature):
+    """Finite logits at the ends of the dtype's range (finfo.min rows as InfNanRemoveLogitsProcessor
+    writes them, values up to finfo.max): no NaN, and every backend gives the reference's answer,
+    also over several chunks and V splits. Independently of the reference: a row at finfo.min
+    everywhere is uniform, and elsewhere a finfo.min entry is a banned (-inf) one. With T = 0.8
+    the keys x / T of the largest entries overflow to +-inf: ties, lowest index."""
+    _backend_or_skip(backend)
+    rows, uniform_row = huge_finite_logits(dtype)
+    vocab = rows.shape[1]
+    logits = rows.unsqueeze(0).to(DEVICE)                       # [1, 10, V], all masked
+    tokens = torch.full((1, rows.shape[0]), MASK_ID, device=DEVICE)
+    kwargs = dict(temperature=temperature, remasking=remasking, num_transfer=4)
+    result, after = _run(backend, logits, tokens, **kwargs)
+    assert not bool(result.confidence.isnan().any()), result.confidence
+    expected, expected_after = _run("torch", logits, tokens, **kwargs)
+    _assert_same(result, after, expected, expected_after, remasking)
+    if remasking != "random":
+        want = {"low_confidence": 1 / vocab, "margin": 0.0, "entropy": -math.log(vocab)}
+        assert float(result.confidence[0, uniform_row]) == pytest.approx(
+            want[remasking], rel=1e-5, abs=1e-6)
+    banned = torch.where(logits == torch.finfo(dtype).min, float("-inf"), logits)
+    banned[0, uniform_row] = logits[0, uniform_row]
+    as_banned, _ = _run(backend, banned, tokens, **kwargs)
+    _assert_same(result, after, as_banned, _run(backend, banned, tokens, **kwargs)[1], remasking)
+    if backend == "triton":   # lanes, chunks and splits that see only finfo.min
+        for config in ({"block_v": 16, "num_splits": 1, "num_warps": 4},
+                       {"block_v": 16, "num_splits": 3, "num_warps": 4}):
+            updated = tokens.clone()
+            out = (torch.empty_like(tokens), torch.empty(tokens.shape, device=DEVICE),
+                   torch.empty(tokens.shape, dtype=torch.bool, device=DEVICE))
+            triton_denoise.denoise_step(logits, updated, MASK_ID, torch.tensor([4], device=DEVICE),
+                                        None, temperature, remasking, 1234, *out, config=config)
+            expected_tokens = tokens.clone()
+            reference = reference_denoise.denoise_step(logits, expected_tokens, MASK_ID,
+                                                       torch.tensor([4]), None, temperature,
+                                                       remasking, 1234)
+            _assert_same(ak.DenoiseResult(*out), updated, ak.DenoiseResult(*reference),
+                         expected_tokens, remasking)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 import a2r_kernels as ak  # noqa: E402
 from a2r_kernels import reference_denoise, reference_entropy_bound  # noqa: E402
 from a2r_kernels.triton import entropy_bound as triton_eb  # noqa: E402
+from _helpers import huge_finite_logits  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Both sides compute the entropy in fp32 from the same (upcast) logits; they differ in summation
@@ -28,7 +29,7 @@ ENTROPY_RTOL = 1e-5
 
 def _triton_or_skip():
     try:
-        ak._backend.resolve_backend("entropy_bound_step", "triton", DEVICE)
+        ak.backend.resolve_backend("entropy_bound_step", "triton", DEVICE)
     except ak.BackendUnavailable as exc:
         pytest.skip(str(exc))
 
@@ -304,6 +305,46 @@ def test_non_finite_logits(backend):
     assert float(result.entropy[0, 2]) == 0.0
     assert bool((result.sample[~bad] % 4 != 0).all())          # never a -inf token
     _check_invariants(result, after, 40)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # intended fp32 overflow to -inf
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_huge_finite_logits(backend, dtype):
+    """Finite logits at the ends of the dtype's range (finfo.min rows as InfNanRemoveLogitsProcessor
+    writes them, values up to finfo.max): finite entropies equal to the reference's, also over
+    several chunks and V splits. Independently of the reference: a row at finfo.min everywhere
+    is uniform (entropy log V), and elsewhere a finfo.min entry is a banned (-inf) one."""
+    if backend == "triton":
+        _triton_or_skip()
+    rows, uniform_row = huge_finite_logits(dtype)
+    vocab = rows.shape[1]
+    logits = rows.unsqueeze(0).to(DEVICE)                           # [1, 10, V]
+    canvas = torch.zeros(1, rows.shape[0], dtype=torch.int64, device=DEVICE)
+    result, after = _run(backend, logits, canvas, 2.0)
+    assert bool(torch.isfinite(result.entropy).all()), result.entropy
+    assert bool(result.accepted.any())
+    expected, expected_after = _run("torch", logits, canvas, 2.0)
+    _assert_same(result, after, expected, expected_after)
+    assert float(result.entropy[0, uniform_row]) == pytest.approx(math.log(vocab), rel=1e-5)
+    banned = torch.where(logits == torch.finfo(dtype).min, float("-inf"), logits)
+    banned[0, uniform_row] = logits[0, uniform_row]
+    as_banned, as_banned_after = _run(backend, banned, canvas, 2.0)
+    _assert_same(result, after, as_banned, as_banned_after)
+    if backend == "triton":   # lanes, chunks and splits that see only finfo.min
+        for num_splits in (1, 3):
+            updated = canvas.clone()
+            out = [torch.empty_like(canvas), torch.empty_like(canvas),
+                   torch.empty(canvas.shape, device=DEVICE),
+                   torch.empty(canvas.shape, dtype=torch.bool, device=DEVICE)]
+            triton_eb.entropy_bound_step(logits, updated, 2.0, 1234, *out,
+                                         config={"block_v": 16, "num_splits": num_splits,
+                                                 "num_warps": 4})
+            expected_canvas = canvas.clone()
+            reference = reference_entropy_bound.entropy_bound_step(logits, expected_canvas, 2.0,
+                                                                   1234)
+            _assert_same(ak.EntropyBoundResult(*out), updated, ak.EntropyBoundResult(*reference),
+                         expected_canvas)
 
 
 # --------------------------------------------------------------------------------------------

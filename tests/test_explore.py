@@ -414,6 +414,20 @@ def test_multilevel_sampled_tree_structure(qwen3):
     assert res.peak_blocks_used == tree_blocks_needed(10, [2, 3], [4, 5], 4) == res.num_blocks
 
 
+def test_every_branch_stopping_before_the_last_level_returns_them_as_leaves(model):
+    """Greedy branches all stop at level 0 (EOS = the first greedy token): no level 1 runs."""
+    ids = _prompt(10, seed=5)
+    first = _generate(model, ids, 1)[0]
+    res = explore(model, ids, [2, 2], [3, 3], temperature=0, eos_token_id=first, block_size=4)
+    assert res.sequences == [[first]] * 2 and res.stopped == [True, True]
+    assert res.decode_steps == 0
+    # A stop at the second token of level 0: one decode step, still two leaves.
+    second = _generate(model, ids, 2)[1]
+    assert second != first   # else the stop would fire at the first token again
+    res = explore(model, ids, [2, 2], [3, 3], temperature=0, eos_token_id=second, block_size=4)
+    assert res.sequences == [[first, second]] * 2 and res.decode_steps == 1
+
+
 # ---------------------------------------------------------------------------- prefix reuse
 def test_prefill_reuses_cached_blocks_and_matches_a_fresh_prefill(model):
     """A prompt sharing 80 of 110 tokens with a live one forwards and stores only its other 30;
@@ -835,6 +849,42 @@ def test_bad_input_raises(qwen3):
     dec = akhf.TreeDecoder(qwen3, num_blocks=8, block_size=4, backend="torch")
     with pytest.raises(ValueError, match="token_ids"):
         dec.step([dec.new_sequence()], torch.zeros(2, dtype=torch.long))
+
+
+def test_token_ids_outside_the_vocabulary_raise_value_error(qwen3):
+    """An id outside [0, VOCAB) is a ValueError naming the argument (not torch's IndexError from
+    the embedding), raised before anything changes: no sequence, token or planned step left."""
+    dec = akhf.TreeDecoder(qwen3, num_blocks=16, block_size=4, backend="torch")
+    assert dec.vocab_size == VOCAB
+    for bad in (VOCAB, -1):
+        with pytest.raises(ValueError, match=rf"input_ids must be token ids in \[0, {VOCAB}\)"):
+            dec.prefill(torch.tensor([5, bad, 2]))
+    assert dec.cache.blocks_used() == 0
+    root, _ = dec.prefill(torch.tensor([5, 9, 2, 7, 1]))
+    seq = dec.fork(root, 1)[0]
+    with pytest.raises(ValueError, match="input_ids must be token ids"):
+        dec.prefill(torch.tensor([[3, VOCAB + 7]]), seq=seq)
+    with pytest.raises(ValueError, match="token_ids must be token ids"):
+        dec.extend([seq], torch.tensor([[3, VOCAB]]))
+    with pytest.raises(ValueError, match="token_ids must be token ids"):
+        dec.step([seq], torch.tensor([VOCAB]))
+    assert dec.length(seq) == 5 and dec.planned_step is None
+    dec.plan_step([seq])
+    with pytest.raises(ValueError, match="token_ids must be token ids"):
+        dec.run_step(torch.tensor([[-3]]))
+    assert dec.planned_step == [seq]          # the plan stays: run it with valid tokens
+    dec.run_step(torch.tensor([4]))
+    assert dec.length(seq) == 6
+    ids = _prompt(5)
+    with pytest.raises(ValueError, match="input_ids must be token ids"):
+        a2r.sample_parallel(qwen3, torch.cat([ids, torch.tensor([[VOCAB]])], dim=1), 2, 4)
+    with pytest.raises(ValueError, match="input_ids must be token ids"):
+        explore(dec, torch.tensor([[1, -2]]), [2], 3, parent=seq, keep_parent=True)
+    assert dec.length(seq) == 6               # the parent is untouched, still alive
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        ak.TreeLayout.from_paths([[0]], [[0]], [3], 4, device="bogus")
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        ak.TreeLayout.from_block_tables([[0]], [3], 4, device="bogus")
 
 
 def test_model_stays_usable_with_generate(qwen3):

@@ -84,19 +84,6 @@ def test_contract_is_in_the_repository():
     assert "docs/API.md" in README and (ROOT / "docs" / "API.md").is_file()
 
 
-# Where the project's shared contract lives next to a checkout: ../shared (main checkout) or
-# ../../shared (a worktree one level further down). A plain clone has neither: the test skips.
-SHARED_API = [path for path in (ROOT.parent / "shared" / "API.md",
-                                ROOT.parent.parent / "shared" / "API.md") if path.is_file()]
-
-
-@pytest.mark.skipif(not SHARED_API, reason="no ../shared/API.md next to this checkout")
-def test_docs_api_is_a_copy_of_the_shared_contract():
-    shared = SHARED_API[0]
-    assert (ROOT / "docs" / "API.md").read_text(encoding="utf-8") == \
-        shared.read_text(encoding="utf-8"), f"docs/API.md differs from {shared}: copy it over"
-
-
 def test_readme_states_the_bf16_caveat():
     greedy = README[README.index("`temperature=0` reproduces"):][:400]
     assert "bf16" in greedy and "fp32" in greedy

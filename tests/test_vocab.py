@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,6 +62,31 @@ def test_eos_ids_one_meaning(value, ids):
 def test_eos_ids_rejects_non_ids_naming_the_argument(value):
     with pytest.raises(ValueError, match="eos_token_id"):
         _vocab.eos_ids(value)
+
+
+@pytest.mark.parametrize("ids", [[0, 9], [[3], [9, 0]], [], [[]], torch.tensor([[0, 9]]),
+                                 torch.tensor([], dtype=torch.int64), np.array([9, 1])])
+def test_check_token_ids_accepts_ids_in_the_vocabulary(ids):
+    _vocab.check_token_ids(ids, 10)
+
+
+@pytest.mark.parametrize("ids,low,high", [
+    ([0, 10], 0, 10), ([[3], [-1, 2]], -1, 3), (torch.tensor([[4, 12], [-5, 0]]), -5, 12),
+    (np.array([10]), 10, 10), (torch.tensor([10], dtype=torch.int32).t(), 10, 10)])
+def test_check_token_ids_names_the_argument_and_the_range(ids, low, high):
+    with pytest.raises(ValueError, match=rf"^input_ids must be token ids in \[0, 10\) .*from "
+                                         rf"{low} to {high}$"):
+        _vocab.check_token_ids(ids, 10, "input_ids")
+
+
+def test_check_token_ids_without_sync_skips_only_device_tensors():
+    """sync=False (the decode loop's run_step): a device tensor is not read (a meta tensor has no
+    values to read: checking it would raise), host values are still checked."""
+    _vocab.check_token_ids(torch.tensor([99]).to("meta"), 10, sync=False)
+    with pytest.raises(RuntimeError, match="meta"):   # sync=True does read it
+        _vocab.check_token_ids(torch.tensor([99]).to("meta"), 10)
+    with pytest.raises(ValueError, match="token_ids"):
+        _vocab.check_token_ids(torch.tensor([99]), 10, sync=False)
 
 
 class _Config:

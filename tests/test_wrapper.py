@@ -536,3 +536,111 @@ def test_torch_plan_advances_and_refuses_a_moved_token():
     append([a, b])                    # the next step: one more token each
     third = _torch_step(plan, cache, [a, b], g)
     assert third[:len(second)] != second   # planned from scratch
+
+
+def test_deep_trees_fit_the_capacities_of_their_path_nodes():
+    """default_capacities(..., path_nodes=P) holds the default plan of any tree whose paths have
+    P nodes together (the derivation in its docstring): random trees up to 7 levels deep, chains
+    of short nodes read by every sequence (the worst case for partial rows), wide long nodes
+    (several work items per chunk)."""
+    from a2r_kernels.wrapper import default_capacities
+
+    def check(paths, tables, lengths, bs):
+        layout = ak.TreeLayout.from_paths(paths, tables, lengths, bs)
+        path_nodes = sum(map(len, paths))
+        max_work, max_partials = default_capacities(len(paths), len(lengths),
+                                                    layout.num_page_entries, bs,
+                                                    path_nodes=path_nodes)
+        assert layout.num_work <= max_work and layout.num_partials <= max_partials, \
+            (layout.num_work, max_work, layout.num_partials, max_partials)
+
+    for seed in range(150):
+        rng = random.Random(seed)
+        bs = rng.choice([1, 4, 16, 32])
+        paths, tables, lengths, _ = random_tree(rng, rng.randint(1, 48), rng.randint(1, 7), bs,
+                                                lengths=(0, 1, 17, 300, 600, 5000))
+        check(paths, tables, lengths, bs)
+    for seqs in (1, 15, 16, 17, 40, 100):
+        for depth in (1, 3, 8):
+            for length in (1, 16, 255, 513, 4097, 20000):
+                bs = 16
+                blocks = -(-length // bs)
+                tables = [list(range(blocks)) for _ in range(depth)] + [[0]] * seqs
+                paths = [list(range(depth)) + [depth + i] for i in range(seqs)]
+                check(paths, tables, [length] * depth + [1] * seqs, bs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deep_tree_of_the_issue_fits_when_sized_by_path_nodes(backend):
+    """16 paths of 7 nodes (a chain of 6 shared by all), 22 nodes of 1 token, block size 1: the
+    default capacities (2 path nodes per sequence) refuse it, naming max_partials and how to size
+    it; sized by its 112 path nodes it plans and runs like tree_decode_attention."""
+    from a2r_kernels.wrapper import default_capacities
+
+    _backend_or_skip(backend)
+    paths = [[0, 1, 2, 3, 4, 5, 6 + i] for i in range(16)]
+    layout = ak.TreeLayout.from_paths(paths, [[j] for j in range(22)], [1] * 22, 1, DEVICE)
+    hq, hkv, d = 4, 2, 16
+    geometry = dict(max_seqs=16, max_nodes=22, max_blocks=22, dtype=torch.float32,
+                    device=DEVICE, backend=backend)
+    default = ak.TreeAttentionWrapper(hq, hkv, d, 1, **geometry)
+    with pytest.raises(ValueError, match=r"max_partials=56 .*path_nodes=112"):
+        default.plan(layout)
+    max_work, max_partials = default_capacities(16, 22, 22, 1, path_nodes=112)
+    w = ak.TreeAttentionWrapper(hq, hkv, d, 1, max_work=max_work, max_partials=max_partials,
+                                **geometry)
+    w.plan(layout)
+    k_cache, v_cache = _pool(22, 1, hkv, d, torch.float32, seed=3)
+    q = torch.randn(16, hq, d, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    expected = ak.tree_decode_attention(q, k_cache, v_cache, layout, backend="torch")
+    torch.testing.assert_close(w.run(q, k_cache, v_cache), expected, atol=1e-5, rtol=1e-5)
+
+
+def _kernel_read_tokens(layout) -> int:
+    """Tokens the tree kernel reads, from its work items: each item's KV range, except an item
+    that continues the previous one over the same chunk for the next sequences of its run (the
+    groups of a run are adjacent items and read the chunk once)."""
+    tokens, previous = 0, None
+    for q_start, q_len, page_start, kv_start, kv_end, _ in layout.work_info.tolist():
+        continues = previous is not None and previous[2:5] == [page_start, kv_start, kv_end] \
+            and previous[0] + previous[1] == q_start
+        tokens += 0 if continues else kv_end - kv_start
+        previous = [q_start, q_len, page_start, kv_start, kv_end]
+    return tokens
+
+
+def test_kv_bytes_shared_is_what_the_kernel_reads():
+    """kv_bytes(...)["shared"] is the kernel's read traffic (docs/API.md section 5): block 7 at
+    two path positions belongs to two nodes and is read twice (64 tokens, where the distinct
+    tokens are 48); a node read by two runs of sequences (paths that are not a tree) is read
+    once per run; on random trees and block tables it equals the count from the work items."""
+    per_token = 2 * 3 * 8 * 2                                          # Hkv 3, D 8, fp16
+    issue = ak.TreeLayout.from_block_tables([[7, 1], [2, 7]], [32, 32], 16)
+    assert ak.kv_bytes(issue, 3, 8, torch.float16) == {"shared": 64 * per_token,
+                                                       "unshared": 64 * per_token}
+    assert _kernel_read_tokens(issue) == 64
+    # node 3 (600 tokens, 3 chunks) read by sequences 0 and 2, which sort apart: two runs
+    two_runs = ak.TreeLayout.from_paths([[0, 3], [1, 4], [0, 3, 5], [2, 3]],
+                                        [[0], [1], [2], list(range(40)), [41], [42]],
+                                        [16, 16, 16, 600, 5, 5], 16)
+    assert [p for p in sorted(two_runs.paths)] == [[0, 3], [0, 3, 5], [1, 4], [2, 3]]
+    shared = ak.kv_bytes(two_runs, 3, 8, torch.float16)["shared"]
+    assert shared == (16 * 3 + 600 * 2 + 5 * 2) * per_token == _kernel_read_tokens(two_runs) * per_token
+    for seed in range(60):
+        rng = random.Random(seed)
+        bs = rng.choice([1, 4, 16])
+        if seed % 2:
+            paths, tables, lengths, _ = random_tree(rng, rng.randint(1, 40), rng.randint(1, 4),
+                                                    bs, lengths=(0, 1, 17, 300, 700))
+            if seed % 4 == 1:   # not a tree: some sequences read a node under another prefix
+                shared_node = rng.randrange(len(lengths))
+                paths = [path if rng.random() < 0.6 or shared_node in path
+                         else path + [shared_node] for path in paths]
+            layout = ak.TreeLayout.from_paths(paths, tables, lengths, bs)
+        else:
+            num_seqs, width = rng.randint(1, 12), rng.randint(1, 6)
+            table = [[rng.randrange(8) for _ in range(width)] for _ in range(num_seqs)]
+            lens = [rng.randint(0, width * bs) for _ in range(num_seqs)]
+            layout = ak.TreeLayout.from_block_tables(table, lens, bs)
+        expected = _kernel_read_tokens(layout) * per_token
+        assert ak.kv_bytes(layout, 3, 8, torch.float16)["shared"] == expected, seed

@@ -24,7 +24,7 @@ import torch
 from ..backend import resolve_backend
 from ..cache import TreeKVCache
 from ..layout import TreeLayout, host_to_device
-from ..vocab import DEFAULT_BLOCK_SIZE, attention_geometry, text_config
+from ..vocab import DEFAULT_BLOCK_SIZE, attention_geometry, check_token_ids, text_config
 from ..wrapper import TreeAttentionWrapper, default_capacities
 from .attention import (ATTN_IMPLEMENTATION, CONTEXT_KWARG, ForwardContext, HFTreeCacheAdapter,
                         register)
@@ -197,6 +197,7 @@ class TreeDecoder:
         num_heads, num_kv_heads, head_dim = attention_geometry(config)
         param = next(model.parameters())
         self.model = model
+        self.vocab_size = model.get_input_embeddings().num_embeddings   # token ids: [0, V)
         self.device = param.device
         self.cache = TreeKVCache(config.num_hidden_layers, num_kv_heads, head_dim, num_blocks,
                                  block_size=block_size, dtype=dtype or param.dtype,
@@ -259,9 +260,10 @@ class TreeDecoder:
                    else type(input_ids).__name__)
             raise ValueError(f"input_ids must be [P] or [1, P] with P >= 1, got {got}")
         input_ids = input_ids.reshape(1, -1)
+        prompt = input_ids[0].tolist()   # the one host read of the prompt (a sync on CUDA)
+        check_token_ids(prompt, self.vocab_size, "input_ids")
         if seq is not None:
             return seq, self.extend([seq], input_ids)
-        prompt = input_ids[0].tolist()   # the one host read of the prompt (a sync on CUDA)
         # The last token is always forwarded: its logits are the result.
         seq = self.cache.new_sequence(prefix=prompt[:-1])
         reused = self.cache.length(seq)
@@ -286,6 +288,7 @@ class TreeDecoder:
         """
         seqs = list(seqs)
         self._check_extend(seqs, token_ids)
+        check_token_ids(token_ids, self.vocab_size, "token_ids")
         return self._extend(seqs, token_ids, token_ids)
 
     def _check_extend(self, seqs: list[int], token_ids) -> None:
@@ -328,6 +331,7 @@ class TreeDecoder:
         """Append one token per sequence (``token_ids`` ``[B]`` or ``[B, 1]``) as one decode batch.
         Returns fp32 logits ``[B, V]`` for each sequence's next token."""
         _check_step_tokens(token_ids, len(seqs))
+        check_token_ids(token_ids, self.vocab_size, "token_ids", sync=False)
         self.plan_step(seqs)
         return self._run_planned(token_ids)
 
@@ -399,6 +403,7 @@ class TreeDecoder:
         if self._planned is None:
             raise ValueError("no decode step is planned: call plan_step(seqs) first")
         _check_step_tokens(token_ids, len(self._planned[0]))
+        check_token_ids(token_ids, self.vocab_size, "token_ids", sync=False)
         return self._run_planned(token_ids)
 
     @torch.inference_mode()

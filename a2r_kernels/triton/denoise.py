@@ -90,9 +90,16 @@ def _denoise_partial_kernel(
     # A chunk of BLOCK_V logits is a [LANES, VEC] tile: lane r holds the VEC consecutive entries
     # [start + r * VEC, start + (r + 1) * VEC) (one 16-byte load per thread). The running
     # statistics are per lane and updated once per group of VEC entries, so the per-entry work
-    # is one convert, one max, one exp2 and one add: the chunk's rescale factor and the argmax
-    # bookkeeping are per group, not per entry (with per-entry online softmax, two exps per
-    # entry made the pass ALU/MUFU-bound rather than memory-bound at V ~ 1e5).
+    # is one convert, one max, one subtract, one multiply, one exp2 and one add: the chunk's
+    # rescale factor and the argmax bookkeeping are per group, not per entry (with per-entry
+    # online softmax, two exps per entry made the pass ALU/MUFU-bound rather than memory-bound
+    # at V ~ 1e5).
+    # Overflow: every finite input must give the reference's answer, also logits near
+    # +-finfo.max. So the max is subtracted before scaling by log2(e) ((x - m) * LOG2E, never
+    # the fused x * LOG2E - m * LOG2E, whose terms overflow to +-inf beyond 2.4e38 and give
+    # inf - inf = NaN), and every shift that multiplies a sum (m_old - m_new) is clamped to the
+    # finite -1e30 like the logits' shifts: m_old - m_new can overflow to -inf (finfo.min - a
+    # positive max), and 0 * -inf would be NaN where the reference adds 0.
     LANES: tl.constexpr = BLOCK_V // VEC
     pos = tl.program_id(0)
     split = tl.program_id(1)
@@ -115,7 +122,7 @@ def _denoise_partial_kernel(
     lane_group = tl.zeros([LANES], tl.int32)                   # first group holding lane_max
     lane_second = tl.full([LANES], neg_inf, tl.float32)
     lane_gumbel = tl.full([LANES], neg_inf, tl.float32)
-    lane_gumbel_arg = tl.zeros([LANES], tl.int32)
+    lane_gumbel_arg = tl.full([LANES], _INT32_MAX, tl.int32)   # none yet
     lane_gumbel_logit = tl.full([LANES], neg_inf, tl.float32)
 
     for start in range(v_begin, v_end, BLOCK_V):
@@ -142,10 +149,11 @@ def _denoise_partial_kernel(
             x_shifted = tl.maximum(x - safe_max[:, None], _NEG_HUGE)
             weight = tl.exp2(x_shifted * LOG2E)
             contrib = weight * x_shifted
-            max_shift = tl.where(lane_max > neg_inf, lane_max - safe_max, 0.0)
+            # -1e30 also where lane_max is -inf (then lane_sum is 0)
+            max_shift = tl.maximum(lane_max - safe_max, _NEG_HUGE)
             lane_xlogx = alpha * (lane_xlogx + max_shift * lane_sum) + tl.sum(contrib, axis=1)
         else:
-            weight = tl.exp2(x * LOG2E - (safe_max * LOG2E)[:, None])
+            weight = tl.exp2((x - safe_max[:, None]) * LOG2E)
         lane_sum = alpha * lane_sum + tl.sum(weight, axis=1)
         lane_max = new_max
         if SAMPLE:
@@ -155,14 +163,16 @@ def _denoise_partial_kernel(
             # lowest index of the group's best (ties have probability ~0, kept exact anyway)
             best_at = tl.min(tl.where(noisy == group_best[:, None], within[None, :], VEC), axis=1)
             best_logit = tl.max(tl.where(within[None, :] == best_at[:, None], x, neg_inf), axis=1)
-            better = group_best > lane_gumbel
+            # A lane's first group counts even when all its keys are -inf: finite logits whose
+            # x / T overflows to -inf tie at -inf, and the reference's argmax takes the lowest
+            # index (with its logit) among them.
+            better = (group_best > lane_gumbel) | (lane_gumbel_arg == _INT32_MAX)
             lane_gumbel = tl.where(better, group_best, lane_gumbel)
             lane_gumbel_arg = tl.where(better, start + lanes * VEC + best_at, lane_gumbel_arg)
             lane_gumbel_logit = tl.where(better, best_logit, lane_gumbel_logit)
 
     row_max = tl.reduce(lane_max, 0, _max_nan)
     safe_row_max = tl.where(row_max > neg_inf, row_max, 0.0)
-    lane_live = lane_max > neg_inf
     scale = tl.exp(lane_max - safe_row_max)
     row_sum = tl.sum(lane_sum * scale, axis=0)
     # Argmax (lowest index of the max): groups are disjoint and ordered, so it lies in the lowest
@@ -181,7 +191,7 @@ def _denoise_partial_kernel(
     tl.store(stats + 0, row_max)
     tl.store(stats + 1, row_sum)
     if NEED_ENTROPY:
-        shift = tl.where(lane_live, lane_max - safe_row_max, 0.0)
+        shift = tl.maximum(lane_max - safe_row_max, _NEG_HUGE)   # finite: see the loop
         tl.store(stats + 2, tl.sum(scale * (lane_xlogx + shift * lane_sum), axis=0))
     if NEED_SECOND:
         # The second largest value: the winning lane's runner-up, or another lane's maximum.
@@ -225,7 +235,6 @@ def _denoise_combine_kernel(
     # Unmasked positions have no live split: shift by 0 and divide by 1 to keep their
     # (discarded) score free of NaN.
     row_max = tl.where(row_max > neg_inf, row_max, 0.0)
-    live = part_max > neg_inf
     scale = tl.exp(part_max - row_max[:, None])
     row_sum = tl.sum(part_sum * scale, axis=1)
     row_sum = tl.where(row_sum > 0, row_sum, 1.0)
@@ -253,7 +262,7 @@ def _denoise_combine_kernel(
         score = (1.0 - tl.exp(second - row_max)) / row_sum
     elif REMASKING == 2:    # entropy: sum p log p = a / s - log s
         part_xlogx = tl.load(stats_ptr + slot * 6 + 2, mask=valid, other=0.0)
-        shift = tl.where(live, part_max - row_max[:, None], 0.0)
+        shift = tl.maximum(part_max - row_max[:, None], _NEG_HUGE)   # finite: 0 * shift is 0
         xlogx = tl.sum(scale * (part_xlogx + shift * part_sum), axis=1)
         score = xlogx / row_sum - tl.log(row_sum)
     else:                   # random

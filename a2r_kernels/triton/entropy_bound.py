@@ -82,7 +82,9 @@ def _eb_partial_kernel(
         alpha = tl.exp2((lane_max - safe_max) * LOG2E)
         x_shifted = tl.maximum(x - safe_max[:, None], _NEG_HUGE)
         weight = tl.exp2(x_shifted * LOG2E)
-        max_shift = tl.where(lane_max > neg_inf, lane_max - safe_max, 0.0)
+        # Clamped like x_shifted: finfo.min - a positive max is -inf, and alpha (0) * -inf is
+        # NaN where the reference adds 0 (triton/denoise.py, "Overflow").
+        max_shift = tl.maximum(lane_max - safe_max, _NEG_HUGE)
         lane_xlogx = alpha * (lane_xlogx + max_shift * lane_sum) + tl.sum(weight * x_shifted,
                                                                           axis=1)
         lane_sum = alpha * lane_sum + tl.sum(weight, axis=1)
@@ -99,10 +101,9 @@ def _eb_partial_kernel(
 
     row_max = tl.max(lane_max, axis=0)
     safe_row_max = tl.where(row_max > neg_inf, row_max, 0.0)
-    lane_live = lane_max > neg_inf
     scale = tl.exp(lane_max - safe_row_max)
     row_sum = tl.sum(lane_sum * scale, axis=0)
-    shift = tl.where(lane_live, lane_max - safe_row_max, 0.0)
+    shift = tl.maximum(lane_max - safe_row_max, _NEG_HUGE)
     row_xlogx = tl.sum(scale * (lane_xlogx + shift * lane_sum), axis=0)
     found = row_max > neg_inf
     group = tl.min(tl.where(lane_max == row_max, lane_group, _INT32_MAX), axis=0)
@@ -156,7 +157,7 @@ def _eb_combine_kernel(
     scale = tl.where(live, tl.exp(part_max - safe_row_max[:, None]), 0.0)
     row_sum = tl.sum(part_sum * scale, axis=1)
     row_sum = tl.where(has_dist, row_sum, 1.0)
-    shift = tl.where(live, part_max - safe_row_max[:, None], 0.0)
+    shift = tl.maximum(part_max - safe_row_max[:, None], _NEG_HUGE)
     xlogx = tl.sum(scale * (part_xlogx + shift * part_sum), axis=1)
     entropy = tl.log(row_sum) - xlogx / row_sum
     gumbel_best = tl.max(part_gumbel, axis=1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -202,6 +203,36 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def cpu_threads_bind(world_size: int, cores: Sequence[int]) -> str:
+    """A ``VLLM_CPU_OMP_THREADS_BIND`` value: ``cores`` split into ``world_size`` groups of equal
+    size (the first cores, in order), one per vLLM rank, ``"|"``-separated (``"0|1"``, ``"0,1|2,3"``).
+    ValueError when there are fewer cores than ranks."""
+    cores = sorted(cores)
+    if world_size < 1 or len(cores) < world_size:
+        raise ValueError(f"vLLM on the CPU needs a core per rank: {world_size} ranks "
+                         f"(tensor x pipeline parallel size) but {len(cores)} cores are usable")
+    per_rank = len(cores) // world_size
+    return "|".join(",".join(map(str, cores[r * per_rank:(r + 1) * per_rank]))
+                    for r in range(world_size))
+
+
+def bind_vllm_cpu_threads(world_size: int) -> None:
+    """vLLM's CPU build binds each rank's OpenMP threads to cores, and on a machine with one NUMA
+    node it refuses more than one rank unless ``VLLM_CPU_OMP_THREADS_BIND`` lists each rank's
+    cores. When that variable is unset and a multi-rank engine runs on the CPU, set it
+    (:func:`cpu_threads_bind` over this process's cores) and say so in one stderr line."""
+    if world_size <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    value = cpu_threads_bind(world_size, os.sched_getaffinity(0))
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = value
+    print(f"a2r: VLLM_CPU_OMP_THREADS_BIND={value} (the cores of each of vLLM's {world_size} CPU "
+          f"ranks; set the variable to choose them yourself)", file=sys.stderr)
+
+
 class VLLMEngine(Engine):
     """One vLLM engine over a ``save_pretrained`` directory.
 
@@ -216,6 +247,8 @@ class VLLMEngine(Engine):
     * ``tensor_parallel_size``, ``pipeline_parallel_size`` and ``gpu_memory_utilization`` go to
       the engine as given; each engine takes ``gpu_memory_utilization`` of the device for
       itself, so an asymmetric set-up (two engines) needs two fractions that fit together.
+    * on vLLM's CPU build with several ranks, ``VLLM_CPU_OMP_THREADS_BIND`` is set for the user
+      when unset (:func:`bind_vllm_cpu_threads`).
 
     Args:
         path: the model directory (``config.json``, weights, tokenizer).
@@ -250,6 +283,7 @@ class VLLMEngine(Engine):
                    "pipeline_parallel_size": pipeline_parallel_size,
                    "gpu_memory_utilization": gpu_memory_utilization}
         options = {k: v for k, v in options.items() if v is not None}
+        bind_vllm_cpu_threads((tensor_parallel_size or 1) * (pipeline_parallel_size or 1))
         self.llm = LLM(str(self.path), dtype=str(dtype).replace("torch.", "") if dtype else "auto",
                        seed=seed if seed is not None else 0, **options, **engine_kwargs)
         vllm_config = self.llm.llm_engine.vllm_config

@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 
 from a2r_kernels.errors import CacheFullError
-from a2r_kernels.vocab import DEFAULT_BLOCK_SIZE, eos_ids
+from a2r_kernels.vocab import DEFAULT_BLOCK_SIZE, check_token_ids, eos_ids
 from a2r_kernels.hf import TreeDecoder
 from a2r_kernels.layout import host_to_device
 
@@ -354,7 +354,8 @@ class _Exploration:
             root, root_logits = decoder.prefill(input_ids)
             reused = decoder.reused_tokens - reused_before
             self.owned.add(root)
-        else:
+        else:   # (prefill checks the ids itself, on its host copy; extend would say token_ids)
+            check_token_ids(input_ids, decoder.vocab_size, "input_ids")
             root, reused = decoder.fork(parent, 1)[0], 0
             self.owned.add(root)
             root_logits = decoder.extend([root], input_ids)
@@ -407,6 +408,8 @@ class _Exploration:
     def level(self, width: int, budget: int, *, last_level: bool, reader_rows: int) -> None:
         """One level: fork, then up to ``budget`` steps of sampling, stop checks and decoding."""
         decoder = self.decoder
+        if not self.frontier:   # every branch stopped at an earlier level: they are the leaves
+            return
         if self.can_stop and self.reader is None:
             self.reader = _TokenReader(reader_rows, decoder.device)
         live, logits = self.fork(width)

