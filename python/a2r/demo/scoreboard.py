@@ -26,8 +26,8 @@ from ..launch import load_pipeline, random_models_note
 from ..report import emit_json, short
 from .task import HELDOUT_SEED, draw_problems
 
-__all__ = ["DEFAULT_QUESTIONS", "EXAMPLE_RULE", "RANDOM_MODELS_QUESTIONS", "TRAINED_NOTE", "cmd_demo", "example_index",
-           "heldout_items", "scoreboard"]
+__all__ = ["DEFAULT_QUESTIONS", "EXAMPLE_RULE", "RANDOM_MODELS_QUESTIONS", "TRAINED_NOTE",
+           "cmd_demo", "example_index", "heldout_items", "scoreboard"]
 
 # Questions the demo grades: enough that one question moves a figure by about 4 points, few
 # enough that the demo stays under a minute on a loaded 2-core CPU (about 1.7 s per question with
@@ -112,8 +112,9 @@ def _print_example(board: dict, out) -> None:
     print(f"Question: {record['question']}   (gold: {record['gold']})", file=out)
     paths = record["result"]["stages"]["explorer"]["texts"]
     for number, (path, text) in enumerate(zip(record["paths"], paths), start=1):
-        print(f"  path {number}: answer={path['answer']!s:<6} {'right' if path['correct'] else 'wrong'}"
-              f" | {short(text, 60)}", file=out)
+        verdict = "right" if path["correct"] else "wrong"
+        print(f"  path {number}: answer={path['answer']!s:<6} {verdict} | {short(text, 60)}",
+              file=out)
     for kind, trace in record["traces"].items():
         print(f"  {kind.upper()} thinker trace: {short(trace, 40)}", file=out)
     print(f"  synthesizer (A2R): {short(record['outputs']['synthesizer'], 70)}", file=out)
