@@ -77,6 +77,20 @@ def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def _thinker_forwarded_tokens(details, uncached: bool) -> int:
+    """Token positions a diffusion thinker's forward passes ran over (``details``: its
+    ``DiffusionResult``; ``tokens`` is ``[R, P + G]``). Without a cache every call forwards the
+    whole canvas, ``calls * R * (P + G)``; with one (Fast-dLLM prefix cache, DiffusionGemma's
+    encoder) the prompt is forwarded once per encoder pass and each call forwards the generated
+    part, ``R * P * max(1, encoder calls) + calls * R * G`` (an upper bound for block caches)."""
+    rows, length = details.tokens.shape
+    prompt = details.prompt_length
+    if uncached:
+        return details.num_forward_calls * rows * length
+    return (rows * prompt * max(1, details.encoder_forward_calls)
+            + details.num_forward_calls * rows * (length - prompt))
+
+
 class A2RPipeline:
     """Explorer -> (diffusion thinker) -> synthesizer over loaded transformers models.
 
@@ -260,17 +274,20 @@ class A2RPipeline:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        rows = thinkers.diffusion_generate(
+        details = thinkers.diffusion_generate(
             model, prompt.tensor(device), gen_length=cfg.thinker_gen_length,
             eos_token_id=tokenizer.eos_token_id, generator=generator,
-            num_traces=cfg.thinker_traces, **thinkers.schedule(model, cfg, tokenizer))
+            num_traces=cfg.thinker_traces, return_details=True,
+            **thinkers.schedule(model, cfg, tokenizer))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        trace_ids = [[int(t) for t in row] for row in rows]
+        trace_ids = [[int(t) for t in row] for row in details.sequences]
         stops = thinkers.stop_ids(tokenizer)
         traces = [decode(tokenizer, ids, stops).strip() for ids in trace_ids]
-        return StageReport("thinker", prompt.text, len(prompt.ids), traces, trace_ids, seconds)
+        uncached = cfg.thinker_cache == "none" and thinkers.kind(model) == "masked diffusion"
+        return StageReport("thinker", prompt.text, len(prompt.ids), traces, trace_ids, seconds,
+                           forwarded_tokens=_thinker_forwarded_tokens(details, uncached))
 
     # ---- single stages (``a2r eval`` re-runs them on one set of explorer samples) -------------
 
