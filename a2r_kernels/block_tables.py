@@ -16,7 +16,7 @@ block belongs to two nodes, a plan's nodes hold at most ``num_blocks`` blocks, s
 ``2 * num_blocks`` entries never has to grow (``TreeKVCache.block_table_capacity``).
 
 A node's block list is append-only while it is planned from here; code that removes or replaces
-blocks of a node (``TreeKVCache._unreserve``) calls :meth:`NodeBlockTables.invalidate`. A list
+blocks of a node (``TreeKVCache.unreserve``) calls :meth:`NodeBlockTables.invalidate`. A list
 that is replaced as a whole (a new list object) is detected and copied again.
 """
 

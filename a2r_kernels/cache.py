@@ -17,18 +17,9 @@ Bookkeeping is a tree of *nodes*, all host-side Python:
 - A node counts its users: the live sequence whose leaf it is, plus its live child nodes. When
   the count drops to zero its blocks go back to the free list and it releases its parent in turn.
 
-Automatic prefix reuse (vLLM's automatic prefix caching, nano-vllm's hash-chained blocks): when
-``reserve(..., token_ids=...)`` is told the tokens it appends, every *aligned* full block (its first
-token at a position that is a multiple of ``block_size``) is keyed by ``(content id of the previous
-block, its tokens)``: a chain that names the block's tokens and the whole prefix before them. Keys
-are exact (each registered block gets a fresh content id; no lossy hash), so a match is never a
-collision. ``new_sequence(prefix=ids)`` starts a root that already holds the longest run of whole
-cached blocks matching ``ids``, whether a live sequence holds them (the block's refcount grows) or
-a freed one left them behind. Freed keyed blocks stay in the pool, still matchable, until a
-``reserve`` needs a block and no never-keyed block is free: then the least recently freed keyed
-block is evicted (LRU). Free keyed blocks count in ``num_free_blocks``, so ``CacheFullError`` keeps
-its "changes nothing" promise. Decode tokens are not passed (that would be a host sync), so the
-blocks a branch generates are never keyed; ``fork`` is unchanged and zero cost.
+Automatic prefix reuse (vLLM's automatic prefix caching, nano-vllm's hash-chained blocks):
+:mod:`a2r_kernels.prefix_index` explains the keys. Decode tokens are not keyed (their ids would
+cost a host sync), so the blocks a branch generates are never reused; ``fork`` is zero cost.
 
 Per decode step the model runner calls ``reserve`` (slots of the new tokens), then per layer
 ``write`` (scatter the new K and V) and the attention kernel over ``layout(seqs)`` (the plan of the
@@ -61,12 +52,12 @@ from typing import Iterable
 import torch
 
 from .errors import CacheFullError
-from .vocab import as_int, non_negative_int, positive_int
+from .vocab import DEFAULT_BLOCK_SIZE, as_int, non_negative_int, positive_int
 from .block_tables import NodeBlockTables
+from .prefix_index import ROOT_ID, PrefixIndex, token_list, token_rows
 from .layout import TreeLayout, _kv_chunk, _seqs_per_item, host_to_device
 
 _POOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_ROOT_ID = 0   # the content id the first block of every root chains from
 
 
 class _Node:
@@ -85,10 +76,10 @@ class _Node:
         self.frozen = False           # True once forked: read-only from then on
         self.path: tuple[_Node, ...] = (self,) if parent is None else parent.path + (self,)
         # Prefix-reuse keys: ``chain[0]`` is the content id this node's first block chains from
-        # (``_ROOT_ID`` for a root), then one content id per full block of the node. None: the
+        # (``ROOT_ID`` for a root), then one content id per full block of the node. None: the
         # node's blocks are never keyed (it starts mid-block, or some of its tokens were
         # appended without their ids).
-        self.chain: list[int] | None = [_ROOT_ID]
+        self.chain: list[int] | None = [ROOT_ID]
         self.token_ids: list[int] = []   # the node's own tokens, kept while chain is not None
 
 
@@ -123,7 +114,8 @@ class TreeKVCache:
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int,
-                 block_size: int = 16, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+                 block_size: int = DEFAULT_BLOCK_SIZE, dtype: torch.dtype = torch.bfloat16,
+                 device="cpu"):
         self.num_layers = num_layers = positive_int(num_layers, "num_layers")
         self.num_kv_heads = num_kv_heads = positive_int(num_kv_heads, "num_kv_heads")
         self.head_dim = head_dim = positive_int(head_dim, "head_dim")
@@ -151,11 +143,7 @@ class TreeKVCache:
         self._evictable: OrderedDict[int, None] = OrderedDict()
         # Nodes holding each block: 1 for a node's own block, more when prefix reuse shares it.
         self._block_refcount: list[int] = [0] * num_blocks
-        # Prefix-reuse index: key (previous content id, token ids of the block) -> (block,
-        # content id); the key of each registered block (None: not registered).
-        self._cached: dict[tuple[int, tuple[int, ...]], tuple[int, int]] = {}
-        self._block_key: list[tuple[int, tuple[int, ...]] | None] = [None] * num_blocks
-        self._next_content_id = _ROOT_ID + 1
+        self._prefix = PrefixIndex(num_blocks, block_size)   # the keyed blocks
         self._seq_node: dict[int, _Node] = {}
         self._seq_parent: dict[int, int | None] = {}
         self._next_seq = 0
@@ -260,40 +248,15 @@ class TreeKVCache:
         """
         node = _Node(None)
         if prefix is not None:
-            self._reuse_prefix(node, self._token_list(prefix, "prefix"))
+            self._reuse_prefix(node, token_list(prefix, "prefix"))
         return self._add_sequence(node, parent_seq=None)
 
     def match_prefix(self, prefix) -> int:
         """Tokens of ``prefix`` that ``new_sequence(prefix)`` would reuse now (changes nothing)."""
-        return len(self._match(self._token_list(prefix, "prefix"))) * self.block_size
-
-    @staticmethod
-    def _token_list(token_ids, name: str) -> list[int]:
-        if isinstance(token_ids, torch.Tensor):
-            if token_ids.dtype not in (torch.int64, torch.int32) or token_ids.dim() > 2 or (
-                    token_ids.dim() == 2 and token_ids.shape[0] != 1):
-                raise ValueError(f"{name} must be int token ids [L] or [1, L], got "
-                                 f"{token_ids.dtype} {tuple(token_ids.shape)}")
-            return token_ids.reshape(-1).tolist()
-        if not isinstance(token_ids, (list, tuple)) or not all(
-                type(t) is int for t in token_ids):
-            raise ValueError(f"{name} must be a list of int token ids or an int tensor, got "
-                             f"{type(token_ids).__name__}")
-        return list(token_ids)
-
-    def _match(self, prefix: list[int]) -> list[tuple[int, int]]:
-        """(block, content id) of the cached whole blocks that start ``prefix``, in order."""
-        bs, found, prev = self.block_size, [], _ROOT_ID
-        for start in range(0, len(prefix) - bs + 1, bs):
-            hit = self._cached.get((prev, tuple(prefix[start:start + bs])))
-            if hit is None:
-                break
-            found.append(hit)
-            prev = hit[1]
-        return found
+        return len(self._prefix.match(token_list(prefix, "prefix"))) * self.block_size
 
     def _reuse_prefix(self, node: _Node, prefix: list[int]) -> None:
-        for block, content_id in self._match(prefix):
+        for block, content_id in self._prefix.match(prefix):
             if self._block_refcount[block] == 0:
                 del self._evictable[block]   # cached and free: live again
             self._block_refcount[block] += 1
@@ -351,7 +314,7 @@ class TreeKVCache:
         self._block_refcount[block] -= 1
         if self._block_refcount[block]:
             return
-        if self._block_key[block] is not None:
+        if self._prefix.is_keyed(block):
             self._evictable[block] = None     # most recently freed: evicted last
         else:
             heapq.heappush(self._free_blocks, block)
@@ -363,32 +326,9 @@ class TreeKVCache:
             block = heapq.heappop(self._free_blocks)
         else:
             block, _ = self._evictable.popitem(last=False)
-            self._unregister(block)
+            self._prefix.unregister(block)
         self._block_refcount[block] = 1
         return block
-
-    def _unregister(self, block: int) -> None:
-        key = self._block_key[block]
-        if key is not None:
-            del self._cached[key]
-            self._block_key[block] = None
-
-    def _key_new_blocks(self, node: _Node, token_ids: list[int]) -> None:
-        """Record ``token_ids`` (just appended to ``node``) and key the blocks they fill."""
-        bs = self.block_size
-        first_new_full = len(node.chain) - 1
-        node.token_ids += token_ids
-        for index in range(first_new_full, node.length // bs):
-            tokens = tuple(node.token_ids[index * bs:(index + 1) * bs])
-            key = (node.chain[-1], tokens)
-            hit = self._cached.get(key)
-            if hit is None:   # first block with these contents: it becomes the cached one
-                block = node.blocks[index]
-                hit = (block, self._next_content_id)
-                self._next_content_id += 1
-                self._cached[key] = hit
-                self._block_key[block] = key
-            node.chain.append(hit[1])   # a duplicate chains on from the cached copy's id
 
     # ------------------------------------------------------------------ slots and data
     def reserve(self, seqs, num_tokens: int = 1, *, token_ids=None) -> torch.Tensor:
@@ -418,7 +358,7 @@ class TreeKVCache:
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError(f"seqs has duplicate sequence ids: {seq_ids}")
         if token_ids is not None:
-            token_ids = self._token_rows(token_ids, len(seq_ids), num_tokens)
+            token_ids = token_rows(token_ids, len(seq_ids), num_tokens)
         bs = self.block_size
         nodes = []
         needed = 0
@@ -478,48 +418,38 @@ class TreeKVCache:
         if token_ids is not None:
             for node, row in zip(nodes, token_ids):
                 if node.chain is not None:
-                    self._key_new_blocks(node, row)
+                    self._prefix.key_new_blocks(node, row)
 
-    @staticmethod
-    def _token_rows(token_ids, num_seqs: int, num_tokens: int) -> list[list[int]]:
-        """``token_ids`` as ``num_seqs`` host lists of ``num_tokens`` ints, or ValueError."""
-        if isinstance(token_ids, torch.Tensor):
-            if token_ids.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"token_ids must be int64 or int32, got {token_ids.dtype}")
-            rows = token_ids.reshape(num_seqs, -1).tolist() if token_ids.numel() == (
-                num_seqs * num_tokens) else None
-        else:
-            rows = [list(r) for r in token_ids] if isinstance(token_ids, (list, tuple)) else None
-        if rows is None or len(rows) != num_seqs or any(
-                len(r) != num_tokens or not all(type(t) is int for t in r) for r in rows):
-            got = (f"{token_ids.dtype} {tuple(token_ids.shape)}"
-                   if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__)
-            raise ValueError(f"token_ids must be [len(seqs)={num_seqs}, num_tokens={num_tokens}] "
-                             f"ints, got {got}")
-        return rows
-
-    def _unreserve(self, seqs, num_tokens: int) -> None:
+    def unreserve(self, seqs, num_tokens: int) -> None:
         """Undo the last ``reserve(seqs, num_tokens)``: drop those tokens and return the blocks
-        they alone used. For a forward that failed after its reserve (nothing may have touched
-        ``seqs`` in between); the sequences are then as before the reserve."""
-        bs = self.block_size
-        for i, seq in enumerate(self._seq_list(seqs)):
+        they alone used (block accounting and prefix keys as if never reserved). For a forward
+        that failed or was cancelled after its reserve: nothing may have touched ``seqs`` in
+        between. ValueError (changing nothing) for a forked sequence or one shorter than
+        ``num_tokens``."""
+        num_tokens = non_negative_int(num_tokens, "num_tokens")
+        seq_ids = self._seq_list(seqs)
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"seqs has duplicate sequence ids: {seq_ids}")
+        for i, seq in enumerate(seq_ids):   # check all before changing any
             node = self._node(seq, i)
             if node.frozen or node.length < num_tokens:
                 raise ValueError(f"seqs[{i}]: sequence {seq} has no {num_tokens} reserved tokens "
                                  "to give back")
+        bs = self.block_size
+        for i, seq in enumerate(seq_ids):
+            node = self._node(seq, i)
             node.length -= num_tokens
             self._tables.invalidate(node)   # blocks are popped: its device table is rewritten
             while len(node.blocks) > -(-node.length // bs):
                 block = node.blocks.pop()
-                self._unregister(block)   # its KV was never (fully) written
+                self._prefix.unregister(block)   # its KV was never (fully) written
                 self._release_block(block)
             full = node.length // bs
             if node.chain is not None and len(node.chain) - 1 > full:
                 # The reserve completed (and keyed) the block that is partial again: unkey it.
                 # It was partial before, so it is this node's own block, held by nobody else.
                 if full < len(node.blocks):
-                    self._unregister(node.blocks[full])
+                    self._prefix.unregister(node.blocks[full])
                 del node.chain[full + 1:]
             if node.chain is not None:
                 del node.token_ids[node.length:]
@@ -567,11 +497,13 @@ class TreeKVCache:
             if lo < 0 or hi >= num_slots:
                 raise ValueError(f"slots must lie in [0, num_blocks * block_size = {num_slots}), "
                                  f"got values in [{lo}, {hi}]")
-        self._scatter(layer, slots, k, v)
+        self.scatter(layer, slots, k, v)
 
-    def _scatter(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """:meth:`write` without its checks, for slots that come straight from :meth:`reserve`
-        and K/V of the right shape, dtype and device (the model runner's per-layer call)."""
+    def scatter(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """:meth:`write` without its checks (two index copies, no host sync, no reduction): for a
+        model runner's per-layer call with ``slots`` straight from :meth:`reserve` and ``k``,
+        ``v`` ``[T, num_kv_heads, head_dim]`` in the pool's dtype on its device. Anything else
+        is undefined (an out-of-range slot on CUDA is a device-side error)."""
         self._k_slots[layer].index_copy_(0, slots, k)
         self._v_slots[layer].index_copy_(0, slots, v)
 
@@ -598,11 +530,20 @@ class TreeKVCache:
         return (self._k_slots[layer].index_select(0, slots),
                 self._v_slots[layer].index_select(0, slots))
 
-    def _step_tree(self, seqs) -> tuple[list[_Node], list[list[int]]]:
-        """The tree of one decode step of ``seqs`` without its kernel plan: the nodes on their
-        paths, numbered 0..M-1 in order of first appearance (each has ``.length`` tokens in
-        ``.blocks``), and each seq's path as those numbers, root first. :meth:`layout` plans it;
-        the torch backend's model runner reads it directly. Valid until the next mutation."""
+    def step_tree(self, seqs) -> tuple[list[list[int]], list[list[int]], list[int]]:
+        """The tree of one decode step of ``seqs``, without its kernel plan: ``(paths,
+        node_block_tables, node_lengths)`` as :meth:`TreeLayout.from_paths` takes them (host
+        lists; ``TreeLayout.from_paths(*cache.step_tree(seqs), cache.block_size)`` plans the step
+        :meth:`layout` plans). The nodes on the seqs' paths are numbered 0..M-1 in order of first
+        appearance, as in :meth:`layout`; node ``j`` holds ``node_lengths[j]`` tokens in the
+        ``ceil(node_lengths[j] / block_size)`` blocks of ``node_block_tables[j]``."""
+        nodes, paths = self._step_nodes(seqs)
+        bs = self.block_size
+        return (paths, [node.blocks[:-(-node.length // bs)] for node in nodes],
+                [node.length for node in nodes])
+
+    def _step_nodes(self, seqs) -> tuple[list[_Node], list[list[int]]]:
+        """:meth:`step_tree` with the nodes themselves (valid until the next mutation)."""
         local_id: dict[_Node, int] = {}
         nodes: list[_Node] = []
         paths: list[list[int]] = []
@@ -630,7 +571,7 @@ class TreeKVCache:
         """
         chunk = _kv_chunk(kv_chunk_size, self.block_size)
         seqs_per_item = _seqs_per_item(max_seqs_per_item)
-        nodes, paths = self._step_tree(seqs)
+        nodes, paths = self._step_nodes(seqs)
         lengths = [node.length for node in nodes]
         page_starts, page_table, max_block_id = self._tables.sync(nodes,
                                                                   operator.attrgetter("blocks"))

@@ -57,7 +57,8 @@ from __future__ import annotations
 
 import torch
 
-from .vocab import REMASKING
+from .vocab import (GUMBEL_BOUND, GUMBEL_STREAM, RANDOM_SCORE_STREAM, REMASKING,  # noqa: F401
+                    TOPK_PROBE)
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_ROUND_A = 0xD2511F53
@@ -65,8 +66,6 @@ _PHILOX_ROUND_B = 0xCD9E8D57
 _PHILOX_KEY_A = 0x9E3779B9
 _PHILOX_KEY_B = 0xBB67AE85
 _PHILOX_ROUNDS = 10
-GUMBEL_STREAM = 0
-RANDOM_SCORE_STREAM = 1
 
 
 def _mulhilo32(constant: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,11 +142,11 @@ def _gumbel_rows(seed: int, positions: torch.Tensor, vocab: int) -> torch.Tensor
     return u.log_().neg_().log_().neg_()
 
 
-# An upper bound on every Gumbel draw g = -log(-log u): u <= 1 - 2**-24 gives g <= 16.636 (fp32).
-# A draw at a logit x cannot beat a running best when fl(x + GUMBEL_BOUND) < best, because fl is
-# monotone; the margin over 16.636 covers the log implementations of every backend.
-GUMBEL_BOUND = 17.0
-TOPK_PROBE = 64      # largest logits whose noisy values give the first bound of the Gumbel-max
+# GUMBEL_BOUND (a2r_kernels.vocab) is an upper bound on every Gumbel draw g = -log(-log u):
+# u <= 1 - 2**-24 gives g <= 16.636 (fp32). A draw at a logit x cannot beat a running best when
+# fl(x + GUMBEL_BOUND) < best, because fl is monotone; the margin over 16.636 covers the log
+# implementations of every backend. TOPK_PROBE: the largest logits whose noisy values give the
+# first bound of the Gumbel-max.
 
 
 def _gumbel(seed: int, vocab_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

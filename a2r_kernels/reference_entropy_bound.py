@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import torch
 
-from .reference_denoise import GUMBEL_BOUND, TOPK_PROBE, gumbel_argmax, philox_word  # noqa: F401
+from .reference_denoise import gumbel_argmax, philox_word
+from .vocab import GUMBEL_BOUND, RENOISE_STREAM, TOPK_PROBE  # noqa: F401
 
-RENOISE_STREAM = 2   # Philox counter word c2 of the renoise token (0: Gumbel, 1: random score)
+
 def entropy_and_argmax(x: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(entropy fp32 [N], argmax int64 [N], valid bool [N], point_mass bool [N]) of fp32

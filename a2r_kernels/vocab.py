@@ -1,7 +1,7 @@
 """Shared vocabulary of the package, each name defined once: the integer rules every op checks
 its arguments by, the backend names, the remasking modes and their kernel codes, the kernels'
-limits, end-of-sequence ids, the range check of token ids and the attention geometry of a
-model config.
+limits, the sampling kernels' constants, the default KV block size, end-of-sequence ids, the
+range check of token ids and the text config and attention geometry of a model config.
 
 Torch-free on purpose (imported by host-side bookkeeping and by the CLI alike). The values that
 the compiled extension also knows (``MAX_HEAD_DIM``, ``WORK_INFO_COLUMNS``, ``REMASKING_CODES``)
@@ -33,6 +33,15 @@ REMASKING_CODES = {name: code for code, name in enumerate(REMASKING)}
 # Largest head_dim the attention kernels are compiled for (csrc/ops.h kMaxHeadDim; the Triton
 # kernels hold a head_dim row of q, K and V per tile, and share the limit).
 MAX_HEAD_DIM = 256
+
+# Constants of the Gumbel-max sampling every backend of denoise_step / entropy_bound_step follows
+# bit for bit (a2r_kernels/reference_denoise.py explains them): the bound that lets a draw skip
+# logits that cannot win, the logits probed first, and the Philox counter word of each stream.
+GUMBEL_BOUND = 17.0
+TOPK_PROBE = 64
+GUMBEL_STREAM = 0         # Philox counter word c2 of the Gumbel noise
+RANDOM_SCORE_STREAM = 1   # ... of remasking="random"'s scores
+RENOISE_STREAM = 2        # ... of entropy_bound_step's renoise token
 
 # One row of a TreeLayout's int32 ``work_info [num_work, WORK_INFO_COLUMNS]`` plan: the fields of
 # one work item, in column order (a2r_kernels/layout.py explains each; csrc/ops.h kWorkInfoColumns).

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
 from .backend import resolve_backend
 from .attention_launch import (ATTENTION_DTYPES, WorkPlan, check_decode_inputs, check_out,
                                run_work_items, softmax_scale)
 from .vocab import MAX_HEAD_DIM, positive_int
 from .layout import (DEFAULT_KV_CHUNK, KV_CHUNK_TOKENS_PER_SEQ, MAX_SEQS_PER_ITEM, PLAN_FIELDS,
                      WORK_FIELDS, _SLICE_ALIGN, TreeLayout)
+from .torch_decode import TorchDecodePlan
 
 # Regions of the plan buffer (the layout's PLAN_FIELDS), in order; the page table last, so that a
 # layout whose page table lives on the device is staged without it (the host-to-device copy
@@ -105,8 +105,10 @@ class TreeAttentionWrapper:
             device block tables, ``cache.block_table_capacity``, for ``TreeKVCache.layout``).
         dtype: dtype of q, the pools and the output (fp16 / bf16 / fp32).
         device: where everything lives.
-        backend: ``"auto" | "cuda" | "triton" | "cpu" | "torch"``; ``"torch"`` runs the
-            reference over the planned layout (it allocates and cannot be captured).
+        backend: ``"auto" | "cuda" | "triton" | "cpu" | "torch"``; ``"torch"`` runs
+            :class:`~a2r_kernels.torch_decode.TorchDecodePlan` (one masked SDPA per call over the
+            step's tree, planned by :meth:`plan` and advanced from one decode step to the next;
+            it allocates and cannot be captured).
         max_work, max_partials: work items and partial rows a plan may have. The defaults
             (:func:`default_capacities`) hold every tree layout of the default chunking within
             ``max_seqs``, ``max_nodes`` and ``max_blocks`` whose paths have at most
@@ -192,6 +194,9 @@ class TreeAttentionWrapper:
         self.lse = workspace[o_numel + lse_numel:numel].view(self.max_seqs, num_q_heads)
 
         self._layout: TreeLayout | None = None
+        # The torch backend's own plan (it reads none of the kernel buffers above).
+        self._torch_plan = (TorchDecodePlan(dtype, self.device) if self.backend == "torch"
+                            else None)
         # BLOCK_M of the Triton kernel from the capacity, not the plan: the same compiled kernel
         # every call (a run longer than the tile loops over row tiles).
         group = num_q_heads // num_kv_heads
@@ -238,6 +243,10 @@ class TreeAttentionWrapper:
             if used > capacity:
                 raise ValueError(f"layout needs {used} but the wrapper was built with "
                                  f"{what}={capacity}{_sizing_hint(what, layout)}")
+        if self._torch_plan is not None:   # a2r_kernels/torch_decode.py: no kernel plan to stage
+            self._torch_plan.plan(layout)
+            self._layout = layout
+            return
         ring = self._next_staging
         self._next_staging = (ring + 1) % len(self._stagings)
         staging, staged = self._stagings[ring], self._staged[ring]
@@ -316,31 +325,26 @@ class TreeAttentionWrapper:
             raise ValueError(f"the plan reads block {layout.max_block_id} but k_cache has only "
                              f"{k_cache.shape[0]} blocks")
         sm_scale = softmax_scale(sm_scale, self.head_dim)
-        out = check_out(q, out)
-        if lse is None:
-            lse = self.lse[:num_seqs]
+        torch_plan = self._torch_plan
+        if out is not None or torch_plan is None:   # the torch backend returns SDPA's output
+            out = check_out(q, out)
+        if lse is None:   # the torch backend computes an LSE only when asked
+            lse = self.lse[:num_seqs] if return_lse or torch_plan is None else None
         elif not isinstance(lse, torch.Tensor) or lse.shape != q.shape[:2] or \
                 lse.dtype != torch.float32 or lse.device != q.device or \
                 (lse.stride(1) != 1 and lse.shape[1] > 1):
             raise ValueError(f"lse must be float32 {tuple(q.shape[:2])} on {q.device} with unit "
                              f"stride in heads")
-        self._dispatch(q, k_cache, v_cache, sm_scale, out, lse)
+        if torch_plan is not None:   # a2r_kernels/torch_decode.py
+            out = torch_plan.run(q, k_cache, v_cache, sm_scale, out=out, lse=lse)
+        else:
+            self._dispatch(q, k_cache, v_cache, sm_scale, out, lse)
         return (out, lse) if return_lse else out
 
     def _dispatch(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   sm_scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
-        """The planned step on the wrapper's backend, inputs checked: ``"torch"`` runs the spec
-        over the planned layout (rows past it: out 0, lse -inf); the kernel backends run the
-        fixed plan buffers through the one launcher of work items."""
-        layout = self._layout
-        if self.backend == "torch":
-            ref_out, ref_lse = reference.tree_decode_attention(q[:layout.num_seqs], k_cache,
-                                                               v_cache, layout, sm_scale)
-            out[:layout.num_seqs].copy_(ref_out)
-            lse[:layout.num_seqs].copy_(ref_lse)
-            out[layout.num_seqs:].zero_()
-            lse[layout.num_seqs:].fill_(float("-inf"))
-            return
+        """The planned step on a kernel backend, inputs checked: the fixed plan buffers through
+        the one launcher of work items."""
         plan = WorkPlan(self.work_info, self.row_seq, self.page_table, self.merge_indptr,
                         self.merge_rows)
         run_work_items(self.backend, q, k_cache, v_cache, plan, sm_scale, out, lse,

@@ -332,13 +332,12 @@ def cpu_kernel_fns(q, k, v, layout) -> dict:
 
     fns = {"a2r-cpu": on_isa("auto"), "a2r-cpu-baseline": on_isa("baseline"),
            "torch-spec": lambda: ak.tree_decode_attention(q, k, v, layout, backend="torch")}
-    try:   # the explorer's torch path (a2r_kernels.hf), planned once per step as it is there
-        from a2r_kernels.hf import _TorchDecodePlan, _slot_view
-        plan = _TorchDecodePlan.from_layout(layout, q.dtype)
-        keys, values, query = _slot_view(k), _slot_view(v), q[:, :, None]
-        fns["explorer-sdpa"] = lambda: plan.attend(query, keys, values, q.shape[-1] ** -0.5)[:, 0]
-    except (ImportError, AttributeError) as exc:   # moved or renamed: the row is skipped
-        print(f"# explorer-sdpa skipped: {exc}")
+    # The explorer's torch path: the wrapper's torch backend (a2r_kernels/torch_decode.py),
+    # planned once per step as the decoder plans it.
+    from a2r_kernels.torch_decode import TorchDecodePlan
+    plan = TorchDecodePlan(q.dtype, q.device)
+    plan.plan(layout)
+    fns["explorer-sdpa"] = lambda: plan.run(q, k, v, q.shape[-1] ** -0.5)
     return fns
 
 

@@ -526,7 +526,7 @@ def test_unreserve_drops_the_keys_it_made():
     cache.reserve([seq], 2, token_ids=[[1, 2]])
     cache.reserve([seq], 7, token_ids=[[3, 4, 5, 6, 7, 8, 9]])
     assert cache.match_prefix(list(range(1, 10))) == 8
-    cache._unreserve([seq], 7)
+    cache.unreserve([seq], 7)
     assert cache.match_prefix(list(range(1, 10))) == 0 and cache.length(seq) == 2
     cache.reserve([seq], 2, token_ids=[[3, 4]])                # keyed again, as new
     assert cache.match_prefix([1, 2, 3, 4, 0]) == 4
@@ -1046,7 +1046,7 @@ def test_layout_reads_the_device_block_tables_by_reference(seed):
             seq = rng.choice(growable)
             cache.reserve([seq], 3)
             cache.layout(live)               # a step whose forward fails:
-            cache._unreserve([seq], 3)       # blocks popped, the arena copy must be rewritten
+            cache.unreserve([seq], 3)       # blocks popped, the arena copy must be rewritten
             other = [s for s in growable if s != seq]
             if other:                        # someone else takes the freed blocks first
                 cache.reserve(other[:1], 3)

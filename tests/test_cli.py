@@ -46,7 +46,7 @@ def run_cli(capsys, *argv):
 
 
 def test_demo_json(capsys):
-    code, out, _ = run_cli(capsys, "demo", *FAST, "--random-models", "--json")
+    code, out, _ = run_cli(capsys, "demo", *FAST, "--random-models", "--questions", "2", "--json")
     assert code == 0
     payload = json.loads(out)
     assert "untrained" in payload["note"] and "noise" in payload["note"]
@@ -54,24 +54,26 @@ def test_demo_json(capsys):
     assert payload["models"]["explorer"]["arch"] == "Qwen3ForCausalLM"
     assert payload["models"]["synthesizer"]["arch"] == "LlamaForCausalLM"
     assert payload["models"]["thinker"]["arch"] == "LlamaForCausalLM"
-    assert len(payload["results"]) == 2
-    for res in payload["results"]:
-        stages = res["stages"]
+    assert len(payload["per_question"]) == 2
+    for record in payload["per_question"]:
+        stages = record["result"]["stages"]
         assert len(stages["explorer"]["texts"]) == 2
         assert 1 <= stages["explorer"]["generated_tokens"] <= 8
-        assert stages["thinker"]["generated_tokens"] <= 8
+        assert record["tokens"]["thinker"] <= 8 and record["traces"]["nar"] is not None
         assert stages["synthesizer"]["generated_tokens"] <= 3
-        assert res["kv_bytes_saved"] == stages["explorer"]["prompt_tokens"] * 1 * 512
-        assert set(res["correct"]) == {"pass_at_1", "mean_at_1", "cons_at_n", "a2r"}
+        assert record["kv_bytes_saved"] == stages["explorer"]["prompt_tokens"] * 1 * 512
+        assert set(record["correct"]) == {"pass_at_1", "mean_at_1", "cons_at_n", "a2r",
+                                          "synthesizer_alone", "nar_ar", "ar_ar"}
 
 
 def test_demo_text_shows_every_stage(capsys):
-    code, out, _ = run_cli(capsys, "demo", *FAST, "--random-models", "--no-thinker")
+    code, out, _ = run_cli(capsys, "demo", *FAST, "--random-models", "--no-thinker",
+                           "--questions", "2")
     assert code == 0
     assert "untrained" in out and "noise" in out
-    assert out.count("[explorer]") == 2 and out.count("[synthesizer]") == 2
-    assert "[thinker]     (none)" in out
-    assert "KV bytes saved by sharing the explorer prompt" in out
+    assert "Scoreboard: 2 held-out questions" in out and out.count("Worked example") == 1
+    assert out.count("  path ") == 2 and "synthesizer (A2R):" in out
+    assert "thinker trace" not in out
 
 
 def test_run_asymmetric_with_thinker_json(capsys, tiny):

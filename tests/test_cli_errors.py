@@ -410,14 +410,14 @@ def test_third_party_warnings_keep_their_own_format(capsys, monkeypatch):
 
 
 def test_cache_keyword_follows_the_forward_signature():
-    from a2r_kernels.hf import _cache_kwarg
+    from a2r_kernels.hf.decoder import cache_kwarg
 
     def old_forward(self, input_ids=None, past_key_values=None, **kwargs): ...
 
     def new_forward(self, input_ids=None, cache=None, **kwargs): ...
 
-    assert _cache_kwarg(old_forward) == "past_key_values"   # transformers 5.0
-    assert _cache_kwarg(new_forward) == "cache"              # transformers 5.24
+    assert cache_kwarg(old_forward) == "past_key_values"   # transformers 5.0
+    assert cache_kwarg(new_forward) == "cache"              # transformers 5.24
 
 
 def test_mask_sizes_take_a_length_or_cache_position():
@@ -426,11 +426,12 @@ def test_mask_sizes_take_a_length_or_cache_position():
     import torch
 
     import a2r_kernels as ak
-    from a2r_kernels.hf import TreeCache
+    from a2r_kernels.hf import ForwardContext, HFTreeCacheAdapter
 
-    hf_cache = TreeCache(ak.TreeKVCache(1, 1, 8, 4, block_size=4, dtype=torch.float32),
-                         backend="torch")
-    hf_cache.begin([0, 1], [5, 2], torch.zeros(6, dtype=torch.int64), 3, None)
+    tree = ak.TreeKVCache(1, 1, 8, 4, block_size=4, dtype=torch.float32)
+    hf_cache = HFTreeCacheAdapter(tree)
+    hf_cache.begin(ForwardContext(tree, torch.zeros(6, dtype=torch.int64), past_lengths=[5, 2],
+                                  seqs=[0, 1]))
     assert hf_cache.get_mask_sizes(3, 0) == (8, 0)
     sizes = hf_cache.get_mask_sizes(torch.arange(5, 8), 0)
     assert sizes == (8, 0) and all(type(v) is int for v in sizes)

@@ -462,9 +462,10 @@ def test_prefill_reuses_cached_blocks_and_matches_a_fresh_prefill(model):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tree", ["fork", "two_levels", "duplicate_rows", "empty_root"])
 def test_torch_decode_plan_equals_tree_decode_attention(dtype, tree):
-    """The torch backend's once-per-step plan (one SDPA over the step's tokens, masked) equals
-    ak.tree_decode_attention's reference on trees with shared nodes at several depths, a node
-    of no tokens, repeated rows, GQA 6/2 and odd lengths."""
+    """The decoder's torch decode attention (the wrapper's torch backend: one SDPA over the
+    step's tokens, masked, planned once per step) equals ak.tree_decode_attention's reference on
+    trees with shared nodes at several depths, a node of no tokens, repeated rows, GQA 6/2 and
+    odd lengths."""
     g = torch.Generator().manual_seed(3)
     cache = ak.TreeKVCache(1, 2, 8, 64, block_size=4, dtype=dtype)
     k = torch.randn(cache.k_pool.shape, generator=g).to(dtype)
@@ -484,24 +485,31 @@ def test_torch_decode_plan_equals_tree_decode_attention(dtype, tree):
     q = torch.randn(layout.num_seqs, 6, 8, generator=g).to(dtype)
     expected = ak.tree_decode_attention(q, cache.k[0], cache.v[0], layout, sm_scale=0.3,
                                         backend="torch")
-    plan = akhf._TorchDecodePlan.from_layout(layout, dtype)
-    got = plan.attend(q[:, :, None], akhf._slot_view(cache.k[0]), akhf._slot_view(cache.v[0]),
-                      0.3)[:, 0]
+    wrapper = ak.TreeAttentionWrapper(6, 2, 8, 4, max_seqs=8, max_nodes=16,
+                                      max_blocks=cache.block_table_capacity, dtype=dtype,
+                                      device="cpu", backend="torch")
+    wrapper.plan(layout)
+    got = wrapper.run(q, cache.k[0], cache.v[0], sm_scale=0.3)
     assert got.dtype == dtype and got.shape == expected.shape
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
 
 
 # ---------------------------------------------------------------------------- host syncs
+# The decoder's code path: the transformers integration, its decode attention and the cache.
+_DECODER_FILES = [module.__file__ for module in (
+    akhf, akhf.attention, akhf.decoder, akhf.graphs, ak.wrapper, ak.torch_decode, ak.cache,
+    ak.prefix_index)]
+
+
 def _loop_reads(model, ids, n, max_new_tokens, **kwargs) -> tuple[int, int, list[list[int]]]:
-    """Host reads the exploration (explore.py, sampling.py, hf.py, cache.py) makes, its decode
-    steps, and its sequences. The prompt's one read at prefill is among them."""
+    """Host reads the exploration (explore.py, sampling.py, the decoder's modules, cache.py)
+    makes, its decode steps, and its sequences. The prompt's one read at prefill is among
+    them."""
     import a2r.explore as explore_module
     import a2r.sampling as sampling_module
-    import a2r_kernels.cache as cache_module
 
-    with HostReads(explore_module.__file__, sampling_module.__file__, akhf.__file__,
-                   cache_module.__file__) as reads:
+    with HostReads(explore_module.__file__, sampling_module.__file__, *_DECODER_FILES) as reads:
         res = explore(model, ids, [n], max_new_tokens, backend="torch", **kwargs)
     return reads.count, res.decode_steps, res.sequences
 
@@ -530,12 +538,10 @@ def test_one_host_read_per_step_with_eos(qwen3):
 def test_prefill_reads_the_prompt_once(model):
     """prefill brings the prompt to the host once (a sync on CUDA), both to match cached blocks
     and to key its own, with and without reuse."""
-    import a2r_kernels.cache as cache_module
-
     dec = akhf.TreeDecoder(model, num_blocks=16, block_size=4, backend="torch")
     ids = _prompt(23, seed=5)
     for _ in range(2):   # fresh, then reusing the first prefill's 5 whole blocks
-        with HostReads(akhf.__file__, cache_module.__file__) as reads:
+        with HostReads(*_DECODER_FILES) as reads:
             dec.prefill(ids)
         assert reads.count == 1
     assert dec.reused_tokens == 20

@@ -131,12 +131,14 @@ def test_readme_table_matches_the_recorded_heldout_eval():
 def test_demo_and_tiny_use_the_trained_models(capsys):
     fast = ["-n", "2", "--max-new-tokens", "4", "--synth-max-new-tokens", "3", "--backend",
             "torch", "--json"]
-    assert main(["demo", *fast]) == 0
+    assert main(["demo", *fast, "--questions", "2"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["models"]["trained"] is True
     assert "python -m a2r.demo.train" in payload["note"]
     assert payload["models"]["explorer"]["path"] == str(TRAINED / "explorer")
-    assert [r["question"] for r in payload["results"]][0].startswith("What is ")
+    heldout = (TRAINED / "heldout.jsonl").read_text().splitlines()[:2]
+    assert [r["question"] for r in payload["per_question"]] == [json.loads(x)["question"]
+                                                                for x in heldout]
     # --random-models is a choice among the embedded models: without --tiny it is an error.
     assert main(["run", "--random-models", "--explorer", str(TRAINED / "explorer"), "q"]) == 2
     assert "--random-models needs --tiny" in capsys.readouterr().err

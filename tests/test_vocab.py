@@ -27,6 +27,14 @@ SHARED = [
     ("a2r.thinker.masked", "REMASKING", "REMASKING"),
     ("a2r.config", "REMASKING", "REMASKING"),
     ("a2r.config", "BACKENDS", "BACKENDS"),
+    ("a2r_kernels.reference_denoise", "GUMBEL_BOUND", "GUMBEL_BOUND"),
+    ("a2r_kernels.reference_entropy_bound", "GUMBEL_BOUND", "GUMBEL_BOUND"),
+    ("a2r_kernels.triton.entropy_bound", "GUMBEL_BOUND", "GUMBEL_BOUND"),
+    ("a2r_kernels.reference_entropy_bound", "RENOISE_STREAM", "RENOISE_STREAM"),
+    ("a2r_kernels.triton.entropy_bound", "RENOISE_STREAM", "RENOISE_STREAM"),
+    ("a2r_kernels.cache", "DEFAULT_BLOCK_SIZE", "DEFAULT_BLOCK_SIZE"),
+    ("a2r_kernels.hf.decoder", "DEFAULT_BLOCK_SIZE", "DEFAULT_BLOCK_SIZE"),
+    ("a2r_kernels.hf.decoder", "text_config", "text_config"),
 ]
 
 
@@ -96,9 +104,21 @@ def test_attention_geometry(fields, geometry):
     assert _vocab.attention_geometry(_Config(**fields)) == geometry
 
 
+def test_text_config_of_nested_and_plain_configs():
+    """text_config: a multimodal config's nested language-model config, else the config."""
+    from transformers import LlavaConfig, Qwen3Config
+
+    plain = Qwen3Config(num_hidden_layers=1)
+    assert _vocab.text_config(plain) is plain
+    nested = LlavaConfig(text_config=Qwen3Config(num_hidden_layers=3).to_dict())
+    assert _vocab.text_config(nested).num_hidden_layers == 3
+    bare = _Config(num_attention_heads=4, hidden_size=8)   # no get_text_config at all
+    assert _vocab.text_config(bare) is bare
+
+
 def test_diffusion_prefix_cache_without_num_key_value_heads():
     """diffusion.py sizes its prefix KV pool by the shared geometry rule: a config whose
-    num_key_value_heads is unset (multi-head attention) works, as it does in hf.py."""
+    num_key_value_heads is unset (multi-head attention) works, as it does in TreeDecoder."""
     from a2r.thinker import diffusion_generate
     from a2r.thinker.models import build_tiny_diffusion_model
 

@@ -488,6 +488,56 @@ def test_default_capacities_hold_the_plans_they_promise():
                             [prefix] + [bs] * n, bs), (n, prefix, bs)
 
 
+# ------------------------------------------------------------------ the torch backend's plan
+def _torch_step(plan, cache, seqs, g, hq=4):
+    """Plan the step of ``seqs`` (their tokens reserved and written) and check it against the
+    per-path reference; returns the plan's slots."""
+    layout = cache.layout(seqs)
+    plan.plan(layout)
+    q = torch.randn(len(seqs), hq, cache.head_dim, generator=g).to(DEVICE)
+    lse = torch.empty(len(seqs), hq, device=DEVICE)
+    out = plan.run(q, cache.k[0], cache.v[0], cache.head_dim ** -0.5, lse=lse)
+    ref_out, ref_lse = reference.tree_decode_attention_by_path(q, cache.k[0], cache.v[0], layout,
+                                                               cache.head_dim ** -0.5)
+    check_close(out, lse, ref_out, ref_lse, torch.float32)
+    return plan.slots.tolist()
+
+
+def test_torch_plan_advances_and_refuses_a_moved_token():
+    """The torch backend's plan appends the new tokens of the next step of the same rows (its
+    keys so far unchanged). Issue 20 item 1: after a step's tokens are given back and appended
+    again in the other order (so the rows swap the blocks those tokens opened), the next step
+    grows every row by one token again, yet the plan must not advance from the given-back
+    slots: it plans from scratch, and both equal the reference."""
+    from a2r_kernels.torch_decode import TorchDecodePlan
+
+    bs, hkv, d = 4, 2, 16
+    cache = ak.TreeKVCache(1, hkv, d, num_blocks=32, block_size=bs, dtype=torch.float32,
+                           device=DEVICE)
+    g = torch.Generator().manual_seed(5)
+
+    def append(seqs, n=1):
+        slots = cache.reserve(seqs, n)
+        kv = torch.randn(2, slots.numel(), hkv, d, generator=g).to(DEVICE)
+        cache.write(0, slots, kv[0], kv[1])
+
+    root = cache.new_sequence()
+    append([root], 7)
+    a, b = cache.fork(root, 2)
+    append([a, b], 3)
+    plan = TorchDecodePlan(torch.float32, DEVICE)
+    append([a, b])                    # a, b hold 4 tokens each: a full block
+    first = _torch_step(plan, cache, [a, b], g)
+    append([a, b])                    # the next step: each row's token opens a block
+    second = _torch_step(plan, cache, [a, b], g)
+    assert second[:len(first)] == first and len(second) == len(first) + 2   # advanced
+    cache.unreserve([a, b], 1)        # the step is given back ...
+    append([b, a])                    # ... and appended in the other order: the blocks swap
+    append([a, b])                    # the next step: one more token each
+    third = _torch_step(plan, cache, [a, b], g)
+    assert third[:len(second)] != second   # planned from scratch
+
+
 def test_deep_trees_fit_the_capacities_of_their_path_nodes():
     """default_capacities(..., path_nodes=P) holds the default plan of any tree whose paths have
     P nodes together (the derivation in its docstring): random trees up to 7 levels deep, chains

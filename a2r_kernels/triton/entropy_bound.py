@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference_entropy_bound import GUMBEL_BOUND, RENOISE_STREAM
+from ..vocab import GUMBEL_BOUND, RENOISE_STREAM
 from .denoise import (_INT32_MAX, _NEG_HUGE, LOG2E, _uniform_from_philox, _vector_width,
                       _vocab_split)
 from .denoise import denoise_config as entropy_bound_config

@@ -1,6 +1,6 @@
 """The ``a2r`` command line: ``demo``, ``run``, ``eval``, ``bench``.
 
-    a2r demo                                   embedded tiny models, two built-in questions
+    a2r demo                                   embedded tiny models: a scoreboard on held-out sums
     a2r run --explorer DIR [--synthesizer DIR] [--thinker DIR] "question"
     a2r eval FILE.jsonl [--explorer DIR ... | --tiny] [--out results.json]
     a2r bench [--quick] [--only NAME]          runs benchmarks/bench_*.py
@@ -28,6 +28,7 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
+from .demo.scoreboard import DEFAULT_QUESTIONS, RANDOM_MODELS_QUESTIONS, TRAINED_NOTE, cmd_demo
 from .eval.command import add_deepconf_options, cmd_eval
 from .launch import (CLIError, check_question_text, load_pipeline, quiet_transformers,
                      random_models_note, run_note)
@@ -35,18 +36,6 @@ from .report import NO_ANSWER, emit_json, print_result
 
 __all__ = ["main", "build_parser"]
 
-DEMO_QUESTIONS = (
-    ("What is 12 * 7?", "84"),
-    ("A train travels 150 km in 2.5 hours. What is its average speed in km/h?", "60"),
-)
-# The trained embedded models know one task (a2r.demo.task): their demo asks two of its questions.
-TRAINED_DEMO_QUESTIONS = (
-    ("What is 347 + 85 + 912 + 6?", "1350"),
-    ("What is 58 + 904 + 7 + 263 + 91?", "1323"),
-)
-TRAINED_NOTE = ("note: the embedded default models are tiny models trained in minutes on a CPU "
-                "(python -m a2r.demo.train) for one synthetic task, sums like 'What is 347 + 85 + 912 + "
-                "6?'; on any other question their answers are noise.")
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one ``a2r: error:`` line plus a pointer to ``--help`` (no usage block)."""
 
@@ -194,10 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     demo = sub.add_parser("demo", parents=[_generation_options(80)],
-                          help="run the pipeline on built-in questions with the embedded models",
-                          description="Load the embedded tiny models and run A2R on two "
-                          "built-in questions. " + TRAINED_NOTE + " --random-models: the random "
-                          "ones (built once).")
+                          help="a scoreboard of every method on held-out questions, with the "
+                          "embedded models",
+                          description="Load the embedded tiny models, grade pass@1, Cons@N, the "
+                          "synthesizer alone, A2R and NAR->AR / AR->AR on held-out questions of "
+                          "their task (a2r.demo.scoreboard), then show one worked example. "
+                          + TRAINED_NOTE + " --random-models: the random ones (built once).")
+    demo.add_argument("--questions", type=_positive_int, default=None,
+                      help=f"held-out questions to grade (default: {DEFAULT_QUESTIONS}; "
+                      f"{RANDOM_MODELS_QUESTIONS} with --random-models)")
     demo.add_argument("--home", metavar="DIR",
                       help="where the random embedded models live (default: $A2R_HOME or "
                       "~/.cache/a2r)")
@@ -266,39 +260,6 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------
-
-
-def cmd_demo(args) -> int:
-    args.explorer = args.synthesizer = args.thinker = None
-    start = time.perf_counter()
-    questions = DEMO_QUESTIONS if args.random_models else TRAINED_DEMO_QUESTIONS
-    if not args.json:
-        print("A2R demo: explorer -> diffusion thinker -> synthesizer on the embedded tiny models.")
-        if args.random_models:
-            print("Loading (the first run builds them; later runs reuse the saved files)...")
-    pipeline, models = load_pipeline(args, use_tiny=True)
-    note = random_models_note(models) or (TRAINED_NOTE if models["trained"] else None)
-    if not args.json:
-        if note:
-            print(note)
-        print(f"explorer={models['explorer']['arch']}  thinker="
-              f"{(models['thinker'] or {}).get('arch', 'none')}  synthesizer="
-              f"{models['synthesizer']['arch']}  ({models['mode']}, {models['device']}, "
-              f"{models['dtype']}) from {Path(models['explorer']['path']).parent}\n")
-    results = []
-    for question, gold in questions:
-        result = pipeline.run(question)
-        results.append({**result.to_dict(), "gold": gold, "correct": result.grade(gold)})
-        if not args.json:
-            print_result(result, models, gold)
-            print()
-    if args.json:
-        emit_json({"note": note, "models": models, "results": results,
-                    "seconds": time.perf_counter() - start})
-    else:
-        print(f"demo finished in {time.perf_counter() - start:.1f} s."
-              + (f" {note}" if note else ""))
-    return 0
 
 
 def cmd_run(args) -> int:

@@ -77,6 +77,20 @@ def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def _thinker_forwarded_tokens(details, uncached: bool) -> int:
+    """Token positions a diffusion thinker's forward passes ran over (``details``: its
+    ``DiffusionResult``; ``tokens`` is ``[R, P + G]``). Without a cache every call forwards the
+    whole canvas, ``calls * R * (P + G)``; with one (Fast-dLLM prefix cache, DiffusionGemma's
+    encoder) the prompt is forwarded once per encoder pass and each call forwards the generated
+    part, ``R * P * max(1, encoder calls) + calls * R * G`` (an upper bound for block caches)."""
+    rows, length = details.tokens.shape
+    prompt = details.prompt_length
+    if uncached:
+        return details.num_forward_calls * rows * length
+    return (rows * prompt * max(1, details.encoder_forward_calls)
+            + details.num_forward_calls * rows * (length - prompt))
+
+
 class A2RPipeline:
     """Explorer -> (diffusion thinker) -> synthesizer over loaded transformers models.
 
@@ -124,9 +138,7 @@ class A2RPipeline:
                                    else as_engine(self.synthesizer))
         self.prompts = PromptBuilder(self.config, self.explorer_tokenizer, self.thinker_tokenizer,
                                      self.synthesizer_tokenizer)
-        # confidence (issue 22): an a2r.confidence.ConfidenceConfig makes the explorer stage of
-        # run() track token confidence (StageReport.confidences); None: not tracked.
-        self.explorer_confidence = None
+        self.explorer_confidence = None   # a2r.confidence.ConfidenceConfig: run()'s explorer
         self._check_tokenizers()
 
     def _check_tokenizers(self) -> None:
@@ -218,20 +230,18 @@ class A2RPipeline:
                   max_new_tokens: int, sampling: SamplingParams, seed: int | None,
                   cfg: A2RConfig, *, reuse_prefix: bool = False, room: Room | None = None,
                   confidence=None) -> tuple[StageReport, Generation]:
-        """One sampling stage on ``engine``: its report and the engine's :class:`Generation`
-        (``confidence``: :meth:`Engine.generate`'s)."""
+        """One sampling stage on ``engine``: its report and the engine's :class:`Generation`."""
         # Question-only prompts were checked up front (check_question); this catches the rest.
         check_fits(name, engine, len(prompt.ids), max_new_tokens,
                    references_too_long_hint(self.option_names))
         stops = stop_ids(engine, tokenizer)
         generation = engine.generate(prompt.ids, n, max_new_tokens, sampling, seed=seed,
                                      stop_ids=stops, backend=cfg.backend,
-                                     reuse_prefix=reuse_prefix, room=room,
-                                     **({} if confidence is None else {"confidence": confidence}))
+                                     reuse_prefix=reuse_prefix, room=room, confidence=confidence)
         texts = [decode(tokenizer, s, stops) for s in generation.sequences]
         return StageReport(name, prompt.text, len(prompt.ids), texts, generation.sequences,
-                           generation.seconds, generation.confidences,
-                           generation.stop_reasons), generation
+                           generation.seconds, confidences=generation.confidences,
+                           stop_reasons=generation.stop_reasons), generation
 
     def _synthesizer_room(self, question: str, cfg: A2RConfig) -> Room | None:
         """Symmetric set-up: an estimate of the synthesizer's prompt (the prompt with empty
@@ -266,32 +276,32 @@ class A2RPipeline:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        rows = thinkers.diffusion_generate(
+        details = thinkers.diffusion_generate(
             model, prompt.tensor(device), gen_length=cfg.thinker_gen_length,
             eos_token_id=tokenizer.eos_token_id, generator=generator,
-            num_traces=cfg.thinker_traces, **thinkers.schedule(model, cfg, tokenizer))
+            num_traces=cfg.thinker_traces, return_details=True,
+            **thinkers.schedule(model, cfg, tokenizer))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        trace_ids = [[int(t) for t in row] for row in rows]
+        trace_ids = [[int(t) for t in row] for row in details.sequences]
         stops = thinkers.stop_ids(tokenizer)
         traces = [decode(tokenizer, ids, stops).strip() for ids in trace_ids]
-        return StageReport("thinker", prompt.text, len(prompt.ids), traces, trace_ids, seconds)
+        uncached = cfg.thinker_cache == "none" and thinkers.kind(model) == "masked diffusion"
+        return StageReport("thinker", prompt.text, len(prompt.ids), traces, trace_ids, seconds,
+                           forwarded_tokens=_thinker_forwarded_tokens(details, uncached))
 
     # ---- single stages (``a2r eval`` re-runs them on one set of explorer samples) -------------
 
-    def explore_with_confidence(self, question: str, confidence, *,
-                                name: str = "explorer_online") -> StageReport:
-        """The explorer stage alone (same prompt, paths, seed and kept cache as :meth:`run`'s)
-        with an :class:`a2r.confidence.ConfidenceConfig`: token confidences, stop reasons and,
-        with its online stop, the early-stopped paths (issue 22)."""
+    def explore_with_confidence(self, question: str, confidence) -> StageReport:
+        """The explorer stage alone, ``"explorer_online"`` (prompt, seed, kept cache as
+        :meth:`run`'s), with a :class:`a2r.confidence.ConfidenceConfig` (issue 22)."""
         cfg = self.config
-        report, _ = self._generate(
-            name, self.explorer_engine, self.explorer_tokenizer, self._explorer(question),
+        return self._generate(
+            "explorer_online", self.explorer_engine, self.explorer_tokenizer, self._explorer(question),
             cfg.num_paths, cfg.max_new_tokens, cfg.sampling, cfg.seed, cfg,
             reuse_prefix=cfg.reuse_prefix_kv, room=self._synthesizer_room(question, cfg),
-            confidence=confidence)
-        return report
+            confidence=confidence)[0]
 
     def answer(self, prompt: str, *, name: str = "synthesizer") -> StageReport:
         """The synthesizer on a rendered ``prompt`` (its own full prefill; no KV reuse), with the

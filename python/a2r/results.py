@@ -45,6 +45,7 @@ class StageReport:
     texts: list[str]
     token_ids: list[list[int]]
     seconds: float
+    forwarded_tokens: int | None = None
     confidences: list[list[float]] | None = None
     stop_reasons: list[str] | None = None
 
@@ -52,10 +53,17 @@ class StageReport:
     def generated_tokens(self) -> int:
         return sum(len(ids) for ids in self.token_ids)
 
+    @property
+    def processed_tokens(self) -> int:
+        """Token positions the stage's model forwarded (the count ``a2r eval``'s cost uses)."""
+        if self.forwarded_tokens is not None:
+            return self.forwarded_tokens
+        return self.prompt_tokens + self.generated_tokens
+
     def to_dict(self, include_token_ids: bool = False) -> dict[str, Any]:
         out = {"name": self.name, "prompt": self.prompt, "prompt_tokens": self.prompt_tokens,
                "texts": list(self.texts), "generated_tokens": self.generated_tokens,
-               "seconds": self.seconds}
+               "processed_tokens": self.processed_tokens, "seconds": self.seconds}
         if include_token_ids:
             out["token_ids"] = [list(ids) for ids in self.token_ids]
         return out

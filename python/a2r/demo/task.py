@@ -36,13 +36,19 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["HELDOUT_SEED", "MAX_DIGITS", "MAX_TERMS", "MIN_TERMS", "Problem", "TRAIN_SEED", "WIDTH",
-           "draw_problems", "parse_question", "reversed_digits", "worked_answer", "write_jsonl"]
+__all__ = ["DIGIT_MIXES", "HELDOUT_SEED", "MAX_DIGITS", "MAX_TERMS", "MIN_TERMS", "MIX_HELDOUT_SEED",
+           "Problem", "TRAIN_SEED", "WIDTH", "draw_problems", "parse_question", "reversed_digits",
+           "worked_answer", "write_jsonl"]
 
 MIN_TERMS, MAX_TERMS, MAX_DIGITS = 3, 5, 3
 WIDTH = 4   # digits of every number in the working: the largest sum, 5 * 999, has 4
 TRAIN_SEED = 16_000
 HELDOUT_SEED = 99_991
+# Seed of held-out sets drawn with another mix of term lengths (DIGIT_MIXES): never used in training.
+MIX_HELDOUT_SEED = 99_992
+# Named mixes of term lengths: the weight of 1, 2, ..., MAX_DIGITS digits (None: uniform, the
+# training draw). Every mix stays inside the stated task (3 to 5 terms of 1 to 3 digits).
+DIGIT_MIXES = {"uniform": None, "mostly-3-digit": (1, 1, 8), "mostly-1-digit": (8, 1, 1)}
 
 
 @dataclass(frozen=True)
@@ -82,18 +88,31 @@ def parse_question(text: str) -> Problem | None:
     return Problem(tuple(int(t) for t in terms))
 
 
-def draw_problems(count: int, seed: int) -> list[Problem]:
+def draw_problems(count: int, seed: int, digit_weights=None) -> list[Problem]:
     """``count`` problems from ``random.Random(seed)``: the number of terms uniform in
     ``[MIN_TERMS, MAX_TERMS]``, each term's digit count uniform in ``[1, MAX_DIGITS]`` and its value
-    uniform among numbers with that many digits (so short and long terms are equally common)."""
+    uniform among numbers with that many digits (so short and long terms are equally common).
+
+    ``digit_weights``: relative weights of 1, 2, ..., :data:`MAX_DIGITS` digits per term (e.g.
+    ``DIGIT_MIXES["mostly-3-digit"]``) instead of uniform; ``None`` (the default) is the uniform
+    draw, the same questions as before the option existed for a given seed."""
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
+    if digit_weights is not None:
+        digit_weights = tuple(digit_weights)
+        if len(digit_weights) != MAX_DIGITS or any(not w >= 0 for w in digit_weights) \
+                or not sum(digit_weights) > 0:
+            raise ValueError(f"digit_weights must be {MAX_DIGITS} weights >= 0 with a positive "
+                             f"sum, got {digit_weights}")
     rng = random.Random(seed)
     problems = []
     for _ in range(count):
         terms = []
         for _ in range(rng.randint(MIN_TERMS, MAX_TERMS)):
-            digits = rng.randint(1, MAX_DIGITS)
+            if digit_weights is None:
+                digits = rng.randint(1, MAX_DIGITS)
+            else:
+                digits = rng.choices(range(1, MAX_DIGITS + 1), weights=digit_weights)[0]
             terms.append(rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1))
         problems.append(Problem(tuple(terms)))
     return problems
@@ -127,3 +146,25 @@ def write_jsonl(path: str | Path, problems) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in problems), encoding="utf-8")
     return path
+
+
+def main(argv=None) -> int:
+    """``python -m a2r.demo.task OUT.jsonl [--count K] [--seed S] [--mix NAME]``: write a held-out
+    file of the task (default: 100 questions, :data:`MIX_HELDOUT_SEED`, the mostly-3-digit mix)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m a2r.demo.task", description=main.__doc__)
+    parser.add_argument("out", help="JSONL file to write ({question, answer} per line)")
+    parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=MIX_HELDOUT_SEED)
+    parser.add_argument("--mix", choices=sorted(DIGIT_MIXES), default="mostly-3-digit")
+    args = parser.parse_args(argv)
+    if args.seed in range(TRAIN_SEED, TRAIN_SEED + 10):
+        parser.error(f"--seed {args.seed} is a training seed (TRAIN_SEED and its offsets)")
+    path = write_jsonl(args.out, draw_problems(args.count, args.seed, DIGIT_MIXES[args.mix]))
+    print(f"wrote {args.count} questions ({args.mix}, seed {args.seed}) to {path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

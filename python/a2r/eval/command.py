@@ -216,6 +216,13 @@ def _print_summary(summary: dict, models: dict, args, records_file, note, stages
     for k, row in summary.get("accuracy_by_n", {}).items():
         print(f"  N={k:<3} " + "   ".join(f"{names[m].replace(f'@{n}', f'@{k}')} {v:.3f}"
                                         for m, v in row.items()))
+    cost = summary.get("cost_per_question")
+    if cost:   # one unit for every method: evaluate.COST_DEFINITION
+        print("  cost/q     " + "   ".join(f"{names[m]} {'-' if v is None else f'{v / 1e6:.1f}M'}"
+                                          for m, v in cost.items()) + "  (token-parameters)")
+    for m, t in summary.get("thinkers", {}).items():
+        print(f"  {names[m]:<8}   {t['stage']} trace accuracy {t['trace_accuracy']:.3f}, "
+              f"{t['seconds_per_question']:.3f} s per question")
     print("  checkers   " + "  ".join(f"{c}: {k}" for c, k in summary["checkers"].items()))
     for s in stages:
         if summary["tokens"][s] or summary["seconds"][s]:

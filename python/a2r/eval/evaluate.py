@@ -23,6 +23,17 @@ synthesizer's; ``deepconf_online``: its own run's).
 With ``sweep_n`` the accuracy of ``mean_at_1``, ``cons_at_n`` and ``a2r`` is also taken for prefixes
 of the same N paths (``k`` in :data:`SWEEP_N` up to N, and N), for the accuracy-against-N plot.
 
+Cost, counted one way for every method (:data:`COST_DEFINITION`): the token-parameters of the
+stages the method needs, ``sum over stages of forwarded token positions x parameters of the stage's
+model`` (about half the forward FLOPs; attention's own reads left out). ``pass_at_1`` needs the
+explorer prompt and the first path; ``mean_at_1`` the prompt and an average path; ``cons_at_n`` the
+prompt (once: the paths share it) and all N paths; ``a2r`` that plus the synthesizer; ``nar_ar`` /
+``ar_ar`` that plus their thinker and their synthesizer; ``synthesizer_alone`` its own stage only;
+``deepconf_offline`` as ``cons_at_n``, ``a2r_conf`` that plus its synthesizer, ``deepconf_online``
+its own explorer run (prompt once + its paths, the stopped ones as far as they went).
+Each thinker's trace accuracy (the answer in its trace against the gold) and wall time go beside
+``nar_ar`` and ``ar_ar`` (summary ``thinkers``).
+
 Answers are graded by :class:`a2r.eval.grading.AnswerChecker` (Math-Verify, our normaliser where it
 cannot decide); each record says which checker decided each method.
 
@@ -46,8 +57,10 @@ from typing import Any, Callable, Sequence
 from ..extract import extract_final_answer, majority_vote
 from .deepconf import DEEPCONF_METHODS, deepconf_methods, summarize_confidence
 
-__all__ = ["EvalRecordsError", "METHODS", "SWEEP_N", "STAGES", "evaluate_question", "load_records", "plot_accuracy",
-           "records_path", "settings_key", "summarize"]
+__all__ = ["COST_DEFINITION", "EvalRecordsError", "METHODS", "METHOD_EXPLORER", "METHOD_STAGES",
+           "method_costs", "parameter_count", "SWEEP_N", "STAGES", "evaluate_question",
+           "load_records", "plot_accuracy", "records_path", "settings_key", "summarize",
+           "tokens_by_method"]
 
 METHODS = ("pass_at_1", "mean_at_1", "cons_at_n", "a2r", "synthesizer_alone", "ar_ar", "nar_ar",
            *DEEPCONF_METHODS)
@@ -57,13 +70,21 @@ SWEEP_METHODS = ("mean_at_1", "cons_at_n", "a2r")
 # Stages whose generated tokens and seconds the summary adds up.
 STAGES = ("explorer", "synthesizer", "synthesizer_alone", "thinker", "ar_thinker",
           "synthesizer_nar", "synthesizer_ar", "explorer_online", "synthesizer_conf")
-# The stages whose generated tokens each method needs (pass_at_1 / mean_at_1: one path).
-METHOD_STAGES = {"cons_at_n": ("explorer",), "a2r": ("explorer", "synthesizer"),
+# The stages (besides the explorer) each method needs: its cost is theirs plus its explorer part.
+METHOD_STAGES = {"pass_at_1": (), "mean_at_1": (), "cons_at_n": (), "a2r": ("synthesizer",),
                  "synthesizer_alone": ("synthesizer_alone",),
-                 "nar_ar": ("explorer", "thinker", "synthesizer_nar"),
-                 "ar_ar": ("explorer", "ar_thinker", "synthesizer_ar"),
-                 "deepconf_offline": ("explorer",), "deepconf_online": ("explorer_online",),
-                 "a2r_conf": ("explorer", "synthesizer_conf")}
+                 "nar_ar": ("thinker", "synthesizer_nar"), "ar_ar": ("ar_thinker", "synthesizer_ar"),
+                 "deepconf_offline": (), "deepconf_online": (), "a2r_conf": ("synthesizer_conf",)}
+# Methods whose explorer part is another explorer run's (the online stop's), not the explorer's.
+METHOD_EXPLORER = {"deepconf_online": "explorer_online"}
+# The thinker behind each thinker method (summary "thinkers": trace accuracy, wall time).
+METHOD_THINKER = {"nar_ar": ("nar", "thinker"), "ar_ar": ("ar", "ar_thinker")}
+COST_DEFINITION = ("token-parameters per question: sum over the stages a method needs of the token "
+                   "positions the stage's model forwarded x that model's parameters (about half the "
+                   "forward FLOPs). AR stages forward the prompt once and each generated token once "
+                   "(the N paths share one prompt); a diffusion thinker forwards its canvas at every "
+                   "denoising step. pass@1: prompt + first path; mean@1: prompt + an average path; "
+                   "Cons@N: prompt + all paths; A2R, NAR->AR, AR->AR: Cons@N's + their own stages.")
 # Record fields that hold wall-clock time: the only ones two runs of the same eval may differ in.
 TIMING_KEYS = ("seconds", "wall_seconds", "seconds_per_question")
 
@@ -125,6 +146,54 @@ def _graded(checker, answer: str | None, gold: str) -> dict[str, Any]:
             **({"note": verdict.note} if verdict.note else {})}
 
 
+def parameter_count(model) -> int | None:
+    """Parameters of ``model`` (tied embeddings once); None for an engine without them (vLLM)."""
+    parameters = getattr(model, "parameters", None)
+    return None if parameters is None else sum(p.numel() for p in parameters())
+
+
+def method_costs(stages: dict, parameters: dict[str, int | None],
+                 methods: Sequence[str] | None = None) -> dict[str, float | None]:
+    """Each method's cost (:data:`COST_DEFINITION`) from its stages' reports (``stages[name]``:
+    a :class:`~a2r.results.StageReport`) and ``parameters[name]``; None where a count is missing.
+    ``methods``: only these (default: every method whose stages ran). A method of
+    :data:`METHOD_EXPLORER` (``deepconf_online``) counts its own explorer run's tokens."""
+    explorer = stages["explorer"]
+    paths = [len(ids) for ids in explorer.token_ids]
+    explorer_part = {"pass_at_1": explorer.prompt_tokens + paths[0],
+                     "mean_at_1": explorer.prompt_tokens + sum(paths) / len(paths)}
+    costs = {}
+    for method, needed in METHOD_STAGES.items():
+        run = METHOD_EXPLORER.get(method, "explorer")
+        if (methods is not None and method not in methods) or run not in stages \
+                or any(name not in stages for name in needed):
+            continue
+        weight = parameters.get(run)
+        weights = [weight] + [parameters.get(name) for name in needed]
+        if any(w is None for w in weights):
+            costs[method] = None
+            continue
+        cost = 0.0 if method == "synthesizer_alone" else \
+            weight * explorer_part.get(method, stages[run].processed_tokens)
+        costs[method] = cost + sum(parameters[name] * stages[name].processed_tokens
+                                   for name in needed)
+    return costs
+
+
+def _stage_parameters(pipeline, ar_thinker) -> dict[str, int | None]:
+    synthesizer = parameter_count(pipeline.synthesizer)
+    return {"explorer": parameter_count(pipeline.explorer), "synthesizer": synthesizer,
+            "synthesizer_alone": synthesizer, "synthesizer_nar": synthesizer,
+            "synthesizer_ar": synthesizer,
+            "thinker": parameter_count(pipeline.thinker) if pipeline.thinker is not None else None,
+            "ar_thinker": parameter_count(ar_thinker[0]) if ar_thinker is not None else None}
+
+
+def _trace_answer(trace: str) -> str | None:
+    """The answer a thinker's trace states: its final answer, else the trace itself."""
+    return extract_final_answer(trace) or (trace.strip() or None)
+
+
 def evaluate_question(pipeline, index: int, question: str, gold: str, checker, *,
                       key: str, sweep_n: bool = False, ar_thinker=None,
                       deepconf=None) -> dict[str, Any]:
@@ -163,6 +232,10 @@ def evaluate_question(pipeline, index: int, question: str, gold: str, checker, *
             pipeline, question, result, lambda answer: _graded(checker, answer, gold), deepconf)
         methods.update(more)
         stages.update(more_stages)
+    parameters = _stage_parameters(pipeline, ar_thinker)
+    if deepconf is not None:
+        parameters.update(explorer_online=parameters["explorer"],
+                          synthesizer_conf=parameters["synthesizer"])
     record: dict[str, Any] = {
         "index": index, "question": question, "gold": gold, "settings_key": key, "num_paths": n,
         "correct": {m: v["correct"] for m, v in methods.items()},
@@ -170,6 +243,10 @@ def evaluate_question(pipeline, index: int, question: str, gold: str, checker, *
         "checkers": {m: v["checker"] for m, v in methods.items() if "checker" in v},
         "paths": paths,
         "traces": {kind: t.texts[0] for kind, t in traces.items()},
+        "trace_correct": {kind: checker.check(_trace_answer(t.texts[0]), gold).correct
+                          for kind, t in traces.items()},
+        "cost": method_costs(stages, parameters, list(methods)),
+        "parameters": parameters,
         "outputs": {name: s.texts[0] for name, s in stages.items() if name != "explorer"},
         "tokens": {name: s.generated_tokens for name, s in stages.items()},
         "path_tokens": [len(ids) for ids in result.explorer.token_ids],
@@ -224,6 +301,7 @@ def summarize(records: Sequence[dict], *, file: str, models: dict, config: dict,
     confidence = summarize_confidence(records)
     if confidence:
         summary["confidence"] = confidence
+    summary.update(_cost_summary(records, methods, seconds))
     if all("by_n" in r for r in records):
         sizes = list(records[0]["by_n"])
         summary["accuracy_by_n"] = {
@@ -233,21 +311,48 @@ def summarize(records: Sequence[dict], *, file: str, models: dict, config: dict,
 
 
 def tokens_by_method(records: Sequence[dict], methods: Sequence[str]) -> dict[str, int]:
-    """Generated tokens each method needs, summed over ``records`` (:data:`METHOD_STAGES`;
-    ``pass_at_1``: the first path; ``mean_at_1``: the mean path; records without per-path
-    counts leave those two out)."""
+    """Generated tokens each method needs, summed over ``records``: its explorer part
+    (``pass_at_1``: the first path; ``mean_at_1``: the mean path; ``synthesizer_alone``: none;
+    the others: every path of their explorer run, :data:`METHOD_EXPLORER`) plus its
+    :data:`METHOD_STAGES`' (records without per-path counts leave ``pass_at_1`` and
+    ``mean_at_1`` out)."""
     totals = {}
+    per_path = all("path_tokens" in r for r in records)
     for method in methods:
-        if method in METHOD_STAGES:
-            totals[method] = sum(r["tokens"].get(s, 0) for r in records
-                                 for s in METHOD_STAGES[method])
-        elif all("path_tokens" in r for r in records):
-            first, mean = method == "pass_at_1", method == "mean_at_1"
-            if first or mean:
-                totals[method] = round(sum(r["path_tokens"][0] if first else
-                                           sum(r["path_tokens"]) / len(r["path_tokens"])
-                                           for r in records))
+        if method not in METHOD_STAGES or (method in ("pass_at_1", "mean_at_1") and not per_path):
+            continue
+        total = 0.0
+        for r in records:
+            if method == "pass_at_1":
+                total += r["path_tokens"][0]
+            elif method == "mean_at_1":
+                total += sum(r["path_tokens"]) / len(r["path_tokens"])
+            elif method != "synthesizer_alone":
+                total += r["tokens"].get(METHOD_EXPLORER.get(method, "explorer"), 0)
+            total += sum(r["tokens"].get(s, 0) for s in METHOD_STAGES[method])
+        totals[method] = round(total)
     return totals
+
+
+def _cost_summary(records: Sequence[dict], methods, seconds: dict) -> dict[str, Any]:
+    """``cost_per_question`` (each method, :data:`COST_DEFINITION`; None where a model's
+    parameters are unknown), ``parameters`` and ``thinkers`` (each thinker method's trace accuracy
+    and wall time). Records without costs (written before they existed) give none."""
+    count = len(records)
+    if not all("cost" in r for r in records):
+        return {}
+    cost = {}
+    for m in methods:
+        values = [r["cost"].get(m) for r in records]
+        cost[m] = None if any(v is None for v in values) else sum(values) / count
+    thinkers = {}
+    for method, (kind, stage) in METHOD_THINKER.items():
+        if method in methods:
+            thinkers[method] = {
+                "stage": stage, "seconds": seconds[stage], "seconds_per_question": seconds[stage] / count,
+                "trace_accuracy": sum(float(r["trace_correct"][kind]) for r in records) / count}
+    return {"cost_per_question": cost, "cost_definition": COST_DEFINITION,
+            "parameters": records[0]["parameters"], "thinkers": thinkers}
 
 
 def plot_accuracy(summary: dict[str, Any], png: str | os.PathLike) -> Path:
