@@ -325,6 +325,29 @@ def test_vllm_engine_offline_confidence_from_logprobs(monkeypatch):
     assert "logprobs" not in asked and plain.confidences is None and plain.stop_reasons is None
 
 
+def test_method_costs_of_the_deepconf_methods_only_when_graded():
+    """deepconf_offline costs Cons@N's, a2r_conf that plus its synthesizer, deepconf_online its
+    own explorer run; a run without them records no cost for them."""
+    from a2r.eval.evaluate import method_costs
+    from a2r.results import StageReport
+
+    def stage(name, prompt_tokens, paths):
+        return StageReport(name, "", prompt_tokens, [""] * len(paths), [[0] * k for k in paths], 0.0)
+
+    stages = {"explorer": stage("explorer", 10, [4, 6]), "synthesizer": stage("synthesizer", 30, [5]),
+              "synthesizer_alone": stage("synthesizer_alone", 12, [3])}
+    parameters = {"explorer": 2, "synthesizer": 3, "synthesizer_alone": 3}
+    base = ["pass_at_1", "mean_at_1", "cons_at_n", "a2r", "synthesizer_alone"]
+    assert set(method_costs(stages, parameters, base)) == set(base)
+    stages.update(explorer_online=stage("explorer_online", 10, [4, 2]),
+                  synthesizer_conf=stage("synthesizer_conf", 20, [5]))
+    parameters.update(explorer_online=2, synthesizer_conf=3)
+    costs = method_costs(stages, parameters, base + ["deepconf_offline", "deepconf_online", "a2r_conf"])
+    assert costs["deepconf_offline"] == costs["cons_at_n"] == 2 * 20
+    assert costs["deepconf_online"] == 2 * 16
+    assert costs["a2r_conf"] == 2 * 20 + 3 * 25 and costs["a2r"] == 2 * 20 + 3 * 35
+
+
 def test_readme_table_matches_the_recorded_deepconf_eval():
     from a2r.demo.train import results_dir
 
@@ -374,6 +397,8 @@ def test_eval_deepconf_methods_and_tokens(tmp_path, capsys):
     assert summary["tokens_by_method"]["deepconf_online"] == online
     assert summary["tokens_by_method"]["cons_at_n"] == sum(sum(r["path_tokens"]) for r in records)
     assert online <= summary["tokens_by_method"]["cons_at_n"]
+    cost = summary["cost_per_question"]
+    assert cost["deepconf_offline"] == cost["cons_at_n"] and cost["deepconf_online"] <= cost["cons_at_n"]
     for r in records:   # the online paths are prefixes of the full run's (shared noise rows)
         assert all(o <= f for o, f in zip(r["confidence"]["online"]["path_tokens"], r["path_tokens"]))
         assert r["confidence"]["online"]["path_tokens"][:2] == r["path_tokens"][:2]
