@@ -29,10 +29,11 @@ from .task import HELDOUT_SEED, draw_problems
 __all__ = ["DEFAULT_QUESTIONS", "EXAMPLE_RULE", "RANDOM_MODELS_QUESTIONS", "TRAINED_NOTE",
            "cmd_demo", "example_index", "heldout_items", "scoreboard"]
 
-# Questions the demo grades: enough that one question moves a figure by about 4 points, few
-# enough that the demo stays under a minute on a loaded 2-core CPU (about 1.7 s per question with
-# every method, load 7).
-DEFAULT_QUESTIONS = 24
+# Questions the demo grades: enough that one question moves a figure by about 2 points (a
+# standard error of about 7 points at 50% accuracy), few enough that the demo stays under a
+# minute on the 2-core CPU: 25 s measured on the quiet box (about 0.35 s per question with every
+# method, plus start-up), about twice that at load 5-7.
+DEFAULT_QUESTIONS = 48
 # With --random-models: random models write every stage to its token limit (about 3x slower per
 # question), and their figures are noise whatever the count.
 RANDOM_MODELS_QUESTIONS = 8
