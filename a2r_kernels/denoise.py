@@ -15,12 +15,11 @@ import torch
 
 from . import reference_denoise
 from .backend import resolve_backend
-from .vocab import REMASKING, as_int, non_negative_int
+from .vocab import INT32_MAX, REMASKING, SEED_BOUND, as_int, non_negative_int
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_SEED_BOUND = 2 ** 63 - 1
 # (r * V) >> 32 of a uint32 r must fit int64, and vocabulary ids int32 inside the kernels.
-_MAX_VOCAB = 2 ** 31 - 1
+_MAX_VOCAB = INT32_MAX
 
 
 class DenoiseResult(NamedTuple):
@@ -37,12 +36,12 @@ class DenoiseResult(NamedTuple):
 
 
 def _draw_seed(generator: torch.Generator | None) -> int:
-    """A seed in ``[0, 2**63 - 1)`` from ``generator`` (default: torch's global CPU generator).
+    """A seed in ``[0, SEED_BOUND = 2**63 - 1)`` from ``generator`` (default: torch's global CPU generator).
 
     A CPU generator costs no device sync; a CUDA generator costs one ``.item()``.
     """
     device = generator.device if generator is not None else torch.device("cpu")
-    return int(torch.randint(0, _SEED_BOUND, (1,), generator=generator, device=device).item())
+    return int(torch.randint(0, SEED_BOUND, (1,), generator=generator, device=device).item())
 
 
 def _check_logits_and_tokens(logits, tokens, tokens_name: str) -> tuple[int, int, int]:
