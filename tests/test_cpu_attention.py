@@ -21,7 +21,7 @@ import a2r_kernels as ak
 from a2r_kernels import reference
 from a2r_kernels.backend import cpu_extension
 
-from test_attention import ATOL, check_close, random_tree
+from _attention_helpers import ATOL, check_close, random_tree
 
 EXT = cpu_extension()
 needs_ext = pytest.mark.skipif(EXT is None, reason="a2r_kernels._cpu not built (A2R_BUILD_CPU=0)")
