@@ -2,8 +2,9 @@
 
 Every case runs with each instruction-set build this machine can execute (the AVX2 + FMA + F16C
 build where the CPU has it, and the baseline build everywhere). The generic kernel tests of
-test_attention.py / test_wrapper.py run the "cpu" backend too; this module adds the odd shapes,
-the pool layouts it reads in place, extreme values, threads, and the build's guarantees.
+test_attention.py / test_paged_attention.py / test_wrapper.py run the "cpu" backend too; this
+module adds the odd shapes, the pool layouts it reads in place, extreme values, threads, and the
+build's guarantees.
 """
 
 import os
