@@ -12,7 +12,8 @@ from . import reference
 from .attention_launch import (ATTENTION_DTYPES, WorkPlan, alloc_partials, check_decode_inputs,
                                check_out, run_work_items, softmax_scale, unit_last_stride)
 from .backend import resolve_backend
-from .layout import DEFAULT_KV_CHUNK, TreeLayout
+from .layout import TreeLayout
+from .plan_builder import DEFAULT_KV_CHUNK
 
 
 def _alloc_outputs(q: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .layout import _SLICE_ALIGN
+from .plan_builder import SLICE_ALIGN
 
 
 class NodeBlockTables:
@@ -81,7 +81,7 @@ class NodeBlockTables:
             self.arena[lo_dirty:hi_dirty].copy_(self.host[lo_dirty:hi_dirty], non_blocking=True)
         starts = [self._state[node][1] for node in nodes]
         lo = min(starts, default=0)
-        lo -= lo % _SLICE_ALIGN   # the slice keeps the arena's 16-byte alignment
+        lo -= lo % SLICE_ALIGN   # the slice keeps the arena's 16-byte alignment
         hi = max((self._state[node][1] + self._state[node][2] for node in nodes), default=0)
         max_id = max((self._state[node][4] for node in nodes), default=-1)
         return [s - lo for s in starts], self.arena[lo:hi], max_id

@@ -55,7 +55,8 @@ from .errors import CacheFullError
 from .vocab import DEFAULT_BLOCK_SIZE, as_int, non_negative_int, positive_int
 from .block_tables import NodeBlockTables
 from .prefix_index import ROOT_ID, PrefixIndex, token_list, token_rows
-from .layout import TreeLayout, _kv_chunk, _seqs_per_item, host_to_device
+from .layout import TreeLayout, host_to_device
+from .plan_builder import kv_chunk, seqs_per_item
 
 _POOL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -569,8 +570,8 @@ class TreeKVCache:
         sequences may be listed; so may a sequence twice (it then gets two identical rows).
         ``kv_chunk_size`` and ``max_seqs_per_item`` are as in :meth:`TreeLayout.from_paths`.
         """
-        chunk = _kv_chunk(kv_chunk_size, self.block_size)
-        seqs_per_item = _seqs_per_item(max_seqs_per_item)
+        chunk = kv_chunk(kv_chunk_size, self.block_size)
+        per_item = seqs_per_item(max_seqs_per_item)
         nodes, paths = self._step_nodes(seqs)
         lengths = [node.length for node in nodes]
         page_starts, page_table, max_block_id = self._tables.sync(nodes,
@@ -587,5 +588,5 @@ class TreeKVCache:
         # The tree guarantees what from_paths would check (ids in range, no repeats, lengths
         # that fit their blocks): plan directly.
         return TreeLayout._plan(paths, None, lengths, self.block_size, chunk, self.device,
-                                seqs_per_item, page_starts=page_starts, page_table=page_table,
+                                per_item, page_starts=page_starts, page_table=page_table,
                                 node_tables=node_tables, max_block_id=max_block_id)

@@ -15,12 +15,11 @@ import torch
 
 from . import reference_denoise
 from .backend import resolve_backend
-from .vocab import REMASKING, as_int, non_negative_int
+from .vocab import INT32_MAX, REMASKING, SEED_BOUND, as_int, non_negative_int
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_SEED_BOUND = 2 ** 63 - 1
 # (r * V) >> 32 of a uint32 r must fit int64, and vocabulary ids int32 inside the kernels.
-_MAX_VOCAB = 2 ** 31 - 1
+_MAX_VOCAB = INT32_MAX
 
 
 class DenoiseResult(NamedTuple):
@@ -37,12 +36,12 @@ class DenoiseResult(NamedTuple):
 
 
 def _draw_seed(generator: torch.Generator | None) -> int:
-    """A seed in ``[0, 2**63 - 1)`` from ``generator`` (default: torch's global CPU generator).
+    """A seed in ``[0, SEED_BOUND = 2**63 - 1)`` from ``generator`` (default: torch's global CPU generator).
 
     A CPU generator costs no device sync; a CUDA generator costs one ``.item()``.
     """
     device = generator.device if generator is not None else torch.device("cpu")
-    return int(torch.randint(0, _SEED_BOUND, (1,), generator=generator, device=device).item())
+    return int(torch.randint(0, SEED_BOUND, (1,), generator=generator, device=device).item())
 
 
 def _check_logits_and_tokens(logits, tokens, tokens_name: str) -> tuple[int, int, int]:
@@ -99,6 +98,69 @@ def _check_finite_rows(logits: torch.Tensor, masked: torch.Tensor) -> None:
         b, l = (int(i) for i in bad.nonzero()[0])
         raise ValueError(f"logits[{b}, {l}] (a masked position) holds a NaN or +inf, or no logit "
                          "above -inf (check_finite=True)")
+
+
+class _StepArgs(NamedTuple):
+    """The checked scalar arguments of a denoise step: exactly one of ``quota`` (int64 ``[B]`` on
+    the logits' device) and ``threshold`` is set."""
+
+    mask_id: int
+    quota: torch.Tensor | None
+    threshold: float | None
+    temperature: float
+
+
+def _check_step_args(logits, tokens, mask_id, num_transfer, threshold, temperature, remasking,
+                     generator, check_finite) -> _StepArgs:
+    """Every check of :func:`denoise_step` (ValueError naming the argument), nothing changed."""
+    batch, _, vocab = _check_logits_and_tokens(logits, tokens, "tokens")
+    mask_id = as_int(mask_id, "mask_id")
+    if not 0 <= mask_id < vocab:
+        raise ValueError(f"mask_id must be an int in [0, V) = [0, {vocab}), got {mask_id!r}")
+    if (num_transfer is None) == (threshold is None):
+        raise ValueError("exactly one of num_transfer and threshold must be given, got "
+                         f"num_transfer={num_transfer!r}, threshold={threshold!r}")
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or \
+                not math.isfinite(threshold):
+            raise ValueError(f"threshold must be a finite float, got {threshold!r}")
+        threshold = float(threshold)
+        quota = None
+    else:
+        quota = _check_num_transfer(num_transfer, batch, logits.device)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or \
+            not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite float >= 0, got {temperature!r}")
+    if remasking not in REMASKING:
+        raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator)}")
+    if not isinstance(check_finite, bool):
+        raise ValueError(f"check_finite must be a bool, got {check_finite!r}")
+    if check_finite:
+        _check_finite_rows(logits, tokens == mask_id)
+    return _StepArgs(mask_id, quota, threshold, float(temperature))
+
+
+def _dispatch(chosen: str, logits: torch.Tensor, tokens: torch.Tensor, args: _StepArgs,
+              remasking: str, seed: int) -> DenoiseResult:
+    """Run the step on backend ``chosen`` (checked inputs, logits unit-stride in V)."""
+    step_args = (args.mask_id, args.quota, args.threshold, args.temperature, remasking, seed)
+    if chosen == "torch":
+        x0, confidence, transferred = reference_denoise.denoise_step(logits, tokens, *step_args)
+        return DenoiseResult(x0, confidence.float(), transferred)
+
+    batch, length = tokens.shape
+    x0 = torch.empty(batch, length, dtype=torch.int64, device=logits.device)
+    confidence = torch.empty(batch, length, dtype=torch.float32, device=logits.device)
+    transferred = torch.empty(batch, length, dtype=torch.bool, device=logits.device)
+    if chosen == "triton":
+        from .triton import denoise as triton_denoise
+        triton_denoise.denoise_step(logits, tokens, *step_args, x0, confidence, transferred)
+    else:  # "cuda"
+        from . import _cuda_ops
+        _cuda_ops.denoise_step(logits, tokens, *step_args, x0, confidence, transferred)
+    return DenoiseResult(x0, confidence, transferred)
 
 
 def denoise_step(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int, *,
@@ -169,54 +231,11 @@ def denoise_step(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int, *,
         >>> int(res.transferred.sum()), bool((tokens != 999).sum() == 4)
         (4, True)
     """
-    batch, length, vocab = _check_logits_and_tokens(logits, tokens, "tokens")
-    mask_id = as_int(mask_id, "mask_id")
-    if not 0 <= mask_id < vocab:
-        raise ValueError(f"mask_id must be an int in [0, V) = [0, {vocab}), got {mask_id!r}")
-    if (num_transfer is None) == (threshold is None):
-        raise ValueError("exactly one of num_transfer and threshold must be given, got "
-                         f"num_transfer={num_transfer!r}, threshold={threshold!r}")
-    if threshold is not None:
-        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or \
-                not math.isfinite(threshold):
-            raise ValueError(f"threshold must be a finite float, got {threshold!r}")
-        threshold = float(threshold)
-        quota = None
-    else:
-        quota = _check_num_transfer(num_transfer, batch, logits.device)
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or \
-            not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite float >= 0, got {temperature!r}")
-    temperature = float(temperature)
-    if remasking not in REMASKING:
-        raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator)}")
-    if not isinstance(check_finite, bool):
-        raise ValueError(f"check_finite must be a bool, got {check_finite!r}")
-    if check_finite:
-        _check_finite_rows(logits, tokens == mask_id)
+    args = _check_step_args(logits, tokens, mask_id, num_transfer, threshold, temperature,
+                            remasking, generator, check_finite)
     if logits.stride(-1) != 1 and logits.numel() > 0:
         logits = logits.contiguous()   # the kernels stream each row of V as a unit-stride vector
-
     chosen = resolve_backend("denoise_step", backend, logits.device)
-    needs_seed = temperature > 0 or remasking == "random"
+    needs_seed = args.temperature > 0 or remasking == "random"
     seed = _draw_seed(generator) if needs_seed else 0
-
-    if chosen == "torch":
-        x0, confidence, transferred = reference_denoise.denoise_step(
-            logits, tokens, int(mask_id), quota, threshold, temperature, remasking, seed)
-        return DenoiseResult(x0, confidence.float(), transferred)
-
-    x0 = torch.empty(batch, length, dtype=torch.int64, device=logits.device)
-    confidence = torch.empty(batch, length, dtype=torch.float32, device=logits.device)
-    transferred = torch.empty(batch, length, dtype=torch.bool, device=logits.device)
-    if chosen == "triton":
-        from .triton import denoise as triton_denoise
-        triton_denoise.denoise_step(logits, tokens, int(mask_id), quota, threshold, temperature,
-                                    remasking, seed, x0, confidence, transferred)
-    else:  # "cuda"
-        from . import _cuda_ops
-        _cuda_ops.denoise_step(logits, tokens, int(mask_id), quota, threshold, temperature,
-                               remasking, seed, x0, confidence, transferred)
-    return DenoiseResult(x0, confidence, transferred)
+    return _dispatch(chosen, logits, tokens, args, remasking, seed)

@@ -10,7 +10,8 @@ The planner splits the plan of a step in two:
 
 * the *shared part*: every node of the tree except each row's private leaf (the tokens after
   the last block the row shares with another row), planned by ``TreeLayout._plan`` when the
-  sharing changes (a *replan*: :func:`a2r_kernels.layout.block_table_nodes`, O(table entries));
+  sharing changes (a *replan*: :func:`a2r_kernels.block_table_tree.block_table_nodes`,
+  O(table entries));
 * the *tails*: row ``i``'s tokens ``[tail_start[i], seq_lens[i])``, read by row ``i`` only,
   from its own table row by reference (``page_start = i * W + tail_start[i] // block_size``),
   in fixed chunks of ``chunk`` tokens (the last one shorter). ``tail_start`` is a multiple of
@@ -40,9 +41,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .layout import (DEFAULT_KV_CHUNK, PLAN_FIELDS, WORK_FIELDS, _SLICE_ALIGN, TreeLayout,
-                     _kv_chunk, _round_up, _seqs_per_item, block_table_nodes)
-from .vocab import INT32_MAX, positive_int
+from .block_table_tree import block_table_nodes
+from .layout import TreeLayout
+from .plan_builder import (DEFAULT_KV_CHUNK, PLAN_FIELDS, aligned_slices, kv_chunk, round_up,
+                           seqs_per_item)
+from .vocab import INT32_MAX, WORK_FIELDS, positive_int
 from .wrapper import TreeAttentionWrapper, default_capacities
 
 __all__ = ["DecodeStepPlanner", "IncrementalTreePlanner"]
@@ -165,9 +168,9 @@ class IncrementalTreePlanner:
                  max_seqs_per_item: int | None = None):
         self.block_size = positive_int(block_size, "block_size")
         self.device = torch.device(device)
-        self.kv_chunk_size = _kv_chunk(kv_chunk_size, self.block_size)
-        self.max_seqs_per_item = _seqs_per_item(max_seqs_per_item)
-        self.tail_chunk = self.kv_chunk_size or _round_up(DEFAULT_KV_CHUNK, self.block_size)
+        self.kv_chunk_size = kv_chunk(kv_chunk_size, self.block_size)
+        self.max_seqs_per_item = seqs_per_item(max_seqs_per_item)
+        self.tail_chunk = self.kv_chunk_size or round_up(DEFAULT_KV_CHUNK, self.block_size)
         self.replans = 0
         self.incremental_steps = 0
         self._shared: _SharedPart | None = None
@@ -362,10 +365,7 @@ class IncrementalTreePlanner:
                   "row_seq": (shared.row_seq,), "merge_indptr": (indptr,),
                   "merge_rows": (merge_rows,), "seq_lens": (lens,)}
         sizes = {name: sum(part.size for part in parts) for name, parts in values.items()}
-        slices, total = {}, 0
-        for name in _HOST_FIELDS:
-            slices[name] = (total, total + sizes[name])
-            total += _round_up(sizes[name], _SLICE_ALIGN)
+        slices, total = aligned_slices(sizes, _HOST_FIELDS)
         if total > self._buffer.size:
             self._buffer = np.zeros(max(total, 2 * self._buffer.size), dtype=np.int32)
             self._host_plan = torch.from_numpy(self._buffer)

@@ -36,28 +36,17 @@ decode step that reuses one layout is CUDA-graph friendly.
 
 from __future__ import annotations
 
-from itertools import accumulate, chain
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from .backend import as_device
+from .block_table_tree import block_table_nodes
 from .vocab import INT32_MAX, WORK_FIELDS, int_list, positive_int
-
-# Split-KV chunk sizing. Every (sequence, q head) a work item covers costs one fp32 partial state,
-# written once and read once by the merge: 8 * head_dim bytes, against 4 * head_dim bytes of bf16
-# K+V per token and kv head. For a node read by a run of q_len sequences, a chunk of c tokens
-# therefore moves 2 * q_len * group / c partial bytes per KV byte: with a fixed 256-token chunk,
-# an 8k prefix under 64 branches at group 4 would move twice as many partial bytes as KV bytes.
-# So the chunk grows with the run: c = max(DEFAULT_KV_CHUNK, KV_CHUNK_TOKENS_PER_SEQ * q_len)
-# (ratio group / 8), while splitting the run into groups of MAX_SEQS_PER_ITEM sequences keeps
-# the number of programs for one prefix at about len / 256, the same as before, each streaming
-# as many tokens as before. Constants to be tuned on the GPU (bench_tree_attention.py sweeps them).
-DEFAULT_KV_CHUNK = 256          # shortest chunk: one program streams a few pages per row tile
-KV_CHUNK_TOKENS_PER_SEQ = 16    # adaptive chunk tokens per sequence of the run
-MAX_SEQS_PER_ITEM = 16          # sequences per work item: 64 query rows at group 4 (one MMA tile)
-
+# DEFAULT_KV_CHUNK, KV_CHUNK_TOKENS_PER_SEQ and PLAN_FIELDS are re-exported (named in docs here).
+from .plan_builder import (DEFAULT_KV_CHUNK, KV_CHUNK_TOKENS_PER_SEQ,  # noqa: F401
+                           MAX_SEQS_PER_ITEM, PLAN_FIELDS, build_host_plan, kv_chunk, seqs_per_item)
 
 def host_to_device(host: torch.Tensor, device) -> torch.Tensor:
     """``host`` (a contiguous CPU tensor) on ``device`` without a host sync.
@@ -102,154 +91,11 @@ def _seq_len_tensor(seq_lens, num_seqs: int) -> torch.Tensor:
     return lens
 
 
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
-
-
 def _rows(x, name: str) -> list:
     """``x`` (a sequence of sequences, or a 2-D tensor) as a list of its rows."""
     if x is None or isinstance(x, (str, bytes)) or not hasattr(x, "__iter__"):
         raise ValueError(f"{name} must be a sequence of int sequences, got {type(x).__name__}")
     return list(x)
-
-
-def _kv_chunk(kv_chunk_size, block_size: int) -> int | None:
-    """A fixed ``kv_chunk_size`` rounded up to a multiple of block_size; ``None`` (adaptive) as is."""
-    if kv_chunk_size is None:
-        return None
-    return _round_up(positive_int(kv_chunk_size, "kv_chunk_size"), block_size)
-
-
-def _seqs_per_item(max_seqs_per_item) -> int:
-    if max_seqs_per_item is None:
-        return MAX_SEQS_PER_ITEM
-    return positive_int(max_seqs_per_item, "max_seqs_per_item")
-
-
-def _group_by_keys(keys: list[np.ndarray]) -> np.ndarray:
-    """Group ids ``[E]`` (dense, any order) of the rows of the non-negative int64 key columns
-    ``keys`` (each ``[E]``): two entries share a group iff every key is equal.
-
-    Linear in E: an LSD radix sort, one stable ``argsort`` of 16-bit digits per pass (numpy's
-    stable sort of 16-bit ints is a radix sort), least significant key and digit first.
-    """
-    num_entries = keys[0].size
-    order = np.arange(num_entries)
-    for key in reversed(keys):
-        top = int(key.max()) if num_entries else 0
-        for shift in range(0, max(top.bit_length(), 1), 16):
-            digit = ((key[order] >> shift) & 0xFFFF).astype(np.uint16)
-            order = order[np.argsort(digit, kind="stable")]
-    new_group = np.ones(num_entries, dtype=bool)
-    if num_entries > 1:
-        differs = np.zeros(num_entries - 1, dtype=bool)
-        for key in keys:
-            ordered = key[order]
-            differs |= ordered[1:] != ordered[:-1]
-        new_group[1:] = differs
-    group = np.empty(num_entries, dtype=np.int64)
-    group[order] = np.cumsum(new_group) - 1
-    return group
-
-
-def block_table_nodes(host_tables: np.ndarray, lens: np.ndarray, block_size: int):
-    """The tree of a paged decode step (what :meth:`TreeLayout.from_block_tables` plans).
-
-    ``host_tables``: int ``[S, W]`` block ids (numpy, host); ``lens``: int ``[S]`` tokens per row,
-    ``0 <= lens <= W * block_size`` (checked by the caller). Row ``i`` reads token ``t`` at
-    ``(host_tables[i, t // block_size], t % block_size)``.
-
-    Returns ``(paths, lengths, page_starts, max_block_id)``: per row its node ids (root to
-    leaf), per node its tokens and the flat index ``row * W + col`` of its first block in
-    ``host_tables`` (its first reader's row), and the largest block id read (-1 if none).
-    O(S * W) host work, vectorised; no sort (block ids read at two positions or to two lengths
-    go through :func:`_group_by_keys`, also linear).
-    """
-    num_seqs, width = host_tables.shape
-    lens = np.asarray(lens, dtype=np.int64)
-    num_used = (lens + block_size - 1) // block_size                # blocks each row reads
-    used = np.arange(width)[None, :] < num_used[:, None]
-    blocks = host_tables[used].astype(np.int64)                   # row-major: row, then pos
-    num_entries = blocks.size
-    rows = np.repeat(np.arange(num_seqs), num_used)
-    entry = np.arange(num_entries)
-    cols = entry - np.repeat(np.cumsum(num_used) - num_used, num_used)
-    if num_entries and blocks.min() < 0:
-        bad = int(rows[blocks < 0][0])
-        raise ValueError(f"block_tables[{bad}] holds a negative block id within seq_lens")
-    if num_entries and blocks.max() > INT32_MAX:
-        bad = int(rows[blocks > INT32_MAX][0])
-        raise ValueError(f"block_tables[{bad}] holds a block id above {INT32_MAX}")
-    last = cols == num_used[rows] - 1
-    fill = np.where(last, lens[rows] - cols * block_size, block_size)
-    max_block_id = int(blocks.max()) if num_entries else -1
-
-    # Group the used entries by (position, block id, tokens read): one group per shared block.
-    # Without a sort when every block id is read at one position to one length (what paged
-    # engines hand over): an entry's group is the first entry with its block id.
-    first_of_block = np.empty(max_block_id + 1, dtype=np.int64)
-    first_of_block[blocks[::-1]] = entry[::-1]   # repeated ids: the last write (first) wins
-    first = first_of_block[blocks]
-    if np.array_equal(cols[first], cols) and np.array_equal(fill[first], fill):
-        is_first = first == entry
-        group = (np.cumsum(is_first) - 1)[first]
-    else:
-        group = _group_by_keys([cols, blocks, fill])
-    num_groups = int(group.max()) + 1 if num_entries else 0
-    counts = np.bincount(group, minlength=num_groups)
-    group_first = np.empty(num_groups, dtype=np.int64)      # each group's first entry
-    group_first[group[::-1]] = entry[::-1]
-    # A group merges into the next one when all its readers continue into the same group and
-    # nobody else reads that one: then both have the same readers, so one node holds both.
-    nxt = np.full(num_entries, -1, dtype=np.int64)
-    if num_entries > 1:
-        nxt[:-1] = np.where(last[:-1], -1, group[1:])
-    group_next = nxt[group_first]
-    disagree = np.zeros(num_groups, dtype=bool)
-    disagree[group[nxt != group_next[group]]] = True
-    merges = ~disagree & (group_next >= 0)
-    merges &= counts == counts[np.clip(group_next, 0, None)]
-    # Chains of merged groups, in linear time: a merged group's readers all read its target
-    # next, so along any row a node is a run of consecutive entries; a run starts at an entry
-    # whose predecessor in the row does not merge into it, and its group is the chain's head.
-    is_head = np.ones(num_groups, dtype=bool)
-    is_head[group_next[merges]] = False
-    run_start = np.ones(num_entries, dtype=bool)
-    if num_entries > 1:
-        run_start[1:] = last[:-1] | ~merges[group[:-1]]
-    run_head = group[run_start]                                   # each run's head group
-    node = (np.cumsum(is_head) - 1)[run_head][np.cumsum(run_start) - 1]   # [E]
-    num_nodes = int(is_head.sum())
-    node_of_group = np.empty(num_groups, dtype=np.int64)
-    node_of_group[group] = node
-    group_fill = fill[group_first]
-    node_len = np.bincount(node_of_group, weights=group_fill, minlength=num_nodes)
-    # A node's table starts at its head group's first entry (the first reader's row).
-    node_start = (rows * width + cols)[group_first[is_head]]
-    # Paths: each row's entries, one per node (consecutive entries of one node collapse).
-    starts = np.ones(num_entries, dtype=bool)
-    if num_entries > 1:
-        starts[1:] = (node[1:] != node[:-1]) | (rows[1:] != rows[:-1])
-    path_nodes = node[starts].tolist()
-    per_row = np.bincount(rows[starts], minlength=num_seqs).tolist()
-    paths, pos = [], 0
-    for count in per_row:
-        paths.append(path_nodes[pos:pos + count])
-        pos += count
-    lengths = node_len.astype(np.int64).tolist()
-    page_starts = node_start.tolist()
-    return paths, lengths, page_starts, max_block_id
-
-
-# The plan's int32 tensors are slices of one buffer (one host-to-device copy per step instead of
-# six); each slice starts at a multiple of this many int32s (16 bytes), so every pointer keeps
-# the 16-byte alignment that Triton specialises on.
-_SLICE_ALIGN = 4
-
-
-# The plan tensors, in the order of the host buffer (the page table is not always part of it:
-# a layout may read an external block-table tensor by reference).
-PLAN_FIELDS = ("work_info", "row_seq", "page_table", "merge_indptr", "merge_rows", "seq_lens")
 
 
 class TreeLayout:
@@ -322,8 +168,8 @@ class TreeLayout:
         """
         block_size = positive_int(block_size, "block_size")
         device = as_device(device)
-        chunk = _kv_chunk(kv_chunk_size, block_size)
-        seqs_per_item = _seqs_per_item(max_seqs_per_item)
+        chunk = kv_chunk(kv_chunk_size, block_size)
+        per_item = seqs_per_item(max_seqs_per_item)
 
         lengths = int_list(node_lengths, "node_lengths", low=0, high=INT32_MAX)
         num_nodes = len(lengths)
@@ -348,7 +194,7 @@ class TreeLayout:
             if len(set(path)) != len(path):
                 raise ValueError(f"paths[{i}] repeats a node: {path}")
             path_lists.append(path)
-        return cls._plan(path_lists, tables, lengths, block_size, chunk, device, seqs_per_item)
+        return cls._plan(path_lists, tables, lengths, block_size, chunk, device, per_item)
 
     @classmethod
     def from_block_tables(cls, block_tables, seq_lens, block_size: int, device="cpu", *,
@@ -382,8 +228,8 @@ class TreeLayout:
         ``kv_bytes(layout, ...)["shared"]`` counts each shared block's tokens once.
         """
         block_size = positive_int(block_size, "block_size")
-        chunk = _kv_chunk(kv_chunk_size, block_size)
-        seqs_per_item = _seqs_per_item(max_seqs_per_item)
+        chunk = kv_chunk(kv_chunk_size, block_size)
+        per_item = seqs_per_item(max_seqs_per_item)
         device = as_device(device)
         tables = _block_table_tensor(block_tables)                 # int [S, B], CPU or device
         num_seqs, width = tables.shape
@@ -401,14 +247,14 @@ class TreeLayout:
             return [flat[s:s + -(-n // block_size)].tolist() for s, n in zip(page_starts, lengths)]
 
         pages = tables.to(device, torch.int32).contiguous().view(-1)
-        return cls._plan(paths, None, lengths, block_size, chunk, device, seqs_per_item,
+        return cls._plan(paths, None, lengths, block_size, chunk, device, per_item,
                          page_starts=page_starts, page_table=pages, node_tables=node_tables,
                          max_block_id=max_block_id)
 
     @classmethod
     def _plan(cls, paths: list[list[int]], tables: list[list[int]] | None, lengths: list[int],
               block_size: int, chunk: int | None, device,
-              seqs_per_item: int = MAX_SEQS_PER_ITEM, *, page_starts: list[int] | None = None,
+              per_item: int = MAX_SEQS_PER_ITEM, *, page_starts: list[int] | None = None,
               page_table: torch.Tensor | None = None, node_tables=None,
               max_block_id: int | None = None) -> "TreeLayout":
         """The plan of already validated inputs (what :meth:`from_paths` checks), which it keeps
@@ -419,151 +265,18 @@ class TreeLayout:
         with the plan), or an external ``page_table`` (int32 1-D on ``device``) with each node's
         ``page_starts`` in it, its ``node_tables`` (lists, or a callable making them, for the
         host-side users) and ``max_block_id``: then the plan costs O(sequences + path nodes +
-        work items) host work, whatever the nodes' lengths.
+        work items) host work, whatever the nodes' lengths (:func:`plan_builder.build_host_plan`).
         """
-        min_chunk = chunk if chunk is not None else _round_up(DEFAULT_KV_CHUNK, block_size)
-        num_seqs = len(paths)
-        num_nodes = len(lengths)
-
-        # Kernel order: lexicographic by path, so sequences under a node are contiguous.
-        order = sorted(range(num_seqs), key=paths.__getitem__)
-
-        if tables is not None:
-            page_starts = []
-            offset = 0
-            for table in tables:
-                page_starts.append(offset)
-                offset += len(table)
-            node_tables = tables
-
-        # Kernel positions of the sequences that read each node, ascending.
-        node_positions: list[list[int]] = [[] for _ in range(num_nodes)]
-        for p, seq in enumerate(order):
-            for j in paths[seq]:
-                node_positions[j].append(p)
-
-        # Work items: Python ints for the common short items (leaves), numpy blocks for the
-        # runs that split into many (a long shared prefix), so host work grows with the number
-        # of runs, not with their chunks. Partial rows: every (sequence, node) pair is one
-        # arithmetic segment (first, stride, count) of rows, expanded by numpy at the end.
-        work_parts: list = []
-        work: list[int] = []   # WORK_FIELDS per item, flattened
-        num_work = 0
-        segments: list[list[int]] = [[] for _ in range(num_seqs)]   # (first, stride, count)...
-        num_partials = 0
-        max_q_len = 0
-        table_max = -1
-        for j, positions in enumerate(node_positions):
-            length = lengths[j]
-            if not positions or length == 0:
-                continue
-            if tables is not None:
-                table = tables[j]
-                num_pages = -(-length // block_size)
-                table_max = max(table_max, max(table) if len(table) == num_pages
-                                else max(table[:num_pages]))
-            if length <= min_chunk and len(positions) == 1:   # a leaf of one sequence: the common case
-                work += (positions[0], 1, page_starts[j], 0, length, num_partials)
-                num_work += 1
-                segments[order[positions[0]]] += (num_partials, 1, 1)
-                num_partials += 1
-                max_q_len = max_q_len or 1
-                continue
-            if positions[-1] - positions[0] + 1 == len(positions):   # one run: always in a tree
-                runs = [(positions[0], len(positions))]
-            else:
-                runs = []
-                start = prev = positions[0]
-                for p in positions[1:]:
-                    if p != prev + 1:
-                        runs.append((start, prev - start + 1))
-                        start = p
-                    prev = p
-                runs.append((start, prev - start + 1))
-            for run_start, run_len in runs:
-                run_chunk = chunk
-                if run_chunk is None:   # adaptive: at least the target, balanced (no short tail)
-                    target = max(min_chunk, KV_CHUNK_TOKENS_PER_SEQ * run_len)
-                    num_chunks = max(1, length // target)
-                    run_chunk = _round_up(-(-length // num_chunks), block_size)
-                num_chunks = -(-length // run_chunk)
-                num_groups = -(-run_len // seqs_per_item)
-                # Chunk-major: the run's groups over one chunk are adjacent work items (they run
-                # together and the chunk comes from DRAM once). Item (c, g) writes partial rows
-                # base + c * run_len + (its sequences' offsets in the run).
-                base = num_partials
-                if num_chunks * num_groups <= 4:
-                    for kv_start in range(0, length, run_chunk):
-                        kv_end = min(kv_start + run_chunk, length)
-                        for q_start in range(run_start, run_start + run_len, seqs_per_item):
-                            q_len = min(seqs_per_item, run_start + run_len - q_start)
-                            work += (q_start, q_len, page_starts[j], kv_start, kv_end,
-                                     base + (kv_start // run_chunk) * run_len + q_start - run_start)
-                else:
-                    kv_start = np.arange(num_chunks, dtype=np.int64)[:, None] * run_chunk
-                    offset = np.arange(num_groups, dtype=np.int64)[None, :] * seqs_per_item
-                    items = np.empty((num_chunks, num_groups, len(WORK_FIELDS)), dtype=np.int64)
-                    items[..., 0] = run_start + offset
-                    items[..., 1] = np.minimum(seqs_per_item, run_len - offset)
-                    items[..., 2] = page_starts[j]
-                    items[..., 3] = kv_start
-                    items[..., 4] = np.minimum(kv_start + run_chunk, length)
-                    items[..., 5] = base + (kv_start // run_chunk) * run_len + offset
-                    work_parts += (work, items.reshape(-1))
-                    work = []
-                num_work += num_chunks * num_groups
-                max_q_len = max(max_q_len, min(seqs_per_item, run_len))
-                for r, seq in enumerate(order[run_start:run_start + run_len], base):
-                    segments[seq] += (r, run_len, num_chunks)
-                num_partials += num_chunks * run_len
-        work_parts.append(work)
-
-        rows_per_seq = [sum(seq_segments[2::3]) for seq_segments in segments]
-        indptr = [0, *accumulate(rows_per_seq)]
-        flat_segments = np.fromiter(chain.from_iterable(segments), dtype=np.int64)
-        first, stride, count = flat_segments[0::3], flat_segments[1::3], flat_segments[2::3]
-        if count.size and int(count.max()) > 1:   # expand the segments into row ids
-            seg_start = np.repeat(np.cumsum(count) - count, count)
-            rows = np.repeat(first, count) + np.repeat(stride, count) * (
-                np.arange(num_partials, dtype=np.int64) - seg_start)
-        else:
-            rows = first
-        seq_lens = [sum(map(lengths.__getitem__, path)) for path in paths]
-
-        # One int32 buffer holds every tensor of the plan: one copy to the device.
-        sizes = {"work_info": num_work * len(WORK_FIELDS), "row_seq": num_seqs,
-                 "page_table": page_starts[-1] + len(tables[-1]) if tables else 0,
-                 "merge_indptr": num_seqs + 1, "merge_rows": num_partials, "seq_lens": num_seqs}
-        slices = {}
-        total = 0
-        for name in PLAN_FIELDS:
-            if name == "page_table" and tables is None:
-                continue
-            slices[name] = (total, total + sizes[name])
-            total += _round_up(sizes[name], _SLICE_ALIGN)
-        host_plan = torch.empty(total, dtype=torch.int32)
-        host = host_plan.numpy()
-        pos = slices["work_info"][0]
-        for part in work_parts:
-            host[pos:pos + len(part)] = part
-            pos += len(part)
-        for name, values in (("row_seq", order), ("merge_indptr", indptr), ("merge_rows", rows),
-                             ("seq_lens", seq_lens)):
-            start, end = slices[name]
-            host[start:end] = values
-        if tables is not None:
-            pos = slices["page_table"][0]
-            for table in tables:
-                host[pos:pos + len(table)] = table
-                pos += len(table)
+        plan = build_host_plan(paths, tables, lengths, block_size, chunk, per_item,
+                               page_starts)
         return cls(
             paths=paths, node_lengths=lengths, block_size=block_size,
-            device=torch.device(device), kv_chunk_size=chunk, max_seqs_per_item=seqs_per_item,
-            host_plan=host_plan, slices=slices, page_starts=page_starts, page_table=page_table,
-            node_tables=node_tables, num_work=num_work,
-            num_partials=num_partials,
-            max_block_id=table_max if max_block_id is None else max_block_id,
-            max_seq_len=max(seq_lens, default=0), max_q_len=max_q_len,
+            device=torch.device(device), kv_chunk_size=chunk, max_seqs_per_item=per_item,
+            host_plan=plan.buffer, slices=plan.slices, page_starts=plan.page_starts,
+            page_table=page_table, node_tables=tables if tables is not None else node_tables,
+            num_work=plan.num_work, num_partials=plan.num_partials,
+            max_block_id=plan.table_max if max_block_id is None else max_block_id,
+            max_seq_len=plan.max_seq_len, max_q_len=plan.max_q_len,
         )
 
     # ------------------------------------------------------------------ plan tensors

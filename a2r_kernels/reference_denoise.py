@@ -57,8 +57,8 @@ from __future__ import annotations
 
 import torch
 
-from .vocab import (GUMBEL_BOUND, GUMBEL_STREAM, RANDOM_SCORE_STREAM, REMASKING,  # noqa: F401
-                    TOPK_PROBE)
+from .vocab import (GUMBEL_BOUND, GUMBEL_STREAM, NEG_HUGE, RANDOM_SCORE_STREAM,  # noqa: F401
+                    REMASKING, TOPK_PROBE)
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_ROUND_A = 0xD2511F53
@@ -132,7 +132,6 @@ def philox_uniform(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: int, c3: i
 # int64 temporaries (7 int64 Philox words and buffers when sampling) stay in the CPU's L2 / L3
 # instead of streaming [B, L, V] temporaries through DRAM.
 _CHUNK_LOGITS = 1 << 17
-_NEG_HUGE = -1e30   # the kernels' finite clamp of x - m: exp(-1e30) is 0 and 0 * -1e30 is 0
 
 
 def _gumbel_rows(seed: int, positions: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -245,7 +244,7 @@ def _predict_rows(x: torch.Tensor, positions: torch.Tensor, mask_id: int, temper
             row_max, float("-inf"))
     shifted = x.sub_(row_max.unsqueeze(-1))       # x - m (in place: x is scratch)
     if remasking == "entropy":
-        shifted.clamp_(min=_NEG_HUGE)
+        shifted.clamp_(min=NEG_HUGE)
         weights = shifted.exp()
         sum_exp = weights.sum(dim=-1)
         score = weights.mul_(shifted).sum(dim=-1) / sum_exp - sum_exp.log()   # sum p log p

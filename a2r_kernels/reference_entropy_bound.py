@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from .reference_denoise import gumbel_argmax, philox_word
-from .vocab import GUMBEL_BOUND, RENOISE_STREAM, TOPK_PROBE  # noqa: F401
+from .vocab import GUMBEL_BOUND, NEG_HUGE, RENOISE_STREAM, TOPK_PROBE  # noqa: F401
 
 
 def entropy_and_argmax(x: torch.Tensor
@@ -47,9 +47,9 @@ def entropy_and_argmax(x: torch.Tensor
     valid = row_max > float("-inf")          # False for NaN too
     point_mass = row_max == float("inf")
     # H = log s - a / s with z = x - max, s = sum e^z, a = sum e^z z: one exp per entry and no
-    # log (softmax + entr would take both). A -inf logit's z is clamped to a finite -1e30, whose
+    # log (softmax + entr would take both). A -inf logit's z is clamped to a finite NEG_HUGE, whose
     # weight e^z is exactly 0, so it adds 0 rather than 0 * (-inf).
-    z = (x - row_max[:, None]).clamp_(min=-1e30)
+    z = (x - row_max[:, None]).clamp_(min=NEG_HUGE)
     weights = z.exp()
     total = weights.sum(dim=-1)
     weighted = (weights * z).sum(dim=-1)

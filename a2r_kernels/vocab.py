@@ -1,7 +1,8 @@
 """Shared vocabulary of the package, each name defined once: the integer rules every op checks
 its arguments by, the backend names, the remasking modes and their kernel codes, the kernels'
-limits, the sampling kernels' constants, the default KV block size, end-of-sequence ids, the
-range check of token ids and the text config and attention geometry of a model config.
+limits, the sampling kernels' constants (Philox streams, seed range, clamp, base changes), the
+default KV block size, end-of-sequence ids, the range check of token ids and the text config and
+attention geometry of a model config.
 
 Torch-free on purpose (imported by host-side bookkeeping and by the CLI alike). The values that
 the compiled extension also knows (``MAX_HEAD_DIM``, ``WORK_INFO_COLUMNS``, ``REMASKING_CODES``)
@@ -42,6 +43,14 @@ TOPK_PROBE = 64
 GUMBEL_STREAM = 0         # Philox counter word c2 of the Gumbel noise
 RANDOM_SCORE_STREAM = 1   # ... of remasking="random"'s scores
 RENOISE_STREAM = 2        # ... of entropy_bound_step's renoise token
+SEED_BOUND = 2 ** 63 - 1  # a step's seed is drawn from [0, SEED_BOUND): a non-negative int64
+# The finite clamp of a shifted logit x - max: exp(NEG_HUGE) is 0 and 0 * NEG_HUGE is 0, where a
+# -inf shift would give 0 * -inf = NaN in p log p.
+NEG_HUGE = -1e30
+
+# Base changes of the kernels, which use exp2 / log2 (the references use exp / log).
+LOG2E = 1.4426950408889634   # log2(e)
+LN2 = 0.6931471805599453     # ln(2)
 
 # One row of a TreeLayout's int32 ``work_info [num_work, WORK_INFO_COLUMNS]`` plan: the fields of
 # one work item, in column order (a2r_kernels/layout.py explains each; csrc/ops.h kWorkInfoColumns).

@@ -31,9 +31,10 @@ import torch
 from .backend import resolve_backend
 from .attention_launch import (ATTENTION_DTYPES, WorkPlan, check_decode_inputs, check_out,
                                run_work_items, softmax_scale)
-from .vocab import MAX_HEAD_DIM, positive_int
-from .layout import (DEFAULT_KV_CHUNK, KV_CHUNK_TOKENS_PER_SEQ, MAX_SEQS_PER_ITEM, PLAN_FIELDS,
-                     WORK_FIELDS, _SLICE_ALIGN, TreeLayout)
+from .vocab import MAX_HEAD_DIM, WORK_FIELDS, positive_int
+from .layout import TreeLayout
+from .plan_builder import (DEFAULT_KV_CHUNK, KV_CHUNK_TOKENS_PER_SEQ, MAX_SEQS_PER_ITEM,
+                           PLAN_FIELDS, aligned_slices)
 from .torch_decode import TorchDecodePlan
 
 # Regions of the plan buffer (the layout's PLAN_FIELDS), in order; the page table last, so that a
@@ -151,11 +152,7 @@ class TreeAttentionWrapper:
         sizes = {"work_info": self.max_work * len(WORK_FIELDS), "row_seq": self.max_seqs,
                  "merge_indptr": self.max_seqs + 1, "merge_rows": self.max_partials,
                  "seq_lens": self.max_seqs, "page_table": self.max_blocks}
-        self._region: dict[str, tuple[int, int]] = {}
-        offset = 0
-        for name in _REGIONS:
-            self._region[name] = (offset, offset + sizes[name])
-            offset += sizes[name] + (-sizes[name] % _SLICE_ALIGN)   # 16-byte aligned
+        self._region, offset = aligned_slices(sizes, _REGIONS)   # 16-byte aligned regions
         self._plan_buffer = torch.zeros(offset, dtype=torch.int32, device=self.device)
         on_cuda = self.device.type == "cuda"
         # Host staging: on CUDA a ring of pinned buffers, so the copy is asynchronous and plan()

@@ -2,8 +2,9 @@
 
 Every case runs with each instruction-set build this machine can execute (the AVX2 + FMA + F16C
 build where the CPU has it, and the baseline build everywhere). The generic kernel tests of
-test_attention.py / test_wrapper.py run the "cpu" backend too; this module adds the odd shapes,
-the pool layouts it reads in place, extreme values, threads, and the build's guarantees.
+test_attention.py / test_paged_attention.py / test_wrapper.py run the "cpu" backend too; this
+module adds the odd shapes, the pool layouts it reads in place, extreme values, threads, and the
+build's guarantees.
 """
 
 import os
@@ -21,7 +22,7 @@ import a2r_kernels as ak
 from a2r_kernels import reference
 from a2r_kernels.backend import cpu_extension
 
-from test_attention import ATOL, check_close, random_tree
+from _attention_helpers import ATOL, check_close, random_tree
 
 EXT = cpu_extension()
 needs_ext = pytest.mark.skipif(EXT is None, reason="a2r_kernels._cpu not built (A2R_BUILD_CPU=0)")

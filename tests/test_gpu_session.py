@@ -159,7 +159,8 @@ def test_verify_pytest_selection_is_collected():
                          check=True, timeout=60).stdout.split()
     assert len(ids) >= 20 and len(set(ids)) == len(ids)
     families = {i.split("::")[0] for i in ids}
-    assert {"tests/test_cuda.py", "tests/test_attention.py", "tests/test_denoise.py"} <= families
+    assert {"tests/test_cuda.py", "tests/test_cuda_gpu.py", "tests/test_attention.py",
+            "tests/test_paged_attention.py", "tests/test_denoise.py"} <= families
     if not torch.cuda.is_available():
         # KERNEL_BACKENDS holds "cuda" only with a GPU: the triton twin of such an id must collect.
         ids = sorted({i.replace("[cuda]", "[triton]") for i in ids})

@@ -3,7 +3,9 @@ uses it reads that one definition; the end-of-sequence and model-geometry rules.
 
 from __future__ import annotations
 
+import ast
 import importlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +37,14 @@ SHARED = [
     ("a2r_kernels.cache", "DEFAULT_BLOCK_SIZE", "DEFAULT_BLOCK_SIZE"),
     ("a2r_kernels.hf.decoder", "DEFAULT_BLOCK_SIZE", "DEFAULT_BLOCK_SIZE"),
     ("a2r_kernels.hf.decoder", "text_config", "text_config"),
+    ("a2r_kernels.denoise", "SEED_BOUND", "SEED_BOUND"),
+    ("a2r.thinker.masked", "SEED_BOUND", "SEED_BOUND"),
+    ("a2r_kernels.reference_denoise", "NEG_HUGE", "NEG_HUGE"),
+    ("a2r_kernels.reference_entropy_bound", "NEG_HUGE", "NEG_HUGE"),
+    ("a2r_kernels.triton.denoise", "NEG_HUGE", "NEG_HUGE"),
+    ("a2r_kernels.triton.denoise", "INT32_MAX", "INT32_MAX"),
+    ("a2r_kernels.triton.attention", "LOG2E", "LOG2E"),
+    ("a2r_kernels.triton.attention", "LN2", "LN2"),
 ]
 
 
@@ -47,6 +57,76 @@ def test_remasking_codes_are_the_mode_indices():
     assert _vocab.REMASKING == ("low_confidence", "margin", "entropy", "random")
     assert [_vocab.REMASKING_CODES[m] for m in _vocab.REMASKING] == [0, 1, 2, 3]
     assert _vocab.WORK_INFO_COLUMNS == len(_vocab.WORK_FIELDS) == 6
+
+
+# Values distinctive enough that a literal equal to one, anywhere in the packages' code outside
+# vocab.py, is a second definition of that constant (type and value must match: 17 is not 17.0).
+DISTINCTIVE = ("INT32_MAX", "SEED_BOUND", "NEG_HUGE", "LOG2E", "LN2", "GUMBEL_BOUND")
+# Calls whose fourth argument is a Philox counter word c2, i.e. a stream number (*_STREAM).
+PHILOX_CALLS = ("philox", "philox_word", "philox_uniform", "_uniform_from_philox")
+REPO = Path(__file__).resolve().parents[1]
+_CONSTANT_NODES = (ast.Constant, ast.BinOp, ast.UnaryOp, ast.operator, ast.unaryop)
+
+
+def _package_sources(root: Path):
+    for tree in ("a2r_kernels", "python/a2r"):
+        for path in sorted((root / tree).rglob("*.py")):
+            if path.name != "vocab.py":
+                yield path.relative_to(root).as_posix(), ast.parse(path.read_text())
+
+
+def constant_copies(root: Path) -> list[str]:
+    """``file:line: expression equals NAME`` for every constant expression (literals and
+    arithmetic on them) in the packages that equals a ``DISTINCTIVE`` vocab value, and for every
+    Philox call whose stream argument is a literal."""
+    wanted = {(type(getattr(_vocab, name)), getattr(_vocab, name)): name for name in DISTINCTIVE}
+    found = []
+    for where, tree in _package_sources(root):
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                func = node.func.attr if isinstance(node.func, ast.Attribute) else \
+                    getattr(node.func, "id", "")
+                if (func in PHILOX_CALLS and len(node.args) > 3
+                        and isinstance(node.args[3], ast.Constant)):
+                    found.append(f"{where}:{node.lineno}: {func}(...) with stream literal "
+                                 f"{ast.unparse(node.args[3])} (name a *_STREAM)")
+            if (isinstance(node, (ast.BinOp, ast.UnaryOp, ast.Constant))
+                    and all(isinstance(n, _CONSTANT_NODES) for n in ast.walk(node))):
+                try:
+                    value = eval(compile(ast.Expression(node), where, "eval"))   # literals only
+                except (ArithmeticError, TypeError, ValueError):
+                    continue
+                name = wanted.get((type(value), value)) if not isinstance(value, str) else None
+                if name:
+                    found.append(f"{where}:{node.lineno}: {ast.unparse(node)} equals {name}")
+    return found
+
+
+def test_kernel_constants_are_not_written_again():
+    """Each sampling / limit constant is read from a2r_kernels.vocab, never written as its value
+    again (the Triton kernels wrap the vocab value in tl.constexpr), and every Philox stream is
+    named (GUMBEL_STREAM, RANDOM_SCORE_STREAM, RENOISE_STREAM)."""
+    assert constant_copies(REPO) == []
+
+
+def test_constant_copy_check_flags_copies(tmp_path):
+    """The check above fails on a copy of the tree that writes the values out again."""
+    (tmp_path / "python/a2r").mkdir(parents=True)
+    (tmp_path / "a2r_kernels/triton").mkdir(parents=True)
+    (tmp_path / "a2r_kernels/triton/k.py").write_text(
+        "import triton.language as tl\n"
+        "_INT32_MAX = tl.constexpr(2147483647)\n"
+        "LOG2E = tl.constexpr(1.4426950408889634)\n"
+        "def f(seed, c0, c1):\n"
+        "    return _uniform_from_philox(seed, c0, c1, 1) + tl.philox(seed, c0, c1, 0, 0)[0]\n")
+    (tmp_path / "python/a2r/m.py").write_text("SEED = 2 ** 63 - 1\nCLAMP = -1e30\nN = 17\n")
+    found = constant_copies(tmp_path)
+    assert [line.split(": ", 1)[0] for line in found] == [
+        "a2r_kernels/triton/k.py:2", "a2r_kernels/triton/k.py:3", "a2r_kernels/triton/k.py:5",
+        "a2r_kernels/triton/k.py:5", "python/a2r/m.py:1", "python/a2r/m.py:2"]
+    assert "equals INT32_MAX" in found[0] and "equals LOG2E" in found[1]
+    assert all("stream literal" in line for line in found[2:4])
+    assert "equals SEED_BOUND" in found[4] and "equals NEG_HUGE" in found[5]
 
 
 @pytest.mark.parametrize("value,ids", [

@@ -26,10 +26,9 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpret
-from ..vocab import WORK_INFO_COLUMNS
+from ..vocab import LN2, LOG2E, WORK_INFO_COLUMNS
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+_LN2 = tl.constexpr(LN2)
 _WORK_INFO_COLUMNS = tl.constexpr(WORK_INFO_COLUMNS)   # a constexpr: jit functions read only those
 
 
@@ -118,7 +117,7 @@ def _tree_attention_partial_kernel(
 
         nonempty = l_i > 0.0
         out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-        lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
+        lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * _LN2,
                        float("-inf"))
         row = (partial_start + local_seq).to(tl.int64)
         tl.store(part_o_ptr + row[:, None] * stride_por + q_head[:, None] * stride_poh

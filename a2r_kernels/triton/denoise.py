@@ -45,13 +45,17 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpret
-from ..vocab import REMASKING_CODES
+from ..vocab import (GUMBEL_STREAM, INT32_MAX, NEG_HUGE, RANDOM_SCORE_STREAM, REMASKING_CODES,
+                     LOG2E as _LOG2E_VALUE)
 
-_NUM_STATS = 6      # m, s, a, second, gumbel_best, gumbel_logit (fp32) per (pos, split)
-_NUM_INDICES = 2    # argmax, gumbel argmax (int32) per (pos, split)
-_INT32_MAX = tl.constexpr(2147483647)  # a constexpr: jit functions may read only those
-LOG2E = tl.constexpr(1.4426950408889634)
-_NEG_HUGE = tl.constexpr(-1e30)   # a finite shift whose exp2 underflows to exactly 0
+_NUM_STATS = tl.constexpr(6)     # m, s, a, second, gumbel_best, gumbel_logit (fp32) / (pos, split)
+_NUM_INDICES = tl.constexpr(2)   # argmax, gumbel argmax (int32) per (pos, split)
+# The vocabulary's constants as constexprs (jit functions may read only those globals).
+_INT32_MAX = tl.constexpr(INT32_MAX)
+LOG2E = tl.constexpr(_LOG2E_VALUE)
+_NEG_HUGE = tl.constexpr(NEG_HUGE)   # a finite shift whose exp2 underflows to exactly 0
+_GUMBEL_STREAM = tl.constexpr(GUMBEL_STREAM)
+_RANDOM_SCORE_STREAM = tl.constexpr(RANDOM_SCORE_STREAM)
 
 
 @triton.jit
@@ -157,7 +161,8 @@ def _denoise_partial_kernel(
         lane_sum = alpha * lane_sum + tl.sum(weight, axis=1)
         lane_max = new_max
         if SAMPLE:
-            u = _uniform_from_philox(seed, cols.to(tl.uint32), (cols * 0 + pos).to(tl.uint32), 0)
+            u = _uniform_from_philox(seed, cols.to(tl.uint32), (cols * 0 + pos).to(tl.uint32),
+                                     _GUMBEL_STREAM)
             noisy = tl.where(x > neg_inf, x * inv_temperature - tl.log(-tl.log(u)), neg_inf)
             group_best = tl.max(noisy, axis=1)
             # lowest index of the group's best (ties have probability ~0, kept exact anyway)
@@ -223,9 +228,9 @@ def _denoise_combine_kernel(
     pos_valid = pos < num_positions
     valid = pos_valid[:, None] & (splits[None, :] < NUM_SPLITS)
     slot = pos[:, None] * NUM_SPLITS + splits[None, :]
-    part_max = tl.load(stats_ptr + slot * 6 + 0, mask=valid, other=neg_inf)
-    part_sum = tl.load(stats_ptr + slot * 6 + 1, mask=valid, other=0.0)
-    part_argmax = tl.load(indices_ptr + slot * 2 + 0, mask=valid, other=_INT32_MAX)
+    part_max = tl.load(stats_ptr + slot * _NUM_STATS + 0, mask=valid, other=neg_inf)
+    part_sum = tl.load(stats_ptr + slot * _NUM_STATS + 1, mask=valid, other=0.0)
+    part_argmax = tl.load(indices_ptr + slot * _NUM_INDICES + 0, mask=valid, other=_INT32_MAX)
 
     row_max = tl.reduce(part_max, 1, _max_nan)
     # NaN (a NaN logit) or -inf (no logit above -inf): no distribution; +inf: a point mass.
@@ -241,9 +246,10 @@ def _denoise_combine_kernel(
     argmax = tl.min(tl.where(is_max, part_argmax, _INT32_MAX), axis=1)
 
     if SAMPLE:
-        part_gumbel = tl.load(stats_ptr + slot * 6 + 4, mask=valid, other=neg_inf)
-        part_gumbel_logit = tl.load(stats_ptr + slot * 6 + 5, mask=valid, other=neg_inf)
-        part_gumbel_arg = tl.load(indices_ptr + slot * 2 + 1, mask=valid, other=_INT32_MAX)
+        part_gumbel = tl.load(stats_ptr + slot * _NUM_STATS + 4, mask=valid, other=neg_inf)
+        part_gumbel_logit = tl.load(stats_ptr + slot * _NUM_STATS + 5, mask=valid, other=neg_inf)
+        part_gumbel_arg = tl.load(indices_ptr + slot * _NUM_INDICES + 1, mask=valid,
+                                  other=_INT32_MAX)
         gumbel_best = tl.max(part_gumbel, axis=1)
         is_best = part_gumbel == gumbel_best[:, None]
         x0 = tl.min(tl.where(is_best, part_gumbel_arg, _INT32_MAX), axis=1)
@@ -256,17 +262,18 @@ def _denoise_combine_kernel(
     if REMASKING == 0:      # low_confidence: p(x0)
         score = tl.exp(x0_logit - row_max) / row_sum
     elif REMASKING == 1:    # margin: p1 - p2, with p1 = 1 / row_sum
-        part_second = tl.load(stats_ptr + slot * 6 + 3, mask=valid, other=neg_inf)
+        part_second = tl.load(stats_ptr + slot * _NUM_STATS + 3, mask=valid, other=neg_inf)
         owner = is_max & (part_argmax == argmax[:, None])
         second = tl.max(tl.where(owner, part_second, part_max), axis=1)
         score = (1.0 - tl.exp(second - row_max)) / row_sum
     elif REMASKING == 2:    # entropy: sum p log p = a / s - log s
-        part_xlogx = tl.load(stats_ptr + slot * 6 + 2, mask=valid, other=0.0)
+        part_xlogx = tl.load(stats_ptr + slot * _NUM_STATS + 2, mask=valid, other=0.0)
         shift = tl.maximum(part_max - row_max[:, None], _NEG_HUGE)   # finite: 0 * shift is 0
         xlogx = tl.sum(scale * (part_xlogx + shift * part_sum), axis=1)
         score = xlogx / row_sum - tl.log(row_sum)
     else:                   # random
-        score = _uniform_from_philox(seed, (pos * 0).to(tl.uint32), pos.to(tl.uint32), 1)
+        score = _uniform_from_philox(seed, (pos * 0).to(tl.uint32), pos.to(tl.uint32),
+                                     _RANDOM_SCORE_STREAM)
     # the point mass: p(x0) = p1 = 1, p2 = 0, entropy 0 ("random" keeps its uniform score)
     if REMASKING == 2:
         score = tl.where(point_mass, 0.0, score)
@@ -383,9 +390,9 @@ def denoise_step(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int,
     sample = temperature > 0
     code = REMASKING_CODES[remasking]
 
-    stats = torch.empty(num_positions, num_splits, _NUM_STATS, dtype=torch.float32,
+    stats = torch.empty(num_positions, num_splits, _NUM_STATS.value, dtype=torch.float32,
                         device=logits.device)
-    indices = torch.empty(num_positions, num_splits, _NUM_INDICES, dtype=torch.int32,
+    indices = torch.empty(num_positions, num_splits, _NUM_INDICES.value, dtype=torch.int32,
                           device=logits.device)
     _denoise_partial_kernel[(num_positions, num_splits)](
         logits, tokens, stats, indices,

@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from ..vocab import GUMBEL_BOUND, RENOISE_STREAM
-from .denoise import (_INT32_MAX, _NEG_HUGE, LOG2E, _uniform_from_philox, _vector_width,
-                      _vocab_split)
+from .denoise import (_GUMBEL_STREAM, _INT32_MAX, _NEG_HUGE, LOG2E, _uniform_from_philox,
+                      _vector_width, _vocab_split)
 from .denoise import denoise_config as entropy_bound_config
 
 _NUM_STATS = tl.constexpr(5)     # m, s, a, gumbel_best, has_nan (fp32) per (pos, split)
@@ -91,7 +91,8 @@ def _eb_partial_kernel(
         lane_max = new_max
         # Gumbel draws only when some logit of the chunk can still reach the split's best.
         if tl.max(group_max, axis=0) + _GUMBEL_BOUND >= tl.max(lane_gumbel, axis=0):
-            u = _uniform_from_philox(seed, cols.to(tl.uint32), (cols * 0 + pos).to(tl.uint32), 0)
+            u = _uniform_from_philox(seed, cols.to(tl.uint32), (cols * 0 + pos).to(tl.uint32),
+                                     _GUMBEL_STREAM)
             noisy = tl.where(x > neg_inf, x - tl.log(-tl.log(u)), neg_inf)
             group_best = tl.max(noisy, axis=1)
             best_at = tl.min(tl.where(noisy == group_best[:, None], within[None, :], VEC), axis=1)

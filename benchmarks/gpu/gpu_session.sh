@@ -136,7 +136,10 @@ SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-san
 [[ $ASSUME_GPU == 1 && -z "$SANITIZER" ]] && SANITIZER=compute-sanitizer
 
 QUICK_FLAG=""; [[ $QUICK == 1 || $HAS_GPU == 0 ]] && QUICK_FLAG="--quick"
-TESTS="${A2R_TESTS:-tests/test_cuda.py tests/test_attention.py tests/test_denoise.py}"
+DEFAULT_TESTS="tests/test_cuda.py tests/test_cuda_gpu.py tests/test_attention.py"
+DEFAULT_TESTS+=" tests/test_paged_attention.py tests/test_layout.py tests/test_denoise.py"
+DEFAULT_TESTS+=" tests/test_denoise_rules.py"
+TESTS="${A2R_TESTS:-$DEFAULT_TESTS}"
 
 DRY_ELAPSED_S=0       # --dry-run: a simulated clock, advanced by each step's expected time
 elapsed_s() { if [[ $DRY_RUN == 1 ]]; then echo "$DRY_ELAPSED_S"; else echo $(( $(date +%s) - START_S )); fi; }
@@ -354,8 +357,9 @@ phase_bench_explore() {
 }
 
 # ============================================================================ verify (one call)
-# The GPU tests that matter most: every CUDA kernel family (tests/test_cuda.py) and every compiled
-# Triton family (test_attention.py, test_denoise.py, test_entropy_bound.py, test_wrapper.py with
+# The GPU tests that matter most: every CUDA kernel family (tests/test_cuda.py, test_cuda_gpu.py)
+# and every compiled Triton family (test_attention.py, test_paged_attention.py, test_denoise.py,
+# test_denoise_rules.py, test_entropy_bound.py, test_wrapper.py, test_from_block_tables.py with
 # TRITON_INTERPRET=0; the wrapper's CUDA-graph capture and replay) against the torch reference,
 # on a few odd shapes per dtype: GQA 1-8, head_dim 40/96/256, block sizes 1/16/32, strided and
 # non-contiguous inputs, empty paths, V = 1 / 50257, ties, forced V splits.
@@ -365,32 +369,32 @@ phase_bench_explore() {
 # seconds they need.
 VERIFY_TESTS=(
   tests/test_cuda.py::test_extension_imports_when_nvcc_was_available
-  "tests/test_cuda.py::test_tree_decode_matches_reference[contig-seed3-torch.bfloat16]"
-  "tests/test_cuda.py::test_tree_decode_matches_reference[contig-seed5-torch.bfloat16]"
-  "tests/test_cuda.py::test_tree_decode_matches_reference[contig-seed6-torch.float32]"
-  "tests/test_cuda.py::test_tree_decode_matches_reference[strided-seed4-torch.float16]"
-  tests/test_cuda.py::test_tree_decode_empty_paths_and_sm_scale
-  tests/test_cuda.py::test_tree_decode_any_q_and_out_strides
-  tests/test_cuda.py::test_tree_decode_zero_sequences
-  "tests/test_cuda.py::test_paged_decode_matches_reference[128-hq8hkv1-16-torch.bfloat16]"
-  "tests/test_cuda.py::test_paged_decode_matches_reference[64-hq8hkv2-32-torch.float16]"
-  "tests/test_cuda.py::test_paged_decode_matches_reference[128-hq4hkv4-16-torch.float32]"
-  "tests/test_cuda.py::test_merge_states_matches_reference[100-torch.bfloat16]"
-  "tests/test_cuda.py::test_merge_states_matches_reference[1-torch.float16]"
-  "tests/test_cuda.py::test_merge_states_matches_reference[64-torch.float32]"
-  tests/test_cuda.py::test_merge_partials_direct_with_empty_rows
-  "tests/test_cuda.py::test_denoise_matches_reference_topk[3x5x50257-low_confidence-torch.bfloat16]"
-  "tests/test_cuda.py::test_denoise_matches_reference_topk[2x17x1000-margin-torch.float16]"
-  "tests/test_cuda.py::test_denoise_matches_reference_topk[2x17x1000-entropy-torch.float32]"
-  "tests/test_cuda.py::test_denoise_matches_reference_topk[4x1x1-random-torch.bfloat16]"
-  "tests/test_cuda.py::test_denoise_forced_splits_match_reference[low_confidence-7-torch.bfloat16]"
-  "tests/test_cuda.py::test_denoise_forced_splits_match_reference[entropy-2-torch.float32]"
-  "tests/test_cuda.py::test_denoise_gumbel_sampling_matches_reference[50257-0.5]"
-  "tests/test_cuda.py::test_denoise_threshold_mode[0.3]"
-  "tests/test_cuda.py::test_denoise_all_or_none_masked[all_masked]"
-  tests/test_cuda.py::test_denoise_ties_go_to_lower_positions_and_index
-  tests/test_cuda.py::test_denoise_noncontiguous_and_unmasked_logits_never_read
-  tests/test_cuda.py::test_denoise_random_scores_bitwise_match_the_reference_stream
+  "tests/test_cuda_gpu.py::test_tree_decode_matches_reference[contig-seed3-torch.bfloat16]"
+  "tests/test_cuda_gpu.py::test_tree_decode_matches_reference[contig-seed5-torch.bfloat16]"
+  "tests/test_cuda_gpu.py::test_tree_decode_matches_reference[contig-seed6-torch.float32]"
+  "tests/test_cuda_gpu.py::test_tree_decode_matches_reference[strided-seed4-torch.float16]"
+  tests/test_cuda_gpu.py::test_tree_decode_empty_paths_and_sm_scale
+  tests/test_cuda_gpu.py::test_tree_decode_any_q_and_out_strides
+  tests/test_cuda_gpu.py::test_tree_decode_zero_sequences
+  "tests/test_cuda_gpu.py::test_paged_decode_matches_reference[128-hq8hkv1-16-torch.bfloat16]"
+  "tests/test_cuda_gpu.py::test_paged_decode_matches_reference[64-hq8hkv2-32-torch.float16]"
+  "tests/test_cuda_gpu.py::test_paged_decode_matches_reference[128-hq4hkv4-16-torch.float32]"
+  "tests/test_cuda_gpu.py::test_merge_states_matches_reference[100-torch.bfloat16]"
+  "tests/test_cuda_gpu.py::test_merge_states_matches_reference[1-torch.float16]"
+  "tests/test_cuda_gpu.py::test_merge_states_matches_reference[64-torch.float32]"
+  tests/test_cuda_gpu.py::test_merge_partials_direct_with_empty_rows
+  "tests/test_cuda_gpu.py::test_denoise_matches_reference_topk[3x5x50257-low_confidence-torch.bfloat16]"
+  "tests/test_cuda_gpu.py::test_denoise_matches_reference_topk[2x17x1000-margin-torch.float16]"
+  "tests/test_cuda_gpu.py::test_denoise_matches_reference_topk[2x17x1000-entropy-torch.float32]"
+  "tests/test_cuda_gpu.py::test_denoise_matches_reference_topk[4x1x1-random-torch.bfloat16]"
+  "tests/test_cuda_gpu.py::test_denoise_forced_splits_match_reference[low_confidence-7-torch.bfloat16]"
+  "tests/test_cuda_gpu.py::test_denoise_forced_splits_match_reference[entropy-2-torch.float32]"
+  "tests/test_cuda_gpu.py::test_denoise_gumbel_sampling_matches_reference[50257-0.5]"
+  "tests/test_cuda_gpu.py::test_denoise_threshold_mode[0.3]"
+  "tests/test_cuda_gpu.py::test_denoise_all_or_none_masked[all_masked]"
+  tests/test_cuda_gpu.py::test_denoise_ties_go_to_lower_positions_and_index
+  tests/test_cuda_gpu.py::test_denoise_noncontiguous_and_unmasked_logits_never_read
+  tests/test_cuda_gpu.py::test_denoise_random_scores_bitwise_match_the_reference_stream
   "tests/test_attention.py::test_tree_kernel_matches_reference[seed0-float16-triton]"
   "tests/test_attention.py::test_tree_kernel_matches_reference[seed4-bfloat16-triton]"
   "tests/test_attention.py::test_tree_kernel_matches_reference[seed6-float32-triton]"
@@ -400,14 +404,14 @@ VERIFY_TESTS=(
   "tests/test_attention.py::test_tree_kernel_edge_shapes[groups3-chunk64-triton]"
   "tests/test_attention.py::test_tree_kernel_noncontiguous_inputs_and_scale[dtype1-triton]"
   "tests/test_attention.py::test_empty_paths_give_zero_and_neg_inf[triton]"
-  "tests/test_attention.py::test_paged_kernel_matches_reference[dtype0-16-8-2-64-triton]"
-  "tests/test_attention.py::test_paged_kernel_matches_reference[dtype2-16-6-3-64-triton]"
-  "tests/test_attention.py::test_paged_several_splits_and_strided_tables[triton]"
-  "tests/test_attention.py::test_merge_states_is_attention_over_union[dtype0-triton]"
-  "tests/test_attention.py::test_merge_states_is_attention_over_union[dtype1-triton]"
-  "tests/test_attention.py::test_merge_states_is_attention_over_union[dtype2-triton]"
-  "tests/test_attention.py::test_merge_states_ignores_the_payload_of_empty_states[dtype0-triton]"
-  tests/test_attention.py::test_triton_merge_partials_ignores_the_payload_of_empty_rows
+  "tests/test_paged_attention.py::test_paged_kernel_matches_reference[dtype0-16-8-2-64-triton]"
+  "tests/test_paged_attention.py::test_paged_kernel_matches_reference[dtype2-16-6-3-64-triton]"
+  "tests/test_paged_attention.py::test_paged_several_splits_and_strided_tables[triton]"
+  "tests/test_paged_attention.py::test_merge_states_is_attention_over_union[dtype0-triton]"
+  "tests/test_paged_attention.py::test_merge_states_is_attention_over_union[dtype1-triton]"
+  "tests/test_paged_attention.py::test_merge_states_is_attention_over_union[dtype2-triton]"
+  "tests/test_paged_attention.py::test_merge_states_ignores_the_payload_of_empty_states[dtype0-triton]"
+  tests/test_paged_attention.py::test_triton_merge_partials_ignores_the_payload_of_empty_rows
   tests/test_incremental_plan.py::test_decode_step_planner_cuda_graph_replays_later_plans
   "tests/test_attention.py::test_head_major_transposed_key_pool_is_read_in_place[triton]"
   "tests/test_denoise.py::test_matches_reference[shape0-selection0-0.0-low_confidence-triton]"
@@ -419,10 +423,10 @@ VERIFY_TESTS=(
   "tests/test_denoise.py::test_large_vocab[low_confidence-0.0-triton]"
   "tests/test_denoise.py::test_non_contiguous_inputs[triton]"
   "tests/test_denoise.py::test_triton_several_chunks_and_splits[0.0-low_confidence]"
-  "tests/test_denoise.py::test_ties_go_to_lower_positions[triton]"
-  "tests/test_denoise.py::test_all_masked_and_none_masked[triton]"
-  "tests/test_denoise.py::test_threshold_rule[triton]"
-  "tests/test_denoise.py::test_empty_and_single_position[triton]"
+  "tests/test_denoise_rules.py::test_ties_go_to_lower_positions[triton]"
+  "tests/test_denoise_rules.py::test_all_masked_and_none_masked[triton]"
+  "tests/test_denoise_rules.py::test_threshold_rule[triton]"
+  "tests/test_denoise_rules.py::test_empty_and_single_position[triton]"
   "tests/test_entropy_bound.py::test_triton_matches_reference[shape2-inf]"
   "tests/test_entropy_bound.py::test_triton_matches_reference[shape6-4.0]"
   "tests/test_entropy_bound.py::test_triton_low_precision_logits[dtype1]"
@@ -441,11 +445,11 @@ VERIFY_TESTS=(
   "tests/test_wrapper.py::test_three_trees_through_one_wrapper_and_one_out[bfloat16-8/1-bs32-triton]"
   "tests/test_wrapper.py::test_three_trees_through_one_wrapper_and_one_out[float16-16/2-bs1-triton]"
   "tests/test_wrapper.py::test_stale_work_items_of_a_larger_plan_are_cleared[triton]"
-  "tests/test_wrapper.py::test_from_block_tables_matches_paged_decode[1-triton]"
+  "tests/test_from_block_tables.py::test_from_block_tables_matches_paged_decode[1-triton]"
   "tests/test_decode_graphs.py::test_cuda_graph_replay_equals_eager[triton]"
   "tests/test_decode_graphs.py::test_cuda_graph_replay_equals_eager[cuda]"
   tests/test_explore.py::test_cuda_stop_reads_through_the_pinned_buffer
-  tests/test_explore.py::test_cuda_plan_run_and_sample_never_sync
+  tests/test_explore_steps.py::test_cuda_plan_run_and_sample_never_sync
 )
 
 # The headline rows' providers: issue 12's wrapper (planned once, timed on run) and its

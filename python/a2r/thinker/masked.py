@@ -63,8 +63,8 @@ import torch
 
 import a2r_kernels as ak
 from a2r_kernels.backend import resolve_backend
-from a2r_kernels.vocab import (DEFAULT_BLOCK_SIZE, REMASKING, attention_geometry, eos_ids,
-                                positive_int as _positive_int)
+from a2r_kernels.vocab import (DEFAULT_BLOCK_SIZE, REMASKING, SEED_BOUND, attention_geometry,
+                                eos_ids, positive_int as _positive_int)
 
 from .common import DiffusionResult, as_prompt, cut_after_eos
 from .models import A2R_ATTENTION, is_causal_prompt_model, is_remote_code_model, uses_a2r_attention
@@ -464,7 +464,7 @@ def masked_diffusion_generate(model, prompt_ids, *, gen_length: int = 128,
         # Every step draws its seed from the generator: a CPU generator seeded once from this one
         # keeps those draws free of host syncs.
         generator = torch.Generator().manual_seed(int(torch.randint(
-            0, 2 ** 63 - 1, (1,), generator=generator, device=generator.device).item()))
+            0, SEED_BOUND, (1,), generator=generator, device=generator.device).item()))
     block_steps = _denoise_blocks(canvas, schedule, generator, backend)
     generated = canvas.gen.tolist()
     for row in generated:
