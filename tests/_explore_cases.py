@@ -58,7 +58,7 @@ if __name__ == "__main__":
 
     sys.path.insert(0, str(Path(__file__).parent))
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    from test_explore import _build
+    from _explore_helpers import _build
 
     with tempfile.TemporaryDirectory() as tmp:
         models = {k: _build(k, Path(tmp) / k) for k in ("qwen3", "llama")}

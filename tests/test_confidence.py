@@ -21,7 +21,7 @@ from a2r.confidence_tracker import WindowTracker, token_confidence  # noqa: E402
 from a2r.explore import explore  # noqa: E402
 from _explore_cases import CASES, RECORDED, run_case  # noqa: E402
 from _helpers import ForwardLog, HostReads  # noqa: E402
-from test_explore import VOCAB, _build, _dense_next_logits, _prompt  # noqa: E402
+from _explore_helpers import VOCAB, _build, _dense_next_logits, _prompt  # noqa: E402
 
 
 @pytest.fixture(scope="module")
