@@ -169,8 +169,9 @@ def explore(model, input_ids: torch.Tensor, widths: Sequence[int], max_new_token
             at that level (>= 1 at a fork level, >= 0 at the last).
         sampling, eos_token_id, seed, stop_strings, tokenizer, **sampling_fields: as
             :func:`sample_parallel`.
-        backend, block_size, num_blocks: the pool built for a model (default ``"auto"``, 16 and
-            :func:`tree_blocks_needed`, exact for this exploration); with a decoder they are the
+        backend, block_size, num_blocks: the pool built for a model (default ``"auto"``,
+            ``a2r_kernels.vocab.DEFAULT_BLOCK_SIZE`` and :func:`tree_blocks_needed`, exact for
+            this exploration); with a decoder they are the
             decoder's, and passing one is a ValueError.
         parent: with a decoder, a live sequence of it whose tokens precede ``input_ids`` (a shared
             prefix): the prompt is appended to a fork of it (positions ``L .. L + P - 1`` after
@@ -530,7 +531,7 @@ def sample_parallel(model, input_ids: torch.Tensor, n: int, max_new_tokens: int,
         stop_strings: stop a branch when its text ends in (overlaps its last token with) one of
             these strings, like transformers' ``stop_strings``; needs ``tokenizer``.
         backend: ``tree_decode_attention`` backend (default ``"auto"``).
-        block_size: tokens per KV block (default 16).
+        block_size: tokens per KV block (default ``a2r_kernels.vocab.DEFAULT_BLOCK_SIZE``, 16).
         num_blocks: KV pool size; default exactly what the prompt (once) and ``n`` full branches
             need: ``ceil(P / bs) + n * ceil((max_new_tokens - 1) / bs)``.
         decoder: run in this :class:`~a2r_kernels.hf.TreeDecoder` over ``model`` instead of a
