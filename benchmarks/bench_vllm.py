@@ -15,16 +15,25 @@ A random model of the given shape (``--shape qwen3-0.6b``: 28 layers, hidden 102
 heads of 128, bf16; ``tiny``: 2 layers, hidden 128, 4 / 2 heads of 64, fp32) is saved once to
 ``--model-dir``. Each backend runs in its own process (vLLM picks the backend once per process;
 ``A2R_VLLM=0`` / ``1``), on the same random prompt of P tokens, sampling n paths of S tokens
-(``ignore_eos``) in one request. The prompt is prefilled once first (max_tokens=1), so the timed
-request's prompt comes from vLLM's prefix cache and its time is decode time. Per backend:
+(``ignore_eos``) in one request. Each worker prefills the prompt once (max_tokens=1), so the
+timed requests find it in vLLM's prefix cache, then serves requests over a pipe: the providers'
+reps are interleaved (per rep and n, each provider in turn, the order rotating), so a change of
+the shared machine's load hits them alike. A request still starts with a prefill step: vLLM
+recomputes each path's last prompt block (it never takes a whole prompt from the cache), n times
+at n paths, through the native backend in both vLLM rows. So each rep times a one-token request
+(that step) and the S-token request. Per provider:
 
-- ``decode_tokens_per_s``: n * S / seconds of the timed request (median of ``--reps``).
+- ``decode_tokens_per_s``: n * (S - 1) / ``decode_seconds``, the S-token request's seconds
+  minus the one-token request's (paired within a rep; median of ``--reps``): decode steps only.
+- ``seconds``, ``first_step_seconds``: medians of the whole S-token request and of the one-token
+  request; ``request_tokens_per_s`` = n * S / ``seconds``.
 - ``attention_ms_per_step``: GPU time of attention kernels (names matching ``ATTENTION_KERNELS``)
   in a profiled request of ``PROFILE_TOKENS`` tokens, per decode step (all layers).
 - ``kv_bytes_per_step``: K+V bytes the decode attention reads per step, all layers: A2R_TREE's
   own count (each shared block once); for the native backend, every path its whole sequence
-  (``kv_bytes_unshared``, what paged decode reads).
-- ``speedup``: decode tokens/s over the native backend's, measured in the same run.
+  (what paged decode reads, at the middle step).
+- ``speedup`` / ``request_speedup``: native's decode (request) seconds over the provider's,
+  measured in the same run; ``load_average``: the machine's 1-minute load during the run.
 
 Rows go to ``vllm_<cpu|gpu>.json`` in ``common.results_dir()`` (``benchmarks/results``), keyed by
 device name. Without vLLM the script says so and exits with ``common.SKIPPED_EXIT_STATUS``, which
@@ -83,8 +92,19 @@ def build_model(shape: str, directory: Path) -> Path:
     return path
 
 
+def _serve(run_request, args) -> None:
+    """The worker's side of the interleaved measurement: a line ``ready`` on the result pipe,
+    then per line ``n tokens`` on stdin one request of ``tokens`` new tokens per path, answered
+    by one JSON line (``run_request(n, tokens)``: its seconds and stats)."""
+    with os.fdopen(int(args.result_fd), "w", buffering=1) as results:
+        results.write("ready\n")
+        for line in sys.stdin:
+            command, n, tokens = line.split()
+            results.write(json.dumps(run_request(command, int(n), int(tokens))) + "\n")
+
+
 def worker(args) -> None:
-    """One engine (backend from A2R_VLLM): the measurements above, as JSON to ``args.out``."""
+    """One vLLM engine (backend from A2R_VLLM), serving timed requests (:func:`_serve`)."""
     import torch
     from vllm import LLM, SamplingParams
 
@@ -94,61 +114,47 @@ def worker(args) -> None:
                    max_num_seqs=max(*args.ns, 8), enable_prefix_caching=True, seed=0,
                    skip_tokenizer_init=True, enforce_eager=args.enforce_eager or not on_gpu)
     llm = LLM(str(args.model), dtype=SHAPES[args.shape]["dtype"], **options)
-    prompt = [{"prompt_token_ids": torch.randint(
-        10, SHAPES[args.shape]["vocab_size"], (args.prompt_tokens,),
-        generator=torch.Generator().manual_seed(1)).tolist()}]
+    prompt = [{"prompt_token_ids": _prompt(args).tolist()}]
 
-    llm.generate(prompt, SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
-    Path(args.out).write_text(json.dumps({str(n): _measure(llm, prompt, n, args, on_gpu)
-                                          for n in args.ns}))
-
-
-def _measure(llm, prompt, n: int, args, on_gpu: bool) -> dict:
-    """One n: the timed requests (median of ``--reps``), GPU attention time, KV bytes."""
-    from vllm import SamplingParams
-
-    def params(tokens: int):
+    def params(n: int, tokens: int):
         return SamplingParams(n=n, temperature=1.0, seed=2, max_tokens=tokens,
                               ignore_eos=True, detokenize=False)
 
-    llm.generate(prompt, params(8), use_tqdm=False)   # warm-up (kernels, graphs)
+    llm.generate(prompt, SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
+    for n in args.ns:
+        llm.generate(prompt, params(n, 8), use_tqdm=False)   # warm-up (kernels, graphs)
     a2r = sys.modules.get("a2r_kernels.vllm")
-    seconds = []
-    for _ in range(args.reps):
+
+    def run_request(command: str, n: int, tokens: int) -> dict:
+        if command == "profile":   # GPU time of the attention kernels per decode step
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                llm.generate(prompt, params(n, tokens), use_tqdm=False)
+            total_us = sum(e.self_device_time_total for e in prof.key_averages()
+                           if any(k in e.key.lower() for k in ATTENTION_KERNELS))
+            return {"attention_ms_per_step": total_us / 1e3 / tokens}
         if a2r is not None:
             a2r.stats.reset()
         start = time.perf_counter()
-        llm.generate(prompt, params(args.new_tokens), use_tqdm=False)
-        seconds.append(time.perf_counter() - start)
-    stats = a2r.stats.as_dict() if a2r is not None else {}
-    used = bool(stats.get("tree_attention_calls"))
+        llm.generate(prompt, params(n, tokens), use_tqdm=False)
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, "stats": a2r.stats.as_dict() if a2r is not None else {}}
 
-    attention_ms = None
-    if on_gpu:
-        from torch.profiler import ProfilerActivity, profile
+    _serve(run_request, args)
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            llm.generate(prompt, params(PROFILE_TOKENS), use_tqdm=False)
-        total_us = sum(e.self_device_time_total for e in prof.key_averages()
-                       if any(k in e.key.lower() for k in ATTENTION_KERNELS))
-        attention_ms = total_us / 1e3 / PROFILE_TOKENS
 
-    # KV bytes one decode step reads (all layers), at the middle step of the timed request.
-    config = json.loads((Path(args.model) / "config.json").read_text())
-    per_token = (2 * config["num_hidden_layers"] * config["num_key_value_heads"]
-                 * config["head_dim"] * (2 if SHAPES[args.shape]["dtype"] == "bfloat16" else 4))
-    unshared = n * (args.prompt_tokens + args.new_tokens // 2) * per_token
-    shared = (stats["kv_bytes_shared"] / stats["decode_steps"]) if used else None
-    plan_us = stats["plan_ns"] / stats["decode_steps"] / 1e3 if used else None
-    return {"seconds": statistics.median(seconds), "attention_ms_per_step": attention_ms,
-            "kv_bytes_per_step": shared if used else unshared,
-            "kv_bytes_per_step_unshared": unshared, "a2r_tree_ran": used,
-            "plan_us_per_step": plan_us, "stats": stats}
+def _prompt(args):
+    import torch
+
+    return torch.randint(10, SHAPES[args.shape]["vocab_size"], (args.prompt_tokens,),
+                         generator=torch.Generator().manual_seed(1))
 
 
 def explorer_worker(args) -> None:
     """``a2r.sample_parallel`` with a TreeDecoder over the same model (transformers, this
-    package's tree attention), the prompt prefilled once before the timed calls."""
+    package's tree attention), the prompt prefilled once into each n's decoder before the timed
+    requests (:func:`_serve`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -157,28 +163,27 @@ def explorer_worker(args) -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    ids = torch.randint(10, SHAPES[args.shape]["vocab_size"], (1, args.prompt_tokens),
-                        generator=torch.Generator().manual_seed(1))
+    ids = _prompt(args)[None]
     block_size = 16
-    results = {}
+    decoders = {}
     for n in args.ns:
         blocks = -(-args.prompt_tokens // block_size) + n * (-(-args.new_tokens // block_size) + 1)
-        dec = akhf.TreeDecoder(model, blocks, block_size=block_size)
+        decoders[n] = akhf.TreeDecoder(model, blocks, block_size=block_size)
 
-        def run(tokens: int):
-            return a2r.sample_parallel(model, ids, n, tokens, temperature=1.0, seed=2,
-                                       eos_token_id=[], decoder=dec)
+    def run(n: int, tokens: int):
+        return a2r.sample_parallel(model, ids, n, tokens, temperature=1.0, seed=2,
+                                   eos_token_id=[], decoder=decoders[n])
 
-        run(1)   # the prompt's blocks into the decoder's cache
-        run(8)   # warm-up
-        seconds = []
-        for _ in range(args.reps):
-            start = time.perf_counter()
-            run(args.new_tokens)
-            seconds.append(time.perf_counter() - start)
-        results[str(n)] = {"seconds": statistics.median(seconds), "attention_ms_per_step": None,
-                           "kv_bytes_per_step": None, "plan_us_per_step": None}
-    Path(args.out).write_text(json.dumps(results))
+    for n in args.ns:
+        run(n, 1)   # the prompt's blocks into the decoder's cache
+        run(n, 8)   # warm-up
+
+    def run_request(command: str, n: int, tokens: int) -> dict:
+        start = time.perf_counter()
+        run(n, tokens)
+        return {"seconds": time.perf_counter() - start, "stats": {}}
+
+    _serve(run_request, args)
 
 
 def _arguments():
@@ -198,7 +203,7 @@ def _arguments():
     parser.add_argument("--model-dir", default=None, help="where the random model is saved")
     parser.add_argument("--worker", choices=["native", "a2r", "explorer"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--result-fd", help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
 
@@ -212,23 +217,88 @@ def _arguments():
     return args, on_gpu
 
 
-def _run_worker(name: str, args, model: Path, on_gpu: bool) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
-        out = handle.name
-    env = dict(os.environ, A2R_VLLM="1" if name == "a2r" else "0",
-               VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    if not on_gpu:
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        env.setdefault("OMP_NUM_THREADS", "1")
-    command = [sys.executable, __file__, "--worker", name, "--model", str(model), "--out", out,
-               "--shape", args.shape, "--ns", *map(str, args.ns), "--prompt-tokens",
-               str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--reps",
-               str(args.reps), "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-    subprocess.run(command + (["--enforce-eager"] if args.enforce_eager else []), env=env,
-                   check=True)
-    result = json.loads(Path(out).read_text())
-    os.unlink(out)
-    return result
+class _Worker:
+    """One provider's process (``--worker name``), started once, then asked for one request at a
+    time over its stdin; answers come back on a pipe of their own (vLLM logs to stdout)."""
+
+    def __init__(self, name: str, args, model: Path, on_gpu: bool):
+        env = dict(os.environ, A2R_VLLM="1" if name == "a2r" else "0",
+                   VLLM_ENABLE_V1_MULTIPROCESSING="0")
+        if not on_gpu:
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+            env.setdefault("OMP_NUM_THREADS", "1")
+        read_fd, write_fd = os.pipe()
+        command = [sys.executable, __file__, "--worker", name, "--model", str(model),
+                   "--result-fd", str(write_fd), "--shape", args.shape,
+                   "--ns", *map(str, args.ns), "--prompt-tokens", str(args.prompt_tokens),
+                   "--new-tokens", str(args.new_tokens), "--gpu-memory-utilization",
+                   str(args.gpu_memory_utilization)]
+        self.name = name
+        self.process = subprocess.Popen(
+            command + (["--enforce-eager"] if args.enforce_eager else []), env=env,
+            stdin=subprocess.PIPE, text=True, pass_fds=(write_fd,))
+        os.close(write_fd)
+        self.results = os.fdopen(read_fd)
+
+    def _line(self) -> str:
+        line = self.results.readline()
+        if not line:
+            raise SystemExit(f"bench_vllm: the {self.name} worker exited "
+                             f"(status {self.process.wait()})")
+        return line
+
+    def wait_ready(self) -> None:
+        if self._line().strip() != "ready":
+            raise SystemExit(f"bench_vllm: the {self.name} worker did not start")
+
+    def ask(self, command: str, n: int, tokens: int) -> dict:
+        self.process.stdin.write(f"{command} {n} {tokens}\n")
+        self.process.stdin.flush()
+        return json.loads(self._line())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def _measure_interleaved(workers: dict[str, _Worker], args, on_gpu: bool) -> dict:
+    """Per rep, per n, every provider in turn (the order rotating by rep): a one-token request
+    (the step that prefills what the prefix cache lacks) and the timed request of S tokens.
+    Returns per provider and n: median request seconds, median decode seconds (S request minus
+    one-token request, paired within a rep), the last rep's stats, GPU attention ms."""
+    samples = {name: {n: [] for n in args.ns} for name in workers}
+    names = list(workers)
+    for rep in range(args.reps):
+        for n in args.ns:
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                first = workers[name].ask("time", n, 1)["seconds"]
+                full = workers[name].ask("time", n, args.new_tokens)
+                samples[name][n].append((full["seconds"], first, full["stats"]))
+    results = {}
+    for name, per_n in samples.items():
+        results[name] = {}
+        for n, reps in per_n.items():
+            attention_ms = (workers[name].ask("profile", n, PROFILE_TOKENS)["attention_ms_per_step"]
+                            if on_gpu and name != "explorer" else None)
+            results[name][n] = {
+                "seconds": statistics.median(r[0] for r in reps),
+                "first_step_seconds": statistics.median(r[1] for r in reps),
+                "decode_seconds": statistics.median(r[0] - r[1] for r in reps),
+                "stats": reps[-1][2], "attention_ms_per_step": attention_ms}
+    return results
+
+
+def _kv_bytes(args, model: Path, n: int, stats: dict) -> tuple[float | None, float, float | None]:
+    """KV bytes one decode step reads (all layers): A2R_TREE's count (None without its stats),
+    paged decode's (every path its sequence at the middle step), and A2R_TREE's plan us/step."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    per_token = (2 * config["num_hidden_layers"] * config["num_key_value_heads"]
+                 * config["head_dim"] * (2 if SHAPES[args.shape]["dtype"] == "bfloat16" else 4))
+    unshared = float(n * (args.prompt_tokens + args.new_tokens // 2) * per_token)
+    if not stats.get("tree_attention_calls"):
+        return None, unshared, None
+    steps = stats["decode_steps"]
+    return stats["kv_bytes_shared"] / steps, unshared, stats["plan_ns"] / steps / 1e3
 
 
 def main() -> None:
@@ -251,36 +321,53 @@ def main() -> None:
     providers = {"native": "vllm-native", "a2r": "vllm-a2r_tree"}
     if not args.no_explorer:
         providers["explorer"] = "a2r-explorer"
-    results = {name: _run_worker(name, args, model, on_gpu) for name in providers}
+    load_before = os.getloadavg()[0]
+    workers = {name: _Worker(name, args, model, on_gpu) for name in providers}
+    try:
+        for w in workers.values():
+            w.wait_ready()
+        results = _measure_interleaved(workers, args, on_gpu)
+    finally:
+        for w in workers.values():
+            w.close()
+    load = (load_before + os.getloadavg()[0]) / 2
     device = device_name("cuda" if on_gpu else "cpu")
     rows = []
-    for n in map(str, args.ns):
-        if not results["a2r"][n]["a2r_tree_ran"]:
+    for n in args.ns:
+        native = results["native"][n]
+        if not results["a2r"][n]["stats"].get("tree_attention_calls"):
             raise SystemExit("bench_vllm: A2R_VLLM=1 but the A2R_TREE backend did not run")
-        tokens = int(n) * args.new_tokens
-        native_tps = tokens / results["native"][n]["seconds"]
         for name, provider in providers.items():
             r = results[name][n]
+            shared, unshared, plan_us = _kv_bytes(args, model, n, r["stats"])
+            decode_tps = n * (args.new_tokens - 1) / r["decode_seconds"]
             rows.append({
-                "device": device, "provider": provider, "shape": args.shape, "n": int(n),
+                "device": device, "provider": provider, "shape": args.shape, "n": n,
                 "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                 "enforce_eager": bool(args.enforce_eager or not on_gpu),
                 "seconds": float(r["seconds"]),
-                "decode_tokens_per_s": float(tokens / r["seconds"]),
+                "first_step_seconds": float(r["first_step_seconds"]),
+                "decode_seconds": float(r["decode_seconds"]),
+                "decode_tokens_per_s": float(decode_tps),
+                "request_tokens_per_s": float(n * args.new_tokens / r["seconds"]),
                 "attention_ms_per_step": r["attention_ms_per_step"],
-                "kv_bytes_per_step": (float(r["kv_bytes_per_step"])
-                                      if r["kv_bytes_per_step"] is not None else None),
-                "plan_us_per_step": r["plan_us_per_step"],
-                "speedup": float(tokens / r["seconds"] / native_tps),
+                "kv_bytes_per_step": shared if shared is not None else (
+                    unshared if name == "native" else None),
+                "plan_us_per_step": plan_us,
+                "speedup": float(native["decode_seconds"] / r["decode_seconds"]),
+                "request_speedup": float(native["seconds"] / r["seconds"]),
+                "load_average": float(load),
             })
             row = rows[-1]
-            print(f"n={n:>3} {provider:>15}: {row['decode_tokens_per_s']:10.1f} decode tok/s "
-                  f"({row['seconds']:.2f} s)  attention "
-                  f"{r['attention_ms_per_step'] or float('nan'):8.3f} ms/step  plan "
-                  f"{r['plan_us_per_step'] or float('nan'):8.1f} us/step  x{row['speedup']:.2f}")
+            print(f"n={n:>3} {provider:>15}: decode {row['decode_tokens_per_s']:8.1f} tok/s "
+                  f"({row['decode_seconds']:.2f} s) x{row['speedup']:.2f} | request "
+                  f"{row['seconds']:.2f} s (first step {row['first_step_seconds']:.2f} s) "
+                  f"x{row['request_speedup']:.2f} | attention "
+                  f"{r['attention_ms_per_step'] or float('nan'):.3f} ms/step | plan "
+                  f"{plan_us or float('nan'):.1f} us/step")
     path = Path(results_dir()) / f"vllm_{'gpu' if on_gpu else 'cpu'}.json"
     write_results(str(path), rows)
-    print(f"wrote {path} ({device}{'' if on_gpu else '; CPU numbers, shared box'})")
+    print(f"wrote {path} ({device}{'' if on_gpu else f'; CPU numbers, shared box, load {load:.1f}'})")
 
 
 if __name__ == "__main__":

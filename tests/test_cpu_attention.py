@@ -157,6 +157,39 @@ def test_transposed_key_and_strided_pools_are_read_in_place(isa, dtype, monkeypa
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block_size,group,lengths", [
+    (128, 2, (300, 130, 1, 15, 17)),   # 16-token tiles inside a block; partial tiles; many rows
+    (128, 8, (257, 3, 40)),            # 8-row register blocks of a shared node (keys copied)
+    (24, 1, (50, 23, 1)),              # tiles that cross a block boundary
+    (16, 4, (33, 0, 16)),
+], ids=lambda x: str(x).replace(" ", ""))
+def test_vllm_key_tiles_by_block_size(isa, dtype, block_size, group, lengths):
+    """vLLM's transposed key tiles [D, block_size] at its CPU block size (128) and others: tiles
+    read in place (one register block of rows), copied (several), partial, crossing blocks."""
+    num_leaves, num_kv_heads, head_dim = 5, 2, 128
+    paths = [[0, 1], [0, 1], [0, 2], [0, 3], [4]]    # a shared root, a shared child, own leaves
+    node_lengths = [lengths[0], lengths[1], lengths[2 % len(lengths)], 5, lengths[-1]]
+    rng = random.Random(block_size)
+    tables, next_block = [], 0
+    order = list(range(sum(-(-n // block_size) for n in node_lengths)))
+    rng.shuffle(order)
+    for n in node_lengths:
+        count = -(-n // block_size)
+        tables.append(order[next_block:next_block + count])
+        next_block += count
+    g = torch.Generator().manual_seed(block_size + group)
+    k = torch.randn(len(order), block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(len(order), block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    q = torch.randn(num_leaves, num_kv_heads * group, head_dim, generator=g).to(dtype)
+    k_vllm, v_vllm = _vllm_cpu_pool(k, v)
+    for plan in ({}, {"kv_chunk_size": block_size, "max_seqs_per_item": 2}):
+        layout = ak.TreeLayout.from_paths(paths, tables, node_lengths, block_size, **plan)
+        out, lse = ak.tree_decode_attention(q, k_vllm, v_vllm, layout, backend="cpu",
+                                            return_lse=True)
+        check_close(out, lse, *_spec(q, k, v, layout), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_extreme_finite_values(isa, dtype):
     """Values at 0.9 x the dtype's largest finite (the output is a convex combination of them:
     no overflow), and scores of magnitude ~1e4 (one-hot softmax), as the fp32 spec gives."""
