@@ -38,7 +38,7 @@ PYBIND11_MODULE(_C, m) {
   // Public ops (a2r_kernels) that this extension implements, for backend selection.
   m.attr("PUBLIC_OPS") = py::make_tuple("tree_decode_attention", "paged_decode_attention",
                                         "merge_attention_states", "denoise_step");
-  // The constants the Python side shares with the kernels (a2r_kernels/_vocab.py holds the same
+  // The constants the Python side shares with the kernels (a2r_kernels/vocab.py holds the same
   // values for machines without the extension; tests/test_cuda.py holds the two equal).
   m.attr("MAX_HEAD_DIM") = a2r::kMaxHeadDim;
   m.attr("WORK_INFO_COLUMNS") = a2r::kWorkInfoColumns;

@@ -40,7 +40,7 @@ void merge_states(const TensorView& out_a, const TensorView& lse_a, const Tensor
                   const TensorView& lse_b, const TensorView& out, const TensorView& lse,
                   uintptr_t stream);
 
-// Remasking modes of denoise_step; the code of a mode is its index in a2r_kernels/_vocab.py
+// Remasking modes of denoise_step; the code of a mode is its index in a2r_kernels/vocab.py
 // REMASKING (exported as _C.REMASKING_CODES, which tests hold equal to the vocabulary's).
 enum class Remasking : int { kLowConfidence = 0, kMargin = 1, kEntropy = 2, kRandom = 3 };
 
@@ -82,7 +82,7 @@ struct Strides2 {
 constexpr int kMaxHeadDim = 256;
 
 // int32 columns of one work item of a TreeLayout plan: (q_start, q_len, page_start, kv_start,
-// kv_end, partial_start), a2r_kernels/_vocab.py WORK_FIELDS.
+// kv_end, partial_start), a2r_kernels/vocab.py WORK_FIELDS.
 constexpr int kWorkInfoColumns = 6;
 
 struct TreePartialsArgs {
