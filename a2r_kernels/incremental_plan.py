@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .block_table_tree import block_table_nodes
+from .block_table_tree import planner_extension, block_table_nodes
 from .layout import TreeLayout
 from .plan_builder import (DEFAULT_KV_CHUNK, PLAN_FIELDS, aligned_slices, kv_chunk, round_up,
                            seqs_per_item)
@@ -52,6 +52,8 @@ __all__ = ["DecodeStepPlanner", "IncrementalTreePlanner"]
 
 _HOST_FIELDS = tuple(name for name in PLAN_FIELDS if name != "page_table")
 _NUM_FIELDS = len(WORK_FIELDS)
+# Statuses of the C++ append_step (csrc/cpu/block_table_plan.h).
+_APPENDED, _NOT_APPENDED, _BAD_BLOCK_ID, _GROW_BLOCK_IDS = range(4)
 
 
 class _Paths(Sequence):
@@ -132,10 +134,10 @@ class _SharedPart:
         self.max_q_len = plan.max_q_len
         self.max_block_id = max_block_id
         # The entries the step read, and which block ids they hold (fresh-block checks).
-        self.num_used = -(-lens // block_size)
+        num_used = -(-lens // block_size)
         self.kept = np.array(tables, dtype=np.int32, copy=True)
         self.in_use = np.zeros(max_block_id + 1, dtype=bool)
-        self.in_use[tables[np.arange(width)[None, :] < self.num_used[:, None]]] = True
+        self.in_use[tables[np.arange(width)[None, :] < num_used[:, None]]] = True
         self.slot = np.zeros(max_block_id + 1, dtype=np.int64)   # scratch: duplicate checks
         self.lens = lens.copy()
 
@@ -251,13 +253,34 @@ class IncrementalTreePlanner:
     # ------------------------------------------------------------------ the incremental check
     def _append_only(self, shared: _SharedPart, tables: np.ndarray, lens: np.ndarray) -> bool:
         """True when this step only grows the tails of the kept plan (module docstring); then
-        the fresh entries are recorded in ``shared``."""
+        the fresh entries are recorded in ``shared``. The C++ twin (``a2r_kernels._cpu``) on
+        int32 C-contiguous tables, else :meth:`_append_only_numpy` (the reference)."""
         if tables.shape != (shared.num_rows, shared.width):
             return False
+        ext = planner_extension()
+        if ext is None or tables.dtype != np.int32 or not tables.flags.c_contiguous:
+            return self._append_only_numpy(shared, tables, lens)
+        status, value = ext.append_step(tables, shared.kept, lens, shared.lens,
+                                        shared.can_grow, shared.in_use, self.block_size)
+        if status == _GROW_BLOCK_IDS:
+            shared.grow_block_ids(value + 1)
+            status, value = ext.append_step(tables, shared.kept, lens, shared.lens,
+                                            shared.can_grow, shared.in_use, self.block_size)
+        if status == _BAD_BLOCK_ID:
+            raise ValueError(f"block_tables[{value}] holds a block id outside "
+                             f"[0, {INT32_MAX}] within seq_lens")
+        if status != _APPENDED:
+            return False
+        shared.max_block_id = max(shared.max_block_id, value)
+        return True
+
+    def _append_only_numpy(self, shared: _SharedPart, tables: np.ndarray,
+                           lens: np.ndarray) -> bool:
+        """:meth:`_append_only` in numpy, on tables of any int dtype and layout."""
         grew = lens - shared.lens
         if (grew < 0).any() or ((grew > 0) & ~shared.can_grow).any():
             return False
-        old_used = shared.num_used
+        old_used = -(-shared.lens // self.block_size)
         if old_used.size:
             low, high = int(old_used.min()), int(old_used.max())
             if not np.array_equal(tables[:, :low], shared.kept[:, :low]):
@@ -289,8 +312,7 @@ class IncrementalTreePlanner:
             shared.in_use[fresh] = True
             shared.kept[row, col] = tables[row, col]
             shared.max_block_id = max(shared.max_block_id, top)
-        shared.num_used = used
-        shared.lens = lens.copy()
+        shared.lens[:] = lens
         return True
 
     # ------------------------------------------------------------------ the step's layout

@@ -3,14 +3,57 @@
 // capsules (a2r_kernels/_cpu_ops.py: torch.utils.dlpack.to_dlpack, no copy), are checked by the
 // entry points (std::invalid_argument -> ValueError naming the argument), and the GIL is released
 // while the kernels run.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "../dlpack_capsule.h"
 #include "../ops.h"
+#include "block_table_plan.h"
 #include "tree_attention_cpu.h"
 
 namespace py = pybind11;
 using a2r::dlpack_view;
+
+namespace {
+
+// Host arrays of the planner: C-contiguous numpy arrays of one dtype (no conversion: a copy
+// would hide a write into a temporary).
+template <typename T>
+T* host_array(py::array& array, const char* name) {
+  if (!py::isinstance<py::array_t<T>>(array) ||
+      !(array.flags() & py::array::c_style)) {
+    throw std::invalid_argument(std::string(name) + " must be a C-contiguous " +
+                                py::str(py::dtype::of<T>()).cast<std::string>() + " array");
+  }
+  return static_cast<T*>(array.mutable_data());
+}
+
+py::tuple block_table_tree(py::array tables, py::array lens, int64_t block_size) {
+  if (tables.ndim() != 2 || lens.ndim() != 1 || lens.shape(0) != tables.shape(0)) {
+    throw std::invalid_argument("tables must be [S, W] and lens [S]");
+  }
+  const int32_t* table_data = host_array<int32_t>(tables, "tables");
+  const int64_t* lens_data = host_array<int64_t>(lens, "lens");
+  const int64_t num_rows = tables.shape(0), width = tables.shape(1);
+  a2r::cpu::BlockTableTree tree;
+  {
+    py::gil_scoped_release release;
+    tree = a2r::cpu::block_table_tree(table_data, num_rows, width, lens_data, block_size);
+  }
+  if (tree.bad_row >= 0) return py::make_tuple(tree.bad_row);
+  py::list paths(num_rows);
+  size_t pos = 0;
+  for (int64_t i = 0; i < num_rows; ++i) {
+    py::list path(tree.path_counts[i]);
+    for (int64_t k = 0; k < tree.path_counts[i]; ++k) path[k] = tree.path_nodes[pos++];
+    paths[i] = path;
+  }
+  return py::make_tuple(paths, py::cast(tree.node_lengths), py::cast(tree.page_starts),
+                        tree.max_block_id);
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
   m.doc() =
@@ -90,4 +133,38 @@ PYBIND11_MODULE(_cpu, m) {
       },
       "LSE merge of two attention states.", py::arg("out_a"), py::arg("lse_a"), py::arg("out_b"),
       py::arg("lse_b"), py::arg("out"), py::arg("lse"), py::arg("num_threads"));
+
+  m.def("block_table_tree", &block_table_tree,
+        "The tree of a paged decode step (a2r_kernels.block_table_tree.block_table_nodes): "
+        "int32 C-contiguous tables [S, W], int64 lens [S] -> (paths, node lengths, page starts, "
+        "max block id), or (row,) when that row holds a negative block id.",
+        py::arg("tables"), py::arg("lens"), py::arg("block_size"));
+  m.def(
+      "append_step",
+      [](py::array tables, py::array kept, py::array lens, py::array old_lens,
+         py::array can_grow, py::array in_use, int64_t block_size) {
+        if (tables.ndim() != 2 || kept.ndim() != 2 || kept.shape(0) != tables.shape(0) ||
+            kept.shape(1) != tables.shape(1) || lens.size() != tables.shape(0) ||
+            old_lens.size() != tables.shape(0) || can_grow.size() != tables.shape(0)) {
+          throw std::invalid_argument("append_step: tables, kept [S, W]; lens, old_lens, "
+                                      "can_grow [S]");
+        }
+        const int32_t* table_data = host_array<int32_t>(tables, "tables");
+        int32_t* kept_data = host_array<int32_t>(kept, "kept");
+        const int64_t* lens_data = host_array<int64_t>(lens, "lens");
+        int64_t* old_data = host_array<int64_t>(old_lens, "old_lens");
+        const uint8_t* grow_data = reinterpret_cast<uint8_t*>(host_array<bool>(can_grow,
+                                                                              "can_grow"));
+        uint8_t* use_data = reinterpret_cast<uint8_t*>(host_array<bool>(in_use, "in_use"));
+        int64_t value = -1;
+        const int status = a2r::cpu::append_step(table_data, kept_data, tables.shape(0),
+                                                 tables.shape(1), lens_data, old_data,
+                                                 grow_data, use_data, in_use.size(),
+                                                 block_size, &value);
+        return py::make_tuple(status, value);
+      },
+      "IncrementalTreePlanner's append-only check and record of one step (block_table_plan.h): "
+      "(status, value).",
+      py::arg("tables"), py::arg("kept"), py::arg("lens"), py::arg("old_lens"),
+      py::arg("can_grow"), py::arg("in_use"), py::arg("block_size"));
 }

@@ -1,0 +1,36 @@
+// Host planning of paged decode steps (a2r_kernels/block_table_tree.py and incremental_plan.py
+// call these through a2r_kernels._cpu; the numpy code there is the reference they are tested
+// against). Plain C++ on host arrays, no threads: linear in the table entries read.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace a2r::cpu {
+
+// The tree of a paged decode step (a2r_kernels.block_table_tree.block_table_nodes): row i reads
+// tables[i * width + c] for c < ceil(lens[i] / block_size). Groups of entries with the same
+// (column, block id, tokens read) are numbered by first entry (row-major); chains of groups
+// with the same readers merge into one node, numbered by head group.
+struct BlockTableTree {
+  std::vector<int64_t> path_nodes;    // every row's nodes, root to leaf, rows concatenated
+  std::vector<int64_t> path_counts;   // [num_rows] nodes per row
+  std::vector<int64_t> node_lengths;  // tokens per node
+  std::vector<int64_t> page_starts;   // node's first entry, row * width + column
+  int64_t max_block_id = -1;          // largest block id read, -1 if none
+  int64_t bad_row = -1;               // first row holding a negative id (then nothing else set)
+};
+
+BlockTableTree block_table_tree(const int32_t* tables, int64_t num_rows, int64_t width,
+                                const int64_t* lens, int64_t block_size);
+
+// The incremental planner's check and record of one step (IncrementalTreePlanner._append_only):
+// every row kept or grown, only rows with can_grow[i] grown, the entries read last step
+// unchanged against kept, the entries new to this step fresh (not in in_use, none twice).
+// Returns 0 when so (then kept, in_use and old_lens hold this step), 1 when not (nothing
+// written), 2 when row *value holds a negative new id, 3 when in_use must hold *value + 1 ids.
+int append_step(const int32_t* tables, int32_t* kept, int64_t num_rows, int64_t width,
+                const int64_t* lens, int64_t* old_lens, const uint8_t* can_grow,
+                uint8_t* in_use, int64_t in_use_size, int64_t block_size, int64_t* value);
+
+}  // namespace a2r::cpu
