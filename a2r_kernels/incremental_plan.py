@@ -37,6 +37,7 @@ then); copy what must outlive it (``TreeAttentionWrapper.plan`` does).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,22 +54,22 @@ __all__ = ["DecodeStepPlanner", "IncrementalTreePlanner"]
 _HOST_FIELDS = tuple(name for name in PLAN_FIELDS if name != "page_table")
 _NUM_FIELDS = len(WORK_FIELDS)
 # Statuses of the C++ append_step (csrc/cpu/block_table_plan.h).
-_APPENDED, _NOT_APPENDED, _BAD_BLOCK_ID, _GROW_BLOCK_IDS = range(4)
+_APPENDED, _NOT_APPENDED, _BAD_BLOCK_ID, _GROW_BLOCK_IDS, _BAD_LENGTH = range(5)
 
 
 class _Paths(Sequence):
     """``layout.paths`` of an incremental plan, made on first use: row ``i``'s shared path,
-    then its tail node when the tail holds tokens."""
+    then its tail node when the tail holds tokens (its node length is not 0)."""
 
-    def __init__(self, shared: list[list[int]], tail_node: list[int], has_tail: list[bool]):
-        self._parts = (shared, tail_node, has_tail)
+    def __init__(self, shared: list[list[int]], tail_node: list[int], lengths: list[int]):
+        self._parts = (shared, tail_node, lengths)
         self._paths: list[list[int]] | None = None
 
     def _materialise(self) -> list[list[int]]:
         if self._paths is None:
-            shared, tail_node, has_tail = self._parts
-            self._paths = [path + [node] if tail else path
-                           for path, node, tail in zip(shared, tail_node, has_tail)]
+            shared, tail_node, lengths = self._parts
+            self._paths = [path + [node] if lengths[node] else path
+                           for path, node in zip(shared, tail_node)]
         return self._paths
 
     def __len__(self) -> int:
@@ -89,19 +90,22 @@ class _SharedPart:
                  chunk: int | None, seqs_per_item: int, page_table: torch.Tensor, device):
         num_rows, width = tables.shape
         paths, lengths, page_starts, max_block_id = block_table_nodes(tables, lens, block_size)
-        readers = np.bincount(np.fromiter((j for path in paths for j in path), dtype=np.int64),
-                              minlength=len(lengths))
+        # Plain Python on the rows' few nodes: cheaper than numpy calls at these sizes.
+        readers = [0] * len(lengths)
+        for path in paths:
+            for j in path:
+                readers[j] += 1
         shared_paths, tail_node, tail_start = [], [], []
         extra = len(lengths)
-        for i, path in enumerate(paths):
+        for path, length in zip(paths, lens.tolist()):
             if path and readers[path[-1]] == 1:          # a private leaf: the row's tail
                 shared_paths.append(path[:-1])
                 tail_node.append(path[-1])
-                tail_start.append(int(lens[i]) - lengths[path[-1]])
+                tail_start.append(length - lengths[path[-1]])
             else:                                         # an empty tail, after the last node
                 shared_paths.append(path)
                 tail_node.append(extra)
-                tail_start.append(int(lens[i]))
+                tail_start.append(length)
                 extra += 1
         lengths = lengths + [0] * (extra - len(lengths))
         page_starts = page_starts + [0] * (extra - len(page_starts))
@@ -121,7 +125,7 @@ class _SharedPart:
                                             + self.tail_start // block_size)
         self.page_starts_list = self.page_starts.tolist()
         self.can_grow = self.tail_start % block_size == 0
-        self.unique_tokens = int(self.lengths[:readers.size][readers > 0].sum())
+        self.unique_tokens = sum(n for n, count in zip(self.lengths.tolist(), readers) if count)
         self.work = plan.host_plan("work_info").numpy().copy()
         self.row_seq = plan.host_plan("row_seq").numpy().copy()
         self.pos_of_row = np.empty(num_rows, dtype=np.int64)
@@ -134,11 +138,15 @@ class _SharedPart:
         self.max_q_len = plan.max_q_len
         self.max_block_id = max_block_id
         # The entries the step read, and which block ids they hold (fresh-block checks).
-        num_used = -(-lens // block_size)
         self.kept = np.array(tables, dtype=np.int32, copy=True)
         self.in_use = np.zeros(max_block_id + 1, dtype=bool)
-        self.in_use[tables[np.arange(width)[None, :] < num_used[:, None]]] = True
-        self.slot = np.zeros(max_block_id + 1, dtype=np.int64)   # scratch: duplicate checks
+        ext = planner_extension()
+        if ext is not None and tables.dtype == np.int32 and tables.flags.c_contiguous:
+            ext.mark_used_blocks(tables, lens, block_size, self.in_use)
+        else:
+            num_used = -(-lens // block_size)
+            self.in_use[tables[np.arange(width)[None, :] < num_used[:, None]]] = True
+        self.slot: np.ndarray | None = None   # scratch of the numpy check (duplicates)
         self.lens = lens.copy()
 
     def grow_block_ids(self, size: int) -> None:
@@ -146,7 +154,7 @@ class _SharedPart:
         size = max(size, 2 * self.in_use.size)
         in_use = np.zeros(size, dtype=bool)
         in_use[:self.in_use.size] = self.in_use
-        self.in_use, self.slot = in_use, np.zeros(size, dtype=np.int64)
+        self.in_use, self.slot = in_use, None
 
 
 class IncrementalTreePlanner:
@@ -179,7 +187,8 @@ class IncrementalTreePlanner:
         self._buffer = np.zeros(1024, dtype=np.int32)
         self._host_plan = torch.from_numpy(self._buffer)
         self._kv_tokens = (0, 0)
-        self._tails: tuple | None = None   # the tails' plan structure of the last step
+        self._tails: _Tails | None = None # the tails' plan structure of the last step
+        self._table_view: tuple | None = None   # (host table, its shape, its flat tensor)
 
     def reset(self) -> None:
         """Forget the kept tree: the next :meth:`plan` replans."""
@@ -209,6 +218,7 @@ class IncrementalTreePlanner:
         pages = self._page_table(tables, page_table)
         shared = self._shared
         if shared is None or not self._append_only(shared, tables, lens):
+            self._check_range(tables, lens)
             shared = self._shared = _SharedPart(tables, lens, self.block_size,
                                                 self.kv_chunk_size, self.max_seqs_per_item,
                                                 pages, self.device)
@@ -229,12 +239,15 @@ class IncrementalTreePlanner:
         if lens.shape != (tables.shape[0],) or lens.dtype.kind not in "iu":
             raise ValueError(f"seq_lens must be ints [num_seqs={tables.shape[0]}], got "
                              f"{lens.dtype} {lens.shape}")
-        lens = lens.astype(np.int64)
+        return tables, lens.astype(np.int64)   # a copy: kept as the step's lengths
+
+    def _check_range(self, tables: np.ndarray, lens: np.ndarray) -> None:
+        """ValueError unless ``0 <= lens <= W * block_size`` (the incremental step checks the
+        same in C++)."""
         capacity = tables.shape[1] * self.block_size
         if lens.size and (int(lens.min()) < 0 or int(lens.max()) > capacity):
             raise ValueError(f"seq_lens must lie in [0, max_blocks * block_size = {capacity}], "
                              f"got values in [{int(lens.min())}, {int(lens.max())}]")
-        return tables, lens
 
     def _page_table(self, tables: np.ndarray, page_table) -> torch.Tensor:
         if page_table is None:
@@ -242,7 +255,14 @@ class IncrementalTreePlanner:
                     not tables.flags.c_contiguous:
                 raise ValueError("page_table is required unless block_tables is a contiguous "
                                  "int32 host table and the device is the CPU")
-            return torch.from_numpy(tables).view(-1)
+            cached = self._table_view
+            # An engine hands over the same host table every step: keep its flat tensor view
+            # (same array object and shape, hence the same memory).
+            if cached is not None and cached[0] is tables and cached[1] == tables.shape:
+                return cached[2]
+            view = torch.from_numpy(tables).view(-1)
+            self._table_view = (tables, tables.shape, view)
+            return view
         if not isinstance(page_table, torch.Tensor) or page_table.dtype != torch.int32 or \
                 page_table.numel() != tables.size or page_table.device.type != self.device.type:
             raise ValueError(f"page_table must be int32 with {tables.size} entries on "
@@ -266,6 +286,8 @@ class IncrementalTreePlanner:
             shared.grow_block_ids(value + 1)
             status, value = ext.append_step(tables, shared.kept, lens, shared.lens,
                                             shared.can_grow, shared.in_use, self.block_size)
+        if status == _BAD_LENGTH:
+            self._check_range(tables, lens)   # raises
         if status == _BAD_BLOCK_ID:
             raise ValueError(f"block_tables[{value}] holds a block id outside "
                              f"[0, {INT32_MAX}] within seq_lens")
@@ -277,6 +299,7 @@ class IncrementalTreePlanner:
     def _append_only_numpy(self, shared: _SharedPart, tables: np.ndarray,
                            lens: np.ndarray) -> bool:
         """:meth:`_append_only` in numpy, on tables of any int dtype and layout."""
+        self._check_range(tables, lens)
         grew = lens - shared.lens
         if (grew < 0).any() or ((grew > 0) & ~shared.can_grow).any():
             return False
@@ -305,6 +328,8 @@ class IncrementalTreePlanner:
                 shared.grow_block_ids(top + 1)
             if shared.in_use[fresh].any():
                 return False                  # a block read before, now at a new place
+            if shared.slot is None or shared.slot.size < shared.in_use.size:
+                shared.slot = np.zeros(shared.in_use.size, dtype=np.int64)
             where = np.arange(fresh.size)
             shared.slot[fresh] = where
             if (shared.slot[fresh] != where).any():
@@ -317,29 +342,12 @@ class IncrementalTreePlanner:
 
     # ------------------------------------------------------------------ the step's layout
     def _layout(self, shared: _SharedPart, lens: np.ndarray, pages: torch.Tensor) -> TreeLayout:
-        tail_len = lens - shared.tail_start
-        chunks = -(-tail_len // self.tail_chunk)
-        cached = self._tails
-        if cached is not None and cached[0] is shared and np.array_equal(cached[1], chunks):
-            # The common step: the same work items and partial rows; only the tails' last
-            # chunks end later, and the lengths grow.
-            _, _, slices, total, item_row, kv_start = cached
-            start, end = slices["work_info"]
-            work = self._buffer[start:end].reshape(-1, _NUM_FIELDS)
-            work[shared.work.shape[0]:, 4] = np.minimum(kv_start + self.tail_chunk,
-                                                        tail_len[item_row])
-            start, end = slices["seq_lens"]
-            self._buffer[start:end] = lens
-        else:
-            slices, total, item_row, kv_start = self._write_plan(shared, lens, tail_len, chunks)
-            self._tails = (shared, chunks, slices, total, item_row, kv_start)
-        num_tail = item_row.size
-        num_work = shared.work.shape[0] + num_tail
-        has_tail = tail_len > 0
-        lengths = shared.lengths.copy()
-        lengths[shared.tail_node] = tail_len
-        self._kv_tokens = (shared.unique_tokens + int(tail_len.sum()), int(lens.sum()))
-        lengths_list, starts_list = lengths.tolist(), shared.page_starts_list
+        tails = self._tails
+        if tails is None or tails.shared is not shared or not self._advance_tails(tails, lens):
+            tails = self._tails = self._write_plan(shared, lens)
+        tail_tokens, tokens, longest = tails.sums
+        self._kv_tokens = (shared.unique_tokens + tail_tokens, tokens)
+        lengths_list, starts_list = tails.lengths.tolist(), shared.page_starts_list
         kept, block_size = shared.kept, self.block_size
 
         def node_tables() -> list[list[int]]:
@@ -348,25 +356,51 @@ class IncrementalTreePlanner:
                     for s, n in zip(starts_list, lengths_list)]
 
         return TreeLayout(
-            paths=_Paths(shared.paths, shared.tail_node_list, has_tail.tolist()),
+            paths=_Paths(shared.paths, shared.tail_node_list, lengths_list),
             node_lengths=lengths_list, block_size=block_size, device=self.device,
             kv_chunk_size=self.kv_chunk_size, max_seqs_per_item=self.max_seqs_per_item,
-            host_plan=self._host_plan[:total], slices=slices, page_starts=starts_list,
-            page_table=pages, node_tables=node_tables, num_work=num_work,
-            num_partials=shared.num_partials + num_tail, max_block_id=shared.max_block_id,
-            max_seq_len=int(lens.max()) if lens.size else 0,
-            max_q_len=max(shared.max_q_len, 1 if num_tail else 0))
+            host_plan=tails.host_plan, slices=tails.slices, page_starts=starts_list,
+            page_table=pages, node_tables=node_tables, num_work=tails.num_work,
+            num_partials=tails.num_partials, max_block_id=shared.max_block_id,
+            max_seq_len=longest, max_q_len=tails.max_q_len)
 
-    def _write_plan(self, shared: _SharedPart, lens: np.ndarray, tail_len: np.ndarray,
-                    chunks: np.ndarray):
+    def _advance_tails(self, tails: _Tails, lens: np.ndarray) -> bool:
+        """The common step: every tail keeps its work items (their count), so only the tails'
+        last items end later, and the lengths grow: written in place, True. False (nothing
+        written) when a tail needs another item. C++ when built, else numpy."""
+        shared, chunk = tails.shared, self.tail_chunk
+        ext = planner_extension()
+        if ext is not None:
+            sums = ext.advance_tails(lens, shared.tail_start, tails.chunks, tails.item_first,
+                                     shared.tail_node, chunk, tails.work, tails.seq_lens,
+                                     tails.lengths)
+            if sums is None:
+                return False
+            tails.sums = sums
+            return True
+        tail_len = lens - shared.tail_start
+        if not np.array_equal(tails.chunks, -(-tail_len // chunk)):
+            return False
+        work = tails.work.reshape(-1, _NUM_FIELDS)
+        work[:, 4] = np.minimum(tails.kv_start + chunk, tail_len[tails.item_row])
+        tails.seq_lens[:] = lens
+        tails.lengths[shared.tail_node] = tail_len
+        tails.sums = _tail_sums(tail_len, lens)
+        return True
+
+    def _write_plan(self, shared: _SharedPart, lens: np.ndarray) -> _Tails:
         """Write the whole host plan (shared part, tails, merge CSR, lengths) into the buffer;
-        return ``(slices, total, item_row, kv_start)`` (each tail item's row and first token)."""
+        return the tails' structure (each tail item's row and first token, the views the
+        common step writes)."""
         num_rows, block_size, chunk = shared.num_rows, self.block_size, self.tail_chunk
+        tail_len = lens - shared.tail_start
+        chunks = -(-tail_len // chunk)
         num_tail = int(chunks.sum())
         # Tail work items (row order, chunk order) and their partial rows after the shared ones.
         item_row = np.repeat(np.arange(num_rows), chunks)
-        item_first = np.repeat(np.cumsum(chunks) - chunks, chunks)
-        kv_start = (np.arange(num_tail) - item_first) * chunk
+        item_first = np.cumsum(chunks) - chunks
+        first_of_item = np.repeat(item_first, chunks)
+        kv_start = (np.arange(num_tail) - first_of_item) * chunk
         tail_items = np.empty((num_tail, _NUM_FIELDS), dtype=np.int64)
         tail_items[:, 0] = shared.pos_of_row[item_row]
         tail_items[:, 1] = 1
@@ -381,7 +415,7 @@ class IncrementalTreePlanner:
         merge_rows = np.empty(int(indptr[-1]), dtype=np.int64)
         merge_rows[np.repeat(indptr[:-1], shared.count) + shared.local] = shared.rows
         merge_rows[np.repeat(indptr[:-1] + shared.count, chunks)
-                   + np.arange(num_tail) - item_first] = tail_items[:, 5]
+                   + np.arange(num_tail) - first_of_item] = tail_items[:, 5]
 
         values = {"work_info": (shared.work.reshape(-1), tail_items.reshape(-1)),
                   "row_seq": (shared.row_seq,), "merge_indptr": (indptr,),
@@ -396,7 +430,46 @@ class IncrementalTreePlanner:
             for part in values[name]:
                 self._buffer[pos:pos + part.size] = part
                 pos += part.size
-        return slices, total, item_row, kv_start
+        lengths = shared.lengths.copy()
+        lengths[shared.tail_node] = tail_len
+        work_start, work_end = slices["work_info"]
+        return _Tails(
+            shared=shared, chunks=chunks, item_first=item_first, item_row=item_row,
+            kv_start=kv_start, slices=slices, host_plan=self._host_plan[:total],
+            work=self._buffer[work_start + shared.work.size:work_end],
+            seq_lens=self._buffer[slice(*slices["seq_lens"])], lengths=lengths,
+            sums=_tail_sums(tail_len, lens), num_work=shared.work.shape[0] + num_tail,
+            num_partials=shared.num_partials + num_tail,
+            max_q_len=max(shared.max_q_len, 1 if num_tail else 0))
+
+
+def _tail_sums(tail_len: np.ndarray, lens: np.ndarray) -> tuple[int, int, int]:
+    """(tail tokens, tokens, longest row) of a step."""
+    return int(tail_len.sum()), int(lens.sum()), int(lens.max()) if lens.size else 0
+
+
+@dataclass
+class _Tails:
+    """The tails' part of the host plan of the last step (IncrementalTreePlanner._write_plan):
+    per row its item count ``chunks`` and first tail item ``item_first``; per tail item its
+    row and first token; views of the buffer the common step writes (``work``: the tail
+    items, flat; ``seq_lens``); every node's ``lengths`` (tails included); ``sums``:
+    ``(tail tokens, tokens, longest row)``."""
+
+    shared: _SharedPart
+    chunks: np.ndarray
+    item_first: np.ndarray
+    item_row: np.ndarray
+    kv_start: np.ndarray
+    slices: dict
+    host_plan: torch.Tensor
+    work: np.ndarray
+    seq_lens: np.ndarray
+    lengths: np.ndarray
+    sums: tuple
+    num_work: int
+    num_partials: int
+    max_q_len: int
 
 
 class DecodeStepPlanner:

@@ -17,8 +17,21 @@ import torch
 
 import a2r_kernels as ak
 from a2r_kernels import reference
+from a2r_kernels import block_table_tree, incremental_plan
 from a2r_kernels.incremental_plan import IncrementalTreePlanner
 from a2r_kernels.layout import WORK_FIELDS
+
+
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def planner_path(request, monkeypatch):
+    """Every test on both planner paths: the C++ one of a2r_kernels._cpu (when built) and the
+    numpy reference."""
+    if request.param == "numpy":
+        for module in (block_table_tree, incremental_plan):
+            monkeypatch.setattr(module, "planner_extension", lambda: None)
+    elif block_table_tree.planner_extension() is None:
+        pytest.skip("a2r_kernels._cpu was not built")
+    return request.param
 
 
 class _Engine:

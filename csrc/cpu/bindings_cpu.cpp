@@ -3,6 +3,8 @@
 // capsules (a2r_kernels/_cpu_ops.py: torch.utils.dlpack.to_dlpack, no copy), are checked by the
 // entry points (std::invalid_argument -> ValueError naming the argument), and the GIL is released
 // while the kernels run.
+#include <algorithm>
+
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -139,6 +141,68 @@ PYBIND11_MODULE(_cpu, m) {
         "int32 C-contiguous tables [S, W], int64 lens [S] -> (paths, node lengths, page starts, "
         "max block id), or (row,) when that row holds a negative block id.",
         py::arg("tables"), py::arg("lens"), py::arg("block_size"));
+  m.def(
+      "advance_tails",
+      [](py::array lens, py::array tail_start, py::array chunks, py::array item_first,
+         py::array tail_node, int64_t chunk, py::array work, py::array seq_lens,
+         py::array lengths) -> py::object {
+        const int64_t num_rows = lens.size();
+        int64_t num_items = 0;
+        const int64_t* chunk_data = host_array<int64_t>(chunks, "chunks");
+        const int64_t* first_data = host_array<int64_t>(item_first, "item_first");
+        const int64_t* node_data = host_array<int64_t>(tail_node, "tail_node");
+        if (tail_start.size() != num_rows || chunks.size() != num_rows ||
+            item_first.size() != num_rows || tail_node.size() != num_rows ||
+            seq_lens.size() != num_rows || chunk <= 0) {
+          throw std::invalid_argument("advance_tails: row arrays of one size, chunk > 0");
+        }
+        for (int64_t i = 0; i < num_rows; ++i) {   // the writes stay inside the arrays
+          num_items = std::max(num_items, first_data[i] + chunk_data[i]);
+          if (node_data[i] < 0 || node_data[i] >= lengths.size() || chunk_data[i] < 0) {
+            throw std::invalid_argument("advance_tails: tail_node outside lengths");
+          }
+        }
+        if (num_items * 6 > work.size()) {
+          throw std::invalid_argument("advance_tails: work holds too few items");
+        }
+        int64_t sums[3];
+        const bool same = a2r::cpu::advance_tails(
+            host_array<int64_t>(lens, "lens"), host_array<int64_t>(tail_start, "tail_start"),
+            chunk_data, first_data, node_data, num_rows, chunk, host_array<int32_t>(work, "work"),
+            host_array<int32_t>(seq_lens, "seq_lens"), host_array<int64_t>(lengths, "lengths"),
+            sums);
+        if (!same) return py::none();
+        return py::make_tuple(sums[0], sums[1], sums[2]);
+      },
+      "IncrementalTreePlanner's common step (block_table_plan.h): (tail tokens, tokens, "
+      "longest row) when every tail keeps its work items, else None.",
+      py::arg("lens"), py::arg("tail_start"), py::arg("chunks"), py::arg("item_first"),
+      py::arg("tail_node"), py::arg("chunk"), py::arg("work"), py::arg("seq_lens"),
+      py::arg("lengths"));
+  m.def(
+      "mark_used_blocks",
+      [](py::array tables, py::array lens, int64_t block_size, py::array in_use) {
+        if (tables.ndim() != 2 || lens.size() != tables.shape(0)) {
+          throw std::invalid_argument("mark_used_blocks: tables [S, W], lens [S]");
+        }
+        const int32_t* table_data = host_array<int32_t>(tables, "tables");
+        const int64_t* lens_data = host_array<int64_t>(lens, "lens");
+        uint8_t* use_data = reinterpret_cast<uint8_t*>(host_array<bool>(in_use, "in_use"));
+        const int64_t num_rows = tables.shape(0), width = tables.shape(1);
+        for (int64_t i = 0; i < num_rows; ++i) {   // the ids must fit in_use
+          const int64_t n = (lens_data[i] + block_size - 1) / block_size;
+          for (int64_t c = 0; c < n; ++c) {
+            const int32_t block = table_data[i * width + c];
+            if (block < 0 || block >= in_use.size()) {
+              throw std::invalid_argument("mark_used_blocks: a block id outside in_use");
+            }
+          }
+        }
+        a2r::cpu::mark_used_blocks(table_data, num_rows, width, lens_data, block_size,
+                                   use_data);
+      },
+      "in_use[b] = True for every block id b read within lens.", py::arg("tables"),
+      py::arg("lens"), py::arg("block_size"), py::arg("in_use"));
   m.def(
       "append_step",
       [](py::array tables, py::array kept, py::array lens, py::array old_lens,

@@ -120,9 +120,22 @@ BlockTableTree block_table_tree(const int32_t* tables, int64_t num_rows, int64_t
   return tree;
 }
 
+void mark_used_blocks(const int32_t* tables, int64_t num_rows, int64_t width,
+                      const int64_t* lens, int64_t block_size, uint8_t* in_use) {
+  for (int64_t i = 0; i < num_rows; ++i) {
+    const int32_t* row = tables + i * width;
+    for (int64_t c = 0, n = (lens[i] + block_size - 1) / block_size; c < n; ++c) {
+      in_use[row[c]] = 1;
+    }
+  }
+}
+
 int append_step(const int32_t* tables, int32_t* kept, int64_t num_rows, int64_t width,
                 const int64_t* lens, int64_t* old_lens, const uint8_t* can_grow,
                 uint8_t* in_use, int64_t in_use_size, int64_t block_size, int64_t* value) {
+  for (int64_t i = 0; i < num_rows; ++i) {
+    if (lens[i] < 0 || lens[i] > width * block_size) return 4;
+  }
   int64_t top = -1;
   for (int64_t i = 0; i < num_rows; ++i) {
     if (lens[i] < old_lens[i] || (lens[i] > old_lens[i] && !can_grow[i])) return 1;
@@ -167,6 +180,33 @@ int append_step(const int32_t* tables, int32_t* kept, int64_t num_rows, int64_t 
   }
   *value = top;
   return 0;
+}
+
+bool advance_tails(const int64_t* lens, const int64_t* tail_start, const int64_t* chunks,
+                   const int64_t* item_first, const int64_t* tail_node, int64_t num_rows,
+                   int64_t chunk, int32_t* work, int32_t* seq_lens, int64_t* lengths,
+                   int64_t* sums) {
+  for (int64_t i = 0; i < num_rows; ++i) {
+    if ((lens[i] - tail_start[i] + chunk - 1) / chunk != chunks[i]) return false;
+  }
+  int64_t tail_sum = 0, lens_sum = 0, lens_max = 0;
+  constexpr int64_t kFields = 6, kEnd = 4;   // WORK_FIELDS, kv_end
+  for (int64_t i = 0; i < num_rows; ++i) {
+    const int64_t tail_len = lens[i] - tail_start[i];
+    if (chunks[i] > 0) {
+      // Items cover [k * chunk, min((k + 1) * chunk, tail_len)): the last one ends the tail.
+      work[(item_first[i] + chunks[i] - 1) * kFields + kEnd] = static_cast<int32_t>(tail_len);
+    }
+    seq_lens[i] = static_cast<int32_t>(lens[i]);
+    lengths[tail_node[i]] = tail_len;
+    tail_sum += tail_len;
+    lens_sum += lens[i];
+    lens_max = lens[i] > lens_max ? lens[i] : lens_max;
+  }
+  sums[0] = tail_sum;
+  sums[1] = lens_sum;
+  sums[2] = lens_max;
+  return true;
 }
 
 }  // namespace a2r::cpu

@@ -24,13 +24,30 @@ struct BlockTableTree {
 BlockTableTree block_table_tree(const int32_t* tables, int64_t num_rows, int64_t width,
                                 const int64_t* lens, int64_t block_size);
 
+// in_use[b] = 1 for every block id b that some row reads (ids checked by block_table_tree:
+// non-negative, below in_use's size).
+void mark_used_blocks(const int32_t* tables, int64_t num_rows, int64_t width,
+                      const int64_t* lens, int64_t block_size, uint8_t* in_use);
+
 // The incremental planner's check and record of one step (IncrementalTreePlanner._append_only):
 // every row kept or grown, only rows with can_grow[i] grown, the entries read last step
 // unchanged against kept, the entries new to this step fresh (not in in_use, none twice).
 // Returns 0 when so (then kept, in_use and old_lens hold this step), 1 when not (nothing
-// written), 2 when row *value holds a negative new id, 3 when in_use must hold *value + 1 ids.
+// written), 2 when row *value holds a negative new id, 3 when in_use must hold *value + 1 ids,
+// 4 when some lens[i] lies outside [0, width * block_size] (checked first).
 int append_step(const int32_t* tables, int32_t* kept, int64_t num_rows, int64_t width,
                 const int64_t* lens, int64_t* old_lens, const uint8_t* can_grow,
                 uint8_t* in_use, int64_t in_use_size, int64_t block_size, int64_t* value);
+
+// The tails of an incremental step (IncrementalTreePlanner._layout): row i's tail holds
+// tail_len = lens[i] - tail_start[i] tokens in ceil(tail_len / chunk) work items, items
+// item_first[i] ... of the tail items in work (int32 [items, 6], column 4: the item's end).
+// When every row's item count equals chunks[i] (the last plan's), writes each row's last item
+// end, seq_lens (int32) and lengths[tail_node[i]] = tail_len, sets *sums to (sum of tail_len,
+// sum of lens, max of lens) and returns true; else writes nothing and returns false.
+bool advance_tails(const int64_t* lens, const int64_t* tail_start, const int64_t* chunks,
+                   const int64_t* item_first, const int64_t* tail_node, int64_t num_rows,
+                   int64_t chunk, int32_t* work, int32_t* seq_lens, int64_t* lengths,
+                   int64_t* sums);
 
 }  // namespace a2r::cpu
