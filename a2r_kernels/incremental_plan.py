@@ -188,7 +188,7 @@ class IncrementalTreePlanner:
         self._host_plan = torch.from_numpy(self._buffer)
         self._kv_tokens = (0, 0)
         self._tails: _Tails | None = None # the tails' plan structure of the last step
-        self._table_view: tuple | None = None   # (host table, its shape, its flat tensor)
+        self._cached_inputs: tuple | None = None   # see _inputs
 
     def reset(self) -> None:
         """Forget the kept tree: the next :meth:`plan` replans."""
@@ -214,10 +214,10 @@ class IncrementalTreePlanner:
 
         Returns a :class:`TreeLayout`, valid until the next call.
         """
-        tables, lens = self._check(block_tables, seq_lens)
-        pages = self._page_table(tables, page_table)
+        tables, pages, ext = self._inputs(block_tables, page_table)
+        lens = self._check_lens(seq_lens, tables.shape[0])
         shared = self._shared
-        if shared is None or not self._append_only(shared, tables, lens):
+        if shared is None or not self._append_only(shared, tables, lens, ext):
             self._check_range(tables, lens)
             shared = self._shared = _SharedPart(tables, lens, self.block_size,
                                                 self.kv_chunk_size, self.max_seqs_per_item,
@@ -228,18 +228,36 @@ class IncrementalTreePlanner:
         return self._layout(shared, lens, pages)
 
     # ------------------------------------------------------------------ inputs
-    def _check(self, block_tables, seq_lens) -> tuple[np.ndarray, np.ndarray]:
+    def _inputs(self, block_tables, page_table) -> tuple:
+        """``(tables as numpy, flat page table, the C++ planner or None)``. An engine hands over
+        the same buffers every step: checked once per (table, page table) pair of objects
+        with the same shape, dtype, strides and memory."""
+        cached = self._cached_inputs
+        if cached is not None and cached[0] is block_tables and cached[1] is page_table and \
+                cached[2] == _signature(block_tables, page_table):
+            return cached[3]
         tables = block_tables.numpy() if isinstance(block_tables, torch.Tensor) else block_tables
         if not isinstance(tables, np.ndarray) or tables.ndim != 2 or \
                 tables.dtype.kind not in "iu":
             raise ValueError(f"block_tables must be an int [num_seqs, max_blocks] host array, "
                              f"got {getattr(tables, 'dtype', type(tables).__name__)} "
                              f"{getattr(tables, 'shape', '')}")
+        pages = self._page_table(tables, page_table)
+        ext = planner_extension()
+        if tables.dtype != np.int32 or not tables.flags.c_contiguous:
+            ext = None                     # the numpy reference reads any int table
+        inputs = (tables, pages, ext)
+        self._cached_inputs = (block_tables, page_table,
+                               _signature(block_tables, page_table), inputs)
+        return inputs
+
+    @staticmethod
+    def _check_lens(seq_lens, num_rows: int) -> np.ndarray:
         lens = seq_lens.numpy() if isinstance(seq_lens, torch.Tensor) else np.asarray(seq_lens)
-        if lens.shape != (tables.shape[0],) or lens.dtype.kind not in "iu":
-            raise ValueError(f"seq_lens must be ints [num_seqs={tables.shape[0]}], got "
+        if lens.shape != (num_rows,) or lens.dtype.kind not in "iu":
+            raise ValueError(f"seq_lens must be ints [num_seqs={num_rows}], got "
                              f"{lens.dtype} {lens.shape}")
-        return tables, lens.astype(np.int64)   # a copy: kept as the step's lengths
+        return lens.astype(np.int64)   # a copy: kept as the step's lengths
 
     def _check_range(self, tables: np.ndarray, lens: np.ndarray) -> None:
         """ValueError unless ``0 <= lens <= W * block_size`` (the incremental step checks the
@@ -255,14 +273,7 @@ class IncrementalTreePlanner:
                     not tables.flags.c_contiguous:
                 raise ValueError("page_table is required unless block_tables is a contiguous "
                                  "int32 host table and the device is the CPU")
-            cached = self._table_view
-            # An engine hands over the same host table every step: keep its flat tensor view
-            # (same array object and shape, hence the same memory).
-            if cached is not None and cached[0] is tables and cached[1] == tables.shape:
-                return cached[2]
-            view = torch.from_numpy(tables).view(-1)
-            self._table_view = (tables, tables.shape, view)
-            return view
+            return torch.from_numpy(tables).view(-1)
         if not isinstance(page_table, torch.Tensor) or page_table.dtype != torch.int32 or \
                 page_table.numel() != tables.size or page_table.device.type != self.device.type:
             raise ValueError(f"page_table must be int32 with {tables.size} entries on "
@@ -271,14 +282,14 @@ class IncrementalTreePlanner:
         return page_table.reshape(-1)
 
     # ------------------------------------------------------------------ the incremental check
-    def _append_only(self, shared: _SharedPart, tables: np.ndarray, lens: np.ndarray) -> bool:
+    def _append_only(self, shared: _SharedPart, tables: np.ndarray, lens: np.ndarray,
+                     ext) -> bool:
         """True when this step only grows the tails of the kept plan (module docstring); then
-        the fresh entries are recorded in ``shared``. The C++ twin (``a2r_kernels._cpu``) on
-        int32 C-contiguous tables, else :meth:`_append_only_numpy` (the reference)."""
+        the fresh entries are recorded in ``shared``. The C++ twin ``ext`` (``a2r_kernels._cpu``,
+        for int32 C-contiguous tables), else :meth:`_append_only_numpy` (the reference)."""
         if tables.shape != (shared.num_rows, shared.width):
             return False
-        ext = planner_extension()
-        if ext is None or tables.dtype != np.int32 or not tables.flags.c_contiguous:
+        if ext is None:
             return self._append_only_numpy(shared, tables, lens)
         status, value = ext.append_step(tables, shared.kept, lens, shared.lens,
                                         shared.can_grow, shared.in_use, self.block_size)
@@ -441,6 +452,15 @@ class IncrementalTreePlanner:
             sums=_tail_sums(tail_len, lens), num_work=shared.work.shape[0] + num_tail,
             num_partials=shared.num_partials + num_tail,
             max_q_len=max(shared.max_q_len, 1 if num_tail else 0))
+
+
+def _signature(block_tables, page_table) -> tuple:
+    """What must not change for :meth:`IncrementalTreePlanner._inputs` to reuse its checks."""
+    table_memory = (block_tables.data_ptr(), block_tables.stride()) \
+        if isinstance(block_tables, torch.Tensor) else None
+    page_memory = (page_table.data_ptr(), page_table.shape, page_table.stride()) \
+        if isinstance(page_table, torch.Tensor) else None
+    return block_tables.shape, block_tables.dtype, table_memory, page_memory
 
 
 def _tail_sums(tail_len: np.ndarray, lens: np.ndarray) -> tuple[int, int, int]:

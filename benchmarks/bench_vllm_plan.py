@@ -10,13 +10,20 @@ step, so each row gets a fresh block every 16 steps (rows staggered: a few cross
 every step). ``--repeated``: one block id sits at two positions of a row, which sent
 ``from_block_tables`` down its sorting path before issue 24. Per provider: host microseconds
 per step, amortised over ``--steps`` steps including the first plan (``us_per_step``), and
-without it (``us_per_step_after_first``); providers interleaved step by step, one thread.
-Rows go to ``benchmarks/results/vllm_plan_cpu.json``.
+without it (``us_per_step_after_first``); providers interleaved step by step, one thread, so
+each runs with the caches the others left (as a plan runs after a model step). Providers:
+``incremental`` (the C++ planner of ``a2r_kernels._cpu`` where built), ``incremental_numpy``
+(its numpy reference) and ``from_block_tables``. Before timing, every provider plans one
+small batch untimed (the process's first call of each code path is not a plan's cost; an
+engine warms up the same way). Rows go to ``vllm_plan_cpu.json`` in ``common.results_dir()``
+(``$A2R_BENCH_RESULTS_DIR``, else ``benchmarks/results``), with the load average.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import time
@@ -29,9 +36,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import device_name, write_results  # noqa: E402
+from common import device_name, results_dir, write_results  # noqa: E402
 
-from a2r_kernels import TreeLayout  # noqa: E402
+from a2r_kernels import TreeLayout, block_table_tree, incremental_plan  # noqa: E402
 from a2r_kernels.incremental_plan import IncrementalTreePlanner  # noqa: E402
 
 BLOCK_SIZE = 16
@@ -69,21 +76,42 @@ def advance(tables: np.ndarray, lens: np.ndarray, free: list[int]) -> None:
     lens += 1
 
 
+@contextlib.contextmanager
+def numpy_planner(on: bool):
+    """The planner's numpy reference instead of its C++ twin while ``on``."""
+    if not on:
+        yield
+        return
+    saved = block_table_tree.planner_extension
+    block_table_tree.planner_extension = incremental_plan.planner_extension = lambda: None
+    try:
+        yield
+    finally:
+        block_table_tree.planner_extension = incremental_plan.planner_extension = saved
+
+
+PROVIDERS = ("incremental", "incremental_numpy", "from_block_tables")
+
+
 def measure(rows: int, blocks: int, group: int, steps: int, repeated: bool) -> dict[str, list]:
     """Per provider, the host seconds of each step's plan."""
     tables, lens, free = batch(rows, blocks, group, repeated)
-    planner = IncrementalTreePlanner(BLOCK_SIZE)
-    times: dict[str, list] = {"incremental": [], "from_block_tables": []}
+    planners = {"incremental": IncrementalTreePlanner(BLOCK_SIZE),
+                "incremental_numpy": IncrementalTreePlanner(BLOCK_SIZE)}
+    times: dict[str, list] = {name: [] for name in PROVIDERS}
     for _ in range(steps):
         advance(tables, lens, free)
-        start = time.perf_counter()
-        planner.plan(tables, lens)
-        times["incremental"].append(time.perf_counter() - start)
+        for name, planner in planners.items():
+            with numpy_planner(name == "incremental_numpy"):
+                start = time.perf_counter()
+                planner.plan(tables, lens)
+                times[name].append(time.perf_counter() - start)
         start = time.perf_counter()
         TreeLayout.from_block_tables(torch.from_numpy(tables), torch.from_numpy(lens),
                                      BLOCK_SIZE)
         times["from_block_tables"].append(time.perf_counter() - start)
-    times["replans"] = [planner.replans]
+    for name, planner in planners.items():
+        times[f"{name}_replans"] = [planner.replans]
     return times
 
 
@@ -97,30 +125,34 @@ def main() -> None:
     shapes = [(16, 72)] if args.quick else [(64, 520), (256, 512)]
     steps = args.steps or (16 if args.quick else 64)
     device = device_name("cpu")
+    load = os.getloadavg()[0]
+    measure(16, 72, args.group, 4, False)      # warm-up, untimed (module docstring)
+    print(f"{device}, one thread, load average {load:.2f}, C++ planner: "
+          f"{block_table_tree.planner_extension() is not None}")
     rows_out = []
     for rows, blocks in shapes:
         for repeated in (False, True):
             times = measure(rows, blocks, args.group, steps, repeated)
             baseline = sum(times["from_block_tables"]) / steps
-            for provider in ("incremental", "from_block_tables"):
+            for provider in PROVIDERS:
                 t = times[provider]
                 row = {"device": device, "provider": provider, "rows": rows, "blocks": blocks,
                        "block_size": BLOCK_SIZE, "group": args.group, "steps": steps,
-                       "repeated_block": repeated,
+                       "repeated_block": repeated, "load_average": load,
                        "us_per_step": float(sum(t) / steps * 1e6),
                        "us_per_step_after_first": float(sum(t[1:]) / (steps - 1) * 1e6),
                        "us_median_step": float(statistics.median(t) * 1e6),
                        "us_first_step": float(t[0] * 1e6),
                        "speedup_vs_from_block_tables": float(baseline / (sum(t) / steps))}
-                if provider == "incremental":
-                    row["replans"] = times["replans"][0]
+                if provider != "from_block_tables":
+                    row["replans"] = times[f"{provider}_replans"][0]
                 rows_out.append(row)
                 print(f"{rows:4d} x {blocks:4d}{' repeated' if repeated else '         '} "
                       f"{provider:>17}: {row['us_per_step']:9.1f} us/step amortised "
                       f"(first {row['us_first_step']:8.1f}, then "
                       f"{row['us_per_step_after_first']:7.1f})  x{row['speedup_vs_from_block_tables']:.1f}")
     if not args.quick:
-        path = HERE / "results" / "vllm_plan_cpu.json"
+        path = Path(results_dir()) / "vllm_plan_cpu.json"
         write_results(str(path), rows_out)
         print(f"wrote {path} ({device}; shared 2-core box, one thread)")
 
