@@ -130,7 +130,7 @@ class _SharedPart:
         self.row_seq = plan.host_plan("row_seq").numpy().copy()
         self.pos_of_row = np.empty(num_rows, dtype=np.int64)
         self.pos_of_row[self.row_seq] = np.arange(num_rows)
-        indptr = plan.host_plan("merge_indptr").numpy().astype(np.int64)
+        self.indptr = indptr = plan.host_plan("merge_indptr").numpy().astype(np.int64)
         self.count = np.diff(indptr)                      # shared partial rows per row
         self.rows = plan.host_plan("merge_rows").numpy().copy()
         self.local = np.arange(self.rows.size) - np.repeat(indptr[:-1], self.count)
@@ -381,6 +381,8 @@ class IncrementalTreePlanner:
         written) when a tail needs another item. C++ when built, else numpy."""
         shared, chunk = tails.shared, self.tail_chunk
         ext = planner_extension()
+        if ext is None and tails.item_row is None:
+            return False                      # written by the C++ planner: rewrite
         if ext is not None:
             sums = ext.advance_tails(lens, shared.tail_start, tails.chunks, tails.item_first,
                                      shared.tail_node, chunk, tails.work, tails.seq_lens,
@@ -399,10 +401,50 @@ class IncrementalTreePlanner:
         tails.sums = _tail_sums(tail_len, lens)
         return True
 
+    def _buffer_for(self, sizes: dict[str, int]) -> tuple[dict, int]:
+        """The fields' slices in the host buffer (grown when too small) and its used length."""
+        slices, total = aligned_slices(sizes, _HOST_FIELDS)
+        if total > self._buffer.size:
+            self._buffer = np.zeros(max(total, 2 * self._buffer.size), dtype=np.int32)
+            self._host_plan = torch.from_numpy(self._buffer)
+        return slices, total
+
+    def _tails_of(self, shared: _SharedPart, slices: dict, total: int, num_tail: int,
+                  **parts) -> _Tails:
+        work_start, work_end = slices["work_info"]
+        return _Tails(
+            shared=shared, slices=slices, host_plan=self._host_plan[:total],
+            work=self._buffer[work_start + shared.work.size:work_end],
+            seq_lens=self._buffer[slice(*slices["seq_lens"])],
+            num_work=shared.work.shape[0] + num_tail, num_partials=shared.num_partials + num_tail,
+            max_q_len=max(shared.max_q_len, 1 if num_tail else 0), **parts)
+
     def _write_plan(self, shared: _SharedPart, lens: np.ndarray) -> _Tails:
         """Write the whole host plan (shared part, tails, merge CSR, lengths) into the buffer;
-        return the tails' structure (each tail item's row and first token, the views the
-        common step writes)."""
+        return the tails' structure (the views the common step writes). In C++ when built
+        (O(rows + work items), no numpy call per item), else :meth:`_write_plan_numpy`."""
+        ext = planner_extension()
+        if ext is None:
+            return self._write_plan_numpy(shared, lens)
+        num_rows = shared.num_rows
+        chunks = np.empty(num_rows, dtype=np.int64)
+        item_first = np.empty(num_rows, dtype=np.int64)
+        num_tail = ext.tail_chunks(lens, shared.tail_start, self.tail_chunk, chunks, item_first)
+        slices, total = self._buffer_for({
+            "work_info": shared.work.size + num_tail * _NUM_FIELDS, "row_seq": num_rows,
+            "merge_indptr": num_rows + 1, "merge_rows": shared.rows.size + num_tail,
+            "seq_lens": num_rows})
+        lengths = shared.lengths.copy()
+        sums = ext.write_step_plan(
+            shared.work.reshape(-1), shared.row_seq, shared.indptr, shared.rows,
+            shared.pos_of_row, shared.tail_start, shared.tail_node, shared.num_partials,
+            shared.width, self.block_size, self.tail_chunk, lens, chunks, item_first,
+            self._buffer, [slices[name][0] for name in _HOST_FIELDS], lengths)
+        return self._tails_of(shared, slices, total, num_tail, chunks=chunks,
+                              item_first=item_first, item_row=None, kv_start=None, lengths=lengths, sums=sums)
+
+    def _write_plan_numpy(self, shared: _SharedPart, lens: np.ndarray) -> _Tails:
+        """:meth:`_write_plan` in numpy (the reference)."""
         num_rows, block_size, chunk = shared.num_rows, self.block_size, self.tail_chunk
         tail_len = lens - shared.tail_start
         chunks = -(-tail_len // chunk)
@@ -431,11 +473,8 @@ class IncrementalTreePlanner:
         values = {"work_info": (shared.work.reshape(-1), tail_items.reshape(-1)),
                   "row_seq": (shared.row_seq,), "merge_indptr": (indptr,),
                   "merge_rows": (merge_rows,), "seq_lens": (lens,)}
-        sizes = {name: sum(part.size for part in parts) for name, parts in values.items()}
-        slices, total = aligned_slices(sizes, _HOST_FIELDS)
-        if total > self._buffer.size:
-            self._buffer = np.zeros(max(total, 2 * self._buffer.size), dtype=np.int32)
-            self._host_plan = torch.from_numpy(self._buffer)
+        slices, total = self._buffer_for({name: sum(part.size for part in parts)
+                                          for name, parts in values.items()})
         for name in _HOST_FIELDS:
             pos = slices[name][0]
             for part in values[name]:
@@ -443,15 +482,9 @@ class IncrementalTreePlanner:
                 pos += part.size
         lengths = shared.lengths.copy()
         lengths[shared.tail_node] = tail_len
-        work_start, work_end = slices["work_info"]
-        return _Tails(
-            shared=shared, chunks=chunks, item_first=item_first, item_row=item_row,
-            kv_start=kv_start, slices=slices, host_plan=self._host_plan[:total],
-            work=self._buffer[work_start + shared.work.size:work_end],
-            seq_lens=self._buffer[slice(*slices["seq_lens"])], lengths=lengths,
-            sums=_tail_sums(tail_len, lens), num_work=shared.work.shape[0] + num_tail,
-            num_partials=shared.num_partials + num_tail,
-            max_q_len=max(shared.max_q_len, 1 if num_tail else 0))
+        return self._tails_of(shared, slices, total, num_tail, chunks=chunks,
+                              item_first=item_first, item_row=item_row, kv_start=kv_start, lengths=lengths,
+                              sums=_tail_sums(tail_len, lens))
 
 
 def _signature(block_tables, page_table) -> tuple:
@@ -472,15 +505,15 @@ def _tail_sums(tail_len: np.ndarray, lens: np.ndarray) -> tuple[int, int, int]:
 class _Tails:
     """The tails' part of the host plan of the last step (IncrementalTreePlanner._write_plan):
     per row its item count ``chunks`` and first tail item ``item_first``; per tail item its
-    row and first token; views of the buffer the common step writes (``work``: the tail
+    row and first token (numpy path; None when the C++ planner wrote the plan); views of the buffer the common step writes (``work``: the tail
     items, flat; ``seq_lens``); every node's ``lengths`` (tails included); ``sums``:
     ``(tail tokens, tokens, longest row)``."""
 
     shared: _SharedPart
     chunks: np.ndarray
     item_first: np.ndarray
-    item_row: np.ndarray
-    kv_start: np.ndarray
+    item_row: np.ndarray | None
+    kv_start: np.ndarray | None
     slices: dict
     host_plan: torch.Tensor
     work: np.ndarray

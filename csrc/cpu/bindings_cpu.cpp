@@ -180,6 +180,76 @@ PYBIND11_MODULE(_cpu, m) {
       py::arg("tail_node"), py::arg("chunk"), py::arg("work"), py::arg("seq_lens"),
       py::arg("lengths"));
   m.def(
+      "tail_chunks",
+      [](py::array lens, py::array tail_start, int64_t chunk, py::array chunks,
+         py::array item_first) {
+        const int64_t num_rows = lens.size();
+        if (tail_start.size() != num_rows || chunks.size() != num_rows ||
+            item_first.size() != num_rows || chunk <= 0) {
+          throw std::invalid_argument("tail_chunks: row arrays of one size, chunk > 0");
+        }
+        return a2r::cpu::tail_chunks(host_array<int64_t>(lens, "lens"),
+                                     host_array<int64_t>(tail_start, "tail_start"), num_rows,
+                                     chunk, host_array<int64_t>(chunks, "chunks"),
+                                     host_array<int64_t>(item_first, "item_first"));
+      },
+      "Each row's tail items (block_table_plan.h): fills chunks and item_first, returns the "
+      "total.",
+      py::arg("lens"), py::arg("tail_start"), py::arg("chunk"), py::arg("chunks"),
+      py::arg("item_first"));
+  m.def(
+      "write_step_plan",
+      [](py::array work, py::array row_seq, py::array indptr, py::array rows,
+         py::array pos_of_row, py::array tail_start, py::array tail_node, int64_t num_partials,
+         int64_t width, int64_t block_size, int64_t chunk, py::array lens, py::array chunks,
+         py::array item_first, py::array buffer, std::vector<int64_t> offsets,
+         py::array lengths) {
+        const int64_t num_rows = lens.size();
+        a2r::cpu::SharedPlanPart shared{
+            host_array<int32_t>(work, "work"), work.size() / 6,
+            host_array<int32_t>(row_seq, "row_seq"), host_array<int64_t>(indptr, "indptr"),
+            host_array<int32_t>(rows, "rows"), host_array<int64_t>(pos_of_row, "pos_of_row"),
+            host_array<int64_t>(tail_start, "tail_start"),
+            host_array<int64_t>(tail_node, "tail_node"), num_partials, width, block_size,
+            chunk};
+        const int64_t* chunk_data = host_array<int64_t>(chunks, "chunks");
+        const int64_t* first_data = host_array<int64_t>(item_first, "item_first");
+        // Every write stays inside buffer and lengths (the plan's sizes from the inputs).
+        bool ok = work.size() % 6 == 0 && row_seq.size() == num_rows &&
+                  indptr.size() == num_rows + 1 && pos_of_row.size() == num_rows &&
+                  tail_start.size() == num_rows && tail_node.size() == num_rows &&
+                  chunks.size() == num_rows && item_first.size() == num_rows &&
+                  offsets.size() == 5 && chunk > 0 && block_size > 0;
+        int64_t items = 0;
+        for (int64_t i = 0; ok && i < num_rows; ++i) {
+          ok = first_data[i] == items && chunk_data[i] >= 0 && shared.tail_node[i] >= 0 &&
+               shared.tail_node[i] < lengths.size() && shared.indptr[i] <= shared.indptr[i + 1];
+          items += chunk_data[i];
+        }
+        ok = ok && (num_rows == 0 || (shared.indptr[0] == 0 &&
+                                      shared.indptr[num_rows] == rows.size()));
+        const int64_t sizes[5] = {work.size() + items * 6, num_rows, num_rows + 1,
+                                  rows.size() + items, num_rows};
+        for (int k = 0; ok && k < 5; ++k) {
+          ok = offsets[k] >= 0 && offsets[k] + sizes[k] <= buffer.size();
+        }
+        if (!ok) throw std::invalid_argument("write_step_plan: inconsistent plan arrays");
+        int32_t* out = host_array<int32_t>(buffer, "buffer");
+        int64_t sums[3];
+        a2r::cpu::write_step_plan(shared, host_array<int64_t>(lens, "lens"), num_rows,
+                                  chunk_data, first_data, out + offsets[0], out + offsets[1],
+                                  out + offsets[2], out + offsets[3], out + offsets[4],
+                                  host_array<int64_t>(lengths, "lengths"), sums);
+        return py::make_tuple(sums[0], sums[1], sums[2]);
+      },
+      "The host plan of an incremental step into buffer at offsets (work_info, row_seq, "
+      "merge_indptr, merge_rows, seq_lens); (tail tokens, tokens, longest row).",
+      py::arg("work"), py::arg("row_seq"), py::arg("indptr"), py::arg("rows"),
+      py::arg("pos_of_row"), py::arg("tail_start"), py::arg("tail_node"),
+      py::arg("num_partials"), py::arg("width"), py::arg("block_size"), py::arg("chunk"),
+      py::arg("lens"), py::arg("chunks"), py::arg("item_first"), py::arg("buffer"),
+      py::arg("offsets"), py::arg("lengths"));
+  m.def(
       "mark_used_blocks",
       [](py::array tables, py::array lens, int64_t block_size, py::array in_use) {
         if (tables.ndim() != 2 || lens.size() != tables.shape(0)) {

@@ -209,4 +209,57 @@ bool advance_tails(const int64_t* lens, const int64_t* tail_start, const int64_t
   return true;
 }
 
+int64_t tail_chunks(const int64_t* lens, const int64_t* tail_start, int64_t num_rows,
+                    int64_t chunk, int64_t* chunks, int64_t* item_first) {
+  int64_t total = 0;
+  for (int64_t i = 0; i < num_rows; ++i) {
+    chunks[i] = (lens[i] - tail_start[i] + chunk - 1) / chunk;
+    item_first[i] = total;
+    total += chunks[i];
+  }
+  return total;
+}
+
+void write_step_plan(const SharedPlanPart& shared, const int64_t* lens, int64_t num_rows,
+                     const int64_t* chunks, const int64_t* item_first, int32_t* work,
+                     int32_t* row_seq, int32_t* merge_indptr, int32_t* merge_rows,
+                     int32_t* seq_lens, int64_t* lengths, int64_t* sums) {
+  constexpr int64_t kFields = 6;   // WORK_FIELDS
+  std::memcpy(work, shared.work, sizeof(int32_t) * shared.num_work * kFields);
+  std::memcpy(row_seq, shared.row_seq, sizeof(int32_t) * num_rows);
+  int32_t* tail_items = work + shared.num_work * kFields;
+  int64_t tail_sum = 0, lens_sum = 0, lens_max = 0, merged = 0;
+  merge_indptr[0] = 0;
+  for (int64_t i = 0; i < num_rows; ++i) {
+    const int64_t tail_len = lens[i] - shared.tail_start[i];
+    const int64_t page_start = i * shared.width + shared.tail_start[i] / shared.block_size;
+    for (int64_t r = shared.indptr[i]; r < shared.indptr[i + 1]; ++r) {
+      merge_rows[merged++] = shared.rows[r];
+    }
+    for (int64_t k = 0; k < chunks[i]; ++k) {
+      const int64_t item = item_first[i] + k;
+      int32_t* out = tail_items + item * kFields;
+      const int64_t kv_start = k * shared.chunk;
+      const int64_t kv_end = kv_start + shared.chunk < tail_len ? kv_start + shared.chunk
+                                                                : tail_len;
+      out[0] = static_cast<int32_t>(shared.pos_of_row[i]);
+      out[1] = 1;
+      out[2] = static_cast<int32_t>(page_start);
+      out[3] = static_cast<int32_t>(kv_start);
+      out[4] = static_cast<int32_t>(kv_end);
+      out[5] = static_cast<int32_t>(shared.num_partials + item);
+      merge_rows[merged++] = out[5];
+    }
+    merge_indptr[i + 1] = static_cast<int32_t>(merged);
+    seq_lens[i] = static_cast<int32_t>(lens[i]);
+    lengths[shared.tail_node[i]] = tail_len;
+    tail_sum += tail_len;
+    lens_sum += lens[i];
+    lens_max = lens[i] > lens_max ? lens[i] : lens_max;
+  }
+  sums[0] = tail_sum;
+  sums[1] = lens_sum;
+  sums[2] = lens_max;
+}
+
 }  // namespace a2r::cpu

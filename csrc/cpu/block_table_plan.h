@@ -50,4 +50,31 @@ bool advance_tails(const int64_t* lens, const int64_t* tail_start, const int64_t
                    int64_t chunk, int32_t* work, int32_t* seq_lens, int64_t* lengths,
                    int64_t* sums);
 
+// Each row's tail work items (IncrementalTreePlanner._write_plan): chunks[i] = ceil((lens[i] -
+// tail_start[i]) / chunk), item_first[i] their running sum before row i; returns the total.
+int64_t tail_chunks(const int64_t* lens, const int64_t* tail_start, int64_t num_rows,
+                    int64_t chunk, int64_t* chunks, int64_t* item_first);
+
+// The host plan of a step from the shared part (kept since the replan) and the tails (sizes
+// from tail_chunks): work = the shared items, then each row's tail items in row and chunk
+// order (partial rows after the shared ones); row_seq copied; the merge CSR by row (its shared
+// rows, then its tail's); seq_lens; lengths[tail_node[i]] = tail length. *sums as in
+// advance_tails.
+struct SharedPlanPart {
+  const int32_t* work;          // [num_work * 6]
+  int64_t num_work;
+  const int32_t* row_seq;       // [num_rows]
+  const int64_t* indptr;        // [num_rows + 1] the shared merge CSR
+  const int32_t* rows;          // [indptr[num_rows]]
+  const int64_t* pos_of_row;    // [num_rows]
+  const int64_t* tail_start;    // [num_rows]
+  const int64_t* tail_node;     // [num_rows]
+  int64_t num_partials;
+  int64_t width, block_size, chunk;
+};
+void write_step_plan(const SharedPlanPart& shared, const int64_t* lens, int64_t num_rows,
+                     const int64_t* chunks, const int64_t* item_first, int32_t* work,
+                     int32_t* row_seq, int32_t* merge_indptr, int32_t* merge_rows,
+                     int32_t* seq_lens, int64_t* lengths, int64_t* sums);
+
 }  // namespace a2r::cpu
