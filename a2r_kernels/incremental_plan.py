@@ -20,10 +20,17 @@ The planner splits the plan of a step in two:
 A step is *incremental* when, against the last step, the batch has the same rows (same count,
 same table width), no row shrank, every row that grew may grow (its tail starts at a block
 boundary), the table entries the last step read are unchanged, and the entries new to this step
-are fresh (no row read them before, none twice). Then only the tails change: their work items,
-partial rows and the merge CSR are rebuilt with numpy in O(rows + partial rows), and the check
-reads O(rows x the widest row's used blocks) entries (vectorised compares). Anything else is a
-replan. The plan equals a fresh ``from_block_tables`` plan (same paths, node tokens, readers and
+are fresh (no row read them before, none twice). Then only the tails change: when every tail
+keeps its number of work items (the common step) only the last items' ends, ``seq_lens`` and
+the tail lengths are written, in place; else the tail items, partial rows and merge CSR are
+rewritten, O(rows + work items). The check reads the table entries the last step read, once
+(O(rows + entries), a memcmp per row). Anything else is a replan (O(table entries)).
+
+Where ``a2r_kernels._cpu`` was built and the host table is a C-contiguous int32 array (what
+vLLM keeps), the check, the step's writes and the replan's tree run in C++
+(``csrc/cpu/block_table_plan.cpp``: a few calls per step, no numpy call per row); the numpy
+code here and in :mod:`a2r_kernels.block_table_tree` is the reference they are tested
+against, and runs otherwise. The plan equals a fresh ``from_block_tables`` plan (same paths, node tokens, readers and
 KV bytes; the long private tails are chunked by the fixed chunk instead of the adaptive one, so
 work items differ, not the result): ``tests/test_incremental_plan.py`` holds the two equal over
 random step sequences.
@@ -530,7 +537,7 @@ class DecodeStepPlanner:
 
     An :class:`IncrementalTreePlanner` over the engine's host block table (no device read),
     and optionally a :class:`~a2r_kernels.TreeAttentionWrapper` whose fixed buffers each step
-    is planned into (what a captured CUDA graph replays). Per step the host does O(rows) numpy
+    is planned into (what a captured CUDA graph replays). Per step the host does O(rows) work
     work unless the batch's sharing changed, and allocates no tensor storage.
 
     Args:
