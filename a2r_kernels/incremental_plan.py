@@ -537,8 +537,8 @@ class DecodeStepPlanner:
 
     An :class:`IncrementalTreePlanner` over the engine's host block table (no device read),
     and optionally a :class:`~a2r_kernels.TreeAttentionWrapper` whose fixed buffers each step
-    is planned into (what a captured CUDA graph replays). Per step the host does O(rows) work
-    work unless the batch's sharing changed, and allocates no tensor storage.
+    is planned into (what a captured CUDA graph replays). Per step the host does O(rows)
+    work (plus one read of the table entries) unless the batch's sharing changed, and allocates no tensor storage.
 
     Args:
         block_size: tokens per KV block.
