@@ -73,8 +73,9 @@ def block_table_nodes_numpy(host_tables: np.ndarray, lens: np.ndarray, block_siz
     ``(host_tables[i, t // block_size], t % block_size)``.
 
     Returns ``(paths, lengths, page_starts, max_block_id)``: per row its node ids (root to
-    leaf; nodes numbered in the order of their first entry, row-major), per node its tokens and the flat index ``row * W + col`` of its first block in
-    ``host_tables`` (its first reader's row), and the largest block id read (-1 if none).
+    leaf; nodes numbered in the order of their first entry, row-major), per node its tokens
+    and the flat index ``row * W + col`` of its first block in ``host_tables`` (its first
+    reader's row), and the largest block id read (-1 if none).
     O(S * W) host work, vectorised; no sort (block ids read at two positions or to two lengths
     go through :func:`_group_by_keys`, also linear).
     """

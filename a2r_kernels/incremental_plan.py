@@ -30,8 +30,10 @@ Where ``a2r_kernels._cpu`` was built and the host table is a C-contiguous int32 
 vLLM keeps), the check, the step's writes and the replan's tree run in C++
 (``csrc/cpu/block_table_plan.cpp``: a few calls per step, no numpy call per row); the numpy
 code here and in :mod:`a2r_kernels.block_table_tree` is the reference they are tested
-against, and runs otherwise. The plan equals a fresh ``from_block_tables`` plan (same paths, node tokens, readers and
-KV bytes; the long private tails are chunked by the fixed chunk instead of the adaptive one, so
+against, and runs otherwise.
+
+The plan equals a fresh ``from_block_tables`` plan (same paths, node tokens, readers and KV
+bytes; the long private tails are chunked by the fixed chunk instead of the adaptive one, so
 work items differ, not the result): ``tests/test_incremental_plan.py`` holds the two equal over
 random step sequences.
 
@@ -448,7 +450,8 @@ class IncrementalTreePlanner:
             shared.width, self.block_size, self.tail_chunk, lens, chunks, item_first,
             self._buffer, [slices[name][0] for name in _HOST_FIELDS], lengths)
         return self._tails_of(shared, slices, total, num_tail, chunks=chunks,
-                              item_first=item_first, item_row=None, kv_start=None, lengths=lengths, sums=sums)
+                              item_first=item_first, item_row=None, kv_start=None,
+                              lengths=lengths, sums=sums)
 
     def _write_plan_numpy(self, shared: _SharedPart, lens: np.ndarray) -> _Tails:
         """:meth:`_write_plan` in numpy (the reference)."""
@@ -490,8 +493,8 @@ class IncrementalTreePlanner:
         lengths = shared.lengths.copy()
         lengths[shared.tail_node] = tail_len
         return self._tails_of(shared, slices, total, num_tail, chunks=chunks,
-                              item_first=item_first, item_row=item_row, kv_start=kv_start, lengths=lengths,
-                              sums=_tail_sums(tail_len, lens))
+                              item_first=item_first, item_row=item_row, kv_start=kv_start,
+                              lengths=lengths, sums=_tail_sums(tail_len, lens))
 
 
 def _signature(block_tables, page_table) -> tuple:
@@ -512,9 +515,9 @@ def _tail_sums(tail_len: np.ndarray, lens: np.ndarray) -> tuple[int, int, int]:
 class _Tails:
     """The tails' part of the host plan of the last step (IncrementalTreePlanner._write_plan):
     per row its item count ``chunks`` and first tail item ``item_first``; per tail item its
-    row and first token (numpy path; None when the C++ planner wrote the plan); views of the buffer the common step writes (``work``: the tail
-    items, flat; ``seq_lens``); every node's ``lengths`` (tails included); ``sums``:
-    ``(tail tokens, tokens, longest row)``."""
+    row and first token (numpy path; None when the C++ planner wrote the plan); views of the
+    buffer the common step writes (``work``: the tail items, flat; ``seq_lens``); every
+    node's ``lengths`` (tails included); ``sums``: ``(tail tokens, tokens, longest row)``."""
 
     shared: _SharedPart
     chunks: np.ndarray
@@ -538,7 +541,8 @@ class DecodeStepPlanner:
     An :class:`IncrementalTreePlanner` over the engine's host block table (no device read),
     and optionally a :class:`~a2r_kernels.TreeAttentionWrapper` whose fixed buffers each step
     is planned into (what a captured CUDA graph replays). Per step the host does O(rows)
-    work (plus one read of the table entries) unless the batch's sharing changed, and allocates no tensor storage.
+    work (plus one read of the table entries) unless the batch's sharing changed, and
+    allocates no tensor storage.
 
     Args:
         block_size: tokens per KV block.
