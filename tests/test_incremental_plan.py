@@ -256,6 +256,22 @@ def test_repeated_fresh_block_replans():
     assert _structure(layout) == _structure(fresh)
 
 
+@pytest.mark.parametrize("row", [0, 2])
+def test_changed_shared_block_replans(row):
+    """Rows 0..2 share blocks [1, 2]; one row's copy of block 2 changes in place (the first
+    reader's, or a later reader's, which the C++ check compares with the first reader's row)."""
+    bs = 2
+    tables = np.array([[1, 2, 5, 0], [1, 2, 6, 0], [1, 2, 7, 0]], dtype=np.int32)
+    lens = np.array([6, 6, 6])
+    planner = IncrementalTreePlanner(bs)
+    planner.plan(tables, lens)
+    tables[row, 1] = 9
+    layout = planner.plan(tables, lens)
+    assert planner.replans == 2
+    fresh = ak.TreeLayout.from_block_tables(torch.from_numpy(tables), lens.tolist(), bs)
+    assert _structure(layout) == _structure(fresh)
+
+
 def test_plan_reuses_its_host_buffer_and_validates():
     planner = IncrementalTreePlanner(4)
     tables = np.array([[3, 4, 0], [3, 5, 0]], dtype=np.int32)
