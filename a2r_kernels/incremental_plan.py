@@ -156,23 +156,7 @@ class _SharedPart:
             num_used = -(-lens // block_size)
             self.in_use[tables[np.arange(width)[None, :] < num_used[:, None]]] = True
         self.slot: np.ndarray | None = None   # scratch of the numpy check (duplicates)
-        self._segments: tuple | None = None
         self.lens = lens.copy()
-
-    def segments(self, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(segment_indptr [S + 1], segments [K * 3])`` of the C++ check (made on first use):
-        per row, per shared node of its path, ``(first column, columns, first reader's row)``."""
-        if self._segments is None:
-            width, flat, indptr = self.width, [], [0]
-            lengths, starts = self.lengths.tolist(), self.page_starts_list
-            for path in self.paths:
-                for node in path:
-                    first_row, col = divmod(starts[node], width)
-                    flat += (col, -(-lengths[node] // block_size), first_row)
-                indptr.append(len(flat) // 3)
-            self._segments = (np.asarray(indptr, dtype=np.int64),
-                              np.asarray(flat, dtype=np.int64))
-        return self._segments
 
     def grow_block_ids(self, size: int) -> None:
         """Room in ``in_use`` and ``slot`` for block ids below ``size`` (doubling)."""
@@ -316,14 +300,12 @@ class IncrementalTreePlanner:
             return False
         if ext is None:
             return self._append_only_numpy(shared, tables, lens)
-        segments = shared.segments(self.block_size)
-        status, value = ext.append_step(tables, shared.kept, lens, shared.lens, shared.can_grow,
-                                        *segments, shared.in_use, self.block_size)
+        status, value = ext.append_step(tables, shared.kept, lens, shared.lens,
+                                        shared.can_grow, shared.in_use, self.block_size)
         if status == _GROW_BLOCK_IDS:
             shared.grow_block_ids(value + 1)
             status, value = ext.append_step(tables, shared.kept, lens, shared.lens,
-                                            shared.can_grow, *segments, shared.in_use,
-                                            self.block_size)
+                                            shared.can_grow, shared.in_use, self.block_size)
         if status == _BAD_LENGTH:
             self._check_range(tables, lens)   # raises
         if status == _BAD_BLOCK_ID:

@@ -259,7 +259,7 @@ def test_repeated_fresh_block_replans():
 @pytest.mark.parametrize("row", [0, 2])
 def test_changed_shared_block_replans(row):
     """Rows 0..2 share blocks [1, 2]; one row's copy of block 2 changes in place (the first
-    reader's, or a later reader's, which the C++ check compares with the first reader's row)."""
+    reader's, or a later reader's): the check reads every row's entries, not one per node."""
     bs = 2
     tables = np.array([[1, 2, 5, 0], [1, 2, 6, 0], [1, 2, 7, 0]], dtype=np.int32)
     lens = np.array([6, 6, 6])

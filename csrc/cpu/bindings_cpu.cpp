@@ -276,8 +276,7 @@ PYBIND11_MODULE(_cpu, m) {
   m.def(
       "append_step",
       [](py::array tables, py::array kept, py::array lens, py::array old_lens,
-         py::array can_grow, py::array segment_indptr, py::array segments, py::array in_use,
-         int64_t block_size) {
+         py::array can_grow, py::array in_use, int64_t block_size) {
         if (tables.ndim() != 2 || kept.ndim() != 2 || kept.shape(0) != tables.shape(0) ||
             kept.shape(1) != tables.shape(1) || lens.size() != tables.shape(0) ||
             old_lens.size() != tables.shape(0) || can_grow.size() != tables.shape(0)) {
@@ -291,30 +290,15 @@ PYBIND11_MODULE(_cpu, m) {
         const uint8_t* grow_data = reinterpret_cast<uint8_t*>(host_array<bool>(can_grow,
                                                                               "can_grow"));
         uint8_t* use_data = reinterpret_cast<uint8_t*>(host_array<bool>(in_use, "in_use"));
-        const int64_t* indptr = host_array<int64_t>(segment_indptr, "segment_indptr");
-        const int64_t* segment_data = host_array<int64_t>(segments, "segments");
-        const int64_t num_rows = tables.shape(0), width = tables.shape(1);
-        bool ok = segment_indptr.size() == num_rows + 1 && segments.size() % 3 == 0 &&
-                  (num_rows == 0 || indptr[0] == 0) && block_size > 0;
-        for (int64_t i = 0; ok && i < num_rows; ++i) {   // reads stay inside the tables
-          ok = indptr[i] <= indptr[i + 1] && indptr[i + 1] * 3 <= segments.size();
-          for (int64_t k = indptr[i]; ok && k < indptr[i + 1]; ++k) {
-            const int64_t* seg = segment_data + 3 * k;
-            ok = seg[0] >= 0 && seg[1] >= 0 && seg[0] + seg[1] <= width && seg[2] >= 0 &&
-                 seg[2] <= i;
-          }
-        }
-        if (!ok) throw std::invalid_argument("append_step: inconsistent segments");
         int64_t value = -1;
-        const int status = a2r::cpu::append_step(table_data, kept_data, num_rows, width,
-                                                 lens_data, old_data, grow_data, indptr,
-                                                 segment_data, use_data, in_use.size(),
+        const int status = a2r::cpu::append_step(table_data, kept_data, tables.shape(0),
+                                                 tables.shape(1), lens_data, old_data,
+                                                 grow_data, use_data, in_use.size(),
                                                  block_size, &value);
         return py::make_tuple(status, value);
       },
       "IncrementalTreePlanner's append-only check and record of one step (block_table_plan.h): "
       "(status, value).",
       py::arg("tables"), py::arg("kept"), py::arg("lens"), py::arg("old_lens"),
-      py::arg("can_grow"), py::arg("segment_indptr"), py::arg("segments"), py::arg("in_use"),
-      py::arg("block_size"));
+      py::arg("can_grow"), py::arg("in_use"), py::arg("block_size"));
 }

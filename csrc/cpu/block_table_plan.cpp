@@ -132,8 +132,7 @@ void mark_used_blocks(const int32_t* tables, int64_t num_rows, int64_t width,
 
 int append_step(const int32_t* tables, int32_t* kept, int64_t num_rows, int64_t width,
                 const int64_t* lens, int64_t* old_lens, const uint8_t* can_grow,
-                const int64_t* segment_indptr, const int64_t* segments, uint8_t* in_use,
-                int64_t in_use_size, int64_t block_size, int64_t* value) {
+                uint8_t* in_use, int64_t in_use_size, int64_t block_size, int64_t* value) {
   for (int64_t i = 0; i < num_rows; ++i) {
     if (lens[i] < 0 || lens[i] > width * block_size) return 4;
   }
@@ -143,21 +142,7 @@ int append_step(const int32_t* tables, int32_t* kept, int64_t num_rows, int64_t 
     const int64_t old_used = (old_lens[i] + block_size - 1) / block_size;
     const int64_t used = (lens[i] + block_size - 1) / block_size;
     const int32_t* row = tables + i * width;
-    // The shared nodes' columns against their first reader's row, checked before (hot in
-    // cache: the kept copy is read once per node, not once per reader), then the rest.
-    int64_t shared_end = 0;
-    for (int64_t k = segment_indptr[i]; k < segment_indptr[i + 1]; ++k) {
-      const int64_t col = segments[3 * k], count = segments[3 * k + 1];
-      const int64_t source = segments[3 * k + 2];
-      const int32_t* expected = (source == i ? kept : tables) + source * width + col;
-      if (std::memcmp(row + col, expected, sizeof(int32_t) * count) != 0) return 1;
-      shared_end = col + count > shared_end ? col + count : shared_end;
-    }
-    if (old_used < shared_end) return 1;
-    if (std::memcmp(row + shared_end, kept + i * width + shared_end,
-                    sizeof(int32_t) * (old_used - shared_end)) != 0) {
-      return 1;
-    }
+    if (std::memcmp(row, kept + i * width, sizeof(int32_t) * old_used) != 0) return 1;
     for (int64_t c = old_used; c < used; ++c) {
       if (row[c] < 0) {
         *value = i;

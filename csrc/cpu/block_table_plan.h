@@ -35,13 +35,9 @@ void mark_used_blocks(const int32_t* tables, int64_t num_rows, int64_t width,
 // Returns 0 when so (then kept, in_use and old_lens hold this step), 1 when not (nothing
 // written), 2 when row *value holds a negative new id, 3 when in_use must hold *value + 1 ids,
 // 4 when some lens[i] lies outside [0, width * block_size] (checked first).
-// Row i's shared nodes: segments[3 k .. 3 k + 2] = (first column, columns, first reader's
-// row <= i) for k in [segment_indptr[i], segment_indptr[i + 1]); the first reader's row is
-// compared with kept, the others with the first reader's row of tables (already compared).
 int append_step(const int32_t* tables, int32_t* kept, int64_t num_rows, int64_t width,
                 const int64_t* lens, int64_t* old_lens, const uint8_t* can_grow,
-                const int64_t* segment_indptr, const int64_t* segments, uint8_t* in_use,
-                int64_t in_use_size, int64_t block_size, int64_t* value);
+                uint8_t* in_use, int64_t in_use_size, int64_t block_size, int64_t* value);
 
 // The tails of an incremental step (IncrementalTreePlanner._layout): row i's tail holds
 // tail_len = lens[i] - tail_start[i] tokens in ceil(tail_len / chunk) work items, items
