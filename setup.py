@@ -106,7 +106,8 @@ def want_cpu_build() -> bool:
 
 
 CPU_SOURCES = ["csrc/cpu/bindings_cpu.cpp", "csrc/cpu/tree_attention_cpu.cpp",
-               "csrc/cpu/partials_baseline.cpp", "csrc/cpu/partials_avx2.cpp"]
+               "csrc/cpu/partials_baseline.cpp", "csrc/cpu/partials_avx2.cpp",
+               "csrc/cpu/block_table_plan.cpp"]
 # No -march / -mavx2: the baseline build targets what the compiler targets by default, and
 # partials_avx2.cpp enables AVX2 + FMA + F16C for its own functions only (picked at run time).
 # -ffp-contract=fast: a * b + c becomes an FMA where the target has one (ISO C++ mode turns it

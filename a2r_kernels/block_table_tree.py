@@ -9,8 +9,11 @@ linear host work; :meth:`a2r_kernels.TreeLayout.from_block_tables` and
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
+from .backend import cpu_extension
 from .vocab import INT32_MAX
 
 
@@ -41,6 +44,28 @@ def _group_by_keys(keys: list[np.ndarray]) -> np.ndarray:
 
 
 def block_table_nodes(host_tables: np.ndarray, lens: np.ndarray, block_size: int):
+    """The tree of a paged decode step (what :meth:`TreeLayout.from_block_tables` plans): see
+    :func:`block_table_nodes_numpy`, the reference. Runs the C++ twin in ``a2r_kernels._cpu``
+    (same result, node ids included) when it was built and ``host_tables`` is a C-contiguous
+    int32 array (what vLLM keeps), else the numpy reference."""
+    ext = planner_extension()
+    if ext is not None and host_tables.dtype == np.int32 and host_tables.flags.c_contiguous:
+        lens = np.ascontiguousarray(lens, dtype=np.int64)
+        result = ext.block_table_tree(host_tables, lens, block_size)
+        if len(result) == 4:
+            return result
+        # (row,): a negative block id; the reference raises the error naming it.
+    return block_table_nodes_numpy(host_tables, lens, block_size)
+
+
+@functools.cache
+def planner_extension():
+    """``a2r_kernels._cpu`` when built with the planner (``block_table_tree``), else None."""
+    ext = cpu_extension()
+    return ext if ext is not None and hasattr(ext, "block_table_tree") else None
+
+
+def block_table_nodes_numpy(host_tables: np.ndarray, lens: np.ndarray, block_size: int):
     """The tree of a paged decode step (what :meth:`TreeLayout.from_block_tables` plans).
 
     ``host_tables``: int ``[S, W]`` block ids (numpy, host); ``lens``: int ``[S]`` tokens per row,
@@ -48,8 +73,9 @@ def block_table_nodes(host_tables: np.ndarray, lens: np.ndarray, block_size: int
     ``(host_tables[i, t // block_size], t % block_size)``.
 
     Returns ``(paths, lengths, page_starts, max_block_id)``: per row its node ids (root to
-    leaf), per node its tokens and the flat index ``row * W + col`` of its first block in
-    ``host_tables`` (its first reader's row), and the largest block id read (-1 if none).
+    leaf; nodes numbered in the order of their first entry, row-major), per node its tokens
+    and the flat index ``row * W + col`` of its first block in ``host_tables`` (its first
+    reader's row), and the largest block id read (-1 if none).
     O(S * W) host work, vectorised; no sort (block ids read at two positions or to two lengths
     go through :func:`_group_by_keys`, also linear).
     """
@@ -78,11 +104,13 @@ def block_table_nodes(host_tables: np.ndarray, lens: np.ndarray, block_size: int
     first_of_block = np.empty(max_block_id + 1, dtype=np.int64)
     first_of_block[blocks[::-1]] = entry[::-1]   # repeated ids: the last write (first) wins
     first = first_of_block[blocks]
-    if np.array_equal(cols[first], cols) and np.array_equal(fill[first], fill):
-        is_first = first == entry
-        group = (np.cumsum(is_first) - 1)[first]
-    else:
-        group = _group_by_keys([cols, blocks, fill])
+    if not (np.array_equal(cols[first], cols) and np.array_equal(fill[first], fill)):
+        keyed = _group_by_keys([cols, blocks, fill])
+        keyed_first = np.empty(int(keyed.max()) + 1, dtype=np.int64)
+        keyed_first[keyed[::-1]] = entry[::-1]
+        first = keyed_first[keyed]                  # the first entry of the entry's group
+    # Groups numbered by first entry (row-major), the order the C++ twin numbers them in.
+    group = (np.cumsum(first == entry) - 1)[first]
     num_groups = int(group.max()) + 1 if num_entries else 0
     counts = np.bincount(group, minlength=num_groups)
     group_first = np.empty(num_groups, dtype=np.int64)      # each group's first entry

@@ -17,8 +17,21 @@ import torch
 
 import a2r_kernels as ak
 from a2r_kernels import reference
+from a2r_kernels import block_table_tree, incremental_plan
 from a2r_kernels.incremental_plan import IncrementalTreePlanner
 from a2r_kernels.layout import WORK_FIELDS
+
+
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def planner_path(request, monkeypatch):
+    """Every test on both planner paths: the C++ one of a2r_kernels._cpu (when built) and the
+    numpy reference."""
+    if request.param == "numpy":
+        for module in (block_table_tree, incremental_plan):
+            monkeypatch.setattr(module, "planner_extension", lambda: None)
+    elif block_table_tree.planner_extension() is None:
+        pytest.skip("a2r_kernels._cpu was not built")
+    return request.param
 
 
 class _Engine:
@@ -240,6 +253,22 @@ def test_repeated_fresh_block_replans():
     layout = planner.plan(tables, lens + 1)
     assert planner.replans == 2
     fresh = ak.TreeLayout.from_block_tables(torch.from_numpy(tables), [3, 3], bs)
+    assert _structure(layout) == _structure(fresh)
+
+
+@pytest.mark.parametrize("row", [0, 2])
+def test_changed_shared_block_replans(row):
+    """Rows 0..2 share blocks [1, 2]; one row's copy of block 2 changes in place (the first
+    reader's, or a later reader's): the check reads every row's entries, not one per node."""
+    bs = 2
+    tables = np.array([[1, 2, 5, 0], [1, 2, 6, 0], [1, 2, 7, 0]], dtype=np.int32)
+    lens = np.array([6, 6, 6])
+    planner = IncrementalTreePlanner(bs)
+    planner.plan(tables, lens)
+    tables[row, 1] = 9
+    layout = planner.plan(tables, lens)
+    assert planner.replans == 2
+    fresh = ak.TreeLayout.from_block_tables(torch.from_numpy(tables), lens.tolist(), bs)
     assert _structure(layout) == _structure(fresh)
 
 
