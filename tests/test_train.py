@@ -82,7 +82,7 @@ def test_smoke_training_builds_loadable_deterministic_models(tmp_path):
 
 def test_deepen_starts_as_the_model_it_deepens():
     """The larger synthesizer's added layers start as the identity: same logits as the explorer,
-    on a prompt of odd length, while every added layer has trainable (zero) output projections."""
+    on a prompt of odd length (fails if the added layers are left at their random init)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -91,7 +91,8 @@ def test_deepen_starts_as_the_model_it_deepens():
     explorer = AutoModelForCausalLM.from_pretrained(TRAINED / "explorer").eval()
     deep = deepen(explorer, 5).eval()
     assert deep.config.num_hidden_layers == 5
-    ids = torch.randint(0, explorer.config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, explorer.config.vocab_size, (2, 37),
+                        generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(deep(ids).logits, explorer(ids).logits, rtol=0, atol=1e-5)
     assert deep.lm_head.weight.data_ptr() == deep.model.embed_tokens.weight.data_ptr()   # tied

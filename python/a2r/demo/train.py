@@ -2,6 +2,7 @@
 
     python -m a2r.demo.train                      # rebuild python/a2r/demo/trained/ (the committed models)
     python -m a2r.demo.train --out DIR --smoke    # a few steps of everything (tests)
+    python -m a2r.demo.train --out DIR --large-synthesizer   # + synthesizer_large (A2R-Efficient)
 
 Four Qwen3 models of one shape (:attr:`TrainConfig.layers` layers of :attr:`TrainConfig.hidden`),
 all sharing the embedded character-level tokenizer plus whole-phrase tokens
@@ -18,11 +19,13 @@ all sharing the embedded character-level tokenizer plus whole-phrase tokens
 
    * ``synthesizer``, trained on exactly what ``A2RPipeline`` renders:
      ``synthesizer_prompt(question, k references[, trace]) -> worked answer`` for k in
-     :func:`a2r.demo.train_data.reference_counts`, and on ``synthesizer_alone_prompt(question)`` (the bare question,
-     a fraction :attr:`TrainConfig.alone_fraction` of its examples, so the control is in its
-     training distribution). With :attr:`TrainConfig.trace_fraction` > 0 some prompts also hold
+     :func:`a2r.demo.train_data.reference_counts`, and on ``synthesizer_alone_prompt(question)``
+     (the bare question, a fraction :attr:`TrainConfig.alone_fraction` of its examples, so the
+     control is in its training distribution). With :attr:`TrainConfig.trace_fraction` > 0 some prompts also hold
      a trace: the gold sum with probability :attr:`TrainConfig.trace_gold_fraction`, otherwise a
      wrong path's answer.
+   * ``synthesizer_large`` only with :attr:`TrainConfig.large` (``--large-synthesizer``): a deeper
+     synthesizer over the same explorer, on its own data (:mod:`a2r.demo.train_large`).
    * ``thinker`` (masked diffusion: the same network, prefix-causal, see
      :data:`a2r.thinker.models.CAUSAL_PROMPT`: the prompt attends causally as in the explorer it
      starts from, the trace bidirectionally) and ``ar_thinker`` (causal), trained on the same
@@ -95,8 +98,9 @@ class TrainConfig:
     thinker_steps: int = 600      # with 300 the diffusion thinker's traces were right 2% of the time
     thinker_batch: int = 16
     thinker_lr: float = 3e-3
-    # A2R-Efficient: a deeper synthesizer trained beside the others (None: not trained).
-    large: LargeConfig | None = LARGE
+    # A2R-Efficient: a deeper synthesizer trained beside the others (None: not trained; the
+    # committed models have none, --large-synthesizer trains LARGE).
+    large: LargeConfig | None = None
     threads: int = 1                 # torch threads per process (CPU results depend on it)
     workers: int = 3                 # processes training synthesizer and thinkers side by side
     seed: int = TRAIN_SEED
@@ -499,11 +503,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explorer-from", metavar="DIR",
                         help="reuse the explorer of an earlier run of the same config (skips its "
                         "training)")
+    parser.add_argument("--large-synthesizer", action="store_true",
+                        help="also train synthesizer_large (a2r.demo.train_large: a deeper "
+                        "synthesizer over the same explorer, A2R-Efficient); not part of the "
+                        "committed models")
     parser.add_argument("--eval-shards", type=int, default=1, metavar="K",
                         help="processes sharing the held-out eval (default: 1)")
     args = parser.parse_args(argv)
     config = SMOKE if args.smoke else FULL
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    if args.large_synthesizer:
+        config = replace(config, large=config.large or LARGE)
     if not args.eval_only:
         report = train_all(args.out, config, log=log, explorer_from=args.explorer_from)
         log(f"wrote {args.out} in {report['seconds']['total']:.0f} s wall, "

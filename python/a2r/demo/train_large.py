@@ -1,13 +1,14 @@
 """A larger synthesizer for the trained explorer (A2R-Efficient in miniature), trained by
-:mod:`a2r.demo.train` beside the other models (``synthesizer_large``).
+:mod:`a2r.demo.train` beside the other models (``synthesizer_large``) with
+``python -m a2r.demo.train --large-synthesizer``.
 
 The synthesizer of :mod:`a2r.demo.train` has the explorer's shape (2 layers of hidden 128). This
 one is deeper (:attr:`LargeConfig.layers` layers of the same width): its first layers are the
 trained explorer's, each added layer starts as the identity (its attention output and MLP down
 projections zero, so the model starts as the explorer, function for function), and it is trained
 on ``synthesizer_prompt(question, references) -> worked answer`` exactly as the small one
-(:func:`a2r.demo.train_data.stage_examples`), with the committed explorer's own temperature-1 paths as
-references. Its reference questions are drawn over the whole stated task with term lengths
+(:func:`a2r.demo.train_data.stage_examples`), with the trained explorer's own temperature-1
+paths as references. Its reference questions are drawn over the whole stated task with term lengths
 weighted towards 3 digits (:attr:`LargeConfig.digit_weights`): long terms are where the explorer's
 paths fail, so that is where the synthesizer must add for itself.
 """
@@ -32,7 +33,7 @@ class LargeConfig:
     layers: int = 4                        # the explorer's layers, then identity-initialised ones
     reference_questions: int = 2000        # questions the explorer samples paths for
     digit_weights: tuple = (1, 2, 4)       # weight of 1, 2, 3-digit terms in those questions
-    steps: int = 800
+    steps: int = 1200
     batch: int = 16
     lr: float = 2e-3
     alone_fraction: float = 0.25
@@ -73,8 +74,9 @@ def sample_references(explorer, tokenizer, pipe, config: LargeConfig, *, paths: 
     from ..extract import extract_answer_component, extract_final_answer
 
     problems = draw_problems(config.reference_questions, config.seed, config.digit_weights)
-    sampled = sample_paths(explorer, tokenizer, [pipe.explorer_prompt(p.question) for p in problems],
-                            paths, max_new_tokens, sample_batch, config.seed + 1)
+    prompts = [pipe.explorer_prompt(p.question) for p in problems]
+    sampled = sample_paths(explorer, tokenizer, prompts, paths, max_new_tokens, sample_batch,
+                           config.seed + 1)
     references = [[extract_answer_component(t) for t in texts] for texts in sampled]
     answers = [[extract_final_answer(t) for t in texts] for texts in sampled]
     right = sum(a == p.gold for row, p in zip(answers, problems) for a in row)
