@@ -60,7 +60,8 @@ def test_smoke_training_builds_loadable_deterministic_models(tmp_path):
     from a2r.demo.train import SMOKE, train_all
 
     report = train_all(tmp_path / "a", SMOKE, log=None)
-    assert set(report["loss"]) == {"explorer", "synthesizer", "thinker", "ar_thinker"}
+    assert set(report["loss"]) == {"explorer", "synthesizer", "thinker", "ar_thinker",
+                                   "synthesizer_large"}
     pipe = A2RPipeline.from_pretrained(tmp_path / "a" / "explorer", tmp_path / "a" / "synthesizer",
                                        tmp_path / "a" / "thinker")
     result = pipe.run("What is 1 + 2 + 3?", num_paths=2, max_new_tokens=4, thinker_gen_length=8,
@@ -70,11 +71,33 @@ def test_smoke_training_builds_loadable_deterministic_models(tmp_path):
     from a2r.thinker.models import is_causal_prompt_model
     assert is_causal_prompt_model(pipe.thinker)   # saved in its config: prefix-causal
     AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "ar_thinker")
+    large = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "synthesizer_large")
+    assert large.config.num_hidden_layers == SMOKE.large.layers > SMOKE.layers
     # Deterministic: a second run writes the same weights, byte for byte.
     train_all(tmp_path / "b", SMOKE, log=None)
-    for name in ("explorer", "synthesizer", "thinker", "ar_thinker"):
+    for name in ("explorer", "synthesizer", "thinker", "ar_thinker", "synthesizer_large"):
         assert ((tmp_path / "a" / name / "model.safetensors").read_bytes()
                 == (tmp_path / "b" / name / "model.safetensors").read_bytes()), name
+
+
+def test_deepen_starts_as_the_model_it_deepens():
+    """The larger synthesizer's added layers start as the identity: same logits as the explorer,
+    on a prompt of odd length (fails if the added layers are left at their random init)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from a2r.demo.train_large import deepen
+
+    explorer = AutoModelForCausalLM.from_pretrained(TRAINED / "explorer").eval()
+    deep = deepen(explorer, 5).eval()
+    assert deep.config.num_hidden_layers == 5
+    ids = torch.randint(0, explorer.config.vocab_size, (2, 37),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(deep(ids).logits, explorer(ids).logits, rtol=0, atol=1e-5)
+    assert deep.lm_head.weight.data_ptr() == deep.model.embed_tokens.weight.data_ptr()   # tied
+    with pytest.raises(ValueError, match="layers"):
+        deepen(explorer, 1)
 
 
 # ------------------------------------------------------------------ committed models

@@ -2,6 +2,7 @@
 
     python -m a2r.demo.train                      # rebuild python/a2r/demo/trained/ (the committed models)
     python -m a2r.demo.train --out DIR --smoke    # a few steps of everything (tests)
+    python -m a2r.demo.train --out DIR --large-synthesizer   # + synthesizer_large (A2R-Efficient)
 
 Four Qwen3 models of one shape (:attr:`TrainConfig.layers` layers of :attr:`TrainConfig.hidden`),
 all sharing the embedded character-level tokenizer plus whole-phrase tokens
@@ -18,11 +19,13 @@ all sharing the embedded character-level tokenizer plus whole-phrase tokens
 
    * ``synthesizer``, trained on exactly what ``A2RPipeline`` renders:
      ``synthesizer_prompt(question, k references[, trace]) -> worked answer`` for k in
-     :func:`_reference_counts`, and on ``synthesizer_alone_prompt(question)`` (the bare question,
-     a fraction :attr:`TrainConfig.alone_fraction` of its examples, so the control is in its
-     training distribution). With :attr:`TrainConfig.trace_fraction` > 0 some prompts also hold
+     :func:`a2r.demo.train_data.reference_counts`, and on ``synthesizer_alone_prompt(question)``
+     (the bare question, a fraction :attr:`TrainConfig.alone_fraction` of its examples, so the
+     control is in its training distribution). With :attr:`TrainConfig.trace_fraction` > 0 some prompts also hold
      a trace: the gold sum with probability :attr:`TrainConfig.trace_gold_fraction`, otherwise a
      wrong path's answer.
+   * ``synthesizer_large`` only with :attr:`TrainConfig.large` (``--large-synthesizer``): a deeper
+     synthesizer over the same explorer, on its own data (:mod:`a2r.demo.train_large`).
    * ``thinker`` (masked diffusion: the same network, prefix-causal, see
      :data:`a2r.thinker.models.CAUSAL_PROMPT`: the prompt attends causally as in the explorer it
      starts from, the trace bidirectionally) and ``ar_thinker`` (causal), trained on the same
@@ -55,10 +58,13 @@ import torch.nn.functional as F
 from ..thinker.models import is_causal_prompt_model
 from .task import TRAIN_SEED, draw_problems, worked_answer
 from .tiny import TRACE_LENGTH, trained_models_dir
+from .train_large import LARGE, LargeConfig, large_synthesizer_job
+from .train_data import max_answer_tokens, sample_paths, stage_examples
 
 __all__ = ["FULL", "SMOKE", "TRACE_LENGTH", "TrainConfig", "train_all"]
 
 MODEL_NAMES = ("explorer", "synthesizer", "thinker", "ar_thinker")
+LARGE_NAME = "synthesizer_large"   # the larger synthesizer (a2r.demo.train_large)
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,9 @@ class TrainConfig:
     thinker_steps: int = 600      # with 300 the diffusion thinker's traces were right 2% of the time
     thinker_batch: int = 16
     thinker_lr: float = 3e-3
+    # A2R-Efficient: a deeper synthesizer trained beside the others (None: not trained; the
+    # committed models have none, --large-synthesizer trains LARGE).
+    large: LargeConfig | None = None
     threads: int = 1                 # torch threads per process (CPU results depend on it)
     workers: int = 3                 # processes training synthesizer and thinkers side by side
     seed: int = TRAIN_SEED
@@ -101,7 +110,8 @@ FULL = TrainConfig()
 SMOKE = TrainConfig(hidden=32, explorer_questions=64, explorer_steps=3, explorer_schedule_steps=4,
                     explorer_batch=4, reference_questions=8, paths=2, sample_batch=8,
                     examples_per_question=1, synth_steps=3, synth_batch=4, thinker_steps=3,
-                    thinker_batch=4, workers=1)
+                    thinker_batch=4, workers=1,
+                    large=LargeConfig(layers=3, reference_questions=8, steps=3, batch=4))
 
 
 # ------------------------------------------------------------------------------------ models
@@ -228,27 +238,6 @@ def _train(model, examples: list[tuple[list[int], list[int]]], *, steps: int, ba
     return sum(tail) / len(tail)
 
 
-@torch.no_grad()
-def _sample_paths(model, tokenizer, prompts: list[str], paths: int, max_new_tokens: int,
-                  batch: int, seed: int) -> list[list[str]]:
-    """``paths`` samples (temperature 1) of ``model`` for each rendered prompt, decoded text."""
-    tokenizer.padding_side = "left"
-    out: list[list[str]] = []
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start:start + batch]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-        torch.manual_seed(seed + start)
-        generated = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                   max_new_tokens=max_new_tokens, num_return_sequences=paths,
-                                   pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=tokenizer.eos_token_id)
-        texts = tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1]:],
-                                       skip_special_tokens=True)
-        out.extend(texts[i * paths:(i + 1) * paths] for i in range(len(chunk)))
-    tokenizer.padding_side = "right"
-    return out
-
-
 # ------------------------------------------------------------------------------------ the run
 
 
@@ -257,19 +246,6 @@ def train_explorer(model, examples, config: TrainConfig, pad_id: int, log=None) 
     return _train(model, examples, steps=config.explorer_steps, batch=config.explorer_batch,
                   lr=config.explorer_lr, seed=config.seed, pad_id=pad_id, mask_id=None, log=log,
                   name="explorer", schedule_steps=config.explorer_schedule_steps)
-
-
-def _reference_counts(paths: int) -> list[int]:
-    """Reference counts k of the training prompts, drawn uniformly: the N of ``a2r eval``'s
-    accuracy-against-N sweep (1, 2, 4, 8) up to ``paths``, and ``paths``."""
-    from ..eval.evaluate import sweep_sizes
-
-    return sweep_sizes(paths)
-
-
-def _max_answer_tokens() -> int:
-    longest = worked_answer([999] * 5)
-    return len(longest) + 8
 
 
 def train_all(out_dir: str | os.PathLike, config: TrainConfig = FULL, *, log=print,
@@ -316,9 +292,9 @@ def train_all(out_dir: str | os.PathLike, config: TrainConfig = FULL, *, log=pri
     # 2. The explorer's own paths: the references of every later stage.
     stage = time.perf_counter()
     ref_problems = draw_problems(config.reference_questions, config.seed + 1)
-    sampled = _sample_paths(models["explorer"], tokenizer,
+    sampled = sample_paths(models["explorer"], tokenizer,
                             [pipe.explorer_prompt(p.question) for p in ref_problems],
-                            config.paths, _max_answer_tokens(), config.sample_batch,
+                            config.paths, max_answer_tokens(), config.sample_batch,
                             config.seed + 2)
     references = [[extract_answer_component(text) for text in texts] for texts in sampled]
     answers = [[extract_final_answer(text) for text in texts] for texts in sampled]
@@ -328,7 +304,7 @@ def train_all(out_dir: str | os.PathLike, config: TrainConfig = FULL, *, log=pri
     report["seconds"]["sampling"] = time.perf_counter() - stage
 
     # 3. Synthesizer data; 4. thinkers: the same examples, the same steps; NAR and AR.
-    synth_examples, thinker_examples = _stage_examples(pipe, encode, eos, ref_problems,
+    synth_examples, thinker_examples = stage_examples(pipe, encode, eos, ref_problems,
                                                        references, answers, config)
     pad = tokenizer.pad_token_id
     jobs = {
@@ -345,6 +321,13 @@ def train_all(out_dir: str | os.PathLike, config: TrainConfig = FULL, *, log=pri
                            lr=config.thinker_lr, seed=config.seed + 5, pad_id=pad, mask_id=None),
     }
 
+    if config.large is not None:   # its own questions and paths, seeds and steps
+        stage = time.perf_counter()
+        models[LARGE_NAME], jobs[LARGE_NAME], report["explorer_sample_accuracy_large"] = \
+            large_synthesizer_job(models["explorer"], tokenizer, pipe, encode, eos, config.large,
+                                  config, log)
+        report["seconds"]["sampling_large"] = time.perf_counter() - stage
+
     # 5. Train them and save everything (_train_and_save).
     stage = time.perf_counter()
     staging = _train_and_save(models, jobs, tokenizer, out_dir, config, report, log)
@@ -352,40 +335,6 @@ def train_all(out_dir: str | os.PathLike, config: TrainConfig = FULL, *, log=pri
     report["seconds"]["total"] = time.perf_counter() - started
     _publish(staging, out_dir, report)
     return report
-
-
-def _stage_examples(pipe, encode, eos, ref_problems, references, answers, config: TrainConfig):
-    """The synthesizer's and the thinkers' training examples ``(prompt ids, target ids)`` from
-    the explorer's sampled references (one RNG, seeded ``config.seed + 3``, for both)."""
-    rng = random.Random(config.seed + 3)
-    synth_examples = []
-    for problem, refs, row in zip(ref_problems, references, answers):
-        target = encode(worked_answer(problem.terms)) + eos
-        for _ in range(config.examples_per_question):
-            draw = rng.random()
-            if draw < config.alone_fraction:
-                prompt = pipe.synthesizer_alone_prompt(problem.question)
-            else:
-                k = rng.choice(_reference_counts(config.paths))
-                chosen = rng.sample(range(config.paths), k)
-                trace = None
-                if rng.random() < config.trace_fraction:
-                    wrong = [a for a in row if a and a != problem.gold]
-                    trace = (problem.gold if rng.random() < config.trace_gold_fraction or not wrong
-                             else rng.choice(wrong))
-                prompt = pipe.synthesizer_prompt(problem.question, [refs[i] for i in chosen],
-                                                 trace)
-            synth_examples.append((encode(prompt), target))
-    # 4. Thinkers: the same examples, the same steps; NAR (masked diffusion) and AR.
-    thinker_examples = []
-    for problem, refs in zip(ref_problems, references):
-        for _ in range(config.examples_per_question):
-            k = rng.choice(_reference_counts(config.paths))
-            chosen = rng.sample(range(config.paths), k)
-            thinker_examples.append((encode(pipe.thinker_prompt(problem.question,
-                                                                 [refs[i] for i in chosen])),
-                                     encode(problem.gold)))
-    return synth_examples, thinker_examples
 
 
 def _train_and_save(models: dict, jobs: dict, tokenizer, out_dir: Path, config: TrainConfig,
@@ -442,7 +391,7 @@ def _publish(staging: Path, out_dir: Path, report: dict) -> None:
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     report["cpu_seconds"] = sum(u.ru_utime + u.ru_stime for u in usage)
     (staging / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    for name in MODEL_NAMES:
+    for name in [n for n in (*MODEL_NAMES, LARGE_NAME) if (staging / n).is_dir()]:
         target = out_dir / name
         shutil.rmtree(target, ignore_errors=True)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -455,7 +404,7 @@ def _publish(staging: Path, out_dir: Path, report: dict) -> None:
 
 HELDOUT_QUESTIONS = 200
 SUBSET_QUESTIONS = 8     # the slice CI re-evaluates (tests/test_train.py)
-EVAL_ARGS = ("--tiny", "-n", "4", "--max-new-tokens", str(_max_answer_tokens()), "--backend",
+EVAL_ARGS = ("--tiny", "-n", "4", "--max-new-tokens", str(max_answer_tokens()), "--backend",
              "torch")
 
 
@@ -554,11 +503,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explorer-from", metavar="DIR",
                         help="reuse the explorer of an earlier run of the same config (skips its "
                         "training)")
+    parser.add_argument("--large-synthesizer", action="store_true",
+                        help="also train synthesizer_large (a2r.demo.train_large: a deeper "
+                        "synthesizer over the same explorer, A2R-Efficient); not part of the "
+                        "committed models")
     parser.add_argument("--eval-shards", type=int, default=1, metavar="K",
                         help="processes sharing the held-out eval (default: 1)")
     args = parser.parse_args(argv)
     config = SMOKE if args.smoke else FULL
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    if args.large_synthesizer:
+        config = replace(config, large=config.large or LARGE)
     if not args.eval_only:
         report = train_all(args.out, config, log=log, explorer_from=args.explorer_from)
         log(f"wrote {args.out} in {report['seconds']['total']:.0f} s wall, "
