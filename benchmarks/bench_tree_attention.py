@@ -390,7 +390,7 @@ def cpu_kernel_rows(args, dtype) -> list[dict]:
     return rows
 
 
-def main(argv=None):
+def _parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few small shapes")
     parser.add_argument("--providers", default="", help="comma-separated subset")
@@ -410,8 +410,67 @@ def main(argv=None):
     parser.add_argument("--cpu", action="store_true",
                         help="the CPU kernel rows (one thread, interleaved; see the docstring)")
     parser.add_argument("--reps", type=int, default=15, help="--cpu: timed calls per provider")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def _shape_rows(args, shape, providers, device, dtype, dev_name, bw, warmup, rep) -> list[dict]:
+    """Every provider's row at one (P, N, S, (Hq, Hkv), D), printed, with its speed-up over
+    a2r-paged (and, for the graph replay, over the eager wrapper)."""
+    import a2r_kernels as ak
+
+    P, N, S, (Hq, Hkv), D = shape
+    k, v, layout, prefix, leaves = build_tree(P, N, S, args.block_size, Hkv, D, dtype, device)
+    q = torch.randn(N, Hq, D, device=device, dtype=dtype)
+    unique = ak.kv_bytes(layout, Hkv, D, dtype)
+    shape_rows = []
+    for provider in providers:
+        try:
+            fn = make_fn(provider, q, k, v, layout, P, S, prefix, leaves, args.block_size)
+            if fn is None:
+                continue
+            seconds = time_fn(fn, warmup=warmup, rep=rep, device=device)
+        except Exception as exc:  # a baseline that cannot run this shape must not end the sweep
+            print(f"{provider:>20} {P:>6} {N:>4} {S:>4}  skipped: {type(exc).__name__}: {exc}")
+            continue
+        shape_rows.append(dict(
+            device=dev_name, provider=provider, P=P, N=N, S=S, Hq=Hq, Hkv=Hkv, D=D,
+            dtype=str(dtype).replace("torch.", ""), block_size=args.block_size,
+            median_us=seconds * 1e6, gbps=unique["shared"] / seconds / 1e9,
+            unique_kv_bytes=unique["shared"], unshared_kv_bytes=unique["unshared"],
+            copy_gbps=bw,
+            **({"num_work": layout.num_work, "num_partials": layout.num_partials}
+               if provider.startswith("a2r-tree") else {})))
+    paged = next((r["median_us"] for r in shape_rows if r["provider"] == "a2r-paged"), None)
+    eager = next((r["median_us"] for r in shape_rows if r["provider"] == "a2r-tree-wrapper"), None)
+    for r in shape_rows:
+        r["speedup_vs_paged"] = paged / r["median_us"] if paged else None
+        if r["provider"] == "a2r-tree-graph" and eager:   # replay against the eager run
+            r["speedup_vs_wrapper"] = eager / r["median_us"]
+        print(f"{r['provider']:>24} {P:>6} {N:>4} {S:>4} {Hq:>3}/{Hkv:<3} "
+              f"{r['median_us']:>10.1f} {r['gbps']:>8.1f} {100 * r['gbps'] / bw:>5.0f}% "
+              f"{r['speedup_vs_paged'] or float('nan'):>7.2f}x")
+    del k, v
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return shape_rows
+
+
+def _write_and_plot(rows, name: str, shapes, dev_name: str, bw: float) -> None:
+    write_results(os.path.join(RESULTS, f"{name}.json"), rows)
+    Hq0, Hkv0 = shapes["heads"][0]
+    S0 = shapes["S"][min(1, len(shapes["S"]) - 1)]
+    for P in shapes["P"]:
+        sel = [r for r in rows if r.get("kind") != "plan" and r["P"] == P and r["S"] == S0
+               and r["Hq"] == Hq0]
+        if sel:
+            plot(os.path.join(RESULTS, f"{name}_P{P}.png"), sel, x="N", y="gbps", logx=True,
+                 title=f"tree decode, P={P}, S={S0}, Hq/Hkv={Hq0}/{Hkv0}, {dev_name}",
+                 ylabel="unique KV GB/s", ref_line=bw)
+    print(f"# wrote {os.path.join(RESULTS, name + '.json')}")
+
+
+def main(argv=None):
+    args = _parse_args(argv)
     if args.cpu:
         rows = cpu_kernel_rows(args, getattr(torch, args.dtype or "float32"))
         if args.out:
@@ -441,70 +500,20 @@ def main(argv=None):
     if args.tile_sweep:
         providers += [f"a2r-tree(n={n},w={w})" for n, w in TILE_SWEEP]
 
-    import a2r_kernels as ak
-
     dev_name = device_name(device)
     bw = copy_gbps(device, nbytes=(512 if on_gpu else 64) * 1024 * 1024)
     print(f"# device: {dev_name}   copy bandwidth: {bw:.1f} GB/s   dtype: {dtype}")
     print(f"{'provider':>24} {'P':>6} {'N':>4} {'S':>4} {'Hq/Hkv':>7} {'median_us':>10} "
           f"{'GB/s':>8} {'%copy':>6} {'vs paged':>8}")
-    rows = []
     warmup, rep = (10, 50) if on_gpu else (1, 3)
-    for P, N, S, (Hq, Hkv), D in itertools.product(shapes["P"], shapes["N"], shapes["S"],
-                                                    shapes["heads"], shapes["D"]):
-        k, v, layout, prefix, leaves = build_tree(P, N, S, args.block_size, Hkv, D, dtype, device)
-        q = torch.randn(N, Hq, D, device=device, dtype=dtype)
-        unique = ak.kv_bytes(layout, Hkv, D, dtype)
-        shape_rows = []
-        for provider in providers:
-            try:
-                fn = make_fn(provider, q, k, v, layout, P, S, prefix, leaves, args.block_size)
-                if fn is None:
-                    continue
-                seconds = time_fn(fn, warmup=warmup, rep=rep, device=device)
-            except Exception as exc:  # a baseline that cannot run this shape must not end the sweep
-                print(f"{provider:>20} {P:>6} {N:>4} {S:>4}  skipped: {type(exc).__name__}: {exc}")
-                continue
-            shape_rows.append(dict(
-                device=dev_name, provider=provider, P=P, N=N, S=S, Hq=Hq, Hkv=Hkv, D=D,
-                dtype=str(dtype).replace("torch.", ""), block_size=args.block_size,
-                median_us=seconds * 1e6, gbps=unique["shared"] / seconds / 1e9,
-                unique_kv_bytes=unique["shared"], unshared_kv_bytes=unique["unshared"],
-                copy_gbps=bw,
-                **({"num_work": layout.num_work, "num_partials": layout.num_partials}
-                   if provider.startswith("a2r-tree") else {})))
-        paged = next((r["median_us"] for r in shape_rows if r["provider"] == "a2r-paged"), None)
-        eager = next((r["median_us"] for r in shape_rows
-                      if r["provider"] == "a2r-tree-wrapper"), None)
-        for r in shape_rows:
-            r["speedup_vs_paged"] = paged / r["median_us"] if paged else None
-            if r["provider"] == "a2r-tree-graph" and eager:   # replay against the eager run
-                r["speedup_vs_wrapper"] = eager / r["median_us"]
-            print(f"{r['provider']:>24} {P:>6} {N:>4} {S:>4} {Hq:>3}/{Hkv:<3} "
-                  f"{r['median_us']:>10.1f} {r['gbps']:>8.1f} {100 * r['gbps'] / bw:>5.0f}% "
-                  f"{r['speedup_vs_paged'] or float('nan'):>7.2f}x")
-        rows.extend(shape_rows)
-        del k, v
-        if on_gpu:
-            torch.cuda.empty_cache()
-
+    rows = []
+    for shape in itertools.product(shapes["P"], shapes["N"], shapes["S"], shapes["heads"],
+                                   shapes["D"]):
+        rows.extend(_shape_rows(args, shape, providers, device, dtype, dev_name, bw, warmup, rep))
     if not args.no_plan_rows:
         rows.extend(plan_rows(dev_name, device, args.block_size, reps=50 if on_gpu else 30))
-
-    name = args.out or "tree_attention"
-    if not on_gpu:
-        name += "_cpu"
-    write_results(os.path.join(RESULTS, f"{name}.json"), rows)
-    Hq0, Hkv0 = shapes["heads"][0]
-    S0 = shapes["S"][min(1, len(shapes["S"]) - 1)]
-    for P in shapes["P"]:
-        sel = [r for r in rows if r.get("kind") != "plan" and r["P"] == P and r["S"] == S0
-               and r["Hq"] == Hq0]
-        if sel:
-            plot(os.path.join(RESULTS, f"{name}_P{P}.png"), sel, x="N", y="gbps", logx=True,
-                 title=f"tree decode, P={P}, S={S0}, Hq/Hkv={Hq0}/{Hkv0}, {dev_name}",
-                 ylabel="unique KV GB/s", ref_line=bw)
-    print(f"# wrote {os.path.join(RESULTS, name + '.json')}")
+    _write_and_plot(rows, (args.out or "tree_attention") + ("" if on_gpu else "_cpu"), shapes,
+                    dev_name, bw)
 
 
 if __name__ == "__main__":
