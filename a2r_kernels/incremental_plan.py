@@ -239,12 +239,14 @@ class IncrementalTreePlanner:
     # ------------------------------------------------------------------ inputs
     def _inputs(self, block_tables, page_table) -> tuple:
         """``(tables as numpy, flat page table, the C++ planner or None)``. An engine hands over
-        the same buffers every step: checked once per (table, page table) pair of objects
-        with the same shape, dtype, strides and memory."""
+        the same buffers every step, often as fresh views (vLLM slices its table per step):
+        checked once per (table, page table) memory with the same shape, dtype and strides.
+        The cache holds the checked views, so their memory cannot be freed and handed to
+        another buffer while the signature is compared against it."""
+        signature = _signature(block_tables, page_table)
         cached = self._cached_inputs
-        if cached is not None and cached[0] is block_tables and cached[1] is page_table and \
-                cached[2] == _signature(block_tables, page_table):
-            return cached[3]
+        if cached is not None and signature[0] is not None and cached[0] == signature:
+            return cached[1]
         tables = block_tables.numpy() if isinstance(block_tables, torch.Tensor) else block_tables
         if not isinstance(tables, np.ndarray) or tables.ndim != 2 or \
                 tables.dtype.kind not in "iu":
@@ -256,8 +258,7 @@ class IncrementalTreePlanner:
         if tables.dtype != np.int32 or not tables.flags.c_contiguous:
             ext = None                     # the numpy reference reads any int table
         inputs = (tables, pages, ext)
-        self._cached_inputs = (block_tables, page_table,
-                               _signature(block_tables, page_table), inputs)
+        self._cached_inputs = (signature, inputs)
         return inputs
 
     @staticmethod
@@ -498,12 +499,18 @@ class IncrementalTreePlanner:
 
 
 def _signature(block_tables, page_table) -> tuple:
-    """What must not change for :meth:`IncrementalTreePlanner._inputs` to reuse its checks."""
-    table_memory = (block_tables.data_ptr(), block_tables.stride()) \
-        if isinstance(block_tables, torch.Tensor) else None
-    page_memory = (page_table.data_ptr(), page_table.shape, page_table.stride()) \
-        if isinstance(page_table, torch.Tensor) else None
-    return block_tables.shape, block_tables.dtype, table_memory, page_memory
+    """What must not change for :meth:`IncrementalTreePlanner._inputs` to reuse its checks: each
+    table's type, memory, shape, dtype and strides (None for what is neither a tensor nor an
+    array: never reused)."""
+    return _memory(block_tables), _memory(page_table)
+
+
+def _memory(value) -> tuple | None:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.device, value.data_ptr(), value.shape, value.dtype, value.stride())
+    if isinstance(value, np.ndarray):
+        return ("array", value.ctypes.data, value.shape, value.dtype, value.strides)
+    return None
 
 
 def _tail_sums(tail_len: np.ndarray, lens: np.ndarray) -> tuple[int, int, int]:

@@ -419,3 +419,20 @@ def test_decode_step_planner_cuda_graph_replays_later_plans():
         torch.testing.assert_close(out[:rows].float(), expected, atol=2e-3, rtol=2e-3)
         assert (out[rows:] == 0).all()
     assert step_planner.planner.replans == 2
+
+
+def test_fresh_views_of_the_same_tables_reuse_the_input_checks(monkeypatch):
+    """vLLM hands its block table over as a new slice every step: the checks of the table and the
+    page table run once per memory, not once per view; other memory is checked again."""
+    planner = IncrementalTreePlanner(4)
+    table = torch.tensor([[3, 4, 0], [3, 5, 0]], dtype=torch.int32)
+    checked = []
+    page_table = planner._page_table
+    monkeypatch.setattr(planner, "_page_table",
+                        lambda tables, pages: checked.append(1) or page_table(tables, pages))
+    for length in (6, 7, 8):
+        planner.plan(table[:2], np.array([length, length]), table.view(-1)[:6])
+    assert len(checked) == 1
+    other = table.clone()
+    planner.plan(other[:2], np.array([9, 9]), other.view(-1))
+    assert len(checked) == 2
