@@ -4,8 +4,30 @@
 #include <cstring>
 #include <unordered_map>
 
+#include "../ops.h"   // kWorkInfoColumns
+
 namespace a2r::cpu {
 namespace {
+
+// The per-row bookkeeping every step writes, and the step's sums (tail tokens, tokens, longest
+// row), as IncrementalTreePlanner reads them back.
+struct StepTotals {
+  int64_t tail_sum = 0, lens_sum = 0, lens_max = 0;
+
+  void row(int64_t i, int64_t len, int64_t tail_len, int64_t tail_node, int32_t* seq_lens,
+           int64_t* lengths) {
+    seq_lens[i] = static_cast<int32_t>(len);
+    lengths[tail_node] = tail_len;
+    tail_sum += tail_len;
+    lens_sum += len;
+    lens_max = len > lens_max ? len : lens_max;
+  }
+  void write(int64_t* sums) const {
+    sums[0] = tail_sum;
+    sums[1] = lens_sum;
+    sums[2] = lens_max;
+  }
+};
 
 // (column, block id, tokens read) of an entry whose block id was first read elsewhere or to
 // another length: the rare key of a repeated block.
@@ -189,23 +211,18 @@ bool advance_tails(const int64_t* lens, const int64_t* tail_start, const int64_t
   for (int64_t i = 0; i < num_rows; ++i) {
     if ((lens[i] - tail_start[i] + chunk - 1) / chunk != chunks[i]) return false;
   }
-  int64_t tail_sum = 0, lens_sum = 0, lens_max = 0;
-  constexpr int64_t kFields = 6, kEnd = 4;   // WORK_FIELDS, kv_end
+  StepTotals totals;
+  constexpr int64_t kEnd = 4;   // kv_end's column in WORK_FIELDS
   for (int64_t i = 0; i < num_rows; ++i) {
     const int64_t tail_len = lens[i] - tail_start[i];
     if (chunks[i] > 0) {
       // Items cover [k * chunk, min((k + 1) * chunk, tail_len)): the last one ends the tail.
-      work[(item_first[i] + chunks[i] - 1) * kFields + kEnd] = static_cast<int32_t>(tail_len);
+      work[(item_first[i] + chunks[i] - 1) * kWorkInfoColumns + kEnd] =
+          static_cast<int32_t>(tail_len);
     }
-    seq_lens[i] = static_cast<int32_t>(lens[i]);
-    lengths[tail_node[i]] = tail_len;
-    tail_sum += tail_len;
-    lens_sum += lens[i];
-    lens_max = lens[i] > lens_max ? lens[i] : lens_max;
+    totals.row(i, lens[i], tail_len, tail_node[i], seq_lens, lengths);
   }
-  sums[0] = tail_sum;
-  sums[1] = lens_sum;
-  sums[2] = lens_max;
+  totals.write(sums);
   return true;
 }
 
@@ -224,11 +241,11 @@ void write_step_plan(const SharedPlanPart& shared, const int64_t* lens, int64_t 
                      const int64_t* chunks, const int64_t* item_first, int32_t* work,
                      int32_t* row_seq, int32_t* merge_indptr, int32_t* merge_rows,
                      int32_t* seq_lens, int64_t* lengths, int64_t* sums) {
-  constexpr int64_t kFields = 6;   // WORK_FIELDS
-  std::memcpy(work, shared.work, sizeof(int32_t) * shared.num_work * kFields);
+  std::memcpy(work, shared.work, sizeof(int32_t) * shared.num_work * kWorkInfoColumns);
   std::memcpy(row_seq, shared.row_seq, sizeof(int32_t) * num_rows);
-  int32_t* tail_items = work + shared.num_work * kFields;
-  int64_t tail_sum = 0, lens_sum = 0, lens_max = 0, merged = 0;
+  int32_t* tail_items = work + shared.num_work * kWorkInfoColumns;
+  StepTotals totals;
+  int64_t merged = 0;
   merge_indptr[0] = 0;
   for (int64_t i = 0; i < num_rows; ++i) {
     const int64_t tail_len = lens[i] - shared.tail_start[i];
@@ -238,7 +255,7 @@ void write_step_plan(const SharedPlanPart& shared, const int64_t* lens, int64_t 
     }
     for (int64_t k = 0; k < chunks[i]; ++k) {
       const int64_t item = item_first[i] + k;
-      int32_t* out = tail_items + item * kFields;
+      int32_t* out = tail_items + item * kWorkInfoColumns;
       const int64_t kv_start = k * shared.chunk;
       const int64_t kv_end = kv_start + shared.chunk < tail_len ? kv_start + shared.chunk
                                                                 : tail_len;
@@ -251,15 +268,9 @@ void write_step_plan(const SharedPlanPart& shared, const int64_t* lens, int64_t 
       merge_rows[merged++] = out[5];
     }
     merge_indptr[i + 1] = static_cast<int32_t>(merged);
-    seq_lens[i] = static_cast<int32_t>(lens[i]);
-    lengths[shared.tail_node[i]] = tail_len;
-    tail_sum += tail_len;
-    lens_sum += lens[i];
-    lens_max = lens[i] > lens_max ? lens[i] : lens_max;
+    totals.row(i, lens[i], tail_len, shared.tail_node[i], seq_lens, lengths);
   }
-  sums[0] = tail_sum;
-  sums[1] = lens_sum;
-  sums[2] = lens_max;
+  totals.write(sums);
 }
 
 }  // namespace a2r::cpu
