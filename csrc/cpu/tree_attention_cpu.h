@@ -46,8 +46,9 @@ struct PartialArgs {
   float* scratch;                  // num_threads * scratch_floats(max_rows, head_dim) floats
 };
 
-// Tokens of one KV tile (two 8-float vectors) and the padded head_dim of the scratch rows.
-constexpr int kTileTokens = 16;
+// Tokens of one KV tile (a multiple of 16: the score kernel takes 16 per pass; 32 halves the
+// per-tile softmax and bookkeeping of 16) and the padded head_dim of the scratch rows.
+constexpr int kTileTokens = 32;
 inline int padded_head_dim(int head_dim) { return (head_dim + 15) / 16 * 16; }
 
 // fp32 scratch of one thread: q rows, o rows, scores / probabilities, m, l, alpha, K^T tile,
