@@ -203,6 +203,12 @@ def errors(tiny, tmp_path_factory):
         ["eval", data, "--tiny", *FAST, "--mkdir", "--out", tmp / "missing/deeper/x.json"], {})
     cases["out is a directory"] = (["eval", data, "--tiny", *FAST, "--out", tmp], {})
     cases["mkdir without out"] = (["eval", data, "--tiny", *FAST, "--mkdir"], {})
+    # --out x.json keeps its records in x.jsonl: here the eval file itself, whose last line has
+    # no newline (a records file's half-written line, which resuming would cut off).
+    same = tmp / "same.jsonl"
+    same.write_text('{"question": "1+1?", "answer": 2}\n{"question": "2+2?", "answer": 4}')
+    cases["out records are the eval file"] = (["eval", same, "--tiny", *FAST, "--out",
+                                               tmp / "same.json"], {})
     results = run_cases(tiny, cases)
     results["tmp"] = tmp
     return results
@@ -349,6 +355,13 @@ def test_out_directory_is_created_only_when_asked(errors):
     assert not missing.exists()
     assert_one_line_error(errors["out is a directory"], "is a directory")
     assert_one_line_error(errors["mkdir without out"], "--mkdir needs --out")
+
+
+def test_out_whose_records_file_is_the_eval_file_is_refused(errors):
+    """Resuming reads the records file and cuts a last line without newline: pointed at the eval
+    file, that cut the user's last question off. It is refused before anything reads it."""
+    assert_one_line_error(errors["out records are the eval file"], "is the eval file")
+    assert (errors["tmp"] / "same.jsonl").read_text().endswith('"answer": 4}')
 
 
 # ------------------------------------------------------------------ what a working run prints

@@ -186,6 +186,10 @@ def _outputs(args, evaluate) -> tuple[tuple[int, int], Path | None]:
             records_file = evaluate.records_path(args.out)
         except ValueError as err:
             raise CLIError(str(err)) from None
+        # Resuming reads the records file and cuts a half-written last line: never the eval file.
+        if records_file.resolve() == Path(args.file).resolve():
+            raise CLIError(f"--out {args.out}: its records file {records_file} is the eval file; "
+                           "choose another --out")
         check_out_path("--out", args.out, args.mkdir)
     if args.plot:
         check_out_path("--plot", args.plot, args.mkdir)
