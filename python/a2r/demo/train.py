@@ -19,7 +19,8 @@ all sharing the embedded character-level tokenizer plus whole-phrase tokens
 
    * ``synthesizer``, trained on exactly what ``A2RPipeline`` renders:
      ``synthesizer_prompt(question, k references[, trace]) -> worked answer`` for k in
-     :func:`a2r.demo.train_data.reference_counts`, and on ``synthesizer_alone_prompt(question)``
+     :func:`a2r.demo.train_data.reference_counts` (stopped, like the explorer, before the end of its
+     schedule: :attr:`TrainConfig.synth_steps`), and on ``synthesizer_alone_prompt(question)``
      (the bare question, a fraction :attr:`TrainConfig.alone_fraction` of its examples, so the
      control is in its training distribution). With :attr:`TrainConfig.trace_fraction` > 0 some prompts also hold
      a trace: the gold sum with probability :attr:`TrainConfig.trace_gold_fraction`, otherwise a
@@ -104,8 +105,9 @@ class TrainConfig:
     synth_batch: int = 16
     synth_lr: float = 3e-3
     alone_fraction: float = 0.15     # synthesizer examples on the bare question
-    # Synthesizer examples with a trace in the prompt (60% of those traces right). Kept small:
-    # with 0.3 its held-out A2R fell to 40.0% and its control to 40.5% (README); with 0.1, 63.0%.
+    # Synthesizer examples with a trace in the prompt (60% of those traces right). Kept small: on
+    # the models before the issue-21 retraining, 0.3 took held-out A2R to 40.0% and its control
+    # to 40.5% (README); 0.1 gave 63.0%.
     trace_fraction: float = 0.1
     trace_gold_fraction: float = 0.6
     thinker_steps: int = 600      # with 300 the diffusion thinker's traces were right 2% of the time
