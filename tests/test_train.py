@@ -114,6 +114,18 @@ def test_committed_models_are_small_safetensors():
     assert total <= 20 * 2 ** 20
 
 
+def test_committed_models_were_trained_with_the_default_config():
+    """train_report.json is the run of FULL, the config ``python -m a2r.demo.train`` trains (fails
+    when the defaults change and the committed weights are not retrained)."""
+    from dataclasses import asdict
+
+    from a2r.demo.train import FULL
+
+    report = json.loads((TRAINED / "train_report.json").read_text())
+    assert report["config"] == json.loads(json.dumps(asdict(FULL)))
+    assert "explorer_from" not in report
+
+
 def _recorded(name):
     return json.loads((RESULTS / name).read_text())
 
