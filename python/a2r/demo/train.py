@@ -125,8 +125,7 @@ FULL = TrainConfig()
 SMOKE = TrainConfig(hidden=32, explorer_questions=64, explorer_steps=3, explorer_schedule_steps=4,
                     explorer_batch=4, reference_questions=8, paths=2, sample_batch=8,
                     examples_per_question=1, synth_steps=3, synth_schedule_steps=4, synth_batch=4,
-                    thinker_steps=3,
-                    thinker_batch=4, workers=1,
+                    thinker_steps=3, thinker_batch=4, workers=1,
                     large=LargeConfig(layers=3, reference_questions=8, steps=3, batch=4))
 
 
