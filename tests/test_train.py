@@ -80,6 +80,24 @@ def test_smoke_training_builds_loadable_deterministic_models(tmp_path):
                 == (tmp_path / "b" / name / "model.safetensors").read_bytes()), name
 
 
+def test_small_jobs_yield_the_cores_to_the_large_synthesizer(tmp_path, monkeypatch):
+    """In the forked workers the larger synthesizer (the critical path) keeps the caller's
+    priority and the other jobs run BACKGROUND_NICENESS lower. Each job's "loss" here is the
+    niceness its worker trained at."""
+    from dataclasses import replace
+
+    from a2r.demo import train
+
+    monkeypatch.setattr(train, "_train", lambda *args, **job: float(os.nice(0)))
+    report = train.train_all(tmp_path / "m", replace(train.SMOKE, workers=2), log=None)
+    base = os.nice(0)
+    assert report["loss"]["synthesizer_large"] == base
+    background = min(base + train.BACKGROUND_NICENESS, 19)
+    assert background > base
+    for name in ("synthesizer", "thinker", "ar_thinker"):
+        assert report["loss"][name] == background, name
+
+
 def test_deepen_starts_as_the_model_it_deepens():
     """The larger synthesizer's added layers start as the identity: same logits as the explorer,
     on a prompt of odd length (fails if the added layers are left at their random init)."""
