@@ -52,6 +52,7 @@ from typing import Iterable
 import torch
 
 from .errors import CacheFullError
+from .host_memory import zeros_huge
 from .vocab import DEFAULT_BLOCK_SIZE, as_int, non_negative_int, positive_int
 from .block_tables import NodeBlockTables
 from .prefix_index import ROOT_ID, PrefixIndex, token_list, token_rows
@@ -108,7 +109,8 @@ class TreeKVCache:
     Attributes:
         k, v: per-layer views ``[num_blocks, block_size, num_kv_heads, head_dim]`` of the pools.
         k_pool, v_pool: the pools, ``[num_layers, num_blocks, block_size, num_kv_heads, head_dim]``,
-            contiguous, zero-initialised.
+            contiguous, zero-initialised; on the host advised to transparent huge pages
+            (:mod:`a2r_kernels.host_memory`).
 
     Sequence ids are ints, never reused. A forked sequence stays readable (``length``, ``gather``,
     ``layout``) until freed but can no longer grow; its children do.
@@ -127,8 +129,10 @@ class TreeKVCache:
         self.dtype = dtype
 
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.k_pool = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_pool = torch.zeros(shape, dtype=dtype, device=device)
+        # On the host, backed by 2 MiB pages where the OS has them (host_memory: the CPU
+        # kernel's reads of one head's rows touch a new 4 KiB page per token).
+        self.k_pool = zeros_huge(shape, dtype, device)
+        self.v_pool = zeros_huge(shape, dtype, device)
         self.device = self.k_pool.device   # normalised ("cuda" -> "cuda:0")
         self.k = [self.k_pool[layer] for layer in range(num_layers)]
         self.v = [self.v_pool[layer] for layer in range(num_layers)]
