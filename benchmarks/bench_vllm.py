@@ -35,6 +35,14 @@ at n paths, through the native backend in both vLLM rows. So each rep times a on
   (what paged decode reads, at the middle step).
 - ``speedup`` / ``request_speedup``: native's decode (request) seconds over the provider's,
   measured in the same run; ``load_average``: the machine's 1-minute load during the run.
+- CPU only, the roofline of the attention (:func:`_attention_roofline`): ``attention_gflops``,
+  the decode attention's FLOPs (4 * Hq * D per query-key pair, every layer, at the middle step)
+  over its time; ``matmul_gflops``, one thread's fp32 ``torch.matmul`` at the same shape (the
+  shared prompt's QK^T then PV for all n paths), timed in the parent after the workers are done:
+  at n = 16 a compute-bound product, a practical ceiling for the kernel (at n = 1 a memory-bound
+  matrix-vector product, which the kernel can beat); ``speedup_ceiling``, native's decode step
+  over this provider's step with its attention at ``matmul_gflops`` and the rest of its step as
+  measured: what a kernel as fast as the matmul would give.
 
 Rows go to ``vllm_<cpu|gpu>.json`` in ``common.results_dir()`` (``benchmarks/results``), keyed by
 device name. Without vLLM the script says so and exits with ``common.SKIPPED_EXIT_STATUS``, which
@@ -362,6 +370,36 @@ def _kv_bytes(args, model: Path, n: int, stats: dict) -> tuple[float | None, flo
     return stats["kv_bytes_shared"] / steps, unshared, stats["plan_ns"] / steps / 1e3
 
 
+def _attention_roofline(args, model: Path, n: int) -> tuple[float, float]:
+    """(decode attention FLOPs per step over all layers at the middle step, one thread's fp32
+    matmul GFLOP/s at the step's shared-prompt shape: [n * group, D] x [D, P] then
+    [n * group, P] x [P, D], median of 15)."""
+    import torch
+
+    config = json.loads((Path(model) / "config.json").read_text())
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim, layers = config["head_dim"], config["num_hidden_layers"]
+    context = n * (args.prompt_tokens + args.new_tokens // 2)
+    flops = 4.0 * heads * head_dim * context * layers
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = n * heads // kv_heads
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randn(rows, head_dim, generator=gen)
+        k_t = torch.randn(head_dim, args.prompt_tokens, generator=gen)
+        v = torch.randn(args.prompt_tokens, head_dim, generator=gen)
+        times = []
+        for _ in range(16):
+            start = time.perf_counter()
+            torch.matmul(torch.matmul(q, k_t), v)
+            times.append(time.perf_counter() - start)
+        matmul_s = statistics.median(times[1:])
+    finally:
+        torch.set_num_threads(threads)
+    return flops, 4.0 * rows * head_dim * args.prompt_tokens / matmul_s / 1e9
+
+
 def main() -> None:
     args, on_gpu = _arguments()
     if args.worker == "explorer":
@@ -396,12 +434,21 @@ def main() -> None:
     rows = []
     for n in args.ns:
         native = results["native"][n]
+        native_step = native["decode_seconds"] / (args.new_tokens - 1)
+        flops, matmul_gflops = (None, None) if on_gpu else _attention_roofline(args, model, n)
         if not results["a2r"][n]["stats"].get("tree_attention_calls"):
             raise SystemExit("bench_vllm: A2R_VLLM=1 but the A2R_TREE backend did not run")
         for name, provider in providers.items():
             r = results[name][n]
             shared, unshared, plan_us = _kv_bytes(args, model, n, r["stats"])
             decode_tps = n * (args.new_tokens - 1) / r["decode_seconds"]
+            attention_s = (r["attention_ms_per_step"] or 0.0) / 1e3
+            roofline = {}
+            if flops is not None and attention_s > 0:
+                rest = r["decode_seconds"] / (args.new_tokens - 1) - attention_s
+                roofline = {"attention_gflops": flops / attention_s / 1e9,
+                            "matmul_gflops": matmul_gflops,
+                            "speedup_ceiling": native_step / (rest + flops / matmul_gflops / 1e9)}
             rows.append({
                 "device": device, "provider": provider, "shape": args.shape, "n": n,
                 "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
@@ -418,6 +465,7 @@ def main() -> None:
                 "speedup": float(native["decode_seconds"] / r["decode_seconds"]),
                 "request_speedup": float(native["seconds"] / r["seconds"]),
                 "load_average": float(load),
+                **roofline,
             })
             row = rows[-1]
             print(f"n={n:>3} {provider:>15}: decode {row['decode_tokens_per_s']:8.1f} tok/s "
@@ -426,6 +474,10 @@ def main() -> None:
                   f"x{row['request_speedup']:.2f} | attention "
                   f"{r['attention_ms_per_step'] or float('nan'):.3f} ms/step | plan "
                   f"{plan_us or float('nan'):.1f} us/step")
+            if roofline:
+                print(f"        attention {roofline['attention_gflops']:.1f} GFLOP/s of "
+                      f"matmul's {roofline['matmul_gflops']:.1f}: at that rate x"
+                      f"{roofline['speedup_ceiling']:.2f} native decode at most")
     path = Path(results_dir()) / f"vllm_{'gpu' if on_gpu else 'cpu'}.json"
     write_results(str(path), rows)
     print(f"wrote {path} ({device}{'' if on_gpu else f'; CPU numbers, shared box, load {load:.1f}'})")
