@@ -473,7 +473,10 @@ def test_closed_stdout_pipe_is_not_a_traceback(tiny):
 # test never writes: only the SIGINT the test then sends to the whole process group (as a terminal's
 # Ctrl-C does) ends the wait, so where the signal lands is fixed, without sleeps.
 INTERRUPT_DRIVER = r"""
-import json, os, re, sys
+import json, os, re, signal, sys
+# Ctrl-C as at a terminal, also where the tests run in a background job of a non-interactive
+# shell (`nohup ... &`), which starts its commands with SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 spec = json.loads(os.environ.pop("A2R_TEST_PAUSE"))
 paused = False
 
