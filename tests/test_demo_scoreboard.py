@@ -66,6 +66,36 @@ def test_demo_text_shows_the_scoreboard_then_one_example(capsys):
     assert "NAR->AR" not in out   # --no-thinker: no thinker rows
 
 
+@pytest.mark.parametrize("omp", [None, "2"])
+def test_demo_runs_on_one_thread_unless_omp_num_threads_says(monkeypatch, capsys, omp):
+    """The tiny models gain nothing from a second thread and lose 4x when a core is busy
+    (DEMO_THREADS); OMP_NUM_THREADS, when set, wins; the caller's count comes back after."""
+    import torch
+
+    from a2r.demo import scoreboard
+
+    real, seen = scoreboard.scoreboard, []
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoreboard, "scoreboard", spy)
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["demo", *FAST, "--random-models", "--questions", "1", "--no-thinker"]) == 0
+        assert seen == [scoreboard.DEMO_THREADS if omp is None else 2]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
+
+
 def test_demo_questions_option_is_checked_before_any_model_runs(capsys):
     with pytest.raises(SystemExit) as exit_:   # argparse's usage error: one line, status 2
         main(["demo", "--questions", "0"])
