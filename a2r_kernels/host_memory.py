@@ -22,7 +22,6 @@ import torch
 
 HUGE_PAGE_BYTES = 2 << 20   # x86-64 and arm64 (4 KiB base pages) PMD-sized transparent pages
 MADV_HUGEPAGE = 14          # <linux/mman.h>: back the range with huge pages as it faults in
-MADV_COLLAPSE = 25          # Linux >= 6.1: back the (already faulted) range with huge pages now
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,14 +29,11 @@ def _libc():
     return ctypes.CDLL(None, use_errno=True)
 
 
-def advise_huge_pages(tensor: torch.Tensor, advice: int = MADV_HUGEPAGE) -> bool:
-    """``madvise(advice)`` over the 2 MiB pages that lie wholly inside ``tensor``'s storage
+def advise_huge_pages(tensor: torch.Tensor) -> bool:
+    """``madvise(MADV_HUGEPAGE)`` over the 2 MiB pages that lie wholly inside ``tensor``'s storage
     (a host tensor, contiguous or not: its whole untyped storage). Returns True when the kernel
-    accepted the advice for a non-empty range.
-
-    ``MADV_HUGEPAGE`` before the memory is first written (:func:`zeros_huge`); ``MADV_COLLAPSE``
-    for memory already in use (a cache someone else allocated and zeroed): it copies the range
-    into huge pages once, synchronously."""
+    accepted the advice for a non-empty range. It takes effect on pages not yet faulted in, so
+    call it before the memory is first written (:func:`zeros_huge`)."""
     if sys.platform != "linux" or tensor.device.type != "cpu":
         return False
     storage = tensor.untyped_storage()
@@ -47,7 +43,8 @@ def advise_huge_pages(tensor: torch.Tensor, advice: int = MADV_HUGEPAGE) -> bool
     last = end // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
     if last <= first:
         return False
-    return _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), advice) == 0
+    return _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first),
+                          MADV_HUGEPAGE) == 0
 
 
 def zeros_huge(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:

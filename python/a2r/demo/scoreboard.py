@@ -40,7 +40,7 @@ DEFAULT_QUESTIONS = 48
 RANDOM_MODELS_QUESTIONS = 8
 EXAMPLE_RULE = "the first question whose paths disagree, chosen without looking at correctness"
 # torch threads while the demo runs, unless OMP_NUM_THREADS says otherwise. The embedded models
-# are tiny (hidden 128): on the 2-core CPU one thread is as fast as two when the machine is quiet
+# are tiny (hidden 128): on the 2-core AMD EPYC one thread is as fast as two when the machine is quiet
 # (25.4 vs 24.9 s) and 4x faster when another process holds a core (24.1 vs 94.1 s), where
 # torch's second OpenMP worker waits for its core while the first spins at every barrier.
 DEMO_THREADS = 1
