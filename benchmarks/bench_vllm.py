@@ -29,7 +29,9 @@ at n paths, through the native backend in both vLLM rows. So each rep times a on
   request; ``request_tokens_per_s`` = n * S / ``seconds``.
 - ``attention_ms_per_step``: GPU time of attention kernels (names matching ``ATTENTION_KERNELS``)
   in a profiled request of ``PROFILE_TOKENS`` tokens, per decode step (all layers); on CPU, the
-  host time of the decode attention calls (:func:`cpu_attention_ms_per_step`, every provider).
+  host time of the decode attention calls (:func:`timed_decode_attention`, every provider) in the
+  timed requests themselves, per decode step (median over reps), so that ``rest_ms_per_step``,
+  the decode step's time outside attention, comes from the same requests.
 - ``kv_bytes_per_step``: K+V bytes the decode attention reads per step, all layers: A2R_TREE's
   own count (each shared block once); for the native backend, every path its whole sequence
   (what paged decode reads, at the middle step).
@@ -42,7 +44,9 @@ at n paths, through the native backend in both vLLM rows. So each rep times a on
   at n = 16 a compute-bound product, a practical ceiling for the kernel (at n = 1 a memory-bound
   matrix-vector product, which the kernel can beat); ``speedup_ceiling``, native's decode step
   over this provider's step with its attention at ``matmul_gflops`` and the rest of its step as
-  measured: what a kernel as fast as the matmul would give.
+  measured: what a kernel as fast as the matmul would give; ``fma_peak_gflops``, one core's fp32
+  FMA peak (:func:`common.fma_peak_gflops`), and ``speedup_bound``, the same with the attention
+  at that peak: no exact fp32 attention on this core can pass it.
 
 Rows go to ``vllm_<cpu|gpu>.json`` in ``common.results_dir()`` (``benchmarks/results``), keyed by
 device name. Without vLLM the script says so and exits with ``common.SKIPPED_EXIT_STATUS``, which
@@ -52,6 +56,7 @@ device name. Without vLLM the script says so and exits with ``common.SKIPPED_EXI
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -109,11 +114,10 @@ def _decode_attention_calls():
     return out
 
 
-def cpu_attention_ms_per_step(generate) -> float:
-    """Milliseconds per decode step (all layers) spent in decode attention
-    (:func:`_decode_attention_calls`, wall time around each call) by ``generate(PROFILE_TOKENS)``,
-    over its ``PROFILE_TOKENS - 1`` decode steps. The functions are wrapped for that one request
-    and restored after it."""
+@contextlib.contextmanager
+def timed_decode_attention():
+    """Inside the block, the decode attention calls (:func:`_decode_attention_calls`) add their
+    wall time to the yielded one-element list (seconds); the functions are restored after it."""
     spent = [0.0]
     originals = []
     for module, name, is_decode in _decode_attention_calls():
@@ -130,11 +134,10 @@ def cpu_attention_ms_per_step(generate) -> float:
         originals.append((module, name, original))
         setattr(module, name, timed)
     try:
-        generate(PROFILE_TOKENS)
+        yield spent
     finally:
         for module, name, original in originals:
             setattr(module, name, original)
-    return spent[0] * 1e3 / (PROFILE_TOKENS - 1)
 
 
 def build_model(shape: str, directory: Path) -> Path:
@@ -190,9 +193,6 @@ def worker(args) -> None:
     a2r = sys.modules.get("a2r_kernels.vllm")
 
     def run_request(command: str, n: int, tokens: int) -> dict:
-        if command == "profile" and not on_gpu:
-            return {"attention_ms_per_step": cpu_attention_ms_per_step(
-                lambda t: llm.generate(prompt, params(n, t), use_tqdm=False))}
         if command == "profile":   # GPU time of the attention kernels per decode step
             from torch.profiler import ProfilerActivity, profile
 
@@ -203,10 +203,12 @@ def worker(args) -> None:
             return {"attention_ms_per_step": total_us / 1e3 / tokens}
         if a2r is not None:
             a2r.stats.reset()
-        start = time.perf_counter()
-        llm.generate(prompt, params(n, tokens), use_tqdm=False)
-        seconds = time.perf_counter() - start
-        return {"seconds": seconds, "stats": a2r.stats.as_dict() if a2r is not None else {}}
+        with timed_decode_attention() if not on_gpu else contextlib.nullcontext([0.0]) as spent:
+            start = time.perf_counter()
+            llm.generate(prompt, params(n, tokens), use_tqdm=False)
+            seconds = time.perf_counter() - start
+        return {"seconds": seconds, "attention_seconds": spent[0],
+                "stats": a2r.stats.as_dict() if a2r is not None else {}}
 
     _serve(run_request, args)
 
@@ -246,11 +248,11 @@ def explorer_worker(args) -> None:
         run(n, 8)   # warm-up
 
     def run_request(command: str, n: int, tokens: int) -> dict:
-        if command == "profile":
-            return {"attention_ms_per_step": cpu_attention_ms_per_step(lambda t: run(n, t))}
-        start = time.perf_counter()
-        run(n, tokens)
-        return {"seconds": time.perf_counter() - start, "stats": {}}
+        with timed_decode_attention() as spent:
+            start = time.perf_counter()
+            run(n, tokens)
+            seconds = time.perf_counter() - start
+        return {"seconds": seconds, "attention_seconds": spent[0], "stats": {}}
 
     _serve(run_request, args)
 
@@ -334,26 +336,38 @@ def _measure_interleaved(workers: dict[str, _Worker], args, on_gpu: bool) -> dic
     """Per rep, per n, every provider in turn (the order rotating by rep): a one-token request
     (the step that prefills what the prefix cache lacks) and the timed request of S tokens.
     Returns per provider and n: median request seconds, median decode seconds (S request minus
-    one-token request, paired within a rep), the last rep's stats, GPU attention ms."""
+    one-token request, paired within a rep), the last rep's stats, attention ms per decode step
+    (CPU: medians over the reps of the timed requests' decode attention and of the rest of their
+    decode steps; GPU: a profiled request, no rest)."""
     samples = {name: {n: [] for n in args.ns} for name in workers}
     names = list(workers)
     for rep in range(args.reps):
         for n in args.ns:
             for name in names[rep % len(names):] + names[:rep % len(names)]:
-                first = workers[name].ask("time", n, 1)["seconds"]
+                first = workers[name].ask("time", n, 1)
                 full = workers[name].ask("time", n, args.new_tokens)
-                samples[name][n].append((full["seconds"], first, full["stats"]))
+                steps = args.new_tokens - 1
+                attention = (full["attention_seconds"] - first["attention_seconds"]) / steps
+                step = (full["seconds"] - first["seconds"]) / steps
+                samples[name][n].append((full["seconds"], first["seconds"], full["stats"],
+                                         attention, step - attention))
     results = {}
     for name, per_n in samples.items():
         results[name] = {}
         for n, reps in per_n.items():
-            attention_ms = (workers[name].ask("profile", n, PROFILE_TOKENS)["attention_ms_per_step"]
-                            if not on_gpu or name != "explorer" else None)
+            if not on_gpu:
+                attention_ms = 1e3 * statistics.median(r[3] for r in reps)
+                rest_ms = 1e3 * statistics.median(r[4] for r in reps)
+            else:
+                rest_ms = None
+                attention_ms = (workers[name].ask("profile", n, PROFILE_TOKENS)[
+                    "attention_ms_per_step"] if name != "explorer" else None)
             results[name][n] = {
                 "seconds": statistics.median(r[0] for r in reps),
                 "first_step_seconds": statistics.median(r[1] for r in reps),
                 "decode_seconds": statistics.median(r[0] - r[1] for r in reps),
-                "stats": reps[-1][2], "attention_ms_per_step": attention_ms}
+                "stats": reps[-1][2], "attention_ms_per_step": attention_ms,
+                "rest_ms_per_step": rest_ms}
     return results
 
 
@@ -406,7 +420,8 @@ def main() -> None:
         return explorer_worker(args)
     if args.worker:
         return worker(args)
-    from common import SKIPPED_EXIT_STATUS, device_name, results_dir, write_results
+    from common import (SKIPPED_EXIT_STATUS, device_name, fma_peak_gflops, results_dir,
+                        write_results)
 
     if importlib.util.find_spec("vllm") is None:
         print("bench_vllm: vLLM is not installed here; nothing measured, skipped (see .ci/run "
@@ -431,6 +446,7 @@ def main() -> None:
             w.close()
     load = (load_before + os.getloadavg()[0]) / 2
     device = device_name("cuda" if on_gpu else "cpu")
+    fma_peak = None if on_gpu else fma_peak_gflops()
     rows = []
     for n in args.ns:
         native = results["native"][n]
@@ -445,10 +461,14 @@ def main() -> None:
             attention_s = (r["attention_ms_per_step"] or 0.0) / 1e3
             roofline = {}
             if flops is not None and attention_s > 0:
-                rest = r["decode_seconds"] / (args.new_tokens - 1) - attention_s
+                rest = r["rest_ms_per_step"] / 1e3
                 roofline = {"attention_gflops": flops / attention_s / 1e9,
+                            "rest_ms_per_step": r["rest_ms_per_step"],
                             "matmul_gflops": matmul_gflops,
                             "speedup_ceiling": native_step / (rest + flops / matmul_gflops / 1e9)}
+                if fma_peak is not None:
+                    roofline.update(fma_peak_gflops=fma_peak,
+                                    speedup_bound=native_step / (rest + flops / fma_peak / 1e9))
             rows.append({
                 "device": device, "provider": provider, "shape": args.shape, "n": n,
                 "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
@@ -475,9 +495,14 @@ def main() -> None:
                   f"{r['attention_ms_per_step'] or float('nan'):.3f} ms/step | plan "
                   f"{plan_us or float('nan'):.1f} us/step")
             if roofline:
-                print(f"        attention {roofline['attention_gflops']:.1f} GFLOP/s of "
-                      f"matmul's {roofline['matmul_gflops']:.1f}: at that rate x"
-                      f"{roofline['speedup_ceiling']:.2f} native decode at most")
+                print(f"        attention {roofline['attention_gflops']:.1f} GFLOP/s, rest of the "
+                      f"step {roofline['rest_ms_per_step']:.2f} ms; at matmul's "
+                      f"{roofline['matmul_gflops']:.1f} GFLOP/s x{roofline['speedup_ceiling']:.2f}"
+                      " native decode at most", end="")
+                if "speedup_bound" in roofline:
+                    print(f", at the FMA peak's {roofline['fma_peak_gflops']:.1f} "
+                          f"x{roofline['speedup_bound']:.2f}", end="")
+                print()
     path = Path(results_dir()) / f"vllm_{'gpu' if on_gpu else 'cpu'}.json"
     write_results(str(path), rows)
     print(f"wrote {path} ({device}{'' if on_gpu else f'; CPU numbers, shared box, load {load:.1f}'})")

@@ -6,7 +6,8 @@ Every ``benchmarks/bench_<family>.py`` uses these so numbers are comparable acro
 - :func:`time_fn` returns the median wall time of one call in seconds (CUDA: ``triton.testing.do_bench``
   with L2 flushing when Triton is importable, else CUDA events; CPU: ``time.perf_counter``).
 - :func:`copy_gbps` measures the device's copy bandwidth in the same run, the roofline a memory-bound
-  kernel's GB/s is compared against.
+  kernel's GB/s is compared against; :func:`fma_peak_gflops` one CPU core's fp32 FMA peak, the
+  bound a compute-bound CPU kernel's GFLOP/s is compared against.
 - :func:`write_results` upserts rows into a JSON list keyed by ``(device, provider, *shape keys)``.
 - :func:`plot` draws one line per provider with matplotlib's Agg backend (no display needed).
 - :func:`results_dir` is where result files go: ``$A2R_BENCH_RESULTS_DIR`` when set (``a2r bench``
@@ -23,7 +24,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
+import tempfile
 import time
 from typing import Callable, Iterable, Sequence
 
@@ -128,6 +132,28 @@ def copy_gbps(device: torch.device | str, nbytes: int = 256 * 1024 * 1024,
     dst = torch.empty_like(src)
     seconds = time_fn(lambda: dst.copy_(src), warmup=warmup, rep=rep, device=device)
     return 2 * numel * 4 / seconds / 1e9
+
+
+def fma_peak_gflops() -> float | None:
+    """One CPU core's fp32 FMA peak in GFLOP/s: ``fma_peak.c`` (8-lane AVX2 FMAs, 12 independent
+    chains, best of 5) built with the host C compiler (``$CC`` or ``cc``) and run once. None where
+    it cannot run: no compiler, not x86-64 Linux, or a CPU without AVX2 + FMA."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None or platform.machine() not in ("x86_64", "AMD64") or not {
+            "avx2", "fma"} <= set(flags):
+        return None
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fma_peak.c")
+    with tempfile.TemporaryDirectory() as tmp:
+        binary = os.path.join(tmp, "fma_peak")
+        subprocess.run([compiler, "-O3", "-mavx2", "-mfma", source, "-o", binary], check=True)
+        out = subprocess.run([binary], check=True, capture_output=True, text=True).stdout
+    return float(out.split()[0])
 
 
 def write_results(path: str, rows: Iterable[dict],
