@@ -23,8 +23,11 @@ recomputes each path's last prompt block (it never takes a whole prompt from the
 at n paths, through the native backend in both vLLM rows. So each rep times a one-token request
 (that step) and the S-token request. Per provider:
 
-- ``decode_tokens_per_s``: n * (S - 1) / ``decode_seconds``, the S-token request's seconds
-  minus the one-token request's (paired within a rep; median of ``--reps``): decode steps only.
+- ``decode_tokens_per_s``: n * (S - 1) / ``decode_seconds``: decode steps only (median of
+  ``--reps``). On CPU, the S-token request's time from its first decode attention call to its
+  end (the S - 1 decode steps less the first one's few layers before its attention); on GPU,
+  the S-token request's seconds minus the one-token request's (paired within a rep). On CPU the
+  subtraction would carry the re-prefill's noise (seconds at n = 16) into the decode time.
 - ``seconds``, ``first_step_seconds``: medians of the whole S-token request and of the one-token
   request; ``request_tokens_per_s`` = n * S / ``seconds``.
 - ``attention_ms_per_step``: GPU time of attention kernels (names matching ``ATTENTION_KERNELS``)
@@ -65,6 +68,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -117,8 +121,10 @@ def _decode_attention_calls():
 @contextlib.contextmanager
 def timed_decode_attention():
     """Inside the block, the decode attention calls (:func:`_decode_attention_calls`) add their
-    wall time to the yielded one-element list (seconds); the functions are restored after it."""
-    spent = [0.0]
+    wall time to the yielded timer's ``attention_seconds``, and the first one's start
+    (``time.perf_counter()``) is its ``first_call`` (None before it); the functions are restored
+    after the block."""
+    timer = types.SimpleNamespace(attention_seconds=0.0, first_call=None)
     originals = []
     for module, name, is_decode in _decode_attention_calls():
         original = getattr(module, name)
@@ -129,15 +135,24 @@ def timed_decode_attention():
                 return _original(*args, **kwargs)
             finally:
                 if _is_decode(args, kwargs):
-                    spent[0] += time.perf_counter() - start
+                    timer.attention_seconds += time.perf_counter() - start
+                    if timer.first_call is None:
+                        timer.first_call = start
 
         originals.append((module, name, original))
         setattr(module, name, timed)
     try:
-        yield spent
+        yield timer
     finally:
         for module, name, original in originals:
             setattr(module, name, original)
+
+
+def _decode_times(timer, end: float) -> dict:
+    """A timed request's decode attention seconds and its decode seconds: from the first decode
+    attention call to the request's ``end`` (None without one)."""
+    return {"attention_seconds": timer.attention_seconds,
+            "decode_seconds": None if timer.first_call is None else end - timer.first_call}
 
 
 def build_model(shape: str, directory: Path) -> Path:
@@ -203,11 +218,12 @@ def worker(args) -> None:
             return {"attention_ms_per_step": total_us / 1e3 / tokens}
         if a2r is not None:
             a2r.stats.reset()
-        with timed_decode_attention() if not on_gpu else contextlib.nullcontext([0.0]) as spent:
+        untimed = types.SimpleNamespace(attention_seconds=0.0, first_call=None)
+        with timed_decode_attention() if not on_gpu else contextlib.nullcontext(untimed) as timer:
             start = time.perf_counter()
             llm.generate(prompt, params(n, tokens), use_tqdm=False)
-            seconds = time.perf_counter() - start
-        return {"seconds": seconds, "attention_seconds": spent[0],
+            end = time.perf_counter()
+        return {"seconds": end - start, **_decode_times(timer, end),
                 "stats": a2r.stats.as_dict() if a2r is not None else {}}
 
     _serve(run_request, args)
@@ -248,11 +264,11 @@ def explorer_worker(args) -> None:
         run(n, 8)   # warm-up
 
     def run_request(command: str, n: int, tokens: int) -> dict:
-        with timed_decode_attention() as spent:
+        with timed_decode_attention() as timer:
             start = time.perf_counter()
             run(n, tokens)
-            seconds = time.perf_counter() - start
-        return {"seconds": seconds, "attention_seconds": spent[0], "stats": {}}
+            end = time.perf_counter()
+        return {"seconds": end - start, **_decode_times(timer, end), "stats": {}}
 
     _serve(run_request, args)
 
@@ -335,8 +351,9 @@ class _Worker:
 def _measure_interleaved(workers: dict[str, _Worker], args, on_gpu: bool) -> dict:
     """Per rep, per n, every provider in turn (the order rotating by rep): a one-token request
     (the step that prefills what the prefix cache lacks) and the timed request of S tokens.
-    Returns per provider and n: median request seconds, median decode seconds (S request minus
-    one-token request, paired within a rep), the last rep's stats, attention ms per decode step
+    Returns per provider and n: median request seconds, median decode seconds (CPU: from the S
+    request's first decode attention call to its end; GPU: S request minus one-token request,
+    paired within a rep), the last rep's stats, attention ms per decode step
     (CPU: medians over the reps of the timed requests' decode attention and of the rest of their
     decode steps; GPU: a profiled request, no rest)."""
     samples = {name: {n: [] for n in args.ns} for name in workers}
@@ -347,10 +364,11 @@ def _measure_interleaved(workers: dict[str, _Worker], args, on_gpu: bool) -> dic
                 first = workers[name].ask("time", n, 1)
                 full = workers[name].ask("time", n, args.new_tokens)
                 steps = args.new_tokens - 1
-                attention = (full["attention_seconds"] - first["attention_seconds"]) / steps
-                step = (full["seconds"] - first["seconds"]) / steps
+                decode = (full["decode_seconds"] if not on_gpu
+                          else full["seconds"] - first["seconds"])
+                attention = full["attention_seconds"] / steps
                 samples[name][n].append((full["seconds"], first["seconds"], full["stats"],
-                                         attention, step - attention))
+                                         attention, decode / steps - attention, decode))
     results = {}
     for name, per_n in samples.items():
         results[name] = {}
@@ -365,7 +383,7 @@ def _measure_interleaved(workers: dict[str, _Worker], args, on_gpu: bool) -> dic
             results[name][n] = {
                 "seconds": statistics.median(r[0] for r in reps),
                 "first_step_seconds": statistics.median(r[1] for r in reps),
-                "decode_seconds": statistics.median(r[0] - r[1] for r in reps),
+                "decode_seconds": statistics.median(r[5] for r in reps),
                 "stats": reps[-1][2], "attention_ms_per_step": attention_ms,
                 "rest_ms_per_step": rest_ms}
     return results

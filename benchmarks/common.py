@@ -136,7 +136,7 @@ def copy_gbps(device: torch.device | str, nbytes: int = 256 * 1024 * 1024,
 
 def fma_peak_gflops() -> float | None:
     """One CPU core's fp32 FMA peak in GFLOP/s: ``fma_peak.c`` (8-lane AVX2 FMAs, 12 independent
-    chains, best of 5) built with the host C compiler (``$CC`` or ``cc``) and run once. None where
+    chains, best of 10) built with the host C compiler (``$CC`` or ``cc``) and run once. None where
     it cannot run: no compiler, not x86-64 Linux, or a CPU without AVX2 + FMA."""
     try:
         with open("/proc/cpuinfo") as f:

@@ -1,6 +1,6 @@
 /* One core's fp32 FMA peak: 12 independent chains of 8-lane FMAs (AVX2 + FMA, the CPU kernel's
  * instruction set; 12 in flight cover the FMA's latency times its throughput on current x86
- * cores). Prints the best of 5 runs in GFLOP/s (2 flops per lane per FMA). Built and run by
+ * cores). Prints the best of 10 runs in GFLOP/s (2 flops per lane per FMA). Built and run by
  * common.fma_peak_gflops: an upper bound no fp32 kernel on this core can pass. */
 #include <immintrin.h>
 #include <stdio.h>
@@ -12,7 +12,7 @@ int main(void) {
   for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps((float)i);
   const long iters = 40000000;
   double best = 0.0;
-  for (int run = 0; run < 5; ++run) {
+  for (int run = 0; run < 10; ++run) {
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (long it = 0; it < iters; ++it) {
