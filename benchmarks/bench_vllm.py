@@ -119,14 +119,15 @@ def _decode_attention_calls():
 
 
 @contextlib.contextmanager
-def timed_decode_attention():
+def timed_decode_attention(enabled: bool = True):
     """Inside the block, the decode attention calls (:func:`_decode_attention_calls`) add their
     wall time to the yielded timer's ``attention_seconds``, and the first one's start
     (``time.perf_counter()``) is its ``first_call`` (None before it); the functions are restored
-    after the block."""
+    after the block. Not ``enabled`` (GPU: kernels run asynchronously, so host wall time would not
+    measure them): nothing is wrapped and the timer stays at 0 / None."""
     timer = types.SimpleNamespace(attention_seconds=0.0, first_call=None)
     originals = []
-    for module, name, is_decode in _decode_attention_calls():
+    for module, name, is_decode in _decode_attention_calls() if enabled else ():
         original = getattr(module, name)
 
         def timed(*args, _original=original, _is_decode=is_decode, **kwargs):
@@ -218,8 +219,7 @@ def worker(args) -> None:
             return {"attention_ms_per_step": total_us / 1e3 / tokens}
         if a2r is not None:
             a2r.stats.reset()
-        untimed = types.SimpleNamespace(attention_seconds=0.0, first_call=None)
-        with timed_decode_attention() if not on_gpu else contextlib.nullcontext(untimed) as timer:
+        with timed_decode_attention(enabled=not on_gpu) as timer:
             start = time.perf_counter()
             llm.generate(prompt, params(n, tokens), use_tqdm=False)
             end = time.perf_counter()
@@ -364,6 +364,9 @@ def _measure_interleaved(workers: dict[str, _Worker], args, on_gpu: bool) -> dic
                 first = workers[name].ask("time", n, 1)
                 full = workers[name].ask("time", n, args.new_tokens)
                 steps = args.new_tokens - 1
+                if not on_gpu and full["decode_seconds"] is None:
+                    raise SystemExit(f"bench_vllm: {name}'s request made no decode attention "
+                                     "call that the CPU timer wraps (_decode_attention_calls)")
                 decode = (full["decode_seconds"] if not on_gpu
                           else full["seconds"] - first["seconds"])
                 attention = full["attention_seconds"] / steps

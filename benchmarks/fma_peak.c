@@ -19,7 +19,8 @@ int main(void) {
       for (int i = 0; i < 12; ++i) acc[i] = _mm256_fmadd_ps(acc[i], mul, add);
     }
     clock_gettime(CLOCK_MONOTONIC, &t1);
-    const double seconds = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    const double seconds =
+        (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
     const double gflops = (double)iters * 12 * 16 / seconds / 1e9;
     if (gflops > best) best = gflops;
   }

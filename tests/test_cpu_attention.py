@@ -157,6 +157,28 @@ def test_transposed_key_and_strided_pools_are_read_in_place(isa, dtype, monkeypa
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group,head_dim", [(1, 40), (2, 64), (1, 128), (2, 128)])
+def test_one_or_two_rows_score_unit_stride_keys_in_place(isa, dtype, group, head_dim):
+    """One or two query rows per work item (one sequence at GQA 1-2, or two sequences sharing a
+    node at GQA 1) over keys with unit stride in head_dim take their scores as dot products with
+    the keys where they lie: tails of 1, 31 and 33 tokens, a head-sliced pool view."""
+    paths = [[0], [1, 2], [1, 3]] if group == 1 else [[0], [1]]
+    lengths = [33, 77, 31, 1] if group == 1 else [33, 31]
+    tables, first = [], 0
+    for length in lengths:
+        tables.append(list(range(first, first + -(-length // 16))))
+        first += len(tables[-1])
+    layout = ak.TreeLayout.from_paths(paths, tables, lengths, 16)
+    g = torch.Generator().manual_seed(head_dim + group)
+    q = torch.randn(len(paths), 2 * group, head_dim, generator=g).to(dtype)
+    stack = torch.randn(2, first, 16, 3, head_dim, generator=g).to(dtype)
+    k, v = stack[0, :, :, 1:], stack[1, :, :, 1:]           # head-sliced: unit stride in D only
+    assert k.stride(-1) == 1 and not k.is_contiguous()
+    out, lse = ak.tree_decode_attention(q, k, v, layout, backend="cpu", return_lse=True)
+    check_close(out, lse, *_spec(q, k, v, layout), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("block_size,group,lengths", [
     (128, 2, (300, 130, 1, 15, 17)),   # 16-token tiles inside a block; partial tiles; many rows
     (128, 8, (257, 3, 40)),            # 8-row register blocks of a shared node (keys copied)
